@@ -1,0 +1,1 @@
+//! ptxsim: parses and executes PTX emitted by NVRTC (see ../DESIGN.md section 6).

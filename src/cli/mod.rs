@@ -1,0 +1,4 @@
+//! Subcommands of the `ipo` binary; each file holds its clap `Args` and a `run` function.
+
+pub mod import_gguf;
+pub mod score;

@@ -1,0 +1,1 @@
+//! GGUF reading, dequantization and conversion to a Hugging Face model folder.

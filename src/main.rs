@@ -1,0 +1,31 @@
+//! The `ipo` command line: one subcommand per stage of the IPO loop (DESIGN.md section 1).
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ipo", version, about = "Intervened Preference Optimization: align the reasoning of reasoning models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-token log-probs of target segments given a context; or fill reference log-probs
+    /// into a pairs file (--pairs).
+    Score(ipo::cli::score::Args),
+    /// Convert a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face model folder.
+    ImportGguf(ipo::cli::import_gguf::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(a) => ipo::cli::score::run(a),
+        Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,5 @@
+//! The model layer: configuration, weights, tokenizer, chat template and the transformer
+//! itself (written once against the `Backend` trait, with a hand-written backward).
+
+pub mod config;
+pub mod weights;
