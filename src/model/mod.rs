@@ -2,4 +2,5 @@
 //! itself (written once against the `Backend` trait, with a hand-written backward).
 
 pub mod config;
+pub mod transformer;
 pub mod weights;
