@@ -2,5 +2,8 @@
 //! itself (written once against the `Backend` trait, with a hand-written backward).
 
 pub mod config;
+pub mod chat;
+pub mod load;
+pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
