@@ -1,4 +1,179 @@
 //! The `Backend` trait: the small set of fused ops a transformer needs, forward and backward.
-//! `CpuBackend` is the fp32 reference; `CudaBackend<G: Gpu>` implements the same trait.
+//! `CpuBackend<f32>` is the reference (and `CpuBackend<f64>` the exact one for gradient
+//! checks); `CudaBackend<G: Gpu>` implements the same trait with kernels.
+//!
+//! Conventions: buffers are flat and row-major; activations are `[tokens, features]`;
+//! matrices are stored as in Hugging Face, `[out_features, in_features]`. Ops that produce
+//! activations overwrite their output; ops that produce parameter gradients *accumulate*
+//! into it (so gradient accumulation over micro-batches and tied weights need no extra op).
 
 pub mod cpu;
+
+/// One run of query tokens in a packed batch and the keys it may see.
+/// Query `start + j` attends to keys `[prefix_start, prefix_start + prefix_len)` and
+/// `[start, start + j]` (causal within its own run). A plain sequence is one span with no
+/// prefix; a preference pair packed as `[context | chosen | rejected]` is three spans whose
+/// two branches both name the context as their prefix, so the context is computed once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub start: usize,
+    pub len: usize,
+    pub prefix_start: usize,
+    pub prefix_len: usize,
+}
+
+/// The attention structure of a packed batch: spans cover the tokens, in order, without gaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttnLayout {
+    pub spans: Vec<Span>,
+}
+
+impl AttnLayout {
+    /// Independent causal sequences of the given lengths, packed back to back.
+    pub fn sequences(lens: &[usize]) -> Self {
+        let mut start = 0;
+        let spans = lens
+            .iter()
+            .map(|&len| {
+                let s = Span { start, len, prefix_start: start, prefix_len: 0 };
+                start += len;
+                s
+            })
+            .collect();
+        Self { spans }
+    }
+    pub fn num_tokens(&self) -> usize {
+        self.spans.last().map_or(0, |s| s.start + s.len)
+    }
+}
+
+/// Head geometry for the attention ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
+pub trait Backend: Send + Sync {
+    /// A device buffer of scalars (f32 on the CPU reference, bf16/f32 on CUDA).
+    type Buf: Send + Sync;
+
+    fn name(&self) -> String;
+    fn zeros(&self, n: usize) -> Self::Buf;
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// Like `download`, without rounding to f32 where the buffer holds more precision.
+    fn download_f64(&self, buf: &Self::Buf) -> Vec<f64> {
+        self.download(buf).into_iter().map(f64::from).collect()
+    }
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// `c[m, n] = op(a) @ op(b) (+ c if accumulate)`, with `op(a)` `[m, k]` and `op(b)`
+    /// `[k, n]`; `ta`/`tb` say that `a`/`b` are stored transposed (`[k, m]` / `[n, k]`).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        a: &Self::Buf,
+        ta: bool,
+        b: &Self::Buf,
+        tb: bool,
+        c: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    );
+
+    /// `x += y` elementwise (residual connections, gradient sums).
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf);
+
+    /// `out[t, :] = table[ids[t], :]`; table `[vocab, dim]`, out `[tokens, dim]`.
+    fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize, out: &mut Self::Buf);
+    /// `dtable[ids[t], :] += dout[t, :]`.
+    fn embedding_bwd(&self, dout: &Self::Buf, ids: &[u32], dim: usize, dtable: &mut Self::Buf);
+
+    /// RMSNorm over rows of `dim`: `out = x * rstd * w`, `rstd[r] = 1/sqrt(mean(x^2) + eps)`.
+    /// x, out `[rows, dim]`; w `[dim]`; rstd `[rows]` (saved for the backward).
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, out: &mut Self::Buf, rstd: &mut Self::Buf);
+    /// dx (overwritten) and dw (accumulated) of `rmsnorm`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        dim: usize,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+    );
+
+    /// `y[r, :] += b`; y `[rows, dim]`, b `[dim]`.
+    fn bias_add(&self, y: &mut Self::Buf, b: &Self::Buf, dim: usize);
+    /// `db += sum_r dy[r, :]`.
+    fn bias_bwd(&self, dy: &Self::Buf, dim: usize, db: &mut Self::Buf);
+
+    /// Rotate-half RoPE in place on x `[tokens, n_heads, head_dim]`, angle
+    /// `positions[t] * inv_freq[i]` for pair `(i, i + head_dim/2)`. `inverse` rotates by the
+    /// negative angle, which is the backward of the forward rotation.
+    fn rope(&self, x: &mut Self::Buf, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool);
+
+    /// `out = silu(gate) * up`, all `[rows, dim]`.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf);
+    /// dgate and dup (overwritten) of `swiglu`.
+    fn swiglu_bwd(&self, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf);
+
+    /// Softmax attention with scale 1/sqrt(head_dim) over the keys each query may see (see
+    /// `Span`). q, out `[tokens, n_heads, head_dim]`; k, v `[tokens, n_kv_heads, head_dim]`;
+    /// lse `[tokens, n_heads]` = log-sum-exp of the scaled scores (saved for the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        layout: &AttnLayout,
+        dims: AttnDims,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    );
+    /// dq, dk, dv (overwritten) of `attention`, from dout and the saved out and lse.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        layout: &AttnLayout,
+        dims: AttnDims,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    );
+
+    /// Fused lm-head log-probs: for each i, `logp[i] = log softmax(h[rows[i]] @ w^T)[targets[i]]`
+    /// without materialising the `[rows, vocab]` logits (chunked over rows, online
+    /// log-sum-exp over vocabulary tiles). h `[tokens, dim]`, w `[vocab, dim]`; returns
+    /// logp `[n]` and lse `[n]` (saved for the backward). Rows may repeat.
+    fn lm_head_logprobs(&self, h: &Self::Buf, w: &Self::Buf, dim: usize, rows: &[u32], targets: &[u32]) -> (Self::Buf, Self::Buf);
+    /// Backward of `lm_head_logprobs` given `dlogp[i]`: accumulates into dh `[tokens, dim]`
+    /// and dw `[vocab, dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_bwd(
+        &self,
+        h: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        rows: &[u32],
+        targets: &[u32],
+        lse: &Self::Buf,
+        dlogp: &[f32],
+        dh: &mut Self::Buf,
+        dw: &mut Self::Buf,
+    );
+}

@@ -49,6 +49,9 @@ impl ModelConfig {
     pub fn gqa_group(&self) -> usize {
         self.num_heads / self.num_kv_heads
     }
+    pub(crate) fn layer_count_mismatch(&self, layers: usize) -> bool {
+        layers != self.num_layers
+    }
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

@@ -1,9 +1,104 @@
-//! The transformer, written once against `Backend`: packed variable-length forward,
-//! hand-written backward, fused lm-head log-probs.
-//! (Interface placeholder: the implementation lands next.)
+//! The transformer, written once against `Backend`: a packed variable-length forward
+//! (sequences, or preference pairs sharing a context, laid out by `AttnLayout`), a
+//! hand-written backward for every parameter, and the fused lm-head log-prob.
+//! Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) differ only in optional tensors.
 
 use super::config::ModelConfig;
 use super::weights::{HostTensor, ModelWeights};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttnDims, AttnLayout, Backend, Span};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {id} at position {pos} is >= vocab_size {vocab}")]
+    TokenOutOfRange { id: u32, pos: usize, vocab: usize },
+    #[error("sequence of {len} tokens exceeds max_position_embeddings = {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("tensor {name}: expected shape {expected:?}, found {found:?}")]
+    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("score item {index}: {reason}")]
+    BadItem { index: usize, reason: String },
+    #[error("batch: {0}")]
+    BadBatch(String),
+}
+
+/// A packed batch: token ids and positions `[tokens]`, the attention layout, and the
+/// lm-head rows whose next-token log-prob is wanted (`rows[i]` predicts `targets[i]`).
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub layout: AttnLayout,
+    pub rows: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl Batch {
+    /// Independent sequences; every token after the first of its sequence is a target.
+    pub fn from_sequences(seqs: &[&[u32]]) -> Self {
+        let mut b = Batch::default();
+        for s in seqs {
+            let start = b.ids.len();
+            b.ids.extend_from_slice(s);
+            b.positions.extend(0..s.len() as u32);
+            b.layout.spans.push(Span { start, len: s.len(), prefix_start: start, prefix_len: 0 });
+            for t in 1..s.len() {
+                b.rows.push((start + t - 1) as u32);
+                b.targets.push(s[t]);
+            }
+        }
+        b
+    }
+
+    /// Appends `context ++ target` as one sequence whose targets are exactly `target`.
+    /// Returns the index range of its log-probs in the output.
+    pub fn push_scored(&mut self, context: &[u32], target: &[u32]) -> std::ops::Range<usize> {
+        let start = self.ids.len();
+        self.ids.extend_from_slice(context);
+        self.ids.extend_from_slice(target);
+        let len = context.len() + target.len();
+        self.positions.extend(0..len as u32);
+        self.layout.spans.push(Span { start, len, prefix_start: start, prefix_len: 0 });
+        let first = self.rows.len();
+        for (i, &t) in target.iter().enumerate() {
+            self.rows.push((start + context.len() + i - 1) as u32);
+            self.targets.push(t);
+        }
+        first..self.rows.len()
+    }
+
+    /// Appends a preference pair packed as `[context | chosen | rejected]`: the context is
+    /// computed once, both branches attend to it, positions of both branches continue after
+    /// it. Returns the output ranges of the chosen and rejected log-probs.
+    pub fn push_pair(&mut self, context: &[u32], chosen: &[u32], rejected: &[u32]) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let c0 = self.ids.len();
+        let n = context.len();
+        self.ids.extend_from_slice(context);
+        self.positions.extend(0..n as u32);
+        self.layout.spans.push(Span { start: c0, len: n, prefix_start: c0, prefix_len: 0 });
+        let branch = |b: &mut Batch, seg: &[u32]| {
+            let s0 = b.ids.len();
+            b.ids.extend_from_slice(seg);
+            b.positions.extend((n..n + seg.len()).map(|p| p as u32));
+            b.layout.spans.push(Span { start: s0, len: seg.len(), prefix_start: c0, prefix_len: n });
+            let first = b.rows.len();
+            for (i, &t) in seg.iter().enumerate() {
+                // The first token of a branch is predicted from the last context token.
+                let row = if i == 0 { c0 + n - 1 } else { s0 + i - 1 };
+                b.rows.push(row as u32);
+                b.targets.push(t);
+            }
+            first..b.rows.len()
+        };
+        let ch = branch(self, chosen);
+        let rj = branch(self, rejected);
+        (ch, rj)
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
 
 /// One scoring request: the log-prob of each `target` token given `context` + the targets
 /// before it. `context` must be non-empty (the first target token needs a predecessor).
@@ -12,19 +107,328 @@ pub struct ScoreItem<'a> {
     pub target: &'a [u32],
 }
 
-pub struct Transformer {
-    pub cfg: ModelConfig,
-    pub weights: ModelWeights<HostTensor>,
+/// Activations of one layer saved for the backward.
+struct LayerActs<Buf> {
+    x: Buf,             // [T, hidden] layer input
+    rstd1: Buf,         // [T]
+    xn1: Buf,           // [T, hidden]
+    q_pre: Option<Buf>, // [T, n_heads * head_dim] before q_norm (Qwen3)
+    k_pre: Option<Buf>, // [T, n_kv * head_dim]
+    q_rstd: Option<Buf>, // [T * n_heads]
+    k_rstd: Option<Buf>, // [T * n_kv]
+    q: Buf,             // [T, n_heads, head_dim] after norm + rope
+    k: Buf,             // [T, n_kv, head_dim]
+    v: Buf,             // [T, n_kv, head_dim]
+    attn: Buf,          // [T, n_heads, head_dim]
+    lse: Buf,           // [T, n_heads]
+    x_mid: Buf,         // [T, hidden]
+    rstd2: Buf,         // [T]
+    xn2: Buf,           // [T, hidden]
+    gate: Buf,          // [T, ffn]
+    up: Buf,            // [T, ffn]
+    act: Buf,           // [T, ffn]
 }
 
-impl Transformer {
-    pub fn new(cfg: ModelConfig, weights: ModelWeights<HostTensor>) -> anyhow::Result<Self> {
-        Ok(Self { cfg, weights })
+/// Everything the backward needs from a forward.
+pub struct Tape<Buf> {
+    layers: Vec<LayerActs<Buf>>,
+    x_final: Buf,  // [T, hidden] before the final norm
+    rstd_f: Buf,   // [T]
+    h_final: Buf,  // [T, hidden] after the final norm
+    lse: Buf,      // [rows]
+}
+
+pub struct Transformer<B: Backend = CpuBackend<f32>> {
+    pub cfg: ModelConfig,
+    pub backend: B,
+    pub weights: ModelWeights<B::Buf>,
+    inv_freq: Vec<f64>, // [head_dim / 2]
+}
+
+impl Transformer<CpuBackend<f32>> {
+    /// The fp32 CPU reference model from host weights.
+    pub fn new(cfg: ModelConfig, weights: ModelWeights<HostTensor>) -> Result<Self, ForwardError> {
+        Self::with_backend(CpuBackend::new(), cfg, weights)
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    pub fn with_backend(backend: B, cfg: ModelConfig, host: ModelWeights<HostTensor>) -> Result<Self, ForwardError> {
+        check_shapes(&cfg, &host)?;
+        let weights = host.map(|t| backend.upload(&t.data));
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(Self { cfg, backend, weights, inv_freq })
     }
 
-    /// Per-target-token log-probs (natural log) for each item, packed into as few forwards as
-    /// `batch_tokens` allows.
-    pub fn score(&self, _items: &[ScoreItem], _batch_tokens: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-        anyhow::bail!("transformer forward not built yet")
+    /// Copies the weights back to the host (for saving, or moving to another backend).
+    pub fn host_weights(&self) -> ModelWeights<HostTensor> {
+        let mut shapes = Vec::new();
+        expected_shapes(&self.cfg, self.weights.lm_head.is_some(), |_, s| shapes.push(s));
+        let mut it = shapes.into_iter();
+        self.weights.map(|b| HostTensor::new(it.next().unwrap(), self.backend.download(b)))
     }
+
+    /// Zeroed gradient buffers with the same structure as the weights.
+    pub fn zero_grads(&self) -> ModelWeights<B::Buf> {
+        self.weights.map(|w| self.backend.zeros(self.backend.len(w)))
+    }
+
+    fn dims(&self) -> AttnDims {
+        AttnDims { n_heads: self.cfg.num_heads, n_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim }
+    }
+
+    fn lm_head_w(&self) -> &B::Buf {
+        self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed)
+    }
+
+    /// Checks ids, positions and targets against the config before any compute.
+    pub fn validate(&self, batch: &Batch) -> Result<(), ForwardError> {
+        let vocab = self.cfg.vocab_size;
+        for (pos, &id) in batch.ids.iter().enumerate().chain(batch.targets.iter().enumerate()) {
+            if id as usize >= vocab {
+                return Err(ForwardError::TokenOutOfRange { id, pos, vocab });
+            }
+        }
+        if let Some(&p) = batch.positions.iter().max() {
+            if p as usize >= self.cfg.max_position_embeddings {
+                return Err(ForwardError::TooLong { len: p as usize + 1, max: self.cfg.max_position_embeddings });
+            }
+        }
+        let t = batch.ids.len();
+        if batch.positions.len() != t || batch.layout.num_tokens() != t || batch.rows.len() != batch.targets.len() {
+            return Err(ForwardError::BadBatch("ids, positions, layout and targets disagree in length".into()));
+        }
+        if batch.rows.iter().any(|&r| r as usize >= t) {
+            return Err(ForwardError::BadBatch("an lm-head row is outside the batch".into()));
+        }
+        Ok(())
+    }
+
+    /// Forward pass: per-target log-probs `[rows]` and the tape for `backward`.
+    pub fn forward(&self, batch: &Batch) -> Result<(B::Buf, Tape<B::Buf>), ForwardError> {
+        self.validate(batch)?;
+        let (be, c) = (&self.backend, &self.cfg);
+        let t = batch.num_tokens();
+        let hidden = c.hidden_size;
+        let mut x = be.zeros(t * hidden);
+        be.embedding(&self.weights.embed, &batch.ids, hidden, &mut x);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let acts = self.layer_forward(l, x, batch);
+            let mut out = be.zeros(t * hidden);
+            be.matmul(&acts.act, false, &self.weights.layers[l].w_down, true, &mut out, t, hidden, c.intermediate_size, false);
+            be.add_assign(&mut out, &acts.x_mid);
+            x = out;
+            layers.push(acts);
+        }
+        let (mut h, mut rstd) = (be.zeros(t * hidden), be.zeros(t));
+        be.rmsnorm(&x, &self.weights.final_norm, hidden, c.rms_norm_eps as f32, &mut h, &mut rstd);
+        let (logp, lse) = be.lm_head_logprobs(&h, self.lm_head_w(), hidden, &batch.rows, &batch.targets);
+        Ok((logp, Tape { layers, x_final: x, rstd_f: rstd, h_final: h, lse }))
+    }
+
+    /// One decoder layer up to (not including) the MLP down projection and its residual.
+    fn layer_forward(&self, l: usize, x: B::Buf, batch: &Batch) -> LayerActs<B::Buf> {
+        let (be, c, w) = (&self.backend, &self.cfg, &self.weights.layers[l]);
+        let t = batch.num_tokens();
+        let (hidden, qd, kvd, hd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim, c.intermediate_size);
+        let eps = c.rms_norm_eps as f32;
+        let (mut xn1, mut rstd1) = (be.zeros(t * hidden), be.zeros(t));
+        be.rmsnorm(&x, &w.attn_norm, hidden, eps, &mut xn1, &mut rstd1);
+        let proj = |wt: &B::Buf, bias: &Option<B::Buf>, n: usize| {
+            let mut y = be.zeros(t * n);
+            be.matmul(&xn1, false, wt, true, &mut y, t, n, hidden, false);
+            if let Some(b) = bias {
+                be.bias_add(&mut y, b, n);
+            }
+            y
+        };
+        let (mut q, mut k, v) = (proj(&w.wq, &w.bq, qd), proj(&w.wk, &w.bk, kvd), proj(&w.wv, &w.bv, kvd));
+        let (mut q_pre, mut k_pre, mut q_rstd, mut k_rstd) = (None, None, None, None);
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+            let head_norm = |x: B::Buf, wn: &B::Buf, rows: usize| {
+                let (mut y, mut r) = (be.zeros(rows * hd), be.zeros(rows));
+                be.rmsnorm(&x, wn, hd, eps, &mut y, &mut r);
+                (x, y, r)
+            };
+            let (qp, qy, qr) = head_norm(q, qn, t * c.num_heads);
+            let (kp, ky, kr) = head_norm(k, kn, t * c.num_kv_heads);
+            (q, k) = (qy, ky);
+            (q_pre, k_pre, q_rstd, k_rstd) = (Some(qp), Some(kp), Some(qr), Some(kr));
+        }
+        be.rope(&mut q, &batch.positions, c.num_heads, hd, &self.inv_freq, false);
+        be.rope(&mut k, &batch.positions, c.num_kv_heads, hd, &self.inv_freq, false);
+        let (mut attn, mut lse) = (be.zeros(t * qd), be.zeros(t * c.num_heads));
+        be.attention(&q, &k, &v, &batch.layout, self.dims(), &mut attn, &mut lse);
+        let mut x_mid = be.zeros(t * hidden);
+        be.matmul(&attn, false, &w.wo, true, &mut x_mid, t, hidden, qd, false);
+        be.add_assign(&mut x_mid, &x);
+        let (mut xn2, mut rstd2) = (be.zeros(t * hidden), be.zeros(t));
+        be.rmsnorm(&x_mid, &w.mlp_norm, hidden, eps, &mut xn2, &mut rstd2);
+        let (mut gate, mut up, mut act) = (be.zeros(t * ffn), be.zeros(t * ffn), be.zeros(t * ffn));
+        be.matmul(&xn2, false, &w.w_gate, true, &mut gate, t, ffn, hidden, false);
+        be.matmul(&xn2, false, &w.w_up, true, &mut up, t, ffn, hidden, false);
+        be.swiglu(&gate, &up, &mut act);
+        LayerActs { x, rstd1, xn1, q_pre, k_pre, q_rstd, k_rstd, q, k, v, attn, lse, x_mid, rstd2, xn2, gate, up, act }
+    }
+
+    /// Backward from `dlogp` (d objective / d logp per target row): accumulates every
+    /// parameter's gradient into `grads` (tied embeddings receive both contributions).
+    pub fn backward(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &[f32], grads: &mut ModelWeights<B::Buf>) {
+        let (be, c) = (&self.backend, &self.cfg);
+        let t = batch.num_tokens();
+        let hidden = c.hidden_size;
+        let mut dh = be.zeros(t * hidden);
+        {
+            let dw_head = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
+            be.lm_head_bwd(&tape.h_final, self.lm_head_w(), hidden, &batch.rows, &batch.targets, &tape.lse, dlogp, &mut dh, dw_head);
+        }
+        let mut dx = be.zeros(t * hidden);
+        be.rmsnorm_bwd(&dh, &tape.x_final, &self.weights.final_norm, &tape.rstd_f, hidden, &mut dx, &mut grads.final_norm);
+        for (l, acts) in tape.layers.into_iter().enumerate().rev() {
+            dx = self.layer_backward(l, acts, dx, batch, grads);
+        }
+        be.embedding_bwd(&dx, &batch.ids, hidden, &mut grads.embed);
+    }
+
+    /// Backward of one full layer (attention + MLP with residuals): d input from d output.
+    fn layer_backward(&self, l: usize, a: LayerActs<B::Buf>, dout: B::Buf, batch: &Batch, grads: &mut ModelWeights<B::Buf>) -> B::Buf {
+        let (be, c, w) = (&self.backend, &self.cfg, &self.weights.layers[l]);
+        let g = &mut grads.layers[l];
+        let t = batch.num_tokens();
+        let (hidden, qd, kvd, hd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim, c.intermediate_size);
+        // MLP: out = x_mid + down(swiglu(gate(xn2), up(xn2)))
+        let mut dact = be.zeros(t * ffn);
+        be.matmul(&dout, false, &w.w_down, false, &mut dact, t, ffn, hidden, false);
+        be.matmul(&dout, true, &a.act, false, &mut g.w_down, hidden, ffn, t, true);
+        let (mut dgate, mut dup) = (be.zeros(t * ffn), be.zeros(t * ffn));
+        be.swiglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup);
+        drop(dact);
+        let mut dxn2 = be.zeros(t * hidden);
+        be.matmul(&dgate, false, &w.w_gate, false, &mut dxn2, t, hidden, ffn, false);
+        be.matmul(&dup, false, &w.w_up, false, &mut dxn2, t, hidden, ffn, true);
+        be.matmul(&dgate, true, &a.xn2, false, &mut g.w_gate, ffn, hidden, t, true);
+        be.matmul(&dup, true, &a.xn2, false, &mut g.w_up, ffn, hidden, t, true);
+        let mut dx_mid = be.zeros(t * hidden);
+        be.rmsnorm_bwd(&dxn2, &a.x_mid, &w.mlp_norm, &a.rstd2, hidden, &mut dx_mid, &mut g.mlp_norm);
+        be.add_assign(&mut dx_mid, &dout);
+        // Attention: x_mid = x + o_proj(attention(rope(norm(q)), rope(norm(k)), v))
+        let mut dattn = be.zeros(t * qd);
+        be.matmul(&dx_mid, false, &w.wo, false, &mut dattn, t, qd, hidden, false);
+        be.matmul(&dx_mid, true, &a.attn, false, &mut g.wo, hidden, qd, t, true);
+        let (mut dq, mut dk, mut dv) = (be.zeros(t * qd), be.zeros(t * kvd), be.zeros(t * kvd));
+        be.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, &batch.layout, self.dims(), &mut dq, &mut dk, &mut dv);
+        be.rope(&mut dq, &batch.positions, c.num_heads, hd, &self.inv_freq, true);
+        be.rope(&mut dk, &batch.positions, c.num_kv_heads, hd, &self.inv_freq, true);
+        if let (Some(qn), Some(kn), Some(gqn), Some(gkn)) = (&w.q_norm, &w.k_norm, g.q_norm.as_mut(), g.k_norm.as_mut()) {
+            let mut dqp = be.zeros(t * qd);
+            be.rmsnorm_bwd(&dq, a.q_pre.as_ref().unwrap(), qn, a.q_rstd.as_ref().unwrap(), hd, &mut dqp, gqn);
+            let mut dkp = be.zeros(t * kvd);
+            be.rmsnorm_bwd(&dk, a.k_pre.as_ref().unwrap(), kn, a.k_rstd.as_ref().unwrap(), hd, &mut dkp, gkn);
+            (dq, dk) = (dqp, dkp);
+        }
+        for (d, gb, n) in [(&dq, g.bq.as_mut(), qd), (&dk, g.bk.as_mut(), kvd), (&dv, g.bv.as_mut(), kvd)] {
+            if let Some(gb) = gb {
+                be.bias_bwd(d, n, gb);
+            }
+        }
+        let mut dxn1 = be.zeros(t * hidden);
+        be.matmul(&dq, false, &w.wq, false, &mut dxn1, t, hidden, qd, false);
+        be.matmul(&dk, false, &w.wk, false, &mut dxn1, t, hidden, kvd, true);
+        be.matmul(&dv, false, &w.wv, false, &mut dxn1, t, hidden, kvd, true);
+        be.matmul(&dq, true, &a.xn1, false, &mut g.wq, qd, hidden, t, true);
+        be.matmul(&dk, true, &a.xn1, false, &mut g.wk, kvd, hidden, t, true);
+        be.matmul(&dv, true, &a.xn1, false, &mut g.wv, kvd, hidden, t, true);
+        let mut dx = be.zeros(t * hidden);
+        be.rmsnorm_bwd(&dxn1, &a.x, &w.attn_norm, &a.rstd1, hidden, &mut dx, &mut g.attn_norm);
+        be.add_assign(&mut dx, &dx_mid);
+        dx
+    }
+
+    /// Per-target-token log-probs (natural log) for each item, packed into forwards of at
+    /// most `batch_tokens` tokens (an item longer than that runs alone). `progress` is called
+    /// with the number of tokens of each finished forward.
+    pub fn score_with_progress(&self, items: &[ScoreItem], batch_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>, ForwardError> {
+        for (index, it) in items.iter().enumerate() {
+            if it.context.is_empty() {
+                return Err(ForwardError::BadItem { index, reason: "empty context (the first target token needs a predecessor)".into() });
+            }
+        }
+        let mut out = vec![Vec::new(); items.len()];
+        let mut i = 0;
+        while i < items.len() {
+            let mut batch = Batch::default();
+            let mut ranges = Vec::new();
+            while i < items.len() {
+                let n = items[i].context.len() + items[i].target.len();
+                if !ranges.is_empty() && batch.num_tokens() + n > batch_tokens {
+                    break;
+                }
+                ranges.push((i, batch.push_scored(items[i].context, items[i].target)));
+                i += 1;
+            }
+            let (logp, _tape) = self.forward(&batch)?;
+            let logp = self.backend.download(&logp);
+            for (idx, r) in ranges {
+                out[idx] = logp[r].to_vec();
+            }
+            progress(batch.num_tokens());
+        }
+        Ok(out)
+    }
+
+    pub fn score(&self, items: &[ScoreItem], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ForwardError> {
+        self.score_with_progress(items, batch_tokens, |_| {})
+    }
+}
+
+/// Calls `f(name, shape)` for every tensor the config implies, in `ModelWeights::for_each`
+/// order.
+pub fn expected_shapes(c: &ModelConfig, untied_head: bool, mut f: impl FnMut(String, Vec<usize>)) {
+    let (h, qd, kvd, ffn, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
+    f("model.embed_tokens.weight".into(), vec![c.vocab_size, h]);
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}.");
+        f(p.clone() + "input_layernorm.weight", vec![h]);
+        f(p.clone() + "self_attn.q_proj.weight", vec![qd, h]);
+        f(p.clone() + "self_attn.k_proj.weight", vec![kvd, h]);
+        f(p.clone() + "self_attn.v_proj.weight", vec![kvd, h]);
+        f(p.clone() + "self_attn.o_proj.weight", vec![h, qd]);
+        if c.qkv_bias {
+            f(p.clone() + "self_attn.q_proj.bias", vec![qd]);
+            f(p.clone() + "self_attn.k_proj.bias", vec![kvd]);
+            f(p.clone() + "self_attn.v_proj.bias", vec![kvd]);
+        }
+        if c.qk_norm {
+            f(p.clone() + "self_attn.q_norm.weight", vec![hd]);
+            f(p.clone() + "self_attn.k_norm.weight", vec![hd]);
+        }
+        f(p.clone() + "post_attention_layernorm.weight", vec![h]);
+        f(p.clone() + "mlp.gate_proj.weight", vec![ffn, h]);
+        f(p.clone() + "mlp.up_proj.weight", vec![ffn, h]);
+        f(p + "mlp.down_proj.weight", vec![h, ffn]);
+    }
+    f("model.norm.weight".into(), vec![h]);
+    if untied_head {
+        f("lm_head.weight".into(), vec![c.vocab_size, h]);
+    }
+}
+
+fn check_shapes(cfg: &ModelConfig, w: &ModelWeights<HostTensor>) -> Result<(), ForwardError> {
+    let mut expected = Vec::new();
+    expected_shapes(cfg, w.lm_head.is_some(), |n, s| expected.push((n, s)));
+    let mut found = Vec::new();
+    w.for_each(|n, t| found.push((n.to_string(), t.shape.clone())));
+    if expected.len() != found.len() || cfg.layer_count_mismatch(w.layers.len()) {
+        return Err(ForwardError::BadBatch(format!(
+            "weights hold {} tensors in {} layers, the config implies {} in {}",
+            found.len(), w.layers.len(), expected.len(), cfg.num_layers
+        )));
+    }
+    for ((en, es), (fnm, fs)) in expected.into_iter().zip(found) {
+        if en != fnm || es != fs {
+            return Err(ForwardError::Shape { name: fnm, expected: es, found: fs });
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,103 @@
+//! Shared test helpers: a seeded RNG, tiny random model configs for the three families, and
+//! random weights. Never zeros: every tensor is drawn from a seeded distribution.
+#![allow(dead_code)]
+
+use ipo::model::config::{Family, Llama3Scaling, ModelConfig};
+use ipo::model::transformer::expected_shapes;
+use ipo::model::weights::{HostTensor, LayerWeights, ModelWeights};
+
+/// SplitMix64: small, seeded, reproducible.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n).map(|_| (self.normal() * scale) as f32).collect()
+    }
+    pub fn ids(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n).map(|_| self.below(vocab) as u32).collect()
+    }
+}
+
+/// A tiny config of the given family: GQA (4 heads / 2 KV heads), llama3 RoPE scaling on
+/// Llama, q/k/v bias on Qwen2, q/k norm and head_dim != hidden/heads on Qwen3.
+pub fn tiny_config(family: Family, tied: bool) -> ModelConfig {
+    ModelConfig {
+        family,
+        vocab_size: 97,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: if family == Family::Qwen3 { 12 } else { 8 },
+        rope_theta: 10000.0,
+        rope_scaling: (family == Family::Llama).then_some(Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        }),
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 64,
+        tie_word_embeddings: tied,
+        qkv_bias: family == Family::Qwen2,
+        qk_norm: family == Family::Qwen3,
+        bos_token_id: None,
+        eos_token_ids: vec![1],
+    }
+}
+
+/// Random weights with the shapes the config implies: matrices N(0, 0.3^2), norms
+/// 1 + N(0, 0.1^2), biases N(0, 0.1^2), embeddings N(0, 0.7^2).
+pub fn random_weights(cfg: &ModelConfig, rng: &mut Rng) -> ModelWeights<HostTensor> {
+    let mut tensors = Vec::new();
+    expected_shapes(cfg, !cfg.tie_word_embeddings, |name, shape| {
+        let n: usize = shape.iter().product();
+        let data = if name.contains("norm") {
+            rng.vec(n, 0.1).into_iter().map(|x| 1.0 + x).collect()
+        } else if name.ends_with("bias") {
+            rng.vec(n, 0.1)
+        } else if name.contains("embed") || name.contains("lm_head") {
+            rng.vec(n, 0.7)
+        } else {
+            rng.vec(n, 0.3)
+        };
+        tensors.push(HostTensor::new(shape, data));
+    });
+    let mut it = tensors.into_iter();
+    let mut next = || it.next().unwrap();
+    let embed = next();
+    let layers = (0..cfg.num_layers)
+        .map(|_| {
+            let attn_norm = next();
+            let (wq, wk, wv, wo) = (next(), next(), next(), next());
+            let (bq, bk, bv) = if cfg.qkv_bias { (Some(next()), Some(next()), Some(next())) } else { (None, None, None) };
+            let (q_norm, k_norm) = if cfg.qk_norm { (Some(next()), Some(next())) } else { (None, None) };
+            let mlp_norm = next();
+            let (w_gate, w_up, w_down) = (next(), next(), next());
+            LayerWeights { attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, mlp_norm, w_gate, w_up, w_down }
+        })
+        .collect();
+    let final_norm = next();
+    let lm_head = (!cfg.tie_word_embeddings).then(&mut next);
+    ModelWeights { embed, layers, final_norm, lm_head }
+}
