@@ -173,11 +173,17 @@ impl<B: Backend> Transformer<B> {
         self.weights.map(|w| self.backend.zeros(self.backend.len(w)))
     }
 
-    fn dims(&self) -> AttnDims {
+    /// RoPE inverse frequencies `[head_dim / 2]` (llama3 scaling applied).
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
+    pub fn dims(&self) -> AttnDims {
         AttnDims { n_heads: self.cfg.num_heads, n_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim }
     }
 
-    fn lm_head_w(&self) -> &B::Buf {
+    /// The output projection `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_w(&self) -> &B::Buf {
         self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed)
     }
 
