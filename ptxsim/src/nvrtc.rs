@@ -1,0 +1,168 @@
+//! NVRTC (the CUDA runtime compiler) loaded at run time with libloading, so nothing in the
+//! build needs CUDA. Used by the tests here to turn CUDA C++ into PTX, and later by the CUDA
+//! backend. Library search: $IPO_NVRTC, then <workspace>/.deps/cuda (scripts/setup-cuda.sh),
+//! then `libnvrtc.so.12` through the dynamic loader.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::PathBuf;
+
+type Prog = *mut c_void;
+type Res = c_int;
+
+/// An NVRTC failure; `Compile` carries the program log.
+#[derive(Debug, thiserror::Error)]
+pub enum NvrtcError {
+    #[error("NVRTC library not found (tried {tried}): {reason}")]
+    NotFound { tried: String, reason: String },
+    #[error("NVRTC compile of {name} failed:\n{log}")]
+    Compile { name: String, log: String },
+    #[error("NVRTC call {call} failed with code {code}")]
+    Call { call: &'static str, code: i32 },
+}
+
+/// A loaded libnvrtc.
+pub struct Nvrtc {
+    _lib: libloading::Library,
+    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Res,
+    create: unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> Res,
+    compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> Res,
+    ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
+    ptx: unsafe extern "C" fn(Prog, *mut c_char) -> Res,
+    log_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
+    log: unsafe extern "C" fn(Prog, *mut c_char) -> Res,
+    destroy: unsafe extern "C" fn(*mut Prog) -> Res,
+}
+
+fn candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(p) = std::env::var("IPO_NVRTC") {
+        if !p.is_empty() {
+            v.push(PathBuf::from(p));
+        }
+    }
+    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    v.push(ws.join(".deps/cuda/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
+    v.push(PathBuf::from("libnvrtc.so.12"));
+    v
+}
+
+/// Include directories for CUDA headers: $IPO_CUDA_INCLUDE (colon separated), else the
+/// runtime and nvcc wheel include dirs under <workspace>/.deps/cuda when present.
+pub fn include_dirs() -> Vec<String> {
+    if let Ok(s) = std::env::var("IPO_CUDA_INCLUDE") {
+        let v: Vec<String> = s.split(':').filter(|x| !x.is_empty()).map(String::from).collect();
+        if !v.is_empty() {
+            return v;
+        }
+    }
+    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps/cuda/nvidia");
+    ["cuda_runtime/include", "cuda_nvcc/include"]
+        .iter()
+        .map(|d| ws.join(d))
+        .filter(|p| p.is_dir())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
+
+impl Nvrtc {
+    /// Load libnvrtc from the first candidate that opens.
+    pub fn load() -> Result<Nvrtc, NvrtcError> {
+        let mut tried = Vec::new();
+        let mut last = String::new();
+        for c in candidates() {
+            tried.push(c.display().to_string());
+            if c.is_absolute() && !c.exists() {
+                last = format!("{} does not exist", c.display());
+                continue;
+            }
+            match unsafe { libloading::Library::new(&c) } {
+                Ok(lib) => return Self::from_lib(lib),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(NvrtcError::NotFound { tried: tried.join(", "), reason: last })
+    }
+
+    fn from_lib(lib: libloading::Library) -> Result<Nvrtc, NvrtcError> {
+        macro_rules! sym {
+            ($n:literal) => {
+                unsafe {
+                    *lib.get($n).map_err(|e| NvrtcError::NotFound {
+                        tried: "symbol lookup".into(),
+                        reason: e.to_string(),
+                    })?
+                }
+            };
+        }
+        Ok(Nvrtc {
+            version: sym!(b"nvrtcVersion\0"),
+            create: sym!(b"nvrtcCreateProgram\0"),
+            compile: sym!(b"nvrtcCompileProgram\0"),
+            ptx_size: sym!(b"nvrtcGetPTXSize\0"),
+            ptx: sym!(b"nvrtcGetPTX\0"),
+            log_size: sym!(b"nvrtcGetProgramLogSize\0"),
+            log: sym!(b"nvrtcGetProgramLog\0"),
+            destroy: sym!(b"nvrtcDestroyProgram\0"),
+            _lib: lib,
+        })
+    }
+
+    /// (major, minor) of the loaded NVRTC.
+    pub fn version(&self) -> Result<(i32, i32), NvrtcError> {
+        let (mut a, mut b) = (0, 0);
+        check("nvrtcVersion", unsafe { (self.version)(&mut a, &mut b) })?;
+        Ok((a, b))
+    }
+
+    /// Compile CUDA C++ `src` (named `name` in messages) with NVRTC `options`
+    /// (e.g. "--gpu-architecture=compute_80", "-I<dir>"); returns the PTX text.
+    pub fn compile(&self, name: &str, src: &str, options: &[String]) -> Result<String, NvrtcError> {
+        let csrc = CString::new(src).expect("source contains NUL");
+        let cname = CString::new(name).expect("name contains NUL");
+        let copts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
+        let ptrs: Vec<*const c_char> = copts.iter().map(|c| c.as_ptr()).collect();
+        let mut prog: Prog = std::ptr::null_mut();
+        check("nvrtcCreateProgram", unsafe {
+            (self.create)(&mut prog, csrc.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null())
+        })?;
+        let res = unsafe { (self.compile)(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
+        let out = if res != 0 {
+            let log = self.get_log(prog).unwrap_or_else(|e| e.to_string());
+            Err(NvrtcError::Compile { name: name.to_string(), log })
+        } else {
+            self.get_ptx(prog)
+        };
+        unsafe { (self.destroy)(&mut prog) };
+        out
+    }
+
+    fn get_log(&self, prog: Prog) -> Result<String, NvrtcError> {
+        let mut n = 0usize;
+        check("nvrtcGetProgramLogSize", unsafe { (self.log_size)(prog, &mut n) })?;
+        let mut buf = vec![0u8; n.max(1)];
+        check("nvrtcGetProgramLog", unsafe { (self.log)(prog, buf.as_mut_ptr() as *mut c_char) })?;
+        Ok(cstr(&buf))
+    }
+
+    fn get_ptx(&self, prog: Prog) -> Result<String, NvrtcError> {
+        let mut n = 0usize;
+        check("nvrtcGetPTXSize", unsafe { (self.ptx_size)(prog, &mut n) })?;
+        let mut buf = vec![0u8; n.max(1)];
+        check("nvrtcGetPTX", unsafe { (self.ptx)(prog, buf.as_mut_ptr() as *mut c_char) })?;
+        Ok(cstr(&buf))
+    }
+}
+
+fn cstr(buf: &[u8]) -> String {
+    CStr::from_bytes_until_nul(buf)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| String::from_utf8_lossy(buf).into_owned())
+}
+
+fn check(call: &'static str, code: Res) -> Result<(), NvrtcError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(NvrtcError::Call { call, code })
+    }
+}
