@@ -242,10 +242,10 @@ fn neg_f64(_: u8, a: u64, _: u64, _: u64) -> u64 {
 /// Round hi+lo (exact) to f16 or bf16 bits, round-to-nearest-even.
 fn round_half(hi: f64, lo: f64, bf: bool) -> u16 {
     let (r, rv) = if bf {
-        let r = bf16::from_f64(hi);
+        let r = bf16_from_f64(hi);
         (r.to_bits(), r.to_f64())
     } else {
-        let r = f16::from_f64(hi);
+        let r = f16_from_f64(hi);
         (r.to_bits(), r.to_f64())
     };
     if lo == 0.0 || !rv.is_finite() || hi == rv {
@@ -985,8 +985,11 @@ mod tests {
         let b = b32(1.0 - 2f32.powi(-23));
         assert_eq!(f32_of(run("fma", &["rn", "f32"], a, b, b32(-1.0))), -(2f32.powi(-46)));
         // f64 directed
-        let r = f64_of(run("div", &["rz", "f64"], b64(1.0), b64(3.0), 0));
-        assert!(r < 1.0 / 3.0 && r.next_up() == 1.0 / 3.0);
+        // RN(1/3) = 0x3fd5555555555555 lies below 1/3, so rz keeps it and rp steps up
+        assert_eq!(run("div", &["rz", "f64"], b64(1.0), b64(3.0), 0), 0x3fd5_5555_5555_5555);
+        assert_eq!(run("div", &["rp", "f64"], b64(1.0), b64(3.0), 0), 0x3fd5_5555_5555_5556);
+        assert_eq!(run("div", &["rn", "f64"], b64(2.0), b64(3.0), 0), 0x3fe5_5555_5555_5555);
+        assert_eq!(run("div", &["rz", "f64"], b64(2.0), b64(3.0), 0), 0x3fe5_5555_5555_5555);
         // max with NaN
         assert_eq!(f32_of(run("max", &["f32"], b32(f32::NAN), b32(2.0), 0)), 2.0);
         assert_eq!(run("max", &["NaN", "f32"], b32(f32::NAN), b32(2.0), 0), 0x7fff_ffff);

@@ -152,16 +152,35 @@ pub(crate) fn f64_to_f32(x: f64, mode: Rnd) -> f32 {
     round_f32(x, 0.0, mode)
 }
 pub(crate) fn f64_to_f16(x: f64, mode: Rnd) -> u16 {
-    let r = f16::from_f64(x);
+    let r = f16_from_f64(x);
     let rv = r.to_f64();
     let d = if rv.is_infinite() && x.is_finite() { -rv.signum() } else { x - rv };
     directed(r.to_bits() as u64, rv, d, 0x8000, mode) as u16
 }
 pub(crate) fn f64_to_bf16(x: f64, mode: Rnd) -> u16 {
-    let r = bf16::from_f64(x);
+    let r = bf16_from_f64(x);
     let rv = r.to_f64();
     let d = if rv.is_infinite() && x.is_finite() { -rv.signum() } else { x - rv };
     directed(r.to_bits() as u64, rv, d, 0x8000, mode) as u16
+}
+
+/// f64 -> f32 rounded to odd: a following RN to a format with at most 22 significand bits
+/// then equals one direct RN from f64 (avoids double rounding).
+fn f32_round_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if !r.is_finite() || r as f64 == x {
+        return r;
+    }
+    let t = if (r as f64).abs() > x.abs() { f32::from_bits(r.to_bits() - 1) } else { r };
+    f32::from_bits(t.to_bits() | 1)
+}
+/// f64 -> bf16 with one round-to-nearest-even (`half::bf16::from_f64` rounds through f32 twice).
+pub(crate) fn bf16_from_f64(x: f64) -> bf16 {
+    bf16::from_f32(f32_round_odd(x))
+}
+/// f64 -> f16 with one round-to-nearest-even.
+pub(crate) fn f16_from_f64(x: f64) -> f16 {
+    f16::from_f32(f32_round_odd(x))
 }
 
 #[inline(always)]
