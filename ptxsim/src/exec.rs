@@ -210,6 +210,96 @@ macro_rules! set {
     };
 }
 
+/// Index of the first lane of a source operand in `w.regs`: registers are read in place;
+/// other operands are materialised into scratch row `k` (past the register file).
+#[inline(always)]
+fn row(cx: &Ctx, w: &mut Warp, s: Src, k: usize) -> usize {
+    match s {
+        Src::R(r) => (w.rbase + r) as usize * 32,
+        Src::I(v) => {
+            let b = (cx.regs_total as usize + k) * 32;
+            w.regs[b..b + 32].fill(v);
+            b
+        }
+        _ => {
+            let b = (cx.regs_total as usize + k) * 32;
+            for l in 0..32 {
+                let v = get!(cx, w, s, l);
+                w.regs[b + l] = v;
+            }
+            b
+        }
+    }
+}
+
+/// All 32 lanes of a source operand.
+#[inline(always)]
+fn fetch(cx: &Ctx, w: &Warp, s: Src, out: &mut [u64; 32]) {
+    match s {
+        Src::R(r) => {
+            let b = (w.rbase + r) as usize * 32;
+            out.copy_from_slice(&w.regs[b..b + 32]);
+        }
+        Src::I(v) => *out = [v; 32],
+        _ => {
+            for (l, o) in out.iter_mut().enumerate() {
+                *o = get!(cx, w, s, l);
+            }
+        }
+    }
+}
+
+/// Fast path for a warp-wide access: if every active lane's `total`-byte access is aligned and
+/// inside one region (one allocation, or one shared region), return (region, region base
+/// address, concrete space). Otherwise None and the caller goes lane by lane for exact errors.
+#[inline(always)]
+fn region<'s>(mem: &'s mut Memory, sh: &'s mut Shared, sp: Space, addrs: &[u64; 32], mask: u32, total: usize) -> Option<(&'s mut [u8], u64, Space)> {
+    let (mut lo, mut hi, mut or) = (u64::MAX, 0u64, 0u64);
+    for l in lanes(mask) {
+        let a = addrs[l];
+        lo = lo.min(a);
+        hi = hi.max(a);
+        or |= a;
+    }
+    if or % total as u64 != 0 && (or & (total as u64 - 1)) != 0 {
+        return None;
+    }
+    if !total.is_power_of_two() {
+        return None;
+    }
+    let end = hi.checked_add(total as u64)?;
+    let sp = match sp {
+        Space::Generic => {
+            let (s1, _) = resolve(sp, lo);
+            let (s2, _) = resolve(sp, hi);
+            if s1 != s2 {
+                return None;
+            }
+            s1
+        }
+        Space::Const => Space::Global,
+        s => s,
+    };
+    match sp {
+        Space::Global => {
+            let (i, o) = mem.find(lo, end - lo)?;
+            let a = &mut mem.allocs[i];
+            Some((&mut a.data[..], lo - o as u64, sp))
+        }
+        Space::Shared => {
+            let (lo, end, win) = if addrs[mask.trailing_zeros() as usize] >= SHARED_WIN { (lo - SHARED_WIN, end - SHARED_WIN, SHARED_WIN) } else { (lo, end, 0) };
+            if end <= sh.stat.len() as u64 {
+                Some((&mut sh.stat[..], win, sp))
+            } else if lo >= DYN_SHARED as u64 && end - DYN_SHARED as u64 <= sh.dynm.len() as u64 {
+                Some((&mut sh.dynm[..], win + DYN_SHARED as u64, sp))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
 impl Warp {
     fn new(id: u32) -> Warp {
         Warp {
@@ -319,7 +409,7 @@ pub(crate) fn launch(l: &Launch, mem: &mut Memory) -> Result<LaunchStats, Error>
     };
     let mut warps: Vec<Warp> = (0..nwarps).map(Warp::new).collect();
     for w in warps.iter_mut() {
-        w.regs = vec![0; cx.regs_total as usize * 32];
+        w.regs = vec![0; (cx.regs_total as usize + 3) * 32];
         w.fparam = vec![0; fparam_total as usize * 32];
         w.local = vec![0; local_total as usize * 32];
     }
@@ -740,15 +830,27 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
         let line = inst.line;
         match &inst.op {
             Op::Alu { f, m, d, a, b, c } => {
-                for l in lanes(mask) {
-                    let v = f(*m, get!(cx, w, *a, l), get!(cx, w, *b, l), get!(cx, w, *c, l));
-                    set!(w, *d, l, v);
+                // each lane reads its own sources before writing its own destination, so
+                // sources can be read in place even when they alias the destination
+                let (ab, bb, cb) = (row(cx, w, *a, 0), row(cx, w, *b, 1), row(cx, w, *c, 2));
+                let db = (w.rbase + d) as usize * 32;
+                let r = &mut w.regs[..];
+                if mask == !0 {
+                    for l in 0..32 {
+                        r[db + l] = f(*m, r[ab + l], r[bb + l], r[cb + l]);
+                    }
+                } else {
+                    for l in lanes(mask) {
+                        r[db + l] = f(*m, r[ab + l], r[bb + l], r[cb + l]);
+                    }
                 }
             }
             Op::Mov { d, a, mask: mk } => {
+                let ab = row(cx, w, *a, 0);
+                let db = (w.rbase + d) as usize * 32;
+                let r = &mut w.regs[..];
                 for l in lanes(mask) {
-                    let v = get!(cx, w, *a, l) & mk;
-                    set!(w, *d, l, v);
+                    r[db + l] = r[ab + l] & mk;
                 }
             }
             Op::Setp { f, m, d, dn, a, b, comb } => {
@@ -830,6 +932,37 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
             Op::Ld { sp, size, signed, ds, addr } => {
                 let size = *size as usize;
                 let total = size * ds.len();
+                let mut addrs = [0u64; 32];
+                fetch(cx, w, addr.base, &mut addrs);
+                for a in addrs.iter_mut() {
+                    *a = a.wrapping_add(addr.off as u64);
+                }
+                if mask != 0 && matches!(sp, Space::Global | Space::Shared | Space::Generic | Space::Const) {
+                    if let Some((buf, base, rsp)) = region(cx.mem, sh, *sp, &addrs, mask, total) {
+                        for l in lanes(mask) {
+                            let o = (addrs[l] - base) as usize;
+                            for (k, d) in ds.iter().enumerate() {
+                                let v = rd(&buf[o + k * size..o + (k + 1) * size]);
+                                let v = if *signed { sext(v, size) } else { v };
+                                if let Some(d) = d {
+                                    set!(w, *d, l, v);
+                                }
+                            }
+                        }
+                        cx.stats.bytes_loaded[SP_IDX[rsp as usize]] += (total as u32 * mask.count_ones()) as u64;
+                        if rsp == Space::Shared && cx.l.opts.race_check {
+                            for l in lanes(mask) {
+                                let a = if addrs[l] >= SHARED_WIN { addrs[l] - SHARED_WIN } else { addrs[l] };
+                                race(cx, w, sh, a, total, false, l, line)?;
+                            }
+                        }
+                        w.pc += 1;
+                        if w.pc >= w.next_wait {
+                            w.resched();
+                        }
+                        continue;
+                    }
+                }
                 for l in lanes(mask) {
                     let a = get!(cx, w, addr.base, l).wrapping_add(addr.off as u64);
                     if total > size && a % total as u64 != 0 && *sp != Space::Param && *sp != Space::FParam {
@@ -847,6 +980,38 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
             Op::St { sp, size, vals, addr } => {
                 let size = *size as usize;
                 let total = size * vals.len();
+                let mut addrs = [0u64; 32];
+                fetch(cx, w, addr.base, &mut addrs);
+                for a in addrs.iter_mut() {
+                    *a = a.wrapping_add(addr.off as u64);
+                }
+                if mask != 0 && vals.len() <= 8 && matches!(sp, Space::Global | Space::Shared | Space::Generic) {
+                    let mut vv = [[0u64; 32]; 8];
+                    for (k, v) in vals.iter().enumerate() {
+                        fetch(cx, w, *v, &mut vv[k]);
+                    }
+                    if let Some((buf, base, rsp)) = region(cx.mem, sh, *sp, &addrs, mask, total) {
+                        for l in lanes(mask) {
+                            let o = (addrs[l] - base) as usize;
+                            for k in 0..vals.len() {
+                                let x = vv[k][l];
+                                buf[o + k * size..o + (k + 1) * size].copy_from_slice(&x.to_le_bytes()[..size]);
+                            }
+                        }
+                        cx.stats.bytes_stored[SP_IDX[rsp as usize]] += (total as u32 * mask.count_ones()) as u64;
+                        if rsp == Space::Shared && cx.l.opts.race_check {
+                            for l in lanes(mask) {
+                                let a = if addrs[l] >= SHARED_WIN { addrs[l] - SHARED_WIN } else { addrs[l] };
+                                race(cx, w, sh, a, total, true, l, line)?;
+                            }
+                        }
+                        w.pc += 1;
+                        if w.pc >= w.next_wait {
+                            w.resched();
+                        }
+                        continue;
+                    }
+                }
                 for l in lanes(mask) {
                     let a = get!(cx, w, addr.base, l).wrapping_add(addr.off as u64);
                     if total > size && a % total as u64 != 0 && *sp != Space::FParam {
