@@ -21,14 +21,6 @@ pub(crate) fn rnd_of(m: u8) -> Rnd {
         _ => Rnd::P,
     }
 }
-pub(crate) fn rnd_bits(r: Rnd) -> u8 {
-    match r {
-        Rnd::N => 0,
-        Rnd::Z => 1,
-        Rnd::M => 2,
-        Rnd::P => 3,
-    }
-}
 
 #[inline(always)]
 fn fin(m: u8, x: u64) -> f32 {

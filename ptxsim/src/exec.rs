@@ -493,7 +493,7 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
             let w = &mut warps[wi];
             if w.state == WState::Done {
                 if !w.cp_pending.is_empty() {
-                    flush_cp(cx, w, sh, 0)?;
+                    flush_cp(cx, w, sh, u32::MAX)?;
                 }
             }
             // arrival at barrier / exit changes barrier counts
@@ -769,13 +769,15 @@ fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {
     }
 }
 
-/// Perform queued cp.async copies of groups older than the newest `keep` committed groups.
+/// Perform queued cp.async copies of committed groups older than the newest `keep` ones
+/// (`keep` = u32::MAX: everything, also uncommitted copies). Queue order is kept.
 fn flush_cp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, keep: u32) -> Result<(), Error> {
-    let limit = w.cp_group.saturating_sub(keep);
+    let all = keep == u32::MAX;
+    let limit = if all { u32::MAX } else { w.cp_group.saturating_sub(keep) };
     let mut i = 0;
     while i < w.cp_pending.len() {
-        if w.cp_pending[i].group < limit || keep == 0 {
-            let p = w.cp_pending.swap_remove(i);
+        if all || w.cp_pending[i].group < limit {
+            let p = w.cp_pending.remove(i);
             // element-wise stores of up to 8 bytes
             let mut off = 0usize;
             while off < p.len as usize {
@@ -1086,7 +1088,7 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
                     if is_exit && w.frames.is_empty() && w.active == 0 && w.waiting == 0 && w.at_bar == 0 {
                         w.state = WState::Done;
                         if !w.cp_pending.is_empty() {
-                            flush_cp(cx, w, sh, 0)?;
+                            flush_cp(cx, w, sh, u32::MAX)?;
                         }
                         return Ok(Stop::Blocked);
                     }
@@ -1288,11 +1290,123 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
                     return Err(cx.err(w, mask.trailing_zeros() as usize, line, "trap".into()));
                 }
             }
-            Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. } => {
-                return Err(cx.err(w, 0, line, "tensor-core instructions are not supported yet".into()));
+            Op::Mma { bf, k, d, a, b, c } => {
+                let full = !w.exited & !0;
+                if mask != full {
+                    return Err(cx.err(w, (full & !mask).trailing_zeros().min(31) as usize, line, format!("mma.sync.aligned executed by lanes {mask:#010x}, not the whole warp")));
+                }
+                let (mut fa, mut fb, mut fc) = ([[0u32; 4]; 32], [[0u32; 2]; 32], [[0f32; 4]; 32]);
+                for l in 0..32 {
+                    for i in 0..4 {
+                        fa[l][i] = get!(cx, w, a[i], l) as u32;
+                        fc[l][i] = f32::from_bits(get!(cx, w, c[i], l) as u32);
+                    }
+                    for i in 0..2 {
+                        fb[l][i] = get!(cx, w, b[i], l) as u32;
+                    }
+                }
+                let out = crate::tensor::mma(*bf, *k as usize, &fa, &fb, &fc);
+                for l in 0..32 {
+                    for i in 0..4 {
+                        set!(w, d[i], l, out[l][i].to_bits() as u64);
+                    }
+                }
             }
-            Op::CpAsync { .. } | Op::CpCommit | Op::CpWait { .. } => {
-                return Err(cx.err(w, 0, line, "cp.async is not supported yet".into()));
+            Op::Ldmatrix { num, trans, ds, addr, sp } => {
+                let full = !w.exited & !0;
+                if mask != full {
+                    return Err(cx.err(w, (full & !mask).trailing_zeros().min(31) as usize, line, format!("ldmatrix.sync.aligned executed by lanes {mask:#010x}, not the whole warp")));
+                }
+                let mut out = [[0u64; 4]; 32];
+                for mi in 0..*num as usize {
+                    let mut mat = [[0u16; 8]; 8];
+                    for r in 0..8 {
+                        let src = mi * 8 + r;
+                        let a = get!(cx, w, addr.base, src).wrapping_add(addr.off as u64);
+                        if a % 16 != 0 {
+                            return Err(cx.err(w, src, line, format!("ldmatrix row address {a:#x} is not 16-byte aligned")));
+                        }
+                        for half in 0..2 {
+                            let v = load(cx, w, sh, *sp, a + 8 * half as u64, 8, src, line)?;
+                            for e in 0..4 {
+                                mat[r][half * 4 + e] = (v >> (16 * e)) as u16;
+                            }
+                        }
+                    }
+                    for (l, o) in out.iter_mut().enumerate() {
+                        let mut v = 0u64;
+                        for h in 0..2 {
+                            let (r, c) = crate::tensor::ldm_pos(l, h, *trans);
+                            v |= (mat[r][c] as u64) << (16 * h);
+                        }
+                        o[mi] = v;
+                    }
+                }
+                for l in 0..32 {
+                    for mi in 0..*num as usize {
+                        set!(w, ds[mi], l, out[l][mi]);
+                    }
+                }
+            }
+            Op::Stmatrix { num, trans, vals, addr, sp } => {
+                let full = !w.exited & !0;
+                if mask != full {
+                    return Err(cx.err(w, (full & !mask).trailing_zeros().min(31) as usize, line, format!("stmatrix.sync.aligned executed by lanes {mask:#010x}, not the whole warp")));
+                }
+                for mi in 0..*num as usize {
+                    let mut mat = [[0u16; 8]; 8];
+                    for l in 0..32 {
+                        let v = get!(cx, w, vals[mi], l);
+                        for h in 0..2 {
+                            let (r, c) = crate::tensor::ldm_pos(l, h, *trans);
+                            mat[r][c] = (v >> (16 * h)) as u16;
+                        }
+                    }
+                    for r in 0..8 {
+                        let src = mi * 8 + r;
+                        let a = get!(cx, w, addr.base, src).wrapping_add(addr.off as u64);
+                        if a % 16 != 0 {
+                            return Err(cx.err(w, src, line, format!("stmatrix row address {a:#x} is not 16-byte aligned")));
+                        }
+                        for half in 0..2 {
+                            let mut v = 0u64;
+                            for e in 0..4 {
+                                v |= (mat[r][half * 4 + e] as u64) << (16 * e);
+                            }
+                            store(cx, w, sh, *sp, a + 8 * half as u64, 8, v, src, line)?;
+                        }
+                    }
+                }
+            }
+            Op::CpAsync { dst, src, size, src_size } => {
+                for l in lanes(mask) {
+                    let s = get!(cx, w, src.base, l).wrapping_add(src.off as u64);
+                    let d = get!(cx, w, dst.base, l).wrapping_add(dst.off as u64);
+                    let n = *size as usize;
+                    let valid = match src_size {
+                        Some(x) => (get!(cx, w, *x, l) as usize).min(n),
+                        None => n,
+                    };
+                    if s % n as u64 != 0 || d % n as u64 != 0 {
+                        return Err(cx.err(w, l, line, format!("cp.async of {n} bytes from {s:#x} to shared {d:#x} is misaligned")));
+                    }
+                    let mut bytes = [0u8; 16];
+                    let mut off = 0;
+                    while off < valid {
+                        let c = (valid - off).min(8).min(n - off);
+                        let c = if c >= 8 { 8 } else if c >= 4 { 4 } else if c >= 2 { 2 } else { 1 };
+                        let v = load(cx, w, sh, Space::Global, s + off as u64, c, l, line)?;
+                        bytes[off..off + c].copy_from_slice(&v.to_le_bytes()[..c]);
+                        off += c;
+                    }
+                    w.cp_pending.push(Pending { group: w.cp_group, dst: d, len: n as u8, bytes, line, lane: l as u8 });
+                }
+            }
+            Op::CpCommit => {
+                w.cp_group += 1;
+            }
+            Op::CpWait { n } => {
+                flush_cp(cx, w, sh, *n)?;
             }
         }
         w.pc += 1;

@@ -10,6 +10,7 @@ mod mem;
 mod num;
 pub mod nvrtc;
 mod parse;
+mod tensor;
 
 pub use ir::Class;
 pub use mem::DevicePtr;

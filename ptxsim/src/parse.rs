@@ -76,8 +76,8 @@ fn lex(src: &str) -> Result<Vec<(Tok, u32)>, Error> {
             out.push((tok, line));
         } else if idc(c) {
             let s = i;
-            while i < b.len() && idc(b[i]) {
-                i += 1;
+            while i < b.len() && (idc(b[i]) || (b[i] == b':' && b.get(i + 1) == Some(&b':'))) {
+                i += if b[i] == b':' { 2 } else { 1 };
             }
             out.push((Tok::Id(src[s..i].to_string()), line));
         } else {
@@ -1138,7 +1138,7 @@ impl Dec<'_> {
                     return Ok((Op::CpWait { n: *k as u32 }, Class::AsyncCopy));
                 }
                 if has("wait_all") {
-                    return Ok((Op::CpWait { n: 0 }, Class::AsyncCopy));
+                    return Ok((Op::CpWait { n: u32::MAX }, Class::AsyncCopy));
                 }
                 if !has("async") {
                     return Err("unsupported cp form".into());
@@ -1150,7 +1150,9 @@ impl Dec<'_> {
                     Raw::Imm(Tok::Int(v)) => *v as u8,
                     _ => return Err("cp.async size must be immediate".into()),
                 };
-                let src_size = if n >= 4 && !matches!(&ops[3], Raw::Name(x) if sreg(x).is_none() && self.sym(x).map(|s| !matches!(s, Sym::Reg(_))).unwrap_or(false)) { Some(self.src(&ops[3], None)?) } else { None };
+                // optional src-size, then an optional cache policy (with .L2::cache_hint)
+                let hint = mods.iter().any(|m| m.contains("cache_hint"));
+                let src_size = if n >= 4 && !(hint && n == 4) { Some(self.src(&ops[3], None)?) } else { None };
                 Ok((Op::CpAsync { dst, src, size, src_size }, Class::AsyncCopy))
             }
             _ => {

@@ -310,3 +310,44 @@ fn out_of_bounds_read_is_caught() {
         assert!(e.contains("0 bytes past the end of the 400-byte allocation"), "{e}");
     }
 }
+
+fn bf16_gemm_ref(a: &[bf16], b: &[bf16], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k).map(|kk| a[i * k + kk].to_f64() * b[kk * n + j].to_f64()).sum();
+        }
+    }
+    c
+}
+
+#[test]
+fn mma_gemm_with_ldmatrix_and_cp_async() {
+    for arch in ARCHS {
+        let Some(m) = module("mma.cu", arch) else { return };
+        let mut rng = Rng(77);
+        let (mm, nn, kk) = (64usize, 48usize, 80usize);
+        let a: Vec<bf16> = (0..mm * kk).map(|_| bf16::from_f32(rng.f32())).collect();
+        let b: Vec<bf16> = (0..kk * nn).map(|_| bf16::from_f32(rng.f32())).collect();
+        let mut dev = Device::new();
+        let (da, db) = (dev.upload(&a), dev.upload(&b));
+        let dc = dev.upload(&vec![f32::NAN; mm * nn]);
+        let args = [P::Ptr(da), P::Ptr(db), P::Ptr(dc), P::I32(mm as i32), P::I32(nn as i32), P::I32(kk as i32)];
+        let st = dev.launch(&m, "mma_gemm", ((nn / 16) as u32, (mm / 32) as u32, 1), (128, 1, 1), 0, &args, &opts(12)).unwrap();
+        let c: Vec<f32> = dev.read_vec(dc, mm * nn).unwrap();
+        let want = bf16_gemm_ref(&a, &b, mm, nn, kk);
+        for i in 0..mm * nn {
+            // per 16-wide k step the sum is exact in f64 then rounded to f32: 5 roundings
+            assert!((c[i] as f64 - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()), "{arch} {i}: {} vs {}", c[i], want[i]);
+        }
+        assert_eq!(st.by_class[ptxsim::Class::Tensor as usize], (mm / 16 * nn / 8 * kk / 16 * 32) as u64);
+        // reading the tiles before cp.async.wait_group gives wrong results
+        let dc2 = dev.upload(&vec![f32::NAN; mm * nn]);
+        let args2 = [P::Ptr(da), P::Ptr(db), P::Ptr(dc2), P::I32(mm as i32), P::I32(nn as i32), P::I32(kk as i32)];
+        let o = ptxsim::LaunchOptions { race_check: false, ..opts(12) };
+        dev.launch(&m, "mma_gemm_nowait", ((nn / 16) as u32, (mm / 32) as u32, 1), (128, 1, 1), 0, &args2, &o).unwrap();
+        let c2: Vec<f32> = dev.read_vec(dc2, mm * nn).unwrap();
+        let bad = (0..mm * nn).filter(|&i| (c2[i] as f64 - want[i]).abs() > 1e-3).count();
+        assert!(bad > mm * nn / 2, "{arch}: only {bad} wrong outputs without wait_group");
+    }
+}
