@@ -1,7 +1,7 @@
 //! `ipo score`: per-token log-probs of target segments given a context (DESIGN.md section 4),
 //! or, with `--pairs`, the reference log-probs of a pairs file (`ref_chosen_logp` /
 //! `ref_rejected_logp`) written into a new file. Reads and validates every line first
-//! (file:line errors, before the weights are loaded), then scores in chunks of about
+//! (file:line errors, before the weights are loaded), then scores in forwards of at most
 //! `--batch-tokens` tokens with a progress bar, then writes the output atomically.
 
 use std::io::IsTerminal;
@@ -49,13 +49,24 @@ pub struct Args {
 }
 
 /// Something that gives per-target-token log-probs: the `Transformer`, or a stand-in in tests.
+/// `progress` is called with the number of tokens (context + target) of each finished forward.
 pub trait Scorer {
-    fn score(&self, items: &[ScoreItem], batch_tokens: usize) -> Result<Vec<Vec<f32>>>;
+    fn score(
+        &self,
+        items: &[ScoreItem],
+        batch_tokens: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>>;
 }
 
 impl Scorer for Transformer {
-    fn score(&self, items: &[ScoreItem], batch_tokens: usize) -> Result<Vec<Vec<f32>>> {
-        Ok(Transformer::score(self, items, batch_tokens)?)
+    fn score(
+        &self,
+        items: &[ScoreItem],
+        batch_tokens: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        Ok(self.score_with_progress(items, batch_tokens, progress)?)
     }
 }
 
@@ -127,8 +138,8 @@ fn prepare(args: &Args, cfg: &ModelConfig) -> Result<Job> {
         match mode {
             Mode::Score => {
                 let rec: ScoreInput = l.parse(&path)?;
-                let seq = match (rec.context_ids, rec.target_ids, rec.context, rec.target) {
-                    (Some(c), Some(t), _, _) => Seq { context: c, target: t },
+                let (seq, names) = match (rec.context_ids, rec.target_ids, rec.context, rec.target) {
+                    (Some(c), Some(t), _, _) => (Seq { context: c, target: t }, ("context_ids", "target_ids")),
                     (None, None, Some(c), Some(t)) => {
                         if tokenizer.is_none() {
                             tokenizer = Some(Tokenizer::from_dir(&args.model).with_context(|| {
@@ -139,7 +150,8 @@ fn prepare(args: &Args, cfg: &ModelConfig) -> Result<Job> {
                         let enc = |s: &str, what: &str| {
                             tok.encode(s, false).map_err(|e| at(format!("cannot tokenize {what}: {e}")))
                         };
-                        Seq { context: enc(&c, "context")?, target: enc(&t, "target")? }
+                        let seq = Seq { context: enc(&c, "context")?, target: enc(&t, "target")? };
+                        (seq, ("tokenized context", "tokenized target"))
                     }
                     _ => {
                         return Err(at(
@@ -148,7 +160,7 @@ fn prepare(args: &Args, cfg: &ModelConfig) -> Result<Job> {
                         ))
                     }
                 };
-                check_seq(&seq, "context", "target", cfg, &args.model).map_err(at)?;
+                check_seq(&seq, names.0, names.1, cfg, &args.model).map_err(at)?;
                 seqs.push(seq);
             }
             Mode::Pairs => {
@@ -264,37 +276,19 @@ fn execute(args: &Args, job: Job, scorer: &dyn Scorer) -> Result<()> {
     let Job { path, mode, lines, seqs } = job;
     let total: u64 = seqs.iter().map(|s| (s.context.len() + s.target.len()) as u64).sum();
     let mut progress = Progress::new(total);
-    let mut logps: Vec<Vec<f32>> = Vec::with_capacity(seqs.len()); // [n_seqs][n_target]
-    let mut start = 0;
-    while start < seqs.len() {
-        // Greedy chunk of about `batch_tokens` tokens (at least one sequence).
-        let mut end = start;
-        let mut tokens = 0;
-        while end < seqs.len() {
-            let n = seqs[end].context.len() + seqs[end].target.len();
-            if end > start && tokens + n > args.batch_tokens {
-                break;
-            }
-            tokens += n;
-            end += 1;
+    let items: Vec<ScoreItem> = seqs.iter().map(|s| ScoreItem { context: &s.context, target: &s.target }).collect();
+    // [n_seqs][n_target] natural-log probabilities
+    let logps = scorer.score(&items, args.batch_tokens, &mut |n| progress.add(n as u64))?;
+    if logps.len() != items.len() {
+        bail!("scorer returned {} results for {} sequences", logps.len(), items.len());
+    }
+    for (s, lp) in seqs.iter().zip(&logps) {
+        if lp.len() != s.target.len() {
+            bail!("scorer returned {} log-probs for a target of {} tokens", lp.len(), s.target.len());
         }
-        let items: Vec<ScoreItem> =
-            seqs[start..end].iter().map(|s| ScoreItem { context: &s.context, target: &s.target }).collect();
-        let out = scorer.score(&items, args.batch_tokens)?;
-        if out.len() != items.len() {
-            bail!("scorer returned {} results for {} sequences", out.len(), items.len());
+        if let Some(x) = lp.iter().find(|x| !x.is_finite()) {
+            bail!("non-finite log-prob {x} from the model");
         }
-        for (s, lp) in seqs[start..end].iter().zip(&out) {
-            if lp.len() != s.target.len() {
-                bail!("scorer returned {} log-probs for a target of {} tokens", lp.len(), s.target.len());
-            }
-            if let Some(x) = lp.iter().find(|x| !x.is_finite()) {
-                bail!("non-finite log-prob {x} from the model");
-            }
-        }
-        logps.extend(out);
-        progress.add(tokens as u64);
-        start = end;
     }
     progress.finish();
 
