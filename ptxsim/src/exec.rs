@@ -70,6 +70,10 @@ struct Warp {
     tid: [[u32; 32]; 3],
     state: WState,
     bar_red: Option<(u8, Reg, u32)>,
+    /// Thread count of the barrier being waited on or arrived at (0 = whole CTA).
+    bar_cnt: u32,
+    /// A `bar.arrive` to account for: barrier id.
+    arrive: Option<u8>,
     cp_pending: Vec<Pending>,
     cp_group: u32,
 }
@@ -323,6 +327,8 @@ impl Warp {
             tid: [[0; 32]; 3],
             state: WState::Run,
             bar_red: None,
+            bar_cnt: 0,
+            arrive: None,
             cp_pending: Vec::new(),
             cp_group: 0,
         }
@@ -467,6 +473,8 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
         w.lbase = 0;
         w.state = WState::Run;
         w.bar_red = None;
+        w.bar_cnt = 0;
+        w.arrive = None;
         w.cp_pending.clear();
         w.cp_group = 0;
     }
@@ -497,9 +505,17 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
                 }
             }
             // arrival at barrier / exit changes barrier counts
+            if let Some(id) = w.arrive.take() {
+                let b = &mut bars[id as usize];
+                b.expected = w.bar_cnt;
+                b.arrived += 32;
+            }
             if let WState::Bar(id) = w.state {
                 let b = &mut bars[id as usize];
                 let n = (!w.exited).count_ones();
+                if w.bar_cnt != 0 {
+                    b.expected = w.bar_cnt;
+                }
                 b.arrived += if b.expected != 0 { 32 } else { n };
                 b.waiters |= 1 << wi;
                 if let Some((kind, _, cnt)) = w.bar_red {
@@ -511,7 +527,7 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
             }
             let live: u32 = warps.iter().map(|w| (!w.exited).count_ones()).sum();
             for (id, b) in bars.iter_mut().enumerate() {
-                if b.waiters == 0 {
+                if b.waiters == 0 && b.arrived == 0 {
                     continue;
                 }
                 let expected = if b.expected != 0 { b.expected } else { live };
@@ -1145,12 +1161,26 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
                 if idv >= 16 {
                     return Err(cx.err(w, 0, line, format!("barrier id {idv} out of range")));
                 }
+                let l0 = mask.trailing_zeros().min(31) as usize;
+                w.bar_cnt = match cnt {
+                    Some(c) => {
+                        let c = get!(cx, w, *c, l0) as u32;
+                        if c == 0 || c % 32 != 0 || c > cx.nwarps * 32 {
+                            return Err(cx.err(w, l0, line, format!("barrier thread count {c} must be a non-zero multiple of 32 up to the CTA size")));
+                        }
+                        c
+                    }
+                    None => 0,
+                };
                 if *arrive {
-                    // bar.arrive: count without waiting (handled like a sync that never blocks
-                    // is wrong; arrival is recorded through a zero-lane parked state)
-                    return Err(cx.err(w, mask.trailing_zeros() as usize, line, "bar.arrive is not supported yet".into()));
+                    // counted now, no wait: the scheduler accounts for it before going on
+                    w.arrive = Some(idv as u8);
+                    w.pc += 1;
+                    if w.pc >= w.next_wait {
+                        w.resched();
+                    }
+                    return Ok(Stop::Blocked);
                 }
-                let _ = cnt;
                 if let Some((kind, d, p, neg)) = red {
                     let mut c = 0;
                     for l in lanes(mask) {

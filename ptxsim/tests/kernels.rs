@@ -351,3 +351,79 @@ fn mma_gemm_with_ldmatrix_and_cp_async() {
         assert!(bad > mm * nn / 2, "{arch}: only {bad} wrong outputs without wait_group");
     }
 }
+
+#[test]
+fn calls_constants_locals_structs_and_divergence() {
+    for arch in ARCHS {
+        let Some(m) = module("misc.cu", arch) else { return };
+        let mut rng = Rng(88);
+        let n = 300usize;
+        let x = rng.vec_f32(n);
+        let idx = [3i32, 14, 7, 9];
+        let (scale, shift) = (0.75f32, -0.125f32);
+        let mut aff = Vec::new();
+        aff.extend_from_slice(&scale.to_le_bytes());
+        aff.extend_from_slice(&shift.to_le_bytes());
+        for v in idx {
+            aff.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut dev = Device::new();
+        let dx = dev.upload(&x);
+        let dy = dev.upload(&vec![f32::NAN; n]);
+        let flags = dev.alloc(4);
+        let g = dev.symbol(&m, "gCounter").unwrap();
+        dev.launch(&m, "misc", (3, 1, 1), (128, 1, 1), 0, &[P::Ptr(dx), P::Ptr(dy), P::Ptr(flags), P::Bytes(aff), P::I32(n as i32)], &opts(13)).unwrap();
+        let table = [1f32, 2., 3., 5., 7., 11., 13., 17.];
+        let poly = |x: f32, k: usize| (0..=k).fold(0f32, |r, i| r.mul_add(x, table[i & 7]));
+        let mut v = vec![0f32; 384];
+        for i in 0..384 {
+            let loc = |j: usize| x[(i + j) % n] * (j + 1) as f32;
+            if i < n {
+                let xi = x[i];
+                v[i] = if xi > 0.0 {
+                    if xi > 0.5 { poly(xi, (i & 3) + 2) } else { loc(i & 15) + loc((i * 7) & 15) }
+                } else {
+                    -poly(-xi, 1) + loc(idx[i & 3] as usize & 15)
+                };
+            }
+        }
+        let y: Vec<f32> = dev.read_vec(dy, n).unwrap();
+        for i in 0..n {
+            // butterfly sum over the warp in the kernel's order
+            let w = i / 32 * 32;
+            let mut vals: Vec<f32> = v[w..w + 32].to_vec();
+            for o in [16, 8, 4, 2, 1] {
+                vals = (0..32).map(|l| vals[l] + vals[l ^ o]).collect();
+            }
+            let want = vals[i - w] * scale + shift;
+            assert!((y[i] - want).abs() <= 1e-5 * (1.0 + want.abs()), "{arch} {i}: {} vs {want}", y[i]);
+        }
+        let f: Vec<i32> = dev.read_vec(flags, 1).unwrap();
+        assert_eq!(f[0], 42, "{arch}: __device__ initialiser");
+        assert_eq!(dev.read_vec::<i32>(g, 1).unwrap()[0], 43, "{arch}");
+    }
+}
+
+#[test]
+fn named_barriers_with_arrive() {
+    for arch in ARCHS {
+        let Some(m) = module("misc.cu", arch) else { return };
+        let mut rng = Rng(99);
+        let blocks = 4usize;
+        let x: Vec<i32> = (0..blocks * 32).map(|_| (rng.u64() % 1000) as i32 - 500).collect();
+        let mut dev = Device::new();
+        let dx = dev.upload(&x);
+        let out = dev.alloc((blocks * 3 * 32 * 4) as u64);
+        for seed in 0..4 {
+            dev.launch(&m, "named_barrier", (blocks as u32, 1, 1), (128, 1, 1), 0, &[P::Ptr(dx), P::Ptr(out)], &opts(seed)).unwrap();
+            let o: Vec<i32> = dev.read_vec(out, blocks * 96).unwrap();
+            for b in 0..blocks {
+                for w in 1..4 {
+                    for l in 0..32 {
+                        assert_eq!(o[(b * 3 + w - 1) * 32 + l], x[b * 32 + ((l + w) & 31)] * 3 + w as i32, "{arch} seed {seed}");
+                    }
+                }
+            }
+        }
+    }
+}
