@@ -616,13 +616,13 @@ pub(crate) fn decode(name: &str, mods: &[&str]) -> Result<Option<(AluFn, u8, usi
                 let f24: AluFn = if ty.signed() {
                     |_, a, b, c| ((sext(a, 24) * sext(b, 24)) as u32).wrapping_add(c as u32) as u64
                 } else {
-                    |_, a, b, c| ((a & 0xff_ffff) * (b & 0xff_ffff)) as u32 as u64 + (c as u32 as u64) & 0xffff_ffff
+                    |_, a, b, c| (((a & 0xff_ffff) * (b & 0xff_ffff)) as u32 as u64 + (c as u32 as u64)) & 0xffff_ffff
                 };
                 return Ok(Some((f24, 0, n, cls)));
             }
             (f, 0, n, cls)
         }
-        "div" => (by_int!(ty, ibin, |a, b| if b == 0 { !(a ^ a) } else { a.wrapping_div(b) }), 0, 2, cls),
+        "div" => (by_int!(ty, ibin, |a, b| if b == 0 { !b } else { a.wrapping_div(b) }), 0, 2, cls),
         "rem" => (by_int!(ty, ibin, |a, b| if b == 0 { a } else { a.wrapping_rem(b) }), 0, 2, cls),
         "min" => (by_int!(ty, ibin, |a, b| a.min(b)), 0, 2, cls),
         "max" => (by_int!(ty, ibin, |a, b| a.max(b)), 0, 2, cls),

@@ -84,7 +84,7 @@ struct Barrier {
     expected: u32,
     waiters: u64,
     red_popc: u32,
-    red_and: bool,
+    red_any_false: bool,
     red_or: bool,
 }
 
@@ -521,7 +521,7 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
                 if let Some((kind, _, cnt)) = w.bar_red {
                     let _ = kind;
                     b.red_popc += cnt;
-                    b.red_and &= cnt == n;
+                    b.red_any_false |= cnt != n;
                     b.red_or |= cnt > 0;
                 }
             }
@@ -532,7 +532,7 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
                 }
                 let expected = if b.expected != 0 { b.expected } else { live };
                 if b.arrived >= expected {
-                    let (popc, and, or) = (b.red_popc, b.red_and, b.red_or);
+                    let (popc, and, or) = (b.red_popc, !b.red_any_false, b.red_or);
                     for wi in lanes_u64(b.waiters) {
                         let w = &mut warps[wi];
                         debug_assert_eq!(w.state, WState::Bar(id as u8));
