@@ -435,3 +435,98 @@ fn malformed_index_is_a_clear_error() {
     let e = err_of(dir.path(), &cfg);
     assert!(e.contains("not a plain file name"), "{e}");
 }
+
+/// A byte-level BPE tokenizer with no merges (token id = byte value) and two special tokens
+/// `<|im_start|>` = 256, `<|im_end|>` = 257.
+fn byte_tokenizer_json() -> Value {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut vocab = serde_json::Map::new();
+    for (b, c) in bs.iter().zip(&cs) {
+        vocab.insert(char::from_u32(*c).unwrap().to_string(), json!(b));
+    }
+    let special = |id: u32, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
+#[test]
+fn tokenizer_encodes_decodes_and_resolves_special_tokens() {
+    use ipo::model::tokenizer::Tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), byte_tokenizer_json().to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        json!({"bos_token": {"content": "<|im_start|>", "special": true}, "eos_token": "<|im_end|>"}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), json!({"eos_token_id": [0, 2]}).to_string()).unwrap();
+    write_config(dir.path(), &with(base("llama"), json!({"eos_token_id": 2, "bos_token_id": 1})));
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+
+    assert_eq!(tok.vocab_size(), 258);
+    assert_eq!(tok.bos_id(), Some(256), "tokenizer_config's bos_token wins over config.json");
+    assert_eq!(tok.eos_ids(), &[0, 2, 257], "generation_config, config.json, tokenizer_config: union in order");
+    assert_eq!((tok.bos_token(), tok.eos_token()), (Some("<|im_start|>"), Some("<|im_end|>")));
+    assert_eq!(tok.id_to_token(104).as_deref(), Some("h"));
+    assert_eq!(tok.id_to_token(32).as_deref(), Some("Ġ"), "byte-level space");
+    assert_eq!(tok.token_to_id("<|im_end|>"), Some(257));
+    assert_eq!(tok.token_to_id("not a token"), None);
+
+    let text = "héllo wörld, 你好";
+    let ids = tok.encode(text, false).unwrap();
+    assert_eq!(ids, text.bytes().map(u32::from).collect::<Vec<_>>(), "no merges: one token per byte");
+    assert_eq!(tok.encode(text, true).unwrap(), ids, "no post-processor: nothing added");
+    assert_eq!(tok.decode(&ids, false).unwrap(), text);
+
+    // Special tokens in the text are matched; skip_special drops them on decode.
+    let chat = "<|im_start|>hi<|im_end|>";
+    let ids = tok.encode(chat, false).unwrap();
+    assert_eq!(ids, vec![256, 104, 105, 257]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), chat);
+    assert_eq!(tok.decode(&ids, true).unwrap(), "hi");
+
+    // Offsets are byte ranges into the text: every token's range covers the bytes it came
+    // from (a multi-byte character's tokens all point at that character).
+    let text = "ab ñ<|im_end|>z";
+    let (ids, offs) = tok.encode_with_offsets(text, false).unwrap();
+    assert_eq!(ids.len(), offs.len());
+    assert_eq!(ids, vec![97, 98, 32, 0xC3, 0xB1, 257, 122]);
+    assert_eq!(offs, vec![(0, 1), (1, 2), (2, 3), (3, 5), (3, 5), (5, 15), (15, 16)]);
+    assert_eq!(&text[offs[3].0..offs[3].1], "ñ");
+}
+
+#[test]
+fn tokenizer_errors_name_the_file() {
+    use ipo::model::tokenizer::Tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": 3}").unwrap();
+    let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json"), "{e}");
+    std::fs::write(dir.path().join("tokenizer.json"), byte_tokenizer_json().to_string()).unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), json!({"eos_token": "</s>"}).to_string()).unwrap();
+    let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer_config.json") && e.contains("\"</s>\""), "{e}");
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{").unwrap();
+    let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("tokenizer_config.json") && e.contains("invalid JSON"), "{e}");
+}

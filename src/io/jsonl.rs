@@ -171,3 +171,83 @@ impl Appender {
         self.file.flush().map_err(io_err(&self.path))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::records::Pair;
+    use serde_json::json;
+
+    #[test]
+    fn reads_objects_keeping_order_and_reports_file_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.jsonl");
+        std::fs::write(&p, "{\"z\": 1, \"a\": {\"q\": 2, \"b\": 3}}\n\n  \n{\"id\": \"2\"}\n").unwrap();
+        let lines = read_objects(&p).unwrap();
+        assert_eq!(lines.iter().map(|l| l.line).collect::<Vec<_>>(), vec![1, 4]);
+        assert_eq!(serde_json::to_string(&lines[0].obj).unwrap(), "{\"z\":1,\"a\":{\"q\":2,\"b\":3}}");
+
+        std::fs::write(&p, "{\"id\": 1}\n{\"id\": \n").unwrap();
+        let e = read_objects(&p).unwrap_err().to_string();
+        assert!(e.contains("x.jsonl:2: invalid JSON"), "{e}");
+        std::fs::write(&p, "{}\n\"str\"\n").unwrap();
+        let e = read_objects(&p).unwrap_err().to_string();
+        assert!(e.contains("x.jsonl:2: expected a JSON object, found a string"), "{e}");
+        let e = read_objects(&dir.path().join("missing.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("missing.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn typed_records_keep_unknown_fields_and_name_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pairs.jsonl");
+        let line = json!({"id": "p", "context_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5],
+                          "cue": {"sentence": 1, "text": "Sure", "token": 7, "score": 0.5}, "mine": [true]});
+        std::fs::write(&p, format!("{line}\n")).unwrap();
+        let pairs: Vec<Pair> = read(&p).unwrap();
+        assert_eq!(pairs[0].rejected_ids, vec![4, 5]);
+        assert_eq!(pairs[0].extra["mine"], json!([true]));
+        assert_eq!(pairs[0].cue.as_ref().unwrap().extra["score"], json!(0.5));
+        // Round trip keeps every field.
+        let back = serde_json::to_value(&pairs[0]).unwrap();
+        for (k, v) in line.as_object().unwrap() {
+            assert_eq!(&back[k], v, "{k}");
+        }
+        std::fs::write(&p, format!("{line}\n{{\"id\": \"q\", \"context_ids\": [1], \"chosen_ids\": [2]}}\n")).unwrap();
+        let e = read::<Pair>(&p).unwrap_err().to_string();
+        assert!(e.contains("pairs.jsonl:2") && e.contains("rejected_ids"), "{e}");
+    }
+
+    #[test]
+    fn atomic_writer_replaces_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.jsonl");
+        std::fs::write(&p, "old\n").unwrap();
+        {
+            let mut w = AtomicWriter::create(&p).unwrap();
+            w.write(&json!({"a": 1})).unwrap();
+            // Dropped without commit: the old file stays, the temp file goes.
+        }
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "old\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        write_atomic(&p, [json!({"a": 1}), json!({"b": [2]})]).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"b\":[2]}\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let e = AtomicWriter::create(&dir.path().join("no/such/dir.jsonl")).err().unwrap().to_string();
+        assert!(e.contains("no/such"), "{e}");
+    }
+
+    #[test]
+    fn appender_appends_flushed_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let mut a = Appender::open(&p).unwrap();
+        a.append(&json!({"step": 1})).unwrap();
+        // Visible before the appender is dropped.
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"step\":1}\n");
+        drop(a);
+        let mut a = Appender::open(&p).unwrap();
+        a.append(&json!({"step": 2})).unwrap();
+        assert_eq!(read_objects(&p).unwrap().len(), 2);
+    }
+}
