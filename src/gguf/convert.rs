@@ -129,8 +129,7 @@ pub fn hf_config(g: &GgufFile, a: &ArchInfo) -> Result<Json, GgufError> {
     let id = |key: &str| g.get(key).and_then(|v| v.as_u64());
     // eps and theta are stored as f32: print the f32's shortest decimal (1e-5, not 9.99e-6).
     let f32_to_json = |x: f64| -> Json {
-        let s = format!("{}", x as f32);
-        serde_json::from_str::<Json>(&s).unwrap_or(json!(x))
+        json!(format!("{}", x as f32).parse::<f64>().unwrap_or(x))
     };
     let mut cfg = json!({
         "architectures": [arch_name],
