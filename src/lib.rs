@@ -7,3 +7,4 @@ pub mod cli;
 pub mod gguf;
 pub mod io;
 pub mod model;
+pub mod train;

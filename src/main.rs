@@ -14,6 +14,9 @@ enum Command {
     /// Per-token log-probs of target segments given a context; or fill reference log-probs
     /// into a pairs file (--pairs).
     Score(ipo::cli::score::Args),
+    /// DPO on the divergent segment of preference pairs (plus optional SFT term); full
+    /// fine-tuning or LoRA; checkpoints, resume, metrics.jsonl and a chart.
+    Train(ipo::cli::train::Args),
     /// Convert a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face model folder.
     ImportGguf(ipo::cli::import_gguf::Args),
 }
@@ -23,6 +26,7 @@ fn main() {
     let result = match cli.command {
         Command::Score(a) => ipo::cli::score::run(a),
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
+        Command::Train(a) => ipo::cli::train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,3 +2,4 @@
 
 pub mod import_gguf;
 pub mod score;
+pub mod train;

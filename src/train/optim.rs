@@ -1,0 +1,133 @@
+//! Optimisers on host f32 master weights: AdamW (f32 moments, PyTorch's formula with
+//! decoupled weight decay) and plain SGD (for debugging and gradient tests), global-norm
+//! gradient clipping, and the learning-rate schedule (cosine with linear warm-up, as
+//! transformers' `get_cosine_schedule_with_warmup`, or constant).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Cosine,
+    Constant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub kind: OptimKind,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global L2-norm clipping threshold; 0 = off.
+    pub max_grad_norm: f64,
+    pub schedule: ScheduleKind,
+    /// Fraction of the total steps spent in linear warm-up (rounded up to whole steps).
+    pub warmup_ratio: f64,
+}
+
+impl OptimConfig {
+    /// Learning rate of optimizer step `step` (0-based) out of `total`. As transformers: the
+    /// warm-up ramps `lr * step / warmup` (so step 0 has lr 0 when warm-up is on), then
+    /// `lr * 0.5 * (1 + cos(pi * progress))`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = (self.warmup_ratio * total as f64).ceil() as usize;
+        if step < warmup {
+            return self.lr * step as f64 / warmup.max(1) as f64;
+        }
+        match self.schedule {
+            ScheduleKind::Constant => self.lr,
+            ScheduleKind::Cosine => {
+                let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0)
+            }
+        }
+    }
+}
+
+/// One trainable tensor as the optimizer sees it.
+pub struct Param<'a> {
+    pub data: &'a mut [f32], // master weights, any shape, flattened
+    pub grad: &'a [f32],     // same length
+    /// Weight decay applies (matrices); not to norms and biases (transformers' convention).
+    pub decay: bool,
+}
+
+/// Optimizer state: one (m, v) pair of f32 moments per trainable tensor, in a fixed order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Optimizer {
+    pub cfg: OptimConfig,
+    /// Number of updates applied so far (AdamW bias correction uses t = steps + 1).
+    pub steps: u64,
+    pub m: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD
+    pub v: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD
+}
+
+/// The global L2 norm of all gradients (f64 accumulation).
+pub fn global_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f64 {
+    grads.into_iter().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+}
+
+/// The factor gradients are multiplied by: `max_norm / (norm + 1e-6)` when the norm exceeds
+/// `max_norm` (PyTorch's `clip_grad_norm_`), else 1; `max_norm = 0` turns clipping off.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+impl Optimizer {
+    /// Fresh state for tensors of the given sizes.
+    pub fn new(cfg: OptimConfig, sizes: &[usize]) -> Self {
+        let moments = || match cfg.kind {
+            OptimKind::Adamw => sizes.iter().map(|&n| vec![0f32; n]).collect(),
+            OptimKind::Sgd => Vec::new(),
+        };
+        Self { cfg, steps: 0, m: moments(), v: moments() }
+    }
+
+    /// Applies one update with learning rate `lr`, gradients pre-multiplied by `grad_scale`
+    /// (the clipping factor). `params` must come in the same order every step.
+    pub fn step(&mut self, params: Vec<Param>, lr: f64, grad_scale: f64) {
+        let c = self.cfg;
+        let t = self.steps as i32 + 1;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let gs = grad_scale as f32;
+        for (i, p) in params.into_iter().enumerate() {
+            let wd = if p.decay { c.weight_decay } else { 0.0 };
+            match c.kind {
+                OptimKind::Sgd => {
+                    let (lr, wd) = (lr as f32, wd as f32);
+                    for (w, &g) in p.data.iter_mut().zip(p.grad) {
+                        *w -= lr * (g * gs + wd * *w);
+                    }
+                }
+                OptimKind::Adamw => {
+                    let (m, v) = (&mut self.m[i], &mut self.v[i]);
+                    let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+                    let decay = (1.0 - lr * wd) as f32;
+                    let step = (lr / bc1) as f32;
+                    let bc2_sqrt = bc2.sqrt() as f32;
+                    for (((w, &g), m), v) in p.data.iter_mut().zip(p.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+                        let g = g * gs;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *w *= decay;
+                        *w -= step * *m / ((*v).sqrt() / bc2_sqrt + eps);
+                    }
+                }
+            }
+        }
+        self.steps += 1;
+    }
+}

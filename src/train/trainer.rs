@@ -1,0 +1,386 @@
+//! `Trainer<B>`: one optimizer step of segment-DPO at a time, on any `Backend`.
+//!
+//! A step takes `batch_size` pairs in the seeded epoch order, runs them in micro-batches of
+//! `micro_batch_size` pairs (each micro-batch one packed forward + backward; gradients
+//! accumulate in the backend's gradient buffers), scales the loss so that the accumulated
+//! gradient is exactly the gradient of the whole batch's loss, downloads the gradients of the
+//! trainable tensors (all weights, or LoRA A/B after projection), checks them, clips by the
+//! global norm, and applies AdamW/SGD to host f32 master weights, which are then uploaded
+//! (LoRA: the merged `W0 + s B A` of each adapted matrix).
+
+use serde::{Deserialize, Serialize};
+
+use super::data::{epoch_order, TrainPair};
+use super::lora::{Lora, LoraConfig};
+use super::loss::{dpo_loss_part, BatchLoss, PairLogps};
+use super::optim::{clip_factor, global_norm, OptimConfig, Optimizer, Param};
+use super::TrainError;
+use crate::backend::Backend;
+use crate::model::transformer::{Batch, Transformer};
+use crate::model::weights::{HostTensor, ModelWeights};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub beta: f64,
+    /// Weight of the mean per-token NLL of the chosen segments (0 = pure DPO).
+    pub sft_coef: f64,
+    pub optim: OptimConfig,
+    /// Pairs per optimizer step.
+    pub batch_size: usize,
+    /// Pairs per forward/backward (gradient accumulation over batch_size / micro_batch_size).
+    pub micro_batch_size: usize,
+    pub epochs: usize,
+    pub seed: u64,
+    pub lora: Option<LoraConfig>,
+    /// Refuse to start when the estimated peak memory exceeds this many bytes.
+    pub memory_budget: Option<u64>,
+}
+
+/// What one optimizer step did (one line of metrics.jsonl).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based optimizer step.
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub dpo_loss: f64,
+    pub sft_nll: f64,
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+    pub reward_margin: f64,
+    pub reward_accuracy: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub pairs: usize,
+    /// Tokens run through the model (context once + both segments, summed over pairs).
+    pub tokens: usize,
+}
+
+/// The tensors the optimizer updates.
+pub enum Trainable {
+    /// All weights, in `ModelWeights::for_each` order, with their HF names.
+    Full { names: Vec<String>, master: Vec<HostTensor> },
+    Lora(Lora),
+}
+
+pub struct Trainer<B: Backend> {
+    pub model: Transformer<B>,
+    pub cfg: TrainConfig,
+    pub pairs: Vec<TrainPair>,
+    pub trainable: Trainable,
+    pub optim: Optimizer,
+    /// Optimizer steps completed.
+    pub step: usize,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Full fine-tuning, or LoRA with PEFT's init (seeded by `cfg.seed`) when `cfg.lora` is set.
+    pub fn new(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig) -> Result<Self, TrainError> {
+        let trainable = match &cfg.lora {
+            None => {
+                let host = model.host_weights();
+                let (mut names, mut master) = (Vec::new(), Vec::new());
+                host.for_each(|n, t| {
+                    names.push(n.to_string());
+                    master.push(t.clone());
+                });
+                Trainable::Full { names, master }
+            }
+            Some(lc) => Trainable::Lora(Lora::init(lc.clone(), &model.cfg, &model.host_weights(), cfg.seed)?),
+        };
+        Self::with_trainable(model, pairs, cfg, trainable)
+    }
+
+    /// With explicit trainable state (LoRA adapters loaded or fixed by a test).
+    pub fn with_trainable(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, trainable: Trainable) -> Result<Self, TrainError> {
+        check_config(&cfg, pairs.len())?;
+        let sizes: Vec<usize> = match &trainable {
+            Trainable::Full { master, .. } => master.iter().map(|t| t.numel()).collect(),
+            Trainable::Lora(l) => l.adapters.iter().flat_map(|a| [a.a.len(), a.b.len()]).collect(),
+        };
+        let optim = Optimizer::new(cfg.optim, &sizes);
+        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0 };
+        t.check_memory()?;
+        t.sync_model();
+        Ok(t)
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.pairs.len().div_ceil(self.cfg.batch_size)
+    }
+    pub fn total_steps(&self) -> usize {
+        self.cfg.epochs * self.steps_per_epoch()
+    }
+    pub fn done(&self) -> bool {
+        self.step >= self.total_steps()
+    }
+
+    /// Pair indices of optimizer step `step` (0-based): a slice of its epoch's shuffled order
+    /// (the last batch of an epoch may be smaller).
+    pub fn batch_indices(&self, step: usize) -> Vec<usize> {
+        let spe = self.steps_per_epoch();
+        let (epoch, k) = (step / spe, step % spe);
+        let order = epoch_order(self.pairs.len(), self.cfg.seed, epoch);
+        let end = ((k + 1) * self.cfg.batch_size).min(order.len());
+        order[k * self.cfg.batch_size..end].to_vec()
+    }
+
+    /// Names and tensors the optimizer updates, in optimizer order (for checkpoints).
+    pub fn trainable_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        match &self.trainable {
+            Trainable::Full { names, master } => {
+                names.iter().zip(master).map(|(n, t)| (n.clone(), t.shape.clone(), &t.data[..])).collect()
+            }
+            Trainable::Lora(l) => l
+                .adapters
+                .iter()
+                .flat_map(|a| {
+                    let p = a.peft_prefix();
+                    [
+                        (format!("{p}.lora_A.weight"), vec![l.cfg.rank, a.inp], &a.a[..]),
+                        (format!("{p}.lora_B.weight"), vec![a.out, l.cfg.rank], &a.b[..]),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
+    /// Mutable views of the trainable tensors, in optimizer order.
+    pub fn trainable_tensors_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        match &mut self.trainable {
+            Trainable::Full { master, .. } => master.iter_mut().map(|t| &mut t.data).collect(),
+            Trainable::Lora(l) => l.adapters.iter_mut().flat_map(|a| [&mut a.a, &mut a.b]).collect(),
+        }
+    }
+
+    /// Uploads the master weights (LoRA: the merged adapted matrices) into the model.
+    pub fn sync_model(&mut self) {
+        let be = &self.model.backend;
+        match &self.trainable {
+            Trainable::Full { master, .. } => {
+                let mut i = 0;
+                self.model.weights.for_each_mut(|_, buf| {
+                    *buf = be.upload(&master[i].data);
+                    i += 1;
+                });
+            }
+            Trainable::Lora(l) => {
+                for (i, ad) in l.adapters.iter().enumerate() {
+                    *ad.target.get_mut(&mut self.model.weights.layers[ad.layer]) = be.upload(&l.merged(i));
+                }
+            }
+        }
+    }
+
+    /// The weights to save: the master weights, or the base with the adapters merged in.
+    pub fn export_weights(&self) -> ModelWeights<HostTensor> {
+        let host = self.model.host_weights();
+        match &self.trainable {
+            Trainable::Full { master, .. } => {
+                let mut i = 0;
+                host.map(|_| {
+                    i += 1;
+                    master[i - 1].clone()
+                })
+            }
+            Trainable::Lora(_) => host, // the model already holds the merged matrices
+        }
+    }
+
+    /// Loss of the pairs `idx` as one optimizer batch, and the gradient of that loss w.r.t.
+    /// every model weight (accumulated over micro-batches). `step` only labels errors.
+    pub fn loss_and_grads(&self, idx: &[usize], step: usize) -> Result<(BatchLoss, ModelWeights<B::Buf>, usize), TrainError> {
+        let be = &self.model.backend;
+        let mut grads = self.model.zero_grads();
+        let batch_tokens: usize = idx.iter().map(|&i| self.pairs[i].chosen.len()).sum();
+        let mut total = BatchLoss::default();
+        let mut tokens = 0;
+        for mb in idx.chunks(self.cfg.micro_batch_size.max(1)) {
+            let mut batch = Batch::default();
+            let ranges: Vec<_> = mb
+                .iter()
+                .map(|&i| {
+                    let p = &self.pairs[i];
+                    batch.push_pair(&p.context, &p.chosen, &p.rejected)
+                })
+                .collect();
+            tokens += batch.num_tokens();
+            let (logp, tape) = self.model.forward(&batch)?;
+            let logp = be.download_f64(&logp); // [rows]
+            let sums: Vec<PairLogps> = mb
+                .iter()
+                .zip(&ranges)
+                .map(|(&i, (c, r))| PairLogps {
+                    chosen: logp[c.clone()].iter().sum(),
+                    rejected: logp[r.clone()].iter().sum(),
+                    ref_chosen: self.pairs[i].ref_chosen,
+                    ref_rejected: self.pairs[i].ref_rejected,
+                    chosen_tokens: c.len(),
+                })
+                .collect();
+            let part = dpo_loss_part(&sums, self.cfg.beta, self.cfg.sft_coef, idx.len(), batch_tokens);
+            if !part.loss.is_finite() {
+                return Err(self.non_finite(step, "loss", part.loss, idx));
+            }
+            let mut dlogp = vec![0f32; logp.len()]; // [rows] d loss / d logp
+            for (k, (c, r)) in ranges.iter().enumerate() {
+                dlogp[c.clone()].fill(part.d_chosen[k] as f32);
+                dlogp[r.clone()].fill(part.d_rejected[k] as f32);
+            }
+            self.model.backward(&batch, tape, &dlogp, &mut grads);
+            total.accumulate(&part);
+        }
+        Ok((total, grads, tokens))
+    }
+
+    /// Host gradients of the trainable tensors, in optimizer order.
+    pub fn trainable_grads(&self, grads: &ModelWeights<B::Buf>) -> Vec<Vec<f32>> {
+        let be = &self.model.backend;
+        match &self.trainable {
+            Trainable::Full { .. } => {
+                let mut out = Vec::new();
+                grads.for_each(|_, g| out.push(be.download(g)));
+                out
+            }
+            Trainable::Lora(l) => l
+                .adapters
+                .iter()
+                .enumerate()
+                .flat_map(|(i, ad)| {
+                    let dw = be.download(ad.target.get(&grads.layers[ad.layer]));
+                    let (da, db) = l.project(i, &dw);
+                    [da, db]
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs the next optimizer step. On a non-finite loss or gradient nothing is updated and
+    /// the error names the step and the pair ids of the batch.
+    pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
+        let step = self.step;
+        let total_steps = self.total_steps();
+        if step >= total_steps {
+            return Err(TrainError::Config(format!("training is complete ({total_steps} steps)")));
+        }
+        let idx = self.batch_indices(step);
+        let (loss, grads, tokens) = self.loss_and_grads(&idx, step + 1)?;
+        let g = self.trainable_grads(&grads);
+        drop(grads);
+        let norm = global_norm(g.iter().map(|x| &x[..]));
+        if !norm.is_finite() {
+            return Err(self.non_finite(step + 1, "gradient norm", norm, &idx));
+        }
+        let lr = self.cfg.optim.lr_at(step, total_steps);
+        let scale = clip_factor(norm, self.cfg.optim.max_grad_norm);
+        let decay: Vec<bool> = match &self.trainable {
+            Trainable::Full { master, .. } => master.iter().map(|t| t.shape.len() >= 2).collect(),
+            Trainable::Lora(l) => vec![true; 2 * l.adapters.len()],
+        };
+        let mut optim = std::mem::replace(&mut self.optim, Optimizer::new(self.cfg.optim, &[]));
+        {
+            let params: Vec<Param> = self
+                .trainable_tensors_mut()
+                .into_iter()
+                .zip(&g)
+                .zip(&decay)
+                .map(|((data, grad), &decay)| Param { data: &mut data[..], grad, decay })
+                .collect();
+            optim.step(params, lr, scale);
+        }
+        self.optim = optim;
+        self.sync_model();
+        self.step += 1;
+        Ok(StepMetrics {
+            step: self.step,
+            epoch: self.step as f64 / self.steps_per_epoch() as f64,
+            loss: loss.loss,
+            dpo_loss: loss.dpo_loss,
+            sft_nll: loss.sft_nll,
+            reward_chosen: loss.reward_chosen,
+            reward_rejected: loss.reward_rejected,
+            reward_margin: loss.reward_margin,
+            reward_accuracy: loss.reward_accuracy,
+            lr,
+            grad_norm: norm,
+            pairs: idx.len(),
+            tokens,
+        })
+    }
+
+    fn non_finite(&self, step: usize, what: &str, value: f64, idx: &[usize]) -> TrainError {
+        let ids = idx.iter().map(|&i| self.pairs[i].id.as_str()).collect::<Vec<_>>().join(", ");
+        TrainError::NonFinite { step, what: what.into(), value, ids }
+    }
+
+    /// Estimated peak bytes: weights, gradients, master weights and moments, plus the saved
+    /// activations of the largest micro-batch (what `Transformer::forward` keeps per token).
+    pub fn estimate_peak_bytes(&self, micro_tokens: usize) -> u64 {
+        let c = &self.model.cfg;
+        let mut params = 0usize;
+        self.model.weights.for_each(|_, b| params += self.model.backend.len(b));
+        let elem = 4u64; // f32 on the reference backend (bf16 weights on CUDA would be less)
+        let moments = match self.cfg.optim.kind {
+            super::OptimKind::Adamw => 2,
+            super::OptimKind::Sgd => 0,
+        };
+        let trainable: usize = self.trainable_tensors().iter().map(|t| t.2.len()).sum();
+        let fixed = (2 * params + (1 + moments) * trainable) as u64 * elem;
+        let per_layer = 4 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate_size + c.num_heads + 2
+            + if c.qk_norm { c.q_dim() + c.kv_dim() } else { 0 };
+        let per_token = (c.num_layers * per_layer + 3 * c.hidden_size + 2 * c.intermediate_size) as u64 * elem;
+        fixed + micro_tokens as u64 * per_token
+    }
+
+    fn check_memory(&self) -> Result<(), TrainError> {
+        let Some(budget) = self.cfg.memory_budget else { return Ok(()) };
+        // The largest micro-batch that any step can see (pairs in file order, worst case).
+        let mut sizes: Vec<(usize, &str)> = self.pairs.iter().map(|p| (p.packed_tokens(), p.id.as_str())).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let worst: Vec<_> = sizes.iter().take(self.cfg.micro_batch_size).collect();
+        let tokens: usize = worst.iter().map(|w| w.0).sum();
+        let need = self.estimate_peak_bytes(tokens);
+        if need > budget {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(TrainError::Memory(format!(
+                "a micro-batch of the {} longest pairs ({tokens} tokens; longest: id {}) needs about {:.2} GiB, above the budget of {:.2} GiB (--memory-budget-gb): lower --micro-batch-size, use LoRA, or shorten the pairs",
+                worst.len(), worst[0].1, gib(need), gib(budget)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_config(cfg: &TrainConfig, n_pairs: usize) -> Result<(), TrainError> {
+    let bad = |m: &str| Err(TrainError::Config(m.into()));
+    if n_pairs == 0 {
+        return bad("no training pairs");
+    }
+    if !(cfg.beta > 0.0 && cfg.beta.is_finite()) {
+        return bad("--beta must be > 0");
+    }
+    if !(cfg.sft_coef >= 0.0 && cfg.sft_coef.is_finite()) {
+        return bad("--sft-coef must be >= 0");
+    }
+    if cfg.batch_size == 0 || cfg.micro_batch_size == 0 {
+        return bad("--batch-size and --micro-batch-size must be > 0");
+    }
+    if cfg.micro_batch_size > cfg.batch_size {
+        return bad("--micro-batch-size must be <= --batch-size");
+    }
+    if cfg.epochs == 0 {
+        return bad("--epochs must be > 0");
+    }
+    let o = &cfg.optim;
+    if !(o.lr >= 0.0 && o.lr.is_finite()) {
+        return bad("--lr must be >= 0");
+    }
+    if !(0.0..1.0).contains(&o.warmup_ratio) {
+        return bad("--warmup-ratio must be in [0, 1)");
+    }
+    if !(o.max_grad_norm >= 0.0) || !(o.weight_decay >= 0.0) {
+        return bad("--max-grad-norm and --weight-decay must be >= 0");
+    }
+    Ok(())
+}
