@@ -340,10 +340,13 @@ fn open_shard(path: PathBuf) -> Result<Shard, LoadError> {
 
 /// Reads the model's safetensors into f32 host tensors, checked against `cfg`.
 pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<ModelWeights<HostTensor>, LoadError> {
-    // Which file holds each tensor: `None` = the single `model.safetensors`.
+    // Which file holds each tensor: `None` = the single `model.safetensors`, which wins over an
+    // index when both are present (as in transformers).
     let index_path = dir.join("model.safetensors.index.json");
     let single_path = dir.join("model.safetensors");
-    let (files, weight_map): (Vec<PathBuf>, Option<HashMap<String, usize>>) = if index_path.exists() {
+    let (files, weight_map): (Vec<PathBuf>, Option<HashMap<String, usize>>) = if single_path.exists() {
+        (vec![single_path], None)
+    } else if index_path.exists() {
         let idx = read_json(&index_path)?;
         let map = idx
             .get("weight_map")
@@ -369,8 +372,6 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<ModelWeights<HostTe
             by_name.insert(name.clone(), i);
         }
         (files, Some(by_name))
-    } else if single_path.exists() {
-        (vec![single_path], None)
     } else {
         return Err(LoadError::NoWeights { dir: dir.to_path_buf() });
     };
