@@ -7,4 +7,5 @@ pub mod cli;
 pub mod gguf;
 pub mod io;
 pub mod model;
+pub mod rollout;
 pub mod train;

@@ -55,6 +55,41 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
+/// Geometry of one layer's paged KV cache buffer:
+/// `[num_blocks, 2 (k, v), n_kv_heads, block_size, head_dim]`, so the keys of one KV head in
+/// one block are `block_size` contiguous rows. A token's *slot* is
+/// `block * block_size + offset_in_block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeom {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvGeom {
+    /// Scalars in one layer's cache buffer.
+    pub fn layer_len(&self) -> usize {
+        self.num_blocks * 2 * self.n_kv_heads * self.block_size * self.head_dim
+    }
+    /// Scalars of one block (k and v, all KV heads) in one layer.
+    pub fn block_len(&self) -> usize {
+        2 * self.n_kv_heads * self.block_size * self.head_dim
+    }
+}
+
+/// One sequence of a paged-attention call: its `q_len` new query tokens are rows
+/// `[q_start, q_start + q_len)` of q and sit at the end of its `ctx_len` cached keys (their
+/// K/V already written), so query `j` sees keys `[0, ctx_len - q_len + j]`. The keys live in
+/// the blocks `block_table[table_start .. table_start + ceil(ctx_len / block_size)]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedSeq {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub ctx_len: usize,
+    pub table_start: usize,
+}
+
 /// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
 pub trait Backend: Send + Sync {
     /// A device buffer of scalars (f32 on the CPU reference, bf16/f32 on CUDA).
@@ -176,4 +211,45 @@ pub trait Backend: Send + Sync {
         dh: &mut Self::Buf,
         dw: &mut Self::Buf,
     );
+
+    // ---- KV cache (rollouts; see src/rollout/ and src/model/decode.rs) ----
+
+    /// Writes the K/V rows of new tokens into one layer's paged cache:
+    /// `cache[slot_block, 0, h, slot_off, :] = k[t, h, :]` (and v into `[.., 1, ..]`) with
+    /// `slots[t] = block * block_size + offset`. k, v `[tokens, n_kv_heads, head_dim]`;
+    /// cache `[num_blocks, 2, n_kv_heads, block_size, head_dim]` (see `KvGeom`).
+    /// The default goes through the host (correct, slow): backends override it.
+    fn kv_write(&self, cache: &mut Self::Buf, k: &Self::Buf, v: &Self::Buf, slots: &[u32], geom: KvGeom) {
+        let mut c = self.download(cache);
+        cpu::kv::write(&mut c, &self.download(k), &self.download(v), slots, geom);
+        *cache = self.upload(&c);
+    }
+
+    /// Copies whole blocks `src -> dst` (k and v, all heads) inside one layer's cache: the
+    /// copy-on-write of a shared partial block before a sequence appends to it.
+    fn kv_copy_blocks(&self, cache: &mut Self::Buf, pairs: &[(u32, u32)], geom: KvGeom) {
+        let mut c = self.download(cache);
+        cpu::kv::copy_blocks(&mut c, pairs, geom);
+        *cache = self.upload(&c);
+    }
+
+    /// Attention of new query tokens against paged keys/values (prefill chunks and decode
+    /// steps alike), scale 1/sqrt(head_dim), causal within each sequence (see `PagedSeq`).
+    /// q, out `[tokens, n_heads, head_dim]`; cache as in `kv_write`; `block_table` holds the
+    /// block ids of every sequence back to back.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention(
+        &self,
+        q: &Self::Buf,
+        cache: &Self::Buf,
+        seqs: &[PagedSeq],
+        block_table: &[u32],
+        geom: KvGeom,
+        dims: AttnDims,
+        out: &mut Self::Buf,
+    ) {
+        let mut o = self.download(out);
+        cpu::kv::attention(&self.download(q), &self.download(cache), seqs, block_table, geom, dims, &mut o);
+        *out = self.upload(&o);
+    }
 }

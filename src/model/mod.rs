@@ -2,6 +2,7 @@
 //! itself (written once against the `Backend` trait, with a hand-written backward).
 
 pub mod config;
+pub mod decode;
 pub mod chat;
 pub mod load;
 pub mod tokenizer;

@@ -3,9 +3,10 @@
 //! checks exact enough to be tight. Threads come from rayon; GEMMs from the `gemm` crate.
 
 pub(crate) mod attention;
+pub(crate) mod kv;
 mod lm_head;
 
-use super::{AttnDims, AttnLayout, Backend};
+use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 use rayon::prelude::*;
 use std::fmt::Debug;
@@ -263,5 +264,17 @@ impl<F: Elem> Backend for CpuBackend<F> {
 
     fn lm_head_bwd(&self, h: &Vec<F>, w: &Vec<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &Vec<F>, dlogp: &[f32], dh: &mut Vec<F>, dw: &mut Vec<F>) {
         lm_head::backward(h, w, dim, rows, targets, lse, dlogp, dh, dw)
+    }
+
+    fn kv_write(&self, cache: &mut Vec<F>, k: &Vec<F>, v: &Vec<F>, slots: &[u32], geom: KvGeom) {
+        kv::write(cache, k, v, slots, geom)
+    }
+
+    fn kv_copy_blocks(&self, cache: &mut Vec<F>, pairs: &[(u32, u32)], geom: KvGeom) {
+        kv::copy_blocks(cache, pairs, geom)
+    }
+
+    fn paged_attention(&self, q: &Vec<F>, cache: &Vec<F>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut Vec<F>) {
+        kv::attention(q, cache, seqs, block_table, geom, dims, out)
     }
 }

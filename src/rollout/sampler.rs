@@ -1,0 +1,185 @@
+//! Token sampling from one row of logits: greedy, temperature, top-k, top-p. The randomness
+//! is a counter-based hash of (seed, prompt key, sample index, position), not a stream, so a
+//! token's draw does not depend on batch size, scheduling order, preemption or thread count,
+//! and a CUDA sampler can reproduce it with the same few integer operations.
+
+/// How to pick the next token. `temperature == 0` is greedy (argmax, lowest id on ties).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1 = all).
+    pub top_p: f32,
+    /// Most tokens generated per request (the ids it starts from do not count).
+    pub max_new_tokens: usize,
+    /// Token ids that end a sequence (kept as its last token; finish = "eos").
+    pub eos_ids: Vec<u32>,
+    /// Every random draw derives from this.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: 256, eos_ids: vec![], seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Rejects settings that cannot sample (negative or non-finite temperature, top_p outside (0, 1]).
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64's finaliser of `x + golden ratio`: a bijective 64-bit mix.
+#[inline]
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a 64 of a string: the key of a prompt id in the random draws.
+pub fn key_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The uniform draw in [0, 1) for the token at absolute `position` of sample `sample` of the
+/// prompt with key `key`: `mix64(mix64(mix64(mix64(seed) ^ key) ^ sample) ^ position)`, top 53 bits.
+pub fn uniform(seed: u64, key: u64, sample: u32, position: u32) -> f64 {
+    let z = mix64(mix64(mix64(mix64(seed) ^ key) ^ sample as u64) ^ position as u64);
+    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Greedy argmax (first maximum), NaN logits never chosen.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Picks a token from `logits` `[vocab]` with draw `u` in [0, 1).
+pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
+    if p.temperature == 0.0 || p.top_k == 1 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / p.temperature as f64;
+    let m = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    // Unnormalised probabilities in f64 (exp of scaled logits relative to the max).
+    let w = |x: f32| if x.is_nan() { 0.0 } else { ((x as f64 - m) * inv_t).exp() };
+    if p.top_k == 0 && p.top_p >= 1.0 {
+        // Inverse CDF in id order: no sort needed.
+        let total: f64 = logits.iter().map(|&x| w(x)).sum();
+        let target = u * total;
+        let mut acc = 0.0;
+        let mut last = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            let wi = w(x);
+            if wi > 0.0 {
+                acc += wi;
+                last = i;
+                if acc > target {
+                    return i as u32;
+                }
+            }
+        }
+        return last as u32;
+    }
+    // Candidates by descending probability (ties: lower id first), cut by top-k then top-p.
+    let mut cand: Vec<(f64, u32)> = logits.iter().enumerate().map(|(i, &x)| (w(x), i as u32)).filter(|c| c.0 > 0.0).collect();
+    let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+    if k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        cand.truncate(k);
+    }
+    cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let total: f64 = cand.iter().map(|c| c.0).sum();
+    if p.top_p < 1.0 {
+        // Keep tokens while the mass before them is below top_p (so at least one stays).
+        let limit = p.top_p as f64 * total;
+        let mut acc = 0.0;
+        let mut keep = 0;
+        for c in &cand {
+            if keep > 0 && acc >= limit {
+                break;
+            }
+            acc += c.0;
+            keep += 1;
+        }
+        cand.truncate(keep);
+    }
+    let total: f64 = cand.iter().map(|c| c.0).sum();
+    let target = u * total;
+    let mut acc = 0.0;
+    for c in &cand {
+        acc += c.0;
+        if acc > target {
+            return c.1;
+        }
+    }
+    cand.last().map_or(0, |c| c.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max_and_topk1_is_greedy() {
+        let l = [0.5f32, 2.0, -1.0, 2.0];
+        let p = SamplingParams::default();
+        assert_eq!(sample(&l, &p, 0.99), 1);
+        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        assert_eq!(sample(&l, &p, 0.99), 1);
+    }
+
+    #[test]
+    fn empirical_distribution_matches_softmax_and_filters() {
+        let l = [1.0f32, 0.0, 2.0, -0.5, 0.3];
+        let n = 40_000;
+        let count = |p: &SamplingParams| {
+            let mut c = [0usize; 5];
+            for i in 0..n {
+                c[sample(&l, p, uniform(7, 11, 0, i)) as usize] += 1;
+            }
+            c
+        };
+        let p = SamplingParams { temperature: 0.7, ..Default::default() };
+        let e: Vec<f64> = l.iter().map(|&x| (x as f64 / 0.7).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let c = count(&p);
+        for i in 0..5 {
+            let f = c[i] as f64 / n as f64;
+            assert!((f - e[i] / z).abs() < 0.01, "token {i}: {f} vs {}", e[i] / z);
+        }
+        // top-k 2: only ids 2 and 0.
+        let c = count(&SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() });
+        assert_eq!(c[1] + c[3] + c[4], 0);
+        assert!(c[0] > 0 && c[2] > c[0]);
+        // top-p 0.5: p(2) = 0.53 alone reaches it.
+        let c = count(&SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() });
+        assert_eq!(c[2], n as usize);
+    }
+
+    #[test]
+    fn draws_depend_on_every_counter() {
+        let base = uniform(1, 2, 3, 4);
+        assert_eq!(base, uniform(1, 2, 3, 4));
+        for other in [uniform(0, 2, 3, 4), uniform(1, 9, 3, 4), uniform(1, 2, 0, 4), uniform(1, 2, 3, 5)] {
+            assert_ne!(base, other);
+        }
+        assert_ne!(key_of("a"), key_of("b"));
+    }
+}
