@@ -11,6 +11,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sample rollouts for a prompt set: KV-cached, continuously batched, chat-templated;
+    /// appends one JSONL line per finished sample (--resume continues an interrupted run).
+    Generate(ipo::cli::generate::Args),
     /// Per-token log-probs of target segments given a context; or fill reference log-probs
     /// into a pairs file (--pairs).
     Score(ipo::cli::score::Args),
@@ -24,6 +27,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(a) => ipo::cli::generate::run(a),
         Command::Score(a) => ipo::cli::score::run(a),
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
         Command::Train(a) => ipo::cli::train::run(a),

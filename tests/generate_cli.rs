@@ -1,0 +1,167 @@
+//! Tests of `ipo generate` through its clap arguments: input errors named clearly (unknown
+//! CSV column, duplicate ids, CSV without --prompt-column, existing output without
+//! --resume, a KV budget too small), and on the default model: records per DESIGN.md section
+//! 4 with per-prompt failures recorded, stop strings, CSV input, and --resume after an
+//! interrupted run reproducing the lost lines exactly.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde_json::Value;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ipo::cli::generate::Args,
+}
+
+fn args(v: &[&str]) -> ipo::cli::generate::Args {
+    let mut all = vec!["ipo-generate"];
+    all.extend_from_slice(v);
+    Cli::try_parse_from(all).unwrap().args
+}
+
+fn run(v: &[&str]) -> anyhow::Result<()> {
+    ipo::cli::generate::run(args(v))
+}
+
+fn lines(p: &Path) -> Vec<serde_json::Map<String, Value>> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| match serde_json::from_str(l).unwrap() {
+            Value::Object(o) => o,
+            _ => panic!("not an object"),
+        })
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn input_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("no-model");
+    let out = dir.path().join("out.jsonl");
+    let csv = dir.path().join("p.csv");
+    std::fs::write(&csv, "id,goal,category\n1,\"Say hi, politely\",x\n2,Bye,y\n").unwrap();
+    let e = run(&["--model", s(&model), "--prompts", s(&csv), "--output", s(&out), "--prompt-column", "prompt"]).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("no column \"prompt\"") && msg.contains("goal"), "{msg}");
+    let e = run(&["--model", s(&model), "--prompts", s(&csv), "--output", s(&out)]).unwrap_err();
+    assert!(format!("{e:#}").contains("--prompt-column"), "{e:#}");
+    let dup = dir.path().join("dup.jsonl");
+    std::fs::write(&dup, "{\"id\": \"a\", \"prompt\": \"x\"}\n{\"id\": \"b\", \"prompt\": \"y\"}\n{\"id\": \"a\", \"prompt\": \"z\"}\n").unwrap();
+    let e = run(&["--model", s(&model), "--prompts", s(&dup), "--output", s(&out)]).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("dup.jsonl:3") && msg.contains("duplicate id") && msg.contains("line 1"), "{msg}");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"text\": \"x\"}\n").unwrap();
+    let e = run(&["--model", s(&model), "--prompts", s(&bad), "--output", s(&out)]).unwrap_err();
+    assert!(format!("{e:#}").contains("bad.jsonl:1") && format!("{e:#}").contains("\"prompt\""), "{e:#}");
+    std::fs::write(&out, "").unwrap();
+    let ok = dir.path().join("ok.jsonl");
+    std::fs::write(&ok, "{\"id\": \"a\", \"prompt\": \"x\"}\n").unwrap();
+    let e = run(&["--model", s(&model), "--prompts", s(&ok), "--output", s(&out)]).unwrap_err();
+    assert!(format!("{e:#}").contains("--resume"), "{e:#}");
+    let e = run(&["--model", s(&model), "--prompts", s(&ok), "--output", s(&dir.path().join("o2.jsonl")), "--top-p", "0"]).unwrap_err();
+    assert!(format!("{e:#}").contains("top_p"), "{e:#}");
+}
+
+fn default_model() -> Option<PathBuf> {
+    match std::env::var_os("IPO_DEFAULT_MODEL") {
+        Some(d) => Some(PathBuf::from(d)),
+        None if std::env::var("CI").as_deref() == Ok("true") => panic!("IPO_DEFAULT_MODEL is not set (scripts/test.sh sets it)"),
+        None => {
+            eprintln!("skipping: IPO_DEFAULT_MODEL is not set");
+            None
+        }
+    }
+}
+
+#[test]
+fn generate_on_default_model_records_failures_stops_and_resumes() {
+    let Some(model) = default_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    let long = "word ".repeat(9000);
+    std::fs::write(
+        &prompts,
+        format!(
+            "{}\n{}\n{}\n{}\n",
+            r#"{"id": "paris", "prompt": "What is the capital of France?", "kind": "benign"}"#,
+            r#"{"id": "empty", "prompt": "  "}"#,
+            serde_json::json!({"id": "long", "prompt": long}),
+            r#"{"id": 7, "prompt": "List three prime numbers.", "system": "Be brief."}"#,
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("r.jsonl");
+    let base = ["--model", s(&model), "--prompts", s(&prompts), "--output", s(&out), "--max-new-tokens", "6", "--n", "2"];
+
+    // Too small a budget for even one sequence: a clear error, nothing sampled.
+    let mut small = base.to_vec();
+    small.extend(["--kv-cache-mb", "0.05"]);
+    let e = run(&small).unwrap_err();
+    assert!(format!("{e:#}").contains("--kv-cache-mb"), "{e:#}");
+
+    let mut a = base.to_vec();
+    a.extend(["--temperature", "0.8", "--seed", "5", "--kv-cache-mb", "64"]);
+    run(&a).unwrap();
+    let recs = lines(&out);
+    assert_eq!(recs.len(), 8, "4 prompts x 2 samples, failures included");
+    let by = |id: &str, smp: u64| recs.iter().find(|r| r["id"] == id && r["sample"] == smp).unwrap_or_else(|| panic!("{id}/{smp}"));
+    for smp in 0..2 {
+        assert_eq!(by("empty", smp)["finish"], "error");
+        assert!(by("empty", smp)["error"].as_str().unwrap().contains("empty"));
+        assert_eq!(by("long", smp)["finish"], "error");
+        assert!(by("long", smp)["error"].as_str().unwrap().contains("context"), "{:?}", by("long", smp)["error"]);
+        for id in ["paris", "7"] {
+            let r = by(id, smp);
+            let f = r["finish"].as_str().unwrap();
+            assert!(f == "eos" || f == "length", "{f}");
+            let c = r["completion_ids"].as_array().unwrap();
+            assert!(!c.is_empty() && c.len() <= 6);
+            assert_eq!(r["seed"], 5);
+            assert_eq!(r["model"].as_str().unwrap().len(), 16);
+            assert!(r["prompt_ids"].as_array().unwrap().len() > 10, "chat template applied");
+            assert_eq!(r["reasoning"], r["completion"], "no </think>: all reasoning");
+        }
+    }
+    assert_eq!(by("paris", 0)["kind"], "benign", "extra fields preserved");
+    assert_ne!(by("paris", 0)["prompt_ids"], by("7", 0)["prompt_ids"]);
+
+    // Interrupt: keep the first 3 lines; --resume writes exactly the missing ones, identical.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let kept: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&out, kept.join("\n") + "\n").unwrap();
+    let mut r = a.clone();
+    r.push("--resume");
+    run(&r).unwrap();
+    let again = lines(&out);
+    assert_eq!(again.len(), 8);
+    for rec in &recs {
+        let twin = again.iter().filter(|x| x["id"] == rec["id"] && x["sample"] == rec["sample"]).collect::<Vec<_>>();
+        assert_eq!(twin.len(), 1);
+        assert_eq!(twin[0], rec, "resumed sample differs");
+    }
+
+    // Greedy + stop string, from CSV.
+    let csv = dir.path().join("p.csv");
+    std::fs::write(&csv, "goal,id\nWhat is the capital of France?,q1\n").unwrap();
+    let out2 = dir.path().join("r2.jsonl");
+    run(&[
+        "--model", s(&model), "--prompts", s(&csv), "--prompt-column", "goal", "--output", s(&out2),
+        "--temperature", "0", "--max-new-tokens", "12", "--stop", "France",
+    ])
+    .unwrap();
+    let r2 = lines(&out2);
+    assert_eq!(r2.len(), 1);
+    assert_eq!(r2[0]["id"], "q1");
+    assert_eq!(r2[0]["finish"], "stop");
+    assert!(r2[0]["completion"].as_str().unwrap().contains("France"));
+    // The HF greedy reference starts "The capital of France": stop right after "France".
+    assert_eq!(r2[0]["completion_ids"], serde_json::json!([504, 3575, 282, 4649]));
+}
