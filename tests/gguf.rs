@@ -338,6 +338,11 @@ struct TinyModel {
 const BYTE_LEVEL_PRINTABLE: &str = "!\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~";
 
 fn tiny_llama(with_output: bool) -> TinyModel {
+    tiny_model("llama", with_output)
+}
+
+/// The tiny model for `arch` (llama, qwen2 with q/k/v biases, qwen3 with q/k norms).
+fn tiny_model(arch: &str, with_output: bool) -> TinyModel {
     let mut rng = Rng(0xC0FFEE);
     let (hidden, ffn, n_head, n_kv, hd, vocab_extra) = (64u64, 96u64, 4u64, 2u64, 16u64, 0);
     let _ = vocab_extra;
@@ -365,6 +370,15 @@ fn tiny_llama(with_output: bool) -> TinyModel {
         add(format!("blk.{l}.attn_q.weight"), vec![hidden, n_head * hd], 3, &mut rng);
         add(format!("blk.{l}.attn_k.weight"), vec![hidden, n_kv * hd], 2, &mut rng);
         add(format!("blk.{l}.attn_v.weight"), vec![hidden, n_kv * hd], 1, &mut rng);
+        if arch == "qwen2" {
+            add(format!("blk.{l}.attn_q.bias"), vec![n_head * hd], 0, &mut rng);
+            add(format!("blk.{l}.attn_k.bias"), vec![n_kv * hd], 0, &mut rng);
+            add(format!("blk.{l}.attn_v.bias"), vec![n_kv * hd], 0, &mut rng);
+        }
+        if arch == "qwen3" {
+            add(format!("blk.{l}.attn_q_norm.weight"), vec![hd], 0, &mut rng);
+            add(format!("blk.{l}.attn_k_norm.weight"), vec![hd], 0, &mut rng);
+        }
         add(format!("blk.{l}.attn_output.weight"), vec![n_head * hd, hidden], 30, &mut rng);
         add(format!("blk.{l}.ffn_norm.weight"), vec![hidden], 0, &mut rng);
         add(format!("blk.{l}.ffn_gate.weight"), vec![hidden, ffn], 3, &mut rng);
@@ -376,16 +390,21 @@ fn tiny_llama(with_output: bool) -> TinyModel {
         add("output.weight".into(), vec![hidden, vocab], 1, &mut rng);
     }
     add("rope_freqs.weight".into(), vec![hd / 2], 0, &mut rng);
+    let k = |s: &str| format!("{arch}.{s}");
+    let keys = [k("block_count"), k("context_length"), k("embedding_length"), k("feed_forward_length"),
+        k("attention.head_count"), k("attention.head_count_kv"), k("rope.freq_base"),
+        k("attention.layer_norm_rms_epsilon"), k("attention.key_length")];
     let kvs = [
-        ("general.architecture", Kv::Str("llama".into())),
-        ("llama.block_count", Kv::U32(2)),
-        ("llama.context_length", Kv::U32(512)),
-        ("llama.embedding_length", Kv::U32(hidden as u32)),
-        ("llama.feed_forward_length", Kv::U32(ffn as u32)),
-        ("llama.attention.head_count", Kv::U32(n_head as u32)),
-        ("llama.attention.head_count_kv", Kv::U32(n_kv as u32)),
-        ("llama.rope.freq_base", Kv::F32(100000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", Kv::F32(1e-5)),
+        ("general.architecture", Kv::Str(arch.into())),
+        (keys[0].as_str(), Kv::U32(2)),
+        (keys[1].as_str(), Kv::U32(512)),
+        (keys[2].as_str(), Kv::U32(hidden as u32)),
+        (keys[3].as_str(), Kv::U32(ffn as u32)),
+        (keys[4].as_str(), Kv::U32(n_head as u32)),
+        (keys[5].as_str(), Kv::U32(n_kv as u32)),
+        (keys[6].as_str(), Kv::F32(100000.0)),
+        (keys[7].as_str(), Kv::F32(1e-5)),
+        (keys[8].as_str(), Kv::U32(hd as u32)),
         ("tokenizer.ggml.model", Kv::Str("gpt2".into())),
         ("tokenizer.ggml.pre", Kv::Str("smollm".into())),
         ("tokenizer.ggml.tokens", Kv::Strs(tokens)),
@@ -500,6 +519,44 @@ fn untied_model_writes_lm_head() {
     let st_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
     assert_eq!(st.tensor("lm_head.weight").unwrap().shape(), [107, 64]);
+}
+
+#[test]
+fn qwen_biases_and_qk_norms_are_mapped_and_not_permuted() {
+    for arch in ["qwen2", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = tiny_model(arch, false);
+        let input = tmp_file(dir.path(), "q.gguf", &tiny.bytes);
+        let out = dir.path().join("m");
+        let s = gguf::import_gguf(&input, &out, false, |_, _, _| {}).unwrap();
+        let cfg = read_json(&out.join("config.json"));
+        assert_eq!(cfg["model_type"], arch);
+        assert_eq!(cfg["head_dim"], 16);
+        let st_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+        assert_eq!(st.len(), s.n_tensors);
+        let f32s = |name: &str| -> Vec<f32> {
+            st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        };
+        let reference = |gguf_name: &str| -> Vec<f32> {
+            let raw = tiny.tensors.iter().find(|t| t.name == gguf_name).unwrap();
+            let n = raw.dims.iter().product::<u64>() as usize;
+            (0..n).map(|k| ref_element(raw.type_id, &raw.data, k)).collect()
+        };
+        // llama.cpp does not permute Q/K for qwen: they are copied as they are.
+        assert_eq!(f32s("model.layers.1.self_attn.q_proj.weight"), reference("blk.1.attn_q.weight"));
+        assert_eq!(f32s("model.layers.0.self_attn.k_proj.weight"), reference("blk.0.attn_k.weight"));
+        if arch == "qwen2" {
+            assert_eq!(s.n_tensors, 1 + 2 * 12 + 1);
+            for (hf, g) in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")] {
+                assert_eq!(f32s(&format!("model.layers.1.self_attn.{hf}.bias")), reference(&format!("blk.1.{g}.bias")));
+            }
+        } else {
+            assert_eq!(s.n_tensors, 1 + 2 * 11 + 1);
+            assert_eq!(st.tensor("model.layers.0.self_attn.q_norm.weight").unwrap().shape(), [16]);
+            assert_eq!(f32s("model.layers.1.self_attn.k_norm.weight"), reference("blk.1.attn_k_norm.weight"));
+        }
+    }
 }
 
 // ---------------------------------------------------------------- bad input

@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 #[derive(clap::Args, Debug)]
-#[command(about = "Convert a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face model folder",
-    long_about = "Convert a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1; llama, qwen2, qwen3) into a \
-Hugging Face model folder: config.json, model.safetensors (f32; Q/K rows un-permuted to HF's \
-rotate-half layout), tokenizer.json rebuilt from the GGUF vocabulary, tokenizer_config.json \
-(with the chat template) and generation_config.json. The folder is written beside OUT_DIR \
-and renamed into place, so it is either complete or absent.")]
+#[command(after_help = "Writes config.json, model.safetensors (f32; llama Q/K rows un-permuted \
+to Hugging Face's rotate-half layout), tokenizer.json rebuilt from the GGUF vocabulary, \
+tokenizer_config.json (with the chat template), special_tokens_map.json and \
+generation_config.json. Supports llama, qwen2 and qwen3 GGUFs. The folder is built beside \
+OUT_DIR and renamed into place, so it is either complete or absent.")]
 pub struct Args {
     /// The GGUF file to read (GGUF v2 or v3, little-endian).
     pub input: PathBuf,

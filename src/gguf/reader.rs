@@ -179,7 +179,7 @@ impl<'a> Cursor<'a> {
                 if n > (self.buf.len() - self.pos) as u64 {
                     return Err(GgufError::Truncated {
                         path: self.path.to_path_buf(),
-                        what: format!("{n} array elements of metadata key '{key}'"),
+                        what: format!("array of metadata key '{key}' ({n} elements, at least 1 byte each)"),
                         offset: self.pos as u64,
                         need: n,
                         file_len: self.buf.len() as u64,
