@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod cli;
 pub mod gguf;
+pub mod intervene;
 pub mod io;
 pub mod model;
 pub mod rollout;

@@ -14,6 +14,9 @@ enum Command {
     /// Sample rollouts for a prompt set: KV-cached, continuously batched, chat-templated;
     /// appends one JSONL line per finished sample (--resume continues an interrupted run).
     Generate(ipo::cli::generate::Args),
+    /// Find the first compliance cue of each rollout, splice safety triggers in at that token,
+    /// continue from the cached prefix, and write preference pairs (IPO Algorithm 1).
+    Intervene(ipo::cli::intervene::Args),
     /// Per-token log-probs of target segments given a context; or fill reference log-probs
     /// into a pairs file (--pairs).
     Score(ipo::cli::score::Args),
@@ -29,6 +32,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => ipo::cli::generate::run(a),
         Command::Score(a) => ipo::cli::score::run(a),
+        Command::Intervene(a) => ipo::cli::intervene::run(a),
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
         Command::Train(a) => ipo::cli::train::run(a),
     };

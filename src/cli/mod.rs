@@ -2,5 +2,6 @@
 
 pub mod generate;
 pub mod import_gguf;
+pub mod intervene;
 pub mod score;
 pub mod train;
