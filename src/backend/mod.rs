@@ -8,6 +8,7 @@
 //! into it (so gradient accumulation over micro-batches and tied weights need no extra op).
 
 pub mod cpu;
+pub mod cuda;
 
 /// One run of query tokens in a packed batch and the keys it may see.
 /// Query `start + j` attends to keys `[prefix_start, prefix_start + prefix_len)` and

@@ -1,0 +1,69 @@
+// Elementwise and column-reduction kernels: add_assign, fill, bias_add, col_sum (bias and
+// RMSNorm weight gradients), SwiGLU fwd/bwd, rotate-half RoPE. CPU references: the ops of
+// the same names in src/backend/cpu/mod.rs. Launch: 1-D grid-stride, any block size.
+#include "common.cuh"
+
+// x[n] += y[n]
+extern "C" __global__ void add_assign(float* x, const float* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+// x[n] = v
+extern "C" __global__ void fill(float* x, float v, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] = v;
+}
+
+// y[rows, dim] += b[dim] (broadcast over rows)
+extern "C" __global__ void bias_add(float* y, const float* b, long long n, int dim) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] += b[i % dim];
+}
+
+// out[dim] += sum_r dy[r, c] * (x ? x[r, c] * rstd[r] : 1), rows summed in order from out[c]
+// (the CPU's order, so bias_bwd is bit-exact). One thread per column c.
+extern "C" __global__ void col_sum(const float* dy, const float* x, const float* rstd, float* out, int rows, int dim) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= dim) return;
+    float acc = out[c];
+    for (int r = 0; r < rows; r++) {
+        const long long i = (long long)r * dim + c;
+        acc += x ? dy[i] * x[i] * rstd[r] : dy[i];
+    }
+    out[c] = acc;
+}
+
+// out[n] = silu(gate) * up
+extern "C" __global__ void swiglu_fwd(const float* gate, const float* up, float* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float g = gate[i], s = 1.f / (1.f + expf(-g));
+        out[i] = g * s * up[i];
+    }
+}
+
+// dgate[n], dup[n] from dout[n], gate[n], up[n]
+extern "C" __global__ void swiglu_bwd(const float* dout, const float* gate, const float* up, float* dgate, float* dup, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float g = gate[i], u = up[i], d = dout[i], s = 1.f / (1.f + expf(-g));
+        dup[i] = d * g * s;
+        dgate[i] = d * u * (s + g * s * (1.f - s));
+    }
+}
+
+// In-place rotate-half RoPE on x[tokens, n_heads, head_dim]; cs[tokens, head_dim/2, 2] holds
+// (cos, sin) of the (signed) angle per token and pair, computed on the host in f64.
+extern "C" __global__ void rope(float* x, const float* cs, int tokens, int n_heads, int head_dim) {
+    const int half = head_dim / 2;
+    const long long n = (long long)tokens * n_heads * half;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const int i = e % half;
+        const long long th = e / half;  // t * n_heads + h
+        const long long t = th / n_heads;
+        const float c = cs[(t * half + i) * 2], s = cs[(t * half + i) * 2 + 1];
+        float* p = x + th * head_dim;
+        const float x1 = p[i], x2 = p[i + half];
+        p[i] = x1 * c - x2 * s;
+        p[i + half] = x2 * c + x1 * s;
+    }
+}

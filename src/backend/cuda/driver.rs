@@ -1,0 +1,162 @@
+//! `Cudarc`: the `Gpu` on a real device through cudarc's thin checked driver calls and
+//! cuBLAS (`result` layer). Deliberately parallel to `Sim`: one context, the null stream,
+//! PTX loaded with cuModuleLoadData (the driver JIT-compiles it for the device). Checks that
+//! libcuda is loadable before touching it, so "no GPU" is an error, not a panic.
+
+use super::gpu::{Arg, DevPtr, Gemm, Gpu, GpuError};
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{result as drv, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Mutex;
+
+pub struct Cudarc {
+    ctx: sys::CUcontext,
+    blas: blas_sys::cublasHandle_t,
+    name: String,
+    arch: String,
+    modules: Mutex<HashMap<String, sys::CUmodule>>,
+    funcs: Mutex<HashMap<(String, String), sys::CUfunction>>,
+}
+
+// The context and handles are used under `set_current` on every call; the maps are locked.
+unsafe impl Send for Cudarc {}
+unsafe impl Sync for Cudarc {}
+
+fn err(e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Device(format!("{e:?}"))
+}
+
+impl Cudarc {
+    /// Opens device `ordinal`.
+    pub fn new(ordinal: usize) -> Result<Cudarc, GpuError> {
+        if !unsafe { sys::is_culib_present() } {
+            return Err(GpuError::NoDevice("libcuda.so (the NVIDIA driver) is not loadable; use --device cpu or sim".into()));
+        }
+        drv::init().map_err(err)?;
+        let count = drv::device::get_count().map_err(err)?;
+        if ordinal as i32 >= count {
+            return Err(GpuError::NoDevice(format!("device {ordinal} requested, {count} present")));
+        }
+        let dev = drv::device::get(ordinal as i32).map_err(err)?;
+        let attr = |a| unsafe { drv::device::get_attribute(dev, a) }.map_err(err);
+        let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let ctx = unsafe { drv::primary_ctx::retain(dev) }.map_err(err)?;
+        unsafe { drv::ctx::set_current(ctx) }.map_err(err)?;
+        let blas = blas::create_handle().map_err(err)?;
+        let name = drv::device::get_name(dev).map_err(err)?;
+        Ok(Cudarc {
+            ctx,
+            blas,
+            name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
+            arch: format!("compute_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn bind(&self) -> Result<(), GpuError> {
+        unsafe { drv::ctx::set_current(self.ctx) }.map_err(err)
+    }
+}
+
+impl Gpu for Cudarc {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn arch(&self) -> String {
+        self.arch.clone()
+    }
+    fn alloc(&self, bytes: usize) -> Result<DevPtr, GpuError> {
+        self.bind()?;
+        unsafe { drv::malloc_sync(bytes.max(4)) }.map_err(err)
+    }
+    fn free(&self, ptr: DevPtr) {
+        if self.bind().is_ok() {
+            let _ = unsafe { drv::free_sync(ptr) };
+        }
+    }
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        self.bind()?;
+        unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(err)
+    }
+    fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<(), GpuError> {
+        self.bind()?;
+        unsafe { drv::memcpy_dtoh_sync(dst, src) }.map_err(err)
+    }
+    fn load(&self, module: &str, ptx: &str) -> Result<(), GpuError> {
+        self.bind()?;
+        let mut mods = self.modules.lock().unwrap();
+        if !mods.contains_key(module) {
+            let image = CString::new(ptx).map_err(err)?;
+            let m = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| GpuError::Build(format!("{module}: {e:?}")))?;
+            mods.insert(module.to_string(), m);
+        }
+        Ok(())
+    }
+    fn has_module(&self, module: &str) -> bool {
+        self.modules.lock().unwrap().contains_key(module)
+    }
+    fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError> {
+        self.bind()?;
+        let key = (module.to_string(), kernel.to_string());
+        let f = {
+            let mut funcs = self.funcs.lock().unwrap();
+            match funcs.get(&key) {
+                Some(&f) => f,
+                None => {
+                    let m = *self.modules.lock().unwrap().get(module).ok_or_else(|| err(format!("module {module} not loaded")))?;
+                    let f = unsafe { drv::module::get_function(m, CString::new(kernel).unwrap()) }.map_err(err)?;
+                    funcs.insert(key, f);
+                    f
+                }
+            }
+        };
+        if smem > 48 * 1024 {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            unsafe { drv::function::set_function_attribute(f, attr, smem as i32) }.map_err(err)?;
+        }
+        // Each argument in its own 8-byte slot; the driver reads the kernel's declared size
+        // from the slot's start (little-endian, so 4-byte values sit in the low bytes).
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) => p,
+                Arg::I32(v) => v as u32 as u64,
+                Arg::U32(v) => v as u64,
+                Arg::I64(v) => v as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        unsafe { drv::launch_kernel(f, grid, block, smem, std::ptr::null_mut(), &mut ptrs) }.map_err(|e| err(format!("{kernel}: {e:?}")))
+    }
+    fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
+        self.bind()?;
+        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        unsafe {
+            blas::sgemm_strided_batched(
+                self.blas,
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                &g.alpha,
+                g.a as *const f32,
+                g.lda.max(1) as i32,
+                g.stride_a as i64,
+                g.b as *const f32,
+                g.ldb.max(1) as i32,
+                g.stride_b as i64,
+                &g.beta,
+                g.c as *mut f32,
+                g.ldc.max(1) as i32,
+                g.stride_c as i64,
+                g.batch as i32,
+            )
+        }
+        .map_err(err)
+    }
+}

@@ -1,0 +1,567 @@
+//! `CudaBackend<G: Gpu>`: the `Backend` ops as CUDA kernels (kernels/*.cu, built by
+//! `build`) plus cuBLAS-semantics GEMMs, over any `Gpu`: `Cudarc` on a real device, `Sim`
+//! (ptxsim) on a CPU. Buffers are fp32 (correctness first; bf16 storage is a later step).
+//! Host-side index arrays (ids, positions, spans, rows, targets, slots) are uploaded per call.
+
+mod build;
+mod driver;
+mod gpu;
+pub mod parity;
+mod sim;
+
+pub use driver::Cudarc;
+pub use gpu::{Arg, DevPtr, Gemm, Gpu, GpuError};
+pub use sim::Sim;
+
+use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
+use ptxsim::nvrtc::Nvrtc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// A device buffer of `len` 4-byte elements (f32 for `Backend::Buf`; u32/i32 for the index
+/// arrays uploaded per call). Freed on drop.
+pub struct CudaBuf<G: Gpu> {
+    ptr: DevPtr,
+    len: usize,
+    gpu: Arc<G>,
+}
+
+impl<G: Gpu> CudaBuf<G> {
+    pub fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+    /// Address of element `i`.
+    fn at(&self, i: usize) -> DevPtr {
+        self.ptr + 4 * i as u64
+    }
+}
+
+impl<G: Gpu> Drop for CudaBuf<G> {
+    fn drop(&mut self) {
+        self.gpu.free(self.ptr);
+    }
+}
+
+pub struct CudaBackend<G: Gpu> {
+    gpu: Arc<G>,
+    nvrtc: Nvrtc,
+    loaded: Mutex<HashSet<String>>,
+}
+
+/// Threads per block of the 1-D grid-stride kernels, and their grid for `n` elements.
+const BLOCK: u32 = 256;
+fn grid1(n: usize) -> (u32, u32, u32) {
+    ((n.div_ceil(BLOCK as usize)).clamp(1, 4096) as u32, 1, 1)
+}
+/// Query tile of attn_fwd / attn_bwd_dq / paged_attn (QW in the kernels) and key tile of
+/// attn_bwd_dkdv (KT).
+const QW: usize = 4;
+const KT: usize = 32;
+/// Scratch budget of the lm-head logits chunk: `[chunk, vocab]` f32 elements.
+const LM_CHUNK_ELEMS: usize = 1 << 22;
+
+/// Groups positions by index value (CSR): `(dst_row[g], off[groups + 1], members)`, members
+/// in increasing position order within a group, for the deterministic scatter-add.
+fn csr(idx: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut order: Vec<u32> = (0..idx.len() as u32).collect();
+    order.sort_by_key(|&i| (idx[i as usize], i));
+    let (mut dst, mut off) = (Vec::new(), vec![0u32]);
+    for (n, &i) in order.iter().enumerate() {
+        if n == 0 || idx[i as usize] != idx[order[n - 1] as usize] {
+            if n > 0 {
+                off.push(n as u32);
+            }
+            dst.push(idx[i as usize]);
+        }
+    }
+    if !order.is_empty() {
+        off.push(order.len() as u32);
+    }
+    (dst, off, order)
+}
+
+impl CudaBackend<Sim> {
+    /// The CUDA backend on the PTX simulator.
+    pub fn sim() -> Result<Self, GpuError> {
+        Self::new(Sim::new())
+    }
+}
+
+impl CudaBackend<Cudarc> {
+    /// The CUDA backend on device `ordinal`.
+    pub fn cuda(ordinal: usize) -> Result<Self, GpuError> {
+        Self::new(Cudarc::new(ordinal)?)
+    }
+}
+
+impl<G: Gpu> CudaBackend<G> {
+    pub fn new(gpu: G) -> Result<Self, GpuError> {
+        let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
+        Ok(Self { gpu: Arc::new(gpu), nvrtc, loaded: Mutex::new(HashSet::new()) })
+    }
+
+    pub fn gpu(&self) -> &G {
+        &self.gpu
+    }
+
+    /// Compiles (or finds in the cache) and loads every kernel file for `head_dims`, so that
+    /// build errors surface here and not inside an op.
+    pub fn prepare(&self, head_dims: &[usize]) -> Result<(), GpuError> {
+        for (file, _) in build::SOURCES {
+            if file.starts_with("attention") || file.starts_with("kv_cache") {
+                for &hd in head_dims {
+                    self.module(file, &[("HEAD_DIM", hd)])?;
+                }
+            } else {
+                self.module(file, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The loaded module of `file` with `defines` (built on first use).
+    fn module(&self, file: &str, defines: &[(&str, usize)]) -> Result<String, GpuError> {
+        let key = defines.iter().fold(file.to_string(), |k, (n, v)| format!("{k} {n}={v}"));
+        let mut loaded = self.loaded.lock().unwrap();
+        if !loaded.contains(&key) {
+            let ptx = build::ptx(&self.nvrtc, file, &self.gpu.arch(), defines)?;
+            self.gpu.load(&key, &ptx)?;
+            loaded.insert(key.clone());
+        }
+        Ok(key)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(&self, file: &str, defines: &[(&str, usize)], kernel: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) {
+        let m = self.module(file, defines).unwrap_or_else(|e| panic!("{e}"));
+        self.gpu
+            .launch(&m, kernel, grid, (block, 1, 1), smem as u32, args)
+            .unwrap_or_else(|e| panic!("kernel {kernel} ({file}): {e}"));
+    }
+
+    fn gemm(&self, g: Gemm) {
+        self.gpu.gemm(&g).unwrap_or_else(|e| panic!("gemm {g:?}: {e}"));
+    }
+
+    fn alloc(&self, len: usize) -> CudaBuf<G> {
+        let ptr = self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}"));
+        CudaBuf { ptr, len, gpu: self.gpu.clone() }
+    }
+
+    fn upload_bytes(&self, len: usize, bytes: &[u8]) -> CudaBuf<G> {
+        let b = self.alloc(len);
+        if !bytes.is_empty() {
+            self.gpu.htod(b.ptr, bytes).unwrap_or_else(|e| panic!("upload: {e}"));
+        }
+        b
+    }
+
+    /// Uploads u32 indices: `[idx.len()]` u32.
+    fn upload_u32(&self, idx: &[u32]) -> CudaBuf<G> {
+        let bytes: Vec<u8> = idx.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.upload_bytes(idx.len(), &bytes)
+    }
+
+    fn upload_i32(&self, v: &[i32]) -> CudaBuf<G> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.upload_bytes(v.len(), &bytes)
+    }
+
+    fn fill(&self, b: &CudaBuf<G>, v: f32) {
+        if b.len > 0 {
+            self.launch("elementwise.cu", &[], "fill", grid1(b.len), BLOCK, 0, &[Arg::Ptr(b.ptr), Arg::F32(v), Arg::I64(b.len as i64)]);
+        }
+    }
+
+    /// `dst[dst_row[g]] += sum of src rows in group g` for the grouping of `idx` (src row i
+    /// goes to dst row idx[i]).
+    fn scatter_add_rows(&self, src: DevPtr, idx: &[u32], dim: usize, dst: DevPtr) {
+        if idx.is_empty() || dim == 0 {
+            return;
+        }
+        let (rows, off, members) = csr(idx);
+        let (rows_d, off_d, mem_d) = (self.upload_u32(&rows), self.upload_u32(&off), self.upload_u32(&members));
+        let groups = rows.len();
+        self.launch(
+            "embedding.cu", &[], "scatter_add_rows", (groups.min(65535) as u32, 1, 1), 128, 0,
+            &[Arg::Ptr(src), Arg::Ptr(dst), Arg::Ptr(rows_d.ptr), Arg::Ptr(off_d.ptr), Arg::Ptr(mem_d.ptr), Arg::I32(groups as i32), Arg::I32(dim as i32)],
+        );
+    }
+
+    fn gather_rows(&self, src: DevPtr, idx: &CudaBuf<G>, dim: usize, dst: DevPtr) {
+        if idx.len > 0 {
+            self.launch(
+                "embedding.cu", &[], "gather_rows", grid1(idx.len * dim), BLOCK, 0,
+                &[Arg::Ptr(src), Arg::Ptr(idx.ptr), Arg::Ptr(dst), Arg::I32(idx.len as i32), Arg::I32(dim as i32)],
+            );
+        }
+    }
+
+    /// spans int4 `[n_spans, 4]` and query tiles int2 `[n_tiles, 2]` of a packed layout.
+    fn span_tables(&self, layout: &AttnLayout) -> (CudaBuf<G>, Vec<i32>) {
+        let sp: Vec<i32> = layout.spans.iter().flat_map(|s| [s.start as i32, s.len as i32, s.prefix_start as i32, s.prefix_len as i32]).collect();
+        let mut qt = Vec::new();
+        for (i, s) in layout.spans.iter().enumerate() {
+            for j in (0..s.len).step_by(QW) {
+                qt.extend([i as i32, j as i32]);
+            }
+        }
+        (self.upload_i32(&sp), qt)
+    }
+}
+
+/// Groups the non-empty spans into waves whose key rows (prefix and own rows) are disjoint,
+/// so attn_bwd_dkdv can add into dk/dv without atomics. Greedy, first fit, in span order.
+fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
+    let rows = |i: usize| {
+        let s = &layout.spans[i];
+        [(s.prefix_start, s.prefix_start + s.prefix_len), (s.start, s.start + s.len)]
+    };
+    let overlap = |a: usize, b: usize| rows(a).iter().any(|&(a0, a1)| rows(b).iter().any(|&(b0, b1)| a0 < b1 && b0 < a1 && a0 < a1 && b0 < b1));
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for i in (0..layout.spans.len()).filter(|&i| layout.spans[i].len > 0) {
+        match waves.iter_mut().find(|w| w.iter().all(|&j| !overlap(i, j))) {
+            Some(w) => w.push(i),
+            None => waves.push(vec![i]),
+        }
+    }
+    waves
+}
+
+impl<G: Gpu> Backend for CudaBackend<G> {
+    type Buf = CudaBuf<G>;
+
+    fn name(&self) -> String {
+        format!("cuda-f32 on {}", self.gpu.name())
+    }
+    fn zeros(&self, n: usize) -> CudaBuf<G> {
+        let b = self.alloc(n);
+        self.fill(&b, 0.0);
+        b
+    }
+    fn upload(&self, host: &[f32]) -> CudaBuf<G> {
+        let bytes: Vec<u8> = host.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.upload_bytes(host.len(), &bytes)
+    }
+    fn download(&self, buf: &CudaBuf<G>) -> Vec<f32> {
+        let mut bytes = vec![0u8; 4 * buf.len];
+        if buf.len > 0 {
+            self.gpu.dtoh(buf.ptr, &mut bytes).unwrap_or_else(|e| panic!("download: {e}"));
+        }
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+    fn len(&self, buf: &CudaBuf<G>) -> usize {
+        buf.len
+    }
+
+    fn matmul(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, accumulate: bool) {
+        assert!(a.len >= m * k && b.len >= k * n && c.len >= m * n, "matmul shapes");
+        if m == 0 || n == 0 {
+            return;
+        }
+        self.gemm(Gemm::row_major(a.ptr, ta, b.ptr, tb, c.ptr, m, n, k, accumulate));
+    }
+
+    fn add_assign(&self, x: &mut CudaBuf<G>, y: &CudaBuf<G>) {
+        assert_eq!(x.len, y.len, "add_assign lengths");
+        if x.len > 0 {
+            self.launch("elementwise.cu", &[], "add_assign", grid1(x.len), BLOCK, 0, &[Arg::Ptr(x.ptr), Arg::Ptr(y.ptr), Arg::I64(x.len as i64)]);
+        }
+    }
+
+    fn embedding(&self, table: &CudaBuf<G>, ids: &[u32], dim: usize, out: &mut CudaBuf<G>) {
+        assert!(out.len >= ids.len() * dim, "embedding: out too short");
+        assert!(ids.iter().all(|&i| (i as usize + 1) * dim <= table.len), "embedding: id outside the table");
+        let ids_d = self.upload_u32(ids);
+        self.gather_rows(table.ptr, &ids_d, dim, out.ptr);
+    }
+
+    fn embedding_bwd(&self, dout: &CudaBuf<G>, ids: &[u32], dim: usize, dtable: &mut CudaBuf<G>) {
+        assert!(dout.len >= ids.len() * dim && ids.iter().all(|&i| (i as usize + 1) * dim <= dtable.len), "embedding_bwd shapes");
+        self.scatter_add_rows(dout.ptr, ids, dim, dtable.ptr);
+    }
+
+    fn rmsnorm(&self, x: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, eps: f32, out: &mut CudaBuf<G>, rstd: &mut CudaBuf<G>) {
+        let rows = x.len / dim;
+        assert!(w.len == dim && out.len == x.len && rstd.len >= rows, "rmsnorm shapes");
+        if rows > 0 {
+            let block = (dim.next_multiple_of(32)).clamp(32, 256) as u32;
+            self.launch(
+                "rmsnorm.cu", &[], "rmsnorm_fwd", (rows as u32, 1, 1), block, 0,
+                &[Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(out.ptr), Arg::Ptr(rstd.ptr), Arg::I32(dim as i32), Arg::F32(eps)],
+            );
+        }
+    }
+
+    fn rmsnorm_bwd(&self, dy: &CudaBuf<G>, x: &CudaBuf<G>, w: &CudaBuf<G>, rstd: &CudaBuf<G>, dim: usize, dx: &mut CudaBuf<G>, dw: &mut CudaBuf<G>) {
+        let rows = x.len / dim;
+        assert!(dy.len == x.len && dx.len == x.len && w.len == dim && dw.len == dim && rstd.len >= rows, "rmsnorm_bwd shapes");
+        if rows == 0 {
+            return;
+        }
+        let block = (dim.next_multiple_of(32)).clamp(32, 256) as u32;
+        self.launch(
+            "rmsnorm.cu", &[], "rmsnorm_bwd", (rows as u32, 1, 1), block, 0,
+            &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(dim as i32)],
+        );
+        self.launch(
+            "elementwise.cu", &[], "col_sum", grid1(dim), BLOCK, 0,
+            &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dw.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32)],
+        );
+    }
+
+    fn bias_add(&self, y: &mut CudaBuf<G>, b: &CudaBuf<G>, dim: usize) {
+        assert!(b.len == dim && y.len % dim == 0, "bias_add shapes");
+        if y.len > 0 {
+            self.launch("elementwise.cu", &[], "bias_add", grid1(y.len), BLOCK, 0, &[Arg::Ptr(y.ptr), Arg::Ptr(b.ptr), Arg::I64(y.len as i64), Arg::I32(dim as i32)]);
+        }
+    }
+
+    fn bias_bwd(&self, dy: &CudaBuf<G>, dim: usize, db: &mut CudaBuf<G>) {
+        assert!(db.len == dim && dy.len % dim == 0, "bias_bwd shapes");
+        self.launch(
+            "elementwise.cu", &[], "col_sum", grid1(dim), BLOCK, 0,
+            &[Arg::Ptr(dy.ptr), Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(db.ptr), Arg::I32((dy.len / dim) as i32), Arg::I32(dim as i32)],
+        );
+    }
+
+    fn rope(&self, x: &mut CudaBuf<G>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
+        let tokens = positions.len();
+        let half = head_dim / 2;
+        assert!(x.len == tokens * n_heads * head_dim && inv_freq.len() >= half, "rope shapes");
+        if x.len == 0 {
+            return;
+        }
+        // [tokens, half, 2] (cos, sin) of the signed angle, in f64 then rounded, as on the CPU.
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let cs: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| inv_freq[..half].iter().flat_map(move |&f| {
+                let a = p as f64 * f;
+                [a.cos() as f32, (sign * a.sin()) as f32]
+            }))
+            .collect();
+        let cs_d = self.upload(&cs);
+        self.launch(
+            "elementwise.cu", &[], "rope", grid1(tokens * n_heads * half), BLOCK, 0,
+            &[Arg::Ptr(x.ptr), Arg::Ptr(cs_d.ptr), Arg::I32(tokens as i32), Arg::I32(n_heads as i32), Arg::I32(head_dim as i32)],
+        );
+    }
+
+    fn swiglu(&self, gate: &CudaBuf<G>, up: &CudaBuf<G>, out: &mut CudaBuf<G>) {
+        assert!(gate.len == up.len && out.len == up.len, "swiglu shapes");
+        if out.len > 0 {
+            self.launch("elementwise.cu", &[], "swiglu_fwd", grid1(out.len), BLOCK, 0, &[Arg::Ptr(gate.ptr), Arg::Ptr(up.ptr), Arg::Ptr(out.ptr), Arg::I64(out.len as i64)]);
+        }
+    }
+
+    fn swiglu_bwd(&self, dout: &CudaBuf<G>, gate: &CudaBuf<G>, up: &CudaBuf<G>, dgate: &mut CudaBuf<G>, dup: &mut CudaBuf<G>) {
+        let n = gate.len;
+        assert!(dout.len == n && up.len == n && dgate.len == n && dup.len == n, "swiglu_bwd shapes");
+        if n > 0 {
+            self.launch(
+                "elementwise.cu", &[], "swiglu_bwd", grid1(n), BLOCK, 0,
+                &[Arg::Ptr(dout.ptr), Arg::Ptr(gate.ptr), Arg::Ptr(up.ptr), Arg::Ptr(dgate.ptr), Arg::Ptr(dup.ptr), Arg::I64(n as i64)],
+            );
+        }
+    }
+
+    fn attention(&self, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims, out: &mut CudaBuf<G>, lse: &mut CudaBuf<G>) {
+        let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+        let t = layout.num_tokens();
+        assert!(q.len >= t * nh * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd && out.len >= t * nh * hd && lse.len >= t * nh, "attention shapes");
+        let (spans, qt) = self.span_tables(layout);
+        if qt.is_empty() {
+            return;
+        }
+        let qt_d = self.upload_i32(&qt);
+        let smem = (2 * KT * (hd + 1) + QW * hd) * 4;
+        self.launch(
+            "attention.cu", &[("HEAD_DIM", hd)], "attn_fwd", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, smem,
+            &[
+                Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(out.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr),
+                Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
+            ],
+        );
+    }
+
+    fn attention_bwd(
+        &self, dout: &CudaBuf<G>, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, out: &CudaBuf<G>, lse: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims,
+        dq: &mut CudaBuf<G>, dk: &mut CudaBuf<G>, dv: &mut CudaBuf<G>,
+    ) {
+        let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+        let t = layout.num_tokens();
+        assert!(dout.len >= t * nh * hd && out.len >= t * nh * hd && lse.len >= t * nh && dq.len >= t * nh * hd, "attention_bwd shapes");
+        assert!(dk.len >= t * nkv * hd && dv.len >= t * nkv * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd, "attention_bwd shapes");
+        self.fill(dk, 0.0);
+        self.fill(dv, 0.0);
+        let (spans, qt) = self.span_tables(layout);
+        if qt.is_empty() {
+            return;
+        }
+        let def = [("HEAD_DIM", hd)];
+        let scale = Arg::F32((1.0 / (hd as f64).sqrt()) as f32);
+        // D [tokens, n_heads] = rowsum(dout * out)
+        let d = self.alloc(t * nh);
+        self.launch("attention.cu", &def, "attn_bwd_d", ((t * nh).div_ceil(4) as u32, 1, 1), 128, 0, &[Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), Arg::Ptr(d.ptr), Arg::I32((t * nh) as i32)]);
+        let qt_d = self.upload_i32(&qt);
+        let smem = (2 * KT * (hd + 1) + 2 * QW * hd) * 4;
+        self.launch(
+            "attention.cu", &def, "attn_bwd_dq", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, smem,
+            &[
+                Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dout.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(d.ptr), Arg::Ptr(dq.ptr),
+                Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
+            ],
+        );
+        for wave in dkdv_waves(layout) {
+            let mut kt = Vec::new();
+            for &i in &wave {
+                let s = &layout.spans[i];
+                for k0 in (0..s.prefix_len + s.len).step_by(KT) {
+                    kt.extend([i as i32, k0 as i32]);
+                }
+            }
+            let kt_d = self.upload_i32(&kt);
+            self.launch(
+                "attention.cu", &def, "attn_bwd_dkdv", ((kt.len() / 2) as u32, nkv as u32, 1), 128, 0,
+                &[
+                    Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dout.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(d.ptr), Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr),
+                    Arg::Ptr(spans.ptr), Arg::Ptr(kt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
+                ],
+            );
+        }
+    }
+
+    fn lm_head_logprobs(&self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32]) -> (CudaBuf<G>, CudaBuf<G>) {
+        let vocab = w.len / dim;
+        let n = rows.len();
+        assert!(targets.len() == n && targets.iter().all(|&t| (t as usize) < vocab), "lm_head: targets");
+        assert!(rows.iter().all(|&r| (r as usize + 1) * dim <= h.len), "lm_head: rows outside h");
+        let (logp, lse) = (self.alloc(n), self.alloc(n));
+        let chunk = (LM_CHUNK_ELEMS / vocab.max(1)).clamp(1, n.max(1));
+        let (hc, logits) = (self.alloc(chunk * dim), self.alloc(chunk * vocab)); // [chunk, dim], [chunk, vocab]
+        for c0 in (0..n).step_by(chunk) {
+            let rc = chunk.min(n - c0);
+            let (rows_d, tg_d) = (self.upload_u32(&rows[c0..c0 + rc]), self.upload_u32(&targets[c0..c0 + rc]));
+            self.gather_rows(h.ptr, &rows_d, dim, hc.ptr);
+            self.gemm(Gemm::row_major(hc.ptr, false, w.ptr, true, logits.ptr, rc, vocab, dim, false));
+            self.launch(
+                "lm_head.cu", &[], "lse_rows", (rc as u32, 1, 1), 256, 0,
+                &[Arg::Ptr(logits.ptr), Arg::Ptr(tg_d.ptr), Arg::Ptr(logp.at(c0)), Arg::Ptr(lse.at(c0)), Arg::I32(vocab as i32)],
+            );
+        }
+        (logp, lse)
+    }
+
+    fn lm_head_bwd(
+        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dlogp: &[f32], dh: &mut CudaBuf<G>, dw: &mut CudaBuf<G>,
+    ) {
+        let vocab = w.len / dim;
+        let n = rows.len();
+        assert!(targets.len() == n && dlogp.len() == n && lse.len >= n && dw.len == w.len && dh.len == h.len, "lm_head_bwd shapes");
+        if n == 0 {
+            return;
+        }
+        let chunk = (LM_CHUNK_ELEMS / vocab.max(1)).clamp(1, n);
+        // [chunk, dim] gathered h, [chunk, vocab] logits then their gradient, [chunk, dim] dh rows
+        let (hc, g, dhc) = (self.alloc(chunk * dim), self.alloc(chunk * vocab), self.alloc(chunk * dim));
+        let dl_d = self.upload(dlogp);
+        for c0 in (0..n).step_by(chunk) {
+            let rc = chunk.min(n - c0);
+            let (rows_d, tg_d) = (self.upload_u32(&rows[c0..c0 + rc]), self.upload_u32(&targets[c0..c0 + rc]));
+            self.gather_rows(h.ptr, &rows_d, dim, hc.ptr);
+            self.gemm(Gemm::row_major(hc.ptr, false, w.ptr, true, g.ptr, rc, vocab, dim, false));
+            self.launch(
+                "lm_head.cu", &[], "lm_head_grad", grid1(rc * vocab), BLOCK, 0,
+                &[Arg::Ptr(g.ptr), Arg::Ptr(tg_d.ptr), Arg::Ptr(lse.at(c0)), Arg::Ptr(dl_d.at(c0)), Arg::I32(rc as i32), Arg::I32(vocab as i32)],
+            );
+            // dw[vocab, dim] += g^T @ hc ; dhc[rc, dim] = g @ w
+            self.gemm(Gemm::row_major(g.ptr, true, hc.ptr, false, dw.ptr, vocab, dim, rc, true));
+            self.gemm(Gemm::row_major(g.ptr, false, w.ptr, false, dhc.ptr, rc, dim, vocab, false));
+            self.scatter_add_rows(dhc.ptr, &rows[c0..c0 + rc], dim, dh.ptr);
+        }
+    }
+
+    fn kv_write(&self, cache: &mut CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, slots: &[u32], geom: KvGeom) {
+        let row = geom.n_kv_heads * geom.head_dim;
+        assert!(k.len >= slots.len() * row && v.len >= slots.len() * row, "kv_write: k/v shorter than slots");
+        assert_eq!(cache.len, geom.layer_len(), "kv_write: cache length vs geometry");
+        assert!(slots.iter().all(|&s| (s as usize) < geom.num_blocks * geom.block_size), "kv_write: slot outside the pool");
+        if slots.is_empty() {
+            return;
+        }
+        let slots_d = self.upload_u32(slots);
+        self.launch(
+            "kv_cache.cu", &[("HEAD_DIM", geom.head_dim)], "kv_write", grid1(slots.len() * row), BLOCK, 0,
+            &[Arg::Ptr(cache.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(slots_d.ptr), Arg::I32(slots.len() as i32), Arg::I32(geom.n_kv_heads as i32), Arg::I32(geom.block_size as i32)],
+        );
+    }
+
+    fn kv_copy_blocks(&self, cache: &mut CudaBuf<G>, pairs: &[(u32, u32)], geom: KvGeom) {
+        let n = geom.block_len();
+        for &(src, dst) in pairs {
+            assert!((src.max(dst) as usize + 1) * n <= cache.len, "kv_copy_blocks: block outside the pool");
+            // One launch per pair keeps the CPU's sequential semantics when pairs chain.
+            self.launch(
+                "kv_cache.cu", &[("HEAD_DIM", geom.head_dim)], "kv_copy_block", grid1(n), BLOCK, 0,
+                &[Arg::Ptr(cache.ptr), Arg::U32(src), Arg::U32(dst), Arg::I64(n as i64)],
+            );
+        }
+    }
+
+    fn paged_attention(&self, q: &CudaBuf<G>, cache: &CudaBuf<G>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut CudaBuf<G>) {
+        let (hd, nh) = (dims.head_dim, dims.n_heads);
+        assert_eq!(hd, geom.head_dim, "paged_attention: head_dim vs cache geometry");
+        let mut sq = Vec::new();
+        let mut qt = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            assert!(s.q_len <= s.ctx_len, "paged_attention: more queries than keys");
+            assert!((s.q_start + s.q_len) * nh * hd <= q.len && out.len >= q.len, "paged_attention: q/out too short");
+            let nb = s.ctx_len.div_ceil(geom.block_size);
+            assert!(s.table_start + nb <= block_table.len(), "paged_attention: block table shorter than ctx_len");
+            assert!(block_table[s.table_start..s.table_start + nb].iter().all(|&b| (b as usize) < geom.num_blocks), "paged_attention: block outside the pool");
+            sq.extend([s.q_start as i32, s.q_len as i32, s.ctx_len as i32, s.table_start as i32]);
+            for j in (0..s.q_len).step_by(QW) {
+                qt.extend([i as i32, j as i32]);
+            }
+        }
+        if qt.is_empty() {
+            return;
+        }
+        let (sq_d, qt_d, tb_d) = (self.upload_i32(&sq), self.upload_i32(&qt), self.upload_u32(block_table));
+        self.launch(
+            "kv_cache.cu", &[("HEAD_DIM", hd)], "paged_attn", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, 0,
+            &[
+                Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
+                Arg::I32(nh as i32), Arg::I32(dims.n_kv_heads as i32), Arg::I32(geom.block_size as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
+            ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_groups_in_order() {
+        let (rows, off, mem) = csr(&[3, 1, 3, 0, 1, 3]);
+        assert_eq!(rows, vec![0, 1, 3]);
+        assert_eq!(off, vec![0, 1, 3, 6]);
+        assert_eq!(mem, vec![3, 1, 4, 0, 2, 5]);
+    }
+
+    #[test]
+    fn waves_separate_spans_sharing_a_prefix() {
+        use crate::backend::Span;
+        let l = AttnLayout {
+            spans: vec![
+                Span { start: 0, len: 4, prefix_start: 0, prefix_len: 0 },
+                Span { start: 4, len: 2, prefix_start: 0, prefix_len: 4 },
+                Span { start: 6, len: 3, prefix_start: 0, prefix_len: 4 },
+                Span { start: 9, len: 5, prefix_start: 9, prefix_len: 0 },
+            ],
+        };
+        assert_eq!(dkdv_waves(&l), vec![vec![0, 3], vec![1], vec![2]]);
+    }
+}

@@ -1,0 +1,347 @@
+//! Per-op parity of `CudaBackend<G>` against the CPU reference `CpuBackend<f32>` on seeded
+//! random inputs (never zeros) at several shapes, odd sizes included. Overwritten outputs
+//! are poisoned with NaN first, so an element a kernel forgets to write fails the check.
+//! Used by tests/cuda_sim_ops.rs (on `Sim`) and `ipo selftest` (on `Sim` or a real GPU).
+//!
+//! Error measure: `max_i |gpu_i - cpu_i| / max(1, max_i |cpu_i|)` per output tensor (NaN
+//! counts as infinite error). Tolerances (`tol` of each op below): 0 where the kernel does
+//! the CPU's arithmetic in the CPU's order (copies, gathers, ordered sums); otherwise a few
+//! f32 roundings of the reduction length, since the kernels sum in a different order (and
+//! use fused multiply-adds) than the CPU's GEMMs and rayon reductions.
+
+use super::{CudaBackend, Gpu};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, Span};
+
+/// One line of the parity table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub op: String,
+    pub shape: String,
+    pub max_err: f64,
+    pub tol: f64,
+}
+
+impl Row {
+    pub fn pass(&self) -> bool {
+        self.max_err <= self.tol
+    }
+}
+
+/// Every op with a parity check, in table order.
+pub const OPS: &[&str] = &[
+    "matmul", "add_assign", "embedding", "embedding_bwd", "rmsnorm", "rmsnorm_bwd", "bias_add", "bias_bwd", "rope", "swiglu",
+    "swiglu_bwd", "attention", "attention_bwd", "lm_head_logprobs", "lm_head_bwd", "kv_write", "kv_copy_blocks", "paged_attention",
+];
+
+/// SplitMix64 with normals (Box-Muller): seeded and reproducible.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
+            })
+            .collect()
+    }
+    fn below(&mut self, n: usize) -> u32 {
+        (self.next() % n as u64) as u32
+    }
+    fn ids(&mut self, n: usize, below: usize) -> Vec<u32> {
+        (0..n).map(|_| self.below(below)).collect()
+    }
+}
+
+fn max_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    assert_eq!(gpu.len(), cpu.len());
+    let scale = cpu.iter().fold(1f64, |m, &x| m.max((x as f64).abs()));
+    gpu.iter().zip(cpu).fold(0f64, |m, (&a, &b)| if a.is_nan() || b.is_nan() { f64::INFINITY } else { m.max((a as f64 - b as f64).abs() / scale) })
+}
+
+struct Ctx<'a, G: Gpu> {
+    gpu: &'a CudaBackend<G>,
+    cpu: CpuBackend<f32>,
+    rows: Vec<Row>,
+}
+
+impl<G: Gpu> Ctx<'_, G> {
+    fn row(&mut self, op: &str, shape: String, gpu: &<CudaBackend<G> as Backend>::Buf, cpu: &[f32], tol: f64) {
+        let g = self.gpu.download(gpu);
+        self.rows.push(Row { op: op.to_string(), shape, max_err: max_err(&g, cpu), tol });
+    }
+    fn nan(&self, n: usize) -> <CudaBackend<G> as Backend>::Buf {
+        self.gpu.upload(&vec![f32::NAN; n])
+    }
+}
+
+fn layouts() -> Vec<(&'static str, AttnLayout)> {
+    let pair = |c0: usize, n: usize, a: usize, b: usize| {
+        vec![
+            Span { start: c0, len: n, prefix_start: c0, prefix_len: 0 },
+            Span { start: c0 + n, len: a, prefix_start: c0, prefix_len: n },
+            Span { start: c0 + n + a, len: b, prefix_start: c0, prefix_len: n },
+        ]
+    };
+    let mut pairs = pair(0, 6, 4, 3);
+    pairs.extend(pair(13, 35, 5, 2));
+    vec![("seqs [5, 1, 9]", AttnLayout::sequences(&[5, 1, 9])), ("seq [41]", AttnLayout::sequences(&[41])), ("pairs (6|4|3) (35|5|2)", AttnLayout { spans: pairs })]
+}
+
+/// Runs the parity check of `op` at its shapes; panics on an unknown op name.
+pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
+    let mut c = Ctx { gpu, cpu: CpuBackend::new(), rows: Vec::new() };
+    let mut r = Rng(seed);
+    match op {
+        "matmul" => {
+            for (m, n, k) in [(1, 1, 1), (7, 5, 3), (33, 17, 29)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for acc in [false, true] {
+                        let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
+                        let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
+                        let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
+                        c.cpu.matmul(&a, ta, &b, tb, &mut cc, m, n, k, acc);
+                        let mut cg = c.gpu.upload(&c0);
+                        c.gpu.matmul(&c.gpu.upload(&a), ta, &c.gpu.upload(&b), tb, &mut cg, m, n, k, acc);
+                        c.row(op, format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), &cg, &cc, 1e-6);
+                    }
+                }
+            }
+        }
+        "add_assign" => {
+            for n in [1, 1000] {
+                let (x, y) = (r.vec(n, 1.0), r.vec(n, 1.0));
+                let mut xc = x.clone();
+                c.cpu.add_assign(&mut xc, &y);
+                let mut xg = c.gpu.upload(&x);
+                c.gpu.add_assign(&mut xg, &c.gpu.upload(&y));
+                c.row(op, format!("n{n}"), &xg, &xc, 0.0);
+            }
+        }
+        "embedding" | "embedding_bwd" => {
+            for (vocab, dim, t) in [(13, 7, 9), (50, 33, 40)] {
+                let (table, ids, d) = (r.vec(vocab * dim, 1.0), r.ids(t, vocab), r.vec(t * dim, 1.0));
+                if op == "embedding" {
+                    let mut oc = vec![0.0; t * dim];
+                    c.cpu.embedding(&table, &ids, dim, &mut oc);
+                    let mut og = c.nan(t * dim);
+                    c.gpu.embedding(&c.gpu.upload(&table), &ids, dim, &mut og);
+                    c.row(op, format!("vocab{vocab} dim{dim} tokens{t}"), &og, &oc, 0.0);
+                } else {
+                    let mut tc = table.clone();
+                    c.cpu.embedding_bwd(&d, &ids, dim, &mut tc);
+                    let mut tg = c.gpu.upload(&table);
+                    c.gpu.embedding_bwd(&c.gpu.upload(&d), &ids, dim, &mut tg);
+                    c.row(op, format!("vocab{vocab} dim{dim} tokens{t}"), &tg, &tc, 0.0);
+                }
+            }
+        }
+        "rmsnorm" | "rmsnorm_bwd" => {
+            for (rows, dim) in [(3, 7), (5, 64), (2, 300)] {
+                let (x, w, dy) = (r.vec(rows * dim, 1.0), r.vec(dim, 1.0), r.vec(rows * dim, 1.0));
+                let (mut oc, mut rc) = (vec![0.0; rows * dim], vec![0.0; rows]);
+                c.cpu.rmsnorm(&x, &w, dim, 1e-5, &mut oc, &mut rc);
+                let (xg, wg) = (c.gpu.upload(&x), c.gpu.upload(&w));
+                let (mut og, mut rg) = (c.nan(rows * dim), c.nan(rows));
+                c.gpu.rmsnorm(&xg, &wg, dim, 1e-5, &mut og, &mut rg);
+                let shape = format!("rows{rows} dim{dim}");
+                if op == "rmsnorm" {
+                    c.row("rmsnorm.out", shape.clone(), &og, &oc, 2e-6);
+                    c.row("rmsnorm.rstd", shape, &rg, &rc, 2e-6);
+                } else {
+                    let dw0 = r.vec(dim, 1.0);
+                    let (mut dxc, mut dwc) = (vec![0.0; rows * dim], dw0.clone());
+                    c.cpu.rmsnorm_bwd(&dy, &x, &w, &rc, dim, &mut dxc, &mut dwc);
+                    let (mut dxg, mut dwg) = (c.nan(rows * dim), c.gpu.upload(&dw0));
+                    c.gpu.rmsnorm_bwd(&c.gpu.upload(&dy), &xg, &wg, &c.gpu.upload(&rc), dim, &mut dxg, &mut dwg);
+                    c.row("rmsnorm_bwd.dx", shape.clone(), &dxg, &dxc, 2e-6);
+                    c.row("rmsnorm_bwd.dw", shape, &dwg, &dwc, 2e-6);
+                }
+            }
+        }
+        "bias_add" | "bias_bwd" => {
+            for (rows, dim) in [(4, 5), (9, 33)] {
+                let (y, b) = (r.vec(rows * dim, 1.0), r.vec(dim, 1.0));
+                if op == "bias_add" {
+                    let mut yc = y.clone();
+                    c.cpu.bias_add(&mut yc, &b, dim);
+                    let mut yg = c.gpu.upload(&y);
+                    c.gpu.bias_add(&mut yg, &c.gpu.upload(&b), dim);
+                    c.row(op, format!("rows{rows} dim{dim}"), &yg, &yc, 0.0);
+                } else {
+                    let mut bc = b.clone();
+                    c.cpu.bias_bwd(&y, dim, &mut bc);
+                    let mut bg = c.gpu.upload(&b);
+                    c.gpu.bias_bwd(&c.gpu.upload(&y), dim, &mut bg);
+                    c.row(op, format!("rows{rows} dim{dim}"), &bg, &bc, 0.0);
+                }
+            }
+        }
+        "rope" => {
+            for (t, nh, hd) in [(5, 3, 8), (7, 2, 12)] {
+                let inv: Vec<f64> = (0..hd / 2).map(|i| 10000f64.powf(-2.0 * i as f64 / hd as f64)).collect();
+                let pos = r.ids(t, 100);
+                for inverse in [false, true] {
+                    let x = r.vec(t * nh * hd, 1.0);
+                    let mut xc = x.clone();
+                    c.cpu.rope(&mut xc, &pos, nh, hd, &inv, inverse);
+                    let mut xg = c.gpu.upload(&x);
+                    c.gpu.rope(&mut xg, &pos, nh, hd, &inv, inverse);
+                    c.row(op, format!("tokens{t} heads{nh} hd{hd} inverse{}", inverse as u8), &xg, &xc, 1e-6);
+                }
+            }
+        }
+        "swiglu" | "swiglu_bwd" => {
+            for n in [7, 257] {
+                let (g, u, d) = (r.vec(n, 2.0), r.vec(n, 1.0), r.vec(n, 1.0));
+                let (gg, ug) = (c.gpu.upload(&g), c.gpu.upload(&u));
+                if op == "swiglu" {
+                    let mut oc = vec![0.0; n];
+                    c.cpu.swiglu(&g, &u, &mut oc);
+                    let mut og = c.nan(n);
+                    c.gpu.swiglu(&gg, &ug, &mut og);
+                    c.row(op, format!("n{n}"), &og, &oc, 1e-6);
+                } else {
+                    let (mut dgc, mut duc) = (vec![0.0; n], vec![0.0; n]);
+                    c.cpu.swiglu_bwd(&d, &g, &u, &mut dgc, &mut duc);
+                    let (mut dgg, mut dug) = (c.nan(n), c.nan(n));
+                    c.gpu.swiglu_bwd(&c.gpu.upload(&d), &gg, &ug, &mut dgg, &mut dug);
+                    c.row("swiglu_bwd.dgate", format!("n{n}"), &dgg, &dgc, 1e-6);
+                    c.row("swiglu_bwd.dup", format!("n{n}"), &dug, &duc, 1e-6);
+                }
+            }
+        }
+        "attention" | "attention_bwd" => {
+            for (lname, layout) in layouts() {
+                for dims in [AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 8 }, AttnDims { n_heads: 3, n_kv_heads: 1, head_dim: 5 }] {
+                    let t = layout.num_tokens();
+                    let (nq, nk) = (t * dims.n_heads * dims.head_dim, t * dims.n_kv_heads * dims.head_dim);
+                    let (q, k, v, d) = (r.vec(nq, 1.0), r.vec(nk, 1.0), r.vec(nk, 1.0), r.vec(nq, 1.0));
+                    let (mut oc, mut lc) = (vec![0.0; nq], vec![0.0; t * dims.n_heads]);
+                    c.cpu.attention(&q, &k, &v, &layout, dims, &mut oc, &mut lc);
+                    let (qg, kg, vg) = (c.gpu.upload(&q), c.gpu.upload(&k), c.gpu.upload(&v));
+                    let shape = format!("{lname} h{}/{} hd{}", dims.n_heads, dims.n_kv_heads, dims.head_dim);
+                    if op == "attention" {
+                        let (mut og, mut lg) = (c.nan(nq), c.nan(t * dims.n_heads));
+                        c.gpu.attention(&qg, &kg, &vg, &layout, dims, &mut og, &mut lg);
+                        c.row("attention.out", shape.clone(), &og, &oc, 2e-6);
+                        c.row("attention.lse", shape, &lg, &lc, 2e-6);
+                    } else {
+                        let (mut dqc, mut dkc, mut dvc) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+                        c.cpu.attention_bwd(&d, &q, &k, &v, &oc, &lc, &layout, dims, &mut dqc, &mut dkc, &mut dvc);
+                        let (mut dqg, mut dkg, mut dvg) = (c.nan(nq), c.nan(nk), c.nan(nk));
+                        let (og, lg) = (c.gpu.upload(&oc), c.gpu.upload(&lc));
+                        c.gpu.attention_bwd(&c.gpu.upload(&d), &qg, &kg, &vg, &og, &lg, &layout, dims, &mut dqg, &mut dkg, &mut dvg);
+                        c.row("attention_bwd.dq", shape.clone(), &dqg, &dqc, 5e-6);
+                        c.row("attention_bwd.dk", shape.clone(), &dkg, &dkc, 5e-6);
+                        c.row("attention_bwd.dv", shape, &dvg, &dvc, 5e-6);
+                    }
+                }
+            }
+        }
+        "lm_head_logprobs" | "lm_head_bwd" => {
+            for (dim, vocab, t, n) in [(7, 11, 5, 6), (16, 97, 12, 20)] {
+                let (h, w) = (r.vec(t * dim, 1.0), r.vec(vocab * dim, 0.7));
+                let (rows, tg, dl) = (r.ids(n, t), r.ids(n, vocab), r.vec(n, 1.0));
+                let (lpc, lsc) = c.cpu.lm_head_logprobs(&h, &w, dim, &rows, &tg);
+                let (hg, wg) = (c.gpu.upload(&h), c.gpu.upload(&w));
+                let shape = format!("dim{dim} vocab{vocab} tokens{t} rows{n}");
+                if op == "lm_head_logprobs" {
+                    let (lpg, lsg) = c.gpu.lm_head_logprobs(&hg, &wg, dim, &rows, &tg);
+                    c.row("lm_head.logp", shape.clone(), &lpg, &lpc, 2e-6);
+                    c.row("lm_head.lse", shape, &lsg, &lsc, 2e-6);
+                } else {
+                    let (dh0, dw0) = (r.vec(t * dim, 1.0), r.vec(vocab * dim, 1.0));
+                    let (mut dhc, mut dwc) = (dh0.clone(), dw0.clone());
+                    c.cpu.lm_head_bwd(&h, &w, dim, &rows, &tg, &lsc, &dl, &mut dhc, &mut dwc);
+                    let (mut dhg, mut dwg) = (c.gpu.upload(&dh0), c.gpu.upload(&dw0));
+                    c.gpu.lm_head_bwd(&hg, &wg, dim, &rows, &tg, &c.gpu.upload(&lsc), &dl, &mut dhg, &mut dwg);
+                    c.row("lm_head_bwd.dh", shape.clone(), &dhg, &dhc, 2e-6);
+                    c.row("lm_head_bwd.dw", shape, &dwg, &dwc, 2e-6);
+                }
+            }
+        }
+        "kv_write" | "kv_copy_blocks" | "paged_attention" => {
+            for (geom, dims) in [
+                (KvGeom { num_blocks: 24, block_size: 4, n_kv_heads: 2, head_dim: 8 }, AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 8 }),
+                (KvGeom { num_blocks: 7, block_size: 3, n_kv_heads: 1, head_dim: 12 }, AttnDims { n_heads: 3, n_kv_heads: 1, head_dim: 12 }),
+            ] {
+                let cache = r.vec(geom.layer_len(), 1.0);
+                let shape = format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim);
+                let row = geom.n_kv_heads * geom.head_dim;
+                match op {
+                    "kv_write" => {
+                        let t = 5;
+                        let mut slots: Vec<u32> = (0..(geom.num_blocks * geom.block_size) as u32).collect();
+                        for i in (1..slots.len()).rev() {
+                            slots.swap(i, r.below(i + 1) as usize);
+                        }
+                        slots.truncate(t);
+                        let (k, v) = (r.vec(t * row, 1.0), r.vec(t * row, 1.0));
+                        let mut cc = cache.clone();
+                        c.cpu.kv_write(&mut cc, &k, &v, &slots, geom);
+                        let mut cg = c.gpu.upload(&cache);
+                        c.gpu.kv_write(&mut cg, &c.gpu.upload(&k), &c.gpu.upload(&v), &slots, geom);
+                        c.row(op, format!("{shape} tokens{t}"), &cg, &cc, 0.0);
+                    }
+                    "kv_copy_blocks" => {
+                        let pairs = [(1u32, 3u32), (3, 5), (0, 2)];
+                        let mut cc = cache.clone();
+                        c.cpu.kv_copy_blocks(&mut cc, &pairs, geom);
+                        let mut cg = c.gpu.upload(&cache);
+                        c.gpu.kv_copy_blocks(&mut cg, &pairs, geom);
+                        c.row(op, format!("{shape} pairs{}", pairs.len()), &cg, &cc, 0.0);
+                    }
+                    _ => {
+                        // (q_len, ctx_len) per sequence; block tables are random distinct blocks.
+                        let shapes: &[(usize, usize)] = if geom.num_blocks >= 24 { &[(3, 7), (1, 1), (2, 37), (5, 5)] } else { &[(1, 10), (4, 6)] };
+                        let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
+                        for &(ql, ctx) in shapes {
+                            let mut blocks: Vec<u32> = (0..geom.num_blocks as u32).collect();
+                            for i in (1..blocks.len()).rev() {
+                                blocks.swap(i, r.below(i + 1) as usize);
+                            }
+                            seqs.push(PagedSeq { q_start: q0, q_len: ql, ctx_len: ctx, table_start: table.len() });
+                            table.extend_from_slice(&blocks[..ctx.div_ceil(geom.block_size)]);
+                            q0 += ql;
+                        }
+                        let nq = q0 * dims.n_heads * dims.head_dim;
+                        let q = r.vec(nq, 1.0);
+                        let mut oc = vec![0.0; nq];
+                        c.cpu.paged_attention(&q, &cache, &seqs, &table, geom, dims, &mut oc);
+                        let mut og = c.nan(nq);
+                        c.gpu.paged_attention(&c.gpu.upload(&q), &c.gpu.upload(&cache), &seqs, &table, geom, dims, &mut og);
+                        c.row(op, format!("{shape} seqs{}", seqs.len()), &og, &oc, 2e-6);
+                    }
+                }
+            }
+        }
+        _ => panic!("no parity check for op {op} (known: {OPS:?})"),
+    }
+    c.rows
+}
+
+/// The parity table of every op.
+pub fn run_all<G: Gpu>(gpu: &CudaBackend<G>, seed: u64) -> Vec<Row> {
+    OPS.iter().flat_map(|op| check_op(gpu, op, seed)).collect()
+}
+
+/// The table as text: op, shape, max error, tolerance, pass.
+pub fn format_table(rows: &[Row]) -> String {
+    let w = rows.iter().map(|r| r.shape.len()).max().unwrap_or(5).max(5);
+    let mut s = format!("{:<20} {:<w$} {:>10} {:>10}  pass\n", "op", "shape", "max err", "tol");
+    for r in rows {
+        s += &format!("{:<20} {:<w$} {:>10.2e} {:>10.1e}  {}\n", r.op, r.shape, r.max_err, r.tol, if r.pass() { "yes" } else { "NO" });
+    }
+    s
+}

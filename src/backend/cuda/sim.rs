@@ -1,0 +1,149 @@
+//! `Sim`: the `Gpu` on the CPU. Kernels run in ptxsim (bounds, alignment and shared-memory
+//! race checks on every launch, warp order varied by a per-launch seed); GEMMs are computed
+//! on the host from cuBLAS's documented column-major semantics (f64 sums, one rounding).
+
+use super::gpu::{Arg, DevPtr, Gemm, Gpu, GpuError};
+use ptxsim::{Device, LaunchOptions, LaunchStats, Module, ParamValue};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Default)]
+struct State {
+    dev: Device,
+    modules: HashMap<String, Module>,
+    launches: u64,
+    /// Per kernel name: (launches, summed counters).
+    stats: HashMap<String, (u64, LaunchStats)>,
+}
+
+/// The simulated device (one, behind a mutex: launches are serial, like one stream).
+#[derive(Default)]
+pub struct Sim {
+    state: Mutex<State>,
+}
+
+fn err(e: impl std::fmt::Display) -> GpuError {
+    GpuError::Device(e.to_string())
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        Sim::default()
+    }
+
+    /// Launch counts and summed counters per kernel since the start (for the benches).
+    pub fn stats(&self) -> Vec<(String, u64, LaunchStats)> {
+        let st = self.state.lock().unwrap();
+        let mut v: Vec<_> = st.stats.iter().map(|(k, (n, s))| (k.clone(), *n, s.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn read_f32(dev: &mut Device, p: DevPtr, n: usize) -> Result<Vec<f32>, GpuError> {
+        dev.read_vec::<f32>(p, n).map_err(err)
+    }
+}
+
+/// Number of elements spanned by a column-major `[rows, cols]` matrix with leading dim `ld`.
+fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (cols - 1) * ld + rows
+    }
+}
+
+impl Gpu for Sim {
+    fn name(&self) -> String {
+        "sim (ptxsim)".to_string()
+    }
+    fn arch(&self) -> String {
+        "compute_80".to_string()
+    }
+    fn alloc(&self, bytes: usize) -> Result<DevPtr, GpuError> {
+        Ok(self.state.lock().unwrap().dev.alloc(bytes.max(4) as u64))
+    }
+    fn free(&self, ptr: DevPtr) {
+        let _ = self.state.lock().unwrap().dev.free(ptr);
+    }
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        self.state.lock().unwrap().dev.write(dst, src).map_err(err)
+    }
+    fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<(), GpuError> {
+        let v = self.state.lock().unwrap().dev.read(src, dst.len()).map_err(err)?;
+        dst.copy_from_slice(&v);
+        Ok(())
+    }
+    fn load(&self, module: &str, ptx: &str) -> Result<(), GpuError> {
+        let mut st = self.state.lock().unwrap();
+        if !st.modules.contains_key(module) {
+            let m = Module::parse(ptx).map_err(|e| GpuError::Build(format!("{module}: {e}")))?;
+            st.modules.insert(module.to_string(), m);
+        }
+        Ok(())
+    }
+    fn has_module(&self, module: &str) -> bool {
+        self.state.lock().unwrap().modules.contains_key(module)
+    }
+    fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError> {
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        st.launches += 1;
+        let params: Vec<ParamValue> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) => ParamValue::Ptr(p),
+                Arg::I32(v) => ParamValue::I32(v),
+                Arg::U32(v) => ParamValue::U32(v),
+                Arg::I64(v) => ParamValue::I64(v),
+                Arg::F32(v) => ParamValue::F32(v),
+            })
+            .collect();
+        let m = st.modules.get(module).ok_or_else(|| err(format!("module {module} not loaded")))?;
+        let opts = LaunchOptions { seed: st.launches, ..Default::default() };
+        let s = st.dev.launch(m, kernel, grid, block, smem, &params, &opts).map_err(err)?;
+        let e = st.stats.entry(kernel.to_string()).or_default();
+        e.0 += 1;
+        e.1.ctas += s.ctas;
+        e.1.warp_instructions += s.warp_instructions;
+        e.1.lane_instructions += s.lane_instructions;
+        for i in 0..5 {
+            e.1.bytes_loaded[i] += s.bytes_loaded[i];
+            e.1.bytes_stored[i] += s.bytes_stored[i];
+        }
+        e.1.barriers += s.barriers;
+        Ok(())
+    }
+    fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
+        let mut st = self.state.lock().unwrap();
+        let dev = &mut st.dev;
+        let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+        let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+        for bi in 0..g.batch {
+            let a = Self::read_f32(dev, g.a + 4 * (bi * g.stride_a) as u64, extent(ar, ac, g.lda))?;
+            let b = Self::read_f32(dev, g.b + 4 * (bi * g.stride_b) as u64, extent(br, bc, g.ldb))?;
+            let cp = g.c + 4 * (bi * g.stride_c) as u64;
+            let cn = extent(g.m, g.n, g.ldc);
+            // beta == 0: C is write-only (cuBLAS does not read it).
+            let mut c = if g.beta == 0.0 { vec![0f32; cn] } else { Self::read_f32(dev, cp, cn)? };
+            let at = |i: usize, p: usize| if g.trans_a { a[p + i * g.lda] } else { a[i + p * g.lda] };
+            let bt = |p: usize, j: usize| if g.trans_b { b[j + p * g.ldb] } else { b[p + j * g.ldb] };
+            for j in 0..g.n {
+                for i in 0..g.m {
+                    let s: f64 = (0..g.k).map(|p| at(i, p) as f64 * bt(p, j) as f64).sum();
+                    let o = &mut c[i + j * g.ldc];
+                    *o = if g.beta == 0.0 { (g.alpha as f64 * s) as f32 } else { (g.alpha as f64 * s + g.beta as f64 * *o as f64) as f32 };
+                }
+            }
+            if cn > 0 {
+                // Write only the m x n elements, column by column (ldc may exceed m).
+                for j in 0..g.n {
+                    let col = &c[j * g.ldc..j * g.ldc + g.m];
+                    let bytes: Vec<u8> = col.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    dev.write(cp + 4 * (j * g.ldc) as u64, &bytes).map_err(err)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
