@@ -65,8 +65,8 @@ impl ChatTemplate {
         Ok(Self { env, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
     }
 
-    /// The template of a model folder: `chat_template.jinja` if present (what transformers
-    /// >= 4.50 saves), else `tokenizer_config.json` `chat_template` (a string, or a list of
+    /// The template of a model folder: `chat_template.jinja` if present (what recent
+    /// transformers versions save), else `tokenizer_config.json` `chat_template` (a string, or a list of
     /// `{"name", "template"}` from which "default" is taken). Special tokens come from
     /// `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ChatError> {

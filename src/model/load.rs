@@ -240,7 +240,7 @@ pub fn parse_config(path: &Path, obj: &serde_json::Map<String, Value>) -> Result
                         || cfg_err(path, "rope_scaling (llama3): missing field `original_max_position_embeddings`"),
                     )?,
                 };
-                if !(s.factor > 0.0) || !(s.high_freq_factor > s.low_freq_factor) {
+                if s.factor.is_nan() || s.factor <= 0.0 || s.high_freq_factor.is_nan() || s.high_freq_factor <= s.low_freq_factor {
                     return Err(cfg_err(path, format!("rope_scaling (llama3): need factor > 0 and high_freq_factor > low_freq_factor, found {s:?}")));
                 }
                 rope_scaling = Some(s);
@@ -253,7 +253,7 @@ pub fn parse_config(path: &Path, obj: &serde_json::Map<String, Value>) -> Result
             }
         }
     }
-    if !(rope_theta > 0.0) {
+    if rope_theta.is_nan() || rope_theta <= 0.0 {
         return Err(cfg_err(path, format!("rope_theta must be > 0, found {rope_theta}")));
     }
 

@@ -49,6 +49,9 @@ fn ids_field(v: &Value, key: &str) -> Vec<u32> {
     }
 }
 
+/// `[n_tokens]` byte ranges `[start, end)` into the encoded text.
+pub type ByteOffsets = Vec<(usize, usize)>;
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_token: Option<String>,
@@ -118,7 +121,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    ) -> Result<(Vec<u32>, ByteOffsets), TokenizerError> {
         let enc = self.inner.encode(text, add_special).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
