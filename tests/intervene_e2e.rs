@@ -127,7 +127,7 @@ fn intervene_rollouts_with_rules_on_the_default_model() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     let stats: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("pairs.stats.json")).unwrap()).unwrap();
-    assert_eq!(stats["prompts"], 8, "{stats}");
+    assert_eq!(stats["prompts"], 7, "{stats}");
     assert_eq!(stats["skipped_benign"], 1);
     assert_eq!(stats["input_errors"], 3);
     assert_eq!(stats["with_cue"], 2);
@@ -183,20 +183,25 @@ fn intervene_samples_rollouts_from_demo_prompts() {
     let all = jsonl::read_objects(&demo).unwrap();
     assert!(all.len() >= 24);
     let prompts = dir.path().join("prompts.jsonl");
-    let picked: String = all.iter().take(4).map(|l| format!("{}\n", Value::Object(l.obj.clone()))).collect();
+    // harm-003 and harm-004 comply within a few sentences at this seed.
+    let picked: String = all[2..4].iter().map(|l| format!("{}\n", Value::Object(l.obj.clone()))).collect();
     std::fs::write(&prompts, picked).unwrap();
+    let triggers = dir.path().join("t.txt");
+    let pool = ipo::intervene::load_triggers(None).unwrap();
+    std::fs::write(&triggers, format!("{}\n{}\n", pool[1], pool[2])).unwrap();
     let out = dir.path().join("p.jsonl");
     let o = ipo(&[
         "intervene", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(),
         "--output", out.to_str().unwrap(), "--max-new-tokens", "64", "--seed", "1", "--kv-cache-mb", "64",
+        "--triggers", triggers.to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("with cue"), "{stderr}");
     let stats: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.stats.json")).unwrap()).unwrap();
-    assert_eq!(stats["prompts"], 4);
-    let n_trig = ipo::intervene::load_triggers(None).unwrap().len() as u64;
-    assert_eq!(stats["attempts"].as_u64().unwrap(), stats["with_cue"].as_u64().unwrap() * n_trig, "{stats}");
+    assert_eq!(stats["prompts"], 2);
+    assert!(stats["with_cue"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["attempts"].as_u64().unwrap(), stats["with_cue"].as_u64().unwrap() * 2, "{stats}");
     let pairs: Vec<Pair> = jsonl::read(&out).unwrap();
     assert_eq!(pairs.len() as u64, stats["pairs"].as_u64().unwrap());
     // The rollouts are not in a file here: check what does not need them.
@@ -205,6 +210,7 @@ fn intervene_samples_rollouts_from_demo_prompts() {
         assert!(p.chosen_ids.starts_with(&tids));
         assert_eq!(tok.decode(&tids, false).unwrap().trim_start(), p.trigger.as_deref().unwrap());
         assert!(p.cue.as_ref().unwrap().sentence >= 1);
+        assert!(p.trigger.as_deref() == Some(pool[1].as_str()) || p.trigger.as_deref() == Some(pool[2].as_str()));
     }
 }
 
