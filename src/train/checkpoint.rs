@@ -188,13 +188,12 @@ pub fn load<B: Backend>(t: &mut Trainer<B>, dir: &Path) -> Result<(), TrainError
     let mut o = read_f32_tensors(&opath)?;
     let names: Vec<(String, usize)> = t.trainable_tensors().into_iter().map(|x| (x.0, x.2.len())).collect();
     let adam = !t.optim.m.is_empty();
-    for (k, ((name, n), dst)) in names.iter().zip(t.trainable_tensors_mut()).enumerate() {
+    for ((name, n), dst) in names.iter().zip(t.trainable_tensors_mut()) {
         let (_, data) = w.remove(name).ok_or_else(|| TrainError::Checkpoint(format!("{}: missing tensor {name}", wpath.display())))?;
         if data.len() != *n {
             return Err(TrainError::Checkpoint(format!("{}: tensor {name} has {} values, expected {n}", wpath.display(), data.len())));
         }
         *dst = data;
-        let _ = k;
     }
     if adam {
         for (k, (name, n)) in names.iter().enumerate() {
