@@ -25,6 +25,9 @@ enum Command {
     Train(ipo::cli::train::Args),
     /// Convert a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face model folder.
     ImportGguf(ipo::cli::import_gguf::Args),
+    /// Run every CUDA kernel against the CPU reference (on a GPU, or the PTX simulator) and
+    /// print a parity table.
+    Selftest(ipo::cli::selftest::Args),
 }
 
 fn main() {
@@ -35,6 +38,7 @@ fn main() {
         Command::Intervene(a) => ipo::cli::intervene::run(a),
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
         Command::Train(a) => ipo::cli::train::run(a),
+        Command::Selftest(a) => ipo::cli::selftest::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

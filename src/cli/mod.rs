@@ -4,4 +4,5 @@ pub mod generate;
 pub mod import_gguf;
 pub mod intervene;
 pub mod score;
+pub mod selftest;
 pub mod train;

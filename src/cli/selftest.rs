@@ -1,0 +1,46 @@
+//! `ipo selftest --device sim|cuda[:N]`: runs every kernel op of the CUDA backend against the
+//! CPU reference on seeded random inputs (src/backend/cuda/parity.rs) and prints a table
+//! (op, shape, max error, tolerance, pass). Fails if any row fails.
+
+use crate::backend::cuda::{parity, CudaBackend, Gpu};
+use anyhow::{bail, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// `sim` (the PTX simulator on this CPU) or `cuda` / `cuda:N` (a real GPU).
+    #[arg(long, default_value = "sim")]
+    pub device: String,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Only these ops (comma separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub ops: Vec<String>,
+}
+
+fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
+    let ops: Vec<&str> = if a.ops.is_empty() { parity::OPS.to_vec() } else { a.ops.iter().map(String::as_str).collect() };
+    if let Some(bad) = ops.iter().find(|o| !parity::OPS.contains(o)) {
+        bail!("--ops: unknown op {bad} (known: {})", parity::OPS.join(", "));
+    }
+    println!("device: {}", be.gpu().name());
+    let rows: Vec<_> = ops.iter().flat_map(|op| parity::check_op(be, op, a.seed)).collect();
+    print!("{}", parity::format_table(&rows));
+    let failed = rows.iter().filter(|r| !r.pass()).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", rows.len());
+    }
+    println!("all {} checks pass", rows.len());
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.device.as_str() {
+        "sim" => table(&CudaBackend::sim().context("CUDA simulator backend")?, &a),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let n = d.strip_prefix("cuda:").map_or(Ok(0), |s| s.parse::<usize>()).with_context(|| format!("--device {d}: expected cuda:N"))?;
+            table(&CudaBackend::cuda(n).context("CUDA device")?, &a)
+        }
+        d => bail!("--device {d}: expected sim, cuda or cuda:N"),
+    }
+}
