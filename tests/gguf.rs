@@ -108,7 +108,7 @@ fn write_gguf(kvs: &[(&str, Kv)], tensors: &[RawTensor]) -> Vec<u8> {
         offset += (t.data.len() as u64).div_ceil(32) * 32;
     }
     for t in tensors {
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(&t.data);
@@ -229,7 +229,7 @@ fn dequantize_rejects_a_wrong_byte_count() {
     let mut out = vec![0f32; 64];
     let err = gguf::dequantize(GgmlType::Q4_1, &[1u8; 39], &mut out).unwrap_err();
     assert!(err.contains("expected 40"), "{err}");
-    let err = gguf::dequantize(GgmlType::Q8_0, &[1u8; 34], &mut vec![0f32; 33]).unwrap_err();
+    let err = gguf::dequantize(GgmlType::Q8_0, &[1u8; 34], &mut [0f32; 33]).unwrap_err();
     assert!(err.contains("block size 32"), "{err}");
 }
 

@@ -49,6 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     for s in &summary.skipped {
         eprintln!("import-gguf: left out tensor '{s}' (no Hugging Face counterpart)");
+        if s == "rope_freqs.weight" {
+            eprintln!("import-gguf: warning: llama3 RoPE frequency factors are not converted; add rope_scaling to config.json by hand");
+        }
     }
     eprintln!(
         "import-gguf: wrote {} ({} tensors, {:.1} M params, f32) in {:.1} s",

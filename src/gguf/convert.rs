@@ -52,7 +52,7 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// the two rotate-half halves are contiguous again.
 pub fn unpermute_rows(data: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(data.len(), rows * cols);
-    assert!(n_head > 0 && rows % (2 * n_head) == 0, "rows {rows} not divisible by 2*n_head {n_head}");
+    assert!(n_head > 0 && rows.is_multiple_of(2 * n_head), "rows {rows} not divisible by 2*n_head {n_head}");
     let half = rows / n_head / 2;
     let mut out = vec![0f32; data.len()];
     for h in 0..n_head {
@@ -99,7 +99,7 @@ impl ArchInfo {
             None => hidden / n_head.max(1),
         };
         let n_layer = g.require_u64(&k("block_count"))? as usize;
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || head_dim % 2 != 0 {
+        if n_head == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) || !head_dim.is_multiple_of(2) {
             return Err(GgufError::Format {
                 path: g.path.clone(),
                 reason: format!("head counts {n_head}/{n_head_kv} with head_dim {head_dim}: expected n_head divisible by n_head_kv and an even head_dim"),
@@ -270,7 +270,7 @@ fn write_safetensors(
         offset += n;
     }
     let mut h = serde_json::to_string(&Json::Object(header)).expect("json").into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let file = std::fs::File::create(path).map_err(out_err)?;

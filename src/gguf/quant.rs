@@ -71,7 +71,7 @@ impl GgmlType {
 /// was expected.
 pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> Result<(), String> {
     let (block, bytes) = ty.block();
-    if out.len() % block != 0 {
+    if !out.len().is_multiple_of(block) {
         return Err(format!("{} elements is not a multiple of the {ty:?} block size {block}", out.len()));
     }
     let n_blocks = out.len() / block;
