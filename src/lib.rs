@@ -8,5 +8,6 @@ pub mod gguf;
 pub mod intervene;
 pub mod io;
 pub mod model;
+pub mod pipeline;
 pub mod rollout;
 pub mod train;

@@ -28,6 +28,9 @@ enum Command {
     /// Run every CUDA kernel against the CPU reference (on a GPU, or the PTX simulator) and
     /// print a parity table.
     Selftest(ipo::cli::selftest::Args),
+    /// The whole IPO loop from one TOML config (generate -> intervene -> score -> train stage 1
+    /// -> benign pairs -> train stage 2 -> eval), resumable in its run directory.
+    Run(ipo::pipeline::run::Args),
 }
 
 fn main() {
@@ -39,6 +42,7 @@ fn main() {
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
         Command::Train(a) => ipo::cli::train::run(a),
         Command::Selftest(a) => ipo::cli::selftest::run(a),
+        Command::Run(a) => ipo::pipeline::run::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
