@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use ipo::backend::cpu::CpuBackend;
+use ipo::backend::Backend;
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::{expected_shapes, Batch, Transformer};
 use ipo::model::weights::{HostTensor, LayerWeights, ModelWeights};
@@ -100,8 +100,8 @@ fn shared_prefix(model: &Transformer, ctx: usize, seg: usize, pairs: usize, rng:
         separate.push_scored(c, b);
     }
     fwd_bwd(model, &packed); // warm-up
-    let tp = median((0..3).map(|_| fwd_bwd(model, &packed)).collect());
-    let ts = median((0..3).map(|_| fwd_bwd(model, &separate)).collect());
+    let tp = median((0..2).map(|_| fwd_bwd(model, &packed)).collect());
+    let ts = median((0..2).map(|_| fwd_bwd(model, &separate)).collect());
     println!(
         "shared-prefix ctx={ctx} seg={seg} pairs={pairs}: packed {} tokens {:.3} s, separate {} tokens {:.3} s, speed-up {:.2}x",
         packed.num_tokens(), tp, separate.num_tokens(), ts, ts / tp
@@ -161,7 +161,7 @@ fn main() {
     t.train_step().unwrap(); // warm-up
     let mut times = Vec::new();
     let mut tokens = 0;
-    for _ in 0..3 {
+    for _ in 0..2 {
         let s = Instant::now();
         let m = t.train_step().unwrap();
         times.push(s.elapsed().as_secs_f64());
