@@ -206,7 +206,7 @@ fn benign_pairs(base: &Path, stage1: &Path, out: &Path) -> Result<usize> {
     for b in base_rows {
         let (Some(id), Some(sample)) = (b.get("id").and_then(|v| v.as_str()), b.get("sample").and_then(|v| v.as_u64())) else { continue };
         let Some(r) = s1.get(&(id.to_string(), sample)) else { continue };
-        let text = |m: &serde_json::Map<String, Value>| m.get("response").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let text = |m: &serde_json::Map<String, Value>| completion_text(m).to_string();
         let (chosen, rejected) = (ids(&b["completion_ids"]), ids(&r["completion_ids"]));
         let ctx = ids(&b["prompt_ids"]);
         if ctx.is_empty() || chosen.is_empty() || rejected.is_empty() || chosen == rejected || ctx != ids(&r["prompt_ids"]) {
@@ -248,10 +248,16 @@ fn mix(harmful: &Path, benign: &Path, fraction: f64, seed: u64, out: &Path) -> R
     Ok((nh, nb))
 }
 
+/// The text the refusal check reads: the whole completion (reasoning and response; a model
+/// without think tags has an empty "response", and IPO's corrections happen in the reasoning).
+fn completion_text(m: &serde_json::Map<String, Value>) -> &str {
+    m.get("completion").and_then(|v| v.as_str()).unwrap_or("")
+}
+
 fn refusal_rate(path: &Path) -> Result<(usize, usize)> {
     let rows = read_lines(path)?;
     let ok: Vec<_> = rows.iter().filter(|r| r.get("error").is_none()).collect();
-    let refused = ok.iter().filter(|r| is_refusal(r.get("response").and_then(|v| v.as_str()).unwrap_or(""))).count();
+    let refused = ok.iter().filter(|r| is_refusal(completion_text(r))).count();
     Ok((refused, ok.len()))
 }
 
