@@ -1,7 +1,7 @@
 //! Decode and prefill throughput of the rollout engine on the default model
 //! (SmolLM2-135M-Instruct, CPU f32): tokens/s of batched decode at batch 1, 8 and 32 (after a
 //! 64-token prompt per sequence), and prefill tokens/s of 8 x 128-token prompts. Results go to
-//! docs/PERF-decode.md beside Hugging Face `generate` (tests/reference/generate_bench.py).
+//! docs/PERF.md beside Hugging Face `generate` (tests/reference/generate_bench.py).
 //! A plain timing harness (harness = false): each point is one engine run, timed end to end
 //! and split into prefill and decode by the engine's own counters.
 //!

@@ -1,10 +1,10 @@
-//! Training benchmarks on the CPU backend (numbers go in docs/PERF-train.md):
+//! Training benchmarks on the CPU backend (numbers go in docs/PERF.md):
 //! 1. shared-prefix speed-up: forward + backward of preference pairs packed as
 //!    `[context | chosen | rejected]` (context computed once) vs the same pairs as two separate
 //!    sequences, for long contexts;
 //! 2. training throughput: full optimizer steps (segment-DPO, AdamW) in tokens/s, on the model
 //!    in env IPO_BENCH_MODEL (an HF folder, e.g. the default SmolLM2-135M) or else a random
-//!    SmolLM2-shaped model, with the same pairs as scripts in docs/PERF-train.md give PyTorch.
+//!    SmolLM2-shaped model, with the same pairs as scripts in docs/PERF.md give PyTorch.
 //! Run: `cargo bench --bench train` (set RAYON_NUM_THREADS to pin the thread count).
 
 use std::time::Instant;

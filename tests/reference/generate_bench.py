@@ -1,4 +1,4 @@
-"""Hugging Face `generate` throughput on the default model, for docs/PERF-decode.md beside
+"""Hugging Face `generate` throughput on the default model, for docs/PERF.md beside
 `cargo bench --bench decode` (same shapes: 64-token prompts, N new greedy tokens at batch
 1/8/32; prefill of 8 x 128 tokens). CPU, float32, torch threads = all cores. Not run in CI.
 
