@@ -382,3 +382,38 @@ fn report(dir: &Path, secs: f64) -> Result<()> {
     eprintln!("run: report in {}", f("report.md").display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_tables_become_the_subcommands_flags() {
+        let table: toml::Table = toml::from_str("n = 3\ntemperature = 0.5\nno_chat_template = true\nresume = false\nstop = [\"A\", \"B\"]").unwrap();
+        let fixed = vec!["--model".into(), "m".into(), "--prompts".into(), "p.jsonl".into(), "--output".into(), "o.jsonl".into()];
+        let a: crate::cli::generate::Args = stage_args("generate", &fixed, &table).unwrap();
+        assert_eq!(a.n, 3);
+        assert_eq!(a.temperature, 0.5);
+        assert!(a.no_chat_template && !a.resume);
+        assert_eq!(a.stop, vec!["A".to_string(), "B".to_string()]);
+        let bad: toml::Table = toml::from_str("no_such_flag = 1").unwrap();
+        let e = stage_args::<crate::cli::generate::Args>("generate", &fixed, &bad).err().unwrap().to_string();
+        assert!(e.contains("[generate]") && e.contains("--no-such-flag"), "{e}");
+    }
+
+    #[test]
+    fn stage_two_mix_has_the_harmful_fraction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, b, out) = (dir.path().join("h.jsonl"), dir.path().join("b.jsonl"), dir.path().join("m.jsonl"));
+        jsonl::write_atomic(&h, (0..40).map(|i| json!({"id": format!("h{i}")}))).unwrap();
+        jsonl::write_atomic(&b, (0..10).map(|i| json!({"id": format!("b{i}")}))).unwrap();
+        assert_eq!(mix(&h, &b, 0.3, 7, &out).unwrap(), (4, 10));
+        assert_eq!(mix(&h, &b, 0.5, 7, &out).unwrap(), (10, 10));
+        assert_eq!(mix(&h, &b, 0.9, 7, &out).unwrap(), (40, 10));
+        let first = std::fs::read_to_string(&out).unwrap();
+        mix(&h, &b, 0.9, 7, &out).unwrap();
+        assert_eq!(first, std::fs::read_to_string(&out).unwrap(), "same seed, same mix");
+        jsonl::write_atomic(&b, Vec::<Value>::new()).unwrap();
+        assert_eq!(mix(&h, &b, 0.5, 7, &out).unwrap(), (40, 0));
+    }
+}
