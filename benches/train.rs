@@ -9,71 +9,13 @@
 
 use std::time::Instant;
 
+#[path = "common/smollm2.rs"]
+mod smollm2;
+use smollm2::{random_weights, smol_config, Rng};
+
 use ipo::backend::Backend;
-use ipo::model::config::{Family, ModelConfig};
-use ipo::model::transformer::{expected_shapes, Batch, Transformer};
-use ipo::model::weights::{HostTensor, LayerWeights, ModelWeights};
+use ipo::model::transformer::{Batch, Transformer};
 use ipo::train::{OptimConfig, OptimKind, ScheduleKind, TrainConfig, TrainPair, Trainer};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    }
-    fn ids(&mut self, n: usize, v: usize) -> Vec<u32> {
-        (0..n).map(|_| (self.next() % v as u64) as u32).collect()
-    }
-}
-
-fn smol_config(layers: usize) -> ModelConfig {
-    ModelConfig {
-        family: Family::Llama,
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_layers: layers,
-        num_heads: 9,
-        num_kv_heads: 3,
-        head_dim: 64,
-        rope_theta: 100000.0,
-        rope_scaling: None,
-        rms_norm_eps: 1e-5,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        qkv_bias: false,
-        qk_norm: false,
-        bos_token_id: None,
-        eos_token_ids: vec![2],
-    }
-}
-
-fn random_weights(cfg: &ModelConfig, rng: &mut Rng) -> ModelWeights<HostTensor> {
-    let mut ts = Vec::new();
-    expected_shapes(cfg, !cfg.tie_word_embeddings, |name, shape| {
-        let n: usize = shape.iter().product();
-        let s = if name.contains("norm") { 0.0 } else { 0.05 };
-        let data = (0..n).map(|_| if s == 0.0 { 1.0 } else { rng.f() * s }).collect();
-        ts.push(HostTensor::new(shape, data));
-    });
-    let mut it = ts.into_iter();
-    let mut next = || it.next().unwrap();
-    let embed = next();
-    let layers = (0..cfg.num_layers)
-        .map(|_| {
-            let attn_norm = next();
-            let (wq, wk, wv, wo) = (next(), next(), next(), next());
-            let mlp_norm = next();
-            let (w_gate, w_up, w_down) = (next(), next(), next());
-            LayerWeights { attn_norm, wq, wk, wv, wo, bq: None, bk: None, bv: None, q_norm: None, k_norm: None, mlp_norm, w_gate, w_up, w_down }
-        })
-        .collect();
-    let final_norm = next();
-    ModelWeights { embed, layers, final_norm, lm_head: None }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

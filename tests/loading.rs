@@ -3,6 +3,9 @@
 //! written here as f32 / f16 / bf16 / f64, single-file and sharded, compared with the rounded
 //! originals; tied embeddings; and every bad input giving an error that names the file/tensor.
 
+mod common;
+
+use common::byte_tokenizer_json;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -439,36 +442,6 @@ fn malformed_index_is_a_clear_error() {
     assert!(e.contains("not a plain file name"), "{e}");
 }
 
-/// A byte-level BPE tokenizer with no merges (token id = byte value) and two special tokens
-/// `<|im_start|>` = 256, `<|im_end|>` = 257.
-fn byte_tokenizer_json() -> Value {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut vocab = serde_json::Map::new();
-    for (b, c) in bs.iter().zip(&cs) {
-        vocab.insert(char::from_u32(*c).unwrap().to_string(), json!(b));
-    }
-    let special = |id: u32, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []}
-    })
-}
 
 #[test]
 fn tokenizer_encodes_decodes_and_resolves_special_tokens() {

@@ -5,6 +5,9 @@
 //! naming the file:line / flag at fault with nothing written. Numeric agreement with HF is
 //! tests/golden.rs's job; here the checks are structural and self-consistent.
 
+mod common;
+
+use common::byte_tokenizer_json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -114,36 +117,6 @@ fn score_output_contract_and_self_consistency() {
     }
 }
 
-/// A byte-level BPE tokenizer with no merges: token id = byte value (vocab 256, the tiny
-/// model's), plus two special tokens (ids 256, 257) outside the model's vocabulary.
-fn byte_tokenizer_json() -> Value {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut vocab = serde_json::Map::new();
-    for (b, c) in bs.iter().zip(&cs) {
-        vocab.insert(char::from_u32(*c).unwrap().to_string(), json!(b));
-    }
-    let special = |id: u32, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []}
-    })
-}
 
 /// The tiny Llama copied with a tokenizer.json beside it.
 fn tiny_llama_with_tokenizer(dir: &Path) -> PathBuf {
