@@ -28,6 +28,8 @@ pub struct Nvrtc {
     compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> Res,
     ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
     ptx: unsafe extern "C" fn(Prog, *mut c_char) -> Res,
+    cubin_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
+    cubin: unsafe extern "C" fn(Prog, *mut c_char) -> Res,
     log_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
     log: unsafe extern "C" fn(Prog, *mut c_char) -> Res,
     destroy: unsafe extern "C" fn(*mut Prog) -> Res,
@@ -100,6 +102,8 @@ impl Nvrtc {
             compile: sym!(b"nvrtcCompileProgram\0"),
             ptx_size: sym!(b"nvrtcGetPTXSize\0"),
             ptx: sym!(b"nvrtcGetPTX\0"),
+            cubin_size: sym!(b"nvrtcGetCUBINSize\0"),
+            cubin: sym!(b"nvrtcGetCUBIN\0"),
             log_size: sym!(b"nvrtcGetProgramLogSize\0"),
             log: sym!(b"nvrtcGetProgramLog\0"),
             destroy: sym!(b"nvrtcDestroyProgram\0"),
@@ -117,6 +121,29 @@ impl Nvrtc {
     /// Compile CUDA C++ `src` (named `name` in messages) with NVRTC `options`
     /// (e.g. "--gpu-architecture=compute_80", "-I<dir>"); returns the PTX text.
     pub fn compile(&self, name: &str, src: &str, options: &[String]) -> Result<String, NvrtcError> {
+        self.with_program(name, src, options, |p| self.get_ptx(p))
+    }
+
+    /// Compile `src` for a real architecture (`options` must contain
+    /// `--gpu-architecture=sm_XY`) to a CUBIN; returns the CUBIN and the program log, which
+    /// NVRTC fills on success too (e.g. the ptxas resource report with `-Xptxas -v`).
+    pub fn compile_cubin(&self, name: &str, src: &str, options: &[String]) -> Result<(Vec<u8>, String), NvrtcError> {
+        self.with_program(name, src, options, |p| {
+            let mut n = 0usize;
+            check("nvrtcGetCUBINSize", unsafe { (self.cubin_size)(p, &mut n) })?;
+            if n == 0 {
+                // compute_XY targets produce no CUBIN.
+                return Err(NvrtcError::Call { call: "nvrtcGetCUBINSize (0 bytes: a compute_XY target?)", code: 0 });
+            }
+            let mut buf = vec![0u8; n];
+            check("nvrtcGetCUBIN", unsafe { (self.cubin)(p, buf.as_mut_ptr() as *mut c_char) })?;
+            Ok((buf, self.get_log(p)?))
+        })
+    }
+
+    /// Creates and compiles a program, runs `out` on it when the compile succeeded (the
+    /// log is the error otherwise), and destroys it.
+    fn with_program<T>(&self, name: &str, src: &str, options: &[String], out: impl FnOnce(Prog) -> Result<T, NvrtcError>) -> Result<T, NvrtcError> {
         let csrc = CString::new(src).expect("source contains NUL");
         let cname = CString::new(name).expect("name contains NUL");
         let copts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
@@ -126,14 +153,14 @@ impl Nvrtc {
             (self.create)(&mut prog, csrc.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null())
         })?;
         let res = unsafe { (self.compile)(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
-        let out = if res != 0 {
+        let r = if res != 0 {
             let log = self.get_log(prog).unwrap_or_else(|e| e.to_string());
             Err(NvrtcError::Compile { name: name.to_string(), log })
         } else {
-            self.get_ptx(prog)
+            out(prog)
         };
         unsafe { (self.destroy)(&mut prog) };
-        out
+        r
     }
 
     fn get_log(&self, prog: Prog) -> Result<String, NvrtcError> {

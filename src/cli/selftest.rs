@@ -1,8 +1,12 @@
 //! `ipo selftest --device sim|cuda[:N]`: runs every kernel op of the CUDA backend against the
 //! CPU reference on seeded random inputs (src/backend/cuda/parity.rs) and prints a table
 //! (op, shape, max error, tolerance, pass). Fails if any row fails.
+//!
+//! `ipo selftest --resources [--arch sm_80,sm_90]`: instead, compiles every kernel file with
+//! NVRTC for the real archs and prints ptxas's per-kernel registers, shared memory, stack frame
+//! and spills (src/backend/cuda/resources.rs); fails if any kernel spills. Needs NVRTC, no GPU.
 
-use crate::backend::cuda::{parity, CudaBackend, Gpu};
+use crate::backend::cuda::{parity, resources, CudaBackend, Gpu};
 use anyhow::{bail, Context};
 
 #[derive(clap::Args, Debug)]
@@ -16,6 +20,32 @@ pub struct Args {
     /// Only these ops (comma separated; default: all).
     #[arg(long, value_delimiter = ',')]
     pub ops: Vec<String>,
+    /// Print the ptxas resource table of every kernel (registers, smem, spills) instead.
+    #[arg(long)]
+    pub resources: bool,
+    /// Real architectures for --resources (comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ["sm_80".to_string(), "sm_90".to_string()])]
+    pub arch: Vec<String>,
+}
+
+fn resource_table(archs: &[String]) -> anyhow::Result<()> {
+    let nv = ptxsim::nvrtc::Nvrtc::load().context("NVRTC (set IPO_NVRTC, or run scripts/setup-cuda.sh)")?;
+    let (maj, min) = nv.version()?;
+    println!("NVRTC {maj}.{min}, ptxas -v");
+    let mut rows = Vec::new();
+    for a in archs {
+        if !a.starts_with("sm_") {
+            bail!("--arch {a}: expected a real architecture sm_XY");
+        }
+        rows.extend(resources::resource_report(&nv, a)?);
+    }
+    print!("{}", resources::format_table(&rows));
+    let spills: Vec<_> = rows.iter().filter(|r| r.spills()).map(|r| format!("{} [{}] {} {}", r.file, r.defines, r.arch, r.kernel)).collect();
+    if !spills.is_empty() {
+        bail!("kernels spill: {}", spills.join(", "));
+    }
+    println!("{} kernel builds, no spills", rows.len());
+    Ok(())
 }
 
 fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
@@ -35,6 +65,9 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.resources {
+        return resource_table(&a.arch);
+    }
     match a.device.as_str() {
         "sim" => table(&CudaBackend::sim().context("CUDA simulator backend")?, &a),
         d if d == "cuda" || d.starts_with("cuda:") => {

@@ -7,6 +7,7 @@ mod build;
 mod driver;
 mod gpu;
 pub mod parity;
+pub mod resources;
 mod sim;
 
 pub use driver::Cudarc;
