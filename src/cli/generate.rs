@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
+use crate::cli::device::Device;
 use crate::io::jsonl::{self, Appender, JsonlError};
 use crate::model::chat::{split_reasoning, ChatTemplate};
 use crate::model::load::{load_config, load_weights};
@@ -94,8 +95,7 @@ pub struct Args {
     /// Append to an existing --output, skipping (id, sample) pairs it already holds.
     #[arg(long)]
     pub resume: bool,
-    /// Where to run: cpu (cuda[:N] and sim are not built into this binary yet).
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
     pub device: String,
 }
 
@@ -203,13 +203,7 @@ impl StopCheck for StopStrings<'_> {
 }
 
 fn check_args(a: &Args) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" => {}
-        d if d == "sim" || d == "cuda" || d.starts_with("cuda:") => {
-            bail!("--device {d}: the CUDA backend is not built into this binary yet; use --device cpu")
-        }
-        d => bail!("--device {d}: unknown device (expected cpu, cuda[:N] or sim)"),
-    }
+    Device::parse(&a.device)?;
     if a.n == 0 || a.max_new_tokens == 0 || a.block_size == 0 || a.prefill_chunk == 0 || a.max_batch == 0 {
         bail!("--n, --max-new-tokens, --block-size, --prefill-chunk and --max-batch must be > 0");
     }
@@ -299,7 +293,8 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let weights = load_weights(&args.model, &cfg)?;
-    let model = Transformer::new(cfg, weights)?;
+    crate::with_backend!(Device::parse(&args.device)?, be => {
+    let model = Transformer::with_backend(be, cfg, weights)?;
     let ecfg = EngineConfig::from_budget(&model, args.kv_cache_mb, args.block_size, 4, args.prefill_chunk, args.max_batch);
     // A budget that cannot hold even the shortest sequence is a usage error, not 1000 failures.
     let shortest = reqs.iter().map(|r| r.ids.len()).min().unwrap_or(0);
@@ -361,6 +356,7 @@ pub fn run(args: Args) -> Result<()> {
         st.preemptions
     );
     Ok(())
+    })
 }
 
 fn encode_prompt(p: &Prompt, a: &Args, template: Option<&ChatTemplate>, tok: &Tokenizer) -> Result<Vec<u32>, String> {

@@ -119,8 +119,7 @@ pub struct Args {
     /// Rollouts handled together (detection batch; their prefixes are cached at once).
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub chunk: usize,
-    /// Where to run: cpu (cuda[:N] and sim are not built into this binary yet).
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
     pub device: String,
 }
 
@@ -131,13 +130,7 @@ pub fn sibling(output: &Path, suffix: &str) -> PathBuf {
 }
 
 fn check_args(a: &Args) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" => {}
-        d if d == "sim" || d == "cuda" || d.starts_with("cuda:") => {
-            bail!("--device {d}: the CUDA backend is not built into this binary yet; use --device cpu")
-        }
-        d => bail!("--device {d}: unknown device (expected cpu, cuda[:N] or sim)"),
-    }
+    crate::cli::device::Device::parse(&a.device)?;
     if a.rounds == 0 {
         bail!("--rounds must be >= 1");
     }
@@ -316,7 +309,8 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let weights = load_weights(&args.model, &cfg)?;
-    let model = Transformer::new(cfg, weights)?;
+    crate::with_backend!(crate::cli::device::Device::parse(&args.device)?, be => {
+    let model = Transformer::with_backend(be, cfg, weights)?;
     let ecfg = EngineConfig::from_budget(&model, args.kv_cache_mb, args.block_size, 4, args.prefill_chunk, args.max_batch);
     let mut engine = Engine::new(&model, ecfg).context("--kv-cache-mb / --block-size / --max-batch")?;
 
@@ -411,6 +405,7 @@ pub fn run(args: Args) -> Result<()> {
     w.commit()?;
     print_summary(&stats, &args.output, &errors_path, errors.len());
     Ok(())
+    })
 }
 
 /// A prompt line's chat-rendered ids: {"id", "prompt", "system"?}.

@@ -43,8 +43,7 @@ pub struct Args {
     /// Most tokens (context + target, summed over sequences) in one forward pass.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub batch_tokens: usize,
-    /// Where to run: cpu (cuda[:N] and sim are not built into this binary yet).
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
     pub device: String,
 }
 
@@ -59,7 +58,7 @@ pub trait Scorer {
     ) -> Result<Vec<Vec<f32>>>;
 }
 
-impl Scorer for Transformer {
+impl<B: crate::backend::Backend> Scorer for Transformer<B> {
     fn score(
         &self,
         items: &[ScoreItem],
@@ -76,8 +75,10 @@ pub fn run(args: Args) -> Result<()> {
     // Validate the input before spending time on the weights.
     let job = prepare(&args, &cfg)?;
     let weights = load_weights(&args.model, &cfg)?;
-    let model = Transformer::new(cfg, weights)?;
-    execute(&args, job, &model)
+    crate::with_backend!(crate::cli::device::Device::parse(&args.device)?, be => {
+        let model = Transformer::with_backend(be, cfg, weights)?;
+        execute(&args, job, &model)
+    })
 }
 
 /// `run` with the model supplied: reads and checks the input against `cfg`, scores with
@@ -89,13 +90,7 @@ pub fn run_with(args: &Args, cfg: &ModelConfig, scorer: &dyn Scorer) -> Result<(
 }
 
 fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        d if d == "sim" || d == "cuda" || d.starts_with("cuda:") => {
-            bail!("--device {d}: the CUDA backend is not built into this binary yet; use --device cpu")
-        }
-        d => bail!("--device {d}: unknown device (expected cpu, cuda[:N] or sim)"),
-    }
+    crate::cli::device::Device::parse(device).map(|_| ())
 }
 
 /// One sequence to score.

@@ -111,8 +111,7 @@ pub struct Args {
     /// Most tokens per forward when computing missing reference log-probs.
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
-    /// Where to run: cpu (cuda[:N] and sim are not built into this binary yet).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
     pub device: String,
 }
 
@@ -216,16 +215,15 @@ fn copy_side_files(dir: &Path, base: &Path) -> Result<(), TrainError> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.device != "cpu" {
-        bail!("--device {}: only cpu is built into this binary yet", args.device);
-    }
+    let device = crate::cli::device::Device::parse(&args.device)?;
     let tcfg = train_config(&args)?;
     let mcfg = load_config(&args.model)?;
     let recs = read_pairs(&args.pairs, &mcfg)?;
     check_tokenizer(&args.model, &args.pairs, &recs)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("--output {}", args.output.display()))?;
     let weights = load_weights(&args.model, &mcfg)?;
-    let model = Transformer::new(mcfg.clone(), weights)?;
+    crate::with_backend!(device, be => {
+    let model = Transformer::with_backend(be, mcfg.clone(), weights)?;
 
     // Reference log-probs: from the file, or computed once with the base model and cached.
     let has_refs = recs.iter().all(|(_, p)| p.ref_chosen_logp.is_some() && p.ref_rejected_logp.is_some());
@@ -343,6 +341,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     write_metrics_chart(&metrics_path, &args.output.join("metrics.png"))?;
     Ok(())
+    })
 }
 
 /// The chart of metrics.jsonl (loss, reward margin, reward accuracy over steps).

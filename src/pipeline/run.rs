@@ -36,6 +36,10 @@ pub struct Args {
     /// Re-run every stage, ignoring the `.done-*` markers of an earlier run.
     #[arg(long)]
     pub force: bool,
+    /// The device of every stage (overrides the config's top-level `device`; a stage table's
+    /// own `device` key still wins). cpu, cuda, cuda:N or sim, as in each subcommand.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
 }
 
 /// The top-level keys of the config; stage tables are read separately.
@@ -53,6 +57,9 @@ struct RunConfig {
     /// Share of harmful (stage-1) pairs in the stage-2 mix (paper: 0.3 / 0.5 / 0.7).
     #[serde(default = "default_fraction")]
     harmful_fraction: f64,
+    /// Default `--device` of every stage (cpu when absent).
+    #[serde(default)]
+    device: Option<String>,
     #[serde(default)]
     generate: toml::Table,
     #[serde(default)]
@@ -189,9 +196,20 @@ fn train(section: &str, table: &toml::Table, model: &Path, pairs: &Path, out: &P
     crate::cli::train::run(stage_args(section, &fixed, table)?)
 }
 
-fn score_pairs(model: &Path, pairs: &Path, out: &Path) -> Result<()> {
+fn score_pairs(model: &Path, pairs: &Path, out: &Path, device: Option<&str>) -> Result<()> {
     let fixed = vec!["--model".into(), s(model), "--pairs".into(), s(pairs), "--output".into(), s(out)];
-    crate::cli::score::run(stage_args("score", &fixed, &toml::Table::new())?)
+    let mut table = toml::Table::new();
+    if let Some(d) = device {
+        table.insert("device".into(), toml::Value::String(d.into()));
+    }
+    crate::cli::score::run(stage_args("score", &fixed, &table)?)
+}
+
+/// Gives every stage table without its own `device` key the run's device.
+fn set_device(cfg: &mut RunConfig, device: &str) {
+    for t in [&mut cfg.generate, &mut cfg.intervene, &mut cfg.train1, &mut cfg.benign, &mut cfg.train2, &mut cfg.eval] {
+        t.entry("device").or_insert_with(|| toml::Value::String(device.into()));
+    }
 }
 
 /// Benign pairs: chosen = base answer, rejected = stage-1 answer, kept only where the
@@ -267,7 +285,12 @@ fn count_lines(path: &Path) -> usize {
 
 pub fn run(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.config).with_context(|| format!("--config {}", args.config.display()))?;
-    let cfg: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", args.config.display()))?;
+    let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", args.config.display()))?;
+    let device = args.device.clone().or(cfg.device.clone());
+    if let Some(d) = &device {
+        crate::cli::device::Device::parse(d)?;
+        set_device(&mut cfg, d);
+    }
     if !(0.0..=1.0).contains(&cfg.harmful_fraction) {
         bail!("--config {}: harmful_fraction must be in [0, 1], found {}", args.config.display(), cfg.harmful_fraction);
     }
@@ -301,7 +324,7 @@ pub fn run(args: Args) -> Result<()> {
             f("pairs.stats.json").display()
         );
     }
-    st.run("score", || score_pairs(&model, &f("pairs.jsonl"), &f("pairs.ref.jsonl")))?;
+    st.run("score", || score_pairs(&model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), device.as_deref()))?;
     st.run("train1", || train("train1", &cfg.train1, &model, &f("pairs.ref.jsonl"), &f("stage1"), seed))?;
     let stage1 = f("stage1").join("final");
     st.run("benign", || {
@@ -310,7 +333,7 @@ pub fn run(args: Args) -> Result<()> {
         let n = benign_pairs(&f("benign_base.jsonl"), &f("benign_stage1.jsonl"), &f("benign_pairs.jsonl"))?;
         eprintln!("benign: {n} prompts answered by the base model but refused by the stage-1 model");
         if n > 0 {
-            score_pairs(&model, &f("benign_pairs.jsonl"), &f("benign_pairs.ref.jsonl"))
+            score_pairs(&model, &f("benign_pairs.jsonl"), &f("benign_pairs.ref.jsonl"), device.as_deref())
         } else {
             jsonl::write_atomic(&f("benign_pairs.ref.jsonl"), Vec::<Value>::new()).map_err(Into::into)
         }

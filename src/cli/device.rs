@@ -1,0 +1,107 @@
+//! `--device cpu | sim | cuda[:N]`, shared by every subcommand that runs the model.
+//!
+//! - `cpu`: `CpuBackend<f32>`, the reference (rayon threads over the CPU cores).
+//! - `cuda` / `cuda:N`: `CudaBackend<Cudarc>` on GPU N (driver API + cuBLAS, kernels built by
+//!   NVRTC for the device's architecture). "No GPU" or "no NVRTC" is an error naming the flag.
+//! - `sim`: `CudaBackend<Sim>`: the same host code and PTX run in ptxsim on this CPU. Orders of
+//!   magnitude slower than either; meant for checking the CUDA path on tiny models.
+//!
+//! `with_backend!(device, be => { ... })` expands the block once per backend type, so the
+//! code that uses the model is written once and monomorphised for each backend.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, Cudarc, Sim};
+use anyhow::{bail, Context, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Sim,
+    Cuda(usize),
+}
+
+/// The help text of every `--device` flag.
+pub const HELP: &str = "Where to run: cpu (the reference, all cores), cuda or cuda:N (GPU N: CUDA driver + cuBLAS, kernels compiled by NVRTC at run time), or sim (the CUDA kernels in the PTX simulator on this CPU: very slow, for checking the CUDA path on tiny models)";
+
+impl Device {
+    /// Parses a `--device` value; errors name the flag and the accepted forms.
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "sim" => Ok(Device::Sim),
+            "cuda" => Ok(Device::Cuda(0)),
+            d => match d.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map(Device::Cuda).map_err(|_| anyhow::anyhow!("--device {d}: expected cuda:N with N a GPU ordinal (0, 1, ...)")),
+                None => bail!("--device {d}: unknown device (expected cpu, cuda, cuda:N or sim)"),
+            },
+        }
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        *self == Device::Cpu
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Sim => write!(f, "sim"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+pub fn cpu() -> Result<CpuBackend<f32>> {
+    Ok(CpuBackend::new())
+}
+
+pub fn sim() -> Result<CudaBackend<Sim>> {
+    eprintln!("note: --device sim runs every kernel in the PTX simulator: every instruction is interpreted on this CPU, so expect it to be far slower than --device cpu");
+    CudaBackend::sim().context("--device sim: the CUDA backend on the PTX simulator")
+}
+
+pub fn cuda(ordinal: usize) -> Result<CudaBackend<Cudarc>> {
+    CudaBackend::cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}"))
+}
+
+/// Runs `$body` with `$be` bound to the backend of `$dev` (a `Device`); the body's value (a
+/// `Result`) is the value of the whole expression. Errors creating the backend are returned
+/// with `?` from the enclosing function.
+#[macro_export]
+macro_rules! with_backend {
+    ($dev:expr, $be:ident => $body:block) => {
+        match $dev {
+            $crate::cli::device::Device::Cpu => {
+                let $be = $crate::cli::device::cpu()?;
+                $body
+            }
+            $crate::cli::device::Device::Sim => {
+                let $be = $crate::cli::device::sim()?;
+                $body
+            }
+            $crate::cli::device::Device::Cuda(n) => {
+                let $be = $crate::cli::device::cuda(n)?;
+                $body
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form_and_names_the_flag_on_errors() {
+        assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+        assert_eq!(Device::parse("sim").unwrap(), Device::Sim);
+        assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(0));
+        assert_eq!(Device::parse("cuda:3").unwrap(), Device::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            let e = Device::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--device {bad}:")), "{e}");
+        }
+        assert_eq!(Device::parse("cuda:2").unwrap().to_string(), "cuda:2");
+    }
+}
