@@ -76,6 +76,9 @@ struct Warp {
     arrive: Option<u8>,
     cp_pending: Vec<Pending>,
     cp_group: u32,
+    /// Lanes parked at a `bar.warp.sync` (resume PC in `lane_pc`) and the mask each waits on.
+    at_wsync: u32,
+    wsync_mask: [u32; 32],
 }
 
 #[derive(Default, Clone, Copy)]
@@ -331,6 +334,8 @@ impl Warp {
             arrive: None,
             cp_pending: Vec::new(),
             cp_group: 0,
+            at_wsync: 0,
+            wsync_mask: [0; 32],
         }
     }
 
@@ -477,6 +482,7 @@ fn run_cta(cx: &mut Ctx, warps: &mut [Warp], sh: &mut Shared, kidx: u32) -> Resu
         w.arrive = None;
         w.cp_pending.clear();
         w.cp_group = 0;
+        w.at_wsync = 0;
     }
     let mut bars = [Barrier::default(); 16];
     cx.epoch += 1;
@@ -813,6 +819,17 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
     for _ in 0..budget {
         if w.active == 0 && !w.resched() {
             // nothing runnable in this frame
+            if w.at_wsync != 0 {
+                // lanes parked at bar.warp.sync whose missing members have exited go on
+                let r = wsync_release(w);
+                if r != 0 {
+                    w.waiting |= r;
+                    continue;
+                }
+                if w.at_bar == 0 {
+                    return Err(wsync_deadlock(cx, w, "the lanes it waits for have finished this frame"));
+                }
+            }
             if w.returned != 0 && !w.frames.is_empty() && w.at_bar == 0 {
                 pop_frame(cx, w)?;
                 continue;
@@ -1101,7 +1118,7 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
                     if w.active != 0 {
                         w.pc += 1;
                     }
-                    if is_exit && w.frames.is_empty() && w.active == 0 && w.waiting == 0 && w.at_bar == 0 {
+                    if is_exit && w.frames.is_empty() && w.active == 0 && w.waiting == 0 && w.at_bar == 0 && w.at_wsync == 0 {
                         w.state = WState::Done;
                         if !w.cp_pending.is_empty() {
                             flush_cp(cx, w, sh, u32::MAX)?;
@@ -1120,6 +1137,9 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
             Op::Call { func, rets: _, args } => {
                 if mask != w.active {
                     return Err(cx.err(w, mask.trailing_zeros() as usize, line, "predicated call with a partial mask is not supported".into()));
+                }
+                if w.at_wsync != 0 {
+                    return Err(cx.err(w, mask.trailing_zeros() as usize, line, format!("call while lanes {:#010x} wait at bar.warp.sync is not supported", w.at_wsync)));
                 }
                 let callee = &cx.l.m.funcs[*func as usize];
                 let caller = &cx.l.m.funcs[w.func as usize];
@@ -1198,8 +1218,44 @@ fn run_warp(cx: &mut Ctx, w: &mut Warp, sh: &mut Shared, budget: u32) -> Result<
                 if w.resched() {
                     continue;
                 }
+                if w.at_wsync != 0 {
+                    let r = wsync_release(w);
+                    if r != 0 {
+                        w.waiting |= r;
+                        continue;
+                    }
+                    return Err(wsync_deadlock(cx, w, "lanes of its mask wait at a CTA barrier"));
+                }
                 w.state = WState::Bar(idv as u8);
                 return Ok(Stop::Blocked);
+            }
+            Op::WarpSync { mask: mm } => {
+                for l in lanes(mask) {
+                    let m = get!(cx, w, *mm, l) as u32;
+                    if m & (1 << l) == 0 {
+                        return Err(cx.err(w, l, line, format!("bar.warp.sync with membermask {m:#010x} executed by lane {l}, which is not in the mask")));
+                    }
+                    w.wsync_mask[l] = m;
+                    w.lane_pc[l] = w.pc + 1;
+                }
+                w.at_wsync |= mask;
+                let r = wsync_release(w);
+                if r == mask {
+                    // the common case: every member is here (converged); go on together
+                    w.pc += 1;
+                    if w.pc >= w.next_wait {
+                        w.resched();
+                    }
+                    continue;
+                }
+                // park the lanes still waiting; the released and guard-false lanes go on
+                for l in lanes(w.active & !mask) {
+                    w.lane_pc[l] = w.pc + 1;
+                }
+                w.waiting |= (w.active & !mask) | r;
+                w.active = 0;
+                w.resched();
+                continue;
             }
             Op::Shfl { mode, d, dp, a, b, c, mask: mm } => {
                 let l0 = mask.trailing_zeros().min(31) as usize;
@@ -1452,6 +1508,42 @@ fn reg_of(s: &Src) -> usize {
         Src::R(r) => *r as usize,
         _ => 0,
     }
+}
+
+/// Releases the lanes parked at `bar.warp.sync` whose mask is complete: every non-exited lane
+/// of the mask is parked with the same mask. Returns them (their resume PCs are in
+/// `lane_pc`); the caller puts them back to `waiting` (or runs them).
+fn wsync_release(w: &mut Warp) -> u32 {
+    let mut seen = 0u32;
+    let mut released = 0u32;
+    for l in lanes(w.at_wsync) {
+        if seen & (1 << l) != 0 {
+            continue;
+        }
+        let m = w.wsync_mask[l];
+        let mut group = 0u32;
+        for k in lanes(w.at_wsync & m) {
+            if w.wsync_mask[k] == m {
+                group |= 1 << k;
+            }
+        }
+        seen |= group;
+        if m & !w.exited & !group == 0 {
+            released |= group;
+        }
+    }
+    w.at_wsync &= !released;
+    released
+}
+
+fn wsync_deadlock(cx: &Ctx, w: &Warp, why: &str) -> Error {
+    let l = w.at_wsync.trailing_zeros() as usize;
+    let m = w.wsync_mask[l];
+    let line = cx.l.m.code[(w.lane_pc[l] - 1) as usize].line;
+    cx.err(w, l, line, format!(
+        "deadlock: lanes {:#010x} wait at bar.warp.sync for lanes {:#010x} of membermask {m:#010x}, but {why}",
+        w.at_wsync, m & !w.exited & !w.at_wsync
+    ))
 }
 
 fn check_converged(cx: &Ctx, w: &Warp, mask: u32, member: u32, line: u32, what: &str) -> Result<(), Error> {

@@ -238,6 +238,9 @@ pub(crate) enum Op {
     Atom { sp: Space, op: AtomOp, ty: Ty, d: Option<Reg>, addr: Addr, b: Src, c: Src },
     Bra { t: u32 },
     Bar { id: Src, cnt: Option<Src>, arrive: bool, red: Option<(u8, Reg, Src, bool)> },
+    /// `bar.warp.sync membermask` (`__syncwarp`): each executing lane waits until every
+    /// non-exited lane of its mask has executed a `bar.warp.sync` with the same mask.
+    WarpSync { mask: Src },
     Shfl { mode: ShflMode, d: Reg, dp: Option<Reg>, a: Src, b: Src, c: Src, mask: Src },
     Vote { mode: VoteMode, d: Reg, a: Src, neg: bool, mask: Src },
     Activemask { d: Reg },

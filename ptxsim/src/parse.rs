@@ -1024,6 +1024,11 @@ impl Dec<'_> {
             "trap" | "brkpt" => Ok((Op::Trap, Class::Other)),
             "membar" | "fence" | "prefetch" | "prefetchu" | "nanosleep" | "pmevent" | "griddepcontrol" => Ok((Op::Nop, Class::Other)),
             "bar" | "barrier" => {
+                if has("warp") {
+                    // bar.warp.sync membermask
+                    need(1)?;
+                    return Ok((Op::WarpSync { mask: self.src(&ops[0], None)? }, Class::Barrier));
+                }
                 let arrive = has("arrive");
                 if has("red") {
                     // bar.red.{popc,and,or}.{u32,pred} d, id, [cnt,] p
