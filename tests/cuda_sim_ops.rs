@@ -39,6 +39,9 @@ op_tests!(
     matmul, add_assign, embedding, embedding_bwd, rmsnorm, rmsnorm_bwd, bias_add, bias_bwd, rope, swiglu, swiglu_bwd, attention,
     attention_bwd, lm_head_logprobs, lm_head_bwd, kv_write, kv_copy_blocks, paged_attention
 );
+op_tests!(
+    sum_squares, adamw, sgd
+);
 
 #[test]
 fn every_op_has_a_test() {

@@ -91,6 +91,36 @@ pub struct PagedSeq {
     pub table_start: usize,
 }
 
+/// One AdamW update of one tensor: PyTorch's `AdamW` with decoupled weight decay, as
+/// `train::optim::Optimizer` applies it, with the gradient scaled first (the clipping factor):
+/// `g' = g * grad_scale; m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g' g';
+/// p *= 1 - lr wd; p -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)`. The coefficients are
+/// computed in f64 and rounded once to the buffer's scalar; every operation after that is
+/// rounded to the scalar in this order (f32 buffers: no fused multiply-adds), so the CPU
+/// reference and the kernels agree bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamwStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay of this tensor (0 for norms and biases).
+    pub weight_decay: f64,
+    /// Gradients are multiplied by this first (the global-norm clipping factor; 1 = off).
+    pub grad_scale: f64,
+    /// Bias corrections `1 - beta1^t` and `1 - beta2^t` of update `t` (1-based).
+    pub bc1: f64,
+    pub bc2: f64,
+}
+
+impl AdamwStep {
+    /// `[grad_scale, beta1, beta2, 1 - lr * wd, lr / bc1, sqrt(bc2), eps]` in f64, each to be
+    /// rounded once to the backend's scalar (`1 - b1` and `1 - b2` are then formed in it).
+    pub fn coefficients(&self) -> [f64; 7] {
+        [self.grad_scale, self.beta1, self.beta2, 1.0 - self.lr * self.weight_decay, self.lr / self.bc1, self.bc2.sqrt(), self.eps]
+    }
+}
+
 /// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
 pub trait Backend: Send + Sync {
     /// A device buffer of scalars (f32 on the CPU reference, bf16/f32 on CUDA).
@@ -252,5 +282,29 @@ pub trait Backend: Send + Sync {
         let mut o = self.download(out);
         cpu::kv::attention(&self.download(q), &self.download(cache), seqs, block_table, geom, dims, &mut o);
         *out = self.upload(&o);
+    }
+
+    // ---- optimizer (src/train/optim.rs; fp32 master weights and moments on the backend) ----
+
+    /// `sum_i x[i]^2` accumulated in f64 (the global gradient norm is the square root of the
+    /// sum over all gradients). The default goes through the host: backends override it.
+    fn sum_squares(&self, x: &Self::Buf) -> f64 {
+        cpu::optim::sum_squares(&self.download_f64(x))
+    }
+
+    /// One AdamW update in place (see `AdamwStep`): p (master weights), m, v (moments) and g
+    /// all `[n]`. The default goes through the host (correct, slow): backends override it.
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamwStep) {
+        let (mut ph, mut mh, mut vh) = (self.download(p), self.download(m), self.download(v));
+        cpu::optim::adamw(&mut ph, &self.download(g), &mut mh, &mut vh, h);
+        (*p, *m, *v) = (self.upload(&ph), self.upload(&mh), self.upload(&vh));
+    }
+
+    /// One SGD update in place: `p -= lr * (g * grad_scale + weight_decay * p)` (f32 order as
+    /// in `adamw`); p, g `[n]`. The default goes through the host: backends override it.
+    fn sgd(&self, p: &mut Self::Buf, g: &Self::Buf, lr: f64, weight_decay: f64, grad_scale: f64) {
+        let mut ph = self.download(p);
+        cpu::optim::sgd(&mut ph, &self.download(g), lr, weight_decay, grad_scale);
+        *p = self.upload(&ph);
     }
 }

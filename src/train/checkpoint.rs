@@ -5,7 +5,9 @@
 //! PEFT `adapter_model.safetensors` + `adapter_config.json` for LoRA), `optimizer.safetensors`
 //! (AdamW moments `m.<k>.<name>` / `v.<k>.<name>`, f32) and `trainer_state.json` (step,
 //! config, data-order digest, the current epoch's order and the RNG seed). Resuming restores
-//! all of it, so N steps straight equal N/2 + resume + N/2 bit for bit.
+//! all of it, so N steps straight equal N/2 + resume + N/2 bit for bit. Full fine-tuning
+//! keeps its master weights and moments on the backend: they are downloaded here at save time
+//! and uploaded on load.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::data::{epoch_order, TrainPair};
 use super::st::{read_f32_tensors, write_f32_safetensors, write_file_synced};
 use super::trainer::{Trainable, TrainConfig, Trainer};
-use super::TrainError;
+use super::{OptimKind, TrainError};
 use crate::backend::Backend;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,15 +107,13 @@ fn weights_file<B: Backend>(t: &Trainer<B>) -> &'static str {
 /// goes into adapter_config.json.
 pub fn write_files<B: Backend>(t: &Trainer<B>, dir: &Path, base_model: &str) -> Result<(), TrainError> {
     match &t.trainable {
-        Trainable::Full { .. } => {
-            let tensors: Vec<_> = t.trainable_tensors().into_iter().map(|(n, s, d)| (n, s, d.to_vec())).collect();
-            write_f32_safetensors(&dir.join("model.safetensors"), &tensors)?;
-        }
+        Trainable::Full { .. } => write_f32_safetensors(&dir.join("model.safetensors"), &t.trainable_tensors())?,
         Trainable::Lora(l) => l.save_peft(dir, base_model)?,
     }
-    let names: Vec<String> = t.trainable_tensors().into_iter().map(|x| x.0).collect();
+    let names: Vec<String> = t.trainable_sizes().into_iter().map(|x| x.0).collect();
+    let (m, v) = t.moments();
     let mut moments = Vec::new();
-    for (which, m) in [("m", &t.optim.m), ("v", &t.optim.v)] {
+    for (which, m) in [("m", &m), ("v", &v)] {
         for (k, (n, data)) in names.iter().zip(m.iter()).enumerate() {
             moments.push((format!("{which}.{k}.{n}"), vec![data.len()], data.clone()));
         }
@@ -186,29 +186,31 @@ pub fn load<B: Backend>(t: &mut Trainer<B>, dir: &Path) -> Result<(), TrainError
     let mut w = read_f32_tensors(&wpath)?;
     let opath = dir.join("optimizer.safetensors");
     let mut o = read_f32_tensors(&opath)?;
-    let names: Vec<(String, usize)> = t.trainable_tensors().into_iter().map(|x| (x.0, x.2.len())).collect();
-    let adam = !t.optim.m.is_empty();
-    for ((name, n), dst) in names.iter().zip(t.trainable_tensors_mut()) {
+    let names = t.trainable_sizes();
+    let mut values = Vec::new();
+    for (name, n) in &names {
         let (_, data) = w.remove(name).ok_or_else(|| TrainError::Checkpoint(format!("{}: missing tensor {name}", wpath.display())))?;
         if data.len() != *n {
             return Err(TrainError::Checkpoint(format!("{}: tensor {name} has {} values, expected {n}", wpath.display(), data.len())));
         }
-        *dst = data;
+        values.push(data);
     }
-    if adam {
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    if t.cfg.optim.kind == OptimKind::Adamw {
         for (k, (name, n)) in names.iter().enumerate() {
-            for (which, store) in [("m", &mut t.optim.m), ("v", &mut t.optim.v)] {
+            for (which, store) in [("m", &mut m), ("v", &mut v)] {
                 let key = format!("{which}.{k}.{name}");
                 let (_, data) = o.remove(&key).ok_or_else(|| TrainError::Checkpoint(format!("{}: missing tensor {key}", opath.display())))?;
                 if data.len() != *n {
                     return Err(TrainError::Checkpoint(format!("{}: {key} has {} values, expected {n}", opath.display(), data.len())));
                 }
-                store[k] = data;
+                store.push(data);
             }
         }
     }
+    t.set_trainable(values);
+    t.set_moments(m, v);
     t.optim.steps = st.optimizer_steps;
     t.step = st.step;
-    t.sync_model();
     Ok(())
 }

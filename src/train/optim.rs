@@ -1,9 +1,18 @@
-//! Optimisers on host f32 master weights: AdamW (f32 moments, PyTorch's formula with
-//! decoupled weight decay) and plain SGD (for debugging and gradient tests), global-norm
-//! gradient clipping, and the learning-rate schedule (cosine with linear warm-up, as
-//! transformers' `get_cosine_schedule_with_warmup`, or constant).
+//! Optimizer settings and state: AdamW (f32 moments, PyTorch's formula with decoupled weight
+//! decay) and plain SGD (for debugging and gradient tests), global-norm gradient clipping, and
+//! the learning-rate schedule (cosine with linear warm-up, as transformers'
+//! `get_cosine_schedule_with_warmup`, or constant).
+//!
+//! The update itself is a `Backend` op (`adamw`, `sgd`, with `sum_squares` for the norm; the
+//! formula is documented on `backend::AdamwStep`). Full fine-tuning runs it on the backend's
+//! master weights and moments (src/train/trainer.rs); `Optimizer` holds the step count, and
+//! host moments only for the small LoRA adapters, which it updates with the same CPU
+//! reference functions (src/backend/cpu/optim.rs).
 
 use serde::{Deserialize, Serialize};
+
+use crate::backend::cpu::optim::{adamw, sgd};
+use crate::backend::AdamwStep;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -61,14 +70,16 @@ pub struct Param<'a> {
     pub decay: bool,
 }
 
-/// Optimizer state: one (m, v) pair of f32 moments per trainable tensor, in a fixed order.
+/// Optimizer state: the update count, and for host tensors (LoRA adapters) one (m, v) pair of
+/// f32 moments per tensor, in a fixed order. Full fine-tuning keeps its moments as backend
+/// buffers instead (`trainer::Trainable::Full`) and leaves `m`, `v` empty.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Optimizer {
     pub cfg: OptimConfig,
     /// Number of updates applied so far (AdamW bias correction uses t = steps + 1).
     pub steps: u64,
-    pub m: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD
-    pub v: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD
+    pub m: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD and for backend-held moments
+    pub v: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD and for backend-held moments
 }
 
 /// The global L2 norm of all gradients (f64 accumulation).
@@ -96,36 +107,33 @@ impl Optimizer {
         Self { cfg, steps: 0, m: moments(), v: moments() }
     }
 
-    /// Applies one update with learning rate `lr`, gradients pre-multiplied by `grad_scale`
-    /// (the clipping factor). `params` must come in the same order every step.
-    pub fn step(&mut self, params: Vec<Param>, lr: f64, grad_scale: f64) {
+    /// The AdamW hyper-parameters of the next update (t = steps + 1) with learning rate `lr`,
+    /// gradients multiplied by `grad_scale`, and the configured weight decay (callers set it
+    /// to 0 for tensors that do not decay).
+    pub fn hparams(&self, lr: f64, grad_scale: f64) -> AdamwStep {
         let c = self.cfg;
         let t = self.steps as i32 + 1;
-        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        let gs = grad_scale as f32;
+        AdamwStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            grad_scale,
+            bc1: 1.0 - c.beta1.powi(t),
+            bc2: 1.0 - c.beta2.powi(t),
+        }
+    }
+
+    /// Applies one update to host tensors with learning rate `lr`, gradients pre-multiplied by
+    /// `grad_scale` (the clipping factor). `params` must come in the same order every step.
+    pub fn step(&mut self, params: Vec<Param>, lr: f64, grad_scale: f64) {
+        let h = self.hparams(lr, grad_scale);
         for (i, p) in params.into_iter().enumerate() {
-            let wd = if p.decay { c.weight_decay } else { 0.0 };
-            match c.kind {
-                OptimKind::Sgd => {
-                    let (lr, wd) = (lr as f32, wd as f32);
-                    for (w, &g) in p.data.iter_mut().zip(p.grad) {
-                        *w -= lr * (g * gs + wd * *w);
-                    }
-                }
-                OptimKind::Adamw => {
-                    let (m, v) = (&mut self.m[i], &mut self.v[i]);
-                    let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-                    let decay = (1.0 - lr * wd) as f32;
-                    let step = (lr / bc1) as f32;
-                    let bc2_sqrt = bc2.sqrt() as f32;
-                    for (((w, &g), m), v) in p.data.iter_mut().zip(p.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-                        let g = g * gs;
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        *w *= decay;
-                        *w -= step * *m / ((*v).sqrt() / bc2_sqrt + eps);
-                    }
-                }
+            let wd = if p.decay { h.weight_decay } else { 0.0 };
+            match self.cfg.kind {
+                OptimKind::Sgd => sgd(p.data, p.grad, lr, wd, grad_scale),
+                OptimKind::Adamw => adamw(p.data, p.grad, &mut self.m[i], &mut self.v[i], &AdamwStep { weight_decay: wd, ..h }),
             }
         }
         self.steps += 1;

@@ -3,20 +3,26 @@
 //! A step takes `batch_size` pairs in the seeded epoch order, runs them in micro-batches of
 //! `micro_batch_size` pairs (each micro-batch one packed forward + backward; gradients
 //! accumulate in the backend's gradient buffers), scales the loss so that the accumulated
-//! gradient is exactly the gradient of the whole batch's loss, downloads the gradients of the
-//! trainable tensors (all weights, or LoRA A/B after projection), checks them, clips by the
-//! global norm, and applies AdamW/SGD to host f32 master weights, which are then uploaded
-//! (LoRA: the merged `W0 + s B A` of each adapted matrix).
+//! gradient is exactly the gradient of the whole batch's loss, then checks, clips and applies
+//! the update:
+//! - full fine-tuning, on the backend: the global norm from `Backend::sum_squares` of every
+//!   gradient buffer (one f64 per tensor comes back), then `Backend::adamw` / `sgd` on the
+//!   model's own weight buffers (the fp32 master weights) and the AdamW moments, which are
+//!   backend buffers too. No weight or gradient crosses to the host during a step;
+//!   checkpoints download them at save time.
+//! - LoRA, on the host: the adapters are small, so their projected gradients are downloaded,
+//!   updated by the same CPU reference arithmetic (`Optimizer::step`), and the merged
+//!   `W0 + s B A` of each adapted matrix is uploaded.
 
 use serde::{Deserialize, Serialize};
 
 use super::data::{epoch_order, TrainPair};
 use super::lora::{Lora, LoraConfig};
 use super::loss::{dpo_loss_part, BatchLoss, PairLogps};
-use super::optim::{clip_factor, global_norm, OptimConfig, Optimizer, Param};
+use super::optim::{clip_factor, global_norm, OptimConfig, OptimKind, Optimizer, Param};
 use super::TrainError;
-use crate::backend::Backend;
-use crate::model::transformer::{Batch, Transformer};
+use crate::backend::{AdamwStep, Backend};
+use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,17 +64,39 @@ pub struct StepMetrics {
 }
 
 /// The tensors the optimizer updates.
-pub enum Trainable {
-    /// All weights, in `ModelWeights::for_each` order, with their HF names.
-    Full { names: Vec<String>, master: Vec<HostTensor> },
+pub enum Trainable<B: Backend> {
+    /// All weights, in `ModelWeights::for_each` order, with their HF names and shapes. The
+    /// fp32 master weights are the model's own weight buffers (every backend stores f32 or
+    /// wider today; bf16 weight storage would add an fp32 master copy here), and `m`, `v` are
+    /// the AdamW moments as backend buffers, one per weight (empty for SGD).
+    Full { names: Vec<String>, shapes: Vec<Vec<usize>>, m: Vec<B::Buf>, v: Vec<B::Buf> },
+    /// LoRA adapters, kept and updated on the host (see the module docs).
     Lora(Lora),
+}
+
+impl<B: Backend> Trainable<B> {
+    /// Full fine-tuning of every weight of `model`, with zero moments for AdamW.
+    pub fn full(model: &Transformer<B>, kind: OptimKind) -> Self {
+        let (mut names, mut shapes, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        expected_shapes(&model.cfg, model.weights.lm_head.is_some(), |_, s| shapes.push(s));
+        model.weights.for_each(|n, w| {
+            names.push(n.to_string());
+            if kind == OptimKind::Adamw {
+                let len = model.backend.len(w);
+                m.push(model.backend.zeros(len));
+                v.push(model.backend.zeros(len));
+            }
+        });
+        assert_eq!(names.len(), shapes.len(), "weights vs expected shapes of the model config");
+        Trainable::Full { names, shapes, m, v }
+    }
 }
 
 pub struct Trainer<B: Backend> {
     pub model: Transformer<B>,
     pub cfg: TrainConfig,
     pub pairs: Vec<TrainPair>,
-    pub trainable: Trainable,
+    pub trainable: Trainable<B>,
     pub optim: Optimizer,
     /// Optimizer steps completed.
     pub step: usize,
@@ -78,28 +106,29 @@ impl<B: Backend> Trainer<B> {
     /// Full fine-tuning, or LoRA with PEFT's init (seeded by `cfg.seed`) when `cfg.lora` is set.
     pub fn new(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig) -> Result<Self, TrainError> {
         let trainable = match &cfg.lora {
-            None => {
-                let host = model.host_weights();
-                let (mut names, mut master) = (Vec::new(), Vec::new());
-                host.for_each(|n, t| {
-                    names.push(n.to_string());
-                    master.push(t.clone());
-                });
-                Trainable::Full { names, master }
-            }
+            None => Trainable::full(&model, cfg.optim.kind),
             Some(lc) => Trainable::Lora(Lora::init(lc.clone(), &model.cfg, &model.host_weights(), cfg.seed)?),
         };
         Self::with_trainable(model, pairs, cfg, trainable)
     }
 
     /// With explicit trainable state (LoRA adapters loaded or fixed by a test).
-    pub fn with_trainable(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, trainable: Trainable) -> Result<Self, TrainError> {
+    pub fn with_trainable(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, trainable: Trainable<B>) -> Result<Self, TrainError> {
         check_config(&cfg, pairs.len())?;
-        let sizes: Vec<usize> = match &trainable {
-            Trainable::Full { master, .. } => master.iter().map(|t| t.numel()).collect(),
+        let host_sizes: Vec<usize> = match &trainable {
+            Trainable::Full { names, m, v, .. } => {
+                let want = if cfg.optim.kind == OptimKind::Adamw { names.len() } else { 0 };
+                if m.len() != want || v.len() != want {
+                    return Err(TrainError::Config(format!(
+                        "full fine-tuning state has {} / {} moment buffers for {} weights; expected {want} ({:?})",
+                        m.len(), v.len(), names.len(), cfg.optim.kind
+                    )));
+                }
+                Vec::new() // moments live on the backend
+            }
             Trainable::Lora(l) => l.adapters.iter().flat_map(|a| [a.a.len(), a.b.len()]).collect(),
         };
-        let optim = Optimizer::new(cfg.optim, &sizes);
+        let optim = Optimizer::new(cfg.optim, &host_sizes);
         let mut t = Self { model, cfg, pairs, trainable, optim, step: 0 };
         t.check_memory()?;
         t.sync_model();
@@ -126,11 +155,17 @@ impl<B: Backend> Trainer<B> {
         order[k * self.cfg.batch_size..end].to_vec()
     }
 
-    /// Names and tensors the optimizer updates, in optimizer order (for checkpoints).
-    pub fn trainable_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+    /// Names, shapes and values of the tensors the optimizer updates, in optimizer order (for
+    /// checkpoints and tests). Full fine-tuning downloads the master weights.
+    pub fn trainable_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         match &self.trainable {
-            Trainable::Full { names, master } => {
-                names.iter().zip(master).map(|(n, t)| (n.clone(), t.shape.clone(), &t.data[..])).collect()
+            Trainable::Full { names, shapes, .. } => {
+                let mut out = Vec::new();
+                self.model.weights.for_each(|_, w| {
+                    let k = out.len();
+                    out.push((names[k].clone(), shapes[k].clone(), self.model.backend.download(w)));
+                });
+                out
             }
             Trainable::Lora(l) => l
                 .adapters
@@ -138,54 +173,99 @@ impl<B: Backend> Trainer<B> {
                 .flat_map(|a| {
                     let p = a.peft_prefix();
                     [
-                        (format!("{p}.lora_A.weight"), vec![l.cfg.rank, a.inp], &a.a[..]),
-                        (format!("{p}.lora_B.weight"), vec![a.out, l.cfg.rank], &a.b[..]),
+                        (format!("{p}.lora_A.weight"), vec![l.cfg.rank, a.inp], a.a.clone()),
+                        (format!("{p}.lora_B.weight"), vec![a.out, l.cfg.rank], a.b.clone()),
                     ]
                 })
                 .collect(),
         }
     }
 
-    /// Mutable views of the trainable tensors, in optimizer order.
-    pub fn trainable_tensors_mut(&mut self) -> Vec<&mut Vec<f32>> {
-        match &mut self.trainable {
-            Trainable::Full { master, .. } => master.iter_mut().map(|t| &mut t.data).collect(),
-            Trainable::Lora(l) => l.adapters.iter_mut().flat_map(|a| [&mut a.a, &mut a.b]).collect(),
+    /// Names and element counts of the trainable tensors, in optimizer order (no transfers).
+    pub fn trainable_sizes(&self) -> Vec<(String, usize)> {
+        match &self.trainable {
+            Trainable::Full { names, shapes, .. } => names.iter().zip(shapes).map(|(n, s)| (n.clone(), s.iter().product())).collect(),
+            Trainable::Lora(l) => l
+                .adapters
+                .iter()
+                .flat_map(|a| {
+                    let p = a.peft_prefix();
+                    [(format!("{p}.lora_A.weight"), a.a.len()), (format!("{p}.lora_B.weight"), a.b.len())]
+                })
+                .collect(),
         }
     }
 
-    /// Uploads the master weights (LoRA: the merged adapted matrices) into the model.
-    pub fn sync_model(&mut self) {
-        let be = &self.model.backend;
-        match &self.trainable {
-            Trainable::Full { master, .. } => {
-                let mut i = 0;
-                self.model.weights.for_each_mut(|_, buf| {
-                    *buf = be.upload(&master[i].data);
-                    i += 1;
-                });
+    /// Replaces the trainable tensors (optimizer order, sizes as `trainable_sizes`) and
+    /// updates the model: uploads the master weights, or the merged LoRA matrices.
+    pub fn set_trainable(&mut self, values: Vec<Vec<f32>>) {
+        let sizes = self.trainable_sizes();
+        assert_eq!(values.len(), sizes.len(), "set_trainable: {} tensors for {} trainable", values.len(), sizes.len());
+        for ((n, len), x) in sizes.iter().zip(&values) {
+            assert_eq!(x.len(), *len, "set_trainable: {n} has {} values, expected {len}", x.len());
+        }
+        match &mut self.trainable {
+            Trainable::Full { .. } => {
+                let be = &self.model.backend;
+                let mut it = values.into_iter();
+                self.model.weights.for_each_mut(|_, w| *w = be.upload(&it.next().unwrap()));
             }
             Trainable::Lora(l) => {
-                for (i, ad) in l.adapters.iter().enumerate() {
-                    *ad.target.get_mut(&mut self.model.weights.layers[ad.layer]) = be.upload(&l.merged(i));
+                let mut it = values.into_iter();
+                for a in l.adapters.iter_mut() {
+                    a.a = it.next().unwrap();
+                    a.b = it.next().unwrap();
                 }
             }
         }
+        self.sync_model();
     }
 
-    /// The weights to save: the master weights, or the base with the adapters merged in.
-    pub fn export_weights(&self) -> ModelWeights<HostTensor> {
-        let host = self.model.host_weights();
+    /// The AdamW moments `(m, v)` per trainable tensor, in optimizer order, on the host
+    /// (downloaded for full fine-tuning); empty for SGD.
+    pub fn moments(&self) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         match &self.trainable {
-            Trainable::Full { master, .. } => {
-                let mut i = 0;
-                host.map(|_| {
-                    i += 1;
-                    master[i - 1].clone()
-                })
+            Trainable::Full { m, v, .. } => {
+                let be = &self.model.backend;
+                (m.iter().map(|b| be.download(b)).collect(), v.iter().map(|b| be.download(b)).collect())
             }
-            Trainable::Lora(_) => host, // the model already holds the merged matrices
+            Trainable::Lora(_) => (self.optim.m.clone(), self.optim.v.clone()),
         }
+    }
+
+    /// Replaces the AdamW moments (as returned by `moments`).
+    pub fn set_moments(&mut self, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
+        let sizes = self.trainable_sizes();
+        let want = if self.cfg.optim.kind == OptimKind::Adamw { sizes.len() } else { 0 };
+        assert!(m.len() == want && v.len() == want, "set_moments: {} / {} tensors, expected {want}", m.len(), v.len());
+        for (((n, len), a), b) in sizes.iter().zip(&m).zip(&v) {
+            assert!(a.len() == *len && b.len() == *len, "set_moments: {n} has {} / {} values, expected {len}", a.len(), b.len());
+        }
+        match &mut self.trainable {
+            Trainable::Full { m: md, v: vd, .. } => {
+                let be = &self.model.backend;
+                *md = m.iter().map(|x| be.upload(x)).collect();
+                *vd = v.iter().map(|x| be.upload(x)).collect();
+            }
+            Trainable::Lora(_) => (self.optim.m, self.optim.v) = (m, v),
+        }
+    }
+
+    /// Uploads the merged LoRA matrices into the model (full fine-tuning: nothing to do, the
+    /// model's weight buffers are the master weights).
+    pub fn sync_model(&mut self) {
+        let be = &self.model.backend;
+        if let Trainable::Lora(l) = &self.trainable {
+            for (i, ad) in l.adapters.iter().enumerate() {
+                *ad.target.get_mut(&mut self.model.weights.layers[ad.layer]) = be.upload(&l.merged(i));
+            }
+        }
+    }
+
+    /// The weights to save: the master weights, or the base with the adapters merged in (what
+    /// the model holds in both cases).
+    pub fn export_weights(&self) -> ModelWeights<HostTensor> {
+        self.model.host_weights()
     }
 
     /// Loss of the pairs `idx` as one optimizer batch, and the gradient of that loss w.r.t.
@@ -266,31 +346,12 @@ impl<B: Backend> Trainer<B> {
         }
         let idx = self.batch_indices(step);
         let (loss, grads, tokens) = self.loss_and_grads(&idx, step + 1)?;
-        let g = self.trainable_grads(&grads);
-        drop(grads);
-        let norm = global_norm(g.iter().map(|x| &x[..]));
-        if !norm.is_finite() {
-            return Err(self.non_finite(step + 1, "gradient norm", norm, &idx));
-        }
         let lr = self.cfg.optim.lr_at(step, total_steps);
-        let scale = clip_factor(norm, self.cfg.optim.max_grad_norm);
-        let decay: Vec<bool> = match &self.trainable {
-            Trainable::Full { master, .. } => master.iter().map(|t| t.shape.len() >= 2).collect(),
-            Trainable::Lora(l) => vec![true; 2 * l.adapters.len()],
+        let norm = if matches!(self.trainable, Trainable::Full { .. }) {
+            self.update_full(&grads, lr, &idx)?
+        } else {
+            self.update_lora(&grads, lr, &idx)?
         };
-        let mut optim = std::mem::replace(&mut self.optim, Optimizer::new(self.cfg.optim, &[]));
-        {
-            let params: Vec<Param> = self
-                .trainable_tensors_mut()
-                .into_iter()
-                .zip(&g)
-                .zip(&decay)
-                .map(|((data, grad), &decay)| Param { data: &mut data[..], grad, decay })
-                .collect();
-            optim.step(params, lr, scale);
-        }
-        self.optim = optim;
-        self.sync_model();
         self.step += 1;
         Ok(StepMetrics {
             step: self.step,
@@ -309,6 +370,58 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// Full fine-tuning update on the backend: global norm (f64 sum of per-tensor sums of
+    /// squares), clipping factor, then AdamW/SGD on every weight buffer in place. Returns the
+    /// norm before clipping; a non-finite norm updates nothing.
+    fn update_full(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
+        let be = &self.model.backend;
+        let mut g: Vec<&B::Buf> = Vec::new(); // in ModelWeights::for_each order
+        grads.for_each(|_, x| g.push(x));
+        let norm = g.iter().map(|x| be.sum_squares(x)).sum::<f64>().sqrt();
+        if !norm.is_finite() {
+            return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));
+        }
+        let scale = clip_factor(norm, self.cfg.optim.max_grad_norm);
+        let h = self.optim.hparams(lr, scale);
+        let kind = self.cfg.optim.kind;
+        let Trainable::Full { shapes, m, v, .. } = &mut self.trainable else { unreachable!("update_full on LoRA") };
+        let mut i = 0;
+        self.model.weights.for_each_mut(|_, w| {
+            // Weight decay on matrices, not on norms and biases (transformers' convention).
+            let wd = if shapes[i].len() >= 2 { h.weight_decay } else { 0.0 };
+            match kind {
+                OptimKind::Adamw => be.adamw(w, g[i], &mut m[i], &mut v[i], &AdamwStep { weight_decay: wd, ..h }),
+                OptimKind::Sgd => be.sgd(w, g[i], lr, wd, scale),
+            }
+            i += 1;
+        });
+        assert_eq!(i, g.len(), "one gradient per weight");
+        self.optim.steps += 1;
+        Ok(norm)
+    }
+
+    /// LoRA update on the host: download the projected adapter gradients, clip, update the
+    /// adapters with `Optimizer::step`, upload the merged matrices. Returns the norm.
+    fn update_lora(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
+        let g = self.trainable_grads(grads);
+        let norm = global_norm(g.iter().map(|x| &x[..]));
+        if !norm.is_finite() {
+            return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));
+        }
+        let scale = clip_factor(norm, self.cfg.optim.max_grad_norm);
+        let Trainable::Lora(l) = &mut self.trainable else { unreachable!("update_lora on full fine-tuning") };
+        let params: Vec<Param> = l
+            .adapters
+            .iter_mut()
+            .flat_map(|a| [&mut a.a, &mut a.b])
+            .zip(&g)
+            .map(|(data, grad)| Param { data: &mut data[..], grad, decay: true })
+            .collect();
+        self.optim.step(params, lr, scale);
+        self.sync_model();
+        Ok(norm)
+    }
+
     fn non_finite(&self, step: usize, what: &str, value: f64, idx: &[usize]) -> TrainError {
         let ids = idx.iter().map(|&i| self.pairs[i].id.as_str()).collect::<Vec<_>>().join(", ");
         TrainError::NonFinite { step, what: what.into(), value, ids }
@@ -325,8 +438,13 @@ impl<B: Backend> Trainer<B> {
             super::OptimKind::Adamw => 2,
             super::OptimKind::Sgd => 0,
         };
-        let trainable: usize = self.trainable_tensors().iter().map(|t| t.2.len()).sum();
-        let fixed = (2 * params + (1 + moments) * trainable) as u64 * elem;
+        let trainable: usize = self.trainable_sizes().iter().map(|t| t.1).sum();
+        // Full fine-tuning: the weights are the master weights; LoRA adds host masters.
+        let master = match self.trainable {
+            Trainable::Full { .. } => 0,
+            Trainable::Lora(_) => 1,
+        };
+        let fixed = (2 * params + (master + moments) * trainable) as u64 * elem;
         let per_layer = 4 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate_size + c.num_heads + 2
             + if c.qk_norm { c.q_dim() + c.kv_dim() } else { 0 };
         let per_token = (c.num_layers * per_layer + 3 * c.hidden_size + 2 * c.intermediate_size) as u64 * elem;

@@ -5,6 +5,7 @@
 pub(crate) mod attention;
 pub(crate) mod kv;
 mod lm_head;
+pub(crate) mod optim;
 
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
 use num_traits::{Float, FromPrimitive, ToPrimitive};
@@ -276,5 +277,17 @@ impl<F: Elem> Backend for CpuBackend<F> {
 
     fn paged_attention(&self, q: &Vec<F>, cache: &Vec<F>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut Vec<F>) {
         kv::attention(q, cache, seqs, block_table, geom, dims, out)
+    }
+
+    fn sum_squares(&self, x: &Vec<F>) -> f64 {
+        optim::sum_squares(x)
+    }
+
+    fn adamw(&self, p: &mut Vec<F>, g: &Vec<F>, m: &mut Vec<F>, v: &mut Vec<F>, h: &crate::backend::AdamwStep) {
+        optim::adamw(p, g, m, v, h)
+    }
+
+    fn sgd(&self, p: &mut Vec<F>, g: &Vec<F>, lr: f64, weight_decay: f64, grad_scale: f64) {
+        optim::sgd(p, g, lr, weight_decay, grad_scale)
     }
 }

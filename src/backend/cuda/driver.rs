@@ -3,7 +3,7 @@
 //! PTX loaded with cuModuleLoadData (the driver JIT-compiles it for the device). Checks that
 //! libcuda is loadable before touching it, so "no GPU" is an error, not a panic.
 
-use super::gpu::{Arg, DevPtr, Gemm, Gpu, GpuError};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
@@ -17,6 +17,9 @@ pub struct Cudarc {
     arch: String,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
     funcs: Mutex<HashMap<(String, String), sys::CUfunction>>,
+    /// Created streams by id (0, the default stream, is the null stream) and the current one.
+    streams: Mutex<(HashMap<StreamId, sys::CUstream>, StreamId)>,
+    events: Mutex<(HashMap<EventId, sys::CUevent>, EventId)>,
 }
 
 // The context and handles are used under `set_current` on every call; the maps are locked.
@@ -53,7 +56,25 @@ impl Cudarc {
             arch: format!("compute_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
+            streams: Mutex::new((HashMap::new(), 0)),
+            events: Mutex::new((HashMap::new(), 0)),
         })
+    }
+
+    fn stream(&self, s: StreamId) -> Result<sys::CUstream, GpuError> {
+        if s == 0 {
+            return Ok(drv::stream::null());
+        }
+        self.streams.lock().unwrap().0.get(&s).copied().ok_or_else(|| err(format!("stream {s} was never created")))
+    }
+
+    fn current(&self) -> Result<sys::CUstream, GpuError> {
+        let cur = self.streams.lock().unwrap().1;
+        self.stream(cur)
+    }
+
+    fn event(&self, e: EventId) -> Result<sys::CUevent, GpuError> {
+        self.events.lock().unwrap().0.get(&e).copied().ok_or_else(|| err(format!("event {e} was never recorded or was destroyed")))
     }
 
     fn bind(&self) -> Result<(), GpuError> {
@@ -130,11 +151,14 @@ impl Gpu for Cudarc {
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
-        unsafe { drv::launch_kernel(f, grid, block, smem, std::ptr::null_mut(), &mut ptrs) }.map_err(|e| err(format!("{kernel}: {e:?}")))
+        let stream = self.current()?;
+        unsafe { drv::launch_kernel(f, grid, block, smem, stream, &mut ptrs) }.map_err(|e| err(format!("{kernel}: {e:?}")))
     }
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
         self.bind()?;
         let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let stream = self.current()?;
+        unsafe { blas::set_stream(self.blas, stream as blas_sys::cudaStream_t) }.map_err(err)?;
         unsafe {
             blas::sgemm_strided_batched(
                 self.blas,
@@ -158,5 +182,56 @@ impl Gpu for Cudarc {
             )
         }
         .map_err(err)
+    }
+    fn stream_create(&self) -> Result<StreamId, GpuError> {
+        self.bind()?;
+        // A blocking stream: the default stream (used by the synchronous copies) waits for it.
+        let st = drv::stream::create(drv::stream::StreamKind::Default).map_err(err)?;
+        let mut g = self.streams.lock().unwrap();
+        let id = g.0.len() as StreamId + 1;
+        g.0.insert(id, st);
+        Ok(id)
+    }
+    fn set_stream(&self, s: StreamId) -> Result<(), GpuError> {
+        self.stream(s)?;
+        self.streams.lock().unwrap().1 = s;
+        Ok(())
+    }
+    fn event_record(&self, s: StreamId) -> Result<EventId, GpuError> {
+        self.bind()?;
+        let stream = self.stream(s)?;
+        let ev = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(err)?;
+        unsafe { drv::event::record(ev, stream) }.map_err(err)?;
+        let mut g = self.events.lock().unwrap();
+        g.1 += 1;
+        let id = g.1;
+        g.0.insert(id, ev);
+        Ok(id)
+    }
+    fn stream_wait_event(&self, s: StreamId, e: EventId) -> Result<(), GpuError> {
+        self.bind()?;
+        let (stream, ev) = (self.stream(s)?, self.event(e)?);
+        unsafe { drv::stream::wait_event(stream, ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.map_err(err)
+    }
+    fn event_synchronize(&self, e: EventId) -> Result<(), GpuError> {
+        self.bind()?;
+        let ev = self.event(e)?;
+        unsafe { drv::event::synchronize(ev) }.map_err(err)
+    }
+    fn event_elapsed_ms(&self, start: EventId, end: EventId) -> Result<f32, GpuError> {
+        self.bind()?;
+        let (a, b) = (self.event(start)?, self.event(end)?);
+        unsafe { drv::event::elapsed(a, b) }.map_err(err)
+    }
+    fn event_destroy(&self, e: EventId) {
+        if let Some(ev) = self.events.lock().unwrap().0.remove(&e) {
+            if self.bind().is_ok() {
+                let _ = unsafe { drv::event::destroy(ev) };
+            }
+        }
+    }
+    fn synchronize(&self) -> Result<(), GpuError> {
+        self.bind()?;
+        drv::ctx::synchronize().map_err(err)
     }
 }

@@ -80,7 +80,15 @@ impl Gemm {
     }
 }
 
-/// Device services. Launches are ordered (one stream); copies to the host wait for them.
+/// A stream: 0 is the default stream, others come from `stream_create`. Work on one stream
+/// runs in issue order; work on different streams is ordered only through events.
+pub type StreamId = u64;
+/// A recorded point in a stream (`event_record`), to wait on or to time between.
+pub type EventId = u64;
+
+/// Device services. Launches and GEMMs go to the *current* stream (`set_stream`; initially
+/// the default stream). Copies are synchronous and ordered after all earlier work (created
+/// streams are blocking streams, which the default stream synchronises with).
 pub trait Gpu: Send + Sync + 'static {
     fn name(&self) -> String;
     /// The NVRTC `--gpu-architecture` to compile for (`compute_80` on the simulator).
@@ -95,4 +103,36 @@ pub trait Gpu: Send + Sync + 'static {
     #[allow(clippy::too_many_arguments)]
     fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError>;
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
+
+    // ---- streams and events ----
+
+    /// A new stream.
+    fn stream_create(&self) -> Result<StreamId, GpuError>;
+    /// Sends subsequent launches and GEMMs to stream `s` (0 = the default stream).
+    fn set_stream(&self, s: StreamId) -> Result<(), GpuError>;
+    /// Records an event at the current end of stream `s`.
+    fn event_record(&self, s: StreamId) -> Result<EventId, GpuError>;
+    /// Makes later work on stream `s` wait until event `e` has happened.
+    fn stream_wait_event(&self, s: StreamId, e: EventId) -> Result<(), GpuError>;
+    /// Blocks the host until event `e` has happened.
+    fn event_synchronize(&self, e: EventId) -> Result<(), GpuError>;
+    /// Milliseconds between two completed events (of work on the device; on `Sim`, host
+    /// time spent simulating).
+    fn event_elapsed_ms(&self, start: EventId, end: EventId) -> Result<f32, GpuError>;
+    fn event_destroy(&self, e: EventId);
+    /// Blocks the host until all work on every stream is done.
+    fn synchronize(&self) -> Result<(), GpuError>;
+}
+
+/// Device milliseconds of the work `f` issues on the current stream `s`, measured with a
+/// pair of events (on a GPU: the kernels' time, not the host's launch overhead).
+pub fn time_ms<G: Gpu + ?Sized>(gpu: &G, s: StreamId, f: impl FnOnce()) -> Result<f32, GpuError> {
+    let a = gpu.event_record(s)?;
+    f();
+    let b = gpu.event_record(s)?;
+    gpu.event_synchronize(b)?;
+    let ms = gpu.event_elapsed_ms(a, b);
+    gpu.event_destroy(a);
+    gpu.event_destroy(b);
+    ms
 }

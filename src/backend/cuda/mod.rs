@@ -11,7 +11,7 @@ pub mod resources;
 mod sim;
 
 pub use driver::Cudarc;
-pub use gpu::{Arg, DevPtr, Gemm, Gpu, GpuError};
+pub use gpu::{time_ms, Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
 pub use sim::Sim;
 
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};

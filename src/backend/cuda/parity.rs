@@ -32,6 +32,7 @@ impl Row {
 pub const OPS: &[&str] = &[
     "matmul", "add_assign", "embedding", "embedding_bwd", "rmsnorm", "rmsnorm_bwd", "bias_add", "bias_bwd", "rope", "swiglu",
     "swiglu_bwd", "attention", "attention_bwd", "lm_head_logprobs", "lm_head_bwd", "kv_write", "kv_copy_blocks", "paged_attention",
+    "sum_squares", "adamw", "sgd",
 ];
 
 /// SplitMix64 with normals (Box-Muller): seeded and reproducible.
@@ -323,6 +324,51 @@ pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
                         c.gpu.paged_attention(&c.gpu.upload(&q), &c.gpu.upload(&cache), &seqs, &table, geom, dims, &mut og);
                         c.row(op, format!("{shape} seqs{}", seqs.len()), &og, &oc, 2e-6);
                     }
+                }
+            }
+        }
+        "sum_squares" => {
+            // Both sides add exact f64 squares of f32 values in f64, in different orders (CPU:
+            // index order; kernel: grid-stride per thread, a tree per block, blocks in order on
+            // the host). For nonnegative terms any order is within (n - 1) * 2^-53 of the sum,
+            // relative: the tolerance is n * 2^-53 (1.2e-10 at n = 2^20 + 3, which also wraps
+            // the 4096-block grid).
+            for n in [1, 1000, 65537, (1 << 20) + 3] {
+                let x = r.vec(n, 1.0);
+                let (sc, sg) = (c.cpu.sum_squares(&x), c.gpu.sum_squares(&c.gpu.upload(&x)));
+                let err = if sg.is_finite() { (sg - sc).abs() / sc } else { f64::INFINITY };
+                c.rows.push(Row { op: op.to_string(), shape: format!("n{n}"), max_err: err, tol: n as f64 * f64::EPSILON / 2.0 });
+            }
+        }
+        "adamw" | "sgd" => {
+            // Bit-exact (tolerance 0): kernels/optim.cu does the CPU's f32 operations in the
+            // CPU's order with __f*_rn intrinsics (no contraction into FMAs), from the same
+            // f32-rounded coefficients. Two consecutive steps (t = 3, 4), weight decay and a
+            // clipping factor on, so the in-place moments carry over; p, m, v all compared.
+            for n in [1, 1000, 65537, (1 << 20) + 3] {
+                let (p, g) = (r.vec(n, 1.0), r.vec(n, 1.0));
+                let (m, v): (Vec<f32>, Vec<f32>) = (r.vec(n, 0.1), r.vec(n, 0.1).iter().map(|x| x * x + 1e-12).collect());
+                let (mut pc, mut mc, mut vc) = (p.clone(), m.clone(), v.clone());
+                let (mut pg, mut mg, mut vg) = (c.gpu.upload(&p), c.gpu.upload(&m), c.gpu.upload(&v));
+                let gg = c.gpu.upload(&g);
+                for t in [3, 4] {
+                    let h = crate::backend::AdamwStep {
+                        lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_scale: 0.37,
+                        bc1: 1.0 - 0.9f64.powi(t), bc2: 1.0 - 0.999f64.powi(t),
+                    };
+                    if op == "adamw" {
+                        c.cpu.adamw(&mut pc, &g, &mut mc, &mut vc, &h);
+                        c.gpu.adamw(&mut pg, &gg, &mut mg, &mut vg, &h);
+                    } else {
+                        c.cpu.sgd(&mut pc, &g, 0.05, 0.01, 0.37);
+                        c.gpu.sgd(&mut pg, &gg, 0.05, 0.01, 0.37);
+                    }
+                }
+                assert!(pc != p, "{op}: the reference update must move the weights");
+                c.row(&format!("{op}.p"), format!("n{n}"), &pg, &pc, 0.0);
+                if op == "adamw" {
+                    c.row("adamw.m", format!("n{n}"), &mg, &mc, 0.0);
+                    c.row("adamw.v", format!("n{n}"), &vg, &vc, 0.0);
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! race checks on every launch, warp order varied by a per-launch seed); GEMMs are computed
 //! on the host from cuBLAS's documented column-major semantics (f64 sums, one rounding).
 
-use super::gpu::{Arg, DevPtr, Gemm, Gpu, GpuError};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
 use ptxsim::{Device, LaunchOptions, LaunchStats, Module, ParamValue};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +14,13 @@ struct State {
     launches: u64,
     /// Per kernel name: (launches, summed counters).
     stats: HashMap<String, (u64, LaunchStats)>,
+    /// Streams created so far (ids 1..=streams; 0 is the default stream).
+    streams: u64,
+    current_stream: StreamId,
+    /// Recorded events: the host time at which all work issued before them had finished
+    /// (launches run to completion when issued, which is one valid schedule of any streams).
+    events: HashMap<EventId, std::time::Instant>,
+    next_event: EventId,
 }
 
 /// The simulated device (one, behind a mutex: launches are serial, like one stream).
@@ -37,6 +44,22 @@ impl Sim {
         let mut v: Vec<_> = st.stats.iter().map(|(k, (n, s))| (k.clone(), *n, s.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// The stream launches currently go to.
+    pub fn current_stream(&self) -> StreamId {
+        self.state.lock().unwrap().current_stream
+    }
+
+    fn check_stream(st: &State, s: StreamId) -> Result<(), GpuError> {
+        if s > st.streams {
+            return Err(err(format!("stream {s} was never created")));
+        }
+        Ok(())
+    }
+
+    fn event(st: &State, e: EventId) -> Result<std::time::Instant, GpuError> {
+        st.events.get(&e).copied().ok_or_else(|| err(format!("event {e} was never recorded or was destroyed")))
     }
 
     fn read_f32(dev: &mut Device, p: DevPtr, n: usize) -> Result<Vec<f32>, GpuError> {
@@ -112,6 +135,44 @@ impl Gpu for Sim {
             e.1.bytes_stored[i] += s.bytes_stored[i];
         }
         e.1.barriers += s.barriers;
+        Ok(())
+    }
+    fn stream_create(&self) -> Result<StreamId, GpuError> {
+        let mut st = self.state.lock().unwrap();
+        st.streams += 1;
+        Ok(st.streams)
+    }
+    fn set_stream(&self, s: StreamId) -> Result<(), GpuError> {
+        let mut st = self.state.lock().unwrap();
+        Self::check_stream(&st, s)?;
+        st.current_stream = s;
+        Ok(())
+    }
+    fn event_record(&self, s: StreamId) -> Result<EventId, GpuError> {
+        let mut st = self.state.lock().unwrap();
+        Self::check_stream(&st, s)?;
+        st.next_event += 1;
+        let e = st.next_event;
+        st.events.insert(e, std::time::Instant::now());
+        Ok(e)
+    }
+    fn stream_wait_event(&self, s: StreamId, e: EventId) -> Result<(), GpuError> {
+        let st = self.state.lock().unwrap();
+        Self::check_stream(&st, s)?;
+        Self::event(&st, e).map(|_| ())
+    }
+    fn event_synchronize(&self, e: EventId) -> Result<(), GpuError> {
+        Self::event(&self.state.lock().unwrap(), e).map(|_| ())
+    }
+    fn event_elapsed_ms(&self, start: EventId, end: EventId) -> Result<f32, GpuError> {
+        let st = self.state.lock().unwrap();
+        let (a, b) = (Self::event(&st, start)?, Self::event(&st, end)?);
+        Ok(b.saturating_duration_since(a).as_secs_f32() * 1e3)
+    }
+    fn event_destroy(&self, e: EventId) {
+        self.state.lock().unwrap().events.remove(&e);
+    }
+    fn synchronize(&self) -> Result<(), GpuError> {
         Ok(())
     }
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {

@@ -1,0 +1,55 @@
+//! Host side of the optimizer ops of `CudaBackend` (kernels/optim.cu): the f64 sum of squares
+//! behind the global gradient norm (per-block partial sums on the device, added on the host
+//! in block order: deterministic, no atomics), and AdamW / SGD updates of the fp32 master
+//! weights and moments in place. The `Backend` impl in mod.rs delegates here.
+
+use super::gpu::{Arg, Gpu};
+use super::{grid1, CudaBackend, CudaBuf, BLOCK};
+use crate::backend::AdamwStep;
+
+impl<G: Gpu> CudaBackend<G> {
+    /// `sum_i x[i]^2` in f64: `sum_squares_partial` writes one f64 per block into a scratch
+    /// buffer `[grid]` f64, which the host sums in block order.
+    pub(super) fn sum_squares_dev(&self, x: &CudaBuf<G>) -> f64 {
+        if x.len == 0 {
+            return 0.0;
+        }
+        let grid = grid1(x.len);
+        let blocks = grid.0 as usize;
+        let partial = self.alloc(2 * blocks); // [blocks] f64 as 2 x 4-byte elements each
+        self.launch("optim.cu", &[], "sum_squares_partial", grid, BLOCK, 0, &[Arg::Ptr(x.ptr), Arg::Ptr(partial.ptr), Arg::I64(x.len as i64)]);
+        let mut bytes = vec![0u8; 8 * blocks];
+        self.gpu.dtoh(partial.ptr, &mut bytes).unwrap_or_else(|e| panic!("sum_squares: download of {blocks} partial sums: {e}"));
+        bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).sum()
+    }
+
+    /// One AdamW step in place on p, m, v `[n]` with gradient g `[n]` (see `AdamwStep`). The
+    /// f32 coefficients are rounded here from f64, as the CPU reference rounds them.
+    pub(super) fn adamw_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &AdamwStep) {
+        let n = p.len;
+        assert!(g.len == n && m.len == n && v.len == n, "adamw: p [{n}], g [{}], m [{}], v [{}] must have one length", g.len, m.len, v.len);
+        if n == 0 {
+            return;
+        }
+        let [gs, b1, b2, decay, step, bc2_sqrt, eps] = h.coefficients().map(|c| c as f32);
+        let (omb1, omb2) = (1.0f32 - b1, 1.0f32 - b2);
+        self.launch(
+            "optim.cu", &[], "adamw_step", grid1(n), BLOCK, 0,
+            &[
+                Arg::Ptr(p.ptr), Arg::Ptr(g.ptr), Arg::Ptr(m.ptr), Arg::Ptr(v.ptr), Arg::I64(n as i64), Arg::F32(gs), Arg::F32(b1), Arg::F32(omb1),
+                Arg::F32(b2), Arg::F32(omb2), Arg::F32(decay), Arg::F32(step), Arg::F32(bc2_sqrt), Arg::F32(eps),
+            ],
+        );
+    }
+
+    /// One SGD step in place: `p -= lr * (g * grad_scale + weight_decay * p)`; p, g `[n]`.
+    pub(super) fn sgd_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {
+        assert_eq!(p.len, g.len, "sgd: p [{}] and g [{}] must have one length", p.len, g.len);
+        if p.len > 0 {
+            self.launch(
+                "optim.cu", &[], "sgd_step", grid1(p.len), BLOCK, 0,
+                &[Arg::Ptr(p.ptr), Arg::Ptr(g.ptr), Arg::I64(p.len as i64), Arg::F32(lr as f32), Arg::F32(weight_decay as f32), Arg::F32(grad_scale as f32)],
+            );
+        }
+    }
+}

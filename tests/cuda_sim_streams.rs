@@ -1,0 +1,63 @@
+//! Streams and events of the `Gpu` trait on `Sim`: work issued on two streams joined by an
+//! event gives the CPU's result, events time work, and unknown streams/events are errors that
+//! name them. (On `Sim` every launch runs to completion when issued, one valid schedule of any
+//! stream program; a GPU runs the same calls through cuStreamWaitEvent / cuEventRecord.)
+
+use ipo::backend::cpu::CpuBackend;
+use ipo::backend::cuda::{time_ms, CudaBackend, Gpu};
+use ipo::backend::Backend;
+
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn two_streams_joined_by_an_event_match_the_cpu() {
+    let be = match CudaBackend::sim() {
+        Ok(b) => b,
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => return eprintln!("skipping CUDA simulator test: {e}"),
+        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
+    };
+    let cpu = CpuBackend::<f32>::new();
+    let g = be.gpu();
+    let (s1, s2) = (g.stream_create().unwrap(), g.stream_create().unwrap());
+    assert!(s1 != 0 && s2 != 0 && s1 != s2);
+    let (m, n, k) = (9, 7, 13);
+    let (a, b, y) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
+
+    // s1: c = a @ b; s2 waits for it, then c += y.
+    g.set_stream(s1).unwrap();
+    let mut c = be.upload(&vec![f32::NAN; m * n]);
+    be.matmul(&be.upload(&a), false, &be.upload(&b), false, &mut c, m, n, k, false);
+    let e = g.event_record(s1).unwrap();
+    g.stream_wait_event(s2, e).unwrap();
+    g.set_stream(s2).unwrap();
+    be.add_assign(&mut c, &be.upload(&y));
+    g.synchronize().unwrap();
+    g.set_stream(0).unwrap();
+
+    let mut want = vec![0f32; m * n];
+    cpu.matmul(&a, false, &b, false, &mut want, m, n, k, false);
+    cpu.add_assign(&mut want, &y);
+    let got = be.download(&c);
+    let err = got.iter().zip(&want).fold(0f32, |e, (x, w)| e.max((x - w).abs()));
+    assert!(err <= 1e-5, "max err {err}");
+
+    // Timing with events around real work.
+    let ms = time_ms(g, 0, || be.add_assign(&mut c, &be.upload(&y))).unwrap();
+    assert!(ms.is_finite() && ms >= 0.0, "{ms}");
+
+    // Errors name the bad handle.
+    let e = g.set_stream(99).unwrap_err().to_string();
+    assert!(e.contains("stream 99"), "{e}");
+    let ev = g.event_record(0).unwrap();
+    g.event_destroy(ev);
+    let e = g.event_synchronize(ev).unwrap_err().to_string();
+    assert!(e.contains(&format!("event {ev}")), "{e}");
+}
