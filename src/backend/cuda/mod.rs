@@ -6,6 +6,7 @@
 mod build;
 mod driver;
 mod gpu;
+mod optim;
 pub mod parity;
 pub mod resources;
 mod sim;
@@ -537,6 +538,18 @@ impl<G: Gpu> Backend for CudaBackend<G> {
                 Arg::I32(nh as i32), Arg::I32(dims.n_kv_heads as i32), Arg::I32(geom.block_size as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
             ],
         );
+    }
+
+    fn sum_squares(&self, x: &CudaBuf<G>) -> f64 {
+        self.sum_squares_dev(x)
+    }
+
+    fn adamw(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &super::AdamwStep) {
+        self.adamw_dev(p, g, m, v, h)
+    }
+
+    fn sgd(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {
+        self.sgd_dev(p, g, lr, weight_decay, grad_scale)
     }
 }
 
