@@ -43,6 +43,11 @@ op_tests!(
     sum_squares, adamw, sgd
 );
 
+// Token sampling (kernels/sampling.cu, src/backend/cuda/sampling.rs): token ids, tolerance 0.
+op_tests!(
+    sample
+);
+
 #[test]
 fn every_op_has_a_test() {
     let here = include_str!("cuda_sim_ops.rs");

@@ -243,6 +243,16 @@ pub trait Backend: Send + Sync {
         dw: &mut Self::Buf,
     );
 
+    // ---- sampling (rollouts; see src/rollout/sampler.rs) ----
+
+    /// The next token of each row of `logits` `[rows.len(), vocab]`: greedy, temperature,
+    /// top-k, top-p, with each row's draw `sampler::uniform` of its counters, exactly as
+    /// `rollout::sampler::pick` (the reference). The default downloads the logits and runs
+    /// the host sampler; the CUDA backend samples on the device and returns only the ids.
+    fn sample(&self, logits: &Self::Buf, vocab: usize, rows: &[crate::rollout::sampler::SampleRow]) -> Vec<u32> {
+        crate::rollout::sampler::sample_rows(&self.download(logits), vocab, rows)
+    }
+
     // ---- KV cache (rollouts; see src/rollout/ and src/model/decode.rs) ----
 
     /// Writes the K/V rows of new tokens into one layer's paged cache:

@@ -12,10 +12,8 @@
 
 use std::collections::HashMap;
 
-use rayon::prelude::*;
-
 use super::blocks::{BlockError, BlockManager, SeqId};
-use super::sampler::{sample, uniform, SamplingParams};
+use super::sampler::{SampleRow, SamplingParams};
 use crate::backend::{Backend, KvGeom, PagedSeq};
 use crate::model::decode::DecodeStep;
 use crate::model::transformer::{ForwardError, Transformer};
@@ -492,8 +490,7 @@ impl<'m, B: Backend> Engine<'m, B> {
                 prefill += n;
             }
         }
-        let logits = self.model.forward_cached(&mut self.kv, self.geom, &st)?;
-        let logits = self.model.backend.download(&logits); // [sampled, vocab]
+        let logits = self.model.forward_cached(&mut self.kv, self.geom, &st)?; // [sampled, vocab], on the backend
         self.stats.steps += 1;
         self.stats.computed_positions += st.ids.len() as u64;
         self.stats.prefill_tokens += prefill as u64;
@@ -501,17 +498,16 @@ impl<'m, B: Backend> Engine<'m, B> {
         for (ri, n, _) in &plan {
             running[*ri].cached += n;
         }
-        // 3. Sample (rows in parallel; each draw depends only on its counters).
-        let vocab = self.model.cfg.vocab_size;
-        let tokens: Vec<u32> = sampled
-            .par_iter()
-            .enumerate()
-            .map(|(row, &ri)| {
+        // 3. Sample on the backend (each row's draw depends only on its counters; only the
+        //    token ids come back, not the logits).
+        let rows: Vec<SampleRow> = sampled
+            .iter()
+            .map(|&ri| {
                 let l = &running[ri];
-                let u = uniform(params.seed, l.key, l.sample, l.ids.len() as u32);
-                sample(&logits[row * vocab..(row + 1) * vocab], params, u)
+                SampleRow::new(params, l.key, l.sample, l.ids.len() as u32)
             })
             .collect();
+        let tokens = self.model.backend.sample(&logits, self.model.cfg.vocab_size, &rows);
         let mut finished: Vec<(usize, Finish)> = Vec::new();
         let max_pos = self.model.cfg.max_position_embeddings;
         for (&ri, &tok) in sampled.iter().zip(&tokens) {

@@ -59,77 +59,152 @@ pub fn uniform(seed: u64, key: u64, sample: u32, position: u32) -> f64 {
     (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Greedy argmax (first maximum), NaN logits never chosen.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] || logits[best].is_nan() {
-            best = i;
-        }
-    }
-    best as u32
+/// One row of a batched sampling call (`Backend::sample`): how to pick, and the counters of
+/// the row's random draw (`uniform(seed, key, sample, position)`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleRow {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+    pub key: u64,
+    pub sample: u32,
+    pub position: u32,
 }
 
-/// Picks a token from `logits` `[vocab]` with draw `u` in [0, 1).
+impl SampleRow {
+    /// The row of the token at absolute `position` of sample `sample` of the prompt `key`.
+    pub fn new(p: &SamplingParams, key: u64, sample: u32, position: u32) -> Self {
+        Self { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, seed: p.seed, key, sample, position }
+    }
+    /// The row's uniform draw in [0, 1).
+    pub fn uniform(&self) -> f64 {
+        uniform(self.seed, self.key, self.sample, self.position)
+    }
+    /// Whether the row takes the argmax (no random draw).
+    pub fn greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// Picks a token for every row of `logits` `[rows.len(), vocab]` (rows in parallel; each
+/// draw depends only on its row's counters). The host reference of `Backend::sample`.
+pub fn sample_rows(logits: &[f32], vocab: usize, rows: &[SampleRow]) -> Vec<u32> {
+    use rayon::prelude::*;
+    assert!(logits.len() >= rows.len() * vocab, "sample_rows: {} logits for {} rows of {vocab}", logits.len(), rows.len());
+    rows.par_iter()
+        .enumerate()
+        .map(|(i, r)| pick(&logits[i * vocab..(i + 1) * vocab], r.temperature, r.top_k, r.top_p, r.uniform()))
+        .collect()
+}
+
+/// Greedy argmax: the lowest id among the largest non-NaN logits (0 when every logit is NaN).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best: Option<usize> = None;
+    for (i, &x) in logits.iter().enumerate() {
+        if !x.is_nan() && best.is_none_or(|b| x > logits[b]) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as u32
+}
+
+/// Order key of a non-NaN logit: `ord(a) > ord(b)` iff `a > b` (-0 below +0). The CUDA
+/// sampler (kernels/sampling.cu) searches thresholds over these keys.
+#[inline]
+pub fn ord_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// Picks a token from `logits` `[vocab]` with `p`'s temperature, top-k and top-p, and the
+/// draw `u` in [0, 1).
 pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
-    if p.temperature == 0.0 || p.top_k == 1 {
+    pick(logits, p.temperature, p.top_k, p.top_p, u)
+}
+
+/// The sampler, defined so that a GPU can reproduce it without sorting:
+/// - greedy (`temperature == 0` or `top_k == 1`, or no logit above -inf): `argmax`;
+/// - weights `w_i = exp((x_i - m) / temperature)` in f64 (m = the largest non-NaN logit;
+///   `w_i = 1` where `x_i == m`, so +inf logits share the mass; NaN weighs 0);
+/// - candidates: the non-NaN tokens ordered by logit, descending, ties by lower id;
+///   top-k keeps the first k; top-p then keeps the first tokens while the weight before
+///   them (in that order) is below `top_p` times the top-k mass (so at least one stays);
+/// - the draw is the inverse CDF of the kept weights **in token-id order**: the first kept
+///   id whose running sum exceeds `u * total`. The kept set and the weights are those of
+///   the sorted formulation, so the distribution is the same; only the map from u to a
+///   token differs, and it needs no sort (the GPU finds the kept set by threshold search).
+pub fn pick(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> u32 {
+    if temperature == 0.0 || top_k == 1 {
         return argmax(logits);
     }
-    let inv_t = 1.0 / p.temperature as f64;
-    let m = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let m = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / temperature as f64;
+    let md = m as f64;
     // Unnormalised probabilities in f64 (exp of scaled logits relative to the max).
-    let w = |x: f32| if x.is_nan() { 0.0 } else { ((x as f64 - m) * inv_t).exp() };
-    if p.top_k == 0 && p.top_p >= 1.0 {
-        // Inverse CDF in id order: no sort needed.
-        let total: f64 = logits.iter().map(|&x| w(x)).sum();
-        let target = u * total;
-        let mut acc = 0.0;
-        let mut last = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            let wi = w(x);
-            if wi > 0.0 {
-                acc += wi;
-                last = i;
-                if acc > target {
-                    return i as u32;
+    let w: Vec<f64> = logits
+        .iter()
+        .map(|&x| {
+            if x.is_nan() {
+                0.0
+            } else if x == m {
+                1.0
+            } else {
+                ((x as f64 - md) * inv_t).exp()
+            }
+        })
+        .collect();
+    let n_valid = logits.iter().filter(|x| !x.is_nan()).count();
+    let k = if top_k == 0 { n_valid } else { top_k.min(n_valid) };
+    let mut kept: Vec<u32> = if k == n_valid && top_p >= 1.0 {
+        (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect()
+    } else {
+        // Candidates by descending logit (ties: lower id first), cut by top-k then top-p.
+        let mut cand: Vec<(u32, u32)> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).map(|i| (ord_key(logits[i as usize]), i)).collect();
+        let order = |a: &(u32, u32), b: &(u32, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, order);
+            cand.truncate(k);
+        }
+        if top_p < 1.0 {
+            cand.sort_unstable_by(order);
+            let total: f64 = cand.iter().map(|c| w[c.1 as usize]).sum();
+            // Keep tokens while the mass before them is below top_p (so at least one stays).
+            let limit = top_p as f64 * total;
+            let mut acc = 0.0;
+            let mut keep = 0;
+            for c in &cand {
+                if keep > 0 && acc >= limit {
+                    break;
                 }
+                acc += w[c.1 as usize];
+                keep += 1;
             }
+            cand.truncate(keep);
         }
-        return last as u32;
-    }
-    // Candidates by descending probability (ties: lower id first), cut by top-k then top-p.
-    let mut cand: Vec<(f64, u32)> = logits.iter().enumerate().map(|(i, &x)| (w(x), i as u32)).filter(|c| c.0 > 0.0).collect();
-    let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
-    if k < cand.len() {
-        cand.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        cand.truncate(k);
-    }
-    cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let total: f64 = cand.iter().map(|c| c.0).sum();
-    if p.top_p < 1.0 {
-        // Keep tokens while the mass before them is below top_p (so at least one stays).
-        let limit = p.top_p as f64 * total;
-        let mut acc = 0.0;
-        let mut keep = 0;
-        for c in &cand {
-            if keep > 0 && acc >= limit {
-                break;
-            }
-            acc += c.0;
-            keep += 1;
-        }
-        cand.truncate(keep);
-    }
-    let total: f64 = cand.iter().map(|c| c.0).sum();
+        let mut ids: Vec<u32> = cand.into_iter().map(|c| c.1).collect();
+        ids.sort_unstable();
+        ids
+    };
+    kept.retain(|&i| w[i as usize] > 0.0);
+    // Inverse CDF in id order.
+    let total: f64 = kept.iter().map(|&i| w[i as usize]).sum();
     let target = u * total;
     let mut acc = 0.0;
-    for c in &cand {
-        acc += c.0;
+    for &i in &kept {
+        acc += w[i as usize];
         if acc > target {
-            return c.1;
+            return i;
         }
     }
-    cand.last().map_or(0, |c| c.1)
+    kept.last().copied().unwrap_or(0)
 }
 
 #[cfg(test)]

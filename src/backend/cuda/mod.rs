@@ -9,6 +9,7 @@ mod gpu;
 mod optim;
 pub mod parity;
 pub mod resources;
+mod sampling;
 mod sim;
 
 pub use driver::Cudarc;
@@ -232,6 +233,10 @@ fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
 
 impl<G: Gpu> Backend for CudaBackend<G> {
     type Buf = CudaBuf<G>;
+
+    fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[crate::rollout::sampler::SampleRow]) -> Vec<u32> {
+        self.sample_tokens(logits, vocab, rows)
+    }
 
     fn name(&self) -> String {
         format!("cuda-f32 on {}", self.gpu.name())

@@ -32,6 +32,7 @@ impl Row {
 pub const OPS: &[&str] = &[
     "matmul", "add_assign", "embedding", "embedding_bwd", "rmsnorm", "rmsnorm_bwd", "bias_add", "bias_bwd", "rope", "swiglu",
     "swiglu_bwd", "attention", "attention_bwd", "lm_head_logprobs", "lm_head_bwd", "kv_write", "kv_copy_blocks", "paged_attention",
+    "sample",
     "sum_squares", "adamw", "sgd",
 ];
 
@@ -372,6 +373,76 @@ pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
                 }
             }
         }
+        "sample" => {
+            // Token ids of `Backend::sample` against the host sampler from the same counters.
+            // Error = fraction of rows whose token differs, tolerance 0. Both sides sum f64
+            // weights (in different orders), so a token may only flip when the draw lands
+            // within a few f64 roundings of a cumulative boundary: never in these draws.
+            use crate::rollout::sampler::SampleRow;
+            for (vocab, reps, variants) in [(1usize, 2usize, 6usize), (37, 30, 6), (4099, 6, 6), (49152, 1, 3)] {
+                // (temperature, top_k, top_p): greedy, temperature only, top-k 1 / 5 / > vocab,
+                // top-p tiny / 0.9 / 1.0, and combinations.
+                let configs = [
+                    (0.0f32, 0usize, 1.0f32), (0.7, 0, 1.0), (1.3, 0, 1.0), (1.0, 1, 1.0), (1.0, 5, 1.0), (0.9, vocab + 3, 1.0),
+                    (1.0, 0, 1e-6), (0.8, 0, 0.9), (1.1, 0, 1.0), (0.7, 5, 0.9), (1.5, 50, 0.5),
+                ];
+                for variant in 0..variants {
+                    let n = configs.len() * reps;
+                    let mut logits = Vec::with_capacity(n * vocab);
+                    let mut rows = Vec::with_capacity(n);
+                    for i in 0..n {
+                        let mut x = r.vec(vocab, 2.5);
+                        match variant {
+                            // 1: many exact ties (logits on a grid of 0.5).
+                            1 => x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0),
+                            // 2: -inf and NaN entries (the first one NaN).
+                            2 => {
+                                for (j, v) in x.iter_mut().enumerate() {
+                                    let d = r.below(20);
+                                    if (j == 0 && vocab > 1) || d == 0 {
+                                        *v = f32::NAN;
+                                    } else if d < 3 {
+                                        *v = f32::NEG_INFINITY;
+                                    }
+                                }
+                            }
+                            // 3: every logit equal (exact sums: top-p cuts land exactly on limits).
+                            3 => x.iter_mut().for_each(|v| *v = 0.75),
+                            // 4: two +inf logits (they share the mass) and a NaN.
+                            4 => {
+                                for _ in 0..2 {
+                                    x[r.below(vocab) as usize] = f32::INFINITY;
+                                }
+                                x[r.below(vocab) as usize] = f32::NAN;
+                            }
+                            // 5: nothing to sample: all NaN, all -inf, or -inf with NaNs.
+                            5 => {
+                                let kind = i % 3;
+                                for (j, v) in x.iter_mut().enumerate() {
+                                    *v = if kind == 0 || (kind == 2 && j % 2 == 1) { f32::NAN } else { f32::NEG_INFINITY };
+                                }
+                            }
+                            _ => {}
+                        }
+                        logits.extend_from_slice(&x);
+                        let (temperature, top_k, top_p) = configs[i % configs.len()];
+                        rows.push(SampleRow { temperature, top_k, top_p, seed: r.next(), key: r.next(), sample: r.below(8), position: r.below(4096) });
+                    }
+                    let want = c.cpu.sample(&logits, vocab, &rows);
+                    let got = c.gpu.sample(&c.gpu.upload(&logits), vocab, &rows);
+                    assert_eq!(got.len(), n);
+                    if vocab >= 37 && variant == 0 {
+                        // The draws must matter: sampled rows do not all take the argmax.
+                        let sampled = (0..n).filter(|&i| !rows[i].greedy() && want[i] != crate::rollout::sampler::pick(&logits[i * vocab..(i + 1) * vocab], 0.0, 0, 1.0, 0.0));
+                        assert!(sampled.count() > 0, "sample: every sampled row took the argmax");
+                    }
+                    let bad = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+                    let names = ["plain", "ties", "nan/-inf", "all equal", "+inf", "no finite"];
+                    c.rows.push(Row { op: op.to_string(), shape: format!("vocab{vocab} {} draws{n}", names[variant]), max_err: bad as f64 / n as f64, tol: 0.0 });
+                }
+            }
+        }
+        "matmul_bf16" | "attention_bf16" => bf16_checks(&mut c, &mut r, op),
         _ => panic!("no parity check for op {op} (known: {OPS:?})"),
     }
     c.rows
