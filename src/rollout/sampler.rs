@@ -249,6 +249,36 @@ mod tests {
     }
 
     #[test]
+    fn special_logits_and_ties() {
+        let draws = |l: &[f32], t: f32, k: usize, p: f32| {
+            let mut c = vec![0usize; l.len()];
+            for i in 0..4000 {
+                c[pick(l, t, k, p, uniform(3, 5, 1, i)) as usize] += 1;
+            }
+            c
+        };
+        // NaN is never chosen; all-NaN rows fall back to id 0, all -inf rows to the first -inf.
+        let nan = f32::NAN;
+        assert_eq!(pick(&[nan, -1.0, nan], 0.0, 0, 1.0, 0.5), 1);
+        assert_eq!(pick(&[nan, nan], 1.0, 0, 1.0, 0.5), 0);
+        assert_eq!(pick(&[nan, f32::NEG_INFINITY, f32::NEG_INFINITY], 1.0, 0, 0.5, 0.5), 1);
+        // Two +inf logits share the mass; NaN, -inf and finite logits get none.
+        let c = draws(&[nan, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::INFINITY], 1.0, 0, 1.0);
+        assert_eq!(c[0] + c[1] + c[3], 0);
+        assert!(c[2] > 1800 && c[4] > 1800, "{c:?}");
+        // Top-k cuts ties by id; top-p with equal weights keeps exactly ceil(p * n) tokens.
+        let c = draws(&[1.0, 2.0, 2.0, 2.0, 2.0], 1.0, 2, 1.0);
+        assert_eq!(c[0] + c[3] + c[4], 0);
+        assert!(c[1] > 1800 && c[2] > 1800, "{c:?}");
+        let c = draws(&[0.5; 8], 0.7, 0, 0.5);
+        assert_eq!(c[4..].iter().sum::<usize>(), 0);
+        assert!(c[..4].iter().all(|&n| n > 850), "{c:?}");
+        // The id-order inverse CDF: u below the first kept weight's share picks the lowest kept id.
+        assert_eq!(pick(&[0.0, 3.0, 0.0, 3.0], 1.0, 2, 1.0, 0.0), 1);
+        assert_eq!(pick(&[0.0, 3.0, 0.0, 3.0], 1.0, 2, 1.0, 0.999), 3);
+    }
+
+    #[test]
     fn draws_depend_on_every_counter() {
         let base = uniform(1, 2, 3, 4);
         assert_eq!(base, uniform(1, 2, 3, 4));
