@@ -5,7 +5,8 @@
 //! (`Batch::push_pair`) so the shared context is computed once per pair.
 //!
 //! - `loss`: the segment DPO loss and its metrics (host f64).
-//! - `optim`: AdamW / SGD on host f32 master weights, clipping, lr schedule.
+//! - `optim`: AdamW / SGD settings and state, clipping, lr schedule; the update itself is a
+//!   `Backend` op (full fine-tuning: master weights and moments on the backend; LoRA: host).
 //! - `lora`: adapters through merged weights + projected gradients; PEFT files.
 //! - `data`: pairs JSONL -> `TrainPair`, validation, seeded epoch order.
 //! - `trainer`: `Trainer<B>`, one optimizer step at a time.
