@@ -21,6 +21,7 @@
 //!    (constant about 2 lr / eps per step) and the weight and moment bounds are propagated from
 //!    the measured gradient difference (derivation at the asserts). The exactness of the
 //!    optimizer itself at the usual eps = 1e-8 is test 1.
+//!
 //! Without NVRTC the tests print a skip notice, or fail under CI=true.
 
 mod common;
