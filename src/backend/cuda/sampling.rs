@@ -9,6 +9,9 @@ use crate::rollout::sampler::SampleRow;
 /// of its parameter table (ROW_WORDS).
 const SAMPLE_THREADS: u32 = 256;
 const ROW_WORDS: usize = 10;
+/// Budget of the f64 weight scratch in 4-byte words (64 MiB): rows beyond it go in further
+/// launches that reuse the scratch.
+const SCRATCH_WORDS: usize = 1 << 24;
 
 /// The kernel's parameter row: seed lo/hi, key lo/hi, sample, position, temperature bits,
 /// top_k (saturated to u32), top_p bits, pad.
@@ -30,6 +33,12 @@ fn row_words(r: &SampleRow) -> [u32; ROW_WORDS] {
 impl<G: Gpu> CudaBackend<G> {
     /// `Backend::sample`: logits `[rows.len(), vocab]` -> one token id per row.
     pub(super) fn sample_tokens(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[SampleRow]) -> Vec<u32> {
+        self.sample_tokens_in(logits, vocab, rows, SCRATCH_WORDS)
+    }
+
+    /// `sample_tokens` with a weight scratch of at most `scratch_words` 4-byte words (at least
+    /// one row): rows go in launches of as many as fit (the parity check uses a small budget).
+    pub(crate) fn sample_tokens_in(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[SampleRow], scratch_words: usize) -> Vec<u32> {
         assert!(vocab > 0 && vocab <= i32::MAX as usize, "sample: vocab {vocab}");
         assert!(logits.len >= rows.len() * vocab, "sample: {} logits for {} rows of {vocab}", logits.len, rows.len());
         for r in rows {
@@ -40,13 +49,18 @@ impl<G: Gpu> CudaBackend<G> {
         }
         let params: Vec<u32> = rows.iter().flat_map(row_words).collect();
         let params_d = self.upload_u32(&params);
-        // f64 weights [rows, vocab] (2 words each); greedy-only calls never touch it.
-        let wbuf = self.alloc(if rows.iter().all(SampleRow::greedy) { 2 } else { 2 * rows.len() * vocab });
+        // f64 weights [group, vocab] (2 words each), reused by each launch of `group` rows;
+        // greedy-only calls never touch it.
+        let group = (scratch_words / (2 * vocab)).clamp(1, rows.len());
+        let wbuf = self.alloc(if rows.iter().all(SampleRow::greedy) { 2 } else { 2 * group * vocab });
         let out = self.alloc(rows.len());
-        self.launch(
-            "sampling.cu", &[], "sample_rows", (rows.len() as u32, 1, 1), SAMPLE_THREADS, 0,
-            &[Arg::Ptr(logits.ptr), Arg::Ptr(params_d.ptr), Arg::Ptr(wbuf.ptr), Arg::Ptr(out.ptr), Arg::I32(vocab as i32)],
-        );
+        for r0 in (0..rows.len()).step_by(group) {
+            let n = group.min(rows.len() - r0);
+            self.launch(
+                "sampling.cu", &[], "sample_rows", (n as u32, 1, 1), SAMPLE_THREADS, 0,
+                &[Arg::Ptr(logits.at(r0 * vocab)), Arg::Ptr(params_d.at(r0 * ROW_WORDS)), Arg::Ptr(wbuf.ptr), Arg::Ptr(out.at(r0)), Arg::I32(vocab as i32)],
+            );
+        }
         let mut bytes = vec![0u8; 4 * rows.len()];
         self.gpu.dtoh(out.ptr, &mut bytes).unwrap_or_else(|e| panic!("sample: download: {e}"));
         bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
