@@ -42,10 +42,18 @@ op_tests!(
 op_tests!(
     sum_squares, adamw, sgd
 );
-
+// The fused masked-segment DPO loss (kernels/dpo.cu): segment sums and dL/dlogp.
+op_tests!(
+    segment_dpo
+);
 // Token sampling (kernels/sampling.cu, src/backend/cuda/sampling.rs): token ids, tolerance 0.
 op_tests!(
     sample
+);
+// bf16 mixed precision (src/backend/cuda/precision.rs) vs the fp32 CPU reference, bounds
+// derived from bf16's 8-bit significand (parity.rs); more in tests/cuda_sim_bf16.rs.
+op_tests!(
+    matmul_bf16, attention_bf16
 );
 
 #[test]

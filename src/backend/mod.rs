@@ -121,6 +121,30 @@ impl AdamwStep {
     }
 }
 
+/// One preference pair in the log-prob rows of a packed micro-batch (`Batch::push_pair`): the
+/// chosen segment is rows `[chosen_start, chosen_start + chosen_len)`, the rejected one
+/// likewise; `ref_*` are the frozen reference model's log-prob sums over the same segments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SegmentPair {
+    pub chosen_start: u32,
+    pub chosen_len: u32,
+    pub rejected_start: u32,
+    pub rejected_len: u32,
+    pub ref_chosen: f64,
+    pub ref_rejected: f64,
+}
+
+/// The scalars of the masked-segment DPO loss of a micro-batch that is part of an optimizer
+/// batch of `batch_pairs` pairs with `batch_chosen_tokens` chosen tokens (see
+/// `train::loss::dpo_loss_part`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SegmentDpo {
+    pub beta: f64,
+    pub sft_coef: f64,
+    pub batch_pairs: usize,
+    pub batch_chosen_tokens: usize,
+}
+
 /// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
 pub trait Backend: Send + Sync {
     /// A device buffer of scalars (f32 on the CPU reference, bf16/f32 on CUDA).
@@ -316,5 +340,36 @@ pub trait Backend: Send + Sync {
         let mut ph = self.download(p);
         cpu::optim::sgd(&mut ph, &self.download(g), lr, weight_decay, grad_scale);
         *p = self.upload(&ph);
+    }
+
+    // ---- the masked-segment DPO loss (src/train/loss.rs) ----
+
+    /// Fused loss step of a micro-batch: per pair, the f64 sums of `logp` `[rows]` over its
+    /// chosen and rejected segments (returned, for the reported loss values), and
+    /// `dlogp` `[rows]` = dL/dlogp: each segment's gradient of `train::loss::dpo_loss_part`
+    /// on every row of the segment, 0 on rows outside all segments. The default is the host
+    /// reference (`train::loss::segment_dpo_host`); the CUDA backend runs it as one kernel and
+    /// keeps `dlogp` on the device for `lm_head_bwd_buf`.
+    fn segment_dpo(&self, logp: &Self::Buf, pairs: &[SegmentPair], h: &SegmentDpo) -> (Vec<(f64, f64)>, Self::Buf) {
+        let (sums, dlogp) = crate::train::loss::segment_dpo_host(&self.download_f64(logp), pairs, h);
+        (sums, self.upload(&dlogp))
+    }
+
+    /// `lm_head_bwd` with `dlogp` `[n]` in a device buffer (from `segment_dpo`). The default
+    /// downloads it.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_bwd_buf(
+        &self,
+        h: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        rows: &[u32],
+        targets: &[u32],
+        lse: &Self::Buf,
+        dlogp: &Self::Buf,
+        dh: &mut Self::Buf,
+        dw: &mut Self::Buf,
+    ) {
+        self.lm_head_bwd(h, w, dim, rows, targets, lse, &self.download(dlogp), dh, dw)
     }
 }

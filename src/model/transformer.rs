@@ -281,13 +281,19 @@ impl<B: Backend> Transformer<B> {
     /// Backward from `dlogp` (d objective / d logp per target row): accumulates every
     /// parameter's gradient into `grads` (tied embeddings receive both contributions).
     pub fn backward(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &[f32], grads: &mut ModelWeights<B::Buf>) {
+        assert_eq!(dlogp.len(), batch.rows.len(), "backward: one dlogp per scored row");
+        self.backward_buf(batch, tape, &self.backend.upload(dlogp), grads)
+    }
+
+    /// `backward` with `dlogp` `[rows]` already on the backend (from `Backend::segment_dpo`).
+    pub fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, grads: &mut ModelWeights<B::Buf>) {
         let (be, c) = (&self.backend, &self.cfg);
         let t = batch.num_tokens();
         let hidden = c.hidden_size;
         let mut dh = be.zeros(t * hidden);
         {
             let dw_head = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-            be.lm_head_bwd(&tape.h_final, self.lm_head_w(), hidden, &batch.rows, &batch.targets, &tape.lse, dlogp, &mut dh, dw_head);
+            be.lm_head_bwd_buf(&tape.h_final, self.lm_head_w(), hidden, &batch.rows, &batch.targets, &tape.lse, dlogp, &mut dh, dw_head);
         }
         let mut dx = be.zeros(t * hidden);
         be.rmsnorm_bwd(&dh, &tape.x_final, &self.weights.final_norm, &tape.rstd_f, hidden, &mut dx, &mut grads.final_norm);

@@ -101,3 +101,30 @@ impl BatchLoss {
         self.d_rejected.extend_from_slice(&o.d_rejected);
     }
 }
+
+/// Host reference of `Backend::segment_dpo`: per pair, the sequential f64 sums of `logp`
+/// `[rows]` over its chosen and rejected rows, and `dlogp` `[rows]` holding each segment's
+/// gradient from `dpo_loss_part` (rounded to f32) on its rows, 0 elsewhere.
+pub fn segment_dpo_host(logp: &[f64], pairs: &[crate::backend::SegmentPair], h: &crate::backend::SegmentDpo) -> (Vec<(f64, f64)>, Vec<f32>) {
+    let range = |s: u32, n: u32| {
+        let r = s as usize..(s + n) as usize;
+        assert!(r.end <= logp.len(), "segment rows {r:?} outside the {} log-prob rows", logp.len());
+        r
+    };
+    let sums: Vec<(f64, f64)> = pairs
+        .iter()
+        .map(|p| (logp[range(p.chosen_start, p.chosen_len)].iter().sum(), logp[range(p.rejected_start, p.rejected_len)].iter().sum()))
+        .collect();
+    let logps: Vec<PairLogps> = pairs
+        .iter()
+        .zip(&sums)
+        .map(|(p, &(c, r))| PairLogps { chosen: c, rejected: r, ref_chosen: p.ref_chosen, ref_rejected: p.ref_rejected, chosen_tokens: p.chosen_len as usize })
+        .collect();
+    let part = dpo_loss_part(&logps, h.beta, h.sft_coef, h.batch_pairs, h.batch_chosen_tokens);
+    let mut d = vec![0f32; logp.len()];
+    for (k, p) in pairs.iter().enumerate() {
+        d[range(p.chosen_start, p.chosen_len)].fill(part.d_chosen[k] as f32);
+        d[range(p.rejected_start, p.rejected_len)].fill(part.d_rejected[k] as f32);
+    }
+    (sums, d)
+}

@@ -21,7 +21,7 @@ use super::lora::{Lora, LoraConfig};
 use super::loss::{dpo_loss_part, BatchLoss, PairLogps};
 use super::optim::{clip_factor, global_norm, OptimConfig, OptimKind, Optimizer, Param};
 use super::TrainError;
-use crate::backend::{AdamwStep, Backend};
+use crate::backend::{AdamwStep, Backend, SegmentDpo, SegmentPair};
 use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
 
@@ -287,28 +287,38 @@ impl<B: Backend> Trainer<B> {
                 .collect();
             tokens += batch.num_tokens();
             let (logp, tape) = self.model.forward(&batch)?;
-            let logp = be.download_f64(&logp); // [rows]
-            let sums: Vec<PairLogps> = mb
+            // The fused segment loss: per-pair sums come back for the reported values, dL/dlogp
+            // stays on the backend for the backward.
+            let segs: Vec<SegmentPair> = mb
                 .iter()
                 .zip(&ranges)
-                .map(|(&i, (c, r))| PairLogps {
-                    chosen: logp[c.clone()].iter().sum(),
-                    rejected: logp[r.clone()].iter().sum(),
+                .map(|(&i, (c, r))| SegmentPair {
+                    chosen_start: c.start as u32,
+                    chosen_len: c.len() as u32,
+                    rejected_start: r.start as u32,
+                    rejected_len: r.len() as u32,
                     ref_chosen: self.pairs[i].ref_chosen,
                     ref_rejected: self.pairs[i].ref_rejected,
-                    chosen_tokens: c.len(),
+                })
+                .collect();
+            let h = SegmentDpo { beta: self.cfg.beta, sft_coef: self.cfg.sft_coef, batch_pairs: idx.len(), batch_chosen_tokens: batch_tokens };
+            let (seg_sums, dlogp) = be.segment_dpo(&logp, &segs, &h);
+            let sums: Vec<PairLogps> = segs
+                .iter()
+                .zip(&seg_sums)
+                .map(|(p, &(c, r))| PairLogps {
+                    chosen: c,
+                    rejected: r,
+                    ref_chosen: p.ref_chosen,
+                    ref_rejected: p.ref_rejected,
+                    chosen_tokens: p.chosen_len as usize,
                 })
                 .collect();
             let part = dpo_loss_part(&sums, self.cfg.beta, self.cfg.sft_coef, idx.len(), batch_tokens);
             if !part.loss.is_finite() {
                 return Err(self.non_finite(step, "loss", part.loss, idx));
             }
-            let mut dlogp = vec![0f32; logp.len()]; // [rows] d loss / d logp
-            for (k, (c, r)) in ranges.iter().enumerate() {
-                dlogp[c.clone()].fill(part.d_chosen[k] as f32);
-                dlogp[r.clone()].fill(part.d_rejected[k] as f32);
-            }
-            self.model.backward(&batch, tape, &dlogp, &mut grads);
+            self.model.backward_buf(&batch, tape, &dlogp, &mut grads);
             total.accumulate(&part);
         }
         Ok((total, grads, tokens))

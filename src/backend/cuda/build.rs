@@ -18,6 +18,7 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
     ("lm_head.cu", include_str!("../../../kernels/lm_head.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
     ("kv_cache.cu", include_str!("../../../kernels/kv_cache.cu")),
+    ("dpo.cu", include_str!("../../../kernels/dpo.cu")),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
     ("optim.cu", include_str!("../../../kernels/optim.cu")),
 ];

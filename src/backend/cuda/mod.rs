@@ -4,6 +4,7 @@
 //! Host-side index arrays (ids, positions, spans, rows, targets, slots) are uploaded per call.
 
 mod build;
+mod dpo;
 mod driver;
 mod gpu;
 mod optim;
@@ -463,16 +464,22 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     fn lm_head_bwd(
         &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dlogp: &[f32], dh: &mut CudaBuf<G>, dw: &mut CudaBuf<G>,
     ) {
+        assert_eq!(dlogp.len(), rows.len(), "lm_head_bwd: dlogp length vs rows");
+        self.lm_head_bwd_buf(h, w, dim, rows, targets, lse, &self.upload(dlogp), dh, dw)
+    }
+
+    fn lm_head_bwd_buf(
+        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dl_d: &CudaBuf<G>, dh: &mut CudaBuf<G>, dw: &mut CudaBuf<G>,
+    ) {
         let vocab = w.len / dim;
         let n = rows.len();
-        assert!(targets.len() == n && dlogp.len() == n && lse.len >= n && dw.len == w.len && dh.len == h.len, "lm_head_bwd shapes");
+        assert!(targets.len() == n && dl_d.len == n && lse.len >= n && dw.len == w.len && dh.len == h.len, "lm_head_bwd shapes");
         if n == 0 {
             return;
         }
         let chunk = (LM_CHUNK_ELEMS / vocab.max(1)).clamp(1, n);
         // [chunk, dim] gathered h, [chunk, vocab] logits then their gradient, [chunk, dim] dh rows
         let (hc, g, dhc) = (self.alloc(chunk * dim), self.alloc(chunk * vocab), self.alloc(chunk * dim));
-        let dl_d = self.upload(dlogp);
         for c0 in (0..n).step_by(chunk) {
             let rc = chunk.min(n - c0);
             let (rows_d, tg_d) = (self.upload_u32(&rows[c0..c0 + rc]), self.upload_u32(&targets[c0..c0 + rc]));
@@ -487,6 +494,10 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             self.gemm(Gemm::row_major(g.ptr, false, w.ptr, false, dhc.ptr, rc, dim, vocab, false));
             self.scatter_add_rows(dhc.ptr, &rows[c0..c0 + rc], dim, dh.ptr);
         }
+    }
+
+    fn segment_dpo(&self, logp: &CudaBuf<G>, pairs: &[super::SegmentPair], h: &super::SegmentDpo) -> (Vec<(f64, f64)>, CudaBuf<G>) {
+        self.segment_dpo_dev(logp, pairs, h)
     }
 
     fn kv_write(&self, cache: &mut CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, slots: &[u32], geom: KvGeom) {

@@ -34,6 +34,7 @@ pub const OPS: &[&str] = &[
     "swiglu_bwd", "attention", "attention_bwd", "lm_head_logprobs", "lm_head_bwd", "kv_write", "kv_copy_blocks", "paged_attention",
     "sample",
     "sum_squares", "adamw", "sgd",
+    "segment_dpo",
 ];
 
 /// SplitMix64 with normals (Box-Muller): seeded and reproducible.
@@ -326,6 +327,43 @@ pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
                         c.row(op, format!("{shape} seqs{}", seqs.len()), &og, &oc, 2e-6);
                     }
                 }
+            }
+        }
+        "segment_dpo" => {
+            // Segment sums: both sides add f64 conversions of f32 log-probs in f64, in different
+            // orders (CPU: row order; kernel: strided per thread, then a tree): within
+            // len * 2^-53 of the sum of magnitudes, relative; tolerance 1e-12 (len <= 300).
+            // dlogp: the same f64 formula on sums that agree to ~1e-13, one libm vs CUDA exp
+            // (both within 1 ulp), rounded once to f32: at most 1 f32 ulp apart, 2^-23 relative.
+            use crate::backend::{SegmentDpo, SegmentPair};
+            for (n_pairs, max_len, sft) in [(1usize, 1usize, 0.0f64), (3, 17, 0.1), (9, 300, 1.0)] {
+                let mut pairs = Vec::new();
+                let mut rows = 0u32;
+                for _ in 0..n_pairs {
+                    let (a, b) = (1 + r.below(max_len), 1 + r.below(max_len));
+                    let gap = r.below(3); // rows that belong to no segment (must get dlogp 0)
+                    let rc = r.vec(2, 5.0); // reference sums: near the policy's, so z is O(1)
+                    pairs.push(SegmentPair {
+                        chosen_start: rows + gap, chosen_len: a, rejected_start: rows + gap + a, rejected_len: b,
+                        ref_chosen: -(a as f64) * 2.0 + rc[0] as f64, ref_rejected: -(b as f64) * 2.0 + rc[1] as f64,
+                    });
+                    rows += gap + a + b;
+                }
+                let logp: Vec<f32> = r.vec(rows as usize, 1.0).iter().map(|x| -x.abs() - 0.05).collect();
+                let h = SegmentDpo { beta: 0.1 + r.uniform(), sft_coef: sft, batch_pairs: n_pairs + 2, batch_chosen_tokens: rows as usize + 5 };
+                let (sc, dc) = c.cpu.segment_dpo(&logp, &pairs, &h);
+                let (sg, dg) = c.gpu.segment_dpo(&c.gpu.upload(&logp), &pairs, &h);
+                let sum_err = sc.iter().zip(&sg).fold(0f64, |m, (a, b)| {
+                    let e = ((a.0 - b.0).abs() / a.0.abs().max(1.0)).max((a.1 - b.1).abs() / a.1.abs().max(1.0));
+                    if e.is_nan() { f64::INFINITY } else { m.max(e) }
+                });
+                let shape = format!("pairs{n_pairs} rows{rows} sft{sft}");
+                c.rows.push(Row { op: op.to_string(), shape: format!("{shape} sums"), max_err: sum_err, tol: 1e-12 });
+                let dg = c.gpu.download(&dg);
+                let d_err = dc.iter().zip(&dg).fold(0f64, |m, (&a, &b)| {
+                    if a.is_nan() || b.is_nan() || (a == 0.0) != (b == 0.0) { f64::INFINITY } else { m.max((a as f64 - b as f64).abs() / (a as f64).abs().max(1e-30)) }
+                });
+                c.rows.push(Row { op: op.to_string(), shape: format!("{shape} dlogp"), max_err: d_err, tol: f32::EPSILON as f64 });
             }
         }
         "sum_squares" => {
