@@ -15,7 +15,8 @@ use ipo::backend::cuda::{CudaBackend, Sim};
 
 pub mod workload {
     use ipo::backend::cuda::{CudaBackend, Sim};
-    use ipo::backend::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, Span};
+    use ipo::backend::{AdamwStep, AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, Span};
+    use ipo::rollout::sampler::SampleRow;
     use ptxsim::LaunchStats;
 
     type B = CudaBackend<Sim>;
@@ -25,6 +26,7 @@ pub mod workload {
     pub const OPS: &[&str] = &[
         "matmul", "add_assign", "embedding", "embedding_bwd", "rmsnorm", "rmsnorm_bwd", "bias_add", "bias_bwd", "rope", "swiglu",
         "swiglu_bwd", "attention", "attention_bwd", "lm_head_logprobs", "lm_head_bwd", "kv_write", "kv_copy_blocks", "paged_attention",
+        "sample", "sum_squares", "adamw", "sgd",
     ];
 
     /// A transformer-layer-like shape: a packed batch of `tokens` rows laid out as one prompt
@@ -142,6 +144,14 @@ pub mod workload {
         block_table: Vec<u32>,
         dec_q: Buf,
         dec_out: Buf,
+        /// `[decode_seqs, vocab]` logits and one sampling row per sequence.
+        logits: Buf,
+        sample_rows: Vec<SampleRow>,
+        /// An optimizer tensor `[dim, dim]`: weights, gradient, AdamW moments.
+        opt_p: Buf,
+        opt_g: Buf,
+        opt_m: Buf,
+        opt_v: Buf,
     }
 
     pub fn prepare(be: &B, s: Shape, seed: u64) -> Inputs {
@@ -235,6 +245,15 @@ pub mod workload {
             block_table,
             dec_q: up(r.vec(s.decode_seqs * s.n_heads * s.head_dim, 1.0)),
             dec_out: be.zeros(s.decode_seqs * s.n_heads * s.head_dim),
+            logits: up(r.vec(s.decode_seqs * s.vocab, 2.5)),
+            // temperature + top-k + top-p (the kernel's longest path), distinct draws
+            sample_rows: (0..s.decode_seqs as u32)
+                .map(|i| SampleRow { temperature: 0.8, top_k: 40, top_p: 0.9, seed: 0x5eed, key: 17 + i as u64, sample: i, position: 100 + i })
+                .collect(),
+            opt_p: up(r.vec(s.dim * s.dim, 0.05)),
+            opt_g: up(r.vec(s.dim * s.dim, 0.01)),
+            opt_m: up(r.vec(s.dim * s.dim, 0.001)),
+            opt_v: up(r.vec(s.dim * s.dim, 0.001).iter().map(|x| x * x + 1e-12).collect()),
         }
     }
 
@@ -264,6 +283,19 @@ pub mod workload {
             "kv_write" => be.kv_write(&mut i.cache, &i.kv_k, &i.kv_v, &i.slots, i.geom),
             "kv_copy_blocks" => be.kv_copy_blocks(&mut i.cache, &i.copy_pairs, i.geom),
             "paged_attention" => be.paged_attention(&i.dec_q, &i.cache, &i.seqs, &i.block_table, i.geom, i.dims, &mut i.dec_out),
+            "sample" => {
+                let ids = be.sample(&i.logits, s.vocab, &i.sample_rows);
+                assert!(ids.len() == s.decode_seqs && ids.iter().all(|&t| (t as usize) < s.vocab), "{ids:?}");
+            }
+            "sum_squares" => {
+                let ss = be.sum_squares(&i.opt_g);
+                assert!(ss.is_finite() && ss > 0.0);
+            }
+            "adamw" => {
+                let h = AdamwStep { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_scale: 0.5, bc1: 1.0 - 0.9f64.powi(3), bc2: 1.0 - 0.999f64.powi(3) };
+                be.adamw(&mut i.opt_p, &i.opt_g, &mut i.opt_m, &mut i.opt_v, &h);
+            }
+            "sgd" => be.sgd(&mut i.opt_p, &i.opt_g, 1e-3, 0.01, 0.5),
             _ => panic!("no workload for op {op}"),
         }
     }
@@ -407,6 +439,10 @@ const MEASURED: &[(&str, &str, u64, u64, u64)] = &[
     ("kv_write", "kv_write", 400256, 50688, 33792),
     ("kv_copy_blocks", "kv_copy_block", 466944, 32768, 32768),
     ("paged_attention", "paged_attn", 697956, 318576, 3072),
+    ("sample", "sample_rows", 3779794, 268212, 7212),
+    ("sum_squares", "sum_squares_partial", 764964, 36864, 288),
+    ("adamw", "adamw_step", 783360, 147456, 110592),
+    ("sgd", "sgd_step", 525312, 73728, 36864),
 ];
 
 fn budget(x: u64) -> u64 {
