@@ -35,10 +35,13 @@ fn run<B: Backend>(e: &mut Engine<B>, reqs: Vec<Request>, p: &SamplingParams) ->
     outs.into_iter().map(|o| o.expect("every request reported")).collect()
 }
 
-/// What one backend produced: the outputs of every phase (ids, finish) and the counters.
+/// The ids and finish of one output.
+type Done = (Vec<u32>, Result<Finish, String>);
+
+/// What one backend produced: the outputs of every phase and the engine counters.
 #[derive(Debug, PartialEq)]
 struct Trace {
-    phases: Vec<Vec<(Vec<u32>, Result<Finish, String>)>>,
+    phases: Vec<Vec<Done>>,
     stats: EngineStats,
 }
 

@@ -147,12 +147,12 @@ fn fork_append_continue_equals_scratch() {
     let mut c = Cache::new(&m, 30, 8);
     let a = c.blocks.create();
     let a_ids = rng.ids(21, vocab);
-    c.append(&[a], &[vec![]], &[a_ids.clone()]);
+    c.append(&[a], &[vec![]], std::slice::from_ref(&a_ids));
     let before = c.computed;
     let b = c.blocks.fork(a, 13).unwrap(); // mid-block (13 = 8 + 5)
     let insert = rng.ids(4, vocab);
     let mut b_ids = a_ids[..13].to_vec();
-    let lp = c.append(&[b], &[b_ids.clone()], &[insert.clone()]);
+    let lp = c.append(&[b], &[b_ids.clone()], std::slice::from_ref(&insert));
     b_ids.extend_from_slice(&insert);
     assert!(max_diff(&lp[0], &full_logprobs(&m, &b_ids)) < 1e-10);
     assert_eq!(c.computed - before, insert.len(), "a splice computes only the inserted tokens");
@@ -170,13 +170,13 @@ fn fork_append_continue_equals_scratch() {
     let d = c.blocks.fork(b, 16).unwrap();
     let ins = rng.ids(3, vocab);
     let mut d_ids = b_ids[..16].to_vec();
-    let lp = c.append(&[d], &[d_ids.clone()], &[ins.clone()]);
+    let lp = c.append(&[d], &[d_ids.clone()], std::slice::from_ref(&ins));
     d_ids.extend_from_slice(&ins);
     assert!(max_diff(&lp[0], &full_logprobs(&m, &d_ids)) < 1e-10);
     c.blocks.truncate(a, 10).unwrap();
     a_hist.truncate(10);
     let ins = rng.ids(5, vocab);
-    let lp = c.append(&[a], &[a_hist.clone()], &[ins.clone()]);
+    let lp = c.append(&[a], &[a_hist.clone()], std::slice::from_ref(&ins));
     a_hist.extend_from_slice(&ins);
     assert!(max_diff(&lp[0], &full_logprobs(&m, &a_hist)) < 1e-10);
     c.blocks.check().unwrap();

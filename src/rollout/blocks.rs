@@ -135,7 +135,7 @@ impl BlockManager {
         let bs = self.block_size;
         let mut ext = Extension::default();
         let mut q = self.seqs[s.0 as usize].take().expect("checked by blocks_needed");
-        if q.len % bs != 0 && n > 0 {
+        if !q.len.is_multiple_of(bs) && n > 0 {
             let tail = *q.blocks.last().expect("partial tail");
             if self.refs[tail as usize] > 1 {
                 let fresh = self.alloc();
