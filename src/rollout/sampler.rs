@@ -1,7 +1,10 @@
 //! Token sampling from one row of logits: greedy, temperature, top-k, top-p. The randomness
 //! is a counter-based hash of (seed, prompt key, sample index, position), not a stream, so a
 //! token's draw does not depend on batch size, scheduling order, preemption or thread count,
-//! and a CUDA sampler can reproduce it with the same few integer operations.
+//! and the CUDA sampler (kernels/sampling.cu, `Backend::sample`) reproduces it with the same
+//! few integer operations. `pick` is the reference both backends follow: its kept set is
+//! defined over the logits' order and its draw is an inverse CDF in token-id order, so the GPU
+//! needs no sort and picks the same token from the same counters.
 
 /// How to pick the next token. `temperature == 0` is greedy (argmax, lowest id on ties).
 #[derive(Clone, Debug, PartialEq)]
