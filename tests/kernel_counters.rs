@@ -364,6 +364,7 @@ pub mod workload {
     }
 }
 
+#[allow(unused_imports)] // format_counts is used by the test only (this file is also a module of benches/kernels.rs)
 use workload::{count_op, format_counts, prepare, KernelCount, Shape, OPS};
 
 /// The shape of this test: small enough for CI on the simulator (a few seconds), with
