@@ -256,12 +256,23 @@ fn validation_errors_name_file_line_and_value() {
 #[test]
 fn flag_errors_are_clear() {
     let good = [json!({"id": "ok", "context_ids": [1, 2], "target_ids": [3]})];
-    for dev in ["cuda", "cuda:1", "sim"] {
-        let e = expect_error(&good, &["--device", dev]);
-        assert!(e.contains(&format!("--device {dev}")) && e.contains("not built"), "{e}");
+    // Without a usable GPU (CI), cuda devices fail before anything is written, naming the
+    // device; with one they run.
+    for dev in ["cuda", "cuda:7"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (dir.path().join("data.jsonl"), dir.path().join("out.jsonl"));
+        write_lines(&input, &good);
+        let (ok, e) = score(&tiny_llama(), &input, &output, &["--device", dev]);
+        if !ok {
+            let name = if dev == "cuda" { "cuda:0" } else { dev };
+            assert!(e.contains(&format!("--device {name}")) && e.contains("no CUDA device"), "{e}");
+            assert!(!output.exists(), "nothing is written on error");
+        }
     }
     let e = expect_error(&good, &["--device", "tpu"]);
     assert!(e.contains("--device tpu") && e.contains("unknown device"), "{e}");
+    let e = expect_error(&good, &["--device", "cuda:x"]);
+    assert!(e.contains("--device cuda:x") && e.contains("cuda:N"), "{e}");
     let e = expect_error(&good, &["--batch-tokens", "0"]);
     assert!(e.contains("--batch-tokens"), "{e}");
 

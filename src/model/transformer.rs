@@ -358,8 +358,10 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Per-target-token log-probs (natural log) for each item, packed into forwards of at
-    /// most `batch_tokens` tokens (an item longer than that runs alone). `progress` is called
-    /// with the number of tokens of each finished forward.
+    /// most `batch_tokens` tokens (an item longer than that runs alone). Two consecutive items
+    /// with the same context (the chosen and rejected sides of a pair) are packed as
+    /// `[context | target | target]` (`Batch::push_pair`), so their context runs once.
+    /// `progress` is called with the number of tokens of each finished forward.
     pub fn score_with_progress(&self, items: &[ScoreItem], batch_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>, ForwardError> {
         for (index, it) in items.iter().enumerate() {
             if it.context.is_empty() {
@@ -372,12 +374,24 @@ impl<B: Backend> Transformer<B> {
             let mut batch = Batch::default();
             let mut ranges = Vec::new();
             while i < items.len() {
-                let n = items[i].context.len() + items[i].target.len();
+                let it = &items[i];
+                let pair = shares_context(items, i);
+                let n = it.context.len() + it.target.len() + pair.map_or(0, |b| b.target.len());
                 if !ranges.is_empty() && batch.num_tokens() + n > batch_tokens {
                     break;
                 }
-                ranges.push((i, batch.push_scored(items[i].context, items[i].target)));
-                i += 1;
+                match pair {
+                    Some(b) => {
+                        let (rc, rr) = batch.push_pair(it.context, it.target, b.target);
+                        ranges.push((i, rc));
+                        ranges.push((i + 1, rr));
+                        i += 2;
+                    }
+                    None => {
+                        ranges.push((i, batch.push_scored(it.context, it.target)));
+                        i += 1;
+                    }
+                }
             }
             let (logp, _tape) = self.forward(&batch)?;
             let logp = self.backend.download(&logp);
@@ -389,9 +403,33 @@ impl<B: Backend> Transformer<B> {
         Ok(out)
     }
 
+    /// Tokens the forwards of `score_with_progress` process for `items` (a shared context
+    /// counts once).
+    pub fn packed_score_tokens(items: &[ScoreItem]) -> usize {
+        let (mut i, mut n) = (0, 0);
+        while i < items.len() {
+            let it = &items[i];
+            n += it.context.len() + it.target.len();
+            match shares_context(items, i) {
+                Some(b) => {
+                    n += b.target.len();
+                    i += 2;
+                }
+                None => i += 1,
+            }
+        }
+        n
+    }
+
     pub fn score(&self, items: &[ScoreItem], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ForwardError> {
         self.score_with_progress(items, batch_tokens, |_| {})
     }
+}
+
+/// The item after `items[i]` when the two are scored as a pair sharing one context.
+fn shares_context<'a, 'b>(items: &'b [ScoreItem<'a>], i: usize) -> Option<&'b ScoreItem<'a>> {
+    let it = &items[i];
+    items.get(i + 1).filter(|b| b.context == it.context && !it.target.is_empty() && !b.target.is_empty())
 }
 
 /// Calls `f(name, shape)` for every tensor the config implies, in `ModelWeights::for_each`
