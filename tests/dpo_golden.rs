@@ -3,8 +3,10 @@
 //! closed-form float64 values, and one SGD step with lr = 1 (no clipping, no weight decay)
 //! moves every trainable tensor by exactly minus the fixture's gradient: all weights for full
 //! fine-tuning, A and B for LoRA (fixed nonzero adapters, so dA != 0).
-//! The model runs on the f64 CPU backend; master weights, gradients and LoRA merges are host
-//! f32 (as in training), so updates agree to f32 rounding: tolerances below say how much.
+//! The model runs on the f64 CPU backend. For full fine-tuning the master weights are the
+//! backend's own (f64) buffers and the update is the backend's `sgd` op; LoRA adapters and
+//! their gradients are host f32 (as in training), so LoRA updates agree to f32 rounding:
+//! tolerances below say how much.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
