@@ -65,7 +65,7 @@ pub mod workload {
     /// SplitMix64 normals (Box-Muller): seeded, never all zeros.
     pub struct Rng(pub u64);
     impl Rng {
-        pub fn next(&mut self) -> u64 {
+        pub fn next_u64(&mut self) -> u64 {
             self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
@@ -73,7 +73,7 @@ pub mod workload {
             z ^ (z >> 31)
         }
         fn uniform(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
         }
         pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
             (0..n)
@@ -84,12 +84,12 @@ pub mod workload {
                 .collect()
         }
         pub fn ids(&mut self, n: usize, below: usize) -> Vec<u32> {
-            (0..n).map(|_| (self.next() % below as u64) as u32).collect()
+            (0..n).map(|_| (self.next_u64() % below as u64) as u32).collect()
         }
         pub fn perm(&mut self, n: usize) -> Vec<u32> {
             let mut v: Vec<u32> = (0..n as u32).collect();
             for i in (1..n).rev() {
-                v.swap(i, (self.next() % (i as u64 + 1)) as usize);
+                v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
             }
             v
         }
