@@ -17,6 +17,8 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
     ("embedding.cu", include_str!("../../../kernels/embedding.cu")),
     ("lm_head.cu", include_str!("../../../kernels/lm_head.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    ("attention_mma.cu", include_str!("../../../kernels/attention_mma.cu")),
+    ("convert.cu", include_str!("../../../kernels/convert.cu")),
     ("kv_cache.cu", include_str!("../../../kernels/kv_cache.cu")),
     ("dpo.cu", include_str!("../../../kernels/dpo.cu")),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),

@@ -1,9 +1,10 @@
 //! `Cudarc`: the `Gpu` on a real device through cudarc's thin checked driver calls and
 //! cuBLAS (`result` layer). Deliberately parallel to `Sim`: one context, the null stream,
 //! PTX loaded with cuModuleLoadData (the driver JIT-compiles it for the device). Checks that
-//! libcuda is loadable before touching it, so "no GPU" is an error, not a panic.
+//! libcuda is loadable before touching it, so "no GPU" is an error, not a panic. fp32 GEMMs
+//! go through cublasSgemmStridedBatched, bf16 ones through cublasGemmStridedBatchedEx.
 
-use super::gpu::{Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, StreamId};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
@@ -179,6 +180,45 @@ impl Gpu for Cudarc {
                 g.ldc.max(1) as i32,
                 g.stride_c as i64,
                 g.batch as i32,
+            )
+        }
+        .map_err(err)
+    }
+    fn gemm_ex(&self, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
+        if input == GemmInput::F32 {
+            return self.gemm(g);
+        }
+        self.bind()?;
+        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let stream = self.current()?;
+        unsafe { blas::set_stream(self.blas, stream as blas_sys::cudaStream_t) }.map_err(err)?;
+        // bf16 A and B, f32 C, fp32 compute (alpha/beta are f32 for CUBLAS_COMPUTE_32F).
+        let (bf16, f32t) = (blas_sys::cudaDataType::CUDA_R_16BF, blas_sys::cudaDataType::CUDA_R_32F);
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                self.blas,
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                &g.alpha as *const f32 as *const c_void,
+                g.a as *const c_void,
+                bf16,
+                g.lda.max(1) as i32,
+                g.stride_a as i64,
+                g.b as *const c_void,
+                bf16,
+                g.ldb.max(1) as i32,
+                g.stride_b as i64,
+                &g.beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                f32t,
+                g.ldc.max(1) as i32,
+                g.stride_c as i64,
+                g.batch as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
         .map_err(err)

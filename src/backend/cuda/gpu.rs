@@ -1,7 +1,8 @@
 //! The `Gpu` trait: the handful of device services `CudaBackend` needs (memory, copies,
 //! kernel launch by name, fp32 GEMM with cuBLAS's column-major semantics). Implemented by
 //! `Sim` (ptxsim on the CPU) and `Cudarc` (driver API + cuBLAS), so every host-side line of
-//! the CUDA backend runs in CI through `Sim`.
+//! the CUDA backend runs in CI through `Sim`. GEMM inputs are fp32 or bf16 (`GemmInput`); the
+//! output and the accumulation are always fp32.
 
 /// A device address (CUdeviceptr on a GPU, a ptxsim address on the simulator).
 pub type DevPtr = u64;
@@ -24,6 +25,28 @@ pub enum Arg {
     U32(u32),
     I64(i64),
     F32(f32),
+}
+
+/// Element type of the A and B operands of a GEMM (C and the accumulation are fp32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmInput {
+    /// fp32 A and B (`cublasSgemmStridedBatched`); strides and leading dims in f32 elements.
+    #[default]
+    F32,
+    /// bf16 A and B (`cublasGemmStridedBatchedEx` with CUDA_R_16BF inputs, CUDA_R_32F output,
+    /// CUBLAS_COMPUTE_32F); strides and leading dims of A and B in bf16 elements (2 bytes),
+    /// those of C in f32 elements.
+    Bf16,
+}
+
+impl GemmInput {
+    /// Bytes per element of A and B.
+    pub fn size(self) -> usize {
+        match self {
+            GemmInput::F32 => 4,
+            GemmInput::Bf16 => 2,
+        }
+    }
 }
 
 /// `C = alpha * op(A) @ op(B) + beta * C` for `batch` matrices, column-major as in
@@ -102,7 +125,16 @@ pub trait Gpu: Send + Sync + 'static {
     fn has_module(&self, module: &str) -> bool;
     #[allow(clippy::too_many_arguments)]
     fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError>;
+    /// The GEMM `g` with fp32 A and B.
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError>;
+    /// The GEMM `g` with A and B of type `input` (C and accumulation fp32). The default
+    /// handles fp32 only; `Sim` and `Cudarc` implement bf16.
+    fn gemm_ex(&self, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
+        match input {
+            GemmInput::F32 => self.gemm(g),
+            GemmInput::Bf16 => Err(GpuError::Device(format!("{}: no bf16 GEMM", self.name()))),
+        }
+    }
 
     // ---- streams and events ----
 

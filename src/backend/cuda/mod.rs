@@ -9,12 +9,15 @@ mod driver;
 mod gpu;
 mod optim;
 pub mod parity;
+mod precision;
 pub mod resources;
 mod sampling;
 mod sim;
 
 pub use driver::Cudarc;
 pub use gpu::{time_ms, Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
+pub use gpu::GemmInput;
+pub use precision::Precision;
 pub use sim::Sim;
 
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
@@ -50,6 +53,8 @@ pub struct CudaBackend<G: Gpu> {
     gpu: Arc<G>,
     nvrtc: Nvrtc,
     loaded: Mutex<HashSet<String>>,
+    /// `Precision` of matmul and the attention forward (precision.rs), as its u8.
+    precision: std::sync::atomic::AtomicU8,
 }
 
 /// Threads per block of the 1-D grid-stride kernels, and their grid for `n` elements.
@@ -99,9 +104,19 @@ impl CudaBackend<Cudarc> {
 }
 
 impl<G: Gpu> CudaBackend<G> {
+    /// The backend on `gpu`, in the precision `IPO_PRECISION` names (`f32` when unset).
     pub fn new(gpu: G) -> Result<Self, GpuError> {
+        Self::new_with(gpu, None)
+    }
+
+    /// `new` with precision `p`, or `IPO_PRECISION`'s when `None`.
+    fn new_with(gpu: G, p: Option<Precision>) -> Result<Self, GpuError> {
+        let p = match p {
+            Some(p) => p,
+            None => Precision::from_env_value(std::env::var("IPO_PRECISION").ok().as_deref())?,
+        };
         let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
-        Ok(Self { gpu: Arc::new(gpu), nvrtc, loaded: Mutex::new(HashSet::new()) })
+        Ok(Self { gpu: Arc::new(gpu), nvrtc, loaded: Mutex::new(HashSet::new()), precision: std::sync::atomic::AtomicU8::new(p.to_u8()) })
     }
 
     pub fn gpu(&self) -> &G {
@@ -240,7 +255,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn name(&self) -> String {
-        format!("cuda-f32 on {}", self.gpu.name())
+        format!("cuda-{} on {}", self.precision().name(), self.gpu.name())
     }
     fn zeros(&self, n: usize) -> CudaBuf<G> {
         let b = self.alloc(n);
@@ -263,6 +278,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn matmul(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, accumulate: bool) {
+        if self.precision() == Precision::Bf16 {
+            return self.matmul_bf16(a, ta, b, tb, c, m, n, k, accumulate);
+        }
         assert!(a.len >= m * k && b.len >= k * n && c.len >= m * n, "matmul shapes");
         if m == 0 || n == 0 {
             return;
@@ -375,6 +393,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn attention(&self, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims, out: &mut CudaBuf<G>, lse: &mut CudaBuf<G>) {
+        if self.precision() == Precision::Bf16 {
+            return self.attention_bf16(q, k, v, layout, dims, out, lse);
+        }
         let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
         let t = layout.num_tokens();
         assert!(q.len >= t * nh * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd && out.len >= t * nh * hd && lse.len >= t * nh, "attention shapes");

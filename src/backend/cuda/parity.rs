@@ -35,6 +35,7 @@ pub const OPS: &[&str] = &[
     "sample",
     "sum_squares", "adamw", "sgd",
     "segment_dpo",
+    "matmul_bf16", "attention_bf16",
 ];
 
 /// SplitMix64 with normals (Box-Muller): seeded and reproducible.
@@ -505,4 +506,118 @@ pub fn format_table(rows: &[Row]) -> String {
         s += &format!("{:<20} {:<w$} {:>10.2e} {:>10.1e}  {}\n", r.op, r.shape, r.max_err, r.tol, if r.pass() { "yes" } else { "NO" });
     }
     s
+}
+
+/// bf16 mixed precision (`Precision::Bf16`, src/backend/cuda/precision.rs) against the fp32
+/// CPU reference. The backend is switched to Bf16 for the check and back afterwards.
+///
+/// Tolerances are bounds derived from bf16's 8-bit significand (7 stored bits + the implicit
+/// one: unit roundoff u = 2^-8 for round-to-nearest-even), stated per element, and the error reported is the largest
+/// `|gpu - cpu|` as a fraction of that bound where the bound differs per element
+/// (tolerance 1), or relative to the GEMM's absolute sum (matmul):
+/// - matmul_bf16: a and b are rounded to bf16 (each factor within u relatively), so a
+///   product is within 2u + u^2 of the exact one; the GPU sums in f32 or better, the CPU's
+///   f32 GEMM is within k 2^-24 of its exact sum. With S_ij = sum_p |a_ip b_pj| (+ |c_ij| when
+///   accumulating): |gpu - cpu| <= (2^-7 + 2^-16 + (k + 2) 2^-23) S_ij. Error = max |d| / S,
+///   tolerance 2^-7 + 2^-16 + (k + 2) 2^-23 (about 7.8e-3).
+/// - attention_bf16: q and k rounded to bf16 move each score s = scale q.k by at most
+///   E_jk = scale (2^-7 + 2^-16 + (hd + 8) 2^-24) sum_d |q_d k_d| (f32 sums on both sides
+///   included); let E_j = max over visible keys. Softmax weights then move by a factor within
+///   e^{+-2 E_j}, and P and V are rounded to bf16 for the PV product (factors 1 +- u each), so
+///   with B_jd = sum_k p_jk |v_kd|: |out_gpu - out_cpu| <= B_jd (e^{2 E_j} (1 + u)^2 - 1 +
+///   2^-16) + 2^-20 (2^-16 B covering the f32 arithmetic of both sides). lse = log sum exp s
+///   moves by at most E_j: |dlse| <= E_j + 2^-20 (1 + |lse|). Reported: max |d| / bound,
+///   tolerance 1.
+fn bf16_checks<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng, op: &str) {
+    use super::Precision;
+    let before = c.gpu.precision();
+    c.gpu.set_precision(Precision::Bf16);
+    let u = 2f64.powi(-8);
+    match op {
+        "matmul_bf16" => {
+            for (m, n, k) in [(1, 1, 1), (7, 5, 3), (33, 17, 29), (9, 40, 131)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for acc in [false, true] {
+                        let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
+                        let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
+                        let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
+                        c.cpu.matmul(&a, ta, &b, tb, &mut cc, m, n, k, acc);
+                        let mut cg = c.gpu.upload(&c0);
+                        c.gpu.matmul(&c.gpu.upload(&a), ta, &c.gpu.upload(&b), tb, &mut cg, m, n, k, acc);
+                        let g = c.gpu.download(&cg);
+                        let at = |i: usize, p: usize| (if ta { a[p * m + i] } else { a[i * k + p] }) as f64;
+                        let bt = |p: usize, j: usize| (if tb { b[j * k + p] } else { b[p * n + j] }) as f64;
+                        let mut err = 0f64;
+                        for i in 0..m {
+                            for j in 0..n {
+                                let s = (0..k).map(|p| (at(i, p) * bt(p, j)).abs()).sum::<f64>() + if acc { (c0[i * n + j] as f64).abs() } else { 0.0 };
+                                let d = (g[i * n + j] as f64 - cc[i * n + j] as f64).abs();
+                                err = if d.is_nan() { f64::INFINITY } else { err.max(d / s) };
+                            }
+                        }
+                        let tol = 2.0 * u + u * u + (k + 2) as f64 * 2f64.powi(-23);
+                        c.rows.push(Row { op: op.to_string(), shape: format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), max_err: err, tol });
+                    }
+                }
+            }
+        }
+        "attention_bf16" => {
+            let mut lays = layouts();
+            lays.push(("seq [70]", AttnLayout::sequences(&[70])));
+            for (lname, layout) in lays {
+                for dims in [
+                    AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 64 },
+                    AttnDims { n_heads: 3, n_kv_heads: 1, head_dim: 128 },
+                    AttnDims { n_heads: 2, n_kv_heads: 2, head_dim: 40 },
+                ] {
+                    let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+                    let t = layout.num_tokens();
+                    let (nq, nk) = (t * nh * hd, t * nkv * hd);
+                    let (q, k, v) = (r.vec(nq, 1.0), r.vec(nk, 1.0), r.vec(nk, 1.0));
+                    let (mut oc, mut lc) = (vec![0.0; nq], vec![0.0; t * nh]);
+                    c.cpu.attention(&q, &k, &v, &layout, dims, &mut oc, &mut lc);
+                    let (mut og, mut lg) = (c.nan(nq), c.nan(t * nh));
+                    c.gpu.attention(&c.gpu.upload(&q), &c.gpu.upload(&k), &c.gpu.upload(&v), &layout, dims, &mut og, &mut lg);
+                    let (og, lg) = (c.gpu.download(&og), c.gpu.download(&lg));
+                    // Per-element bounds from f64 scores and weights on the host.
+                    let scale = 1.0 / (hd as f64).sqrt();
+                    let eps_s = scale * (2.0 * u + u * u + (hd + 8) as f64 * 2f64.powi(-24));
+                    let (mut eo, mut el) = (0f64, 0f64);
+                    for sp in &layout.spans {
+                        let keys: Vec<usize> = (sp.prefix_start..sp.prefix_start + sp.prefix_len).chain(sp.start..sp.start + sp.len).collect();
+                        for j in 0..sp.len {
+                            let tok = sp.start + j;
+                            let vis = &keys[..sp.prefix_len + j + 1];
+                            for h in 0..nh {
+                                let kvh = h / (nh / nkv);
+                                let qv = &q[(tok * nh + h) * hd..(tok * nh + h + 1) * hd];
+                                let kr = |row: usize| &k[(row * nkv + kvh) * hd..(row * nkv + kvh + 1) * hd];
+                                let s: Vec<f64> = vis.iter().map(|&row| scale * qv.iter().zip(kr(row)).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).collect();
+                                let e = vis.iter().map(|&row| eps_s * qv.iter().zip(kr(row)).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>()).fold(0f64, f64::max);
+                                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                                let w: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                                let l: f64 = w.iter().sum();
+                                let f = (2.0 * e).exp() * (1.0 + u) * (1.0 + u) - 1.0 + 2f64.powi(-16);
+                                for d in 0..hd {
+                                    let bnd = vis.iter().zip(&w).map(|(&row, &p)| p / l * (v[(row * nkv + kvh) * hd + d] as f64).abs()).sum::<f64>() * f + 2f64.powi(-20);
+                                    let i = (tok * nh + h) * hd + d;
+                                    let dd = (og[i] as f64 - oc[i] as f64).abs();
+                                    eo = if dd.is_nan() { f64::INFINITY } else { eo.max(dd / bnd) };
+                                }
+                                let i = tok * nh + h;
+                                let dd = (lg[i] as f64 - lc[i] as f64).abs();
+                                let bnd = e + 2f64.powi(-20) * (1.0 + (lc[i] as f64).abs());
+                                el = if dd.is_nan() { f64::INFINITY } else { el.max(dd / bnd) };
+                            }
+                        }
+                    }
+                    let shape = format!("{lname} h{nh}/{nkv} hd{hd}");
+                    c.rows.push(Row { op: "attention_bf16.out".into(), shape: shape.clone(), max_err: eo, tol: 1.0 });
+                    c.rows.push(Row { op: "attention_bf16.lse".into(), shape, max_err: el, tol: 1.0 });
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+    c.gpu.set_precision(before);
 }

@@ -1,8 +1,10 @@
 //! `Sim`: the `Gpu` on the CPU. Kernels run in ptxsim (bounds, alignment and shared-memory
 //! race checks on every launch, warp order varied by a per-launch seed); GEMMs are computed
-//! on the host from cuBLAS's documented column-major semantics (f64 sums, one rounding).
+//! on the host from cuBLAS's documented column-major semantics (f64 sums, one rounding), with
+//! fp32 or bf16 A and B (bf16 products are exact in f64, so a bf16 GEMM is computed exactly
+//! from the bf16 values and rounded once to f32).
 
-use super::gpu::{Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, StreamId};
 use ptxsim::{Device, LaunchOptions, LaunchStats, Module, ParamValue};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,6 +66,17 @@ impl Sim {
 
     fn read_f32(dev: &mut Device, p: DevPtr, n: usize) -> Result<Vec<f32>, GpuError> {
         dev.read_vec::<f32>(p, n).map_err(err)
+    }
+
+    /// `n` GEMM operand elements of type `t` at `p`, widened to f32 (exact for bf16).
+    fn read_operand(dev: &mut Device, p: DevPtr, n: usize, t: GemmInput) -> Result<Vec<f32>, GpuError> {
+        match t {
+            GemmInput::F32 => Self::read_f32(dev, p, n),
+            GemmInput::Bf16 => {
+                let bytes = dev.read(p, 2 * n).map_err(err)?;
+                Ok(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect())
+            }
+        }
     }
 }
 
@@ -176,13 +189,17 @@ impl Gpu for Sim {
         Ok(())
     }
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
+        self.gemm_ex(g, GemmInput::F32)
+    }
+    fn gemm_ex(&self, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
+        let es = input.size();
         let mut st = self.state.lock().unwrap();
         let dev = &mut st.dev;
         let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
         let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
         for bi in 0..g.batch {
-            let a = Self::read_f32(dev, g.a + 4 * (bi * g.stride_a) as u64, extent(ar, ac, g.lda))?;
-            let b = Self::read_f32(dev, g.b + 4 * (bi * g.stride_b) as u64, extent(br, bc, g.ldb))?;
+            let a = Self::read_operand(dev, g.a + (es * bi * g.stride_a) as u64, extent(ar, ac, g.lda), input)?;
+            let b = Self::read_operand(dev, g.b + (es * bi * g.stride_b) as u64, extent(br, bc, g.ldb), input)?;
             let cp = g.c + 4 * (bi * g.stride_c) as u64;
             let cn = extent(g.m, g.n, g.ldc);
             // beta == 0: C is write-only (cuBLAS does not read it).

@@ -1,0 +1,186 @@
+// Attention forward on tensor cores for the bf16 mixed-precision mode (Precision::Bf16, host
+// side in src/backend/cuda/precision.rs): fp32 q/k/v in global memory, rounded to bf16 (RNE)
+// as they are staged in shared memory; S = Q K^T and O += P V with
+// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 (bf16 inputs, fp32 accumulation); the online
+// softmax (scale, mask, running max and sum, rescaling) in fp32; P rounded to bf16 for the PV
+// product; fp32 out and the same lse as attn_fwd (attention.cu), so the fp32 backward kernels
+// run unchanged on its outputs. Compiled once per HEAD_DIM (any value: dims are zero-padded
+// to a multiple of 16 in shared memory). CPU reference: src/backend/cpu/attention.rs.
+//   spans  int4 [n_spans] = (start, len, prefix_start, prefix_len)   (as attn_fwd)
+//   qtiles int2 [n]       = (span, first query j of the tile); BQ queries per tile
+// Visible keys of a span: kk = 0 .. prefix_len + len (prefix rows, then its own rows);
+// query j sees kk <= prefix_len + j. GQA: head h reads KV head h / (n_heads / n_kv).
+// Block = 4 warps; warp w owns queries j0 + 16w .. +16 of the tile (the mma M dimension);
+// per key tile of BK keys the block converts K (row-major [BK][LDQ]) and V (transposed,
+// [HDP][LDV], so a B fragment's key pair is one 32-bit word) into shared memory.
+// Fragments (PTX ISA, m16n8k16, g = lane / 4, t = lane % 4): A regs hold (row g | g+8,
+// cols 2t, 2t+1 | +8), B regs (k rows 2t, 2t+1 | +8, col g), C (row g | g+8, cols 2t, 2t+1);
+// the low half of a 32-bit register is the lower column / k index. The score accumulators of
+// two adjacent n8 tiles are exactly the A fragment of P for the next k16 step (FA2).
+// Each thread owns two query rows (g, g + 8) of its warp's 16; row max and sum reduce over
+// the 4 threads of a quad with shuffles (no __syncwarp needed).
+#include <cuda_bf16.h>
+#include "common.cuh"
+
+#ifndef HEAD_DIM
+#error "HEAD_DIM must be defined"
+#endif
+#define HDP ((HEAD_DIM + 15) / 16 * 16)  // head dim padded to the mma k-step
+#define NWARP 4
+#define BQ (16 * NWARP)  // queries per block
+#define BK 32            // keys per tile
+#define LDQ (HDP + 8)    // row stride (bf16) of the Q and K tiles: even, rows 4-byte aligned
+#define LDV (BK + 8)     // row stride (bf16) of the transposed V tile
+#define NT (BK / 8)      // n8 score tiles per key tile
+#define ND (HDP / 8)     // n8 output tiles
+// dynamic smem bytes: (BQ * LDQ + BK * LDQ + HDP * LDV) * 2 (host: precision.rs)
+
+__device__ __forceinline__ int key_row_mma(int4 sp, int kk) { return kk < sp.w ? sp.z + kk : sp.x + kk - sp.w; }
+
+// Two consecutive bf16 of shared memory as one 32-bit fragment register.
+__device__ __forceinline__ unsigned ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// (lo, hi) rounded to bf16 (RNE) in one 32-bit register, lo in the low half.
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// q, out [tokens, n_heads, HEAD_DIM] f32; k, v [tokens, n_kv, HEAD_DIM] f32;
+// lse [tokens, n_heads] f32. grid (n_qtiles, n_heads), block 32 * NWARP.
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const float* q, const float* k, const float* v, float* out,
+                                                                      float* lse, const int4* spans, const int2* qtiles,
+                                                                      int n_heads, int n_kv, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BQ][LDQ]
+    __nv_bfloat16* ks = qs + BQ * LDQ;                                // [BK][LDQ]
+    __nv_bfloat16* vt = ks + BK * LDQ;                                // [HDP][LDV]
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
+    const int2 tile = qtiles[blockIdx.x];
+    const int4 sp = spans[tile.x];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int qrow = n_heads * HEAD_DIM, kvrow = n_kv * HEAD_DIM;
+    const int q0 = tile.y;
+    const int nq = min(BQ, sp.y - q0);  // queries of this tile
+    const int nk = sp.w + q0 + nq;      // keys the tile's last query sees
+    for (int e = threadIdx.x; e < BQ * HDP; e += blockDim.x) {
+        const int r = e / HDP, d = e % HDP;
+        const float x = (r < nq && d < HEAD_DIM) ? q[(long long)(sp.x + q0 + r) * qrow + h * HEAD_DIM + d] : 0.f;
+        qs[r * LDQ + d] = __float2bfloat16_rn(x);
+    }
+    const int wq = warp * 16;                               // first tile row of this warp
+    const bool wactive = wq < nq;
+    const int wlast = sp.w + q0 + min(wq + 15, nq - 1);    // last key any row of the warp sees
+    const int ja = q0 + wq + g, jb = ja + 8;               // span query index of rows g, g + 8
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float o[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+    for (int k0 = 0; k0 < nk; k0 += BK) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BK * HDP; e += blockDim.x) {
+            const int r = e / HDP, d = e % HDP;
+            float kx = 0.f, vx = 0.f;
+            if (k0 + r < nk && d < HEAD_DIM) {
+                const long long off = (long long)key_row_mma(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
+                kx = k[off];
+                vx = v[off];
+            }
+            ks[r * LDQ + d] = __float2bfloat16_rn(kx);
+            vt[d * LDV + r] = __float2bfloat16_rn(vx);
+        }
+        __syncthreads();
+        if (!wactive || k0 > wlast) continue;  // warp-uniform: the shuffles below see all lanes
+        // S [16, BK] = Q K^T
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HDP / 16; kk++) {
+            const __nv_bfloat16* qa = qs + (wq + g) * LDQ + kk * 16 + 2 * t4;
+            const unsigned a0 = ld_pair(qa), a1 = ld_pair(qa + 8 * LDQ), a2 = ld_pair(qa + 8), a3 = ld_pair(qa + 8 * LDQ + 8);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const __nv_bfloat16* kb = ks + (nt * 8 + g) * LDQ + kk * 16 + 2 * t4;
+                mma_bf16(s[nt], a0, a1, a2, a3, ld_pair(kb), ld_pair(kb + 8));
+            }
+        }
+        // Scale and mask in fp32; running max over the row (4 threads of the quad).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = k0 + nt * 8 + 2 * t4 + (i & 1);
+                const int j = i < 2 ? ja : jb;
+                const bool vis = key < nk && key <= sp.w + j;
+                s[nt][i] = vis ? s[nt][i] * scale : -INFINITY;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[nt][i]);
+            }
+        }
+        float base[2], corr[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);
+            base[r] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet stays at 0
+            corr[r] = expf(m[r] - base[r]);
+            m[r] = mn;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float p = expf(s[nt][i] - base[i >> 1]);
+                s[nt][i] = p;
+                rs[i >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 1);
+            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 2);
+            l[r] = l[r] * corr[r] + rs[r];
+        }
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) {
+            o[nd][0] *= corr[0];
+            o[nd][1] *= corr[0];
+            o[nd][2] *= corr[1];
+            o[nd][3] *= corr[1];
+        }
+        // O [16, HDP] += P [16, BK] (bf16) V [BK, HDP]
+#pragma unroll
+        for (int kt = 0; kt < BK / 16; kt++) {
+            const unsigned a0 = pack_bf16(s[2 * kt][0], s[2 * kt][1]), a1 = pack_bf16(s[2 * kt][2], s[2 * kt][3]);
+            const unsigned a2 = pack_bf16(s[2 * kt + 1][0], s[2 * kt + 1][1]), a3 = pack_bf16(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < ND; nd++) {
+                const __nv_bfloat16* vb = vt + (nd * 8 + g) * LDV + kt * 16 + 2 * t4;
+                mma_bf16(o[nd], a0, a1, a2, a3, ld_pair(vb), ld_pair(vb + 8));
+            }
+        }
+    }
+    if (!wactive) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = r ? jb : ja;
+        if (j >= sp.y) continue;
+        const float inv = 1.f / l[r];
+        const long long qo = (long long)(sp.x + j) * qrow + h * HEAD_DIM;
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) {
+            const int d = nd * 8 + 2 * t4;
+            if (d < HEAD_DIM) out[qo + d] = o[nd][2 * r] * inv;
+            if (d + 1 < HEAD_DIM) out[qo + d + 1] = o[nd][2 * r + 1] * inv;
+        }
+        if (t4 == 0) lse[(long long)(sp.x + j) * n_heads + h] = m[r] + logf(l[r]);
+    }
+}

@@ -1,0 +1,174 @@
+//! Mixed precision of `CudaBackend`: `Precision::F32` (default, every op fp32) or
+//! `Precision::Bf16`, PyTorch-autocast style: buffers, master weights and optimizer state stay
+//! fp32; `matmul` rounds its operands to bf16 (kernels/convert.cu, RNE) into scratch buffers
+//! and runs a bf16 GEMM (bf16 A and B, fp32 C and accumulation: cublasGemmStridedBatchedEx on a
+//! GPU, exact f64 sums of the bf16 products on `Sim`); the attention forward runs on tensor
+//! cores (kernels/attention_mma.cu: Q/K/V tiles rounded to bf16 in shared memory, mma.sync
+//! bf16 -> fp32, online softmax in fp32, the same fp32 out and lse as attn_fwd). Everything
+//! else (norms, RoPE, SwiGLU, the lm-head GEMMs and log-softmax, the attention backward,
+//! AdamW) stays fp32. Selected by `CudaBackend::with_precision`, `set_precision`, or
+//! `IPO_PRECISION=bf16|f32` read by `CudaBackend::new`.
+
+use super::gpu::{Arg, DevPtr, Gemm, GemmInput, Gpu, GpuError};
+use super::{grid1, CudaBackend, CudaBuf, BLOCK};
+use crate::backend::{AttnDims, AttnLayout};
+
+/// Arithmetic precision of the matmuls and the attention forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Everything fp32 (the default).
+    #[default]
+    F32,
+    /// bf16 inputs on tensor cores with fp32 accumulation for `matmul` and the attention
+    /// forward; fp32 storage and everything else fp32.
+    Bf16,
+}
+
+impl Precision {
+    /// `"f32"` / `"fp32"` / `"float32"` or `"bf16"` / `"bfloat16"` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Precision, GpuError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(GpuError::Device(format!("precision {other:?}: expected f32 or bf16"))),
+        }
+    }
+
+    /// The precision `IPO_PRECISION` asks for: F32 when unset or empty.
+    pub fn from_env_value(v: Option<&str>) -> Result<Precision, GpuError> {
+        match v {
+            None => Ok(Precision::F32),
+            Some(s) if s.trim().is_empty() => Ok(Precision::F32),
+            Some(s) => Precision::parse(s).map_err(|e| GpuError::Device(format!("IPO_PRECISION: {e}"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    pub(super) fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub(super) fn from_u8(v: u8) -> Precision {
+        if v == Precision::Bf16 as u8 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}
+
+/// Query tile (BQ) of attn_fwd_mma, and the shared-memory geometry of kernels/attention_mma.cu
+/// (HDP, LDQ, LDV, BK there).
+const MMA_BQ: usize = 64;
+const MMA_BK: usize = 32;
+fn mma_smem_bytes(head_dim: usize) -> usize {
+    let hdp = head_dim.div_ceil(16) * 16;
+    let (ldq, ldv) = (hdp + 8, MMA_BK + 8);
+    (MMA_BQ * ldq + MMA_BK * ldq + hdp * ldv) * 2
+}
+
+impl<G: Gpu> CudaBackend<G> {
+    /// The CUDA backend on `gpu` in precision `p` (ignores `IPO_PRECISION`).
+    pub fn with_precision(gpu: G, p: Precision) -> Result<Self, GpuError> {
+        let b = Self::new_with(gpu, Some(p))?;
+        Ok(b)
+    }
+
+    pub fn precision(&self) -> Precision {
+        Precision::from_u8(self.precision.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Switches the precision of subsequent ops (buffers are fp32 in both, so nothing is
+    /// converted).
+    pub fn set_precision(&self, p: Precision) {
+        self.precision.store(p.to_u8(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `[n]` bf16 scratch (2 bytes each, in 4-byte elements) holding `src[n]` rounded RNE.
+    fn to_bf16(&self, src: DevPtr, n: usize) -> CudaBuf<G> {
+        let dst = self.alloc(n.div_ceil(2).max(1));
+        if n > 0 {
+            self.launch("convert.cu", &[], "f32_to_bf16", grid1(n), BLOCK, 0, &[Arg::Ptr(src), Arg::Ptr(dst.ptr), Arg::I64(n as i64)]);
+        }
+        dst
+    }
+
+    /// `Backend::matmul` in bf16: a `[m * k]` and b `[k * n]` rounded to bf16 scratch, then the
+    /// bf16 GEMM (fp32 accumulation) into the fp32 c.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_bf16(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, accumulate: bool) {
+        assert!(a.len >= m * k && b.len >= k * n && c.len >= m * n, "matmul shapes");
+        if m == 0 || n == 0 {
+            return;
+        }
+        // [m * k] and [k * n] bf16
+        let (a16, b16) = (self.to_bf16(a.ptr, m * k), self.to_bf16(b.ptr, k * n));
+        let g = Gemm::row_major(a16.ptr, ta, b16.ptr, tb, c.ptr, m, n, k, accumulate);
+        self.gpu.gemm_ex(&g, GemmInput::Bf16).unwrap_or_else(|e| panic!("bf16 gemm {g:?}: {e}"));
+    }
+
+    /// `Backend::attention` (forward) on tensor cores: attn_fwd_mma over query tiles of
+    /// `MMA_BQ` rows; same spans, outputs and lse as attn_fwd. (The backward stays on the fp32
+    /// kernels of attention.cu.)
+    pub(super) fn attention_bf16(&self, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims, out: &mut CudaBuf<G>, lse: &mut CudaBuf<G>) {
+        let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+        let t = layout.num_tokens();
+        assert!(q.len >= t * nh * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd && out.len >= t * nh * hd && lse.len >= t * nh, "attention shapes");
+        assert!(nkv > 0 && nh % nkv == 0, "attention: n_heads {nh} not a multiple of n_kv_heads {nkv}");
+        let (spans, _) = self.span_tables(layout);
+        // query tiles int2 [n_tiles] = (span, first query)
+        let mut qt = Vec::new();
+        for (i, s) in layout.spans.iter().enumerate() {
+            for j in (0..s.len).step_by(MMA_BQ) {
+                qt.extend([i as i32, j as i32]);
+            }
+        }
+        if qt.is_empty() {
+            return;
+        }
+        let qt_d = self.upload_i32(&qt);
+        self.launch(
+            "attention_mma.cu", &[("HEAD_DIM", hd)], "attn_fwd_mma", ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_smem_bytes(hd),
+            &[
+                Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(out.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr),
+                Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
+            ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_precisions() {
+        assert_eq!(Precision::parse("bf16").unwrap(), Precision::Bf16);
+        assert_eq!(Precision::parse(" BFloat16 ").unwrap(), Precision::Bf16);
+        assert_eq!(Precision::parse("f32").unwrap(), Precision::F32);
+        assert_eq!(Precision::parse("FP32").unwrap(), Precision::F32);
+        assert!(Precision::parse("fp16").unwrap_err().to_string().contains("expected f32 or bf16"));
+        assert_eq!(Precision::from_env_value(None).unwrap(), Precision::F32);
+        assert_eq!(Precision::from_env_value(Some("")).unwrap(), Precision::F32);
+        assert_eq!(Precision::from_env_value(Some("bf16")).unwrap(), Precision::Bf16);
+        assert!(Precision::from_env_value(Some("half")).unwrap_err().to_string().contains("IPO_PRECISION"));
+        for p in [Precision::F32, Precision::Bf16] {
+            assert_eq!(Precision::from_u8(p.to_u8()), p);
+            assert_eq!(Precision::parse(p.name()).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn smem_matches_the_kernel_layout() {
+        // (64 * 136 + 32 * 136 + 128 * 40) * 2 at HEAD_DIM 128; 64 pads nothing.
+        assert_eq!(mma_smem_bytes(128), 36352);
+        assert_eq!(mma_smem_bytes(64), (64 * 72 + 32 * 72 + 64 * 40) * 2);
+        assert_eq!(mma_smem_bytes(5), mma_smem_bytes(16));
+    }
+}
