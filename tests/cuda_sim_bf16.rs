@@ -9,6 +9,7 @@
 //!   run in tests/cuda_sim_ops.rs; here a whole tiny-model forward + backward of each family in
 //!   Bf16 against the fp32 CPU reference, the same model in F32 within the fp32 tolerances of
 //!   tests/cuda_sim_model.rs, and Bf16 differing from F32 (so the bf16 path really ran).
+//!
 //! Without NVRTC the tests print a skip notice, or fail under CI=true.
 
 mod common;

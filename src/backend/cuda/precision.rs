@@ -116,6 +116,7 @@ impl<G: Gpu> CudaBackend<G> {
     /// `Backend::attention` (forward) on tensor cores: attn_fwd_mma over query tiles of
     /// `MMA_BQ` rows; same spans, outputs and lse as attn_fwd. (The backward stays on the fp32
     /// kernels of attention.cu.)
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_bf16(&self, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims, out: &mut CudaBuf<G>, lse: &mut CudaBuf<G>) {
         let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
         let t = layout.num_tokens();
