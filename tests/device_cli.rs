@@ -220,3 +220,14 @@ fn train_on_sim_matches_cpu() {
     }
     assert!(moved > 0, "training changed no weight");
 }
+
+#[test]
+fn selftest_times_the_workload_on_sim() {
+    if !sim_available() {
+        return;
+    }
+    cli!(selftest, ipo::cli::selftest);
+    selftest(&["--device", "sim", "--ops", "add_assign,segment_dpo", "--time", "--reps", "2"]).unwrap();
+    let e = selftest(&["--device", "sim", "--ops", "nope"]).unwrap_err();
+    assert!(format!("{e:#}").contains("--ops: unknown op nope"), "{e:#}");
+}

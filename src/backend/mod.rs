@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod workload;
 
 /// One run of query tokens in a packed batch and the keys it may see.
 /// Query `start + j` attends to keys `[prefix_start, prefix_start + prefix_len)` and

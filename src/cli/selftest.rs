@@ -2,11 +2,16 @@
 //! CPU reference on seeded random inputs (src/backend/cuda/parity.rs) and prints a table
 //! (op, shape, max error, tolerance, pass). Fails if any row fails.
 //!
+//! On a GPU (or with `--time`) it then times every op of the fixed workload
+//! (src/backend/workload.rs; SmolLM2-135M layer dims on a GPU, a small shape on the simulator)
+//! with CUDA events: the mean milliseconds per call over `--reps` calls after one warm-up.
+//!
 //! `ipo selftest --resources [--arch sm_80,sm_90]`: instead, compiles every kernel file with
 //! NVRTC for the real archs and prints ptxas's per-kernel registers, shared memory, stack frame
 //! and spills (src/backend/cuda/resources.rs); fails if any kernel spills. Needs NVRTC, no GPU.
 
-use crate::backend::cuda::{parity, resources, CudaBackend, Gpu};
+use crate::backend::cuda::{parity, resources, time_ms, CudaBackend, Gpu};
+use crate::backend::workload::{self, Shape};
 use anyhow::{bail, Context};
 
 #[derive(clap::Args, Debug)]
@@ -23,6 +28,12 @@ pub struct Args {
     /// Print the ptxas resource table of every kernel (registers, smem, spills) instead.
     #[arg(long)]
     pub resources: bool,
+    /// Also time every op of the workload (always on with a GPU).
+    #[arg(long)]
+    pub time: bool,
+    /// Timed calls per op (after one warm-up call); default 20 on a GPU, 1 on the simulator.
+    #[arg(long, value_name = "N")]
+    pub reps: Option<usize>,
     /// Real architectures for --resources (comma separated).
     #[arg(long, value_delimiter = ',', default_values_t = ["sm_80".to_string(), "sm_90".to_string()])]
     pub arch: Vec<String>,
@@ -64,15 +75,77 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SmolLM2-135M layer dims, 1024 packed tokens (a 512-token prompt with two 256-token
+/// responses), the full 49152 vocabulary, 32 sequences decoding at context 1024.
+const GPU_SHAPE: Shape = Shape {
+    prompt: 512,
+    response: 256,
+    dim: 576,
+    n_heads: 9,
+    n_kv_heads: 3,
+    head_dim: 64,
+    ffn: 1536,
+    vocab: 49152,
+    kv_blocks: 2048,
+    block_size: 16,
+    decode_seqs: 32,
+    ctx: 1024,
+};
+
+/// A shape the simulator runs in seconds (odd sizes, so kernel tails run too).
+const SIM_SHAPE: Shape = Shape {
+    prompt: 19,
+    response: 7,
+    dim: 96,
+    n_heads: 4,
+    n_kv_heads: 2,
+    head_dim: 64,
+    ffn: 200,
+    vocab: 300,
+    kv_blocks: 16,
+    block_size: 8,
+    decode_seqs: 3,
+    ctx: 45,
+};
+
+/// Mean milliseconds per call of each workload op, from events on the default stream (so a
+/// call's host-side index uploads are inside its time, as they are in training).
+fn timings<G: Gpu>(be: &CudaBackend<G>, a: &Args, shape: Shape, reps: usize) -> anyhow::Result<()> {
+    let ops: Vec<&str> = workload::OPS.iter().copied().filter(|o| a.ops.is_empty() || a.ops.iter().any(|x| x == o)).collect();
+    be.prepare(&[shape.head_dim])?;
+    let mut inputs = workload::prepare(be, shape, a.seed);
+    println!("timing: {} ({reps} calls per op after a warm-up)", shape.describe());
+    println!("{:<20} {:>12}", "op", "ms / call");
+    for op in ops {
+        workload::run_op(be, &mut inputs, op);
+        let ms = time_ms(be.gpu(), 0, || {
+            for _ in 0..reps {
+                workload::run_op(be, &mut inputs, op);
+            }
+        })?;
+        println!("{op:<20} {:>12.4}", ms / reps as f32);
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.resources {
         return resource_table(&a.arch);
     }
     match a.device.as_str() {
-        "sim" => table(&CudaBackend::sim().context("CUDA simulator backend")?, &a),
+        "sim" => {
+            let be = CudaBackend::sim().context("CUDA simulator backend")?;
+            table(&be, &a)?;
+            if a.time {
+                timings(&be, &a, SIM_SHAPE, a.reps.unwrap_or(1))?;
+            }
+            Ok(())
+        }
         d if d == "cuda" || d.starts_with("cuda:") => {
             let n = d.strip_prefix("cuda:").map_or(Ok(0), |s| s.parse::<usize>()).with_context(|| format!("--device {d}: expected cuda:N"))?;
-            table(&CudaBackend::cuda(n).context("CUDA device")?, &a)
+            let be = CudaBackend::cuda(n).context("CUDA device")?;
+            table(&be, &a)?;
+            timings(&be, &a, GPU_SHAPE, a.reps.unwrap_or(20))
         }
         d => bail!("--device {d}: expected sim, cuda or cuda:N"),
     }
