@@ -351,3 +351,83 @@ fn qwen2_tied_bf16_matches_cpu() {
 fn qwen3_untied_bf16_matches_cpu() {
     check_model(Family::Qwen3, false, 13);
 }
+
+/// `IPO_PRECISION` as `CudaBackend::new` reads it, checked in a child process of this test
+/// binary (setting the variable here would race with the other tests' environment reads).
+#[test]
+fn ipo_precision_env_selects_the_mode() {
+    if backend(Precision::F32).is_none() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for (value, want) in [("bf16", "bf16"), ("F32", "f32"), ("", "f32"), ("fp16", "error")] {
+        let out = std::process::Command::new(&exe)
+            .args(["env_precision_child", "--exact", "--nocapture", "--test-threads", "1"])
+            .env("IPO_PRECISION", value)
+            .env("IPO_PRECISION_CHILD_WANT", want)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "IPO_PRECISION={value:?}:\n{text}");
+    }
+}
+
+/// The child of `ipo_precision_env_selects_the_mode` (does nothing when run directly).
+#[test]
+fn env_precision_child() {
+    let Ok(want) = std::env::var("IPO_PRECISION_CHILD_WANT") else { return };
+    match CudaBackend::new(Sim::new()) {
+        Ok(be) => {
+            assert_eq!(be.precision().name(), want);
+            assert!(be.name().starts_with(&format!("cuda-{want} ")), "{}", be.name());
+        }
+        Err(e) => {
+            assert_eq!(want, "error", "{e}");
+            assert!(e.to_string().contains("IPO_PRECISION") && e.to_string().contains("expected f32 or bf16"), "{e}");
+        }
+    }
+}
+
+/// `Sim`'s bf16 GEMM with cuBLAS strided-batched semantics: batch 2, strides and leading
+/// dimensions in bf16 elements (ldc > m, padding in A and B), against the host sum of the
+/// products in the same order, bit for bit; the padding of C is left untouched.
+#[test]
+fn sim_bf16_gemm_batched_strided() {
+    use ipo::backend::cuda::{Gemm, GemmInput, Gpu};
+    let sim = Sim::new();
+    let mut rng = Rng(23);
+    let (m, n, k, batch) = (5usize, 3usize, 7usize, 2usize);
+    let (lda, ldc) = (m + 2, m + 3); // column-major; op(A) = A, op(B) = B^T
+    let (sa, sc) = (lda * k + 5, ldc * n + 1);
+    let a: Vec<bf16> = rng.vec(sa * batch, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
+    // B stored [n rows, k cols] column-major (trans_b): element (p, j) of op(B) at j + p * ldb.
+    let (ldb_t, sb_t) = (n + 1, (n + 1) * k + 2);
+    let b: Vec<bf16> = rng.vec(sb_t * batch, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
+    let c0 = rng.vec(sc * batch, 1.0);
+    let bytes16 = |v: &[bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect() };
+    let (da, db, dc) = (sim.alloc(2 * a.len()).unwrap(), sim.alloc(2 * b.len()).unwrap(), sim.alloc(4 * c0.len()).unwrap());
+    sim.htod(da, &bytes16(&a)).unwrap();
+    sim.htod(db, &bytes16(&b)).unwrap();
+    sim.htod(dc, &c0.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let g = Gemm {
+        trans_a: false, trans_b: true, m, n, k, alpha: 0.5, a: da, lda, stride_a: sa, b: db, ldb: ldb_t, stride_b: sb_t, beta: 1.0, c: dc, ldc, stride_c: sc, batch,
+    };
+    sim.gemm_ex(&g, GemmInput::Bf16).unwrap();
+    let mut out = vec![0u8; 4 * c0.len()];
+    sim.dtoh(dc, &mut out).unwrap();
+    let got: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    for bi in 0..batch {
+        for j in 0..n {
+            for i in 0..ldc {
+                let idx = bi * sc + i + j * ldc;
+                if i >= m {
+                    assert_eq!(got[idx].to_bits(), c0[idx].to_bits(), "padding of C written at batch {bi} ({i}, {j})");
+                    continue;
+                }
+                let s: f64 = (0..k).map(|p| a[bi * sa + i + p * lda].to_f64() * b[bi * sb_t + j + p * ldb_t].to_f64()).sum();
+                let want = (0.5 * s + c0[idx] as f64) as f32;
+                assert_eq!(got[idx].to_bits(), want.to_bits(), "batch {bi} ({i}, {j}): {} vs {want}", got[idx]);
+            }
+        }
+    }
+}
