@@ -152,6 +152,11 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
 
     fn name(&self) -> String;
+    /// Bytes this backend can still allocate, where it has its own memory (a GPU); None
+    /// where buffers live in host memory.
+    fn memory_free(&self) -> Option<u64> {
+        None
+    }
     fn zeros(&self, n: usize) -> Self::Buf;
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;

@@ -105,7 +105,7 @@ pub struct Args {
     pub stop_after: usize,
     /// Refuse to start when the estimated peak memory (weights, gradients, optimizer state and
     /// activations of the largest micro-batch) exceeds this many GiB. Default: the memory
-    /// available now (MemAvailable).
+    /// available now (MemAvailable; on a GPU, the device memory free before loading).
     #[arg(long, value_name = "GIB")]
     pub memory_budget_gb: Option<f64>,
     /// Most tokens per forward when computing missing reference log-probs.
@@ -223,6 +223,13 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.output).with_context(|| format!("--output {}", args.output.display()))?;
     let weights = load_weights(&args.model, &mcfg)?;
     crate::with_backend!(device, be => {
+    // On a GPU the default budget is the device memory free before the weights go up.
+    let mut tcfg = tcfg;
+    if args.memory_budget_gb.is_none() {
+        if let Some(free) = crate::backend::Backend::memory_free(&be) {
+            tcfg.memory_budget = Some(free);
+        }
+    }
     let model = Transformer::with_backend(be, mcfg.clone(), weights)?;
 
     // Reference log-probs: from the file, or computed once with the base model and cached.

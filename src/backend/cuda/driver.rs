@@ -274,4 +274,8 @@ impl Gpu for Cudarc {
         self.bind()?;
         drv::ctx::synchronize().map_err(err)
     }
+    fn memory_free(&self) -> Option<u64> {
+        self.bind().ok()?;
+        drv::mem_get_info().ok().map(|(free, _)| free as u64)
+    }
 }

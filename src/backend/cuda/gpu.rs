@@ -154,6 +154,12 @@ pub trait Gpu: Send + Sync + 'static {
     fn event_destroy(&self, e: EventId);
     /// Blocks the host until all work on every stream is done.
     fn synchronize(&self) -> Result<(), GpuError>;
+
+    /// Device memory free now, in bytes, where the device has its own (None on `Sim`, whose
+    /// buffers are host memory).
+    fn memory_free(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Device milliseconds of the work `f` issues on the current stream `s`, measured with a

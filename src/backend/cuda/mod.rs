@@ -250,6 +250,10 @@ fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
 impl<G: Gpu> Backend for CudaBackend<G> {
     type Buf = CudaBuf<G>;
 
+    fn memory_free(&self) -> Option<u64> {
+        self.gpu.memory_free()
+    }
+
     fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[crate::rollout::sampler::SampleRow]) -> Vec<u32> {
         self.sample_tokens(logits, vocab, rows)
     }
