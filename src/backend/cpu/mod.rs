@@ -3,6 +3,7 @@
 //! checks exact enough to be tight. Threads come from rayon; GEMMs from the `gemm` crate.
 
 pub(crate) mod attention;
+mod gemv;
 pub(crate) mod kv;
 mod lm_head;
 pub(crate) mod optim;
@@ -19,8 +20,22 @@ use std::ops::AddAssign;
 pub trait Elem:
     Float + FromPrimitive + ToPrimitive + AddAssign + Sum + Default + Debug + Send + Sync + 'static
 {
+    /// `x . y` (the small-batch matmul's inner loop); summation order is the implementation's.
+    fn dot(x: &[Self], y: &[Self]) -> Self {
+        gemv::dot_generic(x, y)
+    }
 }
-impl Elem for f32 {}
+impl Elem for f32 {
+    fn dot(x: &[f32], y: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            assert_eq!(x.len(), y.len());
+            // SAFETY: AVX2 and FMA are present (checked above); equal lengths.
+            return unsafe { gemv::dot_f32_avx2(x, y) };
+        }
+        gemv::dot_generic(x, y)
+    }
+}
 impl Elem for f64 {}
 
 #[inline]
@@ -126,6 +141,9 @@ impl<F: Elem> Backend for CpuBackend<F> {
 
     fn matmul(&self, a: &Vec<F>, ta: bool, b: &Vec<F>, tb: bool, c: &mut Vec<F>, m: usize, n: usize, k: usize, accumulate: bool) {
         assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul shapes");
+        if !ta && tb && (1..=gemv::MAX_ROWS).contains(&m) && k > 0 {
+            return gemv::matmul_bt(&a[..m * k], &b[..n * k], &mut c[..m * n], m, n, k, accumulate);
+        }
         let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
         let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
         unsafe {
