@@ -8,6 +8,7 @@
 //! - `ipo train` (AdamW, clipping, 2 steps): every metric within 1e-4 relative and the saved
 //!   weights within 1e-4 of each tensor's scale.
 //! - bad `--device` values are refused naming the flag.
+//!
 //! Without NVRTC the sim cases print a skip notice, or fail under CI=true.
 
 mod common;

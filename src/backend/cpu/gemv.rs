@@ -22,14 +22,15 @@ pub(crate) fn dot_generic<F: Elem>(x: &[F], y: &[F]) -> F {
     let (xr, yr) = (xc.remainder(), yc.remainder());
     for (a, b) in xc.zip(yc) {
         for l in 0..LANES {
-            acc[l] = acc[l] + a[l] * b[l];
+            acc[l] += a[l] * b[l];
         }
     }
     let mut w = LANES;
     while w > 1 {
         w /= 2;
         for l in 0..w {
-            acc[l] = acc[l] + acc[l + w];
+            let v = acc[l + w];
+            acc[l] += v;
         }
     }
     xr.iter().zip(yr).fold(acc[0], |s, (&a, &b)| s + a * b)
