@@ -40,7 +40,7 @@ op_tests!(
     attention_bwd, lm_head_logprobs, lm_head_bwd, kv_write, kv_copy_blocks, paged_attention
 );
 op_tests!(
-    sum_squares, adamw, sgd
+    sum_squares, adamw, sgd, sum_squares_many
 );
 // The fused masked-segment DPO loss (kernels/dpo.cu): segment sums and dL/dlogp.
 op_tests!(

@@ -332,6 +332,12 @@ pub trait Backend: Send + Sync {
         cpu::optim::sum_squares(&self.download_f64(x))
     }
 
+    /// `sum_squares` of each buffer, equal to calling it per buffer; a GPU backend waits for
+    /// the device once for all of them (the global norm over every gradient tensor).
+    fn sum_squares_many(&self, xs: &[&Self::Buf]) -> Vec<f64> {
+        xs.iter().map(|x| self.sum_squares(x)).collect()
+    }
+
     /// One AdamW update in place (see `AdamwStep`): p (master weights), m, v (moments) and g
     /// all `[n]`. The default goes through the host (correct, slow): backends override it.
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamwStep) {

@@ -387,7 +387,7 @@ impl<B: Backend> Trainer<B> {
         let be = &self.model.backend;
         let mut g: Vec<&B::Buf> = Vec::new(); // in ModelWeights::for_each order
         grads.for_each(|_, x| g.push(x));
-        let norm = g.iter().map(|x| be.sum_squares(x)).sum::<f64>().sqrt();
+        let norm = be.sum_squares_many(&g).iter().sum::<f64>().sqrt();
         if !norm.is_finite() {
             return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));
         }

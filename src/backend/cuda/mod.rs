@@ -585,6 +585,10 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.sum_squares_dev(x)
     }
 
+    fn sum_squares_many(&self, xs: &[&CudaBuf<G>]) -> Vec<f64> {
+        self.sum_squares_many_dev(xs)
+    }
+
     fn adamw(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &super::AdamwStep) {
         self.adamw_dev(p, g, m, v, h)
     }

@@ -23,6 +23,41 @@ impl<G: Gpu> CudaBackend<G> {
         bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).sum()
     }
 
+    /// `sum_squares_dev` of every buffer with one download: each buffer's block partials go
+    /// to its own range of one scratch buffer, then the host sums each range in block order
+    /// (so each result equals `sum_squares_dev` of that buffer, bit for bit).
+    pub(super) fn sum_squares_many_dev(&self, xs: &[&CudaBuf<G>]) -> Vec<f64> {
+        let blocks: Vec<usize> = xs.iter().map(|x| if x.len == 0 { 0 } else { grid1(x.len).0 as usize }).collect();
+        let total: usize = blocks.iter().sum();
+        if total == 0 {
+            return vec![0.0; xs.len()];
+        }
+        let partial = self.alloc(2 * total); // [total] f64
+        let mut off = 0;
+        for (x, &nb) in xs.iter().zip(&blocks) {
+            if nb > 0 {
+                self.launch(
+                    "optim.cu", &[], "sum_squares_partial", grid1(x.len), BLOCK, 0,
+                    &[Arg::Ptr(x.ptr), Arg::Ptr(partial.ptr + 8 * off as u64), Arg::I64(x.len as i64)],
+                );
+            }
+            off += nb;
+        }
+        let mut bytes = vec![0u8; 8 * total];
+        self.gpu.dtoh(partial.ptr, &mut bytes).unwrap_or_else(|e| panic!("sum_squares_many: download of {total} partial sums: {e}"));
+        let parts: Vec<f64> = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        let mut off = 0;
+        blocks
+            .iter()
+            .map(|&nb| {
+                // An empty buffer is 0.0, as in sum_squares_dev (an empty f64 sum is -0.0).
+                let s = if nb == 0 { 0.0 } else { parts[off..off + nb].iter().sum() };
+                off += nb;
+                s
+            })
+            .collect()
+    }
+
     /// One AdamW step in place on p, m, v `[n]` with gradient g `[n]` (see `AdamwStep`). The
     /// f32 coefficients are rounded here from f64, as the CPU reference rounds them.
     pub(super) fn adamw_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &AdamwStep) {

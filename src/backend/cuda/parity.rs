@@ -33,7 +33,7 @@ pub const OPS: &[&str] = &[
     "matmul", "add_assign", "embedding", "embedding_bwd", "rmsnorm", "rmsnorm_bwd", "bias_add", "bias_bwd", "rope", "swiglu",
     "swiglu_bwd", "attention", "attention_bwd", "lm_head_logprobs", "lm_head_bwd", "kv_write", "kv_copy_blocks", "paged_attention",
     "sample",
-    "sum_squares", "adamw", "sgd",
+    "sum_squares", "adamw", "sgd", "sum_squares_many",
     "segment_dpo",
     "matmul_bf16", "attention_bf16",
 ];
@@ -366,6 +366,21 @@ pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
                 });
                 c.rows.push(Row { op: op.to_string(), shape: format!("{shape} dlogp"), max_err: d_err, tol: f32::EPSILON as f64 });
             }
+        }
+        "sum_squares_many" => {
+            // Must equal per-buffer sum_squares on the same backend bit for bit (same partials,
+            // same host order: error 0), and the CPU's within sum_squares' tolerance.
+            let sizes = [1usize, 0, 1000, 65537, 3];
+            let hs: Vec<Vec<f32>> = sizes.iter().map(|&n| r.vec(n, 1.0)).collect();
+            let ds: Vec<_> = hs.iter().map(|h| c.gpu.upload(h)).collect();
+            let refs: Vec<_> = ds.iter().collect();
+            let many = c.gpu.sum_squares_many(&refs);
+            let one: Vec<f64> = ds.iter().map(|d| c.gpu.sum_squares(d)).collect();
+            let exact = if many.len() == one.len() && many.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()) { 0.0 } else { f64::INFINITY };
+            c.rows.push(Row { op: op.to_string(), shape: format!("sizes {sizes:?} vs per-buffer"), max_err: exact, tol: 0.0 });
+            let cpu: Vec<f64> = hs.iter().map(|h| c.cpu.sum_squares(h)).collect();
+            let err = cpu.iter().zip(&many).fold(0f64, |m, (a, b)| if b.is_finite() { m.max((a - b).abs() / a.max(1.0)) } else { f64::INFINITY });
+            c.rows.push(Row { op: op.to_string(), shape: format!("sizes {sizes:?} vs cpu"), max_err: err, tol: 65537.0 * f64::EPSILON / 2.0 });
         }
         "sum_squares" => {
             // Both sides add exact f64 squares of f32 values in f64, in different orders (CPU:
