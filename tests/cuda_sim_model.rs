@@ -11,7 +11,7 @@ mod common;
 
 use common::{random_weights, tiny_config, Rng};
 use ipo::backend::cpu::CpuBackend;
-use ipo::backend::cuda::{CudaBackend, Sim};
+use ipo::backend::cuda::CudaBackend;
 use ipo::backend::Backend;
 use ipo::model::config::Family;
 use ipo::model::transformer::{Batch, Transformer};

@@ -159,6 +159,11 @@ pub trait Backend: Send + Sync {
     }
     fn zeros(&self, n: usize) -> Self::Buf;
     fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// `upload` of model weights: a backend may keep derived copies (the CUDA backend's bf16
+    /// copy for `Precision::Bf16` matmuls), refreshed when an optimizer op updates them.
+    fn upload_weight(&self, host: &[f32]) -> Self::Buf {
+        self.upload(host)
+    }
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     /// Like `download`, without rounding to f32 where the buffer holds more precision.
     fn download_f64(&self, buf: &Self::Buf) -> Vec<f64> {

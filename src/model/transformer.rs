@@ -155,7 +155,7 @@ impl Transformer<CpuBackend<f32>> {
 impl<B: Backend> Transformer<B> {
     pub fn with_backend(backend: B, cfg: ModelConfig, host: ModelWeights<HostTensor>) -> Result<Self, ForwardError> {
         check_shapes(&cfg, &host)?;
-        let weights = host.map(|t| backend.upload(&t.data));
+        let weights = host.map(|t| backend.upload_weight(&t.data));
         let inv_freq = cfg.rope_inv_freq();
         Ok(Self { cfg, backend, weights, inv_freq })
     }

@@ -208,7 +208,7 @@ impl<B: Backend> Trainer<B> {
             Trainable::Full { .. } => {
                 let be = &self.model.backend;
                 let mut it = values.into_iter();
-                self.model.weights.for_each_mut(|_, w| *w = be.upload(&it.next().unwrap()));
+                self.model.weights.for_each_mut(|_, w| *w = be.upload_weight(&it.next().unwrap()));
             }
             Trainable::Lora(l) => {
                 let mut it = values.into_iter();
@@ -257,7 +257,7 @@ impl<B: Backend> Trainer<B> {
         let be = &self.model.backend;
         if let Trainable::Lora(l) = &self.trainable {
             for (i, ad) in l.adapters.iter().enumerate() {
-                *ad.target.get_mut(&mut self.model.weights.layers[ad.layer]) = be.upload(&l.merged(i));
+                *ad.target.get_mut(&mut self.model.weights.layers[ad.layer]) = be.upload_weight(&l.merged(i));
             }
         }
     }

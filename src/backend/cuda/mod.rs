@@ -31,6 +31,9 @@ pub struct CudaBuf<G: Gpu> {
     ptr: DevPtr,
     len: usize,
     gpu: Arc<G>,
+    /// Weights only (`Backend::upload_weight`): the bf16 copy `Precision::Bf16` matmuls read,
+    /// made on first use and dropped when the weights change in place (optimizer steps).
+    bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
 }
 
 impl<G: Gpu> CudaBuf<G> {
@@ -164,7 +167,7 @@ impl<G: Gpu> CudaBackend<G> {
 
     fn alloc(&self, len: usize) -> CudaBuf<G> {
         let ptr = self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}"));
-        CudaBuf { ptr, len, gpu: self.gpu.clone() }
+        CudaBuf { ptr, len, gpu: self.gpu.clone(), bf16: None }
     }
 
     fn upload_bytes(&self, len: usize, bytes: &[u8]) -> CudaBuf<G> {
@@ -266,6 +269,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.fill(&b, 0.0);
         b
     }
+    fn upload_weight(&self, host: &[f32]) -> CudaBuf<G> {
+        let mut b = self.upload(host);
+        b.bf16 = Some(Box::new(Mutex::new(None)));
+        b
+    }
+
     fn upload(&self, host: &[f32]) -> CudaBuf<G> {
         let bytes: Vec<u8> = host.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.upload_bytes(host.len(), &bytes)
@@ -294,6 +303,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn add_assign(&self, x: &mut CudaBuf<G>, y: &CudaBuf<G>) {
         assert_eq!(x.len, y.len, "add_assign lengths");
+        self.weights_changed(x);
         if x.len > 0 {
             self.launch("elementwise.cu", &[], "add_assign", grid1(x.len), BLOCK, 0, &[Arg::Ptr(x.ptr), Arg::Ptr(y.ptr), Arg::I64(x.len as i64)]);
         }

@@ -61,6 +61,7 @@ impl<G: Gpu> CudaBackend<G> {
     /// One AdamW step in place on p, m, v `[n]` with gradient g `[n]` (see `AdamwStep`). The
     /// f32 coefficients are rounded here from f64, as the CPU reference rounds them.
     pub(super) fn adamw_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &AdamwStep) {
+        self.weights_changed(p);
         let n = p.len;
         assert!(g.len == n && m.len == n && v.len == n, "adamw: p [{n}], g [{}], m [{}], v [{}] must have one length", g.len, m.len, v.len);
         if n == 0 {
@@ -79,6 +80,7 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// One SGD step in place: `p -= lr * (g * grad_scale + weight_decay * p)`; p, g `[n]`.
     pub(super) fn sgd_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {
+        self.weights_changed(p);
         assert_eq!(p.len, g.len, "sgd: p [{}] and g [{}] must have one length", p.len, g.len);
         if p.len > 0 {
             self.launch(

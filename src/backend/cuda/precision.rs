@@ -63,6 +63,21 @@ impl Precision {
     }
 }
 
+/// A bf16 matmul operand: a weight's cached copy (its lock held for the GEMM) or scratch.
+enum Bf16Operand<'a, G: Gpu> {
+    Cached(std::sync::MutexGuard<'a, Option<CudaBuf<G>>>),
+    Fresh(CudaBuf<G>),
+}
+
+impl<G: Gpu> Bf16Operand<'_, G> {
+    fn ptr(&self) -> DevPtr {
+        match self {
+            Bf16Operand::Cached(g) => g.as_ref().expect("filled by bf16_of").ptr,
+            Bf16Operand::Fresh(b) => b.ptr,
+        }
+    }
+}
+
 /// Query tile (BQ) of attn_fwd_mma, and the shared-memory geometry of kernels/attention_mma.cu
 /// (HDP, LDQ, LDV, BK there).
 const MMA_BQ: usize = 64;
@@ -99,6 +114,28 @@ impl<G: Gpu> CudaBackend<G> {
         dst
     }
 
+    /// The bf16 rounding of `x[..n]`: for a weight used whole, its cached copy (made on first
+    /// use); otherwise a fresh scratch.
+    fn bf16_of<'a>(&self, x: &'a CudaBuf<G>, n: usize) -> Bf16Operand<'a, G> {
+        match &x.bf16 {
+            Some(cell) if n == x.len => {
+                let mut guard = cell.lock().unwrap();
+                if guard.is_none() {
+                    *guard = Some(self.to_bf16(x.ptr, x.len));
+                }
+                Bf16Operand::Cached(guard)
+            }
+            _ => Bf16Operand::Fresh(self.to_bf16(x.ptr, n)),
+        }
+    }
+
+    /// Drops the cached bf16 copy of a weight that is about to change in place.
+    pub(super) fn weights_changed(&self, x: &CudaBuf<G>) {
+        if let Some(cell) = &x.bf16 {
+            *cell.lock().unwrap() = None;
+        }
+    }
+
     /// `Backend::matmul` in bf16: a `[m * k]` and b `[k * n]` rounded to bf16 scratch, then the
     /// bf16 GEMM (fp32 accumulation) into the fp32 c.
     #[allow(clippy::too_many_arguments)]
@@ -107,9 +144,12 @@ impl<G: Gpu> CudaBackend<G> {
         if m == 0 || n == 0 {
             return;
         }
-        // [m * k] and [k * n] bf16
-        let (a16, b16) = (self.to_bf16(a.ptr, m * k), self.to_bf16(b.ptr, k * n));
-        let g = Gemm::row_major(a16.ptr, ta, b16.ptr, tb, c.ptr, m, n, k, accumulate);
+        // [m * k] and [k * n] bf16: weights from their cached copy, the rest converted now
+        let a16 = self.bf16_of(a, m * k);
+        // The same weight on both sides: one lock, one copy.
+        let b16 = if std::ptr::eq(a, b) && m * k == k * n { None } else { Some(self.bf16_of(b, k * n)) };
+        let b_ptr = b16.as_ref().map_or_else(|| a16.ptr(), |b| b.ptr());
+        let g = Gemm::row_major(a16.ptr(), ta, b_ptr, tb, c.ptr, m, n, k, accumulate);
         self.gpu.gemm_ex(&g, GemmInput::Bf16).unwrap_or_else(|e| panic!("bf16 gemm {g:?}: {e}"));
     }
 
