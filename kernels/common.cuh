@@ -1,5 +1,5 @@
 // Shared helpers of kernels/*.cu (pasted in front of each source by the kernel builder,
-// src/backend/cuda/build.rs): warp and block reductions. All buffers are fp32, row-major.
+// src/backend/cuda/build.rs): warp and block reductions (templates over the element type).
 #pragma once
 
 #define FULL_MASK 0xffffffffu
@@ -7,7 +7,9 @@
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum over the warp (float, double, unsigned, ...); every lane gets the result.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
@@ -20,14 +22,15 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the
-// result. `sh` is 32 floats of shared memory, free again when this returns.
-__device__ float block_sum(float v, float* sh) {
+// result. `sh` is 32 elements of shared memory, free again when this returns.
+template <typename T>
+__device__ T block_sum(T v, T* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_sum(v);
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < nw ? sh[lane] : 0.f;
+        v = lane < nw ? sh[lane] : T(0);
         v = warp_sum(v);
         if (lane == 0) sh[0] = v;
     }

@@ -9,29 +9,6 @@
 // segment are zeroed by the host (fill) first.
 #include "common.cuh"
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-// Block sum in f64; `sh` holds 32 doubles; every thread gets the result.
-__device__ double block_sum_d(double v, double* sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < nw ? sh[lane] : 0.0;
-        v = warp_sum_d(v);
-        if (lane == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
 // 1 / (1 + exp(-x)) without overflow (as train::loss::sigmoid).
 __device__ __forceinline__ double sigmoid_d(double x) {
     if (x >= 0.0) return 1.0 / (1.0 + exp(-x));
@@ -53,8 +30,8 @@ extern "C" __global__ void segment_dpo(const float* logp, const int4* segs, cons
     double c = 0.0, r = 0.0;
     for (int i = threadIdx.x; i < s.y; i += blockDim.x) c += (double)logp[s.x + i];
     for (int i = threadIdx.x; i < s.w; i += blockDim.x) r += (double)logp[s.z + i];
-    c = block_sum_d(c, sh);
-    r = block_sum_d(r, sh);
+    c = block_sum(c, sh);
+    r = block_sum(r, sh);
     if (threadIdx.x == 0) {
         const double2 ref = refs[blockIdx.x];
         const double z = (c - ref.x) - (r - ref.y);

@@ -39,8 +39,8 @@ __device__ __forceinline__ double weight(float x, float m, double md, double inv
     return x == m ? 1.0 : exp(((double)x - md) * inv_t);
 }
 
-// Block reductions over SAMPLE_THREADS threads; every thread gets the result. `sh` is 32
-// elements of shared memory, free again when these return.
+// Block maximum over SAMPLE_THREADS threads (sums: block_sum in common.cuh); every thread
+// gets the result. `sh` is 32 elements of shared memory, free again when this returns.
 __device__ unsigned long long block_max_u64(unsigned long long v, unsigned long long* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -57,42 +57,6 @@ __device__ unsigned long long block_max_u64(unsigned long long v, unsigned long 
             const unsigned long long y = __shfl_xor_sync(FULL_MASK, v, o);
             v = y > v ? y : v;
         }
-        if (lane == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
-__device__ unsigned block_sum_u32(unsigned v, unsigned* sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < SAMPLE_THREADS / 32 ? sh[lane] : 0u;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-        if (lane == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
-__device__ double block_sum_f64(double v, double* sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < SAMPLE_THREADS / 32 ? sh[lane] : 0.0;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
         if (lane == 0) sh[0] = v;
     }
     __syncthreads();
@@ -151,7 +115,7 @@ extern "C" __global__ void sample_rows(const float* logits, const unsigned* para
         }
         w[i] = wi;
     }
-    nv = block_sum_u32(nv, sh_u32); // its barriers also publish the w writes to the block
+    nv = block_sum(nv, sh_u32); // its barriers also publish the w writes to the block
 
     // The kept set so far: every non-NaN token if !cut, else the tokens with key > T and the
     // first c tokens (in id order) with key == T.
@@ -169,14 +133,14 @@ extern "C" __global__ void sample_rows(const float* logits, const unsigned* para
                 const float x = l[i];
                 cnt += (x == x && ord_key(x) >= cand) ? 1u : 0u;
             }
-            if (block_sum_u32(cnt, sh_u32) >= k) t = cand;
+            if (block_sum(cnt, sh_u32) >= k) t = cand;
         }
         unsigned gt = 0;
         for (int i = tid; i < vocab; i += SAMPLE_THREADS) {
             const float x = l[i];
             gt += (x == x && ord_key(x) > t) ? 1u : 0u;
         }
-        gt = block_sum_u32(gt, sh_u32);
+        gt = block_sum(gt, sh_u32);
         cut = true;
         T = t;
         c = k - gt;
@@ -191,7 +155,7 @@ extern "C" __global__ void sample_rows(const float* logits, const unsigned* para
             const float x = l[i];
             if (x == x && (!cut || ord_key(x) > T)) mgt += w[i];
         }
-        mgt = block_sum_f64(mgt, sh_f64);
+        mgt = block_sum(mgt, sh_f64);
         if (tid == 0) {
             double total = mgt;
             if (cut) {
@@ -214,7 +178,7 @@ extern "C" __global__ void sample_rows(const float* logits, const unsigned* para
                     const float x = l[i];
                     if (x == x && ord_key(x) > cand) s += w[i];
                 }
-                fails = !(block_sum_f64(s, sh_f64) < limit);
+                fails = !(block_sum(s, sh_f64) < limit);
             }
             if (fails) f = cand;
         }
@@ -232,9 +196,9 @@ extern "C" __global__ void sample_rows(const float* logits, const unsigned* para
                 eq += o == tp ? 1u : 0u;
             }
         }
-        mp = block_sum_f64(mp, sh_f64);
-        gtp = block_sum_u32(gtp, sh_u32);
-        eq = block_sum_u32(eq, sh_u32);
+        mp = block_sum(mp, sh_f64);
+        gtp = block_sum(gtp, sh_u32);
+        eq = block_sum(eq, sh_u32);
         const unsigned avail = (cut && tp == T) ? c : eq;
         if (tid == 0) {
             const double wt = weight(from_ord(tp), m, md, inv_t);
