@@ -3,19 +3,12 @@
 //! name them. (On `Sim` every launch runs to completion when issued, one valid schedule of any
 //! stream program; a GPU runs the same calls through cuStreamWaitEvent / cuEventRecord.)
 
+mod common;
+
+use common::Rng;
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::cuda::{time_ms, CudaBackend, Gpu};
 use ipo::backend::Backend;
-
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 #[test]
 fn two_streams_joined_by_an_event_match_the_cpu() {
@@ -29,7 +22,8 @@ fn two_streams_joined_by_an_event_match_the_cpu() {
     let (s1, s2) = (g.stream_create().unwrap(), g.stream_create().unwrap());
     assert!(s1 != 0 && s2 != 0 && s1 != s2);
     let (m, n, k) = (9, 7, 13);
-    let (a, b, y) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
+    let mut r = Rng(1);
+    let (a, b, y) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0), r.vec(m * n, 1.0));
 
     // s1: c = a @ b; s2 waits for it, then c += y.
     g.set_stream(s1).unwrap();

@@ -16,8 +16,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use common::{byte_tokenizer_json, Rng};
-use serde_json::{json, Value};
+use common::{byte_tokenizer_json, write_random_pairs};
+use serde_json::Value;
 
 fn tiny(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
@@ -61,25 +61,11 @@ fn read_lines(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn write_pairs(path: &Path, n: usize, seed: u64) {
-    let mut rng = Rng(seed);
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let c = 3 + rng.below(10);
-            let (a, b) = (1 + rng.below(6), 1 + rng.below(6));
-            json!({"id": format!("p{i}"), "kind": "harmful", "context_ids": rng.ids(c, 256), "chosen_ids": rng.ids(a, 256),
-                   "rejected_ids": rng.ids(b, 256), "round": 1})
-            .to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n") + "\n").unwrap();
-}
-
 #[test]
 fn bad_device_values_name_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     let pairs = dir.path().join("p.jsonl");
-    write_pairs(&pairs, 2, 1);
+    write_random_pairs(&pairs, 2, 1);
     let out = dir.path().join("o.jsonl");
     for bad in ["gpu", "cuda:x"] {
         let e = score(&["--model", s(&tiny("llama")), "--pairs", s(&pairs), "--output", s(&out), "--device", bad]).unwrap_err();
@@ -97,7 +83,7 @@ fn score_pairs_on_sim_matches_cpu_for_every_family() {
     }
     let dir = tempfile::tempdir().unwrap();
     let pairs = dir.path().join("pairs.jsonl");
-    write_pairs(&pairs, 4, 11);
+    write_random_pairs(&pairs, 4, 11);
     for fam in ["llama", "qwen2", "qwen3"] {
         let (oc, og) = (dir.path().join(format!("{fam}-cpu.jsonl")), dir.path().join(format!("{fam}-sim.jsonl")));
         score(&["--model", s(&tiny(fam)), "--pairs", s(&pairs), "--output", s(&oc), "--device", "cpu"]).unwrap();
@@ -184,7 +170,7 @@ fn train_on_sim_matches_cpu() {
     }
     let dir = tempfile::tempdir().unwrap();
     let pairs = dir.path().join("pairs.jsonl");
-    write_pairs(&pairs, 4, 5);
+    write_random_pairs(&pairs, 4, 5);
     let mut metrics = Vec::new();
     let mut weights = Vec::new();
     for dev in ["cpu", "sim"] {

@@ -87,22 +87,9 @@ pub mod workload {
 #[allow(unused_imports)] // format_counts is used by the test only (this file is also a module of benches/kernels.rs)
 use workload::{count_op, format_counts, prepare, KernelCount, Shape, OPS};
 
-/// The shape of this test: small enough for CI on the simulator (a few seconds), with
-/// head_dim 64 (the HEAD_DIM of the 0.5B models) and odd sizes so tails are exercised.
-pub const TEST_SHAPE: Shape = Shape {
-    prompt: 19,
-    response: 7,
-    dim: 96,
-    n_heads: 4,
-    n_kv_heads: 2,
-    head_dim: 64,
-    ffn: 200,
-    vocab: 300,
-    kv_blocks: 16,
-    block_size: 8,
-    decode_seqs: 3,
-    ctx: 45,
-};
+/// The shape of this test: `workload::SMALL` (small enough for CI on the simulator, a few
+/// seconds, with head_dim 64 and odd sizes so tails are exercised).
+pub const TEST_SHAPE: Shape = ipo::backend::workload::SMALL;
 
 fn backend() -> Option<CudaBackend<Sim>> {
     match CudaBackend::sim() {

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use common::Rng;
+use common::write_random_pairs;
 use ipo::train::checkpoint::{latest, write_dir_atomic};
 use serde_json::json;
 
@@ -30,21 +30,6 @@ fn train(flags: &[&str]) -> anyhow::Result<()> {
     let mut argv = vec!["ipo-train"];
     argv.extend_from_slice(flags);
     ipo::cli::train::run(Cli::try_parse_from(argv)?.args)
-}
-
-/// `n` random pairs without reference log-probs (so the trainer computes and caches them).
-fn write_pairs(path: &Path, n: usize, seed: u64) {
-    let mut rng = Rng(seed);
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let c = 3 + rng.below(10);
-            let (a, b) = (1 + rng.below(6), 1 + rng.below(6));
-            json!({"id": format!("p{i}"), "kind": "harmful", "context_ids": rng.ids(c, 256), "chosen_ids": rng.ids(a, 256),
-                   "rejected_ids": rng.ids(b, 256), "round": 1})
-            .to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
 fn common_flags<'a>(model: &'a str, pairs: &'a str, out: &'a str) -> Vec<&'a str> {
@@ -72,7 +57,7 @@ fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
 fn resume_case(model: &str, extra: &[&str], weights_file: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.jsonl");
-    write_pairs(&pairs, 7, 42); // 7 pairs, batch 3 -> 3 steps per epoch, 6 steps
+    write_random_pairs(&pairs, 7, 42); // 7 pairs, batch 3 -> 3 steps per epoch, 6 steps
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let model = tiny(model);
     let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
@@ -116,7 +101,7 @@ fn lora_resume_is_bit_exact_and_merge_writes_hf_folder() {
 fn lora_outputs_are_peft_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.jsonl");
-    write_pairs(&pairs, 4, 3);
+    write_random_pairs(&pairs, 4, 3);
     let out = tmp.path().join("o");
     let model = tiny("qwen2");
     let (m, p, o) = (model.to_str().unwrap(), pairs.to_str().unwrap(), out.to_str().unwrap());
@@ -174,7 +159,7 @@ fn checkpoint_dir_is_complete_or_absent() {
     assert_eq!(latest(out).unwrap(), out.join("step-2"));
     // A real run: the checkpoint it leaves loads, and every expected file is there.
     let pairs = out.join("pairs.jsonl");
-    write_pairs(&pairs, 4, 9);
+    write_random_pairs(&pairs, 4, 9);
     let o = out.join("run");
     let model = tiny("llama");
     train(&["--model", model.to_str().unwrap(), "--pairs", pairs.to_str().unwrap(), "--output", o.to_str().unwrap(),

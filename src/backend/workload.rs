@@ -34,6 +34,23 @@ pub struct Shape {
     pub ctx: usize,
 }
 
+/// A shape the simulator runs in well under a second per op: head_dim 64 and odd sizes, so
+/// kernel tails run too (tests/kernel_counters.rs budgets it; `ipo selftest --time` on Sim).
+pub const SMALL: Shape = Shape {
+    prompt: 19,
+    response: 7,
+    dim: 96,
+    n_heads: 4,
+    n_kv_heads: 2,
+    head_dim: 64,
+    ffn: 200,
+    vocab: 300,
+    kv_blocks: 16,
+    block_size: 8,
+    decode_seqs: 3,
+    ctx: 45,
+};
+
 impl Shape {
     pub fn tokens(&self) -> usize {
         self.prompt + 2 * self.response

@@ -270,7 +270,7 @@ fn f32_json(x: f32) -> Value {
 fn execute(args: &Args, job: Job, scorer: &dyn Scorer) -> Result<()> {
     let Job { path, mode, lines, seqs } = job;
     let items: Vec<ScoreItem> = seqs.iter().map(|s| ScoreItem { context: &s.context, target: &s.target }).collect();
-    let total = Transformer::<crate::backend::cpu::CpuBackend<f32>>::packed_score_tokens(&items) as u64;
+    let total = crate::model::transformer::packed_score_tokens(&items) as u64;
     let mut progress = Progress::new(total);
     // [n_seqs][n_target] natural-log probabilities
     let logps = scorer.score(&items, args.batch_tokens, &mut |n| progress.add(n as u64))?;

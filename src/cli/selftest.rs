@@ -92,22 +92,6 @@ const GPU_SHAPE: Shape = Shape {
     ctx: 1024,
 };
 
-/// A shape the simulator runs in seconds (odd sizes, so kernel tails run too).
-const SIM_SHAPE: Shape = Shape {
-    prompt: 19,
-    response: 7,
-    dim: 96,
-    n_heads: 4,
-    n_kv_heads: 2,
-    head_dim: 64,
-    ffn: 200,
-    vocab: 300,
-    kv_blocks: 16,
-    block_size: 8,
-    decode_seqs: 3,
-    ctx: 45,
-};
-
 /// Mean milliseconds per call of each workload op, from events on the default stream (so a
 /// call's host-side index uploads are inside its time, as they are in training).
 fn timings<G: Gpu>(be: &CudaBackend<G>, a: &Args, shape: Shape, reps: usize) -> anyhow::Result<()> {
@@ -137,7 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let be = CudaBackend::sim().context("CUDA simulator backend")?;
             table(&be, &a)?;
             if a.time {
-                timings(&be, &a, SIM_SHAPE, a.reps.unwrap_or(1))?;
+                timings(&be, &a, workload::SMALL, a.reps.unwrap_or(1))?;
             }
             Ok(())
         }

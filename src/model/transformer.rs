@@ -403,27 +403,27 @@ impl<B: Backend> Transformer<B> {
         Ok(out)
     }
 
-    /// Tokens the forwards of `score_with_progress` process for `items` (a shared context
-    /// counts once).
-    pub fn packed_score_tokens(items: &[ScoreItem]) -> usize {
-        let (mut i, mut n) = (0, 0);
-        while i < items.len() {
-            let it = &items[i];
-            n += it.context.len() + it.target.len();
-            match shares_context(items, i) {
-                Some(b) => {
-                    n += b.target.len();
-                    i += 2;
-                }
-                None => i += 1,
-            }
-        }
-        n
-    }
-
     pub fn score(&self, items: &[ScoreItem], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ForwardError> {
         self.score_with_progress(items, batch_tokens, |_| {})
     }
+}
+
+/// Tokens the forwards of `score_with_progress` process for `items` (a shared context
+/// counts once).
+pub fn packed_score_tokens(items: &[ScoreItem]) -> usize {
+    let (mut i, mut n) = (0, 0);
+    while i < items.len() {
+        let it = &items[i];
+        n += it.context.len() + it.target.len();
+        match shares_context(items, i) {
+            Some(b) => {
+                n += b.target.len();
+                i += 2;
+            }
+            None => i += 1,
+        }
+    }
+    n
 }
 
 /// The item after `items[i]` when the two are scored as a pair sharing one context.

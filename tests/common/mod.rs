@@ -132,3 +132,19 @@ pub fn byte_tokenizer_json() -> serde_json::Value {
                   "vocab": vocab, "merges": []}
     })
 }
+
+/// Writes `n` random preference pairs (ids below 256, the tiny fixtures' vocabulary) without
+/// reference log-probs, so `ipo train` computes and caches them.
+pub fn write_random_pairs(path: &std::path::Path, n: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let c = 3 + rng.below(10);
+            let (a, b) = (1 + rng.below(6), 1 + rng.below(6));
+            serde_json::json!({"id": format!("p{i}"), "kind": "harmful", "context_ids": rng.ids(c, 256), "chosen_ids": rng.ids(a, 256),
+                   "rejected_ids": rng.ids(b, 256), "round": 1})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
