@@ -23,8 +23,6 @@
 #define DPG ((HEAD_DIM + DG - 1) / DG)
 #define KS (HEAD_DIM + 1)           // padded row stride of the shared K/V tiles
 
-__device__ __forceinline__ int key_row(int4 sp, int kk) { return kk < sp.w ? sp.z + kk : sp.x + kk - sp.w; }
-
 // Loads keys [k0, k0 + KT) (those < nk) of one KV head into ks, vs [KT, KS].
 __device__ __forceinline__ void load_kv_tile(const float* k, const float* v, float* ks, float* vs, int4 sp, int k0, int nk, int kvrow, int kvh) {
     for (int e = threadIdx.x; e < KT * HEAD_DIM; e += blockDim.x) {

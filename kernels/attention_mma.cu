@@ -35,8 +35,6 @@
 #define ND (HDP / 8)     // n8 output tiles
 // dynamic smem bytes: (BQ * LDQ + BK * LDQ + HDP * LDV) * 2 (host: precision.rs)
 
-__device__ __forceinline__ int key_row_mma(int4 sp, int kk) { return kk < sp.w ? sp.z + kk : sp.x + kk - sp.w; }
-
 // Two consecutive bf16 of shared memory as one 32-bit fragment register.
 __device__ __forceinline__ unsigned ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
 
@@ -88,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const floa
             const int r = e / HDP, d = e % HDP;
             float kx = 0.f, vx = 0.f;
             if (k0 + r < nk && d < HEAD_DIM) {
-                const long long off = (long long)key_row_mma(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
+                const long long off = (long long)key_row(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
                 kx = k[off];
                 vx = v[off];
             }

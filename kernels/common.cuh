@@ -40,6 +40,10 @@ __device__ T block_sum(T v, T* sh) {
     return v;
 }
 
+// Token row of key `kk` of a span `sp` = (start, len, prefix_start, prefix_len): the span's
+// prefix keys come first, then its own rows (the packed layout of backend::Span).
+__device__ __forceinline__ int key_row(int4 sp, int kk) { return kk < sp.w ? sp.z + kk : sp.x + kk - sp.w; }
+
 // Merges two online log-sum-exp states (max m, sum s of exp(x - m)); m = -inf means empty.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
     const float mn = fmaxf(m, m2);

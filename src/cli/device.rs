@@ -36,10 +36,6 @@ impl Device {
             },
         }
     }
-
-    pub fn is_cpu(&self) -> bool {
-        *self == Device::Cpu
-    }
 }
 
 impl std::fmt::Display for Device {
