@@ -11,3 +11,4 @@ pub mod model;
 pub mod pipeline;
 pub mod rollout;
 pub mod train;
+pub mod workflow;

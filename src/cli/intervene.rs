@@ -119,7 +119,7 @@ pub struct Args {
     /// Rollouts handled together (detection batch; their prefixes are cached at once).
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub chunk: usize,
-    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::workflow::device::HELP)]
     pub device: String,
 }
 
@@ -130,7 +130,7 @@ pub fn sibling(output: &Path, suffix: &str) -> PathBuf {
 }
 
 fn check_args(a: &Args) -> Result<()> {
-    crate::cli::device::Device::parse(&a.device)?;
+    crate::workflow::device::Device::parse(&a.device)?;
     if a.rounds == 0 {
         bail!("--rounds must be >= 1");
     }
@@ -309,7 +309,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let weights = load_weights(&args.model, &cfg)?;
-    crate::with_backend!(crate::cli::device::Device::parse(&args.device)?, be => {
+    crate::workflow::device::with_backend!(crate::workflow::device::Device::parse(&args.device)?, be => {
     let model = Transformer::with_backend(be, cfg, weights)?;
     let ecfg = EngineConfig::from_budget(&model, args.kv_cache_mb, args.block_size, 4, args.prefill_chunk, args.max_batch);
     let mut engine = Engine::new(&model, ecfg).context("--kv-cache-mb / --block-size / --max-batch")?;

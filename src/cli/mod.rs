@@ -1,6 +1,5 @@
 //! Subcommands of the `ipo` binary; each file holds its clap `Args` and a `run` function.
 
-pub mod device;
 pub mod generate;
 pub mod import_gguf;
 pub mod intervene;

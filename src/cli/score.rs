@@ -43,7 +43,7 @@ pub struct Args {
     /// Most tokens (context + target, summed over sequences) in one forward pass.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub batch_tokens: usize,
-    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::workflow::device::HELP)]
     pub device: String,
 }
 
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
     // Validate the input before spending time on the weights.
     let job = prepare(&args, &cfg)?;
     let weights = load_weights(&args.model, &cfg)?;
-    crate::with_backend!(crate::cli::device::Device::parse(&args.device)?, be => {
+    crate::workflow::device::with_backend!(crate::workflow::device::Device::parse(&args.device)?, be => {
         let model = Transformer::with_backend(be, cfg, weights)?;
         execute(&args, job, &model)
     })
@@ -90,7 +90,7 @@ pub fn run_with(args: &Args, cfg: &ModelConfig, scorer: &dyn Scorer) -> Result<(
 }
 
 fn check_device(device: &str) -> Result<()> {
-    crate::cli::device::Device::parse(device).map(|_| ())
+    crate::workflow::device::Device::parse(device).map(|_| ())
 }
 
 /// One sequence to score.

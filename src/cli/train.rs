@@ -111,7 +111,7 @@ pub struct Args {
     /// Most tokens per forward when computing missing reference log-probs.
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
-    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::cli::device::HELP)]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", help = crate::workflow::device::HELP)]
     pub device: String,
 }
 
@@ -215,14 +215,14 @@ fn copy_side_files(dir: &Path, base: &Path) -> Result<(), TrainError> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::cli::device::Device::parse(&args.device)?;
+    let device = crate::workflow::device::Device::parse(&args.device)?;
     let tcfg = train_config(&args)?;
     let mcfg = load_config(&args.model)?;
     let recs = read_pairs(&args.pairs, &mcfg)?;
     check_tokenizer(&args.model, &args.pairs, &recs)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("--output {}", args.output.display()))?;
     let weights = load_weights(&args.model, &mcfg)?;
-    crate::with_backend!(device, be => {
+    crate::workflow::device::with_backend!(device, be => {
     // On a GPU the default budget is the device memory free before the weights go up.
     let mut tcfg = tcfg;
     if args.memory_budget_gb.is_none() {

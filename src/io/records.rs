@@ -1,4 +1,4 @@
-//! Typed records of the JSONL contracts (DESIGN.md section 4) that `score` reads and writes.
+//! Typed records of the JSONL contracts (DESIGN.md section 4) that the workflows read and write.
 //! Every record keeps the fields it does not know in `extra` (flattened), so a file passes
 //! through a stage with its user fields intact.
 
@@ -59,4 +59,59 @@ pub struct Pair {
     pub ref_rejected_logp: Option<f64>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// One line of `generate`'s output: a finished sample (`finish` = "eos" | "length" | "stop")
+/// or one that could not run (`finish` = "error", with `error` and no completion).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub prompt: String,
+    pub sample: u32,
+    pub seed: u64,
+    pub prompt_ids: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+    pub finish: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Fingerprint of the model folder (`rollout::fingerprint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Rollout {
+    /// The keys the struct itself holds; an input record's own copies of them are dropped from
+    /// `extra` so the output never holds a key twice.
+    const KEYS: [&'static str; 12] =
+        ["id", "prompt", "sample", "seed", "prompt_ids", "completion_ids", "reasoning", "response", "completion", "finish", "error", "model"];
+
+    /// A rollout with no completion yet (`finish` empty); `extra` holds the prompt record's
+    /// other fields, copied through.
+    pub fn new(id: String, prompt: String, sample: u32, seed: u64, prompt_ids: Vec<u32>, model: String, mut extra: Map<String, Value>) -> Self {
+        extra.retain(|k, _| !Self::KEYS.contains(&k.as_str()));
+        Self {
+            id,
+            prompt,
+            sample,
+            seed,
+            prompt_ids,
+            completion_ids: None,
+            reasoning: None,
+            response: None,
+            completion: None,
+            finish: String::new(),
+            error: None,
+            model: Some(model),
+            extra,
+        }
+    }
 }

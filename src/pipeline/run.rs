@@ -288,7 +288,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", args.config.display()))?;
     let device = args.device.clone().or(cfg.device.clone());
     if let Some(d) = &device {
-        crate::cli::device::Device::parse(d)?;
+        crate::workflow::device::Device::parse(d)?;
         set_device(&mut cfg, d);
     }
     if !(0.0..=1.0).contains(&cfg.harmful_fraction) {

@@ -1,4 +1,5 @@
-//! `--device cpu | sim | cuda[:N]`, shared by every subcommand that runs the model.
+//! `--device cpu | sim | cuda[:N]` (config key `device`): the one device parser, shared by
+//! every workflow that runs the model and by every subcommand's `--device` flag.
 //!
 //! - `cpu`: `CpuBackend<f32>`, the reference (rayon threads over the CPU cores).
 //! - `cuda` / `cuda:N`: `CudaBackend<Cudarc>` on GPU N (driver API + cuBLAS, kernels built by
@@ -13,8 +14,9 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Cudarc, Sim};
 use anyhow::{bail, Context, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
+    #[default]
     Cpu,
     Sim,
     Cuda(usize),
@@ -48,41 +50,63 @@ impl std::fmt::Display for Device {
     }
 }
 
-pub fn cpu() -> Result<CpuBackend<f32>> {
+impl std::str::FromStr for Device {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Device> {
+        Device::parse(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Device::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a workflow runs its model; flattened into every subcommand and stage table.
+#[derive(clap::Args, serde::Deserialize, Debug, Clone, Default)]
+#[serde(default)]
+pub struct DeviceOptions {
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = Device::parse, help = HELP)]
+    pub device: Device,
+}
+
+pub(crate) fn cpu() -> Result<CpuBackend<f32>> {
     Ok(CpuBackend::new())
 }
 
-pub fn sim() -> Result<CudaBackend<Sim>> {
+pub(crate) fn sim() -> Result<CudaBackend<Sim>> {
     eprintln!("note: --device sim runs every kernel in the PTX simulator: every instruction is interpreted on this CPU, so expect it to be far slower than --device cpu");
     CudaBackend::sim().context("--device sim: the CUDA backend on the PTX simulator")
 }
 
-pub fn cuda(ordinal: usize) -> Result<CudaBackend<Cudarc>> {
+pub(crate) fn cuda(ordinal: usize) -> Result<CudaBackend<Cudarc>> {
     CudaBackend::cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}"))
 }
 
 /// Runs `$body` with `$be` bound to the backend of `$dev` (a `Device`); the body's value (a
 /// `Result`) is the value of the whole expression. Errors creating the backend are returned
 /// with `?` from the enclosing function.
-#[macro_export]
 macro_rules! with_backend {
     ($dev:expr, $be:ident => $body:block) => {
         match $dev {
-            $crate::cli::device::Device::Cpu => {
-                let $be = $crate::cli::device::cpu()?;
+            $crate::workflow::device::Device::Cpu => {
+                let $be = $crate::workflow::device::cpu()?;
                 $body
             }
-            $crate::cli::device::Device::Sim => {
-                let $be = $crate::cli::device::sim()?;
+            $crate::workflow::device::Device::Sim => {
+                let $be = $crate::workflow::device::sim()?;
                 $body
             }
-            $crate::cli::device::Device::Cuda(n) => {
-                let $be = $crate::cli::device::cuda(n)?;
+            $crate::workflow::device::Device::Cuda(n) => {
+                let $be = $crate::workflow::device::cuda(n)?;
                 $body
             }
         }
     };
 }
+pub(crate) use with_backend;
 
 #[cfg(test)]
 mod tests {
