@@ -251,15 +251,14 @@ pub fn run(args: Args) -> Result<()> {
             }
             None => {
                 eprintln!("train: computing reference log-probs with the base model -> {}", cache.display());
-                let sargs = crate::cli::score::Args {
+                let files = crate::workflow::score::ScoreFiles {
                     model: args.model.clone(),
                     input: None,
                     pairs: Some(args.pairs.clone()),
                     output: cache.clone(),
-                    batch_tokens: args.batch_tokens,
-                    device: args.device.clone(),
                 };
-                crate::cli::score::run_with(&sargs, &mcfg, &model)?;
+                let opts = crate::workflow::score::ScoreOptions { batch_tokens: args.batch_tokens, ..Default::default() };
+                crate::workflow::score::score_with(&files, &opts, &mcfg, &model, &crate::workflow::progress::Reporter::new())?;
                 to_train_pairs(&cache, read_pairs(&cache, &mcfg)?)?
             }
         }

@@ -22,6 +22,16 @@ pub struct ScoreInput {
     pub extra: Map<String, Value>,
 }
 
+/// One `ipo score` output line: the input record, then the sum and the per-token log-probs
+/// of its target (natural log; each token's value is the f32 result printed shortest).
+#[derive(Clone, Debug, Serialize)]
+pub struct Scored {
+    #[serde(flatten)]
+    pub input: ScoreInput,
+    pub logp: f64,
+    pub token_logps: Vec<f64>,
+}
+
 /// Where the compliance cue was found in the rollout (intervene).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cue {

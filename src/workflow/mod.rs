@@ -10,3 +10,4 @@ pub mod generate;
 pub mod model;
 pub mod options;
 pub mod progress;
+pub mod score;
