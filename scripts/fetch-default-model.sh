@@ -5,7 +5,7 @@
 # ${IPO_MODEL_CACHE:-~/.cache/ipo/models}/smollm2-135m-instruct. Idempotent: a folder imported
 # by the same importer sources is reused. Prints ONLY the model folder on stdout; logs go to stderr.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+root="$(cd -P "$(dirname "$0")/.." && pwd)"
 cache="${IPO_MODEL_CACHE:-$HOME/.cache/ipo/models}"
 dest="$cache/smollm2-135m-instruct"
 dl="$cache/.downloads"

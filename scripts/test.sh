@@ -16,3 +16,10 @@ if [ -f scripts/fetch-default-model.sh ]; then
   export IPO_DEFAULT_MODEL
 fi
 cargo test --workspace --release "$@"
+# The README's library examples (tests/readme.rs runs its shell examples).
+if [ $# -eq 0 ]; then
+  for ex in score_pair generate_splice dpo_step; do
+    echo "== example $ex" >&2
+    cargo run --quiet --release --example "$ex"
+  done
+fi

@@ -30,7 +30,7 @@ enum Command {
     Selftest(ipo::cli::selftest::Args),
     /// The whole IPO loop from one TOML config (generate -> intervene -> score -> train stage 1
     /// -> benign pairs -> train stage 2 -> eval), resumable in its run directory.
-    Run(ipo::pipeline::run::Args),
+    Run(ipo::cli::run::Args),
 }
 
 fn main() {
@@ -42,7 +42,7 @@ fn main() {
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
         Command::Train(a) => ipo::cli::train::run(a),
         Command::Selftest(a) => ipo::cli::selftest::run(a),
-        Command::Run(a) => ipo::pipeline::run::run(a),
+        Command::Run(a) => ipo::cli::run::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

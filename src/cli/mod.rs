@@ -3,6 +3,7 @@
 pub mod generate;
 pub mod import_gguf;
 pub mod intervene;
+pub mod run;
 pub mod score;
 pub mod selftest;
 pub mod train;

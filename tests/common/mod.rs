@@ -148,3 +148,16 @@ pub fn write_random_pairs(path: &std::path::Path, n: usize, seed: u64) {
         .collect();
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
+
+/// The default model folder (IPO_DEFAULT_MODEL, set by scripts/test.sh). Without it a test
+/// prints a skip notice and returns `None`; under CI=true it fails instead.
+pub fn default_model() -> Option<std::path::PathBuf> {
+    match std::env::var("IPO_DEFAULT_MODEL") {
+        Ok(p) => Some(std::path::PathBuf::from(p)),
+        Err(_) if std::env::var("CI").as_deref() == Ok("true") => panic!("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"),
+        Err(_) => {
+            eprintln!("skipping: IPO_DEFAULT_MODEL is not set (run scripts/test.sh)");
+            None
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The README's shell examples, run as written (as tinygrad runs its README): every ```sh block
+//! but the few this test cannot run (listed in `NOT_RUN`, each with the reason), concatenated in
+//! order into one bash script (`set -euo pipefail`), in a fresh folder holding links to the
+//! repository's `data/`, `configs/` and `scripts/`, with the built `ipo` first on PATH. Then the
+//! files the examples promise are checked.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// First lines of blocks not run here, and why.
+const NOT_RUN: [(&str, &str); 3] = [
+    ("bash scripts/demo.sh", "the 8-minute main command; its stages are tested one by one"),
+    ("bash scripts/test.sh", "this test suite itself"),
+    ("cargo run --release --example", "scripts/test.sh runs the three examples after the tests"),
+];
+
+fn sh_blocks(readme: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut cur: Option<Vec<&str>> = None;
+    for line in readme.lines() {
+        match (&mut cur, line.trim_end()) {
+            (None, "```sh") => cur = Some(Vec::new()),
+            (Some(b), "```") => {
+                blocks.push(b.join("\n"));
+                cur = None;
+            }
+            (Some(b), l) => b.push(l),
+            (None, _) => {}
+        }
+    }
+    assert!(cur.is_none(), "README.md: a ```sh block is not closed");
+    blocks
+}
+
+#[test]
+fn readme_shell_examples_run() {
+    let Some(model) = common::default_model() else { return };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let blocks = sh_blocks(&readme);
+    let run: Vec<&String> = blocks.iter().filter(|b| !NOT_RUN.iter().any(|(first, _)| b.trim_start().starts_with(first))).collect();
+    for (first, _) in NOT_RUN {
+        assert!(blocks.iter().any(|b| b.trim_start().starts_with(first)), "NOT_RUN lists {first:?}, which the README no longer has");
+    }
+    assert!(run.len() >= 2, "expected the stage-by-stage and the scoring examples, found {} runnable blocks", run.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["data", "configs", "scripts"] {
+        std::os::unix::fs::symlink(root.join(d), dir.path().join(d)).unwrap();
+    }
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_ipo")).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let script = format!("set -euo pipefail\n{}\n", run.iter().map(|b| b.as_str()).collect::<Vec<_>>().join("\n"));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("IPO_DEFAULT_MODEL", &model)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the README's examples failed:\n{script}\n--- stderr:\n{stderr}");
+
+    // What the examples say they write.
+    let lines = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}")).lines().count();
+    assert_eq!(lines("rollouts.jsonl"), 16, "8 prompts x 2 samples");
+    let pairs = lines("pairs.jsonl");
+    assert!(pairs > 0 && lines("pairs.ref.jsonl") == pairs, "{pairs} pairs, all scored");
+    assert!(dir.path().join("out/final/model.safetensors").is_file() && lines("out/metrics.jsonl") > 0);
+    let scored: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("scored.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(scored.len(), 2);
+    let logp = |i: usize| scored[i]["logp"].as_f64().unwrap();
+    assert!(logp(0) > logp(1), "\" Paris.\" is the likelier continuation: {} vs {}", logp(0), logp(1));
+}
