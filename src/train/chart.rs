@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::TrainError;
+use super::{StepMetrics, TrainError};
 
 const W: usize = 900;
 const PANEL_H: usize = 220;
@@ -110,6 +110,14 @@ fn fmt(v: f64) -> String {
     } else {
         format!("{v:.3}")
     }
+}
+
+/// The chart of a metrics.jsonl (`StepMetrics` lines): loss, reward margin and reward
+/// accuracy over steps, written to `png`.
+pub fn write_metrics_chart(metrics: &Path, png: &Path) -> Result<(), TrainError> {
+    let rows: Vec<StepMetrics> = crate::io::jsonl::read(metrics)?;
+    let s = |f: fn(&StepMetrics) -> f64| rows.iter().map(|m| (m.step as f64, f(m))).collect::<Vec<_>>();
+    write_chart(png, &[("loss", s(|m| m.loss)), ("reward margin", s(|m| m.reward_margin)), ("reward accuracy", s(|m| m.reward_accuracy))])
 }
 
 /// Writes the chart of `series` = (title, [(step, value)]) as a PNG at `path`.

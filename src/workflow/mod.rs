@@ -11,3 +11,4 @@ pub mod model;
 pub mod options;
 pub mod progress;
 pub mod score;
+pub mod train;
