@@ -7,6 +7,7 @@
 pub mod config;
 pub mod device;
 pub mod generate;
+pub mod intervene;
 pub mod model;
 pub mod options;
 pub mod progress;

@@ -1,0 +1,503 @@
+//! `intervene`: Algorithm 1 of IPO_METHOD.md as a workflow. Reads rollouts (typed `Rollout`
+//! records from `ipo generate`) or prompts (then samples one rollout per prompt itself), finds
+//! the first compliance cue of each (rule detector or LLM judge), splices every trigger of the
+//! pool in at that token, continues from the cached prefix with the same sampler settings, and
+//! writes a `Pair` (DESIGN.md section 4) for every continuation without a cue; the algorithm
+//! itself is `crate::intervene::pipeline`. Beside the pairs (written atomically) it writes
+//! `<output stem>.stats.json` (the counters) and `<output stem>.errors.jsonl` (one line per item
+//! that failed: bad input, detector error, generation error), so nothing is lost silently.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::ArgGroup;
+use serde_json::{json, Map, Value};
+
+use crate::intervene::detect::{Detector, RuleDetector};
+use crate::intervene::judge::{Judge, JudgeConfig};
+use crate::intervene::pipeline::{run_batch, EngineSplicer, ItemError, Settings, Stats, Trace};
+use crate::intervene::triggers::load_triggers;
+use crate::io::jsonl::{self, AtomicWriter, Line};
+use crate::io::records::Rollout;
+use crate::model::chat::ChatTemplate;
+use crate::model::tokenizer::Tokenizer;
+use crate::rollout::{key_of, Engine, Event, Request};
+use crate::workflow::device::{with_backend, DeviceOptions};
+use crate::workflow::model::ModelDir;
+use crate::workflow::options::{default_from_clap, EngineOptions, SamplingOptions};
+use crate::workflow::progress::Progress;
+
+/// The files of one `intervene` call: exactly one of `rollouts` and `prompts` is the input.
+#[derive(clap::Args, Debug, Clone)]
+#[command(group(ArgGroup::new("source").required(true).args(["rollouts", "prompts"])))]
+pub struct InterveneFiles {
+    /// Hugging Face model folder (config.json, weights, tokenizer.json, tokenizer_config.json):
+    /// the model that continues after each splice; must be the model of the rollouts.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Rollouts JSONL from `ipo generate`: {"id", "prompt", "sample", "prompt_ids",
+    /// "completion_ids", "kind"?, "model"?, ...}. A rollout whose "model" fingerprint
+    /// (written by `ipo generate`) differs from --model's is rejected, as is a failed rollout
+    /// ("finish": "error"); both are listed in the errors file and the rest goes on. Continue
+    /// with the sampler settings the rollouts were generated with.
+    #[arg(long, value_name = "FILE")]
+    pub rollouts: Option<PathBuf>,
+    /// Prompts JSONL instead of --rollouts: {"id", "prompt", "system"?, "kind"?}; one rollout
+    /// per prompt is sampled first with the sampler settings below.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// Where to write the pairs (JSONL, written atomically). Beside it: <stem>.stats.json
+    /// (summary) and <stem>.errors.jsonl (per-item failures).
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+/// How `intervene` detects, splices and continues (flags of `ipo intervene`, keys of the
+/// `[intervene]` table of `ipo run`).
+#[derive(clap::Args, serde::Deserialize, Debug, Clone)]
+#[serde(default)]
+pub struct InterveneOptions {
+    /// Safety-trigger pool, one sentence per line ('#' comments); default: the built-in
+    /// data/triggers.txt. Every trigger is tried on every rollout with a cue.
+    #[arg(long, value_name = "FILE")]
+    pub triggers: Option<PathBuf>,
+    /// Most splices per (rollout, trigger): after a splice whose continuation still has a
+    /// cue, cut again at the new cue (paper: 1).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub rounds: u32,
+    /// Compliance-cue detector: "rules" (built-in lexicon, offline) or "judge" (an LLM over
+    /// an OpenAI-compatible endpoint: needs --judge-url and --judge-model).
+    #[arg(long, value_name = "KIND", default_value = "rules")]
+    pub detector: String,
+    /// Patterns for the rule detector ("cue: REGEX" / "exclude: REGEX" per line,
+    /// case-insensitive); default: the built-in data/cue_patterns.txt.
+    #[arg(long, value_name = "FILE")]
+    pub cue_patterns: Option<PathBuf>,
+    /// Judge endpoint: a base URL (http://host:port/v1) or the full .../chat/completions URL.
+    /// The API key, if any, is read from the environment variable IPO_JUDGE_API_KEY.
+    #[arg(long, value_name = "URL")]
+    pub judge_url: Option<String>,
+    /// Model name sent to the judge endpoint.
+    #[arg(long, value_name = "NAME")]
+    pub judge_model: Option<String>,
+    /// Seconds before a judge request is abandoned (then retried).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub judge_timeout: f64,
+    /// Retries of a failed judge request (timeouts, HTTP 5xx/429, malformed replies), with
+    /// exponential backoff starting at 1 s.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub judge_retries: u32,
+    /// Most judge requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub judge_concurrency: usize,
+    /// Cache of judge verdicts by content hash (JSONL; re-runs cost no calls). Default:
+    /// <output stem>.judge-cache.jsonl beside --output.
+    #[arg(long, value_name = "FILE")]
+    pub judge_cache: Option<PathBuf>,
+    /// Also intervene on rollouts whose "kind" is "benign" (skipped by default: Algorithm 1
+    /// is for harmful prompts).
+    #[arg(long)]
+    pub all_kinds: bool,
+    /// Rollouts handled together (detection batch; their prefixes are cached at once).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub chunk: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub sampling: SamplingOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub engine: EngineOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceOptions,
+}
+
+default_from_clap!(InterveneOptions);
+
+/// What an `intervene` call did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InterveneSummary {
+    /// The counters written to `<stem>.stats.json`: rollouts read (`prompts`), skipped, with a
+    /// cue, splices, pairs (per round), failures per stage, `tokens_generated`, wall `seconds`.
+    #[serde(flatten)]
+    pub stats: Stats,
+    /// Lines written to `<stem>.errors.jsonl`.
+    pub item_errors: usize,
+    /// Requests sent to the judge and verdicts taken from its cache (`detector = "judge"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_calls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_cache_hits: Option<u64>,
+}
+
+impl InterveneSummary {
+    /// Tokens sampled (rollouts from prompts + continuations) per second of wall time.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.stats.tokens_generated as f64 / self.stats.seconds.max(1e-9)
+    }
+}
+
+/// `pairs.jsonl` -> `pairs.<suffix>` beside it.
+pub fn sibling(output: &Path, suffix: &str) -> PathBuf {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pairs".into());
+    output.with_file_name(format!("{stem}.{suffix}"))
+}
+
+/// The input file and whether it holds rollouts (else prompts).
+fn source(files: &InterveneFiles) -> Result<(&Path, bool)> {
+    match (&files.rollouts, &files.prompts) {
+        (Some(r), None) => Ok((r, true)),
+        (None, Some(p)) => Ok((p, false)),
+        _ => bail!("give exactly one of --rollouts and --prompts"),
+    }
+}
+
+fn check(files: &InterveneFiles, o: &InterveneOptions) -> Result<()> {
+    if o.rounds == 0 {
+        bail!("--rounds must be >= 1");
+    }
+    if o.chunk == 0 {
+        bail!("--chunk must be >= 1");
+    }
+    if o.sampling.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be >= 1");
+    }
+    if !(o.judge_timeout > 0.0 && o.judge_timeout.is_finite()) {
+        bail!("--judge-timeout must be a positive number of seconds");
+    }
+    if o.judge_concurrency == 0 {
+        bail!("--judge-concurrency must be >= 1");
+    }
+    let (input, _) = source(files)?;
+    if let (Ok(x), Ok(y)) = (input.canonicalize(), files.output.canonicalize()) {
+        if x == y {
+            bail!("--output {} is the input file: write to a new file", files.output.display());
+        }
+    }
+    o.engine.check()
+}
+
+/// The detector the options ask for; the judge is kept by name for its counters.
+enum CueDetector {
+    Rules(RuleDetector),
+    Judge(Judge),
+}
+
+impl CueDetector {
+    fn new(files: &InterveneFiles, o: &InterveneOptions) -> Result<Self> {
+        match o.detector.as_str() {
+            "rules" => {
+                if o.judge_url.is_some() || o.judge_model.is_some() {
+                    bail!("--judge-url/--judge-model need --detector judge");
+                }
+                Ok(CueDetector::Rules(match &o.cue_patterns {
+                    Some(p) => RuleDetector::from_file(p).context("--cue-patterns")?,
+                    None => RuleDetector::builtin(),
+                }))
+            }
+            "judge" => {
+                if o.cue_patterns.is_some() {
+                    bail!("--cue-patterns is for --detector rules");
+                }
+                let cfg = JudgeConfig {
+                    url: o.judge_url.clone().context("--detector judge needs --judge-url")?,
+                    model: o.judge_model.clone().context("--detector judge needs --judge-model")?,
+                    api_key: std::env::var("IPO_JUDGE_API_KEY").ok().filter(|k| !k.is_empty()),
+                    timeout: Duration::from_secs_f64(o.judge_timeout),
+                    retries: o.judge_retries,
+                    backoff: Duration::from_secs(1),
+                    concurrency: o.judge_concurrency,
+                    cache: Some(o.judge_cache.clone().unwrap_or_else(|| sibling(&files.output, "judge-cache.jsonl"))),
+                };
+                Ok(CueDetector::Judge(Judge::new(cfg)?))
+            }
+            d => bail!("--detector {d}: expected rules or judge"),
+        }
+    }
+
+    fn get(&self) -> &dyn Detector {
+        match self {
+            CueDetector::Rules(r) => r,
+            CueDetector::Judge(j) => j,
+        }
+    }
+}
+
+/// A line's "id": a string, or an integer in a file written by hand.
+fn id_of(o: &Map<String, Value>) -> Result<String, String> {
+    match o.get("id") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        None => Err("missing field \"id\"".into()),
+        Some(v) => Err(format!("\"id\" must be a string, found {v}")),
+    }
+}
+
+fn is_u32(v: &Value) -> bool {
+    v.as_u64().is_some_and(|x| x <= u32::MAX as u64)
+}
+
+/// Checks that field `name` is a list of token ids (u32), with a reason naming the element.
+fn check_token_ids(o: &Map<String, Value>, name: &str) -> Result<(), String> {
+    match o.get(name) {
+        None => Err(format!("missing field \"{name}\"")),
+        Some(Value::Array(a)) => match a.iter().position(|v| !is_u32(v)) {
+            Some(i) => Err(format!("\"{name}\"[{i}] is not a token id: {}", a[i])),
+            None => Ok(()),
+        },
+        Some(v) => Err(format!("\"{name}\" must be a list of token ids, found {v}")),
+    }
+}
+
+/// What a rollout line is checked against.
+struct ModelFacts<'a> {
+    tok: &'a Tokenizer,
+    vocab: usize,
+    fingerprint: &'a str,
+}
+
+/// One line of a rollouts file as a `Rollout` of the model `m`. The raw line is checked first,
+/// so that every reason names the field (and element) that is wrong, which serde's errors do
+/// not; then it is converted. Files written by hand are accepted as before: "id" may be an
+/// integer, "sample", "seed" and "finish" may be missing, and so may "prompt" (then decoded
+/// from "prompt_ids").
+fn read_rollout(l: &Line, m: &ModelFacts) -> Result<Rollout, String> {
+    let o = &l.obj;
+    let id = id_of(o)?;
+    if o.get("finish").and_then(Value::as_str) == Some("error") {
+        let why = o.get("error").and_then(Value::as_str).unwrap_or("no reason given");
+        return Err(format!("the rollout failed in generate: {why}"));
+    }
+    // `ipo generate` writes the fingerprint as "model"; "model_fingerprint" is accepted too.
+    for key in ["model", "model_fingerprint"] {
+        if let Some(fp) = o.get(key) {
+            let fp = fp.as_str().ok_or(format!("\"{key}\" must be the model fingerprint string"))?;
+            if fp != m.fingerprint {
+                return Err(format!(
+                    "rollout of another model or tokenizer: \"{key}\" fingerprint {fp}, --model has {}",
+                    m.fingerprint
+                ));
+            }
+        }
+    }
+    check_token_ids(o, "prompt_ids")?;
+    check_token_ids(o, "completion_ids")?;
+    match o.get("prompt") {
+        None | Some(Value::String(_)) => {}
+        Some(v) => return Err(format!("\"prompt\" must be a string, found {v}")),
+    }
+    match o.get("sample") {
+        Some(v) if !is_u32(v) => return Err(format!("\"sample\" must be an integer, found {v}")),
+        _ => {}
+    }
+    let mut rec = o.clone();
+    rec.insert("id".into(), Value::String(id));
+    for (key, default) in [("sample", json!(0)), ("seed", json!(0)), ("finish", json!("")), ("prompt", json!(""))] {
+        rec.entry(key).or_insert(default);
+    }
+    let mut r: Rollout = serde_json::from_value(Value::Object(rec)).map_err(|e| format!("not a rollout record: {e}"))?;
+    if r.prompt_ids.is_empty() {
+        return Err("empty \"prompt_ids\"".into());
+    }
+    let completion_ids = r.completion_ids.as_deref().unwrap_or_default();
+    for (name, ids) in [("prompt_ids", &r.prompt_ids[..]), ("completion_ids", completion_ids)] {
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &x)| x as usize >= m.vocab) {
+            return Err(format!("\"{name}\"[{i}] = {id} is not a token id of the model (vocab_size {})", m.vocab));
+        }
+    }
+    if !o.contains_key("prompt") {
+        r.prompt = m.tok.decode(&r.prompt_ids, true).map_err(|e| e.to_string())?;
+    }
+    Ok(r)
+}
+
+/// The trace Algorithm 1 works on.
+fn trace_of(r: Rollout, origin: String) -> Trace {
+    let kind = r.extra.get("kind").and_then(Value::as_str).map(str::to_string);
+    let completion_ids = r.completion_ids.unwrap_or_default();
+    Trace { id: r.id, prompt: r.prompt, kind, sample: r.sample, prompt_ids: r.prompt_ids, completion_ids, origin }
+}
+
+/// A prompt line as a trace to sample (`completion_ids` empty): {"id", "prompt", "system"?}
+/// chat-rendered and tokenized.
+fn prompt_trace(l: &Line, chat: &ChatTemplate, tok: &Tokenizer, origin: String) -> Result<Trace, String> {
+    let id = id_of(&l.obj)?;
+    let prompt = match l.obj.get("prompt") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err("empty \"prompt\"".into()),
+        None => return Err("missing field \"prompt\"".into()),
+        Some(v) => return Err(format!("\"prompt\" must be a string, found {v}")),
+    };
+    let mut messages = Vec::new();
+    match l.obj.get("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+        Some(v) => return Err(format!("\"system\" must be a string, found {v}")),
+    }
+    messages.push(json!({"role": "user", "content": prompt}));
+    let text = chat.render(&messages, true, &Map::new()).map_err(|e| e.to_string())?;
+    let prompt_ids = tok.encode(&text, false).map_err(|e| e.to_string())?;
+    let kind = l.obj.get("kind").and_then(Value::as_str).map(str::to_string);
+    Ok(Trace { id, prompt, kind, sample: 0, prompt_ids, completion_ids: Vec::new(), origin })
+}
+
+/// Runs Algorithm 1 on the input of `files` and writes the pairs, stats and errors files.
+pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn Progress) -> Result<InterveneSummary> {
+    let t0 = Instant::now();
+    check(files, opts)?;
+    let (input, is_rollouts) = source(files)?;
+    let triggers = load_triggers(opts.triggers.as_deref()).context("--triggers")?;
+    let detector = CueDetector::new(files, opts)?;
+    let dir = ModelDir::open(&files.model)?;
+    let tok = dir.tokenizer()?;
+    let fingerprint = dir.fingerprint().context("--model")?;
+    let params = opts.sampling.params(tok.eos_ids())?;
+
+    // Read and check the input before loading the weights. Rollouts are ready to intervene on;
+    // prompts become traces whose completion is sampled first.
+    let mut stats = Stats { detector: detector.get().name(), ..Stats::default() };
+    let mut errors: Vec<ItemError> = Vec::new();
+    let mut traces: Vec<Trace> = Vec::new();
+    let mut to_sample: Vec<Trace> = Vec::new();
+    let chat = if is_rollouts { None } else { Some(dir.chat_template()?) };
+    let facts = ModelFacts { tok: &tok, vocab: dir.config.vocab_size, fingerprint: &fingerprint };
+    for l in jsonl::read_objects(input)? {
+        stats.prompts += 1;
+        let origin = format!("{}:{}", input.display(), l.line);
+        if !opts.all_kinds && l.obj.get("kind").and_then(Value::as_str) == Some("benign") {
+            stats.skipped_benign += 1;
+            continue;
+        }
+        let parsed = match &chat {
+            None => read_rollout(&l, &facts).map(|r| traces.push(trace_of(r, origin.clone()))),
+            Some(chat) => prompt_trace(&l, chat, &tok, origin.clone()).map(|t| to_sample.push(t)),
+        };
+        if let Err(e) = parsed {
+            stats.input_errors += 1;
+            eprintln!("{origin}: {e}");
+            errors.push(ItemError { id: id_of(&l.obj).unwrap_or_default(), origin, stage: "input", trigger: None, round: None, error: e });
+        }
+    }
+
+    let weights = dir.weights()?;
+    with_backend!(opts.device.device, be => {
+    let model = dir.upload(be, weights)?;
+    let mut engine = Engine::new(&model, opts.engine.config(&model)).context("--kv-cache-mb / --block-size / --max-batch")?;
+
+    // --prompts: sample one rollout per prompt first.
+    if !to_sample.is_empty() {
+        let reqs: Vec<Request> = to_sample.iter().map(|t| Request::new(key_of(&t.id), 0, t.prompt_ids.clone())).collect();
+        let mut outs = vec![None; reqs.len()];
+        progress.start("sample", reqs.len() as u64, "rollouts");
+        let sampled = engine.generate(reqs, &params, None, |e| match e {
+            Event::Step { prefill, decode } => progress.advance(0, (prefill + decode) as u64),
+            Event::Done(o) => {
+                progress.advance(1, 0);
+                let i = o.index;
+                outs[i] = Some(o);
+            }
+        });
+        progress.finish();
+        sampled?;
+        for (mut t, o) in to_sample.into_iter().zip(outs) {
+            let o = o.with_context(|| format!("internal: the engine returned no output for {}", t.origin))?;
+            match o.result {
+                Ok(_) => {
+                    t.completion_ids = o.generated().to_vec();
+                    stats.tokens_generated += t.completion_ids.len() as u64;
+                    traces.push(t);
+                }
+                Err(why) => {
+                    stats.generation_errors += 1;
+                    errors.push(ItemError { id: t.id, origin: t.origin, stage: "generate", trigger: None, round: None, error: why });
+                }
+            }
+        }
+    }
+
+    let settings = Settings { triggers, rounds: opts.rounds, eos_ids: tok.eos_ids().to_vec() };
+    let mut out = AtomicWriter::create(&files.output)?;
+    let mut splicer = EngineSplicer { engine: &mut engine, params: params.clone() };
+    progress.start("intervene", traces.len() as u64, "rollouts");
+    let mut chunks = || -> Result<()> {
+        for chunk in traces.chunks(opts.chunk) {
+            let tokens_before = stats.tokens_generated;
+            let mut pairs = Vec::new();
+            run_batch(
+                chunk,
+                &tok,
+                detector.get(),
+                &mut splicer,
+                &settings,
+                &mut stats,
+                &mut |p| {
+                    pairs.push(p);
+                    Ok(())
+                },
+                &mut |e| {
+                    errors.push(e);
+                    Ok(())
+                },
+            )?;
+            for p in &pairs {
+                out.write(p)?;
+            }
+            progress.status(&format!("{} pairs, {} with cue", stats.pairs, stats.with_cue));
+            progress.advance(chunk.len() as u64, stats.tokens_generated - tokens_before);
+        }
+        Ok(())
+    };
+    let done = chunks();
+    progress.finish();
+    done?;
+    out.commit()?;
+    stats.seconds = t0.elapsed().as_secs_f64();
+    stats.finalize();
+    jsonl::write_atomic(&sibling(&files.output, "errors.jsonl"), &errors)?;
+    let mut w = AtomicWriter::create(&sibling(&files.output, "stats.json"))?;
+    w.write(&stats)?;
+    w.commit()?;
+    let (judge_calls, judge_cache_hits) = match &detector {
+        CueDetector::Judge(j) => (Some(j.calls()), Some(j.cache_hits())),
+        CueDetector::Rules(_) => (None, None),
+    };
+    Ok(InterveneSummary { stats, item_errors: errors.len(), judge_calls, judge_cache_hits })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::device::Device;
+
+    #[test]
+    fn defaults_are_the_flags_and_a_table_sets_only_its_keys() {
+        let d = InterveneOptions::default();
+        assert_eq!((d.rounds, d.detector.as_str(), d.chunk, d.all_kinds), (1, "rules", 8, false));
+        assert_eq!((d.judge_timeout, d.judge_retries, d.judge_concurrency), (60.0, 3, 4));
+        assert!(d.triggers.is_none() && d.cue_patterns.is_none() && d.judge_url.is_none() && d.judge_cache.is_none());
+        let s = &d.sampling;
+        assert_eq!((s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.seed), (0.6, 0.95, 0, 1024, 0));
+        let e = &d.engine;
+        assert_eq!((e.kv_cache_mb, e.block_size, e.max_batch, e.prefill_chunk), (1024.0, 16, 32, 512));
+        assert_eq!(d.device.device, Device::Cpu);
+
+        let toml = "rounds = 2\ndetector = \"judge\"\njudge_url = \"http://h:1/v1\"\ntemperature = 0\nkv_cache_mb = 64\ndevice = \"cuda:1\"";
+        let o: InterveneOptions = toml::from_str(toml).unwrap();
+        let mut want = InterveneOptions::default();
+        want.rounds = 2;
+        want.detector = "judge".into();
+        want.judge_url = Some("http://h:1/v1".into());
+        want.sampling.temperature = 0.0;
+        want.engine.kv_cache_mb = 64.0;
+        want.device.device = Device::Cuda(1);
+        assert_eq!(format!("{o:?}"), format!("{want:?}"));
+    }
+
+    #[test]
+    fn sibling_files_share_the_output_stem() {
+        assert_eq!(sibling(Path::new("/r/pairs.jsonl"), "stats.json"), Path::new("/r/pairs.stats.json"));
+        assert_eq!(sibling(Path::new("out"), "errors.jsonl"), Path::new("out.errors.jsonl"));
+    }
+}
