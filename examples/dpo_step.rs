@@ -12,7 +12,7 @@ use ipo::{CpuBackend, ModelDir, OptimConfig, OptimKind, ScheduleKind, ScoreItem,
 fn main() -> Result<()> {
     let dir = std::env::args().nth(1).unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/llama").into());
     let model_dir = ModelDir::open(dir.as_ref())?;
-    let model = model_dir.upload(CpuBackend::new(), model_dir.weights()?)?;
+    let model = model_dir.upload(CpuBackend::<f32>::new(), model_dir.weights()?)?;
 
     // Seeded token ids inside the vocabulary (a real pair comes from `ipo intervene`).
     let vocab = model.cfg.vocab_size as u64;

@@ -27,7 +27,7 @@ fn main() -> Result<()> {
     let model_dir = ModelDir::open(dir.as_ref())?;
     let tok = model_dir.tokenizer()?;
     let chat = model_dir.chat_template()?;
-    let model = model_dir.upload(CpuBackend::new(), model_dir.weights()?)?;
+    let model = model_dir.upload(CpuBackend::<f32>::new(), model_dir.weights()?)?;
 
     let messages = [serde_json::json!({"role": "user", "content": "How do I bake bread at home?"})];
     let prompt = tok.encode(&chat.render(&messages, true, &Default::default())?, false)?;
@@ -45,7 +45,8 @@ fn main() -> Result<()> {
     let insert = tok.encode(" Wait, first I should check that this is safe.", false)?;
     let handle = base.handle.context("the request asked to keep its sequence")?;
     let before = engine.stats().computed_positions;
-    let spliced = run(&mut engine, engine.splice(handle, cut, &insert, 0, 1)?, &params)?;
+    let req = engine.splice(handle, cut, &insert, 0, 1)?;
+    let spliced = run(&mut engine, req, &params)?;
     println!("spliced:   {}", tok.decode(&spliced.ids[prompt.len()..], true)?);
     ensure!(spliced.ids[..cut] == base.ids[..cut], "the kept prefix is shared");
     ensure!(spliced.ids[cut..cut + insert.len()] == insert[..], "the inserted ids follow it");

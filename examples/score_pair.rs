@@ -14,7 +14,7 @@ fn main() -> Result<()> {
     )?;
     let model_dir = ModelDir::open(dir.as_ref())?;
     let tok = model_dir.tokenizer()?;
-    let model = model_dir.upload(CpuBackend::new(), model_dir.weights()?)?;
+    let model = model_dir.upload(CpuBackend::<f32>::new(), model_dir.weights()?)?;
 
     let context = tok.encode("The capital of France is", false)?;
     let targets = [" Paris.", " a potato."];
