@@ -139,8 +139,8 @@ impl Space {
 /// An address operand `[base+off]`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Addr {
-    pub base: Src,
-    pub off: i64,
+    pub(crate) base: Src,
+    pub(crate) off: i64,
 }
 
 /// Arithmetic on raw register bits: `f(mode, a, b, c)`.
@@ -186,14 +186,14 @@ pub(crate) enum AtomOp {
 /// Conversion spec for `cvt`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CvtSpec {
-    pub dst: Ty,
-    pub src: Ty,
-    pub rnd: Option<crate::num::Rnd>,
+    pub(crate) dst: Ty,
+    pub(crate) src: Ty,
+    pub(crate) rnd: Option<crate::num::Rnd>,
     /// Integer rounding (.rni etc.) for float->float.
-    pub int_rnd: bool,
-    pub ftz: bool,
-    pub sat: bool,
-    pub relu: bool,
+    pub(crate) int_rnd: bool,
+    pub(crate) ftz: bool,
+    pub(crate) sat: bool,
+    pub(crate) relu: bool,
 }
 
 /// Instruction class for the counters.
@@ -263,8 +263,8 @@ pub(crate) enum Op {
 /// One instruction with its guard and PTX source line.
 #[derive(Clone, Debug)]
 pub(crate) struct Inst {
-    pub op: Op,
-    pub guard: Option<(Reg, bool)>,
-    pub line: u32,
-    pub class: Class,
+    pub(crate) op: Op,
+    pub(crate) guard: Option<(Reg, bool)>,
+    pub(crate) line: u32,
+    pub(crate) class: Class,
 }

@@ -12,21 +12,21 @@ const GUARD: u64 = 1 << 16;
 
 #[derive(Debug)]
 pub(crate) struct Alloc {
-    pub base: u64,
-    pub data: Vec<u8>,
-    pub live: bool,
+    pub(crate) base: u64,
+    pub(crate) data: Vec<u8>,
+    pub(crate) live: bool,
 }
 
 /// All device allocations, sorted by base address.
 #[derive(Debug, Default)]
 pub(crate) struct Memory {
-    pub allocs: Vec<Alloc>,
+    pub(crate) allocs: Vec<Alloc>,
     next: u64,
     last: usize,
 }
 
 impl Memory {
-    pub fn alloc(&mut self, bytes: u64) -> DevicePtr {
+    pub(crate) fn alloc(&mut self, bytes: u64) -> DevicePtr {
         if self.next == 0 {
             self.next = BASE;
         }
@@ -36,7 +36,7 @@ impl Memory {
         base
     }
 
-    pub fn free(&mut self, p: DevicePtr) -> bool {
+    pub(crate) fn free(&mut self, p: DevicePtr) -> bool {
         match self.allocs.binary_search_by_key(&p, |a| a.base) {
             Ok(i) if self.allocs[i].live => {
                 self.allocs[i].live = false;
@@ -50,7 +50,7 @@ impl Memory {
     /// (allocation index, offset) for an access of `size` bytes at `addr`, if fully inside a
     /// live allocation.
     #[inline(always)]
-    pub fn find(&mut self, addr: u64, size: u64) -> Option<(usize, usize)> {
+    pub(crate) fn find(&mut self, addr: u64, size: u64) -> Option<(usize, usize)> {
         if let Some(a) = self.allocs.get(self.last) {
             if addr >= a.base && addr.wrapping_add(size) <= a.base + a.data.len() as u64 && a.live {
                 return Some((self.last, (addr - a.base) as usize));
@@ -71,7 +71,7 @@ impl Memory {
     }
 
     /// Describe where a bad address lies, for error messages.
-    pub fn describe(&self, addr: u64) -> String {
+    pub(crate) fn describe(&self, addr: u64) -> String {
         let i = match self.allocs.binary_search_by_key(&addr, |a| a.base) {
             Ok(i) => i,
             Err(0) => return "below every allocation".into(),
@@ -89,7 +89,7 @@ impl Memory {
         }
     }
 
-    pub fn slice(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
+    pub(crate) fn slice(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
         let (i, o) = self.find(addr, len as u64)?;
         Some(&mut self.allocs[i].data[o..o + len])
     }

@@ -91,34 +91,34 @@ fn lex(src: &str) -> Result<Vec<(Tok, u32)>, Error> {
 /// A parameter declaration: offset in the kernel param buffer or the function's param frame.
 #[derive(Clone, Debug)]
 pub(crate) struct ParamDecl {
-    pub name: String,
-    pub offset: u32,
-    pub size: u32,
+    pub(crate) name: String,
+    pub(crate) offset: u32,
+    pub(crate) size: u32,
 }
 
 /// A `.entry` or `.func`.
 #[derive(Clone, Debug)]
 pub(crate) struct Func {
-    pub name: String,
-    pub entry: bool,
-    pub start: u32,
-    pub nregs: u32,
-    pub params: Vec<ParamDecl>,
-    pub rets: Vec<ParamDecl>,
-    pub param_size: u32,
-    pub fparam_size: u32,
-    pub local_size: u32,
-    pub defined: bool,
-    pub callees: Vec<u32>,
+    pub(crate) name: String,
+    pub(crate) entry: bool,
+    pub(crate) start: u32,
+    pub(crate) nregs: u32,
+    pub(crate) params: Vec<ParamDecl>,
+    pub(crate) rets: Vec<ParamDecl>,
+    pub(crate) param_size: u32,
+    pub(crate) fparam_size: u32,
+    pub(crate) local_size: u32,
+    pub(crate) defined: bool,
+    pub(crate) callees: Vec<u32>,
 }
 
 /// Module-scope `.global` / `.const` variable.
 #[derive(Clone, Debug)]
 pub(crate) struct GlobalVar {
-    pub name: String,
-    pub size: u64,
-    pub align: u64,
-    pub init: Vec<u8>,
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) align: u64,
+    pub(crate) init: Vec<u8>,
 }
 
 /// A parsed PTX module, ready to launch.
@@ -183,13 +183,8 @@ impl Module {
     }
 
     /// Names of the kernels (`.entry`) in the module.
-    pub fn kernels(&self) -> Vec<&str> {
+    pub(crate) fn kernels(&self) -> Vec<&str> {
         self.funcs.iter().filter(|f| f.entry).map(|f| f.name.as_str()).collect()
-    }
-
-    /// Total bytes of static `.shared` memory declared in the module.
-    pub fn static_shared_bytes(&self) -> u32 {
-        self.shared_static
     }
 }
 
@@ -866,7 +861,7 @@ impl Dec<'_> {
             Sym::FParam(o, _) => (Space::FParam, Addr { base: Src::I(o as u64), off: *off }),
             Sym::Shared(o) => {
                 if sp == Space::Generic {
-                    (Space::Generic, Addr { base: Src::I(o as u64 | crate::exec::SHARED_SYM_GENERIC), off: *off })
+                    (Space::Generic, Addr { base: Src::I(o as u64 | crate::exec::SHARED_WIN), off: *off })
                 } else {
                     (Space::Shared, Addr { base: Src::I(o as u64), off: *off })
                 }
