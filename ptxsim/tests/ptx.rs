@@ -81,3 +81,40 @@ fn wrong_parameter_size_is_rejected() {
     let e = dev.launch(&m, "k", (1, 1, 1), (32, 1, 1), 0, &[P::Ptr(out), P::U64(0)], &LaunchOptions::default()).unwrap_err().to_string();
     assert!(e.contains("parameter 1") && e.contains("is 4 bytes, 8 given"), "{e}");
 }
+
+/// A guarded `exit` / `ret` whose guard is false in every lane falls through to the next
+/// instruction (it once skipped it as well).
+#[test]
+fn guarded_exit_and_ret_with_false_guards_fall_through() {
+    for op in ["exit", "ret"] {
+        let src = format!(
+            r#"
+.version 8.0
+.target sm_80
+.address_size 64
+.visible .entry k(.param .u64 out)
+{{
+    .reg .pred %p<2>;
+    .reg .b32 %r<4>;
+    .reg .b64 %rd<4>;
+    ld.param.u64 %rd1, [out];
+    mov.u32 %r1, %tid.x;
+    setp.gt.u32 %p1, %r1, 1000;
+    mov.u32 %r2, 3;
+    @%p1 {op};
+    mov.u32 %r2, 7;
+    mul.wide.u32 %rd2, %r1, 4;
+    add.s64 %rd3, %rd1, %rd2;
+    st.global.u32 [%rd3], %r2;
+    ret;
+}}
+"#
+        );
+        let m = Module::parse(&src).unwrap();
+        let mut dev = Device::new();
+        let out = dev.alloc(32 * 4);
+        dev.launch(&m, "k", (1, 1, 1), (32, 1, 1), 0, &[P::Ptr(out)], &LaunchOptions::default()).unwrap();
+        let o: Vec<u32> = dev.read_vec(out, 32).unwrap();
+        assert!(o.iter().all(|&x| x == 7), "@p {op} with p false everywhere skipped the next instruction: {o:?}");
+    }
+}

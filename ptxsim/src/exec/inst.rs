@@ -355,10 +355,7 @@ impl<'e, 'l> Exec<'e, 'l> {
         let Exec { cx, w, sh, mask, .. } = self;
         let is_exit = exit || w.frames.is_empty();
         if mask == 0 {
-            // no lane's guard holds. FIXME: with `Flow::Next` the PC advances once more, so
-            // this also skips the following instruction (hardware does not); kept as is by a
-            // behaviour-preserving refactor, to be fixed on its own
-            w.pc += 1;
+            // No lane's guard holds: fall through (`Flow::Next` advances the PC).
             return Ok(Flow::Next);
         }
         if is_exit {
