@@ -22,6 +22,22 @@ pub struct ScoreInput {
     pub extra: Map<String, Value>,
 }
 
+/// `record`'s fields written over `line` (the JSON object it was read from): keys already in
+/// the line keep their position, new ones are appended in the record's order, keys the record
+/// omits stay as they were. Writers use it so a file passes through a stage with its field
+/// order intact.
+pub fn write_over<T: Serialize>(mut line: Map<String, Value>, record: &T) -> Result<Map<String, Value>, serde_json::Error> {
+    match serde_json::to_value(record)? {
+        Value::Object(fields) => {
+            for (k, v) in fields {
+                line.insert(k, v);
+            }
+            Ok(line)
+        }
+        other => Err(serde::ser::Error::custom(format!("a record must serialize to an object, not {other}"))),
+    }
+}
+
 /// One `ipo score` output line: the input record, then the sum and the per-token log-probs
 /// of its target (natural log; each token's value is the f32 result printed shortest).
 #[derive(Clone, Debug, Serialize)]

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ArgGroup;
+use serde_json::{Map, Value};
 
 use crate::backend::Backend;
 use crate::io::jsonl::{self, AtomicWriter, JsonlError};
-use crate::io::records::{Pair, ScoreInput, Scored};
+use crate::io::records::{write_over, Pair, ScoreInput, Scored};
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{packed_score_tokens, ScoreItem, Transformer};
@@ -128,6 +129,8 @@ enum Records {
 
 struct Job {
     path: PathBuf,
+    /// The input lines as read: the output keeps their field order.
+    lines: Vec<Map<String, Value>>,
     records: Records,
     seqs: Vec<Seq>,
 }
@@ -192,7 +195,7 @@ fn prepare(files: &ScoreFiles, opts: &ScoreOptions, cfg: &ModelConfig) -> Result
             }
         }
     }
-    Ok(Job { path, records, seqs })
+    Ok(Job { path, lines: lines.into_iter().map(|l| l.obj).collect(), records, seqs })
 }
 
 /// Non-empty parts, ids inside the vocabulary, length within the model's positions.
@@ -239,7 +242,7 @@ fn f32_json(x: f32) -> f64 {
 }
 
 fn execute(files: &ScoreFiles, opts: &ScoreOptions, job: Job, scorer: &dyn Scorer, progress: &dyn Progress, t0: Instant) -> Result<ScoreSummary> {
-    let Job { path, records, seqs } = job;
+    let Job { path, lines, records, seqs } = job;
     let items: Vec<ScoreItem> = seqs.iter().map(|s| ScoreItem { context: &s.context, target: &s.target }).collect();
     let total = packed_score_tokens(&items) as u64;
     progress.start("score", total, "tokens");
@@ -261,24 +264,25 @@ fn execute(files: &ScoreFiles, opts: &ScoreOptions, job: Job, scorer: &dyn Score
 
     let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
     let mut w = AtomicWriter::create(&files.output)?;
-    let lines = match records {
+    let n_lines = lines.len();
+    match records {
         Records::Score(recs) => {
-            for (mut input, lp) in recs.into_iter().zip(&logps) {
+            for ((line, mut input), lp) in lines.into_iter().zip(recs).zip(&logps) {
                 // A re-scored file: the new values replace the old.
                 input.extra.retain(|k, _| k != "logp" && k != "token_logps");
-                w.write(&Scored { input, logp: sum(lp), token_logps: lp.iter().map(|&x| f32_json(x)).collect() })?;
+                let scored = Scored { input, logp: sum(lp), token_logps: lp.iter().map(|&x| f32_json(x)).collect() };
+                w.write(&write_over(line, &scored)?)?;
             }
-            logps.len()
         }
         Records::Pairs(recs) => {
-            for (i, mut p) in recs.into_iter().enumerate() {
+            for (i, (line, mut p)) in lines.into_iter().zip(recs).enumerate() {
                 p.ref_chosen_logp = Some(sum(&logps[2 * i]));
                 p.ref_rejected_logp = Some(sum(&logps[2 * i + 1]));
-                w.write(&p)?;
+                w.write(&write_over(line, &p)?)?;
             }
-            logps.len() / 2
         }
-    };
+    }
+    let lines = n_lines;
     w.commit().with_context(|| format!("writing scores of {}", path.display()))?;
     Ok(ScoreSummary { lines, sequences: logps.len(), tokens: total, seconds: t0.elapsed().as_secs_f64() })
 }
