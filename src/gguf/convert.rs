@@ -69,7 +69,7 @@ pub fn unpermute_rows(data: &[f32], n_head: usize, rows: usize, cols: usize) -> 
 
 /// The model architecture facts read from `{arch}.*` metadata.
 #[derive(Clone, Debug)]
-pub struct ArchInfo {
+pub(crate) struct ArchInfo {
     pub arch: String,
     pub n_layer: usize,
     pub n_head: usize,
@@ -110,7 +110,7 @@ impl ArchInfo {
 }
 
 /// HF `config.json` for the GGUF's architecture and hyper-parameters.
-pub fn hf_config(g: &GgufFile, a: &ArchInfo) -> Result<Json, GgufError> {
+pub(crate) fn hf_config(g: &GgufFile, a: &ArchInfo) -> Result<Json, GgufError> {
     let k = |s: &str| format!("{}.{s}", a.arch);
     let f = |key: &str, default: f64| g.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
     let vocab = match g.get(&k("vocab_size")).and_then(|v| v.as_u64()) {

@@ -10,10 +10,10 @@ mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use convert::{hf_config, hf_tensor_name, import_gguf, unpermute_rows, ArchInfo, ImportSummary};
+pub use convert::{hf_tensor_name, import_gguf, unpermute_rows};
+pub(crate) use convert::ImportSummary;
 pub use quant::{dequantize, GgmlType};
-pub use reader::{GgufFile, TensorInfo, Value};
-pub use tokenizer::{hf_tokenizer_files, TokenizerFiles};
+pub use reader::{GgufFile, Value};
 
 /// Everything that can go wrong reading or converting a GGUF; each names the file and,
 /// where there is one, the tensor or key, and what was expected.

@@ -51,7 +51,7 @@ impl GgmlType {
     }
 
     /// Human name of any type id ("Q6_K", "unknown type 99").
-    pub fn name_of_id(id: u32) -> String {
+    pub(crate) fn name_of_id(id: u32) -> String {
         TYPE_NAMES.get(id as usize).map(|s| s.to_string()).unwrap_or_else(|| format!("unknown type {id}"))
     }
 

@@ -304,7 +304,7 @@ impl GgufFile {
     }
 
     /// The encoded bytes of a tensor (bounds were checked at open).
-    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+    pub(crate) fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.offset..t.offset + t.n_bytes]
     }
 
@@ -318,7 +318,7 @@ impl GgufFile {
     }
 
     /// A required metadata key, with an error that names the file and key.
-    pub fn require(&self, key: &str) -> Result<&Value, GgufError> {
+    pub(crate) fn require(&self, key: &str) -> Result<&Value, GgufError> {
         self.get(key).ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.to_string() })
     }
 

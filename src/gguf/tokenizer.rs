@@ -9,7 +9,7 @@ use super::reader::{GgufFile, Value};
 use super::GgufError;
 
 /// The tokenizer files of an HF folder, as JSON values.
-pub struct TokenizerFiles {
+pub(crate) struct TokenizerFiles {
     pub tokenizer: Json,
     pub tokenizer_config: Json,
     pub special_tokens_map: Json,
@@ -29,7 +29,7 @@ fn split(pattern: &str) -> Json {
 }
 
 /// Build the tokenizer files from `g`'s metadata.
-pub fn hf_tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
+pub(crate) fn hf_tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
     let err = |reason: String| GgufError::Tokenizer { path: g.path.clone(), reason };
     let model = g.require_str("tokenizer.ggml.model")?;
     if model != "gpt2" {

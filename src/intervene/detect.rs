@@ -67,7 +67,7 @@ pub struct RuleDetector {
 }
 
 /// The default patterns (`data/cue_patterns.txt`, compiled in).
-pub const DEFAULT_PATTERNS: &str = include_str!("../../data/cue_patterns.txt");
+pub(crate) const DEFAULT_PATTERNS: &str = include_str!("../../data/cue_patterns.txt");
 
 impl RuleDetector {
     /// Parses a patterns file: one rule per line, `cue: REGEX` or `exclude: REGEX`; blank

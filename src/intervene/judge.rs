@@ -6,7 +6,7 @@
 //! calls; a failed or garbage answer is a per-item error and the batch goes on.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -136,7 +136,7 @@ pub fn parse_answer(content: &str) -> Result<u64, DetectError> {
 }
 
 /// The judge's answer as a detector result: 0 -> none; 2..=n -> Some(answer - 1).
-pub fn answer_to_index(answer: u64, n: usize) -> Result<Option<usize>, DetectError> {
+pub(crate) fn answer_to_index(answer: u64, n: usize) -> Result<Option<usize>, DetectError> {
     match answer {
         0 => Ok(None),
         a if a >= 2 && a as usize <= n => Ok(Some(a as usize - 1)),
@@ -298,10 +298,6 @@ impl Judge {
         Ok(a)
     }
 
-    /// The cache file, if any.
-    pub fn cache_path(&self) -> Option<&Path> {
-        self.cfg.cache.as_deref()
-    }
 }
 
 /// reqwest's error with its source chain (the timeout / connection reason).

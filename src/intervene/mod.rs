@@ -13,5 +13,5 @@ pub mod triggers;
 
 pub use detect::{DetectError, Detector, Item, RuleDetector};
 pub use judge::{Judge, JudgeConfig};
-pub use segment::{segment_completion, split_sentences, Segmented, Sentence};
+pub use segment::{segment_completion, split_sentences, Sentence};
 pub use triggers::load_triggers;

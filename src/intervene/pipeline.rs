@@ -38,7 +38,7 @@ pub struct Trace {
 
 /// One continuation to compute: keep `ids[..h]`, append `insert`, sample to EOS.
 #[derive(Clone, Debug)]
-pub struct SpliceJob {
+pub(crate) struct SpliceJob {
     pub key: u64,
     pub sample: u32,
     /// The full trace being cut: prompt ids + completion ids.
@@ -50,13 +50,13 @@ pub struct SpliceJob {
 
 /// The ids sampled after `insert`, and why sampling stopped.
 #[derive(Clone, Debug)]
-pub struct Continuation {
+pub(crate) struct Continuation {
     pub generated: Vec<u32>,
     pub finish: String,
 }
 
 /// The model side of Algorithm 1.
-pub trait Splicer {
+pub(crate) trait Splicer {
     /// Runs every job; a per-job failure is an `Err(reason)` in its slot, a fault of the
     /// engine itself (backend) is the outer error.
     fn continue_batch(&mut self, jobs: &[SpliceJob]) -> anyhow::Result<Vec<Result<Continuation, String>>>;
@@ -65,7 +65,7 @@ pub trait Splicer {
 /// The rollout engine as a `Splicer`: each distinct cut prefix is computed once (a one-token
 /// "prime" request kept in the cache), then every trigger of that prefix is an
 /// `Engine::splice` that reuses the prefix's K/V and prefills only the trigger ids.
-pub struct EngineSplicer<'e, 'm, B: Backend> {
+pub(crate) struct EngineSplicer<'e, 'm, B: Backend> {
     pub engine: &'e mut Engine<'m, B>,
     pub params: SamplingParams,
 }
@@ -133,7 +133,7 @@ impl<B: Backend> Splicer for EngineSplicer<'_, '_, B> {
 }
 
 /// Settings of Algorithm 1.
-pub struct Settings {
+pub(crate) struct Settings {
     pub triggers: Vec<String>,
     /// Most splices per (rollout, trigger) (paper: 1).
     pub rounds: u32,
@@ -179,7 +179,7 @@ pub struct Stats {
 
 impl Stats {
     /// Computes the rates from the counters.
-    pub fn finalize(&mut self) {
+    pub(crate) fn finalize(&mut self) {
         let rate = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         self.cue_free_rate = rate(self.pairs, self.attempts);
         self.cue_free_rate_round1 = rate(self.round1_cue_free, self.round1_checked);
@@ -188,7 +188,7 @@ impl Stats {
 
 /// A per-item failure, written to `pairs.errors.jsonl`.
 #[derive(Clone, Debug, Serialize)]
-pub struct ItemError {
+pub(crate) struct ItemError {
     pub id: String,
     pub origin: String,
     pub stage: &'static str,
@@ -234,7 +234,7 @@ fn item(trace: &Trace, seg: &Segmented) -> Item {
 }
 
 /// Runs Algorithm 1 on `traces`; pairs go to `emit`, per-item failures to `errors`.
-pub fn run_batch(
+pub(crate) fn run_batch(
     traces: &[Trace],
     tok: &Tokenizer,
     detector: &dyn Detector,

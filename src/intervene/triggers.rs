@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 /// The compiled-in default pool.
-pub const DEFAULT_TRIGGERS: &str = include_str!("../../data/triggers.txt");
+pub(crate) const DEFAULT_TRIGGERS: &str = include_str!("../../data/triggers.txt");
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriggerError {

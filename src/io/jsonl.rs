@@ -82,7 +82,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, JsonlError> {
 
 /// Writes `path` all at once or not at all: lines go to `.<name>.tmp-<pid>` beside it, and
 /// `commit` fsyncs and renames. Dropped without `commit`, the temp file is removed.
-pub struct AtomicWriter {
+pub(crate) struct AtomicWriter {
     path: PathBuf,
     tmp: PathBuf,
     out: Option<BufWriter<File>>,
@@ -117,7 +117,7 @@ impl AtomicWriter {
 
     /// Flushes, fsyncs and renames the temp file over the target (then fsyncs the directory
     /// so the rename itself survives a crash).
-    pub fn commit(mut self) -> Result<(), JsonlError> {
+    pub(crate) fn commit(mut self) -> Result<(), JsonlError> {
         let out = self.out.take().expect("not committed");
         let file = out.into_inner().map_err(|e| JsonlError::Io { path: self.tmp.clone(), source: e.into_error() })?;
         file.sync_all().map_err(io_err(&self.tmp))?;
@@ -142,7 +142,7 @@ impl Drop for AtomicWriter {
 }
 
 /// Writes `records` to `path` atomically, one JSON object per line.
-pub fn write_atomic<T: Serialize>(path: &Path, records: impl IntoIterator<Item = T>) -> Result<(), JsonlError> {
+pub(crate) fn write_atomic<T: Serialize>(path: &Path, records: impl IntoIterator<Item = T>) -> Result<(), JsonlError> {
     let mut w = AtomicWriter::create(path)?;
     for r in records {
         w.write(&r)?;
@@ -152,7 +152,7 @@ pub fn write_atomic<T: Serialize>(path: &Path, records: impl IntoIterator<Item =
 
 /// Appends lines to a file (created if absent), flushing after each, so a crash loses at most
 /// the line being written.
-pub struct Appender {
+pub(crate) struct Appender {
     path: PathBuf,
     file: File,
 }

@@ -26,7 +26,7 @@ pub struct ScoreInput {
 /// the line keep their position, new ones are appended in the record's order, keys the record
 /// omits stay as they were. Writers use it so a file passes through a stage with its field
 /// order intact.
-pub fn write_over<T: Serialize>(mut line: Map<String, Value>, record: &T) -> Result<Map<String, Value>, serde_json::Error> {
+pub(crate) fn write_over<T: Serialize>(mut line: Map<String, Value>, record: &T) -> Result<Map<String, Value>, serde_json::Error> {
     match serde_json::to_value(record)? {
         Value::Object(fields) => {
             for (k, v) in fields {

@@ -45,10 +45,6 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Number of query heads that share one KV head (grouped-query attention).
-    pub fn gqa_group(&self) -> usize {
-        self.num_heads / self.num_kv_heads
-    }
     pub(crate) fn layer_count_mismatch(&self, layers: usize) -> bool {
         layers != self.num_layers
     }

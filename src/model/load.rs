@@ -127,7 +127,7 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, LoadError> {
 }
 
 /// Parses a `config.json` object; `path` is only used in error messages.
-pub fn parse_config(path: &Path, obj: &serde_json::Map<String, Value>) -> Result<ModelConfig, LoadError> {
+pub(crate) fn parse_config(path: &Path, obj: &serde_json::Map<String, Value>) -> Result<ModelConfig, LoadError> {
     let f = Fields { path, obj };
     let model_type = f.str_opt("model_type")?.ok_or_else(|| cfg_err(path, "missing field `model_type`"))?;
     let family = match model_type {

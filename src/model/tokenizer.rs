@@ -50,7 +50,7 @@ fn ids_field(v: &Value, key: &str) -> Vec<u32> {
 }
 
 /// `[n_tokens]` byte ranges `[start, end)` into the encoded text.
-pub type ByteOffsets = Vec<(usize, usize)>;
+pub(crate) type ByteOffsets = Vec<(usize, usize)>;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

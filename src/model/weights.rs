@@ -19,9 +19,6 @@ impl HostTensor {
         let n = shape.iter().product();
         Self { shape, data: vec![0.0; n] }
     }
-    pub fn numel(&self) -> usize {
-        self.data.len()
-    }
 }
 
 /// One decoder layer. Matrices are stored as in HF: `[out_features, in_features]`.

@@ -1,5 +1,5 @@
 //! The whole IPO loop (`ipo run`): stages that chain the other subcommands over one run
 //! directory, plus the rule-based refusal check its report uses.
 
-pub mod refusal;
+pub(crate) mod refusal;
 pub mod run;

@@ -56,7 +56,7 @@ const REFUSAL_PHRASES: &[&str] = &[
 ];
 
 /// Whether `response` refuses (see the module comment).
-pub fn is_refusal(response: &str) -> bool {
+pub(crate) fn is_refusal(response: &str) -> bool {
     let head: String = response.chars().take(400).collect::<String>().to_lowercase().replace('\u{2019}', "'");
     REFUSAL_PHRASES.iter().any(|p| head.contains(p))
 }

@@ -71,7 +71,7 @@ impl BlockManager {
         self.free.len()
     }
     /// Blocks needed to hold `positions` positions from nothing.
-    pub fn blocks_for(&self, positions: usize) -> usize {
+    pub(crate) fn blocks_for(&self, positions: usize) -> usize {
         positions.div_ceil(self.block_size)
     }
 

@@ -114,14 +114,14 @@ fn fmt(v: f64) -> String {
 
 /// The chart of a metrics.jsonl (`StepMetrics` lines): loss, reward margin and reward
 /// accuracy over steps, written to `png`.
-pub fn write_metrics_chart(metrics: &Path, png: &Path) -> Result<(), TrainError> {
+pub(crate) fn write_metrics_chart(metrics: &Path, png: &Path) -> Result<(), TrainError> {
     let rows: Vec<StepMetrics> = crate::io::jsonl::read(metrics)?;
     let s = |f: fn(&StepMetrics) -> f64| rows.iter().map(|m| (m.step as f64, f(m))).collect::<Vec<_>>();
     write_chart(png, &[("loss", s(|m| m.loss)), ("reward margin", s(|m| m.reward_margin)), ("reward accuracy", s(|m| m.reward_accuracy))])
 }
 
 /// Writes the chart of `series` = (title, [(step, value)]) as a PNG at `path`.
-pub fn write_chart(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), TrainError> {
+pub(crate) fn write_chart(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), TrainError> {
     let mut cv = Canvas { px: vec![255; W * H * 3] };
     let colors = [[200, 40, 40], [30, 90, 200], [20, 150, 60]];
     let (x_min, x_max) = series

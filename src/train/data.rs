@@ -31,7 +31,7 @@ impl SplitMix64 {
 }
 
 /// The order of pair indices in `epoch`: a Fisher-Yates shuffle seeded by (seed, epoch).
-pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut rng = SplitMix64(seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
@@ -54,13 +54,13 @@ pub struct TrainPair {
 
 impl TrainPair {
     /// Tokens of the packed `[context | chosen | rejected]` sequence.
-    pub fn packed_tokens(&self) -> usize {
+    pub(crate) fn packed_tokens(&self) -> usize {
         self.context.len() + self.chosen.len() + self.rejected.len()
     }
 }
 
 /// Checks one pair's ids against the model; `Err` is the reason (without file:line).
-pub fn check_pair(p: &Pair, cfg: &ModelConfig) -> Result<(), String> {
+pub(crate) fn check_pair(p: &Pair, cfg: &ModelConfig) -> Result<(), String> {
     if p.context_ids.is_empty() {
         return Err("empty context_ids: the first segment token needs a token before it".into());
     }
@@ -91,7 +91,7 @@ pub fn check_pair(p: &Pair, cfg: &ModelConfig) -> Result<(), String> {
 
 /// Reads a pairs file. Returns the raw records (with their line numbers) and whether every
 /// record carries both reference log-probs; every record is checked with `check_pair`.
-pub fn read_pairs(path: &Path, cfg: &ModelConfig) -> Result<Vec<(usize, Pair)>, TrainError> {
+pub(crate) fn read_pairs(path: &Path, cfg: &ModelConfig) -> Result<Vec<(usize, Pair)>, TrainError> {
     let lines = jsonl::read_objects(path)?;
     if lines.is_empty() {
         return Err(TrainError::Data(format!("{}: no pairs", path.display())));
@@ -113,7 +113,7 @@ pub fn read_pairs(path: &Path, cfg: &ModelConfig) -> Result<Vec<(usize, Pair)>, 
 }
 
 /// Turns records that all carry reference log-probs into training pairs.
-pub fn to_train_pairs(path: &Path, recs: Vec<(usize, Pair)>) -> Result<Vec<TrainPair>, TrainError> {
+pub(crate) fn to_train_pairs(path: &Path, recs: Vec<(usize, Pair)>) -> Result<Vec<TrainPair>, TrainError> {
     recs.into_iter()
         .map(|(line, p)| match (p.ref_chosen_logp, p.ref_rejected_logp) {
             (Some(rc), Some(rr)) => Ok(TrainPair {

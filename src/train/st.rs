@@ -14,14 +14,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 /// Writes `bytes` to `path` and fsyncs it.
-pub fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let mut f = std::fs::File::create(path).map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }
 
 /// Writes `(name, shape, data)` tensors as an f32 safetensors file, in the given order.
-pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), TrainError> {
+pub(crate) fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), TrainError> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut off = 0usize;
@@ -47,7 +47,7 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f3
 }
 
 /// Every tensor of a safetensors file as `name -> (shape, f32 data)` (F32, F16 or BF16).
-pub fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, TrainError> {
+pub(crate) fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, TrainError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     let mut out = HashMap::new();

@@ -23,7 +23,7 @@ pub enum Device {
 }
 
 /// The help text of every `--device` flag.
-pub const HELP: &str = "Where to run: cpu (the reference, all cores), cuda or cuda:N (GPU N: CUDA driver + cuBLAS, kernels compiled by NVRTC at run time), or sim (the CUDA kernels in the PTX simulator on this CPU: very slow, for checking the CUDA path on tiny models)";
+pub(crate) const HELP: &str = "Where to run: cpu (the reference, all cores), cuda or cuda:N (GPU N: CUDA driver + cuBLAS, kernels compiled by NVRTC at run time), or sim (the CUDA kernels in the PTX simulator on this CPU: very slow, for checking the CUDA path on tiny models)";
 
 impl Device {
     /// Parses a `--device` value; errors name the flag and the accepted forms.

@@ -139,7 +139,7 @@ impl InterveneSummary {
 }
 
 /// `pairs.jsonl` -> `pairs.<suffix>` beside it.
-pub fn sibling(output: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sibling(output: &Path, suffix: &str) -> PathBuf {
     let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pairs".into());
     output.with_file_name(format!("{stem}.{suffix}"))
 }

@@ -57,7 +57,7 @@ impl ModelDir {
 
 /// A model name of a config: a folder, or "default" (the embedded SmolLM2-135M-Instruct:
 /// `IPO_DEFAULT_MODEL`, else the folder `scripts/fetch-default-model.sh` writes).
-pub fn resolve_model(name: &str) -> Result<PathBuf> {
+pub(crate) fn resolve_model(name: &str) -> Result<PathBuf> {
     if name != "default" {
         return Ok(PathBuf::from(name));
     }

@@ -81,7 +81,7 @@ impl ScoreSummary {
 
 /// Something that gives per-target-token log-probs: the `Transformer`, or a stand-in in tests.
 /// `progress` is called with the number of tokens (context + target) of each finished forward.
-pub trait Scorer {
+pub(crate) trait Scorer {
     fn score(&self, items: &[ScoreItem], batch_tokens: usize, progress: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>>;
 }
 
@@ -107,7 +107,7 @@ pub fn score(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress) -
 
 /// `score` with the model supplied (a trainer's base model, or a stand-in): reads and checks
 /// the input against `cfg`, scores with `scorer`, writes `files.output`.
-pub fn score_with(files: &ScoreFiles, opts: &ScoreOptions, cfg: &ModelConfig, scorer: &dyn Scorer, progress: &dyn Progress) -> Result<ScoreSummary> {
+pub(crate) fn score_with(files: &ScoreFiles, opts: &ScoreOptions, cfg: &ModelConfig, scorer: &dyn Scorer, progress: &dyn Progress) -> Result<ScoreSummary> {
     let t0 = Instant::now();
     let job = prepare(files, opts, cfg)?;
     execute(files, opts, job, scorer, progress, t0)
