@@ -26,8 +26,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(m) = &s.last {
         eprintln!(
-            "train: {} steps, last: loss {:.4} margin {:.4} acc {:.2}; {} tokens in {:.1} s ({:.0} tokens/s)",
-            s.steps, m.loss, m.reward_margin, m.reward_accuracy, s.tokens, s.seconds, s.tokens_per_s
+            "train: {} steps ({} tokens, {:.0} tokens/s), last: loss {:.4} margin {:.4} acc {:.2}; {:.1} s in all",
+            s.steps, s.tokens, s.tokens_per_s, m.loss, m.reward_margin, m.reward_accuracy, s.seconds
         );
     }
     match (&s.final_dir, &s.checkpoint) {

@@ -169,7 +169,7 @@ pub(crate) fn write_chart(path: &Path, series: &[(&str, Vec<(f64, f64)>)]) -> Re
     }
     let yb = (3 * PANEL_H + 8) as i64;
     cv.text(LEFT as i64, yb, &format!("STEP {}", fmt(x_min)), [0, 0, 0]);
-    let last = format!("{}", fmt(x_max));
+    let last = fmt(x_max);
     cv.text((W - RIGHT) as i64 - 8 * last.len() as i64, yb, &last, [0, 0, 0]);
 
     let file = std::fs::File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;

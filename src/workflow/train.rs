@@ -219,7 +219,7 @@ fn train_config(o: &TrainOptions) -> Result<TrainConfig> {
         None
     };
     let memory_budget = match o.memory_budget_gb {
-        Some(g) if !(g > 0.0) => bail!("--memory-budget-gb must be > 0"),
+        Some(g) if g.is_nan() || g <= 0.0 => bail!("--memory-budget-gb must be > 0"),
         Some(g) => Some((g * (1u64 << 30) as f64) as u64),
         None => mem_available(),
     };
@@ -379,7 +379,7 @@ fn run_steps<B: Backend>(
         log.append(&line)?;
         progress.status(&format!("loss {:.4}, margin {:.4}, acc {:.2}, lr {:.2e}", m.loss, m.reward_margin, m.reward_accuracy, m.lr));
         progress.advance(1, m.tokens as u64);
-        if opts.save_every > 0 && trainer.step % opts.save_every == 0 && trainer.step < total {
+        if opts.save_every > 0 && trainer.step.is_multiple_of(opts.save_every) && trainer.step < total {
             checkpoint = Some(save(&trainer)?);
         }
         last = Some(m);
@@ -449,7 +449,7 @@ fn copy_side_files(dir: &Path, base: &Path) -> Result<(), TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workflow::config::keys_of;
+    use crate::workflow::config::{from_table, keys_of};
 
     #[test]
     fn config_table_overrides_only_its_keys() {
@@ -462,11 +462,14 @@ mod tests {
         assert_eq!((d.lora_targets.as_str(), d.memory_budget_gb, d.batch_tokens, d.device.device), ("q,k,v,o,gate,up,down", None, 4096, Default::default()));
         let t: TrainOptions = toml::from_str("device = \"cuda:1\"\nseed = 7\nmerge = true\nmemory_budget_gb = 8").unwrap();
         assert_eq!((t.device.device, t.seed, t.merge, t.memory_budget_gb), (crate::workflow::device::Device::Cuda(1), 7, true, Some(8.0)));
-        // `ipo run` writes these names.
+        // `ipo run` reads its stage tables with these names.
         let keys = keys_of::<TrainOptions>();
         for k in ["seed", "device", "lr", "optimizer", "schedule", "lora_targets", "memory_budget_gb"] {
             assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
         }
+        let table: toml::Table = toml::from_str("optimizer = \"sgd\"\nepochs = 2").unwrap();
+        let t: TrainOptions = from_table(Path::new("c.toml"), "train1", &table, &[]).unwrap();
+        assert_eq!((t.optimizer, t.epochs, t.lr), (OptimKind::Sgd, 2, 5e-6));
     }
 
     #[test]
