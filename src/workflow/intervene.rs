@@ -181,7 +181,7 @@ fn check(files: &InterveneFiles, o: &InterveneOptions) -> Result<()> {
 /// The detector the options ask for; the judge is kept by name for its counters.
 enum CueDetector {
     Rules(RuleDetector),
-    Judge(Judge),
+    Judge(Box<Judge>),
 }
 
 impl CueDetector {
@@ -210,7 +210,7 @@ impl CueDetector {
                     concurrency: o.judge_concurrency,
                     cache: Some(o.judge_cache.clone().unwrap_or_else(|| sibling(&files.output, "judge-cache.jsonl"))),
                 };
-                Ok(CueDetector::Judge(Judge::new(cfg)?))
+                Ok(CueDetector::Judge(Box::new(Judge::new(cfg)?)))
             }
             d => bail!("--detector {d}: expected rules or judge"),
         }
@@ -219,7 +219,7 @@ impl CueDetector {
     fn get(&self) -> &dyn Detector {
         match self {
             CueDetector::Rules(r) => r,
-            CueDetector::Judge(j) => j,
+            CueDetector::Judge(j) => j.as_ref(),
         }
     }
 }
@@ -485,13 +485,15 @@ mod tests {
 
         let toml = "rounds = 2\ndetector = \"judge\"\njudge_url = \"http://h:1/v1\"\ntemperature = 0\nkv_cache_mb = 64\ndevice = \"cuda:1\"";
         let o: InterveneOptions = toml::from_str(toml).unwrap();
-        let mut want = InterveneOptions::default();
-        want.rounds = 2;
-        want.detector = "judge".into();
-        want.judge_url = Some("http://h:1/v1".into());
-        want.sampling.temperature = 0.0;
-        want.engine.kv_cache_mb = 64.0;
-        want.device.device = Device::Cuda(1);
+        let want = InterveneOptions {
+            rounds: 2,
+            detector: "judge".into(),
+            judge_url: Some("http://h:1/v1".into()),
+            sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
+            engine: EngineOptions { kv_cache_mb: 64.0, ..Default::default() },
+            device: DeviceOptions { device: Device::Cuda(1) },
+            ..Default::default()
+        };
         assert_eq!(format!("{o:?}"), format!("{want:?}"));
     }
 
