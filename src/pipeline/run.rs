@@ -2,7 +2,8 @@
 //!
 //! Stages (each writes its outputs atomically, then a `.done-<stage>` marker holding its wall
 //! time and summary; a re-run skips finished stages, so an interrupted run continues where it
-//! stopped):
+//! stopped: generating stages keep the samples already written, training stages resume from
+//! their newest checkpoint; `--force` removes a stage's old outputs and runs it from scratch):
 //!   1 generate   harmful prompts -> rollouts.jsonl                       (workflow::generate)
 //!   2 intervene  rollouts -> pairs.jsonl (cue cut + trigger splice)      (workflow::intervene)
 //!   3 score      reference log-probs of the base model -> pairs.ref.jsonl (workflow::score)
@@ -30,6 +31,7 @@ use crate::io::jsonl;
 use crate::io::records::{Pair, Rollout};
 use crate::pipeline::refusal::is_refusal;
 use crate::rollout::sampler::mix64;
+use crate::train::checkpoint;
 use crate::workflow::config::from_table;
 use crate::workflow::device::Device;
 use crate::workflow::generate::{generate, GenerateFiles, GenerateOptions};
@@ -195,8 +197,17 @@ fn score_pairs(opts: &ScoreOptions, model: &Path, pairs: &Path, output: &Path, p
     Ok(serde_json::to_value(s)?)
 }
 
-fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, p: &dyn Progress) -> Result<Value> {
-    let files = TrainFiles { model: model.into(), pairs: pairs.into(), output: output.into(), resume: None };
+/// A training stage: continues from the newest checkpoint of an interrupted run, or starts
+/// over (its folder removed) when the stage is forced.
+fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, force: bool, p: &dyn Progress) -> Result<Value> {
+    if force && output.exists() {
+        std::fs::remove_dir_all(output).with_context(|| format!("removing {} to start over", output.display()))?;
+    }
+    let resume = checkpoint::latest(output).map(|_| output.to_path_buf());
+    if resume.is_some() {
+        eprintln!("train: continuing from the newest checkpoint in {} (an earlier run was interrupted)", output.display());
+    }
+    let files = TrainFiles { model: model.into(), pairs: pairs.into(), output: output.into(), resume };
     Ok(serde_json::to_value(train(&files, opts, p)?)?)
 }
 
@@ -314,7 +325,7 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         );
     }
     st.run("score", |p| score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p))?;
-    st.run("train1", |p| train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), p))?;
+    st.run("train1", |p| train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), force, p))?;
     let stage1 = f("stage1").join("final");
     st.run("benign", |p| {
         gen(&cfg.benign, model, &cfg.benign_prompts, &f("benign_base.jsonl"), force, p)?;
@@ -331,7 +342,7 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     st.run("train2", |p| {
         let (nh, nb) = mix(&f("pairs.ref.jsonl"), &f("benign_pairs.ref.jsonl"), cfg.harmful_fraction, seed, &f("stage2_pairs.jsonl"))?;
         eprintln!("train2: {nh} harmful + {nb} benign pairs");
-        train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), p)
+        train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), force, p)
     })?;
     let final_model = f("stage2").join("final");
     st.run("eval", |p| {
