@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use super::blocks::{BlockError, BlockManager, SeqId};
-use super::sampler::{SampleRow, SamplingParams};
+use super::sampler::SamplingParams;
 use crate::backend::{Backend, KvGeom, PagedSeq};
 use crate::model::decode::DecodeStep;
 use crate::model::transformer::{ForwardError, Transformer};
@@ -500,11 +500,11 @@ impl<'m, B: Backend> Engine<'m, B> {
         }
         // 3. Sample on the backend (each row's draw depends only on its counters; only the
         //    token ids come back, not the logits).
-        let rows: Vec<SampleRow> = sampled
+        let rows: Vec<_> = sampled
             .iter()
             .map(|&ri| {
                 let l = &running[ri];
-                SampleRow::new(params, l.key, l.sample, l.ids.len() as u32)
+                params.row(l.key, l.sample, l.ids.len() as u32)
             })
             .collect();
         let tokens = self.model.backend.sample(&logits, self.model.cfg.vocab_size, &rows);

@@ -3,10 +3,12 @@
 //! checks exact enough to be tight. Threads come from rayon; GEMMs from the `gemm` crate.
 
 pub(crate) mod attention;
+pub(crate) mod dpo;
 mod gemv;
 pub(crate) mod kv;
 mod lm_head;
 pub(crate) mod optim;
+pub(crate) mod sample;
 
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
 use num_traits::{Float, FromPrimitive, ToPrimitive};

@@ -257,7 +257,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.gpu.memory_free()
     }
 
-    fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[crate::rollout::sampler::SampleRow]) -> Vec<u32> {
+    fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[super::SampleRow]) -> Vec<u32> {
         self.sample_tokens(logits, vocab, rows)
     }
 

@@ -432,7 +432,7 @@ pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
             // Error = fraction of rows whose token differs, tolerance 0. Both sides sum f64
             // weights (in different orders), so a token may only flip when the draw lands
             // within a few f64 roundings of a cumulative boundary: never in these draws.
-            use crate::rollout::sampler::SampleRow;
+            use crate::backend::SampleRow;
             for (vocab, reps, variants) in [(1usize, 2usize, 6usize), (37, 30, 6), (4099, 6, 6), (49152, 1, 3)] {
                 // (temperature, top_k, top_p): greedy, temperature only, top-k 1 / 5 / > vocab,
                 // top-p tiny / 0.9 / 1.0, and combinations.
@@ -487,7 +487,7 @@ pub fn check_op<G: Gpu>(gpu: &CudaBackend<G>, op: &str, seed: u64) -> Vec<Row> {
                     assert_eq!(got.len(), n);
                     if vocab >= 37 && variant == 0 {
                         // The draws must matter: sampled rows do not all take the argmax.
-                        let sampled = (0..n).filter(|&i| !rows[i].greedy() && want[i] != crate::rollout::sampler::pick(&logits[i * vocab..(i + 1) * vocab], 0.0, 0, 1.0, 0.0));
+                        let sampled = (0..n).filter(|&i| !rows[i].greedy() && want[i] != crate::backend::cpu::sample::pick(&logits[i * vocab..(i + 1) * vocab], 0.0, 0, 1.0, 0.0));
                         assert!(sampled.count() > 0, "sample: every sampled row took the argmax");
                     }
                     let bad = want.iter().zip(&got).filter(|(a, b)| a != b).count();
