@@ -11,6 +11,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod workload;
 
+/// The reference backend, `CpuBackend<f32>`: the default backend of `Transformer`, and the host
+/// arithmetic of reference computations above this layer (`train::optim::Optimizer::step`),
+/// which reach it through the `Backend` trait.
+pub type Reference = cpu::CpuBackend<f32>;
+
 /// One run of query tokens in a packed batch and the keys it may see.
 /// Query `start + j` attends to keys `[prefix_start, prefix_start + prefix_len)` and
 /// `[start, start + j]` (causal within its own run). A plain sequence is one span with no
@@ -253,6 +258,34 @@ pub trait Backend: Send + Sync {
         k: usize,
         accumulate: bool,
     );
+
+    /// `c[m, n] = alpha * (op(a) @ op(b)) (+ c if accumulate)`: `matmul` with the product
+    /// scaled (LoRA's `s B @ A` and `s dW @ A^T`). The CPU reference rounds the product, then
+    /// its scaling, then the sum (three roundings); a GEMM with `alpha` may round fewer times.
+    /// The default goes through the host (correct, slow): backends override it.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_scaled(
+        &self,
+        a: &Self::Buf,
+        ta: bool,
+        b: &Self::Buf,
+        tb: bool,
+        c: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f64,
+        accumulate: bool,
+    ) {
+        let mut p = self.zeros(m * n); // [m, n] = op(a) @ op(b)
+        self.matmul(a, ta, b, tb, &mut p, m, n, k, false);
+        let mut ch = self.download(c);
+        let alpha = alpha as f32;
+        for (o, x) in ch.iter_mut().zip(self.download(&p)) {
+            *o = if accumulate { *o + x * alpha } else { x * alpha };
+        }
+        *c = self.upload(&ch);
+    }
 
     /// `x += y` elementwise (residual connections, gradient sums).
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf);

@@ -1,9 +1,9 @@
 //! How rollouts pick tokens: `SamplingParams` (greedy, temperature, top-k, top-p, length and
 //! EOS), and the counters of each token's random draw (`key_of` a prompt id, the sample index,
 //! the position). The sampling itself is the backend op `Backend::sample` on `SampleRow`s,
-//! whose reference is `backend::cpu::sample::pick`; the draw is `backend::uniform` of the
-//! counters, so a token does not depend on batch size, scheduling order, preemption or
-//! thread count.
+//! whose CPU reference is `pick` (src/backend/cpu/sample.rs); the draw is `backend::uniform`
+//! of the counters, so a token does not depend on batch size, scheduling order, preemption
+//! or thread count.
 
 use crate::backend::SampleRow;
 

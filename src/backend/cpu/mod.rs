@@ -153,6 +153,18 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
 
+    fn matmul_scaled(&self, a: &Vec<F>, ta: bool, b: &Vec<F>, tb: bool, c: &mut Vec<F>, m: usize, n: usize, k: usize, alpha: f64, accumulate: bool) {
+        let alpha: F = cast(alpha);
+        if accumulate {
+            let mut p = vec![F::zero(); m * n]; // [m, n] = op(a) @ op(b)
+            self.matmul(a, ta, b, tb, &mut p, m, n, k, false);
+            c[..m * n].par_iter_mut().zip(p.par_iter()).for_each(|(o, &x)| *o += x * alpha);
+        } else {
+            self.matmul(a, ta, b, tb, c, m, n, k, false);
+            c[..m * n].par_iter_mut().for_each(|o| *o = *o * alpha);
+        }
+    }
+
     fn add_assign(&self, x: &mut Vec<F>, y: &Vec<F>) {
         assert_eq!(x.len(), y.len());
         x.par_iter_mut().zip(y.par_iter()).for_each(|(a, &b)| *a += b);

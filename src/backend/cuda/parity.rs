@@ -52,7 +52,7 @@ struct Check<G: Gpu> {
 impl<G: Gpu> Check<G> {
     /// The parity table, in table order.
     const ALL: &'static [Check<G>] = &[
-        Check { op: "matmul", tol: Tol::Max(1e-6), run: matmul::<G> },
+        Check { op: "matmul", tol: Tol::Max(1e-6), run: matmul::<G> }, // and matmul_scaled
         Check { op: "add_assign", tol: Tol::Max(0.0), run: add_assign::<G> },
         Check { op: "embedding", tol: Tol::Max(0.0), run: embedding::<G> },
         Check { op: "embedding_bwd", tol: Tol::Max(0.0), run: embedding_bwd::<G> },
@@ -187,17 +187,37 @@ fn layouts() -> Vec<(&'static str, AttnLayout)> {
 
 // ---- the checks, one per op (ops that share inputs draw them with one helper) ----
 
+/// `c = alpha op(a) @ op(b) (+ c)` on both backends from random a, b (and c when
+/// accumulating; NaN otherwise): `(a, b, c0, cpu c, gpu c)`. `alpha == 1` runs `matmul`,
+/// anything else `matmul_scaled`.
+#[allow(clippy::type_complexity)]
+fn matmul_case<G: Gpu>(c: &Ctx<'_, G>, r: &mut Rng, (m, n, k): (usize, usize, usize), ta: bool, tb: bool, acc: bool, alpha: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Buf<G>) {
+    let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
+    let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
+    let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
+    let mut cg = c.gpu.upload(&c0);
+    let (ag, bg) = (c.gpu.upload(&a), c.gpu.upload(&b));
+    if alpha == 1.0 {
+        c.cpu.matmul(&a, ta, &b, tb, &mut cc, m, n, k, acc);
+        c.gpu.matmul(&ag, ta, &bg, tb, &mut cg, m, n, k, acc);
+    } else {
+        c.cpu.matmul_scaled(&a, ta, &b, tb, &mut cc, m, n, k, alpha, acc);
+        c.gpu.matmul_scaled(&ag, ta, &bg, tb, &mut cg, m, n, k, alpha, acc);
+    }
+    (a, b, c0, cc, cg)
+}
+
+/// The transposition and accumulation variants of every matmul shape.
+const MATMUL_VARIANTS: [(bool, bool, bool); 8] =
+    [(false, false, false), (false, false, true), (true, false, false), (true, false, true), (false, true, false), (false, true, true), (true, true, false), (true, true, true)];
+
+/// `matmul` at three shapes, then `matmul_scaled` (alpha = -0.37) at two.
 fn matmul<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for (m, n, k) in [(1, 1, 1), (7, 5, 3), (33, 17, 29)] {
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            for acc in [false, true] {
-                let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
-                let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
-                let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
-                c.cpu.matmul(&a, ta, &b, tb, &mut cc, m, n, k, acc);
-                let mut cg = c.gpu.upload(&c0);
-                c.gpu.matmul(&c.gpu.upload(&a), ta, &c.gpu.upload(&b), tb, &mut cg, m, n, k, acc);
-                c.row("matmul", format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), &cg, &cc);
+    for (op, alpha, shapes) in [("matmul", 1.0, &[(1, 1, 1), (7, 5, 3), (33, 17, 29)][..]), ("matmul_scaled", -0.37, &[(7, 5, 3), (33, 17, 29)][..])] {
+        for &(m, n, k) in shapes {
+            for (ta, tb, acc) in MATMUL_VARIANTS {
+                let (.., cc, cg) = matmul_case(c, r, (m, n, k), ta, tb, acc, alpha);
+                c.row(op, format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), &cg, &cc);
             }
         }
     }
@@ -725,31 +745,31 @@ fn in_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng, check: fn(&mut Ctx<'_, G>, &
 /// Unit roundoff of bf16 (round-to-nearest-even, 8-bit significand).
 const BF16_U: f64 = 1.0 / 256.0;
 
+/// As `matmul`: plain at four shapes, then scaled (alpha = -0.37) at two; the scaled rows'
+/// bound is taken relative to `|alpha| S_ij (+ |c_ij|)` and allows the CPU's two extra
+/// roundings (the product, then its scaling): `(k + 4) 2^-23` instead of `(k + 2) 2^-23`.
 fn matmul_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     in_bf16(c, r, |c, r| {
         let u = BF16_U;
-        for (m, n, k) in [(1, 1, 1), (7, 5, 3), (33, 17, 29), (9, 40, 131)] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                for acc in [false, true] {
-                    let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
-                    let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
-                    let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
-                    c.cpu.matmul(&a, ta, &b, tb, &mut cc, m, n, k, acc);
-                    let mut cg = c.gpu.upload(&c0);
-                    c.gpu.matmul(&c.gpu.upload(&a), ta, &c.gpu.upload(&b), tb, &mut cg, m, n, k, acc);
+        for (alpha, shapes) in [(1.0, &[(1, 1, 1), (7, 5, 3), (33, 17, 29), (9, 40, 131)][..]), (-0.37, &[(7, 5, 3), (9, 40, 131)][..])] {
+            for &(m, n, k) in shapes {
+                for (ta, tb, acc) in MATMUL_VARIANTS {
+                    let (a, b, c0, cc, cg) = matmul_case(c, r, (m, n, k), ta, tb, acc, alpha);
                     let g = c.gpu.download(&cg);
                     let at = |i: usize, p: usize| (if ta { a[p * m + i] } else { a[i * k + p] }) as f64;
                     let bt = |p: usize, j: usize| (if tb { b[j * k + p] } else { b[p * n + j] }) as f64;
                     let mut err = 0f64;
                     for i in 0..m {
                         for j in 0..n {
-                            let s = (0..k).map(|p| (at(i, p) * bt(p, j)).abs()).sum::<f64>() + if acc { (c0[i * n + j] as f64).abs() } else { 0.0 };
+                            let s = alpha.abs() * (0..k).map(|p| (at(i, p) * bt(p, j)).abs()).sum::<f64>() + if acc { (c0[i * n + j] as f64).abs() } else { 0.0 };
                             let d = (g[i * n + j] as f64 - cc[i * n + j] as f64).abs();
                             err = if d.is_nan() { f64::INFINITY } else { err.max(d / s) };
                         }
                     }
-                    let tol = 2.0 * u + u * u + (k + 2) as f64 * 2f64.powi(-23);
-                    c.push("matmul_bf16", format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), err, tol);
+                    let roundings = if alpha == 1.0 { k + 2 } else { k + 4 };
+                    let tol = 2.0 * u + u * u + roundings as f64 * 2f64.powi(-23);
+                    let scaled = if alpha == 1.0 { String::new() } else { format!(" alpha{alpha}") };
+                    c.push("matmul_bf16", format!("m{m} n{n} k{k} ta{} tb{} acc{}{scaled}", ta as u8, tb as u8, acc as u8), err, tol);
                 }
             }
         }
