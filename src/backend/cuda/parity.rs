@@ -187,11 +187,19 @@ fn layouts() -> Vec<(&'static str, AttnLayout)> {
 
 // ---- the checks, one per op (ops that share inputs draw them with one helper) ----
 
-/// `c = alpha op(a) @ op(b) (+ c)` on both backends from random a, b (and c when
-/// accumulating; NaN otherwise): `(a, b, c0, cpu c, gpu c)`. `alpha == 1` runs `matmul`,
-/// anything else `matmul_scaled`.
-#[allow(clippy::type_complexity)]
-fn matmul_case<G: Gpu>(c: &Ctx<'_, G>, r: &mut Rng, (m, n, k): (usize, usize, usize), ta: bool, tb: bool, acc: bool, alpha: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Buf<G>) {
+/// One matmul on both backends: the inputs a, b and c0 (the c accumulated onto; NaN when
+/// overwritten), and the CPU's and the GPU's c.
+struct MatmulCase<G: Gpu> {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c0: Vec<f32>,
+    cpu: Vec<f32>,
+    gpu: Buf<G>,
+}
+
+/// `c = alpha op(a) @ op(b) (+ c)` from random inputs; `alpha == 1` runs `matmul`, anything
+/// else `matmul_scaled`.
+fn matmul_case<G: Gpu>(c: &Ctx<'_, G>, r: &mut Rng, (m, n, k): (usize, usize, usize), ta: bool, tb: bool, acc: bool, alpha: f64) -> MatmulCase<G> {
     let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
     let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
     let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
@@ -204,7 +212,7 @@ fn matmul_case<G: Gpu>(c: &Ctx<'_, G>, r: &mut Rng, (m, n, k): (usize, usize, us
         c.cpu.matmul_scaled(&a, ta, &b, tb, &mut cc, m, n, k, alpha, acc);
         c.gpu.matmul_scaled(&ag, ta, &bg, tb, &mut cg, m, n, k, alpha, acc);
     }
-    (a, b, c0, cc, cg)
+    MatmulCase { a, b, c0, cpu: cc, gpu: cg }
 }
 
 /// The transposition and accumulation variants of every matmul shape.
@@ -216,8 +224,8 @@ fn matmul<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for (op, alpha, shapes) in [("matmul", 1.0, &[(1, 1, 1), (7, 5, 3), (33, 17, 29)][..]), ("matmul_scaled", -0.37, &[(7, 5, 3), (33, 17, 29)][..])] {
         for &(m, n, k) in shapes {
             for (ta, tb, acc) in MATMUL_VARIANTS {
-                let (.., cc, cg) = matmul_case(c, r, (m, n, k), ta, tb, acc, alpha);
-                c.row(op, format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), &cg, &cc);
+                let mc = matmul_case(c, r, (m, n, k), ta, tb, acc, alpha);
+                c.row(op, format!("m{m} n{n} k{k} ta{} tb{} acc{}", ta as u8, tb as u8, acc as u8), &mc.gpu, &mc.cpu);
             }
         }
     }
@@ -234,13 +242,17 @@ fn add_assign<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
-/// Shapes `(vocab, dim, tokens)` and inputs (table, ids, dout) of the embedding checks.
-fn embedding_cases(r: &mut Rng) -> Vec<((usize, usize, usize), Vec<f32>, Vec<u32>, Vec<f32>)> {
-    [(13, 7, 9), (50, 33, 40)].into_iter().map(|(vocab, dim, t)| ((vocab, dim, t), r.vec(vocab * dim, 1.0), r.ids(t, vocab), r.vec(t * dim, 1.0))).collect()
+/// Shapes `(vocab, dim, tokens)` of the embedding checks.
+const EMBEDDING_SHAPES: [(usize, usize, usize); 2] = [(13, 7, 9), (50, 33, 40)];
+
+/// Inputs of an embedding check: table `[vocab, dim]`, ids `[tokens]`, dout `[tokens, dim]`.
+fn embedding_inputs(r: &mut Rng, (vocab, dim, t): (usize, usize, usize)) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+    (r.vec(vocab * dim, 1.0), r.ids(t, vocab), r.vec(t * dim, 1.0))
 }
 
 fn embedding<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for ((vocab, dim, t), table, ids, _) in embedding_cases(r) {
+    for (vocab, dim, t) in EMBEDDING_SHAPES {
+        let (table, ids, _) = embedding_inputs(r, (vocab, dim, t));
         let mut oc = vec![0.0; t * dim];
         c.cpu.embedding(&table, &ids, dim, &mut oc);
         let mut og = c.nan(t * dim);
@@ -250,7 +262,8 @@ fn embedding<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 }
 
 fn embedding_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for ((vocab, dim, t), table, ids, d) in embedding_cases(r) {
+    for (vocab, dim, t) in EMBEDDING_SHAPES {
+        let (table, ids, d) = embedding_inputs(r, (vocab, dim, t));
         let mut tc = table.clone();
         c.cpu.embedding_bwd(&d, &ids, dim, &mut tc);
         let mut tg = c.gpu.upload(&table);
@@ -327,13 +340,14 @@ fn rope<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
-/// Sizes and inputs (gate, up, dout) of the SwiGLU checks.
-fn swiglu_cases(r: &mut Rng) -> Vec<(usize, Vec<f32>, Vec<f32>, Vec<f32>)> {
-    [7, 257].into_iter().map(|n| (n, r.vec(n, 2.0), r.vec(n, 1.0), r.vec(n, 1.0))).collect()
+/// Inputs `[n]` of a SwiGLU check: gate, up, dout.
+fn swiglu_inputs(r: &mut Rng, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    (r.vec(n, 2.0), r.vec(n, 1.0), r.vec(n, 1.0))
 }
 
 fn swiglu<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for (n, g, u, _) in swiglu_cases(r) {
+    for n in [7, 257] {
+        let (g, u, _) = swiglu_inputs(r, n);
         let mut oc = vec![0.0; n];
         c.cpu.swiglu(&g, &u, &mut oc);
         let mut og = c.nan(n);
@@ -343,7 +357,8 @@ fn swiglu<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 }
 
 fn swiglu_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for (n, g, u, d) in swiglu_cases(r) {
+    for n in [7, 257] {
+        let (g, u, d) = swiglu_inputs(r, n);
         let (mut dgc, mut duc) = (vec![0.0; n], vec![0.0; n]);
         c.cpu.swiglu_bwd(&d, &g, &u, &mut dgc, &mut duc);
         let (mut dgg, mut dug) = (c.nan(n), c.nan(n));
@@ -754,8 +769,8 @@ fn matmul_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
         for (alpha, shapes) in [(1.0, &[(1, 1, 1), (7, 5, 3), (33, 17, 29), (9, 40, 131)][..]), (-0.37, &[(7, 5, 3), (9, 40, 131)][..])] {
             for &(m, n, k) in shapes {
                 for (ta, tb, acc) in MATMUL_VARIANTS {
-                    let (a, b, c0, cc, cg) = matmul_case(c, r, (m, n, k), ta, tb, acc, alpha);
-                    let g = c.gpu.download(&cg);
+                    let MatmulCase { a, b, c0, cpu: cc, gpu } = matmul_case(c, r, (m, n, k), ta, tb, acc, alpha);
+                    let g = c.gpu.download(&gpu);
                     let at = |i: usize, p: usize| (if ta { a[p * m + i] } else { a[i * k + p] }) as f64;
                     let bt = |p: usize, j: usize| (if tb { b[j * k + p] } else { b[p * n + j] }) as f64;
                     let mut err = 0f64;
