@@ -11,6 +11,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod workload;
 
+/// The reference backend, `CpuBackend<f32>`: the default backend of `Transformer`, and the host
+/// arithmetic of reference computations above this layer (`train::optim::Optimizer::step`),
+/// which reach it through the `Backend` trait.
+pub type Reference = cpu::CpuBackend<f32>;
+
 /// One run of query tokens in a packed batch and the keys it may see.
 /// Query `start + j` attends to keys `[prefix_start, prefix_start + prefix_len)` and
 /// `[start, start + j]` (causal within its own run). A plain sequence is one span with no
@@ -136,14 +141,81 @@ pub struct SegmentPair {
 }
 
 /// The scalars of the masked-segment DPO loss of a micro-batch that is part of an optimizer
-/// batch of `batch_pairs` pairs with `batch_chosen_tokens` chosen tokens (see
-/// `train::loss::dpo_loss_part`).
+/// batch of `batch_pairs` pairs with `batch_chosen_tokens` chosen tokens:
+/// `L = mean_i softplus(-beta z_i) + sft_coef (sum_i -chosen_i) / batch_chosen_tokens` with
+/// `z_i = (chosen_i - ref_chosen_i) - (rejected_i - ref_rejected_i)` (the loss of IPO,
+/// `train::loss`, whose reported values use `grads` too).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SegmentDpo {
     pub beta: f64,
     pub sft_coef: f64,
     pub batch_pairs: usize,
     pub batch_chosen_tokens: usize,
+}
+
+impl SegmentDpo {
+    /// `(dL / d chosen_i, dL / d rejected_i)` of a pair with margin `z` (see the loss above),
+    /// in f64 in this order, as kernels/dpo.cu computes it:
+    /// `g = -beta sigmoid(-beta z) / batch_pairs`, `(g - sft_coef / batch_chosen_tokens, -g)`.
+    pub fn grads(&self, z: f64) -> (f64, f64) {
+        let n = self.batch_pairs.max(1) as f64;
+        let tokens = self.batch_chosen_tokens.max(1) as f64;
+        // 1 / (1 + exp(-x)) without overflow.
+        let sigmoid = |x: f64| {
+            if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                let e = x.exp();
+                e / (1.0 + e)
+            }
+        };
+        let g = -self.beta * sigmoid(-self.beta * z) / n;
+        (g - self.sft_coef / tokens, -g)
+    }
+}
+
+/// SplitMix64's finaliser of `x + golden ratio`: a bijective 64-bit mix (the counter-based
+/// draws of `Backend::sample`; also a seeded hash elsewhere).
+#[inline]
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The uniform draw in [0, 1) for the token at absolute `position` of sample `sample` of the
+/// prompt with key `key`: `mix64(mix64(mix64(mix64(seed) ^ key) ^ sample) ^ position)`, top 53
+/// bits. A counter-based hash, not a stream, so a token's draw does not depend on batch size,
+/// scheduling order, preemption or thread count, and kernels/sampling.cu repeats it exactly.
+pub fn uniform(seed: u64, key: u64, sample: u32, position: u32) -> f64 {
+    let z = mix64(mix64(mix64(mix64(seed) ^ key) ^ sample as u64) ^ position as u64);
+    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// One row of a batched sampling call (`Backend::sample`): how to pick (`temperature == 0` or
+/// `top_k == 1` is greedy; `top_k` 0 and `top_p` 1 keep every token), and the counters of the
+/// row's random draw (`uniform(seed, key, sample, position)`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleRow {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+    pub key: u64,
+    pub sample: u32,
+    pub position: u32,
+}
+
+impl SampleRow {
+    /// The row's uniform draw in [0, 1).
+    pub fn uniform(&self) -> f64 {
+        uniform(self.seed, self.key, self.sample, self.position)
+    }
+    /// Whether the row takes the argmax (no random draw).
+    pub fn greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
 }
 
 /// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
@@ -186,6 +258,34 @@ pub trait Backend: Send + Sync {
         k: usize,
         accumulate: bool,
     );
+
+    /// `c[m, n] = alpha * (op(a) @ op(b)) (+ c if accumulate)`: `matmul` with the product
+    /// scaled (LoRA's `s B @ A` and `s dW @ A^T`). The CPU reference rounds the product, then
+    /// its scaling, then the sum (three roundings); a GEMM with `alpha` may round fewer times.
+    /// The default goes through the host (correct, slow): backends override it.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_scaled(
+        &self,
+        a: &Self::Buf,
+        ta: bool,
+        b: &Self::Buf,
+        tb: bool,
+        c: &mut Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f64,
+        accumulate: bool,
+    ) {
+        let mut p = self.zeros(m * n); // [m, n] = op(a) @ op(b)
+        self.matmul(a, ta, b, tb, &mut p, m, n, k, false);
+        let mut ch = self.download(c);
+        let alpha = alpha as f32;
+        for (o, x) in ch.iter_mut().zip(self.download(&p)) {
+            *o = if accumulate { *o + x * alpha } else { x * alpha };
+        }
+        *c = self.upload(&ch);
+    }
 
     /// `x += y` elementwise (residual connections, gradient sums).
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf);
@@ -281,11 +381,11 @@ pub trait Backend: Send + Sync {
     // ---- sampling (rollouts; see src/rollout/sampler.rs) ----
 
     /// The next token of each row of `logits` `[rows.len(), vocab]`: greedy, temperature,
-    /// top-k, top-p, with each row's draw `sampler::uniform` of its counters, exactly as
-    /// `rollout::sampler::pick` (the reference). The default downloads the logits and runs
-    /// the host sampler; the CUDA backend samples on the device and returns only the ids.
-    fn sample(&self, logits: &Self::Buf, vocab: usize, rows: &[crate::rollout::sampler::SampleRow]) -> Vec<u32> {
-        crate::rollout::sampler::sample_rows(&self.download(logits), vocab, rows)
+    /// top-k, top-p, with each row's draw `uniform` of its counters, exactly as
+    /// `cpu::sample::pick` (the reference). The default downloads the logits and runs the
+    /// host sampler; the CUDA backend samples on the device and returns only the ids.
+    fn sample(&self, logits: &Self::Buf, vocab: usize, rows: &[SampleRow]) -> Vec<u32> {
+        cpu::sample::sample_rows(&self.download(logits), vocab, rows)
     }
 
     // ---- KV cache (rollouts; see src/rollout/ and src/model/decode.rs) ----
@@ -363,12 +463,12 @@ pub trait Backend: Send + Sync {
 
     /// Fused loss step of a micro-batch: per pair, the f64 sums of `logp` `[rows]` over its
     /// chosen and rejected segments (returned, for the reported loss values), and
-    /// `dlogp` `[rows]` = dL/dlogp: each segment's gradient of `train::loss::dpo_loss_part`
-    /// on every row of the segment, 0 on rows outside all segments. The default is the host
-    /// reference (`train::loss::segment_dpo_host`); the CUDA backend runs it as one kernel and
+    /// `dlogp` `[rows]` = dL/dlogp: each segment's gradient (`SegmentDpo::grads`, rounded to
+    /// f32) on every row of the segment, 0 on rows outside all segments. The default is the
+    /// host reference (`cpu::dpo::segment_dpo`); the CUDA backend runs it as one kernel and
     /// keeps `dlogp` on the device for `lm_head_bwd_buf`.
     fn segment_dpo(&self, logp: &Self::Buf, pairs: &[SegmentPair], h: &SegmentDpo) -> (Vec<(f64, f64)>, Self::Buf) {
-        let (sums, dlogp) = crate::train::loss::segment_dpo_host(&self.download_f64(logp), pairs, h);
+        let (sums, dlogp) = cpu::dpo::segment_dpo(&self.download_f64(logp), pairs, h);
         (sums, self.upload(&dlogp))
     }
 

@@ -4,8 +4,7 @@
 //! `ipo selftest --time` (device timings of each op), tests/kernel_counters.rs (simulator
 //! instruction budgets) and benches/kernels.rs.
 
-use crate::backend::{AdamwStep, AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, SegmentDpo, SegmentPair, Span};
-use crate::rollout::sampler::SampleRow;
+use crate::backend::{AdamwStep, AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, SampleRow, SegmentDpo, SegmentPair, Span};
 
 /// Ops with a workload (the parity table's f32 ops).
 pub const OPS: &[&str] = &[

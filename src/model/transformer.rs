@@ -5,8 +5,7 @@
 
 use super::config::ModelConfig;
 use super::weights::{HostTensor, ModelWeights};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{AttnDims, AttnLayout, Backend, Span};
+use crate::backend::{AttnDims, AttnLayout, Backend, Reference, Span};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -138,17 +137,17 @@ pub struct Tape<Buf> {
     lse: Buf,      // [rows]
 }
 
-pub struct Transformer<B: Backend = CpuBackend<f32>> {
+pub struct Transformer<B: Backend = Reference> {
     pub cfg: ModelConfig,
     pub backend: B,
     pub weights: ModelWeights<B::Buf>,
     inv_freq: Vec<f64>, // [head_dim / 2]
 }
 
-impl Transformer<CpuBackend<f32>> {
-    /// The fp32 CPU reference model from host weights.
+impl Transformer<Reference> {
+    /// The model on the reference backend (fp32 CPU) from host weights.
     pub fn new(cfg: ModelConfig, weights: ModelWeights<HostTensor>) -> Result<Self, ForwardError> {
-        Self::with_backend(CpuBackend::new(), cfg, weights)
+        Self::with_backend(Reference::new(), cfg, weights)
     }
 }
 

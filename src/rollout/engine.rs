@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 
-use super::blocks::{BlockError, BlockManager, SeqId};
-use super::sampler::{SampleRow, SamplingParams};
+use super::blocks::{BlockError, BlockManager, Extension, SeqId};
+use super::sampler::SamplingParams;
 use crate::backend::{Backend, KvGeom, PagedSeq};
 use crate::model::decode::DecodeStep;
 use crate::model::transformer::{ForwardError, Transformer};
@@ -155,6 +155,20 @@ pub struct EngineStats {
     pub decode_tokens: u64,
     pub steps: u64,
     pub preemptions: u64,
+}
+
+/// The tokens of one running sequence in a step: `n` ids of `running[ri]` into `slots`.
+struct Planned {
+    ri: usize,
+    n: usize,
+    slots: Vec<u32>,
+}
+
+/// A packed step: the running sequences that sample, and the step's token counts.
+struct Packed {
+    sampled: Vec<usize>,
+    prefill: usize,
+    decode: usize,
 }
 
 /// A request being worked on.
@@ -390,6 +404,9 @@ impl<'m, B: Backend> Engine<'m, B> {
         Ok(())
     }
 
+    /// One step of the running set: schedule every sequence's tokens (preempting when the
+    /// pool is short), run them in one forward, sample the sequences whose ids are then all
+    /// cached, report the step, and retire the sequences that finished.
     fn step(
         &mut self,
         waiting: &mut Vec<Live>,
@@ -398,11 +415,25 @@ impl<'m, B: Backend> Engine<'m, B> {
         stop: Option<&dyn StopCheck>,
         on_event: &mut impl FnMut(Event),
     ) -> Result<(), EngineError> {
-        // 1. Choose each running sequence's tokens for this step and reserve their slots,
-        //    preempting from the back (lowest priority) when the pool is short.
+        let plan = self.schedule(waiting, running, on_event)?;
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let (st, packed) = self.pack(running, &plan)?;
+        let logits = self.forward(running, &plan, &st, &packed)?;
+        let tokens = self.sample(running, &packed.sampled, &logits, params);
+        let finished = self.append(running, &packed.sampled, &tokens, params, stop);
+        on_event(Event::Step { prefill: packed.prefill, decode: packed.decode });
+        self.retire(running, finished, on_event)
+    }
+
+    /// Chooses each running sequence's tokens for this step (its one pending id when decoding,
+    /// else a prefill chunk within the step's `prefill_chunk` budget) and reserves their cache
+    /// slots, in priority order; then makes the copy-on-write block copies the reservations
+    /// need. Sequences that cannot run leave `running` (see `reserve`).
+    fn schedule(&mut self, waiting: &mut Vec<Live>, running: &mut Vec<Live>, on_event: &mut impl FnMut(Event)) -> Result<Vec<Planned>, EngineError> {
         let mut budget = self.cfg.prefill_chunk;
-        let mut plan: Vec<(usize, usize, Vec<u32>)> = Vec::new(); // (running index, n, slots)
-        let mut copies: Vec<(u32, u32)> = Vec::new();
+        let (mut plan, mut copies) = (Vec::new(), Vec::new());
         let mut i = 0;
         while i < running.len() {
             let pending = running[i].ids.len() - running[i].cached;
@@ -411,66 +442,74 @@ impl<'m, B: Backend> Engine<'m, B> {
                 i += 1;
                 continue;
             }
-            let seq = running[i].seq.expect("running sequences hold a seq");
-            loop {
-                match self.blocks.extend(seq, n) {
-                    Ok(ext) => {
-                        copies.extend(ext.copies);
-                        plan.push((i, n, ext.slots));
-                        if pending > 1 {
-                            budget -= n;
-                        }
-                        i += 1;
-                        break;
-                    }
-                    Err(BlockError::OutOfBlocks { .. }) => {
-                        let last = running.len() - 1;
-                        if last > i {
-                            let victim = running.pop().expect("non-empty");
-                            self.preempt(victim, waiting)?;
-                        } else if i > 0 {
-                            // This one is the lowest priority left: it waits.
-                            let me = running.pop().expect("non-empty");
-                            self.preempt(me, waiting)?;
-                            break;
-                        } else {
-                            // Alone and still short: kept sequences hold the rest.
-                            let l = running.remove(0);
-                            if let Some(s) = l.seq {
-                                self.blocks.free(s)?;
-                            }
-                            on_event(Event::Done(Output {
-                                index: l.index,
-                                context_len: l.context_len,
-                                ids: l.ids,
-                                result: Err(format!(
-                                    "the KV cache is full: kept sequences hold {} of {} blocks",
-                                    self.used_blocks(),
-                                    self.blocks.num_blocks()
-                                )),
-                                handle: None,
-                            }));
-                            break;
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            let Some(ext) = self.reserve(i, n, waiting, running, on_event)? else { break };
+            copies.extend(ext.copies);
+            plan.push(Planned { ri: i, n, slots: ext.slots });
+            if pending > 1 {
+                budget -= n;
             }
-        }
-        if plan.is_empty() {
-            return Ok(());
+            i += 1;
         }
         if !copies.is_empty() {
             for layer in self.kv.iter_mut() {
                 self.model.backend.kv_copy_blocks(layer, &copies, self.geom);
             }
         }
-        // 2. Pack the step.
+        Ok(plan)
+    }
+
+    /// Reserves `n` cache slots for `running[i]`, preempting from the back (lowest priority)
+    /// while the pool is short. `None` when `running[i]` itself cannot run this step (it is
+    /// the last one then, and leaves `running`): preempted to wait, or, alone and still short
+    /// because kept sequences hold the rest, failed.
+    fn reserve(
+        &mut self,
+        i: usize,
+        n: usize,
+        waiting: &mut Vec<Live>,
+        running: &mut Vec<Live>,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<Option<Extension>, EngineError> {
+        let seq = running[i].seq.expect("running sequences hold a seq");
+        loop {
+            match self.blocks.extend(seq, n) {
+                Ok(ext) => return Ok(Some(ext)),
+                Err(BlockError::OutOfBlocks { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if running.len() - 1 > i {
+                let victim = running.pop().expect("non-empty");
+                self.preempt(victim, waiting)?;
+            } else if i > 0 {
+                // This one is the lowest priority left: it waits.
+                let me = running.pop().expect("non-empty");
+                self.preempt(me, waiting)?;
+                return Ok(None);
+            } else {
+                let l = running.remove(0);
+                if let Some(s) = l.seq {
+                    self.blocks.free(s)?;
+                }
+                on_event(Event::Done(Output {
+                    index: l.index,
+                    context_len: l.context_len,
+                    ids: l.ids,
+                    result: Err(format!("the KV cache is full: kept sequences hold {} of {} blocks", self.used_blocks(), self.blocks.num_blocks())),
+                    handle: None,
+                }));
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Packs the planned tokens of a step into one cached forward: ids, positions, slots and
+    /// block table of each scheduled sequence, and a logit row for each one whose ids are all
+    /// cached after it (it samples).
+    fn pack(&self, running: &[Live], plan: &[Planned]) -> Result<(DecodeStep, Packed), EngineError> {
         let mut st = DecodeStep::default();
-        let mut sampled: Vec<usize> = Vec::new(); // running indices that sample this step
-        let (mut prefill, mut decode) = (0, 0);
-        for (ri, n, slots) in &plan {
-            let l = &running[*ri];
+        let mut p = Packed { sampled: Vec::new(), prefill: 0, decode: 0 };
+        for &Planned { ri, n, ref slots } in plan {
+            let l = &running[ri];
             let q_start = st.ids.len();
             st.ids.extend_from_slice(&l.ids[l.cached..l.cached + n]);
             st.positions.extend((l.cached..l.cached + n).map(|p| p as u32));
@@ -479,38 +518,53 @@ impl<'m, B: Backend> Engine<'m, B> {
             let table_start = st.block_table.len();
             let seq = l.seq.expect("running");
             st.block_table.extend_from_slice(&self.blocks.blocks(seq)?[..ctx_len.div_ceil(self.cfg.block_size)]);
-            st.seqs.push(PagedSeq { q_start, q_len: *n, ctx_len, table_start });
+            st.seqs.push(PagedSeq { q_start, q_len: n, ctx_len, table_start });
             if ctx_len == l.ids.len() {
                 st.logit_rows.push((q_start + n - 1) as u32);
-                sampled.push(*ri);
+                p.sampled.push(ri);
             }
-            if *n == 1 && l.ids.len() - l.cached == 1 {
-                decode += 1;
+            if n == 1 && l.ids.len() - l.cached == 1 {
+                p.decode += 1;
             } else {
-                prefill += n;
+                p.prefill += n;
             }
         }
-        let logits = self.model.forward_cached(&mut self.kv, self.geom, &st)?; // [sampled, vocab], on the backend
+        Ok((st, p))
+    }
+
+    /// Runs the packed step (its K/V go into the cache), counts it, and marks the planned
+    /// tokens cached. Returns the logits `[sampled, vocab]`, on the backend.
+    fn forward(&mut self, running: &mut [Live], plan: &[Planned], st: &DecodeStep, p: &Packed) -> Result<B::Buf, EngineError> {
+        let logits = self.model.forward_cached(&mut self.kv, self.geom, st)?;
         self.stats.steps += 1;
         self.stats.computed_positions += st.ids.len() as u64;
-        self.stats.prefill_tokens += prefill as u64;
-        self.stats.decode_tokens += decode as u64;
-        for (ri, n, _) in &plan {
-            running[*ri].cached += n;
+        self.stats.prefill_tokens += p.prefill as u64;
+        self.stats.decode_tokens += p.decode as u64;
+        for pl in plan {
+            running[pl.ri].cached += pl.n;
         }
-        // 3. Sample on the backend (each row's draw depends only on its counters; only the
-        //    token ids come back, not the logits).
-        let rows: Vec<SampleRow> = sampled
+        Ok(logits)
+    }
+
+    /// The next token of each sampling sequence, drawn on the backend (each row's draw
+    /// depends only on its counters; only the token ids come back, not the logits).
+    fn sample(&self, running: &[Live], sampled: &[usize], logits: &B::Buf, params: &SamplingParams) -> Vec<u32> {
+        let rows: Vec<_> = sampled
             .iter()
             .map(|&ri| {
                 let l = &running[ri];
-                SampleRow::new(params, l.key, l.sample, l.ids.len() as u32)
+                params.row(l.key, l.sample, l.ids.len() as u32)
             })
             .collect();
-        let tokens = self.model.backend.sample(&logits, self.model.cfg.vocab_size, &rows);
-        let mut finished: Vec<(usize, Finish)> = Vec::new();
+        self.model.backend.sample(logits, self.model.cfg.vocab_size, &rows)
+    }
+
+    /// Appends each sampled token to its sequence; returns the sequences that finished
+    /// (EOS, stop string, or length) with why.
+    fn append(&self, running: &mut [Live], sampled: &[usize], tokens: &[u32], params: &SamplingParams, stop: Option<&dyn StopCheck>) -> Vec<(usize, Finish)> {
         let max_pos = self.model.cfg.max_position_embeddings;
-        for (&ri, &tok) in sampled.iter().zip(&tokens) {
+        let mut finished = Vec::new();
+        for (&ri, &tok) in sampled.iter().zip(tokens) {
             let l = &mut running[ri];
             l.ids.push(tok);
             let generated = l.ids.len() - l.context_len;
@@ -527,8 +581,13 @@ impl<'m, B: Backend> Engine<'m, B> {
                 finished.push((ri, f));
             }
         }
-        on_event(Event::Step { prefill, decode });
-        // 4. Retire finished sequences (back to front keeps indices valid).
+        finished
+    }
+
+    /// Removes the finished sequences from `running` (their blocks freed, or kept behind a
+    /// handle when the request asked) and reports them in request order.
+    fn retire(&mut self, running: &mut Vec<Live>, mut finished: Vec<(usize, Finish)>, on_event: &mut impl FnMut(Event)) -> Result<(), EngineError> {
+        // Back to front keeps the running indices valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut outs = Vec::new();
         for (ri, f) in finished {

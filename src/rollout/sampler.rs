@@ -1,10 +1,14 @@
-//! Token sampling from one row of logits: greedy, temperature, top-k, top-p. The randomness
-//! is a counter-based hash of (seed, prompt key, sample index, position), not a stream, so a
-//! token's draw does not depend on batch size, scheduling order, preemption or thread count,
-//! and the CUDA sampler (kernels/sampling.cu, `Backend::sample`) reproduces it with the same
-//! few integer operations. `pick` is the reference both backends follow: its kept set is
-//! defined over the logits' order and its draw is an inverse CDF in token-id order, so the GPU
-//! needs no sort and picks the same token from the same counters.
+//! How rollouts pick tokens: `SamplingParams` (greedy, temperature, top-k, top-p, length and
+//! EOS), and the counters of each token's random draw (`key_of` a prompt id, the sample index,
+//! the position). The sampling itself is the backend op `Backend::sample` on `SampleRow`s,
+//! whose CPU reference is `pick` (src/backend/cpu/sample.rs); the draw is `backend::uniform`
+//! of the counters, so a token does not depend on batch size, scheduling order, preemption
+//! or thread count.
+
+use crate::backend::SampleRow;
+
+// The hash behind the draws, still named here by callers outside the rollout engine.
+pub use crate::backend::mix64;
 
 /// How to pick the next token. `temperature == 0` is greedy (argmax, lowest id on ties).
 #[derive(Clone, Debug, PartialEq)]
@@ -39,15 +43,12 @@ impl SamplingParams {
         }
         Ok(())
     }
-}
 
-/// SplitMix64's finaliser of `x + golden ratio`: a bijective 64-bit mix.
-#[inline]
-pub fn mix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    /// The `Backend::sample` row of the token at absolute `position` of sample `sample` of the
+    /// prompt with key `key`.
+    pub fn row(&self, key: u64, sample: u32, position: u32) -> SampleRow {
+        SampleRow { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, key, sample, position }
+    }
 }
 
 /// FNV-1a 64 of a string: the key of a prompt id in the random draws.
@@ -55,239 +56,15 @@ pub fn key_of(id: &str) -> u64 {
     id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// The uniform draw in [0, 1) for the token at absolute `position` of sample `sample` of the
-/// prompt with key `key`: `mix64(mix64(mix64(mix64(seed) ^ key) ^ sample) ^ position)`, top 53 bits.
-pub fn uniform(seed: u64, key: u64, sample: u32, position: u32) -> f64 {
-    let z = mix64(mix64(mix64(mix64(seed) ^ key) ^ sample as u64) ^ position as u64);
-    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
-/// One row of a batched sampling call (`Backend::sample`): how to pick, and the counters of
-/// the row's random draw (`uniform(seed, key, sample, position)`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SampleRow {
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: u64,
-    pub key: u64,
-    pub sample: u32,
-    pub position: u32,
-}
-
-impl SampleRow {
-    /// The row of the token at absolute `position` of sample `sample` of the prompt `key`.
-    pub fn new(p: &SamplingParams, key: u64, sample: u32, position: u32) -> Self {
-        Self { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, seed: p.seed, key, sample, position }
-    }
-    /// The row's uniform draw in [0, 1).
-    pub fn uniform(&self) -> f64 {
-        uniform(self.seed, self.key, self.sample, self.position)
-    }
-    /// Whether the row takes the argmax (no random draw).
-    pub fn greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
-    }
-}
-
-/// Picks a token for every row of `logits` `[rows.len(), vocab]` (rows in parallel; each
-/// draw depends only on its row's counters). The host reference of `Backend::sample`.
-pub fn sample_rows(logits: &[f32], vocab: usize, rows: &[SampleRow]) -> Vec<u32> {
-    use rayon::prelude::*;
-    assert!(logits.len() >= rows.len() * vocab, "sample_rows: {} logits for {} rows of {vocab}", logits.len(), rows.len());
-    rows.par_iter()
-        .enumerate()
-        .map(|(i, r)| pick(&logits[i * vocab..(i + 1) * vocab], r.temperature, r.top_k, r.top_p, r.uniform()))
-        .collect()
-}
-
-/// Greedy argmax: the lowest id among the largest non-NaN logits (0 when every logit is NaN).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<usize> = None;
-    for (i, &x) in logits.iter().enumerate() {
-        if !x.is_nan() && best.is_none_or(|b| x > logits[b]) {
-            best = Some(i);
-        }
-    }
-    best.unwrap_or(0) as u32
-}
-
-/// Order key of a non-NaN logit: `ord(a) > ord(b)` iff `a > b` (-0 below +0). The CUDA
-/// sampler (kernels/sampling.cu) searches thresholds over these keys.
-#[inline]
-pub fn ord_key(x: f32) -> u32 {
-    let b = x.to_bits();
-    if b >> 31 == 1 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
-}
-
-/// Picks a token from `logits` `[vocab]` with `p`'s temperature, top-k and top-p, and the
-/// draw `u` in [0, 1).
-pub fn sample(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
-    pick(logits, p.temperature, p.top_k, p.top_p, u)
-}
-
-/// The sampler, defined so that a GPU can reproduce it without sorting:
-/// - greedy (`temperature == 0` or `top_k == 1`, or no logit above -inf): `argmax`;
-/// - weights `w_i = exp((x_i - m) / temperature)` in f64 (m = the largest non-NaN logit;
-///   `w_i = 1` where `x_i == m`, so +inf logits share the mass; NaN weighs 0);
-/// - candidates: the non-NaN tokens ordered by logit, descending, ties by lower id;
-///   top-k keeps the first k; top-p then keeps the first tokens while the weight before
-///   them (in that order) is below `top_p` times the top-k mass (so at least one stays);
-/// - the draw is the inverse CDF of the kept weights **in token-id order**: the first kept
-///   id whose running sum exceeds `u * total`. The kept set and the weights are those of
-///   the sorted formulation, so the distribution is the same; only the map from u to a
-///   token differs, and it needs no sort (the GPU finds the kept set by threshold search).
-pub fn pick(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> u32 {
-    if temperature == 0.0 || top_k == 1 {
-        return argmax(logits);
-    }
-    let m = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
-    if m == f32::NEG_INFINITY {
-        return argmax(logits);
-    }
-    let inv_t = 1.0 / temperature as f64;
-    let md = m as f64;
-    // Unnormalised probabilities in f64 (exp of scaled logits relative to the max).
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|&x| {
-            if x.is_nan() {
-                0.0
-            } else if x == m {
-                1.0
-            } else {
-                ((x as f64 - md) * inv_t).exp()
-            }
-        })
-        .collect();
-    let n_valid = logits.iter().filter(|x| !x.is_nan()).count();
-    let k = if top_k == 0 { n_valid } else { top_k.min(n_valid) };
-    let mut kept: Vec<u32> = if k == n_valid && top_p >= 1.0 {
-        (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect()
-    } else {
-        // Candidates by descending logit (ties: lower id first), cut by top-k then top-p.
-        let mut cand: Vec<(u32, u32)> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).map(|i| (ord_key(logits[i as usize]), i)).collect();
-        let order = |a: &(u32, u32), b: &(u32, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, order);
-            cand.truncate(k);
-        }
-        if top_p < 1.0 {
-            cand.sort_unstable_by(order);
-            let total: f64 = cand.iter().map(|c| w[c.1 as usize]).sum();
-            // Keep tokens while the mass before them is below top_p (so at least one stays).
-            let limit = top_p as f64 * total;
-            let mut acc = 0.0;
-            let mut keep = 0;
-            for c in &cand {
-                if keep > 0 && acc >= limit {
-                    break;
-                }
-                acc += w[c.1 as usize];
-                keep += 1;
-            }
-            cand.truncate(keep);
-        }
-        let mut ids: Vec<u32> = cand.into_iter().map(|c| c.1).collect();
-        ids.sort_unstable();
-        ids
-    };
-    kept.retain(|&i| w[i as usize] > 0.0);
-    // Inverse CDF in id order.
-    let total: f64 = kept.iter().map(|&i| w[i as usize]).sum();
-    let target = u * total;
-    let mut acc = 0.0;
-    for &i in &kept {
-        acc += w[i as usize];
-        if acc > target {
-            return i;
-        }
-    }
-    kept.last().copied().unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn greedy_takes_first_max_and_topk1_is_greedy() {
-        let l = [0.5f32, 2.0, -1.0, 2.0];
-        let p = SamplingParams::default();
-        assert_eq!(sample(&l, &p, 0.99), 1);
-        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
-        assert_eq!(sample(&l, &p, 0.99), 1);
-    }
-
-    #[test]
-    fn empirical_distribution_matches_softmax_and_filters() {
-        let l = [1.0f32, 0.0, 2.0, -0.5, 0.3];
-        let n = 40_000;
-        let count = |p: &SamplingParams| {
-            let mut c = [0usize; 5];
-            for i in 0..n {
-                c[sample(&l, p, uniform(7, 11, 0, i)) as usize] += 1;
-            }
-            c
-        };
-        let p = SamplingParams { temperature: 0.7, ..Default::default() };
-        let e: Vec<f64> = l.iter().map(|&x| (x as f64 / 0.7).exp()).collect();
-        let z: f64 = e.iter().sum();
-        let c = count(&p);
-        for i in 0..5 {
-            let f = c[i] as f64 / n as f64;
-            assert!((f - e[i] / z).abs() < 0.01, "token {i}: {f} vs {}", e[i] / z);
-        }
-        // top-k 2: only ids 2 and 0.
-        let c = count(&SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() });
-        assert_eq!(c[1] + c[3] + c[4], 0);
-        assert!(c[0] > 0 && c[2] > c[0]);
-        // top-p 0.5: p(2) = 0.53 alone reaches it.
-        let c = count(&SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() });
-        assert_eq!(c[2], n as usize);
-    }
-
-    #[test]
-    fn special_logits_and_ties() {
-        let draws = |l: &[f32], t: f32, k: usize, p: f32| {
-            let mut c = vec![0usize; l.len()];
-            for i in 0..4000 {
-                c[pick(l, t, k, p, uniform(3, 5, 1, i)) as usize] += 1;
-            }
-            c
-        };
-        // NaN is never chosen; all-NaN rows fall back to id 0, all -inf rows to the first -inf.
-        let nan = f32::NAN;
-        assert_eq!(pick(&[nan, -1.0, nan], 0.0, 0, 1.0, 0.5), 1);
-        assert_eq!(pick(&[nan, nan], 1.0, 0, 1.0, 0.5), 0);
-        assert_eq!(pick(&[nan, f32::NEG_INFINITY, f32::NEG_INFINITY], 1.0, 0, 0.5, 0.5), 1);
-        // Two +inf logits share the mass; NaN, -inf and finite logits get none.
-        let c = draws(&[nan, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::INFINITY], 1.0, 0, 1.0);
-        assert_eq!(c[0] + c[1] + c[3], 0);
-        assert!(c[2] > 1800 && c[4] > 1800, "{c:?}");
-        // Top-k cuts ties by id; top-p with equal weights keeps exactly ceil(p * n) tokens.
-        let c = draws(&[1.0, 2.0, 2.0, 2.0, 2.0], 1.0, 2, 1.0);
-        assert_eq!(c[0] + c[3] + c[4], 0);
-        assert!(c[1] > 1800 && c[2] > 1800, "{c:?}");
-        let c = draws(&[0.5; 8], 0.7, 0, 0.5);
-        assert_eq!(c[4..].iter().sum::<usize>(), 0);
-        assert!(c[..4].iter().all(|&n| n > 850), "{c:?}");
-        // The id-order inverse CDF: u below the first kept weight's share picks the lowest kept id.
-        assert_eq!(pick(&[0.0, 3.0, 0.0, 3.0], 1.0, 2, 1.0, 0.0), 1);
-        assert_eq!(pick(&[0.0, 3.0, 0.0, 3.0], 1.0, 2, 1.0, 0.999), 3);
-    }
-
-    #[test]
-    fn draws_depend_on_every_counter() {
-        let base = uniform(1, 2, 3, 4);
-        assert_eq!(base, uniform(1, 2, 3, 4));
-        for other in [uniform(0, 2, 3, 4), uniform(1, 9, 3, 4), uniform(1, 2, 0, 4), uniform(1, 2, 3, 5)] {
-            assert_ne!(base, other);
-        }
+    fn keys_differ_and_rows_carry_the_params() {
         assert_ne!(key_of("a"), key_of("b"));
+        let p = SamplingParams { temperature: 0.7, top_k: 5, top_p: 0.9, seed: 3, ..Default::default() };
+        let r = p.row(key_of("a"), 2, 17);
+        assert_eq!((r.temperature, r.top_k, r.top_p, r.seed, r.key, r.sample, r.position), (0.7, 5, 0.9, 3, key_of("a"), 2, 17));
     }
 }

@@ -5,9 +5,9 @@
 //! PEFT `adapter_model.safetensors` + `adapter_config.json` for LoRA), `optimizer.safetensors`
 //! (AdamW moments `m.<k>.<name>` / `v.<k>.<name>`, f32) and `trainer_state.json` (step,
 //! config, data-order digest, the current epoch's order and the RNG seed). Resuming restores
-//! all of it, so N steps straight equal N/2 + resume + N/2 bit for bit. Full fine-tuning
-//! keeps its master weights and moments on the backend: they are downloaded here at save time
-//! and uploaded on load.
+//! all of it, so N steps straight equal N/2 + resume + N/2 bit for bit. The trainer keeps its
+//! master weights (or LoRA adapters) and moments on the backend: they are downloaded here at
+//! save time and uploaded on load.
 
 use std::path::{Path, PathBuf};
 

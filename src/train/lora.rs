@@ -5,16 +5,22 @@
 //! Init as PEFT: A ~ kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the
 //! adapted model starts equal to the base. Saved as a PEFT-compatible
 //! `adapter_model.safetensors` + `adapter_config.json`.
+//!
+//! The adapters train on the model's own backend (`Lora::attach`): A, B, their AdamW moments
+//! and a copy of each frozen base matrix W0 are backend buffers; the merge and the projection
+//! are `Backend::matmul_scaled`, the update `Backend::adamw` / `sgd`. `Lora::adapters` keeps
+//! the host copy of A and B that the PEFT files are written from, downloaded after every
+//! update.
 
 use std::path::Path;
 
 use serde_json::json;
 
 use super::data::SplitMix64;
+use super::optim::{apply, OptimKind};
 use super::st::{read_f32_tensors, write_f32_safetensors};
 use super::TrainError;
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{AdamwStep, Backend};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{HostTensor, LayerWeights, ModelWeights};
 
@@ -120,24 +126,30 @@ impl Adapter {
     }
 }
 
-/// All adapters of a model plus the frozen base matrices they add to.
-pub struct Lora {
+/// All adapters of a model: their values on the host and, once attached to a model, on its
+/// backend (with the frozen base matrices they add to).
+pub struct Lora<B: Backend> {
     pub cfg: LoraConfig,
+    /// A and B of every adapter on the host (what `save_peft` writes); equal to the backend's
+    /// copies after every change.
     pub adapters: Vec<Adapter>,
-    base: Vec<Vec<f32>>, // [adapter][out * in] frozen W0
+    dev: Option<Attached<B>>,
 }
 
-fn mm(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, n: usize, k: usize, scale: f32) -> Vec<f32> {
-    let be = CpuBackend::<f32>::new();
-    let mut c = vec![0f32; m * n];
-    be.matmul(&a.to_vec(), ta, &b.to_vec(), tb, &mut c, m, n, k, false);
-    c.iter_mut().for_each(|x| *x *= scale);
-    c
+/// The backend buffers of an attached `Lora`.
+struct Attached<B: Backend> {
+    /// A `[r, in]` and B `[out, r]` of every adapter, in optimizer order (A0, B0, A1, B1, ...).
+    params: Vec<B::Buf>,
+    /// The frozen base matrix W0 `[out, in]` of every adapter.
+    base: Vec<B::Buf>,
+    /// AdamW moments of `params`, same order (empty for SGD).
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
 }
 
-impl Lora {
+impl<B: Backend> Lora<B> {
     /// PEFT's default init (A kaiming-uniform, B = 0), seeded.
-    pub fn init(cfg: LoraConfig, mc: &ModelConfig, base: &ModelWeights<HostTensor>, seed: u64) -> Result<Self, TrainError> {
+    pub fn init(cfg: LoraConfig, mc: &ModelConfig, seed: u64) -> Result<Self, TrainError> {
         if cfg.rank == 0 {
             return Err(TrainError::Config("--lora-rank must be > 0".into()));
         }
@@ -154,13 +166,13 @@ impl Lora {
                 adapters.push(Adapter { layer, target, out, inp, a, b: vec![0f32; out * cfg.rank] });
             }
         }
-        Self::with_adapters(cfg, adapters, base)
+        Ok(Self { cfg, adapters, dev: None })
     }
 
-    /// Adapters given explicitly (loaded from a checkpoint, or fixed in a test).
+    /// Adapters given explicitly (loaded from a checkpoint, or fixed in a test), checked
+    /// against the base weights they adapt.
     pub fn with_adapters(cfg: LoraConfig, adapters: Vec<Adapter>, base: &ModelWeights<HostTensor>) -> Result<Self, TrainError> {
         let r = cfg.rank;
-        let mut base_m = Vec::new();
         for ad in &adapters {
             let w = ad.target.get(&base.layers[ad.layer]);
             if w.shape != [ad.out, ad.inp] || ad.a.len() != r * ad.inp || ad.b.len() != ad.out * r {
@@ -169,34 +181,111 @@ impl Lora {
                     ad.peft_prefix(), w.shape, ad.a.len(), ad.b.len()
                 )));
             }
-            base_m.push(w.data.clone());
         }
-        Ok(Self { cfg, adapters, base: base_m })
+        Ok(Self { cfg, adapters, dev: None })
     }
 
-    /// The merged matrix `W0 + s * B @ A` of adapter `i` `[out, in]`.
-    pub fn merged(&self, i: usize) -> Vec<f32> {
-        let ad = &self.adapters[i];
-        let delta = mm(&ad.b, false, &ad.a, false, ad.out, ad.inp, self.cfg.rank, self.cfg.scale() as f32);
-        self.base[i].iter().zip(&delta).map(|(w, d)| w + d).collect()
+    /// Moves the adapters onto the backend of the model whose base weights are `weights`
+    /// (unmerged): uploads A and B, copies each adapted W0, makes zero AdamW moments (for
+    /// `OptimKind::Adamw`) and merges `W0 + s B A` into `weights`.
+    pub fn attach(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, kind: OptimKind) -> Result<(), TrainError> {
+        assert!(self.dev.is_none(), "LoRA adapters attached twice");
+        let mut base = Vec::new();
+        for ad in &self.adapters {
+            let w = ad.target.get(&weights.layers[ad.layer]);
+            if be.len(w) != ad.out * ad.inp {
+                return Err(TrainError::Config(format!("LoRA adapter {}: the model's matrix has {} values, expected {} x {}", ad.peft_prefix(), be.len(w), ad.out, ad.inp)));
+            }
+            let mut w0 = be.zeros(ad.out * ad.inp); // [out, in] = 0 + W0
+            be.add_assign(&mut w0, w);
+            base.push(w0);
+        }
+        let params: Vec<B::Buf> = self.adapters.iter().flat_map(|ad| [be.upload(&ad.a), be.upload(&ad.b)]).collect();
+        let moments = || match kind {
+            OptimKind::Adamw => params.iter().map(|p| be.zeros(be.len(p))).collect(),
+            OptimKind::Sgd => Vec::new(),
+        };
+        let (m, v) = (moments(), moments());
+        self.dev = Some(Attached { params, base, m, v });
+        self.merge(be, weights);
+        Ok(())
     }
 
-    /// (dA `[r, in]`, dB `[out, r]`) of adapter `i` from the full gradient dW `[out, in]`.
-    pub fn project(&self, i: usize, dw: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let ad = &self.adapters[i];
-        let (r, s) = (self.cfg.rank, self.cfg.scale() as f32);
-        let da = mm(&ad.b, true, dw, false, r, ad.inp, ad.out, s);
-        let db = mm(dw, false, &ad.a, true, ad.out, r, ad.inp, s);
-        (da, db)
+    fn attached(&self) -> &Attached<B> {
+        self.dev.as_ref().expect("LoRA adapters used before Lora::attach")
     }
 
-    /// Base weights with every adapter merged in (for `--merge`).
-    pub fn merge_into(&self, base: &ModelWeights<HostTensor>) -> ModelWeights<HostTensor> {
-        let mut out = base.clone();
+    /// Writes `W0 + s * B @ A` of every adapter into its matrix of `weights`, in place: the
+    /// scaled product (rounded, then scaled), then W0 added.
+    fn merge(&self, be: &B, weights: &mut ModelWeights<B::Buf>) {
+        let (dev, r, s) = (self.attached(), self.cfg.rank, self.cfg.scale());
         for (i, ad) in self.adapters.iter().enumerate() {
-            ad.target.get_mut(&mut out.layers[ad.layer]).data = self.merged(i);
+            let w = ad.target.get_mut(&mut weights.layers[ad.layer]); // [out, in]
+            be.matmul_scaled(&dev.params[2 * i + 1], false, &dev.params[2 * i], false, w, ad.out, ad.inp, r, s, false);
+            be.add_assign(w, &dev.base[i]);
+        }
+    }
+
+    /// The gradients of A and B of every adapter (optimizer order) from the full weight
+    /// gradients: dA `[r, in]` = s B^T @ dW, dB `[out, r]` = s dW @ A^T.
+    pub fn project(&self, be: &B, grads: &ModelWeights<B::Buf>) -> Vec<B::Buf> {
+        let (dev, r, s) = (self.attached(), self.cfg.rank, self.cfg.scale());
+        let mut out = Vec::new();
+        for (i, ad) in self.adapters.iter().enumerate() {
+            let dw = ad.target.get(&grads.layers[ad.layer]); // [out, in]
+            let (mut da, mut db) = (be.zeros(r * ad.inp), be.zeros(ad.out * r));
+            be.matmul_scaled(&dev.params[2 * i + 1], true, dw, false, &mut da, r, ad.inp, ad.out, s, false);
+            be.matmul_scaled(dw, false, &dev.params[2 * i], true, &mut db, ad.out, r, ad.inp, s, false);
+            out.extend([da, db]);
         }
         out
+    }
+
+    /// One optimizer update of every A and B (`h` of this step, gradients from `project`,
+    /// weight decay on every tensor), then the merged matrices of `weights` and the host
+    /// copies refreshed.
+    pub fn update(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, grads: &[B::Buf], kind: OptimKind, h: &AdamwStep) {
+        let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
+        assert_eq!(grads.len(), dev.params.len(), "one gradient per adapter tensor");
+        let mut moments = dev.m.iter_mut().zip(dev.v.iter_mut());
+        for (p, g) in dev.params.iter_mut().zip(grads) {
+            apply(be, kind, h, true, p, g, moments.next());
+        }
+        self.merge(be, weights);
+        self.download(be);
+    }
+
+    /// Refreshes the host copies of A and B from the backend.
+    fn download(&mut self, be: &B) {
+        let dev = self.dev.as_ref().expect("LoRA adapters used before Lora::attach");
+        for (ad, p) in self.adapters.iter_mut().zip(dev.params.chunks(2)) {
+            (ad.a, ad.b) = (be.download(&p[0]), be.download(&p[1]));
+        }
+    }
+
+    /// Replaces A and B (optimizer order, on the host) and re-merges `weights`.
+    pub fn set_params(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, values: Vec<Vec<f32>>) {
+        assert_eq!(values.len(), 2 * self.adapters.len(), "set_params: {} tensors for {} adapters", values.len(), self.adapters.len());
+        let mut it = values.into_iter();
+        for ad in self.adapters.iter_mut() {
+            (ad.a, ad.b) = (it.next().unwrap(), it.next().unwrap());
+        }
+        let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
+        dev.params = self.adapters.iter().flat_map(|ad| [be.upload(&ad.a), be.upload(&ad.b)]).collect();
+        self.merge(be, weights);
+    }
+
+    /// The AdamW moments `(m, v)` of A and B, optimizer order, downloaded (empty for SGD).
+    pub fn moments(&self, be: &B) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let dev = self.attached();
+        (dev.m.iter().map(|x| be.download(x)).collect(), dev.v.iter().map(|x| be.download(x)).collect())
+    }
+
+    /// Replaces the AdamW moments (as returned by `moments`).
+    pub fn set_moments(&mut self, be: &B, m: &[Vec<f32>], v: &[Vec<f32>]) {
+        let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
+        dev.m = m.iter().map(|x| be.upload(x)).collect();
+        dev.v = v.iter().map(|x| be.upload(x)).collect();
     }
 
     /// Writes `adapter_model.safetensors` and `adapter_config.json` (PEFT layout) into `dir`.

@@ -3,7 +3,11 @@
 //! context), compared with the frozen reference sums, and fed to -log sigmoid(beta * margin).
 //! An optional SFT term adds `sft_coef` x the mean per-token NLL of the chosen segments.
 //! Everything here is host-side f64 arithmetic on the per-pair sums; the per-token gradient
-//! of a segment sum is the same scalar for every token of that segment.
+//! of a segment sum is the same scalar for every token of that segment. The gradient formula
+//! is the backend's (`backend::SegmentDpo::grads`): the trainer's fused `Backend::segment_dpo`
+//! applies it on the device, and the values reported here agree with it by construction.
+
+use crate::backend::SegmentDpo;
 
 /// Log-prob sums of one pair (natural log, summed over the segment's tokens).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,16 +50,6 @@ pub fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
-/// `1 / (1 + exp(-x))` without overflow.
-pub fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
-
 /// The batch loss of `pairs` (all pairs of one optimizer step).
 pub fn dpo_loss(pairs: &[PairLogps], beta: f64, sft_coef: f64) -> BatchLoss {
     let tokens: usize = pairs.iter().map(|p| p.chosen_tokens).sum();
@@ -68,6 +62,7 @@ pub fn dpo_loss(pairs: &[PairLogps], beta: f64, sft_coef: f64) -> BatchLoss {
 pub fn dpo_loss_part(pairs: &[PairLogps], beta: f64, sft_coef: f64, batch_pairs: usize, batch_chosen_tokens: usize) -> BatchLoss {
     let n = batch_pairs.max(1) as f64;
     let tokens = batch_chosen_tokens.max(1) as f64;
+    let h = SegmentDpo { beta, sft_coef, batch_pairs, batch_chosen_tokens };
     let mut out = BatchLoss::default();
     for p in pairs {
         let (dc, dr) = (p.chosen - p.ref_chosen, p.rejected - p.ref_rejected);
@@ -78,10 +73,10 @@ pub fn dpo_loss_part(pairs: &[PairLogps], beta: f64, sft_coef: f64, batch_pairs:
         out.reward_rejected += beta * dr / n;
         out.reward_margin += beta * z / n;
         out.reward_accuracy += f64::from(u8::from(z > 0.0)) / n;
-        // d softplus(-beta z) / dz = -beta * sigmoid(-beta z)
-        let g = -beta * sigmoid(-beta * z) / n;
-        out.d_chosen.push(g - sft_coef / tokens);
-        out.d_rejected.push(-g);
+        // d softplus(-beta z) / dz = -beta * sigmoid(-beta z), plus the SFT term's share.
+        let (d_chosen, d_rejected) = h.grads(z);
+        out.d_chosen.push(d_chosen);
+        out.d_rejected.push(d_rejected);
     }
     out.loss = out.dpo_loss + sft_coef * out.sft_nll;
     out
@@ -102,29 +97,44 @@ impl BatchLoss {
     }
 }
 
-/// Host reference of `Backend::segment_dpo`: per pair, the sequential f64 sums of `logp`
-/// `[rows]` over its chosen and rejected rows, and `dlogp` `[rows]` holding each segment's
-/// gradient from `dpo_loss_part` (rounded to f32) on its rows, 0 elsewhere.
-pub fn segment_dpo_host(logp: &[f64], pairs: &[crate::backend::SegmentPair], h: &crate::backend::SegmentDpo) -> (Vec<(f64, f64)>, Vec<f32>) {
-    let range = |s: u32, n: u32| {
-        let r = s as usize..(s + n) as usize;
-        assert!(r.end <= logp.len(), "segment rows {r:?} outside the {} log-prob rows", logp.len());
-        r
-    };
-    let sums: Vec<(f64, f64)> = pairs
-        .iter()
-        .map(|p| (logp[range(p.chosen_start, p.chosen_len)].iter().sum(), logp[range(p.rejected_start, p.rejected_len)].iter().sum()))
-        .collect();
-    let logps: Vec<PairLogps> = pairs
-        .iter()
-        .zip(&sums)
-        .map(|(p, &(c, r))| PairLogps { chosen: c, rejected: r, ref_chosen: p.ref_chosen, ref_rejected: p.ref_rejected, chosen_tokens: p.chosen_len as usize })
-        .collect();
-    let part = dpo_loss_part(&logps, h.beta, h.sft_coef, h.batch_pairs, h.batch_chosen_tokens);
-    let mut d = vec![0f32; logp.len()];
-    for (k, p) in pairs.iter().enumerate() {
-        d[range(p.chosen_start, p.chosen_len)].fill(part.d_chosen[k] as f32);
-        d[range(p.rejected_start, p.rejected_len)].fill(part.d_rejected[k] as f32);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::{Backend, SegmentPair};
+
+    /// The backend's fused loss step (the CPU reference) gives every row of a segment the
+    /// gradient `dpo_loss_part` reports for that segment's sum, bit for bit (rounded to f32),
+    /// and the segment sums themselves.
+    #[test]
+    fn segment_dpo_rows_carry_the_loss_gradients() {
+        let logp: Vec<f32> = (0..23).map(|i| -0.05 - (i as f32 * 0.37).sin().abs()).collect();
+        let pairs = [
+            SegmentPair { chosen_start: 1, chosen_len: 4, rejected_start: 5, rejected_len: 3, ref_chosen: -2.5, ref_rejected: -1.0 },
+            SegmentPair { chosen_start: 10, chosen_len: 6, rejected_start: 16, rejected_len: 7, ref_chosen: -3.0, ref_rejected: -4.2 },
+        ];
+        let h = SegmentDpo { beta: 0.3, sft_coef: 0.2, batch_pairs: 5, batch_chosen_tokens: 17 };
+        let be = CpuBackend::<f32>::new();
+        let (sums, dlogp) = be.segment_dpo(&logp, &pairs, &h);
+        let dlogp = be.download(&dlogp);
+        let rows = |s: u32, n: u32| s as usize..(s + n) as usize;
+        let seg_sum = |s: u32, n: u32| logp[rows(s, n)].iter().map(|&x| x as f64).sum::<f64>();
+        let lp: Vec<PairLogps> = pairs
+            .iter()
+            .map(|p| PairLogps {
+                chosen: seg_sum(p.chosen_start, p.chosen_len),
+                rejected: seg_sum(p.rejected_start, p.rejected_len),
+                ref_chosen: p.ref_chosen,
+                ref_rejected: p.ref_rejected,
+                chosen_tokens: p.chosen_len as usize,
+            })
+            .collect();
+        let part = dpo_loss_part(&lp, h.beta, h.sft_coef, h.batch_pairs, h.batch_chosen_tokens);
+        for (k, p) in pairs.iter().enumerate() {
+            assert_eq!(sums[k], (lp[k].chosen, lp[k].rejected));
+            assert!(dlogp[rows(p.chosen_start, p.chosen_len)].iter().all(|&d| d == part.d_chosen[k] as f32));
+            assert!(dlogp[rows(p.rejected_start, p.rejected_len)].iter().all(|&d| d == part.d_rejected[k] as f32));
+        }
+        assert!(dlogp[0] == 0.0 && dlogp[8..10].iter().all(|&d| d == 0.0));
     }
-    (sums, d)
 }

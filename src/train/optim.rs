@@ -3,16 +3,15 @@
 //! the learning-rate schedule (cosine with linear warm-up, as transformers'
 //! `get_cosine_schedule_with_warmup`, or constant).
 //!
-//! The update itself is a `Backend` op (`adamw`, `sgd`, with `sum_squares` for the norm; the
-//! formula is documented on `backend::AdamwStep`). Full fine-tuning runs it on the backend's
-//! master weights and moments (src/train/trainer.rs); `Optimizer` holds the step count, and
-//! host moments only for the small LoRA adapters, which it updates with the same CPU
-//! reference functions (src/backend/cpu/optim.rs).
+//! The update itself is a `Backend` op (`adamw`, `sgd`, with `sum_squares_many` for the norm;
+//! the formula is documented on `backend::AdamwStep`), applied by `apply` to the trainer's
+//! backend buffers: the model's own weights for full fine-tuning, the LoRA adapters otherwise
+//! (src/train/trainer.rs, lora.rs). `Optimizer` holds the step count; `Optimizer::step` is the
+//! same update of host tensors on the reference backend (what tests compare the trainer with).
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::optim::{adamw, sgd};
-use crate::backend::AdamwStep;
+use crate::backend::{AdamwStep, Backend, Reference};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -70,9 +69,9 @@ pub struct Param<'a> {
     pub decay: bool,
 }
 
-/// Optimizer state: the update count, and for host tensors (LoRA adapters) one (m, v) pair of
-/// f32 moments per tensor, in a fixed order. Full fine-tuning keeps its moments as backend
-/// buffers instead (`trainer::Trainable::Full`) and leaves `m`, `v` empty.
+/// Optimizer state: the update count, and for `step` on host tensors one (m, v) pair of f32
+/// moments per tensor, in a fixed order. The trainer keeps its moments as backend buffers
+/// (`trainer::Trainable`) and leaves `m`, `v` empty.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Optimizer {
     pub cfg: OptimConfig,
@@ -80,6 +79,18 @@ pub struct Optimizer {
     pub steps: u64,
     pub m: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD and for backend-held moments
     pub v: Vec<Vec<f32>>, // [tensor][numel]; empty for SGD and for backend-held moments
+}
+
+/// One update of one tensor in place on the backend: AdamW with `p`'s moments (`moments`; None
+/// for SGD) or SGD, with the coefficients of `h` (`Optimizer::hparams` of this step) and its
+/// weight decay where `decay` (matrices; not norms and biases, transformers' convention).
+pub fn apply<B: Backend>(be: &B, kind: OptimKind, h: &AdamwStep, decay: bool, p: &mut B::Buf, g: &B::Buf, moments: Option<(&mut B::Buf, &mut B::Buf)>) {
+    let wd = if decay { h.weight_decay } else { 0.0 };
+    match (kind, moments) {
+        (OptimKind::Adamw, Some((m, v))) => be.adamw(p, g, m, v, &AdamwStep { weight_decay: wd, ..*h }),
+        (OptimKind::Adamw, None) => panic!("AdamW needs the moments of every tensor"),
+        (OptimKind::Sgd, _) => be.sgd(p, g, h.lr, wd, h.grad_scale),
+    }
 }
 
 /// The global L2 norm of all gradients (f64 accumulation).
@@ -126,15 +137,16 @@ impl Optimizer {
     }
 
     /// Applies one update to host tensors with learning rate `lr`, gradients pre-multiplied by
-    /// `grad_scale` (the clipping factor). `params` must come in the same order every step.
+    /// `grad_scale` (the clipping factor), through the reference backend's `apply`: the host
+    /// reference of the trainer's update. `params` must come in the same order every step.
     pub fn step(&mut self, params: Vec<Param>, lr: f64, grad_scale: f64) {
+        let (be, kind) = (Reference::new(), self.cfg.kind);
         let h = self.hparams(lr, grad_scale);
-        for (i, p) in params.into_iter().enumerate() {
-            let wd = if p.decay { h.weight_decay } else { 0.0 };
-            match self.cfg.kind {
-                OptimKind::Sgd => sgd(p.data, p.grad, lr, wd, grad_scale),
-                OptimKind::Adamw => adamw(p.data, p.grad, &mut self.m[i], &mut self.v[i], &AdamwStep { weight_decay: wd, ..h }),
-            }
+        let mut moments = self.m.iter_mut().zip(self.v.iter_mut());
+        for p in params {
+            let mut w = p.data.to_vec();
+            apply(&be, kind, &h, p.decay, &mut w, &p.grad.to_vec(), moments.next());
+            p.data.copy_from_slice(&w);
         }
         self.steps += 1;
     }

@@ -10,18 +10,19 @@
 //!   model's own weight buffers (the fp32 master weights) and the AdamW moments, which are
 //!   backend buffers too. No weight or gradient crosses to the host during a step;
 //!   checkpoints download them at save time.
-//! - LoRA, on the host: the adapters are small, so their projected gradients are downloaded,
-//!   updated by the same CPU reference arithmetic (`Optimizer::step`), and the merged
-//!   `W0 + s B A` of each adapted matrix is uploaded.
+//! - LoRA, on the backend too: the weight gradients of the adapted matrices are projected onto
+//!   the adapters (`Lora::project`, backend matmuls), the norm and the update are the same ops
+//!   on the adapters and their moments, and `W0 + s B A` is merged into each adapted matrix
+//!   in place. Only the adapters (A and B, small) come back, for the PEFT files.
 
 use serde::{Deserialize, Serialize};
 
 use super::data::{epoch_order, TrainPair};
 use super::lora::{Lora, LoraConfig};
 use super::loss::{dpo_loss_part, BatchLoss, PairLogps};
-use super::optim::{clip_factor, global_norm, OptimConfig, OptimKind, Optimizer, Param};
+use super::optim::{apply, clip_factor, OptimConfig, OptimKind, Optimizer};
 use super::TrainError;
-use crate::backend::{AdamwStep, Backend, SegmentDpo, SegmentPair};
+use crate::backend::{Backend, SegmentDpo, SegmentPair};
 use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
 
@@ -70,8 +71,8 @@ pub enum Trainable<B: Backend> {
     /// wider today; bf16 weight storage would add an fp32 master copy here), and `m`, `v` are
     /// the AdamW moments as backend buffers, one per weight (empty for SGD).
     Full { names: Vec<String>, shapes: Vec<Vec<usize>>, m: Vec<B::Buf>, v: Vec<B::Buf> },
-    /// LoRA adapters, kept and updated on the host (see the module docs).
-    Lora(Lora),
+    /// LoRA adapters, on the backend once the trainer is built (see the module docs).
+    Lora(Lora<B>),
 }
 
 impl<B: Backend> Trainable<B> {
@@ -107,31 +108,31 @@ impl<B: Backend> Trainer<B> {
     pub fn new(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig) -> Result<Self, TrainError> {
         let trainable = match &cfg.lora {
             None => Trainable::full(&model, cfg.optim.kind),
-            Some(lc) => Trainable::Lora(Lora::init(lc.clone(), &model.cfg, &model.host_weights(), cfg.seed)?),
+            Some(lc) => Trainable::Lora(Lora::init(lc.clone(), &model.cfg, cfg.seed)?),
         };
         Self::with_trainable(model, pairs, cfg, trainable)
     }
 
-    /// With explicit trainable state (LoRA adapters loaded or fixed by a test).
+    /// With explicit trainable state (LoRA adapters loaded or fixed by a test; the model holds
+    /// the base weights, into which the adapters are then merged).
     pub fn with_trainable(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, trainable: Trainable<B>) -> Result<Self, TrainError> {
         check_config(&cfg, pairs.len())?;
-        let host_sizes: Vec<usize> = match &trainable {
-            Trainable::Full { names, m, v, .. } => {
-                let want = if cfg.optim.kind == OptimKind::Adamw { names.len() } else { 0 };
-                if m.len() != want || v.len() != want {
-                    return Err(TrainError::Config(format!(
-                        "full fine-tuning state has {} / {} moment buffers for {} weights; expected {want} ({:?})",
-                        m.len(), v.len(), names.len(), cfg.optim.kind
-                    )));
-                }
-                Vec::new() // moments live on the backend
+        if let Trainable::Full { names, m, v, .. } = &trainable {
+            let want = if cfg.optim.kind == OptimKind::Adamw { names.len() } else { 0 };
+            if m.len() != want || v.len() != want {
+                return Err(TrainError::Config(format!(
+                    "full fine-tuning state has {} / {} moment buffers for {} weights; expected {want} ({:?})",
+                    m.len(), v.len(), names.len(), cfg.optim.kind
+                )));
             }
-            Trainable::Lora(l) => l.adapters.iter().flat_map(|a| [a.a.len(), a.b.len()]).collect(),
-        };
-        let optim = Optimizer::new(cfg.optim, &host_sizes);
+        }
+        // Every moment lives on the backend.
+        let optim = Optimizer::new(cfg.optim, &[]);
         let mut t = Self { model, cfg, pairs, trainable, optim, step: 0 };
         t.check_memory()?;
-        t.sync_model();
+        if let Trainable::Lora(l) = &mut t.trainable {
+            l.attach(&t.model.backend, &mut t.model.weights, t.cfg.optim.kind)?;
+        }
         Ok(t)
     }
 
@@ -197,7 +198,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Replaces the trainable tensors (optimizer order, sizes as `trainable_sizes`) and
-    /// updates the model: uploads the master weights, or the merged LoRA matrices.
+    /// updates the model: uploads the master weights, or the adapters (merged again).
     pub fn set_trainable(&mut self, values: Vec<Vec<f32>>) {
         let sizes = self.trainable_sizes();
         assert_eq!(values.len(), sizes.len(), "set_trainable: {} tensors for {} trainable", values.len(), sizes.len());
@@ -210,26 +211,19 @@ impl<B: Backend> Trainer<B> {
                 let mut it = values.into_iter();
                 self.model.weights.for_each_mut(|_, w| *w = be.upload_weight(&it.next().unwrap()));
             }
-            Trainable::Lora(l) => {
-                let mut it = values.into_iter();
-                for a in l.adapters.iter_mut() {
-                    a.a = it.next().unwrap();
-                    a.b = it.next().unwrap();
-                }
-            }
+            Trainable::Lora(l) => l.set_params(&self.model.backend, &mut self.model.weights, values),
         }
-        self.sync_model();
     }
 
-    /// The AdamW moments `(m, v)` per trainable tensor, in optimizer order, on the host
-    /// (downloaded for full fine-tuning); empty for SGD.
+    /// The AdamW moments `(m, v)` per trainable tensor, in optimizer order, downloaded to the
+    /// host; empty for SGD.
     pub fn moments(&self) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         match &self.trainable {
             Trainable::Full { m, v, .. } => {
                 let be = &self.model.backend;
                 (m.iter().map(|b| be.download(b)).collect(), v.iter().map(|b| be.download(b)).collect())
             }
-            Trainable::Lora(_) => (self.optim.m.clone(), self.optim.v.clone()),
+            Trainable::Lora(l) => l.moments(&self.model.backend),
         }
     }
 
@@ -247,18 +241,7 @@ impl<B: Backend> Trainer<B> {
                 *md = m.iter().map(|x| be.upload(x)).collect();
                 *vd = v.iter().map(|x| be.upload(x)).collect();
             }
-            Trainable::Lora(_) => (self.optim.m, self.optim.v) = (m, v),
-        }
-    }
-
-    /// Uploads the merged LoRA matrices into the model (full fine-tuning: nothing to do, the
-    /// model's weight buffers are the master weights).
-    pub fn sync_model(&mut self) {
-        let be = &self.model.backend;
-        if let Trainable::Lora(l) = &self.trainable {
-            for (i, ad) in l.adapters.iter().enumerate() {
-                *ad.target.get_mut(&mut self.model.weights.layers[ad.layer]) = be.upload_weight(&l.merged(i));
-            }
+            Trainable::Lora(l) => l.set_moments(&self.model.backend, &m, &v),
         }
     }
 
@@ -333,16 +316,7 @@ impl<B: Backend> Trainer<B> {
                 grads.for_each(|_, g| out.push(be.download(g)));
                 out
             }
-            Trainable::Lora(l) => l
-                .adapters
-                .iter()
-                .enumerate()
-                .flat_map(|(i, ad)| {
-                    let dw = be.download(ad.target.get(&grads.layers[ad.layer]));
-                    let (da, db) = l.project(i, &dw);
-                    [da, db]
-                })
-                .collect(),
+            Trainable::Lora(l) => l.project(be, grads).iter().map(|g| be.download(g)).collect(),
         }
     }
 
@@ -380,29 +354,25 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
-    /// Full fine-tuning update on the backend: global norm (f64 sum of per-tensor sums of
-    /// squares), clipping factor, then AdamW/SGD on every weight buffer in place. Returns the
-    /// norm before clipping; a non-finite norm updates nothing.
+    /// Full fine-tuning update on the backend: global norm, clipping factor, then AdamW/SGD on
+    /// every weight buffer in place. Returns the norm before clipping; a non-finite norm
+    /// updates nothing.
     fn update_full(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
         let be = &self.model.backend;
         let mut g: Vec<&B::Buf> = Vec::new(); // in ModelWeights::for_each order
         grads.for_each(|_, x| g.push(x));
-        let norm = be.sum_squares_many(&g).iter().sum::<f64>().sqrt();
+        let norm = grad_norm(be, &g);
         if !norm.is_finite() {
             return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));
         }
-        let scale = clip_factor(norm, self.cfg.optim.max_grad_norm);
-        let h = self.optim.hparams(lr, scale);
+        let h = self.optim.hparams(lr, clip_factor(norm, self.cfg.optim.max_grad_norm));
         let kind = self.cfg.optim.kind;
         let Trainable::Full { shapes, m, v, .. } = &mut self.trainable else { unreachable!("update_full on LoRA") };
+        let mut moments = m.iter_mut().zip(v.iter_mut());
         let mut i = 0;
         self.model.weights.for_each_mut(|_, w| {
-            // Weight decay on matrices, not on norms and biases (transformers' convention).
-            let wd = if shapes[i].len() >= 2 { h.weight_decay } else { 0.0 };
-            match kind {
-                OptimKind::Adamw => be.adamw(w, g[i], &mut m[i], &mut v[i], &AdamwStep { weight_decay: wd, ..h }),
-                OptimKind::Sgd => be.sgd(w, g[i], lr, wd, scale),
-            }
+            // Weight decay on matrices, not on norms and biases.
+            apply(be, kind, &h, shapes[i].len() >= 2, w, g[i], moments.next());
             i += 1;
         });
         assert_eq!(i, g.len(), "one gradient per weight");
@@ -410,25 +380,20 @@ impl<B: Backend> Trainer<B> {
         Ok(norm)
     }
 
-    /// LoRA update on the host: download the projected adapter gradients, clip, update the
-    /// adapters with `Optimizer::step`, upload the merged matrices. Returns the norm.
+    /// LoRA update on the backend: the adapters' gradients (`Lora::project`), their global
+    /// norm, clipping factor, AdamW/SGD on A and B, then the merged matrices. Returns the norm.
     fn update_lora(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
-        let g = self.trainable_grads(grads);
-        let norm = global_norm(g.iter().map(|x| &x[..]));
+        let be = &self.model.backend;
+        let Trainable::Lora(l) = &self.trainable else { unreachable!("update_lora on full fine-tuning") };
+        let g = l.project(be, grads); // [2 * adapters]: dA, dB per adapter
+        let norm = grad_norm(be, &g.iter().collect::<Vec<_>>());
         if !norm.is_finite() {
             return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));
         }
-        let scale = clip_factor(norm, self.cfg.optim.max_grad_norm);
-        let Trainable::Lora(l) = &mut self.trainable else { unreachable!("update_lora on full fine-tuning") };
-        let params: Vec<Param> = l
-            .adapters
-            .iter_mut()
-            .flat_map(|a| [&mut a.a, &mut a.b])
-            .zip(&g)
-            .map(|(data, grad)| Param { data: &mut data[..], grad, decay: true })
-            .collect();
-        self.optim.step(params, lr, scale);
-        self.sync_model();
+        let h = self.optim.hparams(lr, clip_factor(norm, self.cfg.optim.max_grad_norm));
+        let Trainable::Lora(l) = &mut self.trainable else { unreachable!() };
+        l.update(be, &mut self.model.weights, &g, self.cfg.optim.kind, &h);
+        self.optim.steps += 1;
         Ok(norm)
     }
 
@@ -449,12 +414,13 @@ impl<B: Backend> Trainer<B> {
             super::OptimKind::Sgd => 0,
         };
         let trainable: usize = self.trainable_sizes().iter().map(|t| t.1).sum();
-        // Full fine-tuning: the weights are the master weights; LoRA adds host masters.
-        let master = match self.trainable {
-            Trainable::Full { .. } => 0,
-            Trainable::Lora(_) => 1,
+        // Full fine-tuning: the weights are the master weights. LoRA adds its adapters and a
+        // copy of each adapted base matrix.
+        let (master, base) = match &self.trainable {
+            Trainable::Full { .. } => (0, 0),
+            Trainable::Lora(l) => (1, l.adapters.iter().map(|a| a.out * a.inp).sum()),
         };
-        let fixed = (2 * params + (master + moments) * trainable) as u64 * elem;
+        let fixed = (2 * params + base + (master + moments) * trainable) as u64 * elem;
         let per_layer = 4 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate_size + c.num_heads + 2
             + if c.qk_norm { c.q_dim() + c.kv_dim() } else { 0 };
         let per_token = (c.num_layers * per_layer + 3 * c.hidden_size + 2 * c.intermediate_size) as u64 * elem;
@@ -511,4 +477,10 @@ fn check_config(cfg: &TrainConfig, n_pairs: usize) -> Result<(), TrainError> {
         return bad("--max-grad-norm and --weight-decay must be >= 0");
     }
     Ok(())
+}
+
+/// The global L2 norm of gradient buffers: their sums of squares with one `sum_squares_many`
+/// (one device sync), added in order.
+fn grad_norm<B: Backend>(be: &B, g: &[&B::Buf]) -> f64 {
+    be.sum_squares_many(g).iter().sum::<f64>().sqrt()
 }

@@ -3,10 +3,12 @@
 //! checks exact enough to be tight. Threads come from rayon; GEMMs from the `gemm` crate.
 
 pub(crate) mod attention;
+pub(crate) mod dpo;
 mod gemv;
 pub(crate) mod kv;
 mod lm_head;
 pub(crate) mod optim;
+pub(crate) mod sample;
 
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
 use num_traits::{Float, FromPrimitive, ToPrimitive};
@@ -148,6 +150,18 @@ impl<F: Elem> Backend for CpuBackend<F> {
         let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
         unsafe {
             gemm_strided(m, n, k, c.as_mut_ptr(), n as isize, 1, accumulate, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, F::one(), true);
+        }
+    }
+
+    fn matmul_scaled(&self, a: &Vec<F>, ta: bool, b: &Vec<F>, tb: bool, c: &mut Vec<F>, m: usize, n: usize, k: usize, alpha: f64, accumulate: bool) {
+        let alpha: F = cast(alpha);
+        if accumulate {
+            let mut p = vec![F::zero(); m * n]; // [m, n] = op(a) @ op(b)
+            self.matmul(a, ta, b, tb, &mut p, m, n, k, false);
+            c[..m * n].par_iter_mut().zip(p.par_iter()).for_each(|(o, &x)| *o += x * alpha);
+        } else {
+            self.matmul(a, ta, b, tb, c, m, n, k, false);
+            c[..m * n].par_iter_mut().for_each(|o| *o = *o * alpha);
         }
     }
 

@@ -1,6 +1,6 @@
-//! The optimizer ops of the CPU reference backend (and of the host-side LoRA optimizer in
-//! src/train/optim.rs, which calls these on f32 slices): the f64 sum of squares behind the
-//! global gradient norm, and AdamW / SGD updates in place. The arithmetic is spelled out
+//! The optimizer ops of the CPU reference backend (also the host reference of the trainer's
+//! update, `train::optim::Optimizer::step`, through the `Backend` trait): the f64 sum of
+//! squares behind the global gradient norm, and AdamW / SGD updates in place. The arithmetic is spelled out
 //! operation by operation (see `backend::AdamwStep`) because kernels/optim.cu repeats it in
 //! the same order with no fused multiply-adds, so the CUDA backend agrees bit for bit.
 

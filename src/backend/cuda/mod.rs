@@ -257,7 +257,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.gpu.memory_free()
     }
 
-    fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[crate::rollout::sampler::SampleRow]) -> Vec<u32> {
+    fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[super::SampleRow]) -> Vec<u32> {
         self.sample_tokens(logits, vocab, rows)
     }
 
@@ -291,14 +291,20 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn matmul(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, accumulate: bool) {
+        self.matmul_scaled(a, ta, b, tb, c, m, n, k, 1.0, accumulate)
+    }
+
+    /// One GEMM with `alpha` (cuBLAS: `alpha * acc (+ c)`).
+    fn matmul_scaled(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, alpha: f64, accumulate: bool) {
+        self.weights_changed(c);
         if self.precision() == Precision::Bf16 {
-            return self.matmul_bf16(a, ta, b, tb, c, m, n, k, accumulate);
+            return self.matmul_bf16(a, ta, b, tb, c, m, n, k, alpha as f32, accumulate);
         }
         assert!(a.len >= m * k && b.len >= k * n && c.len >= m * n, "matmul shapes");
         if m == 0 || n == 0 {
             return;
         }
-        self.gemm(Gemm::row_major(a.ptr, ta, b.ptr, tb, c.ptr, m, n, k, accumulate));
+        self.gemm(Gemm { alpha: alpha as f32, ..Gemm::row_major(a.ptr, ta, b.ptr, tb, c.ptr, m, n, k, accumulate) });
     }
 
     fn add_assign(&self, x: &mut CudaBuf<G>, y: &CudaBuf<G>) {

@@ -136,10 +136,10 @@ impl<G: Gpu> CudaBackend<G> {
         }
     }
 
-    /// `Backend::matmul` in bf16: a `[m * k]` and b `[k * n]` rounded to bf16 scratch, then the
-    /// bf16 GEMM (fp32 accumulation) into the fp32 c.
+    /// `Backend::matmul_scaled` in bf16: a `[m * k]` and b `[k * n]` rounded to bf16 scratch,
+    /// then the bf16 GEMM (fp32 accumulation, `alpha` in fp32) into the fp32 c.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn matmul_bf16(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, accumulate: bool) {
+    pub(super) fn matmul_bf16(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, alpha: f32, accumulate: bool) {
         assert!(a.len >= m * k && b.len >= k * n && c.len >= m * n, "matmul shapes");
         if m == 0 || n == 0 {
             return;
@@ -149,7 +149,7 @@ impl<G: Gpu> CudaBackend<G> {
         // The same weight on both sides: one lock, one copy.
         let b16 = if std::ptr::eq(a, b) && m * k == k * n { None } else { Some(self.bf16_of(b, k * n)) };
         let b_ptr = b16.as_ref().map_or_else(|| a16.ptr(), |b| b.ptr());
-        let g = Gemm::row_major(a16.ptr(), ta, b_ptr, tb, c.ptr, m, n, k, accumulate);
+        let g = Gemm { alpha, ..Gemm::row_major(a16.ptr(), ta, b_ptr, tb, c.ptr, m, n, k, accumulate) };
         self.gpu.gemm_ex(&g, GemmInput::Bf16).unwrap_or_else(|e| panic!("bf16 gemm {g:?}: {e}"));
     }
 

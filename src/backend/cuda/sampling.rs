@@ -1,9 +1,9 @@
 //! Host side of `Backend::sample` on the CUDA backend: kernels/sampling.cu, one block per
-//! row, picking the same token as the host sampler (`rollout::sampler::pick`) from the same
+//! row, picking the same token as the host sampler (`backend::cpu::sample::pick`) from the same
 //! counters. Only the `[rows]` token ids come back to the host, not the `[rows, vocab]` logits.
 
 use super::{Arg, CudaBackend, CudaBuf, Gpu};
-use crate::rollout::sampler::SampleRow;
+use crate::backend::SampleRow;
 
 /// Threads per block of `sample_rows` (SAMPLE_THREADS in the kernel) and u32 words per row
 /// of its parameter table (ROW_WORDS).
