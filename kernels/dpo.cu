@@ -4,12 +4,12 @@
 //   z_i = (chosen_i - ref_chosen_i) - (rejected_i - ref_rejected_i)
 // is computed in f64 and broadcast to every row of its segments as dL/dlogp (f32), so the
 // backward starts on the device. The per-pair sums go back to the host for the reported loss
-// values (train::loss::dpo_loss_part, the CPU reference, uses the same formula and order).
+// values (backend::SegmentDpo::grads, used by the CPU reference backend/cpu/dpo.rs and by train::loss::dpo_loss_part, is the same formula in the same order).
 // Launch: one block per pair, blockDim a multiple of 32 (<= 1024); dlogp rows outside every
 // segment are zeroed by the host (fill) first.
 #include "common.cuh"
 
-// 1 / (1 + exp(-x)) without overflow (as train::loss::sigmoid).
+// 1 / (1 + exp(-x)) without overflow (as backend::SegmentDpo::grads).
 __device__ __forceinline__ double sigmoid_d(double x) {
     if (x >= 0.0) return 1.0 / (1.0 + exp(-x));
     const double e = exp(x);

@@ -1,6 +1,6 @@
 // Token sampling for the rollout engine: one block of SAMPLE_THREADS threads per row of
 // logits picks the row's next token with the same result as the host sampler
-// (src/rollout/sampler.rs `pick`, the CPU reference): greedy argmax (lowest id among the
+// (src/backend/cpu/sample.rs `pick`, the CPU reference): greedy argmax (lowest id among the
 // largest non-NaN logits), else weights w = exp((x - max) / temperature) in f64, top-k and
 // top-p cuts over the logits ordered descending (ties: lower id first), and the inverse CDF
 // of the kept weights in token-id order for the draw u = mix64 hash of (seed, prompt key,

@@ -76,11 +76,11 @@ pub struct KvGeom {
 
 impl KvGeom {
     /// Scalars in one layer's cache buffer.
-    pub fn layer_len(&self) -> usize {
+    pub(crate) fn layer_len(&self) -> usize {
         self.num_blocks * 2 * self.n_kv_heads * self.block_size * self.head_dim
     }
     /// Scalars of one block (k and v, all KV heads) in one layer.
-    pub fn block_len(&self) -> usize {
+    pub(crate) fn block_len(&self) -> usize {
         2 * self.n_kv_heads * self.block_size * self.head_dim
     }
 }
@@ -122,7 +122,7 @@ pub struct AdamwStep {
 impl AdamwStep {
     /// `[grad_scale, beta1, beta2, 1 - lr * wd, lr / bc1, sqrt(bc2), eps]` in f64, each to be
     /// rounded once to the backend's scalar (`1 - b1` and `1 - b2` are then formed in it).
-    pub fn coefficients(&self) -> [f64; 7] {
+    pub(crate) fn coefficients(&self) -> [f64; 7] {
         [self.grad_scale, self.beta1, self.beta2, 1.0 - self.lr * self.weight_decay, self.lr / self.bc1, self.bc2.sqrt(), self.eps]
     }
 }

@@ -87,7 +87,7 @@ impl Rng {
     pub fn ids(&mut self, n: usize, below: usize) -> Vec<u32> {
         (0..n).map(|_| (self.next_u64() % below as u64) as u32).collect()
     }
-    pub fn perm(&mut self, n: usize) -> Vec<u32> {
+    pub(crate) fn perm(&mut self, n: usize) -> Vec<u32> {
         let mut v: Vec<u32> = (0..n as u32).collect();
         for i in (1..n).rev() {
             v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);

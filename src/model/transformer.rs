@@ -182,12 +182,12 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// The output projection `[vocab, hidden]` (the embedding when tied).
-    pub fn lm_head_w(&self) -> &B::Buf {
+    pub(crate) fn lm_head_w(&self) -> &B::Buf {
         self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed)
     }
 
     /// Checks ids, positions and targets against the config before any compute.
-    pub fn validate(&self, batch: &Batch) -> Result<(), ForwardError> {
+    pub(crate) fn validate(&self, batch: &Batch) -> Result<(), ForwardError> {
         let vocab = self.cfg.vocab_size;
         for (pos, &id) in batch.ids.iter().enumerate().chain(batch.targets.iter().enumerate()) {
             if id as usize >= vocab {
@@ -285,7 +285,7 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// `backward` with `dlogp` `[rows]` already on the backend (from `Backend::segment_dpo`).
-    pub fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, grads: &mut ModelWeights<B::Buf>) {
+    pub(crate) fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, grads: &mut ModelWeights<B::Buf>) {
         let (be, c) = (&self.backend, &self.cfg);
         let t = batch.num_tokens();
         let hidden = c.hidden_size;
@@ -361,7 +361,7 @@ impl<B: Backend> Transformer<B> {
     /// with the same context (the chosen and rejected sides of a pair) are packed as
     /// `[context | target | target]` (`Batch::push_pair`), so their context runs once.
     /// `progress` is called with the number of tokens of each finished forward.
-    pub fn score_with_progress(&self, items: &[ScoreItem], batch_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>, ForwardError> {
+    pub(crate) fn score_with_progress(&self, items: &[ScoreItem], batch_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>, ForwardError> {
         for (index, it) in items.iter().enumerate() {
             if it.context.is_empty() {
                 return Err(ForwardError::BadItem { index, reason: "empty context (the first target token needs a predecessor)".into() });
@@ -409,7 +409,7 @@ impl<B: Backend> Transformer<B> {
 
 /// Tokens the forwards of `score_with_progress` process for `items` (a shared context
 /// counts once).
-pub fn packed_score_tokens(items: &[ScoreItem]) -> usize {
+pub(crate) fn packed_score_tokens(items: &[ScoreItem]) -> usize {
     let (mut i, mut n) = (0, 0);
     while i < items.len() {
         let it = &items[i];

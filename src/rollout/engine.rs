@@ -33,12 +33,12 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Bytes of K/V one block holds over all layers (`bytes_per_value` = 4 for f32).
-    pub fn block_bytes<B: Backend>(model: &Transformer<B>, block_size: usize, bytes_per_value: usize) -> usize {
+    pub(crate) fn block_bytes<B: Backend>(model: &Transformer<B>, block_size: usize, bytes_per_value: usize) -> usize {
         model.cfg.num_layers * model.kv_geom(1, block_size).block_len() * bytes_per_value
     }
 
     /// As many blocks as fit in `kv_cache_mb` MiB.
-    pub fn from_budget<B: Backend>(
+    pub(crate) fn from_budget<B: Backend>(
         model: &Transformer<B>,
         kv_cache_mb: f64,
         block_size: usize,

@@ -8,5 +8,6 @@ pub mod engine;
 pub mod fingerprint;
 pub mod sampler;
 
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats, Event, Finish, Output, Request, SeqHandle, StopCheck};
+pub use engine::{Engine, EngineConfig, EngineStats, Event, Finish, Output, Request, SeqHandle};
+pub(crate) use engine::StopCheck;
 pub use sampler::{key_of, SamplingParams};

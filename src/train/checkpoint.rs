@@ -21,7 +21,7 @@ use super::{OptimKind, TrainError};
 use crate::backend::Backend;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainerState {
+pub(crate) struct TrainerState {
     pub step: usize,
     pub total_steps: usize,
     pub optimizer_steps: u64,
@@ -36,7 +36,7 @@ pub struct TrainerState {
 }
 
 /// A digest of the training data, to refuse resuming on different pairs.
-pub fn pairs_digest(pairs: &[TrainPair]) -> String {
+pub(crate) fn pairs_digest(pairs: &[TrainPair]) -> String {
     let mut h = Sha256::new();
     for p in pairs {
         h.update(p.id.as_bytes());
@@ -105,7 +105,7 @@ fn weights_file<B: Backend>(t: &Trainer<B>) -> &'static str {
 
 /// Writes the checkpoint files of `t` into `dir` (an existing, empty directory). `base_model`
 /// goes into adapter_config.json.
-pub fn write_files<B: Backend>(t: &Trainer<B>, dir: &Path, base_model: &str) -> Result<(), TrainError> {
+pub(crate) fn write_files<B: Backend>(t: &Trainer<B>, dir: &Path, base_model: &str) -> Result<(), TrainError> {
     match &t.trainable {
         Trainable::Full { .. } => write_f32_safetensors(&dir.join("model.safetensors"), &t.trainable_tensors())?,
         Trainable::Lora(l) => l.save_peft(dir, base_model)?,
@@ -150,7 +150,7 @@ pub fn save<B: Backend>(
 }
 
 /// Reads a checkpoint's trainer state.
-pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+pub(crate) fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::data::SplitMix64;
 use super::optim::{apply, OptimKind};
-use super::st::{read_f32_tensors, write_f32_safetensors};
+use super::st::write_f32_safetensors;
 use super::TrainError;
 use crate::backend::{AdamwStep, Backend};
 use crate::model::config::ModelConfig;
@@ -188,7 +188,7 @@ impl<B: Backend> Lora<B> {
     /// Moves the adapters onto the backend of the model whose base weights are `weights`
     /// (unmerged): uploads A and B, copies each adapted W0, makes zero AdamW moments (for
     /// `OptimKind::Adamw`) and merges `W0 + s B A` into `weights`.
-    pub fn attach(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, kind: OptimKind) -> Result<(), TrainError> {
+    pub(crate) fn attach(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, kind: OptimKind) -> Result<(), TrainError> {
         assert!(self.dev.is_none(), "LoRA adapters attached twice");
         let mut base = Vec::new();
         for ad in &self.adapters {
@@ -228,7 +228,7 @@ impl<B: Backend> Lora<B> {
 
     /// The gradients of A and B of every adapter (optimizer order) from the full weight
     /// gradients: dA `[r, in]` = s B^T @ dW, dB `[out, r]` = s dW @ A^T.
-    pub fn project(&self, be: &B, grads: &ModelWeights<B::Buf>) -> Vec<B::Buf> {
+    pub(crate) fn project(&self, be: &B, grads: &ModelWeights<B::Buf>) -> Vec<B::Buf> {
         let (dev, r, s) = (self.attached(), self.cfg.rank, self.cfg.scale());
         let mut out = Vec::new();
         for (i, ad) in self.adapters.iter().enumerate() {
@@ -264,7 +264,7 @@ impl<B: Backend> Lora<B> {
     }
 
     /// Replaces A and B (optimizer order, on the host) and re-merges `weights`.
-    pub fn set_params(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, values: Vec<Vec<f32>>) {
+    pub(crate) fn set_params(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, values: Vec<Vec<f32>>) {
         assert_eq!(values.len(), 2 * self.adapters.len(), "set_params: {} tensors for {} adapters", values.len(), self.adapters.len());
         let mut it = values.into_iter();
         for ad in self.adapters.iter_mut() {
@@ -282,14 +282,14 @@ impl<B: Backend> Lora<B> {
     }
 
     /// Replaces the AdamW moments (as returned by `moments`).
-    pub fn set_moments(&mut self, be: &B, m: &[Vec<f32>], v: &[Vec<f32>]) {
+    pub(crate) fn set_moments(&mut self, be: &B, m: &[Vec<f32>], v: &[Vec<f32>]) {
         let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
         dev.m = m.iter().map(|x| be.upload(x)).collect();
         dev.v = v.iter().map(|x| be.upload(x)).collect();
     }
 
     /// Writes `adapter_model.safetensors` and `adapter_config.json` (PEFT layout) into `dir`.
-    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<(), TrainError> {
+    pub(crate) fn save_peft(&self, dir: &Path, base_model: &str) -> Result<(), TrainError> {
         let r = self.cfg.rank;
         let mut tensors = Vec::new();
         for ad in &self.adapters {
@@ -320,24 +320,4 @@ impl<B: Backend> Lora<B> {
         super::st::write_file_synced(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())
     }
 
-    /// Reads the adapters of `dir` (as written by `save_peft`) for the given config.
-    pub fn load_peft(dir: &Path, cfg: LoraConfig, mc: &ModelConfig, base: &ModelWeights<HostTensor>) -> Result<Self, TrainError> {
-        let path = dir.join("adapter_model.safetensors");
-        let mut t = read_f32_tensors(&path)?;
-        let mut adapters = Vec::new();
-        for layer in 0..mc.num_layers {
-            for &target in &cfg.targets {
-                let (out, inp) = target.dims(mc);
-                let mut ad = Adapter { layer, target, out, inp, a: Vec::new(), b: Vec::new() };
-                let p = ad.peft_prefix();
-                let mut take = |n: String| {
-                    t.remove(&n).map(|x| x.1).ok_or_else(|| TrainError::Checkpoint(format!("{}: missing tensor {n}", path.display())))
-                };
-                ad.a = take(format!("{p}.lora_A.weight"))?;
-                ad.b = take(format!("{p}.lora_B.weight"))?;
-                adapters.push(ad);
-            }
-        }
-        Self::with_adapters(cfg, adapters, base)
-    }
 }

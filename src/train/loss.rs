@@ -46,7 +46,7 @@ pub struct BatchLoss {
 }
 
 /// `log(1 + exp(x))` without overflow.
-pub fn softplus(x: f64) -> f64 {
+pub(crate) fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
@@ -59,7 +59,7 @@ pub fn dpo_loss(pairs: &[PairLogps], beta: f64, sft_coef: f64) -> BatchLoss {
 /// The share of a micro-batch `pairs` in the loss of an optimizer batch of `batch_pairs` pairs
 /// and `batch_chosen_tokens` chosen tokens: the values and gradients of the micro-batches of
 /// one batch add up (`BatchLoss::accumulate`) to `dpo_loss` of the whole batch.
-pub fn dpo_loss_part(pairs: &[PairLogps], beta: f64, sft_coef: f64, batch_pairs: usize, batch_chosen_tokens: usize) -> BatchLoss {
+pub(crate) fn dpo_loss_part(pairs: &[PairLogps], beta: f64, sft_coef: f64, batch_pairs: usize, batch_chosen_tokens: usize) -> BatchLoss {
     let n = batch_pairs.max(1) as f64;
     let tokens = batch_chosen_tokens.max(1) as f64;
     let h = SegmentDpo { beta, sft_coef, batch_pairs, batch_chosen_tokens };

@@ -6,7 +6,7 @@
 //!
 //! - `loss`: the segment DPO loss and its metrics (host f64).
 //! - `optim`: AdamW / SGD settings and state, clipping, lr schedule; the update itself is a
-//!   `Backend` op (full fine-tuning: master weights and moments on the backend; LoRA: host).
+//!   `Backend` op (master weights and moments on the backend, for full fine-tuning and LoRA).
 //! - `lora`: adapters through merged weights + projected gradients; PEFT files.
 //! - `data`: pairs JSONL -> `TrainPair`, validation, seeded epoch order.
 //! - `trainer`: `Trainer<B>`, one optimizer step at a time.

@@ -84,7 +84,7 @@ pub struct Optimizer {
 /// One update of one tensor in place on the backend: AdamW with `p`'s moments (`moments`; None
 /// for SGD) or SGD, with the coefficients of `h` (`Optimizer::hparams` of this step) and its
 /// weight decay where `decay` (matrices; not norms and biases, transformers' convention).
-pub fn apply<B: Backend>(be: &B, kind: OptimKind, h: &AdamwStep, decay: bool, p: &mut B::Buf, g: &B::Buf, moments: Option<(&mut B::Buf, &mut B::Buf)>) {
+pub(crate) fn apply<B: Backend>(be: &B, kind: OptimKind, h: &AdamwStep, decay: bool, p: &mut B::Buf, g: &B::Buf, moments: Option<(&mut B::Buf, &mut B::Buf)>) {
     let wd = if decay { h.weight_decay } else { 0.0 };
     match (kind, moments) {
         (OptimKind::Adamw, Some((m, v))) => be.adamw(p, g, m, v, &AdamwStep { weight_decay: wd, ..*h }),
@@ -121,7 +121,7 @@ impl Optimizer {
     /// The AdamW hyper-parameters of the next update (t = steps + 1) with learning rate `lr`,
     /// gradients multiplied by `grad_scale`, and the configured weight decay (callers set it
     /// to 0 for tensors that do not decay).
-    pub fn hparams(&self, lr: f64, grad_scale: f64) -> AdamwStep {
+    pub(crate) fn hparams(&self, lr: f64, grad_scale: f64) -> AdamwStep {
         let c = self.cfg;
         let t = self.steps as i32 + 1;
         AdamwStep {

@@ -136,7 +136,7 @@ impl<B: Backend> Trainer<B> {
         Ok(t)
     }
 
-    pub fn steps_per_epoch(&self) -> usize {
+    pub(crate) fn steps_per_epoch(&self) -> usize {
         self.pairs.len().div_ceil(self.cfg.batch_size)
     }
     pub fn total_steps(&self) -> usize {
@@ -183,7 +183,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Names and element counts of the trainable tensors, in optimizer order (no transfers).
-    pub fn trainable_sizes(&self) -> Vec<(String, usize)> {
+    pub(crate) fn trainable_sizes(&self) -> Vec<(String, usize)> {
         match &self.trainable {
             Trainable::Full { names, shapes, .. } => names.iter().zip(shapes).map(|(n, s)| (n.clone(), s.iter().product())).collect(),
             Trainable::Lora(l) => l
@@ -199,7 +199,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Replaces the trainable tensors (optimizer order, sizes as `trainable_sizes`) and
     /// updates the model: uploads the master weights, or the adapters (merged again).
-    pub fn set_trainable(&mut self, values: Vec<Vec<f32>>) {
+    pub(crate) fn set_trainable(&mut self, values: Vec<Vec<f32>>) {
         let sizes = self.trainable_sizes();
         assert_eq!(values.len(), sizes.len(), "set_trainable: {} tensors for {} trainable", values.len(), sizes.len());
         for ((n, len), x) in sizes.iter().zip(&values) {
@@ -228,7 +228,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Replaces the AdamW moments (as returned by `moments`).
-    pub fn set_moments(&mut self, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
+    pub(crate) fn set_moments(&mut self, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
         let sizes = self.trainable_sizes();
         let want = if self.cfg.optim.kind == OptimKind::Adamw { sizes.len() } else { 0 };
         assert!(m.len() == want && v.len() == want, "set_moments: {} / {} tensors, expected {want}", m.len(), v.len());
@@ -404,7 +404,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Estimated peak bytes: weights, gradients, master weights and moments, plus the saved
     /// activations of the largest micro-batch (what `Transformer::forward` keeps per token).
-    pub fn estimate_peak_bytes(&self, micro_tokens: usize) -> u64 {
+    pub(crate) fn estimate_peak_bytes(&self, micro_tokens: usize) -> u64 {
         let c = &self.model.cfg;
         let mut params = 0usize;
         self.model.weights.for_each(|_, b| params += self.model.backend.len(b));

@@ -5,7 +5,7 @@
 //! output and the accumulation are always fp32.
 
 /// A device address (CUdeviceptr on a GPU, a ptxsim address on the simulator).
-pub type DevPtr = u64;
+pub(crate) type DevPtr = u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -105,9 +105,9 @@ impl Gemm {
 
 /// A stream: 0 is the default stream, others come from `stream_create`. Work on one stream
 /// runs in issue order; work on different streams is ordered only through events.
-pub type StreamId = u64;
+pub(crate) type StreamId = u64;
 /// A recorded point in a stream (`event_record`), to wait on or to time between.
-pub type EventId = u64;
+pub(crate) type EventId = u64;
 
 /// Device services. Launches and GEMMs go to the *current* stream (`set_stream`; initially
 /// the default stream). Copies are synchronous and ordered after all earlier work (created

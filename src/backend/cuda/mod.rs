@@ -15,7 +15,8 @@ mod sampling;
 mod sim;
 
 pub use driver::Cudarc;
-pub use gpu::{time_ms, Arg, DevPtr, EventId, Gemm, Gpu, GpuError, StreamId};
+pub use gpu::{time_ms, Gemm, Gpu};
+pub(crate) use gpu::{Arg, DevPtr, GpuError};
 pub use gpu::GemmInput;
 pub use precision::Precision;
 pub use sim::Sim;
@@ -37,9 +38,6 @@ pub struct CudaBuf<G: Gpu> {
 }
 
 impl<G: Gpu> CudaBuf<G> {
-    pub fn ptr(&self) -> DevPtr {
-        self.ptr
-    }
     /// Address of element `i`.
     fn at(&self, i: usize) -> DevPtr {
         self.ptr + 4 * i as u64

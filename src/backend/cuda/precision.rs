@@ -35,7 +35,7 @@ impl Precision {
     }
 
     /// The precision `IPO_PRECISION` asks for: F32 when unset or empty.
-    pub fn from_env_value(v: Option<&str>) -> Result<Precision, GpuError> {
+    pub(crate) fn from_env_value(v: Option<&str>) -> Result<Precision, GpuError> {
         match v {
             None => Ok(Precision::F32),
             Some(s) if s.trim().is_empty() => Ok(Precision::F32),

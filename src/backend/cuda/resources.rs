@@ -20,7 +20,7 @@ use ptxsim::nvrtc::Nvrtc;
 /// Head dims compiled for the HEAD_DIM-specialised files (attention.cu, kv_cache.cu), as
 /// `CudaBackend::prepare` does for the supported models (64: Qwen2 0.5B, SmolLM2; 128: Llama,
 /// Qwen3).
-pub const HEAD_DIMS: &[usize] = &[64, 128];
+pub(crate) const HEAD_DIMS: &[usize] = &[64, 128];
 
 /// Real architectures of the report.
 pub const ARCHS: &[&str] = &["sm_80", "sm_90"];
@@ -136,7 +136,7 @@ pub fn options(arch: &str, defines: &[(&str, usize)]) -> Vec<String> {
 
 /// Compiles one kernel file with `defines` for `arch` to a CUBIN and returns its resources
 /// and the raw ptxas log.
-pub fn file_report(nvrtc: &Nvrtc, file: &str, arch: &str, defines: &[(&str, usize)]) -> Result<(Vec<KernelResources>, String), GpuError> {
+pub(crate) fn file_report(nvrtc: &Nvrtc, file: &str, arch: &str, defines: &[(&str, usize)]) -> Result<(Vec<KernelResources>, String), GpuError> {
     let src = kernel_source(file)?;
     let (cubin, log) = nvrtc.compile_cubin(file, &src, &options(arch, defines)).map_err(|e| GpuError::Build(e.to_string()))?;
     if cubin.len() < 4 || &cubin[..4] != b"\x7fELF" {

@@ -48,10 +48,6 @@ impl Sim {
         v
     }
 
-    /// The stream launches currently go to.
-    pub fn current_stream(&self) -> StreamId {
-        self.state.lock().unwrap().current_stream
-    }
 
     fn check_stream(st: &State, s: StreamId) -> Result<(), GpuError> {
         if s > st.streams {
