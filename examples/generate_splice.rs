@@ -1,5 +1,5 @@
 //! Generate with a mid-sequence splice, the primitive IPO is built on: sample a completion and
-//! keep its KV cache, cut it after a few tokens, splice new text in, and continue from the
+//! keep its KV cache, cut it after its first sentence, splice new text in, and continue from the
 //! cached prefix (only the inserted tokens are computed again). Uses the model folder given as
 //! the first argument, else `IPO_DEFAULT_MODEL` (`bash scripts/fetch-default-model.sh`).
 //!
@@ -40,9 +40,13 @@ fn main() -> Result<()> {
     let base = run(&mut engine, first, &params)?;
     println!("original:  {}", tok.decode(base.generated(), true)?);
 
-    // Cut 6 tokens into the completion, splice a sentence in, continue.
-    let cut = prompt.len() + 6;
-    let insert = tok.encode(" Wait, first I should check that this is safe.", false)?;
+    // Cut after the completion's first sentence, splice a sentence in, continue.
+    let generated = base.generated();
+    let sentence = (1..=generated.len())
+        .find(|&n| tok.decode(&generated[..n], true).is_ok_and(|t| t.trim_end().ends_with('.')))
+        .unwrap_or(generated.len());
+    let cut = prompt.len() + sentence;
+    let insert = tok.encode(" But first, a safety note:", false)?;
     let handle = base.handle.context("the request asked to keep its sequence")?;
     let before = engine.stats().computed_positions;
     let req = engine.splice(handle, cut, &insert, 0, 1)?;
