@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{random_weights, tiny_config, Rng};
+use common::{random_weights, sim_with, tiny_config, Rng};
 use half::bf16;
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::cuda::{CudaBackend, Precision, Sim};
@@ -22,24 +22,13 @@ use ipo::backend::{AttnDims, AttnLayout, Backend, Span};
 use ipo::model::config::Family;
 use ipo::model::transformer::{Batch, Transformer};
 
-fn backend(p: Precision) -> Option<CudaBackend<Sim>> {
-    match CudaBackend::with_precision(Sim::new(), p) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping CUDA simulator test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
-}
-
 fn r16(x: f32) -> f64 {
     bf16::from_f32(x).to_f64()
 }
 
 #[test]
 fn precision_is_selectable() {
-    let Some(be) = backend(Precision::Bf16) else { return };
+    let Some(be) = sim_with(Precision::Bf16) else { return };
     assert_eq!(be.precision(), Precision::Bf16);
     assert!(be.name().starts_with("cuda-bf16"), "{}", be.name());
     be.set_precision(Precision::F32);
@@ -49,7 +38,7 @@ fn precision_is_selectable() {
 
 #[test]
 fn matmul_bf16_is_exact_on_rounded_operands() {
-    let Some(be) = backend(Precision::Bf16) else { return };
+    let Some(be) = sim_with(Precision::Bf16) else { return };
     let mut rng = Rng(21);
     for (m, n, k) in [(1, 1, 1), (5, 7, 3), (17, 9, 70), (33, 40, 129)] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -118,7 +107,7 @@ fn attention_ref16(q: &[f32], k: &[f32], v: &[f32], layout: &AttnLayout, dims: A
 
 #[test]
 fn attention_bf16_matches_the_bf16_input_reference() {
-    let Some(be) = backend(Precision::Bf16) else { return };
+    let Some(be) = sim_with(Precision::Bf16) else { return };
     let mut rng = Rng(22);
     let mut pairs = vec![
         Span { start: 0, len: 37, prefix_start: 0, prefix_len: 0 },
@@ -302,12 +291,12 @@ const F32_LOGP_TOL: f32 = 2e-5;
 const F32_GRAD_TOL: f32 = 1e-4;
 
 fn check_model(family: Family, tied: bool, seed: u64) {
-    let Some(b16) = backend(Precision::Bf16) else { return };
+    let Some(b16) = sim_with(Precision::Bf16) else { return };
     let (lp16, l16, g16) = model_errors(b16, CpuBackend::<f32>::new(), family, tied, seed);
     let g16max = g16.iter().map(|x| x.1).fold(0f32, f32::max);
     let (lpe, _, ge) = model_errors(Bf16Emu(CpuBackend::new()), CpuBackend::<f32>::new(), family, tied, seed);
     let gemax = ge.iter().map(|x| x.1).fold(0f32, f32::max);
-    let (lpg, _, gge) = model_errors(backend(Precision::Bf16).unwrap(), Bf16Emu(CpuBackend::new()), family, tied, seed);
+    let (lpg, _, gge) = model_errors(sim_with(Precision::Bf16).unwrap(), Bf16Emu(CpuBackend::new()), family, tied, seed);
     eprintln!("{family:?} tied={tied} sim bf16 vs cpu f32: max |dlogp| = {lp16:.3e}, max grad err / scale = {g16max:.3e}");
     eprintln!("{family:?} tied={tied} cpu bf16 emulation vs cpu f32: max |dlogp| = {lpe:.3e}, max grad err / scale = {gemax:.3e}");
     eprintln!(
@@ -325,7 +314,7 @@ fn check_model(family: Family, tied: bool, seed: u64) {
     for (name, e) in &g16 {
         assert!(*e <= g_tol, "{family:?} bf16 grad {name}: error {e:e} of its scale > {g_tol:e}");
     }
-    let (lp32, l32, g32) = model_errors(backend(Precision::F32).unwrap(), CpuBackend::<f32>::new(), family, tied, seed);
+    let (lp32, l32, g32) = model_errors(sim_with(Precision::F32).unwrap(), CpuBackend::<f32>::new(), family, tied, seed);
     let g32max = g32.iter().map(|x| x.1).fold(0f32, f32::max);
     eprintln!("{family:?} tied={tied} f32: max |dlogp| = {lp32:.3e}, max grad err / scale = {g32max:.3e}");
     assert!(lp32 <= F32_LOGP_TOL, "{family:?} f32: logp error {lp32:e}");
@@ -356,7 +345,7 @@ fn qwen3_untied_bf16_matches_cpu() {
 /// binary (setting the variable here would race with the other tests' environment reads).
 #[test]
 fn ipo_precision_env_selects_the_mode() {
-    if backend(Precision::F32).is_none() {
+    if sim_with(Precision::F32).is_none() {
         return;
     }
     let exe = std::env::current_exe().unwrap();

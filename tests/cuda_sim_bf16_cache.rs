@@ -8,22 +8,11 @@
 
 mod common;
 
-use common::{random_weights, tiny_config, Rng};
+use common::{random_weights, sim_with, tiny_config, Rng};
 use ipo::backend::cuda::{CudaBackend, Precision, Sim};
 use ipo::backend::{AdamwStep, Backend};
 use ipo::model::config::Family;
 use ipo::model::transformer::{Batch, Transformer};
-
-fn backend() -> Option<CudaBackend<Sim>> {
-    match CudaBackend::with_precision(Sim::new(), Precision::Bf16) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping CUDA simulator test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
-}
 
 fn conversions(be: &CudaBackend<Sim>) -> u64 {
     be.gpu().stats().iter().find(|s| s.0 == "f32_to_bf16").map_or(0, |s| s.1)
@@ -35,7 +24,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn weight_copies_are_reused_and_refreshed() {
-    let Some(be) = backend() else { return };
+    let Some(be) = sim_with(Precision::Bf16) else { return };
     let mut r = Rng(7);
     let (m, n, k) = (5, 37, 48);
     let (x, w) = (r.vec(m * k, 1.0), r.vec(n * k, 0.5));
@@ -80,8 +69,8 @@ fn weight_copies_are_reused_and_refreshed() {
 
 #[test]
 fn model_forwards_reuse_weight_copies() {
-    let Some(be) = backend() else { return };
-    let Some(plain) = backend() else { return };
+    let Some(be) = sim_with(Precision::Bf16) else { return };
+    let Some(plain) = sim_with(Precision::Bf16) else { return };
     let cfg = tiny_config(Family::Qwen3, false);
     let host = random_weights(&cfg, &mut Rng(3));
     let mut rng = Rng(4);

@@ -4,21 +4,12 @@
 //! src/backend/cuda/parity.rs (shared with `ipo selftest`). Without NVRTC the tests print a
 //! skip notice, or fail under CI=true.
 
-use ipo::backend::cuda::{parity, CudaBackend, Sim};
+mod common;
 
-fn backend() -> Option<CudaBackend<Sim>> {
-    match CudaBackend::sim() {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping CUDA simulator test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
-}
+use ipo::backend::cuda::{parity, Sim};
 
 fn check(op: &str) {
-    let Some(be) = backend() else { return };
+    let Some(be) = common::sim() else { return };
     let rows = parity::check_op(&be, op, 0x1234_5678);
     assert!(!rows.is_empty());
     eprintln!("{}", parity::format_table(&rows));

@@ -26,24 +26,13 @@
 
 mod common;
 
-use common::{random_weights, tiny_config, Rng};
+use common::{random_weights, sim, tiny_config, Rng};
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::cuda::{CudaBackend, Sim};
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::Transformer;
 use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
 use ipo::train::{OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainPair, Trainer};
-
-fn sim() -> Option<CudaBackend<Sim>> {
-    match CudaBackend::sim() {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping CUDA simulator test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
-}
 
 /// 4 random pairs (context 3-7 tokens, segments 2-6), reference log-probs around a uniform
 /// model's (`-ln 97` per token) plus noise, so the DPO margins start nonzero.

@@ -4,20 +4,12 @@
 //! within 1e-3 (the acceptance bound of the foundation issue; both sides compute in f32).
 //! The model folder comes from IPO_DEFAULT_MODEL (scripts/test.sh sets it).
 
+mod common;
+
+use common::default_model;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;
-
-fn default_model() -> Option<PathBuf> {
-    match std::env::var("IPO_DEFAULT_MODEL") {
-        Ok(p) => Some(PathBuf::from(p)),
-        Err(_) if std::env::var("CI").as_deref() == Ok("true") => panic!("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"),
-        Err(_) => {
-            eprintln!("skipping: IPO_DEFAULT_MODEL is not set (run scripts/test.sh)");
-            None
-        }
-    }
-}
 
 #[test]
 fn score_cli_matches_hugging_face_on_default_model() {

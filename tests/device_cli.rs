@@ -13,29 +13,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Parser;
-use common::{byte_tokenizer_json, write_random_pairs};
+use common::{byte_tokenizer_json, tiny_fixture, tiny_llama_with_tokenizer, write_random_pairs};
 use serde_json::Value;
-
-fn tiny(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn sim_available() -> bool {
-    match ipo::backend::cuda::CudaBackend::sim() {
-        Ok(_) => true,
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping --device sim test: {e}");
-            false
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
 }
 
 macro_rules! cli {
@@ -68,9 +53,9 @@ fn bad_device_values_name_the_flag() {
     write_random_pairs(&pairs, 2, 1);
     let out = dir.path().join("o.jsonl");
     for bad in ["gpu", "cuda:x"] {
-        let e = score(&["--model", s(&tiny("llama")), "--pairs", s(&pairs), "--output", s(&out), "--device", bad]).unwrap_err();
+        let e = score(&["--model", s(&tiny_fixture("llama")), "--pairs", s(&pairs), "--output", s(&out), "--device", bad]).unwrap_err();
         assert!(format!("{e:#}").contains(&format!("--device {bad}")), "{e:#}");
-        let e = train(&["--model", s(&tiny("llama")), "--pairs", s(&pairs), "--output", s(&dir.path().join("t")), "--device", bad]).unwrap_err();
+        let e = train(&["--model", s(&tiny_fixture("llama")), "--pairs", s(&pairs), "--output", s(&dir.path().join("t")), "--device", bad]).unwrap_err();
         assert!(format!("{e:#}").contains(&format!("--device {bad}")), "{e:#}");
     }
     assert!(!out.exists(), "nothing is written on a bad flag");
@@ -78,7 +63,7 @@ fn bad_device_values_name_the_flag() {
 
 #[test]
 fn score_pairs_on_sim_matches_cpu_for_every_family() {
-    if !sim_available() {
+    if common::sim().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -86,8 +71,8 @@ fn score_pairs_on_sim_matches_cpu_for_every_family() {
     write_random_pairs(&pairs, 4, 11);
     for fam in ["llama", "qwen2", "qwen3"] {
         let (oc, og) = (dir.path().join(format!("{fam}-cpu.jsonl")), dir.path().join(format!("{fam}-sim.jsonl")));
-        score(&["--model", s(&tiny(fam)), "--pairs", s(&pairs), "--output", s(&oc), "--device", "cpu"]).unwrap();
-        score(&["--model", s(&tiny(fam)), "--pairs", s(&pairs), "--output", s(&og), "--device", "sim", "--batch-tokens", "24"]).unwrap();
+        score(&["--model", s(&tiny_fixture(fam)), "--pairs", s(&pairs), "--output", s(&oc), "--device", "cpu"]).unwrap();
+        score(&["--model", s(&tiny_fixture(fam)), "--pairs", s(&pairs), "--output", s(&og), "--device", "sim", "--batch-tokens", "24"]).unwrap();
         let (lc, lg) = (read_lines(&oc), read_lines(&og));
         assert_eq!(lc.len(), 4);
         let mut worst = 0f32;
@@ -104,24 +89,14 @@ fn score_pairs_on_sim_matches_cpu_for_every_family() {
     }
 }
 
-/// A folder with the tiny Llama fixture and a byte-level tokenizer (no chat template).
-fn tiny_llama_with_tokenizer(dir: &Path) -> PathBuf {
-    let m = dir.join("llama-tok");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(tiny("llama").join(f), m.join(f)).unwrap();
-    }
-    std::fs::write(m.join("tokenizer.json"), byte_tokenizer_json().to_string()).unwrap();
-    m
-}
-
 #[test]
 fn generate_on_sim_gives_the_cpu_tokens() {
-    if !sim_available() {
+    if common::sim().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_llama_with_tokenizer(dir.path());
+    // A byte-level tokenizer, no chat template.
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
     let prompts = dir.path().join("prompts.jsonl");
     std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"How do I\"}\n{\"id\": \"b\", \"prompt\": \"Tell me a story about x\"}\n{\"id\": \"c\", \"prompt\": \"Q\"}\n").unwrap();
     for (tag, extra) in [("greedy", vec!["--temperature", "0"]), ("sampled", vec!["--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--n", "2"])] {
@@ -165,7 +140,7 @@ fn read_safetensors(p: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn train_on_sim_matches_cpu() {
-    if !sim_available() {
+    if common::sim().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +151,7 @@ fn train_on_sim_matches_cpu() {
     for dev in ["cpu", "sim"] {
         let out = dir.path().join(dev);
         train(&[
-            "--model", s(&tiny("qwen3")), "--pairs", s(&pairs), "--output", s(&out), "--beta", "0.2", "--sft-coef", "0.1", "--lr", "3e-3",
+            "--model", s(&tiny_fixture("qwen3")), "--pairs", s(&pairs), "--output", s(&out), "--beta", "0.2", "--sft-coef", "0.1", "--lr", "3e-3",
             "--weight-decay", "0.01", "--max-grad-norm", "0.5", "--batch-size", "2", "--micro-batch-size", "2", "--epochs", "1",
             "--seed", "5", "--device", dev,
         ])
@@ -193,7 +168,7 @@ fn train_on_sim_matches_cpu() {
         // Clipping engaged (max norm 0.5), so the update path with a clip factor was compared.
         assert!(c["grad_norm"].as_f64().unwrap() > 0.5, "{c}");
     }
-    let base = read_safetensors(&tiny("qwen3").join("model.safetensors"));
+    let base = read_safetensors(&tiny_fixture("qwen3").join("model.safetensors"));
     assert_eq!(weights[0].len(), weights[1].len());
     let mut moved = 0;
     for ((n, c), (n2, g)) in weights[0].iter().zip(&weights[1]) {
@@ -210,7 +185,7 @@ fn train_on_sim_matches_cpu() {
 
 #[test]
 fn selftest_times_the_workload_on_sim() {
-    if !sim_available() {
+    if common::sim().is_none() {
         return;
     }
     cli!(selftest, ipo::cli::selftest);

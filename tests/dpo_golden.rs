@@ -8,6 +8,8 @@
 //! their gradients are host f32 (as in training), so LoRA updates agree to f32 rounding:
 //! tolerances below say how much.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -72,7 +74,7 @@ impl Fx {
 }
 
 fn model(name: &str) -> Transformer<CpuBackend<f64>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name);
+    let dir = common::tiny_fixture(name);
     let cfg = load_config(&dir).unwrap();
     let w = load_weights(&dir, &cfg).unwrap();
     Transformer::with_backend(CpuBackend::<f64>::new(), cfg, w).unwrap()

@@ -4,9 +4,12 @@
 //! 4 with per-prompt failures recorded, stop strings, CSV input, and --resume after an
 //! interrupted run reproducing the lost lines exactly.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use clap::Parser;
+use common::default_model;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -68,17 +71,6 @@ fn input_errors_are_clear() {
     assert!(format!("{e:#}").contains("--resume"), "{e:#}");
     let e = run(&["--model", s(&model), "--prompts", s(&ok), "--output", s(&dir.path().join("o2.jsonl")), "--top-p", "0"]).unwrap_err();
     assert!(format!("{e:#}").contains("top_p"), "{e:#}");
-}
-
-fn default_model() -> Option<PathBuf> {
-    match std::env::var_os("IPO_DEFAULT_MODEL") {
-        Some(d) => Some(PathBuf::from(d)),
-        None if std::env::var("CI").as_deref() == Ok("true") => panic!("IPO_DEFAULT_MODEL is not set (scripts/test.sh sets it)"),
-        None => {
-            eprintln!("skipping: IPO_DEFAULT_MODEL is not set");
-            None
-        }
-    }
 }
 
 #[test]

@@ -4,31 +4,13 @@
 //! known patterns; bad inputs; and the default model's rebuilt tokenizer against ids from
 //! Hugging Face's own GGUF conversion (tests/fixtures/tokenizer/smollm2_ids.json).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::{default_model, Rng};
 use half::{bf16, f16};
 use ipo::gguf::{self, GgmlType, GgufFile, Value};
-
-// ---------------------------------------------------------------- seeded random numbers
-
-/// splitmix64: small, seeded, deterministic.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 // ---------------------------------------------------------------- a tiny GGUF writer
 
@@ -153,17 +135,17 @@ fn ref_element(type_id: u32, data: &[u8], k: usize) -> f32 {
 
 /// Random encoded data for `n` elements of `type_id`, with sane (finite, non-zero) scales.
 fn random_data(rng: &mut Rng, type_id: u32, n: usize) -> Vec<u8> {
-    let scale = |rng: &mut Rng| f16::from_f32(0.01 + 0.2 * rng.f().abs()).to_le_bytes();
+    let scale = |rng: &mut Rng| f16::from_f32(0.01 + 0.2 * rng.signed().abs()).to_le_bytes();
     match type_id {
-        0 => (0..n).flat_map(|_| (rng.f() * 3.0).to_le_bytes()).collect(),
-        1 => (0..n).flat_map(|_| f16::from_f32(rng.f() * 3.0).to_le_bytes()).collect(),
-        30 => (0..n).flat_map(|_| bf16::from_f32(rng.f() * 3.0).to_le_bytes()).collect(),
+        0 => (0..n).flat_map(|_| (rng.signed() * 3.0).to_le_bytes()).collect(),
+        1 => (0..n).flat_map(|_| f16::from_f32(rng.signed() * 3.0).to_le_bytes()).collect(),
+        30 => (0..n).flat_map(|_| bf16::from_f32(rng.signed() * 3.0).to_le_bytes()).collect(),
         8 => (0..n / 32).flat_map(|_| { let mut v = scale(rng).to_vec(); v.extend(rng.bytes(32)); v }).collect(),
         2 => (0..n / 32).flat_map(|_| { let mut v = scale(rng).to_vec(); v.extend(rng.bytes(16)); v }).collect(),
         3 => (0..n / 32)
             .flat_map(|_| {
                 let mut v = scale(rng).to_vec();
-                v.extend(f16::from_f32(rng.f() * 0.5).to_le_bytes()); // m
+                v.extend(f16::from_f32(rng.signed() * 0.5).to_le_bytes()); // m
                 v.extend(rng.bytes(16));
                 v
             })
@@ -293,7 +275,7 @@ fn unpermute_restores_rotate_half_rows() {
     let mut rng = Rng(77);
     for (n_head, head_dim, cols) in [(9, 64, 5), (3, 64, 7), (4, 6, 3)] {
         let rows = n_head * head_dim;
-        let hf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+        let hf: Vec<f32> = (0..rows * cols).map(|_| rng.signed()).collect();
         let permuted = llama_cpp_permute(&hf, n_head, rows, cols);
         assert_ne!(permuted, hf);
         assert_eq!(gguf::unpermute_rows(&permuted, n_head, rows, cols), hf);
@@ -619,21 +601,6 @@ fn misaligned_block_count_is_rejected() {
 }
 
 // ---------------------------------------------------------------- the default model
-
-/// The imported default model folder (scripts/test.sh exports IPO_DEFAULT_MODEL), or None
-/// with a notice when it is not set outside CI.
-fn default_model() -> Option<PathBuf> {
-    match std::env::var_os("IPO_DEFAULT_MODEL") {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("IPO_DEFAULT_MODEL is not set under CI=true (run scripts/test.sh)")
-        }
-        None => {
-            eprintln!("notice: IPO_DEFAULT_MODEL not set; skipping the default-model test (run scripts/test.sh)");
-            None
-        }
-    }
-}
 
 #[test]
 fn default_model_tokenizer_matches_hugging_face_ids() {

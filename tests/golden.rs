@@ -6,6 +6,8 @@
 //! reference to 2e-5 absolute on log-probs and 1e-4 of each tensor's largest gradient
 //! (float32 rounding through 2 layers, measured ~1e-6 by the fixture script for HF itself).
 
+mod common;
+
 use ipo::backend::cpu::{CpuBackend, Elem};
 use ipo::backend::Backend;
 use ipo::model::load::{load_config, load_weights};
@@ -52,7 +54,7 @@ fn read_golden(dir: &PathBuf) -> Golden {
 }
 
 fn check<F: Elem>(name: &str, lp_tol: f64, grad_rel_tol: f64) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name);
+    let dir = common::tiny_fixture(name);
     let g = read_golden(&dir);
     let cfg = load_config(&dir).unwrap();
     let host = load_weights(&dir, &cfg).unwrap();

@@ -6,9 +6,12 @@
 //! ids outside the vocabulary) become per-item errors naming file:line while the rest goes on.
 //! A second run samples rollouts itself from demo prompts (--prompts).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
+use common::default_model;
 use ipo::intervene::detect::{Detector, Item, RuleDetector};
 use ipo::intervene::segment::segment_completion;
 use ipo::intervene::triggers::parse_triggers;
@@ -18,17 +21,6 @@ use ipo::model::chat::ChatTemplate;
 use ipo::model::tokenizer::Tokenizer;
 use ipo::rollout::fingerprint::model_fingerprint;
 use serde_json::{json, Value};
-
-fn default_model() -> Option<PathBuf> {
-    match std::env::var("IPO_DEFAULT_MODEL") {
-        Ok(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "IPO_DEFAULT_MODEL must be set under CI");
-            eprintln!("skipped: IPO_DEFAULT_MODEL is not set (run scripts/test.sh)");
-            None
-        }
-    }
-}
 
 fn ipo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ipo")).args(args).output().unwrap()

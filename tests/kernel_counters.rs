@@ -11,7 +11,7 @@
 
 #![allow(dead_code)]
 
-use ipo::backend::cuda::{CudaBackend, Sim};
+mod common;
 
 pub mod workload {
     pub use ipo::backend::workload::{prepare, run_op, Inputs, Shape, OPS};
@@ -91,23 +91,12 @@ use workload::{count_op, format_counts, prepare, KernelCount, Shape, OPS};
 /// seconds, with head_dim 64 and odd sizes so tails are exercised).
 pub const TEST_SHAPE: Shape = ipo::backend::workload::SMALL;
 
-fn backend() -> Option<CudaBackend<Sim>> {
-    match CudaBackend::sim() {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping kernel counter test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
-}
-
 /// Counters of every op of `OPS` on a fresh `Sim`. With `shift_seeds`, one extra kernel
 /// launch first, so every later launch gets a different warp-interleaving seed (`Sim` seeds
 /// launch n with n).
 fn measure(shift_seeds: bool) -> Option<Vec<(String, Vec<KernelCount>)>> {
     use ipo::backend::Backend;
-    let be = backend()?;
+    let be = common::sim()?;
     be.prepare(&[TEST_SHAPE.head_dim]).unwrap();
     if shift_seeds {
         let mut z = be.upload(&[1.0, 2.0, 3.0]);

@@ -9,23 +9,14 @@
 //!
 //! Without NVRTC the test prints a skip notice, or fails under CI=true.
 
+mod common;
+
 use ipo::backend::cuda::resources::{self, KernelResources, ARCHS};
 use ptxsim::nvrtc::Nvrtc;
 
-fn nvrtc() -> Option<Nvrtc> {
-    match Nvrtc::load() {
-        Ok(n) => Some(n),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping kernel resource test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and NVRTC is unavailable: {e}"),
-    }
-}
-
 #[test]
 fn no_kernel_spills_on_sm80_or_sm90() {
-    let Some(nv) = nvrtc() else { return };
+    let Some(nv) = common::required("NVRTC", Nvrtc::load()) else { return };
     let mut all: Vec<KernelResources> = Vec::new();
     for arch in ARCHS {
         let rows = resources::resource_report(&nv, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
@@ -69,7 +60,7 @@ fn no_kernel_spills_on_sm80_or_sm90() {
 /// target (PTX only) is refused rather than returning an empty CUBIN.
 #[test]
 fn compile_cubin_reports_errors_and_needs_a_real_arch() {
-    let Some(nv) = nvrtc() else { return };
+    let Some(nv) = common::required("NVRTC", Nvrtc::load()) else { return };
     let src = "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }";
     let (cubin, log) = nv.compile_cubin("k.cu", src, &["--gpu-architecture=sm_80".into(), "--ptxas-options=-v".into()]).unwrap();
     assert_eq!(&cubin[..4], b"\x7fELF");

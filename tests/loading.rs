@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::byte_tokenizer_json;
+use common::{byte_tokenizer_json, tiny_fixture, Rng};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -170,20 +170,6 @@ fn bad_configs_name_file_and_field() {
     assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
 }
 
-/// splitmix64: seeded, reproducible test data without a rand dependency.
-struct Rng(u64);
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^= z >> 31;
-        // Uniform in [-2, 2), with enough mantissa bits that f16/bf16 rounding is visible.
-        ((z >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-    }
-}
-
 /// Random original weights for every tensor `cfg` expects (plus `extra` names/shapes), in
 /// HF naming.
 /// (HF name, shape, f32 values) of each tensor.
@@ -194,7 +180,8 @@ fn random_tensors(cfg: &ModelConfig, seed: u64, extra: &[(&str, Vec<usize>)]) ->
     let mut out = Vec::new();
     let mut add = |name: &str, shape: &Vec<usize>| {
         let n = shape.iter().product();
-        out.push((name.to_string(), shape.clone(), (0..n).map(|_| rng.next_f32()).collect()));
+        // Uniform in [-2, 2), with enough mantissa bits that f16/bf16 rounding is visible.
+        out.push((name.to_string(), shape.clone(), (0..n).map(|_| 2.0 * rng.signed()).collect()));
     };
     expected_shapes(cfg).for_each(|name, shape| add(name, shape));
     for (name, shape) in extra {
@@ -314,7 +301,7 @@ fn tied_model_ignores_a_stray_lm_head() {
 #[test]
 fn tiny_fixture_models_load() {
     for family in ["llama", "qwen2", "qwen3"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(family);
+        let dir = tiny_fixture(family);
         let cfg = load_config(&dir).unwrap();
         let w = load_weights(&dir, &cfg).unwrap();
         assert_eq!(w.layers.len(), cfg.num_layers);
@@ -322,7 +309,7 @@ fn tiny_fixture_models_load() {
         // Random init: not all zeros, all finite.
         assert!(w.embed.data.iter().all(|x| x.is_finite()) && w.embed.data.iter().any(|&x| x != 0.0));
     }
-    let llama = load_config(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama")).unwrap();
+    let llama = load_config(&tiny_fixture("llama")).unwrap();
     assert_eq!(llama.rope_scaling.map(|s| s.factor), Some(8.0), "rope_parameters of the fixture");
 }
 

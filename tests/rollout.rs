@@ -397,14 +397,7 @@ fn dummy_handle(m: &Transformer<CpuBackend<f32>>) -> ipo::rollout::SeqHandle {
 /// `generate` on the same chat-templated prompts (tests/fixtures/default_model/greedy.json).
 #[test]
 fn default_model_greedy_matches_hugging_face() {
-    let Some(dir) = std::env::var_os("IPO_DEFAULT_MODEL") else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("IPO_DEFAULT_MODEL is not set (scripts/test.sh sets it)");
-        }
-        eprintln!("skipping: IPO_DEFAULT_MODEL is not set");
-        return;
-    };
-    let dir = std::path::PathBuf::from(dir);
+    let Some(dir) = common::default_model() else { return };
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string("tests/fixtures/default_model/greedy.json").unwrap()).unwrap();
     let cfg = ipo::model::load::load_config(&dir).unwrap();

@@ -7,15 +7,11 @@
 
 mod common;
 
-use common::byte_tokenizer_json;
-use std::path::{Path, PathBuf};
+use common::{byte_tokenizer_json, tiny_fixture, tiny_llama_with_tokenizer, Rng};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::{json, Value};
-
-fn tiny_llama() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama")
-}
 
 fn ipo(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ipo")).args(args).output().unwrap();
@@ -31,17 +27,9 @@ fn read_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Seeded token ids in [1, 256) (xorshift; never all equal).
+/// Seeded token ids in [1, 256).
 fn ids(seed: u64, n: usize) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 255) as u32 + 1
-        })
-        .collect()
+    Rng(seed).ids(n, 255).into_iter().map(|x| x + 1).collect()
 }
 
 fn p(path: &Path) -> &str {
@@ -76,7 +64,7 @@ fn score_output_contract_and_self_consistency() {
         json!({"id": 7, "context_ids": [5], "target_ids": [6]}),
     ];
     write_lines(&input, &lines);
-    let (ok, err) = score(&tiny_llama(), &input, &output, &[]);
+    let (ok, err) = score(&tiny_fixture("llama"), &input, &output, &[]);
     assert!(ok, "{err}");
     // Not a terminal: plain progress lines with a rate.
     assert!(err.contains("tokens/s"), "{err}");
@@ -108,7 +96,7 @@ fn score_output_contract_and_self_consistency() {
 
     // Packing does not change results: one sequence per forward.
     let output2 = dir.path().join("out2.jsonl");
-    let (ok, err) = score(&tiny_llama(), &input, &output2, &["--batch-tokens", "8"]);
+    let (ok, err) = score(&tiny_fixture("llama"), &input, &output2, &["--batch-tokens", "8"]);
     assert!(ok, "{err}");
     for (x, y) in out.iter().zip(read_lines(&output2)) {
         for (u, v) in f32s(&x["token_logps"]).iter().zip(f32s(&y["token_logps"])) {
@@ -117,22 +105,10 @@ fn score_output_contract_and_self_consistency() {
     }
 }
 
-
-/// The tiny Llama copied with a tokenizer.json beside it.
-fn tiny_llama_with_tokenizer(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(tiny_llama().join(f), model.join(f)).unwrap();
-    }
-    std::fs::write(model.join("tokenizer.json"), byte_tokenizer_json().to_string()).unwrap();
-    model
-}
-
 #[test]
 fn text_input_is_tokenized_context_and_target_separately() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_llama_with_tokenizer(dir.path());
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
     let (context, target) = ("Grüße, world", " — ok!");
     let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<_>>();
@@ -157,7 +133,7 @@ fn text_input_is_tokenized_context_and_target_separately() {
     assert!(err.contains("in.jsonl:1") && err.contains("257") && err.contains("vocab_size 256"), "{err}");
     // Text input without a tokenizer names the missing file.
     write_lines(&input, &[json!({"id": "x", "context": "hi", "target": "yo"})]);
-    let (ok, err) = score(&tiny_llama(), &input, &dir.path().join("bad.jsonl"), &[]);
+    let (ok, err) = score(&tiny_fixture("llama"), &input, &dir.path().join("bad.jsonl"), &[]);
     assert!(!ok && err.contains("tokenizer.json") && err.contains("in.jsonl:1"), "{err}");
 }
 
@@ -176,7 +152,7 @@ fn pairs_fill_reference_logps_into_a_new_file() {
     write_lines(&pairs, &lines);
     let before = std::fs::read(&pairs).unwrap();
     let out_path = dir.path().join("pairs.ref.jsonl");
-    let (ok, err) = ipo(&["score", "--model", p(&tiny_llama()), "--pairs", p(&pairs), "--output", p(&out_path)]);
+    let (ok, err) = ipo(&["score", "--model", p(&tiny_fixture("llama")), "--pairs", p(&pairs), "--output", p(&out_path)]);
     assert!(ok, "{err}");
     assert_eq!(std::fs::read(&pairs).unwrap(), before, "the input pairs file is untouched");
     let out = read_lines(&out_path);
@@ -191,7 +167,7 @@ fn pairs_fill_reference_logps_into_a_new_file() {
     }
     write_lines(&input, &seqs);
     let scored = dir.path().join("scored.jsonl");
-    let (ok, err) = score(&tiny_llama(), &input, &scored, &[]);
+    let (ok, err) = score(&tiny_fixture("llama"), &input, &scored, &[]);
     assert!(ok, "{err}");
     let scored = read_lines(&scored);
     for (k, (o, i)) in out.iter().zip(&lines).enumerate() {
@@ -217,7 +193,7 @@ fn expect_error(lines: &[Value], extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("data.jsonl"), dir.path().join("out.jsonl"));
     write_lines(&input, lines);
-    let (ok, err) = score(&tiny_llama(), &input, &output, extra);
+    let (ok, err) = score(&tiny_fixture("llama"), &input, &output, extra);
     assert!(!ok, "should fail: {lines:?} {extra:?}");
     assert!(!output.exists(), "nothing is written on error");
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -246,10 +222,10 @@ fn validation_errors_name_file_line_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("data.jsonl");
     std::fs::write(&input, format!("{good}\n\n{{\"id\": \"x\", \"context_ids\": [1,\n")).unwrap();
-    let (ok, e) = score(&tiny_llama(), &input, &dir.path().join("o.jsonl"), &[]);
+    let (ok, e) = score(&tiny_fixture("llama"), &input, &dir.path().join("o.jsonl"), &[]);
     assert!(!ok && e.contains("data.jsonl:3") && e.contains("invalid JSON"), "{e}");
     std::fs::write(&input, "[1, 2]\n").unwrap();
-    let (ok, e) = score(&tiny_llama(), &input, &dir.path().join("o.jsonl"), &[]);
+    let (ok, e) = score(&tiny_fixture("llama"), &input, &dir.path().join("o.jsonl"), &[]);
     assert!(!ok && e.contains("data.jsonl:1") && e.contains("expected a JSON object"), "{e}");
 }
 
@@ -262,7 +238,7 @@ fn flag_errors_are_clear() {
         let dir = tempfile::tempdir().unwrap();
         let (input, output) = (dir.path().join("data.jsonl"), dir.path().join("out.jsonl"));
         write_lines(&input, &good);
-        let (ok, e) = score(&tiny_llama(), &input, &output, &["--device", dev]);
+        let (ok, e) = score(&tiny_fixture("llama"), &input, &output, &["--device", dev]);
         if !ok {
             let name = if dev == "cuda" { "cuda:0" } else { dev };
             assert!(e.contains(&format!("--device {name}")) && e.contains("no CUDA device"), "{e}");
@@ -280,19 +256,19 @@ fn flag_errors_are_clear() {
     let input = dir.path().join("in.jsonl");
     write_lines(&input, &good);
     // Output over the input is refused (the input stays intact).
-    let (ok, e) = score(&tiny_llama(), &input, &input, &[]);
+    let (ok, e) = score(&tiny_fixture("llama"), &input, &input, &[]);
     assert!(!ok && e.contains("--output") && e.contains("input"), "{e}");
     assert_eq!(read_lines(&input), good.to_vec());
     // A model folder without config.json.
     let (ok, e) = score(dir.path(), &input, &dir.path().join("o.jsonl"), &[]);
     assert!(!ok && e.contains("config.json"), "{e}");
     // --input and --pairs together, or neither.
-    let (ok, e) = ipo(&["score", "--model", p(&tiny_llama()), "--input", p(&input), "--pairs", p(&input), "--output", "x"]);
+    let (ok, e) = ipo(&["score", "--model", p(&tiny_fixture("llama")), "--input", p(&input), "--pairs", p(&input), "--output", "x"]);
     assert!(!ok && e.contains("--pairs"), "{e}");
-    let (ok, e) = ipo(&["score", "--model", p(&tiny_llama()), "--output", "x"]);
+    let (ok, e) = ipo(&["score", "--model", p(&tiny_fixture("llama")), "--output", "x"]);
     assert!(!ok && (e.contains("--input") || e.contains("--pairs")), "{e}");
     // A missing input file names it.
-    let (ok, e) = score(&tiny_llama(), &dir.path().join("nope.jsonl"), &dir.path().join("o.jsonl"), &[]);
+    let (ok, e) = score(&tiny_fixture("llama"), &dir.path().join("nope.jsonl"), &dir.path().join("o.jsonl"), &[]);
     assert!(!ok && e.contains("nope.jsonl"), "{e}");
 }
 

@@ -4,8 +4,9 @@
 //! independent prefix-decoding computation, including sampled ids that are not the
 //! canonical tokenization and completions with think tags and EOS.
 
-use std::path::PathBuf;
+mod common;
 
+use common::default_model;
 use ipo::intervene::segment::{segment_completion, split_sentences, token_at};
 use ipo::model::tokenizer::Tokenizer;
 
@@ -76,17 +77,6 @@ fn token_at_picks_the_token_holding_a_byte() {
     assert_eq!(token_at(&starts, 3), 2);
     assert_eq!(token_at(&starts, 6), 2);
     assert_eq!(token_at(&starts, 99), 3);
-}
-
-fn default_model() -> Option<PathBuf> {
-    match std::env::var("IPO_DEFAULT_MODEL") {
-        Ok(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "IPO_DEFAULT_MODEL must be set under CI");
-            eprintln!("skipped: IPO_DEFAULT_MODEL is not set (run scripts/test.sh)");
-            None
-        }
-    }
 }
 
 /// The token holding byte `pos` of decode(ids), by decoding growing prefixes.

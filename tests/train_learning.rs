@@ -5,23 +5,13 @@
 //! When IPO_DEFAULT_MODEL is unset the test fails on CI (CI=true) and is skipped with a notice
 //! elsewhere (`bash scripts/fetch-default-model.sh` prints the folder).
 
-use std::path::PathBuf;
+mod common;
 
+use common::default_model;
 use ipo::model::load::{load_config, load_weights};
 use ipo::model::tokenizer::Tokenizer;
 use ipo::model::transformer::{ScoreItem, Transformer};
 use ipo::train::{OptimConfig, OptimKind, ScheduleKind, TrainConfig, TrainPair, Trainer};
-
-fn default_model() -> Option<PathBuf> {
-    match std::env::var("IPO_DEFAULT_MODEL") {
-        Ok(p) => Some(PathBuf::from(p)),
-        Err(_) if std::env::var("CI").as_deref() == Ok("true") => panic!("IPO_DEFAULT_MODEL must be set on CI"),
-        Err(_) => {
-            eprintln!("NOTICE: IPO_DEFAULT_MODEL unset: skipping (bash scripts/fetch-default-model.sh prints the folder)");
-            None
-        }
-    }
-}
 
 #[test]
 fn short_dpo_run_raises_reward_accuracy_and_margin() {

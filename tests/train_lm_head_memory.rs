@@ -4,6 +4,8 @@
 //! chunked working set, O(ROWS x TILE) per thread (64 x 4096 f32 = 1 MiB per tile), far below
 //! the logits. The log-probs are also checked against a naive softmax on a few rows.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -34,13 +36,8 @@ static A: Counting = Counting;
 
 /// Seeded values in [-scale, scale).
 fn vals(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = common::Rng(seed);
+    (0..n).map(|_| rng.signed() * scale).collect()
 }
 
 #[test]

@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Parser;
-use common::write_random_pairs;
+use common::{tiny_fixture, tiny_llama_with_tokenizer, write_random_pairs};
 use ipo::train::checkpoint::{latest, write_dir_atomic};
 use serde_json::json;
 
@@ -19,10 +19,6 @@ use serde_json::json;
 struct Cli {
     #[command(flatten)]
     args: ipo::cli::train::Args,
-}
-
-fn tiny(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
 }
 
 /// Runs `ipo train` with the given flags (parsed like the command line).
@@ -59,7 +55,7 @@ fn resume_case(model: &str, extra: &[&str], weights_file: &str) {
     let pairs = tmp.path().join("pairs.jsonl");
     write_random_pairs(&pairs, 7, 42); // 7 pairs, batch 3 -> 3 steps per epoch, 6 steps
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let model = tiny(model);
+    let model = tiny_fixture(model);
     let (m, p) = (model.to_str().unwrap(), pairs.to_str().unwrap());
     let mut fa = common_flags(m, p, a.to_str().unwrap());
     fa.extend_from_slice(extra);
@@ -103,7 +99,7 @@ fn lora_outputs_are_peft_layout() {
     let pairs = tmp.path().join("pairs.jsonl");
     write_random_pairs(&pairs, 4, 3);
     let out = tmp.path().join("o");
-    let model = tiny("qwen2");
+    let model = tiny_fixture("qwen2");
     let (m, p, o) = (model.to_str().unwrap(), pairs.to_str().unwrap(), out.to_str().unwrap());
     train(&["--model", m, "--pairs", p, "--output", o, "--batch-size", "2", "--micro-batch-size", "2", "--lr", "1e-2",
         "--lora-rank", "4", "--lora-targets", "q,k,gate", "--merge", "--warmup-ratio", "0"]).unwrap();
@@ -161,7 +157,7 @@ fn checkpoint_dir_is_complete_or_absent() {
     let pairs = out.join("pairs.jsonl");
     write_random_pairs(&pairs, 4, 9);
     let o = out.join("run");
-    let model = tiny("llama");
+    let model = tiny_fixture("llama");
     train(&["--model", model.to_str().unwrap(), "--pairs", pairs.to_str().unwrap(), "--output", o.to_str().unwrap(),
         "--batch-size", "2", "--micro-batch-size", "1", "--save-every", "1", "--stop-after", "1"]).unwrap();
     for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json"] {
@@ -190,7 +186,7 @@ fn pair(id: &str, c: Vec<u32>, a: Vec<u32>, b: Vec<u32>) -> serde_json::Value {
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    let m = tiny("llama");
+    let m = tiny_fixture("llama");
     let ok = pair("ok", vec![1, 2, 3], vec![4, 5], vec![6]);
     let e = train_err(&m, &[ok.clone(), pair("big", vec![1, 2], vec![300], vec![4])], &[]);
     assert!(e.contains("pairs.jsonl:2") && e.contains("chosen_ids[0] = 300") && e.contains("vocab"), "{e}");
@@ -215,17 +211,12 @@ fn bad_inputs_give_clear_errors() {
 #[test]
 fn pairs_from_another_tokenizer_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(tiny("llama").join(f), model.join(f)).unwrap();
-    }
     // A word-level tokenizer over 256 words w0..w255 (decode joins words with spaces).
     let vocab: serde_json::Map<String, serde_json::Value> = (0..256).map(|i| (format!("w{i}"), json!(i))).collect();
     let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
-    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let model = tiny_llama_with_tokenizer(tmp.path(), &tok);
     let prompt = "w10 w11 w12 w13";
     let mk = |id: &str, ctx: Vec<u32>| {
         let mut p = pair(id, ctx, vec![20, 21], vec![22]);
@@ -249,9 +240,9 @@ fn nan_loss_stops_with_step_ids_and_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     std::fs::create_dir(&model).unwrap();
-    std::fs::copy(tiny("llama").join("config.json"), model.join("config.json")).unwrap();
+    std::fs::copy(tiny_fixture("llama").join("config.json"), model.join("config.json")).unwrap();
     // The fixture weights with one NaN in the final norm: every log-prob becomes NaN.
-    let bytes = std::fs::read(tiny("llama").join("model.safetensors")).unwrap();
+    let bytes = std::fs::read(tiny_fixture("llama").join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
         .tensors()

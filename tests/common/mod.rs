@@ -1,7 +1,13 @@
 //! Shared test helpers: a seeded RNG, tiny random model configs for the three families, and
-//! random weights. Never zeros: every tensor is drawn from a seeded distribution.
+//! random weights (never zeros: every tensor is drawn from a seeded distribution); the
+//! committed tiny fixture models; and what a test needs from outside the repository (NVRTC for
+//! the CUDA simulator, the default model), skipped with a notice when missing, a failure under
+//! CI=true.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
+use ipo::backend::cuda::{CudaBackend, Precision, Sim};
 use ipo::model::config::{Family, Llama3Scaling, ModelConfig};
 use ipo::model::transformer::expected_shapes;
 use ipo::model::weights::{HostTensor, LayerWeights, ModelWeights};
@@ -19,6 +25,15 @@ impl Rng {
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [-1, 1) on a 2^-23 grid (f32, enough mantissa bits for f16/bf16 rounding to
+    /// show).
+    pub fn signed(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// `n` random bytes (the low byte of each draw).
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
     /// Standard normal (Box-Muller).
     pub fn normal(&mut self) -> f64 {
@@ -133,9 +148,26 @@ pub fn byte_tokenizer_json() -> serde_json::Value {
     })
 }
 
+/// A committed tiny HF model folder: tests/fixtures/tiny/{llama,qwen2,qwen3} (2 layers, vocab
+/// 256, max_position_embeddings 128).
+pub fn tiny_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
+}
+
+/// `dir/llama-tok`: the tiny Llama fixture with `tokenizer` as its tokenizer.json.
+pub fn tiny_llama_with_tokenizer(dir: &Path, tokenizer: &serde_json::Value) -> PathBuf {
+    let m = dir.join("llama-tok");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(tiny_fixture("llama").join(f), m.join(f)).unwrap();
+    }
+    std::fs::write(m.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    m
+}
+
 /// Writes `n` random preference pairs (ids below 256, the tiny fixtures' vocabulary) without
 /// reference log-probs, so `ipo train` computes and caches them.
-pub fn write_random_pairs(path: &std::path::Path, n: usize, seed: u64) {
+pub fn write_random_pairs(path: &Path, n: usize, seed: u64) {
     let mut rng = Rng(seed);
     let lines: Vec<String> = (0..n)
         .map(|i| {
@@ -149,15 +181,36 @@ pub fn write_random_pairs(path: &std::path::Path, n: usize, seed: u64) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
-/// The default model folder (IPO_DEFAULT_MODEL, set by scripts/test.sh). Without it a test
-/// prints a skip notice and returns `None`; under CI=true it fails instead.
-pub fn default_model() -> Option<std::path::PathBuf> {
-    match std::env::var("IPO_DEFAULT_MODEL") {
-        Ok(p) => Some(std::path::PathBuf::from(p)),
-        Err(_) if std::env::var("CI").as_deref() == Ok("true") => panic!("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"),
-        Err(_) => {
-            eprintln!("skipping: IPO_DEFAULT_MODEL is not set (run scripts/test.sh)");
+/// `what` (something from outside the repository a test needs), or `None` after a skip notice
+/// when it is unavailable. Under CI=true it panics instead: there no test passes by skipping.
+#[track_caller]
+pub fn required<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> Option<T> {
+    match r {
+        Ok(x) => Some(x),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true and {what} is unavailable: {e}"),
+        Err(e) => {
+            eprintln!("skipping: {what} is unavailable: {e}");
             None
         }
     }
+}
+
+/// The CUDA backend on the PTX simulator (NVRTC needed) at `IPO_PRECISION`'s precision, as
+/// `CudaBackend::sim()` gives it.
+#[track_caller]
+pub fn sim() -> Option<CudaBackend<Sim>> {
+    required("the CUDA simulator backend", CudaBackend::sim())
+}
+
+/// `sim()` at precision `p`.
+#[track_caller]
+pub fn sim_with(p: Precision) -> Option<CudaBackend<Sim>> {
+    required("the CUDA simulator backend", CudaBackend::with_precision(Sim::new(), p))
+}
+
+/// The default model folder (IPO_DEFAULT_MODEL, set by scripts/test.sh; empty counts as unset).
+#[track_caller]
+pub fn default_model() -> Option<PathBuf> {
+    let dir = std::env::var("IPO_DEFAULT_MODEL").ok().filter(|d| !d.is_empty());
+    required("the default model", dir.map(PathBuf::from).ok_or("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"))
 }
