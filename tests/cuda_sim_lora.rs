@@ -19,25 +19,13 @@
 
 mod common;
 
-use common::{random_weights, tiny_config, Rng};
+use common::{random_weights, sim, tiny_config, Rng};
 use ipo::backend::cpu::CpuBackend;
-use ipo::backend::cuda::{CudaBackend, Sim};
 use ipo::backend::Backend;
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::Transformer;
 use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
 use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig, TrainPair, Trainer};
-
-fn sim() -> Option<CudaBackend<Sim>> {
-    match CudaBackend::sim() {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping CUDA simulator test: {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the CUDA simulator backend is unavailable: {e}"),
-    }
-}
 
 /// 4 random pairs with reference log-probs near a uniform model's, so margins start nonzero.
 fn random_pairs(rng: &mut Rng, vocab: usize) -> Vec<TrainPair> {
