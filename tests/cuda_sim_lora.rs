@@ -19,31 +19,13 @@
 
 mod common;
 
-use common::{random_weights, sim, tiny_config, Rng};
+use common::{Rng, random_train_pairs, random_weights, sim, tiny_config};
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::Backend;
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::Transformer;
 use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
 use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig, TrainPair, Trainer};
-
-/// 4 random pairs with reference log-probs near a uniform model's, so margins start nonzero.
-fn random_pairs(rng: &mut Rng, vocab: usize) -> Vec<TrainPair> {
-    (0..4)
-        .map(|i| {
-            let (c, a, b) = (3 + rng.below(5), 2 + rng.below(5), 2 + rng.below(5));
-            let per = -(vocab as f64).ln();
-            TrainPair {
-                id: format!("p{i}"),
-                context: rng.ids(c, vocab),
-                chosen: rng.ids(a, vocab),
-                rejected: rng.ids(b, vocab),
-                ref_chosen: per * a as f64 + rng.normal(),
-                ref_rejected: per * b as f64 + rng.normal(),
-            }
-        })
-        .collect()
-}
 
 /// Clipping threshold 1e-3: far below the gradient norms of these models (asserted per step).
 const MAX_NORM: f64 = 1e-3;
@@ -81,7 +63,7 @@ fn setup(family: Family, tied: bool, seed: u64) -> (ModelConfig, Vec<TrainPair>)
     let cfg = tiny_config(family, tied);
     let mut rng = Rng(seed);
     let _ = random_weights(&cfg, &mut rng); // advance: the weights are drawn again from Rng(seed)
-    let pairs = random_pairs(&mut rng, cfg.vocab_size);
+    let pairs = random_train_pairs(&mut rng, cfg.vocab_size);
     (cfg, pairs)
 }
 

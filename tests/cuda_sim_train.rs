@@ -26,32 +26,13 @@
 
 mod common;
 
-use common::{random_weights, sim, tiny_config, Rng};
+use common::{Rng, random_train_pairs, random_weights, sim, tiny_config};
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::cuda::{CudaBackend, Sim};
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::Transformer;
 use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
 use ipo::train::{OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainPair, Trainer};
-
-/// 4 random pairs (context 3-7 tokens, segments 2-6), reference log-probs around a uniform
-/// model's (`-ln 97` per token) plus noise, so the DPO margins start nonzero.
-fn random_pairs(rng: &mut Rng, vocab: usize) -> Vec<TrainPair> {
-    (0..4)
-        .map(|i| {
-            let (c, a, b) = (3 + rng.below(5), 2 + rng.below(5), 2 + rng.below(5));
-            let per = -(vocab as f64).ln();
-            TrainPair {
-                id: format!("p{i}"),
-                context: rng.ids(c, vocab),
-                chosen: rng.ids(a, vocab),
-                rejected: rng.ids(b, vocab),
-                ref_chosen: per * a as f64 + rng.normal(),
-                ref_rejected: per * b as f64 + rng.normal(),
-            }
-        })
-        .collect()
-}
 
 fn config(max_grad_norm: f64, eps: f64) -> TrainConfig {
     TrainConfig {
@@ -85,7 +66,7 @@ fn setup(family: Family, tied: bool, seed: u64, eps: f64) -> (ModelConfig, Vec<T
     let cfg = tiny_config(family, tied);
     let mut rng = Rng(seed);
     let _ = random_weights(&cfg, &mut rng); // advance: the weights are drawn again from Rng(seed)
-    let pairs = random_pairs(&mut rng, cfg.vocab_size);
+    let pairs = random_train_pairs(&mut rng, cfg.vocab_size);
     let mut max = 0.0; // off
     for _ in 0..6 {
         let mut probe = Trainer::new(cpu_model(&cfg, seed), pairs.clone(), config(max, eps)).unwrap();

@@ -214,3 +214,22 @@ pub fn default_model() -> Option<PathBuf> {
     let dir = std::env::var("IPO_DEFAULT_MODEL").ok().filter(|d| !d.is_empty());
     required("the default model", dir.map(PathBuf::from).ok_or("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"))
 }
+
+/// 4 random training pairs (context 3-7 tokens, segments 2-6), reference log-probs around a
+/// uniform model's (`-ln vocab` per token) plus noise, so the DPO margins start nonzero.
+pub fn random_train_pairs(rng: &mut Rng, vocab: usize) -> Vec<ipo::train::TrainPair> {
+    (0..4)
+        .map(|i| {
+            let (c, a, b) = (3 + rng.below(5), 2 + rng.below(5), 2 + rng.below(5));
+            let per = -(vocab as f64).ln();
+            ipo::train::TrainPair {
+                id: format!("p{i}"),
+                context: rng.ids(c, vocab),
+                chosen: rng.ids(a, vocab),
+                rejected: rng.ids(b, vocab),
+                ref_chosen: per * a as f64 + rng.normal(),
+                ref_rejected: per * b as f64 + rng.normal(),
+            }
+        })
+        .collect()
+}
