@@ -107,10 +107,14 @@ pub(super) fn backward<F: Elem>(
                 }
                 dhp
             })
-            .reduce(|| vec![F::zero(); rc * dim], |mut a, b| {
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Tile partials summed in tile order: the same bits whatever the threads did.
+            .reduce(|mut a, b| {
                 a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                 a
-            });
+            })
+            .unwrap_or_else(|| vec![F::zero(); rc * dim]);
         for (i, &r) in rows[c0..c0 + rc].iter().enumerate() {
             let r = r as usize;
             for d in 0..dim {

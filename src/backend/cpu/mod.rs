@@ -223,12 +223,14 @@ impl<F: Elem> Backend for CpuBackend<F> {
                 }
                 dwp
             })
-            .reduce(|| vec![F::zero(); dim], |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Partials summed in chunk order: the same bits whatever the threads did.
+            .reduce(|mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                 a
-            });
+            })
+            .unwrap_or_else(|| vec![F::zero(); dim]);
         for (d, p) in dw.iter_mut().zip(partial) {
             *d += p;
         }
