@@ -493,3 +493,24 @@ fn tokenizer_errors_name_the_file() {
     let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
     assert!(e.contains("tokenizer_config.json") && e.contains("invalid JSON"), "{e}");
 }
+
+/// Sizes from an untrusted config.json are checked before anything is allocated from them: a
+/// small folder whose config claims 5,000,000 layers is an error naming the layer count and
+/// the tensors the file holds (it used to allocate ~9 GB of shapes and abort), and a head_dim near 2^62
+/// is an overflow error, not a panic.
+#[test]
+fn absurd_config_sizes_are_errors_before_allocation() {
+    let (dir, _, originals) = valid_model("llama");
+    write_safetensors(&dir.path().join("model.safetensors"), &originals, Dtype::F32);
+    write_config(dir.path(), &with(small_config("llama", false), json!({"num_hidden_layers": 5_000_000})));
+    let cfg = load_config(dir.path()).unwrap();
+    let t0 = std::time::Instant::now();
+    let e = err_of(dir.path(), &cfg);
+    assert!(e.contains("config.json") && e.contains("num_hidden_layers 5000000") && e.contains("tensors"), "{e}");
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "rejected before any allocation from the sizes");
+
+    let e = config_from(with(base("llama"), json!({"head_dim": 1u64 << 62}))).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("overflow") && e.contains("head_dim"), "{e}");
+    let e = config_from(with(base("llama"), json!({"vocab_size": u64::MAX / 2}))).unwrap_err().to_string();
+    assert!(e.contains("overflow"), "{e}");
+}

@@ -45,6 +45,23 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Parameters the config implies (embedding, every layer, final norm, untied head), or
+    /// `None` when the count overflows a u64: a config from an untrusted folder is checked
+    /// with it before anything is allocated from its sizes.
+    pub fn param_count(&self) -> Option<u64> {
+        let u = |x: usize| x as u64;
+        let (h, ff, d) = (u(self.hidden_size), u(self.intermediate_size), u(self.head_dim));
+        let q = u(self.num_heads).checked_mul(d)?;
+        let kv = u(self.num_kv_heads).checked_mul(d)?;
+        let mats = [q.checked_mul(h)?, kv.checked_mul(h)?.checked_mul(2)?, h.checked_mul(q)?, ff.checked_mul(h)?.checked_mul(3)?];
+        let bias = if self.qkv_bias { q.checked_add(kv.checked_mul(2)?)? } else { 0 };
+        let qk_norm = if self.qk_norm { d.checked_mul(2)? } else { 0 };
+        let layer = mats.iter().try_fold(h.checked_mul(2)?, |a, &m| a.checked_add(m))?.checked_add(bias)?.checked_add(qk_norm)?;
+        let embed = u(self.vocab_size).checked_mul(h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        layer.checked_mul(u(self.num_layers))?.checked_add(embed)?.checked_add(head)?.checked_add(h)
+    }
+
     pub(crate) fn layer_count_mismatch(&self, layers: usize) -> bool {
         layers != self.num_layers
     }

@@ -274,7 +274,7 @@ pub(crate) fn parse_config(path: &Path, obj: &serde_json::Map<String, Value>) ->
         None => def_eos,
     };
 
-    Ok(ModelConfig {
+    let cfg = ModelConfig {
         family,
         vocab_size,
         hidden_size,
@@ -293,7 +293,17 @@ pub(crate) fn parse_config(path: &Path, obj: &serde_json::Map<String, Value>) ->
         qk_norm: family == Family::Qwen3,
         bos_token_id,
         eos_token_ids,
-    })
+    };
+    if cfg.param_count().is_none() {
+        return Err(cfg_err(
+            path,
+            format!(
+                "the sizes overflow: num_hidden_layers {}, hidden_size {}, intermediate_size {}, num_attention_heads {} x head_dim {}, vocab_size {} imply more than 2^64 parameters",
+                cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+            ),
+        ));
+    }
+    Ok(cfg)
 }
 
 /// The full parameter set the config implies, each as a shape (HF `[out, in]` for matrices).
@@ -338,6 +348,22 @@ fn open_shard(path: PathBuf) -> Result<Shard, LoadError> {
     Ok(Shard { path, mmap })
 }
 
+/// Tensors named in a safetensors file's JSON header, or `None` when the header cannot be read.
+fn header_tensor_count(path: &Path) -> Option<usize> {
+    use std::io::Read;
+    let mut f = File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > f.metadata().ok()?.len().saturating_sub(8) || len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: Value = serde_json::from_slice(&header).ok()?;
+    Some(v.as_object()?.keys().filter(|k| *k != "__metadata__").count())
+}
+
 /// Reads the model's safetensors into f32 host tensors, checked against `cfg`.
 pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<ModelWeights<HostTensor>, LoadError> {
     // Which file holds each tensor: `None` = the single `model.safetensors`, which wins over an
@@ -375,6 +401,22 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig) -> Result<ModelWeights<HostTe
     } else {
         return Err(LoadError::NoWeights { dir: dir.to_path_buf() });
     };
+
+    // Before anything is allocated per layer: the weights must hold the layers the config
+    // claims, at least 9 tensors each (norms, q/k/v/o, gate/up/down). Counted from the index,
+    // or from the single file's header when it parses (a broken file is reported below).
+    let tensors = match &weight_map {
+        Some(m) => Some(m.len()),
+        None => header_tensor_count(&files[0]),
+    };
+    if let Some(n) = tensors {
+        if cfg.num_layers.saturating_mul(9) > n {
+            return Err(cfg_err(
+                &dir.join("config.json"),
+                format!("num_hidden_layers {} needs at least {} tensors, but the weights hold {n}", cfg.num_layers, cfg.num_layers.saturating_mul(9)),
+            ));
+        }
+    }
 
     // Only the shards that hold an expected tensor are opened.
     let shapes = expected_shapes(cfg);
