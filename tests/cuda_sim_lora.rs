@@ -19,12 +19,11 @@
 
 mod common;
 
-use common::{Rng, random_train_pairs, random_weights, sim, tiny_config};
+use common::{host_reference_step, random_train_pairs, random_weights, same_bits, sim, tiny_config, Rng};
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::Backend;
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::Transformer;
-use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
 use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig, TrainPair, Trainer};
 
 /// Clipping threshold 1e-3: far below the gradient norms of these models (asserted per step).
@@ -75,18 +74,7 @@ fn device_update_is_exact(family: Family, tied: bool, seed: u64) {
     let mut t = Trainer::new(model(be, &cfg, seed), pairs, tcfg.clone()).unwrap();
     let mut losses = Vec::new();
     for _ in 0..2 {
-        let idx = t.batch_indices(t.step);
-        let (_, grads, _) = t.loss_and_grads(&idx, t.step + 1).unwrap();
-        let g = t.trainable_grads(&grads);
-        drop(grads);
-        let before = t.trainable_tensors();
-        let (m0, v0) = t.moments();
-        let norm = global_norm(g.iter().map(|x| &x[..]));
-        let lr = tcfg.optim.lr_at(t.step, t.total_steps());
-        let mut reference = Optimizer { cfg: tcfg.optim, steps: t.optim.steps, m: m0, v: v0 };
-        let mut want: Vec<Vec<f32>> = before.iter().map(|x| x.2.clone()).collect();
-        let params: Vec<Param> = want.iter_mut().zip(&g).map(|(data, grad)| Param { data: &mut data[..], grad, decay: true }).collect();
-        reference.step(params, lr, clip_factor(norm, MAX_NORM));
+        let (before, want, reference, norm) = host_reference_step(&t, &tcfg, MAX_NORM, |_| true);
 
         let m = t.train_step().unwrap();
         losses.push(m.loss);
@@ -94,7 +82,7 @@ fn device_update_is_exact(family: Family, tied: bool, seed: u64) {
         assert!((m.grad_norm - norm).abs() <= 1e-12 * norm, "{family:?} step {}: device norm {} vs host {norm}", m.step, m.grad_norm);
         let after = t.trainable_tensors();
         let (m1, v1) = t.moments();
-        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same = same_bits;
         for (k, (name, _, got)) in after.iter().enumerate() {
             assert!(same(got, &want[k]), "{family:?} step {}: {name} differs from the host reference", m.step);
             assert!(same(&m1[k], &reference.m[k]) && same(&v1[k], &reference.v[k]), "{family:?} step {}: moments of {name} differ", m.step);

@@ -26,12 +26,12 @@
 
 mod common;
 
-use common::{Rng, random_train_pairs, random_weights, sim, tiny_config};
+use common::{host_reference_step, random_train_pairs, random_weights, same_bits, sim, tiny_config, Rng};
 use ipo::backend::cpu::CpuBackend;
 use ipo::backend::cuda::{CudaBackend, Sim};
 use ipo::model::config::{Family, ModelConfig};
 use ipo::model::transformer::Transformer;
-use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
+use ipo::train::optim::{clip_factor, global_norm};
 use ipo::train::{OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainPair, Trainer};
 
 fn config(max_grad_norm: f64, eps: f64) -> TrainConfig {
@@ -101,23 +101,7 @@ fn device_update_is_exact(family: Family, tied: bool, seed: u64) {
     let mut t = Trainer::new(sim_model(be, &cfg, seed), pairs, tcfg.clone()).unwrap();
     for _ in 0..2 {
         // The host reference from this backend's own gradients of the coming step.
-        let idx = t.batch_indices(t.step);
-        let (_, grads, _) = t.loss_and_grads(&idx, t.step + 1).unwrap();
-        let g = t.trainable_grads(&grads);
-        drop(grads);
-        let before = t.trainable_tensors();
-        let (m0, v0) = t.moments();
-        let norm = global_norm(g.iter().map(|x| &x[..]));
-        let lr = tcfg.optim.lr_at(t.step, t.total_steps());
-        let mut reference = Optimizer { cfg: tcfg.optim, steps: t.optim.steps, m: m0, v: v0 };
-        let mut want: Vec<Vec<f32>> = before.iter().map(|x| x.2.clone()).collect();
-        let params: Vec<Param> = want
-            .iter_mut()
-            .zip(&g)
-            .zip(&before)
-            .map(|((data, grad), (_, shape, _))| Param { data: &mut data[..], grad, decay: shape.len() >= 2 })
-            .collect();
-        reference.step(params, lr, clip_factor(norm, max));
+        let (before, want, reference, norm) = host_reference_step(&t, &tcfg, max, |shape| shape.len() >= 2);
 
         let m = t.train_step().unwrap();
         check_clipped(family, &m, max);
@@ -126,7 +110,7 @@ fn device_update_is_exact(family: Family, tied: bool, seed: u64) {
         let (m1, v1) = t.moments();
         let mut moved = 0;
         for (k, (name, _, got)) in after.iter().enumerate() {
-            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            let same = same_bits;
             assert!(same(got, &want[k]), "{family:?} step {}: weight {name} differs from the host reference", m.step);
             assert!(same(&m1[k], &reference.m[k]) && same(&v1[k], &reference.v[k]), "{family:?} step {}: moments of {name} differ", m.step);
             moved += got.iter().zip(&before[k].2).filter(|(a, b)| a != b).count();

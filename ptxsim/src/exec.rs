@@ -180,19 +180,12 @@ struct Ctx<'a> {
 
 /// The lanes of mask `m`, lowest first.
 #[inline(always)]
-fn lanes(mut m: u32) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        if m == 0 {
-            None
-        } else {
-            let l = m.trailing_zeros() as usize;
-            m &= m - 1;
-            Some(l)
-        }
-    })
+fn lanes(m: u32) -> impl Iterator<Item = usize> {
+    lanes_u64(m as u64)
 }
 
-/// The set bits of `m` (warps of a barrier), lowest first.
+/// The set bits of `m` (lanes of a warp, warps of a barrier), lowest first.
+#[inline(always)]
 fn lanes_u64(mut m: u64) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if m == 0 {

@@ -109,19 +109,19 @@ impl RunConfig {
             bail!("--config {}: harmful_fraction must be in [0, 1], found {}", path.display(), raw.harmful_fraction);
         }
         let device = device.or(raw.device);
-        let table = |_name: &str, t: &toml::Table| -> Result<toml::Table> {
+        let seed = i64::try_from(raw.seed)
+            .map_err(|_| anyhow::anyhow!("--config {}: seed {} is larger than TOML integers allow", path.display(), raw.seed))?;
+        // A stage table with the run's defaults for the keys it does not set itself.
+        let table = |t: &toml::Table, with_seed: bool| -> toml::Table {
             let mut t = t.clone();
-            let seed = i64::try_from(raw.seed).map_err(|_| anyhow::anyhow!("--config {}: seed {} is larger than TOML integers allow", path.display(), raw.seed))?;
-            t.entry("seed").or_insert(toml::Value::Integer(seed));
+            if with_seed {
+                t.entry("seed").or_insert(toml::Value::Integer(seed));
+            }
             if let Some(d) = device {
                 t.entry("device").or_insert_with(|| toml::Value::String(d.to_string()));
             }
-            Ok(t)
+            t
         };
-        let mut score_table = raw.score.clone();
-        if let Some(d) = device {
-            score_table.entry("device").or_insert_with(|| toml::Value::String(d.to_string()));
-        }
         Ok(Self {
             model: resolve_model(&raw.model)?,
             run_dir: raw.run_dir,
@@ -129,13 +129,13 @@ impl RunConfig {
             benign_prompts: raw.benign_prompts,
             seed: raw.seed,
             harmful_fraction: raw.harmful_fraction,
-            generate: from_table(path, "generate", &table("generate", &raw.generate)?, &[])?,
-            intervene: from_table(path, "intervene", &table("intervene", &raw.intervene)?, &[])?,
-            score: from_table(path, "score", &score_table, &[])?,
-            train1: from_table(path, "train1", &table("train1", &raw.train1)?, &[])?,
-            benign: from_table(path, "benign", &table("benign", &raw.benign)?, &[])?,
-            train2: from_table(path, "train2", &table("train2", &raw.train2)?, &[])?,
-            eval: from_table(path, "eval", &table("eval", &raw.eval)?, &[])?,
+            generate: from_table(path, "generate", &table(&raw.generate, true))?,
+            intervene: from_table(path, "intervene", &table(&raw.intervene, true))?,
+            score: from_table(path, "score", &table(&raw.score, false))?,
+            train1: from_table(path, "train1", &table(&raw.train1, true))?,
+            benign: from_table(path, "benign", &table(&raw.benign, true))?,
+            train2: from_table(path, "train2", &table(&raw.train2, true))?,
+            eval: from_table(path, "eval", &table(&raw.eval, true))?,
         })
     }
 }

@@ -28,17 +28,14 @@ pub(crate) fn nearest<'a>(key: &str, valid: &'a [String]) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// Parses the table `[name]` of the config `file` into `T`. Unknown keys (those `T` has no
-/// flag for, or that `exclude` lists because the caller sets them itself) are rejected.
-pub(crate) fn from_table<T>(file: &Path, name: &str, table: &toml::Table, exclude: &[&str]) -> Result<T>
+/// Parses the table `[name]` of the config `file` into `T`; keys `T` has no flag for are
+/// rejected.
+pub(crate) fn from_table<T>(file: &Path, name: &str, table: &toml::Table) -> Result<T>
 where
     T: clap::Args + DeserializeOwned,
 {
-    let valid: Vec<String> = keys_of::<T>().into_iter().filter(|k| !exclude.contains(&k.as_str())).collect();
+    let valid = keys_of::<T>();
     for key in table.keys() {
-        if exclude.contains(&key.as_str()) {
-            bail!("{}: [{name}] {key}: set by `ipo run` itself for this stage; remove it", file.display());
-        }
         if !valid.contains(key) {
             let hint = nearest(key, &valid).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
             bail!("{}: [{name}] {key}: unknown key{hint} (valid keys: {})", file.display(), valid.join(", "));
@@ -55,19 +52,16 @@ mod tests {
     #[test]
     fn misspelt_keys_name_file_table_and_nearest_key() {
         let t: toml::Table = toml::from_str("max_new_token = 5").unwrap();
-        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t, &[]).unwrap_err().to_string();
+        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t).unwrap_err().to_string();
         assert!(e.starts_with("c.toml: [generate] max_new_token: unknown key; did you mean `max_new_tokens`?"), "{e}");
         let t: toml::Table = toml::from_str("zzz = 5").unwrap();
-        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t, &[]).unwrap_err().to_string();
+        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t).unwrap_err().to_string();
         assert!(e.contains("zzz: unknown key (valid keys: temperature,"), "{e}");
-        let t: toml::Table = toml::from_str("seed = 1").unwrap();
-        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "eval", &t, &["seed"]).unwrap_err().to_string();
-        assert!(e.contains("[eval] seed: set by `ipo run`"), "{e}");
         let t: toml::Table = toml::from_str("top_k = \"many\"").unwrap();
-        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t, &[]).unwrap_err().to_string();
+        let e = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t).unwrap_err().to_string();
         assert!(e.starts_with("c.toml: [generate]:") && e.contains("top_k"), "{e}");
         let t: toml::Table = toml::from_str("top_k = 5\nmax_new_tokens = 7").unwrap();
-        let o = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t, &[]).unwrap();
+        let o = from_table::<SamplingOptions>(Path::new("c.toml"), "generate", &t).unwrap();
         assert_eq!((o.top_k, o.max_new_tokens, o.temperature), (5, 7, 0.6));
     }
 }

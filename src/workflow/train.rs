@@ -468,7 +468,7 @@ mod tests {
             assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
         }
         let table: toml::Table = toml::from_str("optimizer = \"sgd\"\nepochs = 2").unwrap();
-        let t: TrainOptions = from_table(Path::new("c.toml"), "train1", &table, &[]).unwrap();
+        let t: TrainOptions = from_table(Path::new("c.toml"), "train1", &table).unwrap();
         assert_eq!((t.optimizer, t.epochs, t.lr), (OptimKind::Sgd, 2, 5e-6));
     }
 

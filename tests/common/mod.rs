@@ -233,3 +233,42 @@ pub fn random_train_pairs(rng: &mut Rng, vocab: usize) -> Vec<ipo::train::TrainP
         })
         .collect()
 }
+
+/// The trainable tensors of a trainer: (name, shape, values).
+pub type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// The host reference of a trainer's next optimizer step, from the backend's own gradients of
+/// that step: the tensors before it, the tensors the host optimizer makes of them, the host
+/// optimizer after the step (its moments), and the global gradient norm. `decay(shape)` says
+/// which tensors take weight decay.
+pub fn host_reference_step<B: ipo::backend::Backend>(
+    t: &ipo::train::Trainer<B>,
+    tcfg: &ipo::train::TrainConfig,
+    max_norm: f64,
+    decay: impl Fn(&[usize]) -> bool,
+) -> (Tensors, Vec<Vec<f32>>, ipo::train::optim::Optimizer, f64) {
+    use ipo::train::optim::{clip_factor, global_norm, Optimizer, Param};
+    let idx = t.batch_indices(t.step);
+    let (_, grads, _) = t.loss_and_grads(&idx, t.step + 1).unwrap();
+    let g = t.trainable_grads(&grads);
+    drop(grads);
+    let before = t.trainable_tensors();
+    let (m0, v0) = t.moments();
+    let norm = global_norm(g.iter().map(|x| &x[..]));
+    let lr = tcfg.optim.lr_at(t.step, t.total_steps());
+    let mut reference = Optimizer { cfg: tcfg.optim, steps: t.optim.steps, m: m0, v: v0 };
+    let mut want: Vec<Vec<f32>> = before.iter().map(|x| x.2.clone()).collect();
+    let params: Vec<Param> = want
+        .iter_mut()
+        .zip(&g)
+        .zip(&before)
+        .map(|((data, grad), (_, shape, _))| Param { data: &mut data[..], grad, decay: decay(shape) })
+        .collect();
+    reference.step(params, lr, clip_factor(norm, max_norm));
+    (before, want, reference, norm)
+}
+
+/// Whether two f32 slices hold the same bits (over their common length).
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
