@@ -31,6 +31,10 @@ enum Command {
     /// The whole IPO loop from one TOML config (generate -> intervene -> score -> train stage 1
     /// -> benign pairs -> train stage 2 -> eval), resumable in its run directory.
     Run(ipo::cli::run::Args),
+    /// Throughput measurements on seeded random data (the device's ceiling, per-op rates,
+    /// training steps, batched decode) and random-weight model folders; used by
+    /// scripts/gpu-check.sh.
+    Bench(ipo::cli::bench::Args),
 }
 
 fn main() {
@@ -43,6 +47,7 @@ fn main() {
         Command::Train(a) => ipo::cli::train::run(a),
         Command::Selftest(a) => ipo::cli::selftest::run(a),
         Command::Run(a) => ipo::cli::run::run(a),
+        Command::Bench(a) => ipo::cli::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

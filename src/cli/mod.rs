@@ -1,5 +1,6 @@
 //! Subcommands of the `ipo` binary; each file holds its clap `Args` and a `run` function.
 
+pub mod bench;
 pub mod generate;
 pub mod import_gguf;
 pub mod intervene;

@@ -13,3 +13,4 @@ pub mod options;
 pub mod progress;
 pub mod score;
 pub mod train;
+pub mod bench;
