@@ -41,7 +41,8 @@ try:
                           num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                           tie_word_embeddings=True, max_position_embeddings=16384)
         for mode in ["fp32", "bf16-autocast"]:
-            model = LlamaForCausalLM(cfg).to(dev)
+            with torch.device(dev):  # initialise on the GPU: seconds, not a minute on the CPU
+                model = LlamaForCausalLM(cfg)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
             ids = torch.randint(0, cfg.vocab_size, (4, 2048), device=dev)
             def step():
