@@ -56,6 +56,17 @@ pub struct CudaBackend<G: Gpu> {
     loaded: Mutex<HashSet<String>>,
     /// `Precision` of matmul and the attention forward (precision.rs), as its u8.
     precision: std::sync::atomic::AtomicU8,
+    /// The last rope cos/sin table and what it was built from: every layer's q and k, forward
+    /// and backward, rotate the same positions, so one table serves a whole step.
+    rope_table: Mutex<Option<RopeTable<G>>>,
+}
+
+/// A device `[tokens, half, 2]` (cos, sin) table for `positions`, `inv_freq` and the sign.
+struct RopeTable<G: Gpu> {
+    positions: Vec<u32>,
+    inv_freq: Vec<f64>,
+    inverse: bool,
+    table: CudaBuf<G>,
 }
 
 /// Threads per block of the 1-D grid-stride kernels, and their grid for `n` elements.
@@ -117,7 +128,7 @@ impl<G: Gpu> CudaBackend<G> {
             None => Precision::from_env_value(std::env::var("IPO_PRECISION").ok().as_deref())?,
         };
         let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
-        Ok(Self { gpu: Arc::new(gpu), nvrtc, loaded: Mutex::new(HashSet::new()), precision: std::sync::atomic::AtomicU8::new(p.to_u8()) })
+        Ok(Self { gpu: Arc::new(gpu), nvrtc, loaded: Mutex::new(HashSet::new()), precision: std::sync::atomic::AtomicU8::new(p.to_u8()), rope_table: Mutex::new(None) })
     }
 
     pub fn gpu(&self) -> &G {
@@ -376,16 +387,23 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if x.len == 0 {
             return;
         }
-        // [tokens, half, 2] (cos, sin) of the signed angle, in f64 then rounded, as on the CPU.
-        let sign = if inverse { -1.0 } else { 1.0 };
-        let cs: Vec<f32> = positions
-            .iter()
-            .flat_map(|&p| inv_freq[..half].iter().flat_map(move |&f| {
-                let a = p as f64 * f;
-                [a.cos() as f32, (sign * a.sin()) as f32]
-            }))
-            .collect();
-        let cs_d = self.upload(&cs);
+        // [tokens, half, 2] (cos, sin) of the signed angle, in f64 then rounded, as on the CPU;
+        // built on the host (exactly the CPU's values) once per distinct positions/frequencies.
+        let mut cached = self.rope_table.lock().unwrap();
+        let hit = cached.as_ref().is_some_and(|c| c.inverse == inverse && c.positions == positions && c.inv_freq[..] == inv_freq[..half]);
+        if !hit {
+            let sign = if inverse { -1.0 } else { 1.0 };
+            let cs: Vec<f32> = positions
+                .iter()
+                .flat_map(|&p| inv_freq[..half].iter().flat_map(move |&f| {
+                    let a = p as f64 * f;
+                    [a.cos() as f32, (sign * a.sin()) as f32]
+                }))
+                .collect();
+            let table = self.upload(&cs);
+            *cached = Some(RopeTable { positions: positions.to_vec(), inv_freq: inv_freq[..half].to_vec(), inverse, table });
+        }
+        let cs_d = &cached.as_ref().expect("just filled").table;
         self.launch(
             "elementwise.cu", &[], "rope", grid1(tokens * n_heads * half), BLOCK, 0,
             &[Arg::Ptr(x.ptr), Arg::Ptr(cs_d.ptr), Arg::I32(tokens as i32), Arg::I32(n_heads as i32), Arg::I32(head_dim as i32)],

@@ -327,15 +327,17 @@ fn bias_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 
 fn rope<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for (t, nh, hd) in [(5, 3, 8), (7, 2, 12)] {
-        let inv: Vec<f64> = (0..hd / 2).map(|i| 10000f64.powf(-2.0 * i as f64 / hd as f64)).collect();
         let pos = r.ids(t, 100);
-        for inverse in [false, true] {
+        // The backend keeps the last cos/sin table: the sign flips, the same key comes back,
+        // and the frequencies change (rope scaling) under unchanged positions.
+        for (inverse, scale) in [(false, 1.0), (true, 1.0), (false, 1.0), (false, 0.25)] {
+            let inv: Vec<f64> = (0..hd / 2).map(|i| scale * 10000f64.powf(-2.0 * i as f64 / hd as f64)).collect();
             let x = r.vec(t * nh * hd, 1.0);
             let mut xc = x.clone();
             c.cpu.rope(&mut xc, &pos, nh, hd, &inv, inverse);
             let mut xg = c.gpu.upload(&x);
             c.gpu.rope(&mut xg, &pos, nh, hd, &inv, inverse);
-            c.row("rope", format!("tokens{t} heads{nh} hd{hd} inverse{}", inverse as u8), &xg, &xc);
+            c.row("rope", format!("tokens{t} heads{nh} hd{hd} inverse{} freq x{scale}", inverse as u8), &xg, &xc);
         }
     }
 }
