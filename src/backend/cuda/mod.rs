@@ -61,7 +61,7 @@ pub struct CudaBackend<G: Gpu> {
     precision: std::sync::atomic::AtomicU8,
 }
 
-/// How the CUDA libraries were found, one line each, for `ipo selftest` and `--verbose`:
+/// How the CUDA libraries were found, one line each (printed by `ipo selftest`; for any command):
 /// NVRTC (path, rule, version), cuBLAS (path, rule), the driver (cuDriverGetVersion). A library
 /// that is missing gets a line saying how many places were tried (the error of the backend
 /// that needs it lists them).
