@@ -8,6 +8,7 @@ mod exec;
 mod ir;
 mod mem;
 mod num;
+pub mod cudalib;
 pub mod nvrtc;
 mod parse;
 mod tensor;

@@ -1,8 +1,9 @@
 //! NVRTC (the CUDA runtime compiler) loaded at run time with libloading, so nothing in the
-//! build needs CUDA. Used by the tests here to turn CUDA C++ into PTX, and later by the CUDA
-//! backend. Library search: $IPO_NVRTC, then <workspace>/.deps/cuda (scripts/setup-cuda.sh),
-//! then `libnvrtc.so.12` through the dynamic loader.
+//! build needs CUDA. Used by the tests here to turn CUDA C++ into PTX, and by the CUDA
+//! backend. NVRTC 12 or 13, found by `cudalib` (its builtins library opened first from the same
+//! folder, so no LD_LIBRARY_PATH is needed).
 
+use crate::cudalib;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::PathBuf;
 
@@ -12,8 +13,10 @@ type Res = c_int;
 /// An NVRTC failure; `Compile` carries the program log.
 #[derive(Debug, thiserror::Error)]
 pub enum NvrtcError {
-    #[error("NVRTC library not found (tried {tried}): {reason}")]
-    NotFound { tried: String, reason: String },
+    #[error(transparent)]
+    NotFound(#[from] cudalib::NotFound),
+    #[error("NVRTC {path}: {reason}")]
+    Symbol { path: String, reason: String },
     #[error("NVRTC compile of {name} failed:\n{log}")]
     Compile { name: String, log: String },
     #[error("NVRTC call {call} failed with code {code}")]
@@ -22,8 +25,9 @@ pub enum NvrtcError {
 
 /// A loaded libnvrtc.
 pub struct Nvrtc {
-    _lib: libloading::Library,
     version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Res,
+    num_archs: Option<unsafe extern "C" fn(*mut c_int) -> Res>,
+    archs: Option<unsafe extern "C" fn(*mut c_int) -> Res>,
     create: unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> Res,
     compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> Res,
     ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
@@ -33,19 +37,8 @@ pub struct Nvrtc {
     log_size: unsafe extern "C" fn(Prog, *mut usize) -> Res,
     log: unsafe extern "C" fn(Prog, *mut c_char) -> Res,
     destroy: unsafe extern "C" fn(*mut Prog) -> Res,
-}
-
-fn candidates() -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    if let Ok(p) = std::env::var("IPO_NVRTC") {
-        if !p.is_empty() {
-            v.push(PathBuf::from(p));
-        }
-    }
-    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    v.push(ws.join(".deps/cuda/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
-    v.push(PathBuf::from("libnvrtc.so.12"));
-    v
+    /// The library (last: the function pointers above point into it).
+    lib: cudalib::Loaded,
 }
 
 /// Include directories for CUDA headers: $IPO_CUDA_INCLUDE (colon separated), else the
@@ -67,37 +60,28 @@ pub fn include_dirs() -> Vec<String> {
 }
 
 impl Nvrtc {
-    /// Load libnvrtc from the first candidate that opens.
+    /// Loads libnvrtc (see `cudalib` for where it looks).
     pub fn load() -> Result<Nvrtc, NvrtcError> {
-        let mut tried = Vec::new();
-        let mut last = String::new();
-        for c in candidates() {
-            tried.push(c.display().to_string());
-            if c.is_absolute() && !c.exists() {
-                last = format!("{} does not exist", c.display());
-                continue;
-            }
-            match unsafe { libloading::Library::new(&c) } {
-                Ok(lib) => return Self::from_lib(lib),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(NvrtcError::NotFound { tried: tried.join(", "), reason: last })
+        Self::from_lib(cudalib::load(&cudalib::NVRTC)?)
     }
 
-    fn from_lib(lib: libloading::Library) -> Result<Nvrtc, NvrtcError> {
+    fn from_lib(lib: cudalib::Loaded) -> Result<Nvrtc, NvrtcError> {
         macro_rules! sym {
             ($n:literal) => {
                 unsafe {
-                    *lib.get($n).map_err(|e| NvrtcError::NotFound {
-                        tried: "symbol lookup".into(),
-                        reason: e.to_string(),
-                    })?
+                    *lib.lib.get($n).map_err(|e| NvrtcError::Symbol { path: lib.path.display().to_string(), reason: e.to_string() })?
                 }
+            };
+        }
+        macro_rules! opt_sym {
+            ($n:literal) => {
+                unsafe { lib.lib.get($n).ok().map(|s| *s) }
             };
         }
         Ok(Nvrtc {
             version: sym!(b"nvrtcVersion\0"),
+            num_archs: opt_sym!(b"nvrtcGetNumSupportedArchs\0"),
+            archs: opt_sym!(b"nvrtcGetSupportedArchs\0"),
             create: sym!(b"nvrtcCreateProgram\0"),
             compile: sym!(b"nvrtcCompileProgram\0"),
             ptx_size: sym!(b"nvrtcGetPTXSize\0"),
@@ -107,8 +91,25 @@ impl Nvrtc {
             log_size: sym!(b"nvrtcGetProgramLogSize\0"),
             log: sym!(b"nvrtcGetProgramLog\0"),
             destroy: sym!(b"nvrtcDestroyProgram\0"),
-            _lib: lib,
+            lib,
         })
+    }
+
+    /// The library file and how it was found.
+    pub fn library(&self) -> &cudalib::Loaded {
+        &self.lib
+    }
+
+    /// The real architectures this NVRTC compiles for, as numbers (80 for sm_80), ascending;
+    /// empty when the library does not say (NVRTC before 11.2).
+    pub fn supported_archs(&self) -> Result<Vec<i32>, NvrtcError> {
+        let (Some(num), Some(archs)) = (self.num_archs, self.archs) else { return Ok(Vec::new()) };
+        let mut n = 0;
+        check("nvrtcGetNumSupportedArchs", unsafe { num(&mut n) })?;
+        let mut v = vec![0; n.max(0) as usize];
+        check("nvrtcGetSupportedArchs", unsafe { archs(v.as_mut_ptr()) })?;
+        v.sort();
+        Ok(v)
     }
 
     /// (major, minor) of the loaded NVRTC.

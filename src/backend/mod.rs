@@ -224,6 +224,13 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
 
     fn name(&self) -> String;
+    /// Builds what the ops on models of these head dims need (the CUDA backend: compiles and
+    /// loads every kernel file), so that a build failure is an error here, where a model is
+    /// put on the backend, and not a panic inside an op. Nothing to do on the CPU.
+    fn prepare(&self, head_dims: &[usize]) -> anyhow::Result<()> {
+        let _ = head_dims;
+        Ok(())
+    }
     /// Bytes this backend can still allocate, where it has its own memory (a GPU); None
     /// where buffers live in host memory.
     fn memory_free(&self) -> Option<u64> {

@@ -1,4 +1,5 @@
-//! `ipo selftest --device sim|cuda[:N]`: runs every kernel op of the CUDA backend against the
+//! `ipo selftest --device sim|cuda[:N]`: prints how the CUDA libraries were found (NVRTC,
+//! cuBLAS, the driver), then runs every kernel op of the CUDA backend against the
 //! CPU reference on seeded random inputs (src/backend/cuda/parity.rs) and prints a table
 //! (op, shape, max error, tolerance, pass). Fails if any row fails.
 //!
@@ -10,7 +11,7 @@
 //! NVRTC for the real archs and prints ptxas's per-kernel registers, shared memory, stack frame
 //! and spills (src/backend/cuda/resources.rs); fails if any kernel spills. Needs NVRTC, no GPU.
 
-use crate::backend::cuda::{parity, resources, time_ms, CudaBackend, Gpu};
+use crate::backend::cuda::{library_report, parity, resources, time_ms, CudaBackend, Gpu};
 use crate::backend::workload::{self, Shape};
 use anyhow::{bail, Context};
 
@@ -65,6 +66,9 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
         bail!("--ops: unknown op {bad} (known: {})", parity::OPS.join(", "));
     }
     println!("device: {}", be.gpu().name());
+    // Every kernel file built up front: a build failure is this command's error, not a panic
+    // inside a check.
+    be.prepare(resources::HEAD_DIMS)?;
     let rows: Vec<_> = ops.iter().flat_map(|op| parity::check_op(be, op, a.seed)).collect();
     print!("{}", parity::format_table(&rows));
     let failed = rows.iter().filter(|r| !r.pass()).count();
@@ -113,6 +117,9 @@ fn timings<G: Gpu>(be: &CudaBackend<G>, a: &Args, shape: Shape, reps: usize) -> 
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    for line in library_report() {
+        println!("{line}");
+    }
     if a.resources {
         return resource_table(&a.arch);
     }

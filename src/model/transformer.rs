@@ -19,6 +19,8 @@ pub enum ForwardError {
     BadItem { index: usize, reason: String },
     #[error("batch: {0}")]
     BadBatch(String),
+    #[error("backend {backend}: {error:#}")]
+    Backend { backend: String, error: anyhow::Error },
 }
 
 /// A packed batch: token ids and positions `[tokens]`, the attention layout, and the
@@ -154,6 +156,7 @@ impl Transformer<Reference> {
 impl<B: Backend> Transformer<B> {
     pub fn with_backend(backend: B, cfg: ModelConfig, host: ModelWeights<HostTensor>) -> Result<Self, ForwardError> {
         check_shapes(&cfg, &host)?;
+        backend.prepare(&[cfg.head_dim]).map_err(|error| ForwardError::Backend { backend: backend.name(), error })?;
         let weights = host.map(|t| backend.upload_weight(&t.data));
         let inv_freq = cfg.rope_inv_freq();
         Ok(Self { cfg, backend, weights, inv_freq })

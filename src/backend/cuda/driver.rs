@@ -1,11 +1,17 @@
-//! `Cudarc`: the `Gpu` on a real device through cudarc's thin checked driver calls and
-//! cuBLAS (`result` layer). Deliberately parallel to `Sim`: one context, the null stream,
-//! PTX loaded with cuModuleLoadData (the driver JIT-compiles it for the device). Checks that
-//! libcuda is loadable before touching it, so "no GPU" is an error, not a panic. fp32 GEMMs
-//! go through cublasSgemmStridedBatched, bf16 ones through cublasGemmStridedBatchedEx.
+//! `Cudarc`: the `Gpu` on a real device through cudarc's thin checked driver calls and our
+//! cuBLAS binding (cublas.rs). Deliberately parallel to `Sim`: the device's primary context
+//! (CUDA 13 changed explicit context creation; the primary context is the same in 12 and 13),
+//! kernels loaded as CUBIN for the device's `sm_XY` with cuModuleLoadData. Checks that libcuda
+//! is loadable before touching it, so "no GPU" is an error, not a panic. fp32 GEMMs go through
+//! cublasSgemmStridedBatched, bf16 ones through cublasGemmStridedBatchedEx.
+//!
+//! CUDA 13 drivers: every driver call here exists in libcuda.so.1 of a 13.x driver (cudarc is
+//! built against the 12.9 headers; a 13.x driver keeps every 12.x entry point, e.g.
+//! cuEventElapsedTime, which the 13.0 headers replaced by cuEventElapsedTime_v2). Checked on an
+//! H200 with driver 580 (CUDA 13.0): the parity table and the timings ran.
 
-use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, StreamId};
-use cudarc::cublas::{result as blas, sys as blas_sys};
+use super::cublas::{self, Cublas};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, StreamId};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -13,7 +19,8 @@ use std::sync::Mutex;
 
 pub struct Cudarc {
     ctx: sys::CUcontext,
-    blas: blas_sys::cublasHandle_t,
+    blas: Cublas,
+    handle: cublas::Handle,
     name: String,
     arch: String,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
@@ -31,13 +38,26 @@ fn err(e: impl std::fmt::Debug) -> GpuError {
     GpuError::Device(format!("{e:?}"))
 }
 
+/// The CUDA version the driver supports (cuDriverGetVersion: 13000 for 13.0), or why not.
+pub(crate) fn driver_version() -> Result<(i32, i32), String> {
+    if !unsafe { sys::is_culib_present() } {
+        return Err("libcuda.so (the NVIDIA driver) is not loadable".into());
+    }
+    let mut v = 0;
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(format!("cuDriverGetVersion: {r:?}"));
+    }
+    Ok((v / 1000, v % 1000 / 10))
+}
+
 impl Cudarc {
     /// Opens device `ordinal`.
     pub fn new(ordinal: usize) -> Result<Cudarc, GpuError> {
         if !unsafe { sys::is_culib_present() } {
             return Err(GpuError::NoDevice("libcuda.so (the NVIDIA driver) is not loadable; use --device cpu or sim".into()));
         }
-        drv::init().map_err(err)?;
+        drv::init().map_err(|e| GpuError::NoDevice(format!("cuInit: {e:?}")))?;
         let count = drv::device::get_count().map_err(err)?;
         if ordinal as i32 >= count {
             return Err(GpuError::NoDevice(format!("device {ordinal} requested, {count} present")));
@@ -46,15 +66,17 @@ impl Cudarc {
         let attr = |a| unsafe { drv::device::get_attribute(dev, a) }.map_err(err);
         let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let blas = Cublas::load().map_err(GpuError::NoDevice)?;
         let ctx = unsafe { drv::primary_ctx::retain(dev) }.map_err(err)?;
         unsafe { drv::ctx::set_current(ctx) }.map_err(err)?;
-        let blas = blas::create_handle().map_err(err)?;
+        let handle = blas.create().map_err(GpuError::Device)?;
         let name = drv::device::get_name(dev).map_err(err)?;
         Ok(Cudarc {
             ctx,
             blas,
+            handle,
             name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
-            arch: format!("compute_{major}{minor}"),
+            arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             streams: Mutex::new((HashMap::new(), 0)),
@@ -83,6 +105,14 @@ impl Cudarc {
     }
 }
 
+impl Drop for Cudarc {
+    fn drop(&mut self) {
+        if self.bind().is_ok() {
+            self.blas.destroy(self.handle);
+        }
+    }
+}
+
 impl Gpu for Cudarc {
     fn name(&self) -> String {
         self.name.clone()
@@ -107,12 +137,20 @@ impl Gpu for Cudarc {
         self.bind()?;
         unsafe { drv::memcpy_dtoh_sync(dst, src) }.map_err(err)
     }
-    fn load(&self, module: &str, ptx: &str) -> Result<(), GpuError> {
+    fn load(&self, module: &str, image: &Image) -> Result<(), GpuError> {
         self.bind()?;
         let mut mods = self.modules.lock().unwrap();
         if !mods.contains_key(module) {
-            let image = CString::new(ptx).map_err(err)?;
-            let m = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| GpuError::Build(format!("{module}: {e:?}")))?;
+            // cuModuleLoadData takes a CUBIN as bytes or PTX as NUL-terminated text.
+            let ptx;
+            let data = match image {
+                Image::Cubin(b) => b.as_ptr() as *const c_void,
+                Image::Ptx(p) => {
+                    ptx = CString::new(p.as_str()).map_err(err)?;
+                    ptx.as_ptr() as *const c_void
+                }
+            };
+            let m = unsafe { drv::module::load_data(data) }.map_err(|e| GpuError::Build(format!("{module}: cuModuleLoadData: {e:?}")))?;
             mods.insert(module.to_string(), m);
         }
         Ok(())
@@ -156,72 +194,35 @@ impl Gpu for Cudarc {
         unsafe { drv::launch_kernel(f, grid, block, smem, stream, &mut ptrs) }.map_err(|e| err(format!("{kernel}: {e:?}")))
     }
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
-        self.bind()?;
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let stream = self.current()?;
-        unsafe { blas::set_stream(self.blas, stream as blas_sys::cudaStream_t) }.map_err(err)?;
-        unsafe {
-            blas::sgemm_strided_batched(
-                self.blas,
-                op(g.trans_a),
-                op(g.trans_b),
-                g.m as i32,
-                g.n as i32,
-                g.k as i32,
-                &g.alpha,
-                g.a as *const f32,
-                g.lda.max(1) as i32,
-                g.stride_a as i64,
-                g.b as *const f32,
-                g.ldb.max(1) as i32,
-                g.stride_b as i64,
-                &g.beta,
-                g.c as *mut f32,
-                g.ldc.max(1) as i32,
-                g.stride_c as i64,
-                g.batch as i32,
-            )
-        }
-        .map_err(err)
+        self.gemm_ex(g, GemmInput::F32)
     }
     fn gemm_ex(&self, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
-        if input == GemmInput::F32 {
-            return self.gemm(g);
-        }
         self.bind()?;
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
         let stream = self.current()?;
-        unsafe { blas::set_stream(self.blas, stream as blas_sys::cudaStream_t) }.map_err(err)?;
-        // bf16 A and B, f32 C, fp32 compute (alpha/beta are f32 for CUBLAS_COMPUTE_32F).
-        let (bf16, f32t) = (blas_sys::cudaDataType::CUDA_R_16BF, blas_sys::cudaDataType::CUDA_R_32F);
-        unsafe {
-            blas::gemm_strided_batched_ex(
-                self.blas,
-                op(g.trans_a),
-                op(g.trans_b),
-                g.m as i32,
-                g.n as i32,
-                g.k as i32,
-                &g.alpha as *const f32 as *const c_void,
-                g.a as *const c_void,
-                bf16,
-                g.lda.max(1) as i32,
-                g.stride_a as i64,
-                g.b as *const c_void,
-                bf16,
-                g.ldb.max(1) as i32,
-                g.stride_b as i64,
-                &g.beta as *const f32 as *const c_void,
-                g.c as *mut c_void,
-                f32t,
-                g.ldc.max(1) as i32,
-                g.stride_c as i64,
-                g.batch as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        self.blas.set_stream(self.handle, stream as *mut c_void).map_err(GpuError::Device)?;
+        let op = |t: bool| if t { cublas::OP_T } else { cublas::OP_N };
+        let call = cublas::Call {
+            ta: op(g.trans_a),
+            tb: op(g.trans_b),
+            m: g.m as i32,
+            n: g.n as i32,
+            k: g.k as i32,
+            a: g.a as *const c_void,
+            lda: g.lda.max(1) as i32,
+            stride_a: g.stride_a as i64,
+            b: g.b as *const c_void,
+            ldb: g.ldb.max(1) as i32,
+            stride_b: g.stride_b as i64,
+            c: g.c as *mut c_void,
+            ldc: g.ldc.max(1) as i32,
+            stride_c: g.stride_c as i64,
+            batch: g.batch as i32,
+        };
+        match input {
+            GemmInput::F32 => self.blas.sgemm(self.handle, &call, g.alpha, g.beta),
+            GemmInput::Bf16 => self.blas.gemm_ex(self.handle, &call, cublas::R_16BF, g.alpha, g.beta),
         }
-        .map_err(err)
+        .map_err(GpuError::Device)
     }
     fn stream_create(&self) -> Result<StreamId, GpuError> {
         self.bind()?;

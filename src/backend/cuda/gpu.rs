@@ -4,6 +4,14 @@
 //! the CUDA backend runs in CI through `Sim`. GEMM inputs are fp32 or bf16 (`GemmInput`); the
 //! output and the accumulation are always fp32.
 
+/// A compiled kernel file: PTX text (for the simulator, or a device newer than NVRTC knows,
+/// which the driver then JIT-compiles) or a CUBIN for one real architecture.
+#[derive(Clone, Debug)]
+pub enum Image {
+    Ptx(String),
+    Cubin(Vec<u8>),
+}
+
 /// A device address (CUdeviceptr on a GPU, a ptxsim address on the simulator).
 pub(crate) type DevPtr = u64;
 
@@ -114,14 +122,15 @@ pub(crate) type EventId = u64;
 /// streams are blocking streams, which the default stream synchronises with).
 pub trait Gpu: Send + Sync + 'static {
     fn name(&self) -> String;
-    /// The NVRTC `--gpu-architecture` to compile for (`compute_80` on the simulator).
+    /// The architecture to compile for: the device's own `sm_XY` on a GPU (kernels are loaded
+    /// as CUBIN), a virtual `compute_XY` on the simulator (which runs PTX).
     fn arch(&self) -> String;
     fn alloc(&self, bytes: usize) -> Result<DevPtr, GpuError>;
     fn free(&self, ptr: DevPtr);
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError>;
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<(), GpuError>;
-    /// Makes the kernels of `ptx` launchable under the module name `module` (idempotent).
-    fn load(&self, module: &str, ptx: &str) -> Result<(), GpuError>;
+    /// Makes the kernels of `image` launchable under the module name `module` (idempotent).
+    fn load(&self, module: &str, image: &Image) -> Result<(), GpuError>;
     fn has_module(&self, module: &str) -> bool;
     #[allow(clippy::too_many_arguments)]
     fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError>;

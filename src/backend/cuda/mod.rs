@@ -4,6 +4,7 @@
 //! Host-side index arrays (ids, positions, spans, rows, targets, slots) are uploaded per call.
 
 mod build;
+mod cublas;
 mod dpo;
 mod driver;
 mod gpu;
@@ -53,6 +54,8 @@ impl<G: Gpu> Drop for CudaBuf<G> {
 pub struct CudaBackend<G: Gpu> {
     gpu: Arc<G>,
     nvrtc: Nvrtc,
+    /// What kernels are built for: the device's `sm_XY` (CUBIN) or a `compute_XY` (PTX).
+    arch: String,
     loaded: Mutex<HashSet<String>>,
     /// `Precision` of matmul and the attention forward (precision.rs), as its u8.
     precision: std::sync::atomic::AtomicU8,
@@ -67,6 +70,34 @@ struct RopeTable<G: Gpu> {
     inv_freq: Vec<f64>,
     inverse: bool,
     table: CudaBuf<G>,
+}
+
+/// How the CUDA libraries were found, one line each (printed by `ipo selftest`; for any command):
+/// NVRTC (path, rule, version), cuBLAS (path, rule), the driver (cuDriverGetVersion). A library
+/// that is missing gets a line saying how many places were tried (the error of the backend
+/// that needs it lists them).
+pub(crate) fn library_report() -> Vec<String> {
+    let missing = |name: &str, e: &ptxsim::cudalib::NotFound, var: &str| match e.tried.as_slice() {
+        [one] => format!("{name}: not found: {one}"),
+        all => format!("{name}: not found ({} places tried; set {var})", all.len()),
+    };
+    let nvrtc = match Nvrtc::load() {
+        Ok(n) => {
+            let v = n.version().map(|(a, b)| format!("version {a}.{b}")).unwrap_or_else(|e| e.to_string());
+            format!("nvrtc: {}, {v}", n.library().describe())
+        }
+        Err(ptxsim::nvrtc::NvrtcError::NotFound(e)) => missing("nvrtc", &e, "IPO_NVRTC"),
+        Err(e) => format!("nvrtc: {e}"),
+    };
+    let cublas = match ptxsim::cudalib::load(&cublas::CUBLAS) {
+        Ok(l) => format!("cublas: {}", l.describe()),
+        Err(e) => missing("cublas", &e, "IPO_CUBLAS"),
+    };
+    let driver = match driver::driver_version() {
+        Ok((a, b)) => format!("driver: CUDA {a}.{b} (cuDriverGetVersion)"),
+        Err(e) => format!("driver: {e}"),
+    };
+    vec![nvrtc, cublas, driver]
 }
 
 /// Threads per block of the 1-D grid-stride kernels, and their grid for `n` elements.
@@ -133,7 +164,15 @@ impl<G: Gpu> CudaBackend<G> {
             None => Precision::from_env_value(std::env::var("IPO_PRECISION").ok().as_deref())?,
         };
         let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
-        Ok(Self { gpu: Arc::new(gpu), nvrtc, loaded: Mutex::new(HashSet::new()), precision: std::sync::atomic::AtomicU8::new(p.to_u8()), rope_table: Mutex::new(None) })
+        let arch = build::target_arch(&nvrtc, &gpu.arch())?;
+        Ok(Self {
+            gpu: Arc::new(gpu),
+            nvrtc,
+            arch,
+            loaded: Mutex::new(HashSet::new()),
+            precision: std::sync::atomic::AtomicU8::new(p.to_u8()),
+            rope_table: Mutex::new(None),
+        })
     }
 
     pub fn gpu(&self) -> &G {
@@ -160,13 +199,16 @@ impl<G: Gpu> CudaBackend<G> {
         let key = defines.iter().fold(file.to_string(), |k, (n, v)| format!("{k} {n}={v}"));
         let mut loaded = self.loaded.lock().unwrap();
         if !loaded.contains(&key) {
-            let ptx = build::ptx(&self.nvrtc, file, &self.gpu.arch(), defines)?;
-            self.gpu.load(&key, &ptx)?;
+            let image = build::image(&self.nvrtc, file, &self.arch, defines)?;
+            self.gpu.load(&key, &image)?;
             loaded.insert(key.clone());
         }
         Ok(key)
     }
 
+    /// Kernel launch from an op (which returns no `Result`): the module is normally built
+    /// already (`prepare`, called when a model is put on the backend), so what can fail here is
+    /// the launch itself or an op on a head_dim nobody prepared.
     #[allow(clippy::too_many_arguments)]
     fn launch(&self, file: &str, defines: &[(&str, usize)], kernel: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) {
         let m = self.module(file, defines).unwrap_or_else(|e| panic!("{e}"));
@@ -275,6 +317,10 @@ fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
 
 impl<G: Gpu> Backend for CudaBackend<G> {
     type Buf = CudaBuf<G>;
+
+    fn prepare(&self, head_dims: &[usize]) -> anyhow::Result<()> {
+        Ok(CudaBackend::prepare(self, head_dims)?)
+    }
 
     fn memory_free(&self) -> Option<u64> {
         self.gpu.memory_free()

@@ -4,7 +4,7 @@
 //! fp32 or bf16 A and B (bf16 products are exact in f64, so a bf16 GEMM is computed exactly
 //! from the bf16 values and rounded once to f32).
 
-use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, StreamId};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, StreamId};
 use ptxsim::{Device, LaunchOptions, LaunchStats, Module, ParamValue};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -106,7 +106,10 @@ impl Gpu for Sim {
         dst.copy_from_slice(&v);
         Ok(())
     }
-    fn load(&self, module: &str, ptx: &str) -> Result<(), GpuError> {
+    fn load(&self, module: &str, image: &Image) -> Result<(), GpuError> {
+        let Image::Ptx(ptx) = image else {
+            return Err(GpuError::Build(format!("{module}: the simulator runs PTX, not a CUBIN")));
+        };
         let mut st = self.state.lock().unwrap();
         if !st.modules.contains_key(module) {
             let m = Module::parse(ptx).map_err(|e| GpuError::Build(format!("{module}: {e}")))?;
