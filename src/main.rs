@@ -5,6 +5,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ipo", version, about = "Intervened Preference Optimization: align the reasoning of reasoning models")]
 struct Cli {
+    /// Print more about the machine: where each CUDA library was found (with --device cuda).
+    #[arg(long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +42,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    ipo::workflow::device::set_verbose(cli.verbose);
     let result = match cli.command {
         Command::Generate(a) => ipo::cli::generate::run(a),
         Command::Score(a) => ipo::cli::score::run(a),

@@ -101,6 +101,41 @@ fn python_site_packages() -> &'static [PathBuf] {
     })
 }
 
+/// The CUDA headers the kernels include (`cuda_bf16.h` and what it pulls in), when no
+/// IPO_CUDA_INCLUDE or setup-cuda.sh prefix names them: the first folder holding
+/// `cuda_bf16.h` among $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, /usr/local/cuda-X.Y (newest
+/// first) and the pip wheels (`nvidia/cu13/include`, `nvidia/cuda_runtime/include`).
+pub fn include_dir() -> Option<PathBuf> {
+    let env = Env::from_process(&NVRTC);
+    include_dir_in(&env)
+}
+
+pub fn include_dir_in(env: &Env) -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = Vec::new();
+    for d in &env.deps {
+        v.push(d.join("nvidia/cuda_runtime/include"));
+    }
+    for h in &env.cuda_homes {
+        v.push(h.join("include"));
+        v.push(h.join("targets/x86_64-linux/include"));
+    }
+    v.push(env.usr_local.join("cuda/include"));
+    let mut versioned: Vec<(Vec<u32>, PathBuf)> = sorted_dir(&env.usr_local)
+        .into_iter()
+        .filter_map(|d| {
+            let ver = file_name(&d).strip_prefix("cuda-")?.split('.').map(|x| x.parse().ok()).collect::<Option<Vec<u32>>>()?;
+            Some((ver, d.join("include")))
+        })
+        .collect();
+    versioned.sort_by(|a, b| b.0.cmp(&a.0));
+    v.extend(versioned.into_iter().map(|(_, d)| d));
+    for s in &env.site_packages {
+        v.push(s.join("nvidia/cu13/include"));
+        v.push(s.join("nvidia/cuda_runtime/include"));
+    }
+    v.into_iter().find(|d| d.join("cuda_bf16.h").is_file())
+}
+
 fn file_name(p: &Path) -> String {
     p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
@@ -268,6 +303,20 @@ mod tests {
 
     fn existing(c: &[Candidate]) -> Vec<PathBuf> {
         c.iter().filter(|c| c.path.exists()).map(|c| c.path.clone()).collect()
+    }
+
+    #[test]
+    fn include_dir_is_the_first_folder_with_cuda_bf16_h() {
+        let (root, env) = tree();
+        assert_eq!(include_dir_in(&env), None, "no headers anywhere yet");
+        touch(&root.join("site/nvidia/cu13/include/cuda_bf16.h"));
+        assert_eq!(include_dir_in(&env), Some(root.join("site/nvidia/cu13/include")));
+        touch(&root.join("usr/local/cuda-12.9/include/cuda_bf16.h"));
+        touch(&root.join("usr/local/cuda-13.0/include/cuda_fp16.h")); // no cuda_bf16.h: skipped
+        assert_eq!(include_dir_in(&env), Some(root.join("usr/local/cuda-12.9/include")), "toolkits before pip");
+        touch(&root.join("usr/local/cuda-13.0/include/cuda_bf16.h"));
+        assert_eq!(include_dir_in(&env), Some(root.join("usr/local/cuda-13.0/include")), "newest toolkit first");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

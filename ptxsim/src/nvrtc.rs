@@ -51,12 +51,16 @@ pub fn include_dirs() -> Vec<String> {
         }
     }
     let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps/cuda/nvidia");
-    ["cuda_runtime/include", "cuda_nvcc/include"]
+    let v: Vec<String> = ["cuda_runtime/include", "cuda_nvcc/include"]
         .iter()
         .map(|d| ws.join(d))
         .filter(|p| p.is_dir())
         .map(|p| p.to_string_lossy().into_owned())
-        .collect()
+        .collect();
+    if !v.is_empty() {
+        return v;
+    }
+    cudalib::include_dir().map(|d| vec![d.to_string_lossy().into_owned()]).unwrap_or_default()
 }
 
 impl Nvrtc {

@@ -81,7 +81,19 @@ pub(crate) fn sim() -> Result<CudaBackend<Sim>> {
     CudaBackend::sim().context("--device sim: the CUDA backend on the PTX simulator")
 }
 
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `ipo --verbose`: opening a CUDA device prints where each CUDA library was found.
+pub fn set_verbose(on: bool) {
+    VERBOSE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub(crate) fn cuda(ordinal: usize) -> Result<CudaBackend<Cudarc>> {
+    if VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
+        for line in crate::backend::cuda::library_report() {
+            eprintln!("{line}");
+        }
+    }
     CudaBackend::cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}"))
 }
 

@@ -97,7 +97,13 @@ pub(crate) fn library_report() -> Vec<String> {
         Ok((a, b)) => format!("driver: CUDA {a}.{b} (cuDriverGetVersion)"),
         Err(e) => format!("driver: {e}"),
     };
-    vec![nvrtc, cublas, driver]
+    let dirs = ptxsim::nvrtc::include_dirs();
+    let headers = if dirs.is_empty() {
+        "cuda headers: none found (NVRTC's built-in ones only; set IPO_CUDA_INCLUDE to a folder with cuda_bf16.h)".to_string()
+    } else {
+        format!("cuda headers: {}", dirs.join(":"))
+    };
+    vec![nvrtc, cublas, driver, headers]
 }
 
 /// Threads per block of the 1-D grid-stride kernels, and their grid for `n` elements.
