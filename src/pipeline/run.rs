@@ -1,9 +1,13 @@
 //! `ipo run`: the whole IPO loop from one TOML config, in one resumable run directory.
 //!
-//! Stages (each writes its outputs atomically, then a `.done-<stage>` marker holding its wall
-//! time and summary; a re-run skips finished stages, so an interrupted run continues where it
-//! stopped: generating stages keep the samples already written, training stages resume from
-//! their newest checkpoint; `--force` removes a stage's old outputs and runs it from scratch):
+//! Stages (each writes its outputs atomically, then a `.done-<stage>` marker holding its key,
+//! wall time and summary). A stage's key hashes its settings (its table, as typed options), the
+//! files it reads from outside the run (model folder listing and config, prompt sets, trigger and
+//! cue files) and the key of the stage before it. A re-run skips a stage whose marker has the
+//! same key, so an interrupted run continues where it stopped (generating stages keep the
+//! samples already written, training stages resume from their newest checkpoint); a stage whose
+//! key changed (a config edit, a new prompt file) starts over with its old outputs removed, and
+//! so does every stage after it, since their keys chain. `--force` starts every stage over.
 //!   1 generate   harmful prompts -> rollouts.jsonl                       (workflow::generate)
 //!   2 intervene  rollouts -> pairs.jsonl (cue cut + trigger splice)      (workflow::intervene)
 //!   3 score      reference log-probs of the base model -> pairs.ref.jsonl (workflow::score)
@@ -26,6 +30,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::io::jsonl;
 use crate::io::records::{Pair, Rollout};
@@ -140,35 +145,89 @@ impl RunConfig {
     }
 }
 
-/// The finished stages of a run directory: `.done-<stage>` markers.
+/// The stages of a run directory: `.started-<stage>` (its key, written when it starts) and
+/// `.done-<stage>` (key, seconds, summary) markers.
 struct Stages<'a> {
     dir: PathBuf,
     force: bool,
     count: usize,
     progress: &'a dyn Progress,
+    /// The key of the stage that ran (or was skipped) last: the next stage's key includes it.
+    prev: String,
+}
+
+/// The `"key"` field of a marker file, if it has one.
+fn marker_key(path: &Path) -> Option<String> {
+    let obj = jsonl::read_objects(path).ok()?.into_iter().next()?.obj;
+    obj.get("key")?.as_str().map(str::to_string)
 }
 
 impl Stages<'_> {
     const NAMES: [&'static str; 7] = ["generate", "intervene", "score", "train1", "benign", "train2", "eval"];
 
-    /// Runs stage `name` unless its marker says an earlier run finished it; `f` returns the
-    /// stage's summary, kept in the marker for the report.
-    fn run(&mut self, name: &str, f: impl FnOnce(&dyn Progress) -> Result<Value>) -> Result<()> {
+    /// Runs stage `name` unless its marker says an earlier run finished it with the same key
+    /// (`settings`: what the stage depends on besides the stages before it). `f` gets whether
+    /// to start over (old outputs removed: `--force`, or the key changed since the outputs on
+    /// disk were made) and returns the stage's summary, kept in the marker for the report.
+    fn run(&mut self, name: &str, settings: &[&str], f: impl FnOnce(&dyn Progress, bool) -> Result<Value>) -> Result<()> {
         self.count += 1;
         let total = Self::NAMES.len();
-        let marker = self.dir.join(format!(".done-{name}"));
-        if marker.is_file() && !self.force {
+        let mut h = Sha256::new();
+        for part in [name, self.prev.as_str()].iter().chain(settings) {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        let key: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+        self.prev = key.clone();
+        let (done, started) = (self.dir.join(format!(".done-{name}")), self.dir.join(format!(".started-{name}")));
+        let done_key = done.is_file().then(|| marker_key(&done));
+        if !self.force && done_key.as_ref().is_some_and(|k| k.as_deref() == Some(key.as_str())) {
             eprintln!("== [{}/{total}] {name}: finished in an earlier run, skipped", self.count);
             return Ok(());
         }
-        eprintln!("== [{}/{total}] {name}", self.count);
+        // Outputs on disk were made with other settings: start over rather than mix them.
+        let started_key = started.is_file().then(|| marker_key(&started)).flatten();
+        let changed = done_key.is_some() || started_key.as_ref().is_some_and(|k| *k != key);
+        let fresh = self.force || changed;
+        if changed && !self.force {
+            eprintln!("== [{}/{total}] {name}: settings or inputs changed since the earlier run; starting this stage over", self.count);
+        } else {
+            eprintln!("== [{}/{total}] {name}", self.count);
+        }
+        let _ = std::fs::remove_file(&done);
+        jsonl::write_atomic(&started, [json!({"stage": name, "key": key})])?;
         let t0 = Instant::now();
-        let summary = f(self.progress).with_context(|| format!("stage {name}"))?;
+        let summary = f(self.progress, fresh).with_context(|| format!("stage {name}"))?;
         let secs = t0.elapsed().as_secs_f64();
-        jsonl::write_atomic(&marker, [json!({"stage": name, "seconds": secs, "summary": summary})])?;
+        jsonl::write_atomic(&done, [json!({"stage": name, "key": key, "seconds": secs, "summary": summary})])?;
         eprintln!("== [{}/{total}] {name}: done in {secs:.1} s", self.count);
         Ok(())
     }
+}
+
+/// What a stage reads from outside the run directory, for its key: a file's bytes (prompt
+/// sets, trigger and cue files; empty when missing, so creating it changes the key), and a
+/// model folder's listing (names, sizes, modification times) plus its config.json.
+fn file_identity(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let digest: String = Sha256::digest(&bytes).iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{}={digest}", path.display())
+}
+
+fn model_identity(dir: &Path) -> String {
+    let mut entries: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+                    Some(format!("{}:{}:{mtime}", e.file_name().to_string_lossy(), m.len()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort();
+    format!("{} [{}] {}", dir.display(), entries.join(","), file_identity(&dir.join("config.json")))
 }
 
 /// A generating stage: continues a partial output of an interrupted run (`resume`), or
@@ -307,12 +366,19 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         }
     }
     let f = |name: &str| dir.join(name);
-    let (model, seed, force) = (&cfg.model, cfg.seed, flags.force);
+    let (model, seed) = (&cfg.model, cfg.seed);
     let t0 = Instant::now();
-    let mut st = Stages { dir: dir.clone(), force, count: 0, progress };
+    let mut st = Stages { dir: dir.clone(), force: flags.force, count: 0, progress, prev: String::new() };
+    let base = model_identity(model);
+    let (harmful, benign) = (file_identity(&cfg.harmful_prompts), file_identity(&cfg.benign_prompts));
+    let opt = |o: &dyn std::fmt::Debug| format!("{o:?}");
+    let iv = &cfg.intervene;
+    let iv_files: Vec<String> = [&iv.triggers, &iv.cue_patterns].into_iter().flatten().map(|p| file_identity(p)).collect();
 
-    st.run("generate", |p| gen(&cfg.generate, model, &cfg.harmful_prompts, &f("rollouts.jsonl"), force, p))?;
-    st.run("intervene", |p| {
+    st.run("generate", &[&base, &harmful, &opt(&cfg.generate)], |p, fresh| {
+        gen(&cfg.generate, model, &cfg.harmful_prompts, &f("rollouts.jsonl"), fresh, p)
+    })?;
+    st.run("intervene", &[&base, &opt(iv), &iv_files.join(" ")], |p, _| {
         let files = InterveneFiles { model: model.clone(), rollouts: Some(f("rollouts.jsonl")), prompts: None, output: f("pairs.jsonl") };
         Ok(serde_json::to_value(intervene(&files, &cfg.intervene, p)?)?)
     })?;
@@ -324,12 +390,14 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
             f("pairs.stats.json").display()
         );
     }
-    st.run("score", |p| score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p))?;
-    st.run("train1", |p| train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), force, p))?;
+    st.run("score", &[&base, &opt(&cfg.score)], |p, _| score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p))?;
+    st.run("train1", &[&base, &opt(&cfg.train1)], |p, fresh| {
+        train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), fresh, p)
+    })?;
     let stage1 = f("stage1").join("final");
-    st.run("benign", |p| {
-        gen(&cfg.benign, model, &cfg.benign_prompts, &f("benign_base.jsonl"), force, p)?;
-        gen(&cfg.benign, &stage1, &cfg.benign_prompts, &f("benign_stage1.jsonl"), force, p)?;
+    st.run("benign", &[&base, &benign, &opt(&cfg.benign), &opt(&cfg.score)], |p, fresh| {
+        gen(&cfg.benign, model, &cfg.benign_prompts, &f("benign_base.jsonl"), fresh, p)?;
+        gen(&cfg.benign, &stage1, &cfg.benign_prompts, &f("benign_stage1.jsonl"), fresh, p)?;
         let n = benign_pairs(&f("benign_base.jsonl"), &f("benign_stage1.jsonl"), &f("benign_pairs.jsonl"))?;
         eprintln!("benign: {n} prompts answered by the base model but refused by the stage-1 model");
         if n > 0 {
@@ -339,18 +407,19 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         }
         Ok(json!({"benign_pairs": n}))
     })?;
-    st.run("train2", |p| {
+    let fraction = format!("harmful_fraction={} seed={seed}", cfg.harmful_fraction);
+    st.run("train2", &[&fraction, &opt(&cfg.train2)], |p, fresh| {
         let (nh, nb) = mix(&f("pairs.ref.jsonl"), &f("benign_pairs.ref.jsonl"), cfg.harmful_fraction, seed, &f("stage2_pairs.jsonl"))?;
         eprintln!("train2: {nh} harmful + {nb} benign pairs");
-        train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), force, p)
+        train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), fresh, p)
     })?;
     let final_model = f("stage2").join("final");
-    st.run("eval", |p| {
+    st.run("eval", &[&base, &harmful, &benign, &opt(&cfg.eval)], |p, fresh| {
         let mut out = serde_json::Map::new();
         for (m, tag) in [(model, "base"), (&final_model, "final")] {
             for (prompts, kind) in [(&cfg.harmful_prompts, "harmful"), (&cfg.benign_prompts, "benign")] {
                 let name = format!("eval_{tag}_{kind}");
-                out.insert(name.clone(), gen(&cfg.eval, m, prompts, &f(&format!("{name}.jsonl")), force, p)?);
+                out.insert(name.clone(), gen(&cfg.eval, m, prompts, &f(&format!("{name}.jsonl")), fresh, p)?);
             }
         }
         Ok(Value::Object(out))
@@ -422,6 +491,65 @@ mod tests {
         let head = "model = \"m\"\nrun_dir = \"r\"\nharmful_prompts = \"h.jsonl\"\nbenign_prompts = \"b.jsonl\"\nseed = 7\n";
         std::fs::write(&p, format!("{head}{body}")).unwrap();
         p
+    }
+
+    /// Runs stages "a" then "b" with the given settings; returns, per stage, None when it was
+    /// skipped, else Some(fresh).
+    fn two_stages(dir: &Path, force: bool, a: &str, b: &str, fail_b: bool) -> (Option<bool>, Option<bool>) {
+        let silent = crate::workflow::progress::Silent;
+        let mut st = Stages { dir: dir.to_path_buf(), force, count: 0, progress: &silent, prev: String::new() };
+        let (mut ra, mut rb) = (None, None);
+        st.run("a", &[a], |_, fresh| {
+            ra = Some(fresh);
+            Ok(json!({}))
+        })
+        .unwrap();
+        let r = st.run("b", &[b], |_, fresh| {
+            rb = Some(fresh);
+            if fail_b {
+                bail!("interrupted")
+            }
+            Ok(json!({}))
+        });
+        assert_eq!(r.is_err(), fail_b);
+        (ra, rb)
+    }
+
+    #[test]
+    fn stages_rerun_exactly_when_their_settings_or_an_earlier_stage_change() {
+        let d = tempfile::tempdir().unwrap();
+        let d = d.path();
+        assert_eq!(two_stages(d, false, "a1", "b1", false), (Some(false), Some(false)), "first run");
+        assert_eq!(two_stages(d, false, "a1", "b1", false), (None, None), "same settings: both skipped");
+        assert_eq!(two_stages(d, false, "a1", "b2", false), (None, Some(true)), "b's table changed: b starts over");
+        assert_eq!(two_stages(d, false, "a2", "b2", false), (Some(true), Some(true)), "a changed: a and every later stage");
+        assert_eq!(two_stages(d, false, "a2", "b2", false), (None, None));
+        assert_eq!(two_stages(d, true, "a2", "b2", false), (Some(true), Some(true)), "--force starts every stage over");
+        // An interrupted stage resumes with the same settings and starts over with others.
+        let d2 = tempfile::tempdir().unwrap();
+        let d2 = d2.path();
+        assert_eq!(two_stages(d2, false, "a", "b", true), (Some(false), Some(false)));
+        assert!(d2.join(".started-b").is_file() && !d2.join(".done-b").exists());
+        assert_eq!(two_stages(d2, false, "a", "b", true), (None, Some(false)), "same settings: b continues its outputs");
+        assert_eq!(two_stages(d2, false, "a", "b*", false), (None, Some(true)), "other settings: b's partial outputs are dropped");
+        assert_eq!(two_stages(d2, false, "a", "b*", false), (None, None));
+    }
+
+    #[test]
+    fn stage_inputs_are_identified_by_content_and_listing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("prompts.jsonl");
+        std::fs::write(&p, "{\"id\": 1, \"prompt\": \"a\"}\n").unwrap();
+        let a = file_identity(&p);
+        std::fs::write(&p, "{\"id\": 1, \"prompt\": \"b\"}\n").unwrap();
+        assert_ne!(a, file_identity(&p), "an edited prompt file changes the key");
+        let m = d.path().join("model");
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(m.join("config.json"), "{}").unwrap();
+        let a = model_identity(&m);
+        assert_eq!(a, model_identity(&m));
+        std::fs::write(m.join("model.safetensors"), "12345678").unwrap();
+        assert_ne!(a, model_identity(&m), "new or changed weights change the key");
     }
 
     #[test]
