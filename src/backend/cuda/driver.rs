@@ -23,6 +23,8 @@ pub struct Cudarc {
     handle: cublas::Handle,
     name: String,
     arch: String,
+    /// Stream-ordered allocation (cuMemAllocAsync from the default pool) is supported.
+    pools: bool,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
     funcs: Mutex<HashMap<(String, String), sys::CUfunction>>,
     /// Created streams by id (0, the default stream, is the null stream) and the current one.
@@ -71,12 +73,25 @@ impl Cudarc {
         unsafe { drv::ctx::set_current(ctx) }.map_err(err)?;
         let handle = blas.create().map_err(GpuError::Device)?;
         let name = drv::device::get_name(dev).map_err(err)?;
+        // Stream-ordered allocation from the device's default pool, which keeps freed memory for
+        // reuse (release threshold: never): cuMemFree synchronizes the device, and every op
+        // frees the index arrays it uploads, so plain cuMemAlloc/cuMemFree serialized host and
+        // GPU at every op.
+        let pools = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)? != 0;
+        if pools {
+            let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+            unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev) }.result().map_err(err)?;
+            let mut threshold = u64::MAX;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+            unsafe { sys::cuMemPoolSetAttribute(pool.assume_init(), attr, &mut threshold as *mut u64 as *mut c_void) }.result().map_err(err)?;
+        }
         Ok(Cudarc {
             ctx,
             blas,
             handle,
             name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
             arch: format!("sm_{major}{minor}"),
+            pools,
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             streams: Mutex::new((HashMap::new(), 0)),
@@ -120,18 +135,27 @@ impl Gpu for Cudarc {
     fn arch(&self) -> String {
         self.arch.clone()
     }
+    // Allocation, free and upload are ordered on the legacy default stream, which every
+    // blocking stream (all that `stream_create` makes) synchronizes with: a buffer freed there
+    // is reused only after all work issued before the free, on any stream.
     fn alloc(&self, bytes: usize) -> Result<DevPtr, GpuError> {
         self.bind()?;
-        unsafe { drv::malloc_sync(bytes.max(4)) }.map_err(err)
+        if self.pools {
+            unsafe { drv::malloc_async(drv::stream::null(), bytes.max(4)) }.map_err(err)
+        } else {
+            unsafe { drv::malloc_sync(bytes.max(4)) }.map_err(err)
+        }
     }
     fn free(&self, ptr: DevPtr) {
         if self.bind().is_ok() {
-            let _ = unsafe { drv::free_sync(ptr) };
+            let _ = if self.pools { unsafe { drv::free_async(ptr, drv::stream::null()) } } else { unsafe { drv::free_sync(ptr) } };
         }
     }
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
         self.bind()?;
-        unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(err)
+        // From pageable memory the driver stages `src` before returning, so the caller may
+        // drop it at once; the copy itself runs in stream order, without a device sync.
+        unsafe { drv::memcpy_htod_async(dst, src, drv::stream::null()) }.map_err(err)
     }
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<(), GpuError> {
         self.bind()?;
