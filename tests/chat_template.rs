@@ -156,3 +156,76 @@ fn reasoning_split_at_think_close() {
     assert_eq!((r, a), ("I'll explain how to do it: first...", ""));
     assert_eq!(split_reasoning(""), ("", ""));
 }
+
+// ---------------------------------------------------------------- bounded rendering
+
+mod common;
+
+/// Renders `src` (as a model folder's chat_template.jinja) on a thread: the error, or a
+/// failure if it succeeds or takes longer than `limit` (then the thread is left behind).
+fn render_must_fail(src: &str, limit: std::time::Duration) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), src).unwrap();
+    let t = ChatTemplate::from_dir(dir.path()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(t.render(&[json!({"role": "user", "content": "hi"})], true, &Map::new()).map_err(|e| e.to_string()));
+    });
+    let r = rx.recv_timeout(limit).unwrap_or_else(|_| panic!("no answer after {limit:?}: the render hangs"));
+    let e = match r {
+        Ok(out) => panic!("rendered {} bytes instead of refusing the template", out.len()),
+        Err(e) => e,
+    };
+    assert!(t0.elapsed() < limit, "{:?}", t0.elapsed());
+    assert!(e.contains("chat_template.jinja"), "the error names the template file: {e}");
+    e
+}
+
+#[test]
+fn nested_loops_run_out_of_fuel_within_a_second() {
+    let src = "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}";
+    let e = render_must_fail(src, std::time::Duration::from_secs(1));
+    assert!(e.contains("fuel") && e.contains(&ipo::model::chat::FUEL.to_string()), "{e}");
+}
+
+#[test]
+fn output_beyond_the_cap_is_an_error() {
+    // 3 MB in 100-byte pieces (rendered in full before), and 10^10 bytes in 10^8-byte pieces
+    // (aborted the process).
+    for src in ["{% for i in range(30000) %}{{ 'y' * 100 }}{% endfor %}", "{% for i in range(100) %}{{ 'x' * 100000000 }}{% endfor %}"] {
+        let e = render_must_fail(src, std::time::Duration::from_secs(10));
+        assert!(e.contains("output exceeds") && e.contains(&ipo::model::chat::MAX_OUTPUT_BYTES.to_string()), "{e}");
+    }
+}
+
+/// A conversation of `n` user/assistant turns after a system message.
+fn long_chat(n: usize) -> Vec<Value> {
+    let mut m = vec![json!({"role": "system", "content": "You are helpful."})];
+    for i in 0..n {
+        m.push(json!({"role": "user", "content": format!("Question {i}: what is {i} + {i}?")}));
+        m.push(json!({"role": "assistant", "content": format!("<think>\nAdd them.\n</think>\n\n{}", 2 * i)}));
+    }
+    m
+}
+
+#[test]
+fn real_templates_render_a_long_chat_well_within_the_fuel_budget() {
+    use ipo::model::chat::FUEL;
+    let mut templates = Vec::new();
+    for name in ["smollm2", "qwen3"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat").join(format!("{name}.json"));
+        let fx: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        templates.push((name.to_string(), ChatTemplate::new(fx["template"].as_str().unwrap(), fx["bos_token"].as_str(), fx["eos_token"].as_str()).unwrap()));
+    }
+    if let Some(dir) = common::default_model() {
+        templates.push(("default model".to_string(), ChatTemplate::from_dir(&dir).unwrap()));
+    }
+    for (name, t) in &templates {
+        // 500 turns (1001 messages, ~30 KB of prompt): at most a tenth of the budget.
+        let (text, fuel) = t.render_counted(&long_chat(500), true, &Map::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.contains("Question 499") && text.len() > 20_000, "{name}");
+        eprintln!("{name}: {fuel} fuel for 1001 messages ({} per message)", fuel / 1001);
+        assert!(fuel > 0 && fuel * 10 < FUEL, "{name}: {fuel} of {FUEL}");
+    }
+}

@@ -9,8 +9,38 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{default_model, Rng};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 use half::{bf16, f16};
 use ipo::gguf::{self, GgmlType, GgufFile, Value};
+
+// ---------------------------------------------------------------- allocation watch
+
+/// The system allocator, recording per thread the largest single allocation asked for, so a
+/// test can show a hostile file was rejected before any large allocation or reservation.
+struct Watch;
+
+thread_local! {
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Watch {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let _ = LARGEST.try_with(|m| m.set(m.get().max(l.size())));
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let _ = LARGEST.try_with(|m| m.set(m.get().max(new)));
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static WATCH: Watch = Watch;
 
 // ---------------------------------------------------------------- a tiny GGUF writer
 
@@ -325,6 +355,11 @@ fn tiny_llama(with_output: bool) -> TinyModel {
 
 /// The tiny model for `arch` (llama, qwen2 with q/k/v biases, qwen3 with q/k norms).
 fn tiny_model(arch: &str, with_output: bool) -> TinyModel {
+    tiny_model_edited(arch, with_output, |_| {})
+}
+
+/// The tiny model with `edit` applied to its tensor table before it is written.
+fn tiny_model_edited(arch: &str, with_output: bool, edit: impl FnOnce(&mut Vec<RawTensor>)) -> TinyModel {
     let mut rng = Rng(0xC0FFEE);
     let (hidden, ffn, n_head, n_kv, hd, vocab_extra) = (64u64, 96u64, 4u64, 2u64, 16u64, 0);
     let _ = vocab_extra;
@@ -397,6 +432,7 @@ fn tiny_model(arch: &str, with_output: bool) -> TinyModel {
         ("tokenizer.ggml.padding_token_id", Kv::U32(2)),
         ("tokenizer.chat_template", Kv::Str("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}".into())),
     ];
+    edit(&mut t);
     TinyModel { bytes: write_gguf(&kvs, &t), tensors: t }
 }
 
@@ -598,6 +634,138 @@ fn misaligned_block_count_is_rejected() {
     let p = tmp_file(dir.path(), "odd.gguf", &write_gguf(&[], &tensors));
     let e = GgufFile::open(&p).err().unwrap().to_string();
     assert!(e.contains("'odd'") && e.contains("block size 32"), "{e}");
+}
+
+// ---------------------------------------------------------------- hostile files
+
+/// Imports `bytes` into `<tmp>/outs/model` through the library, catching a panic; returns the
+/// error text (a panic or a success fails the test) after checking that nothing was left in
+/// `outs/` (no temp folder, no half-written model).
+fn import_must_fail(name: &str, bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let input = tmp_file(dir.path(), name, bytes);
+    let outs = dir.path().join("outs");
+    let out = outs.join("model");
+    let r = std::panic::catch_unwind(|| gguf::import_gguf(&input, &out, false, |_, _, _| {}));
+    let left: Vec<_> = std::fs::read_dir(&outs).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+    let e = match r {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(s)) => panic!("{name}: imported {} tensors into a folder that cannot be loaded", s.n_tensors),
+        Err(_) => panic!("{name}: the import panicked (left in outs/: {left:?})"),
+    };
+    assert!(left.is_empty(), "{name}: left in outs/ after the error: {left:?} ({e})");
+    assert!(e.contains(name), "{name}: the error names the file: {e}");
+    e
+}
+
+
+fn set_dims(t: &mut [RawTensor], name: &str, dims: Vec<u64>) {
+    t.iter_mut().find(|t| t.name == name).unwrap().dims = dims;
+}
+
+#[test]
+fn tensor_with_zero_dimensions_is_an_error_naming_it() {
+    // 0 dims on a Q projection (panicked in the Q/K un-permutation, temp folder left) and on
+    // the embedding (panicked reading the vocabulary size from its shape).
+    for tensor in ["blk.0.attn_q.weight", "token_embd.weight"] {
+        let bytes = tiny_model_edited("llama", false, |t| set_dims(t, tensor, vec![])).bytes;
+        let e = import_must_fail("nodims.gguf", &bytes);
+        assert!(e.contains(tensor) && e.contains("0 dimensions"), "{e}");
+    }
+}
+
+#[test]
+fn zero_in_dims_is_an_error_naming_the_tensor() {
+    // [64, 0]: no elements; imported "successfully" into a folder that could not be loaded.
+    let bytes = tiny_model_edited("llama", false, |t| set_dims(t, "blk.1.attn_v.weight", vec![64, 0])).bytes;
+    let e = import_must_fail("zerodim.gguf", &bytes);
+    assert!(e.contains("blk.1.attn_v.weight") && e.contains("dimension 1 is 0"), "{e}");
+}
+
+#[test]
+fn dims_whose_byte_count_wraps_are_an_error_naming_the_tensor() {
+    // 2^31 x 2^31 F32 elements: the element count fits u64, its 4-byte size wraps to 0 (which
+    // passed the bounds check, then panicked allocating or slicing the tensor).
+    let bytes = tiny_model_edited("llama", false, |t| set_dims(t, "blk.0.attn_norm.weight", vec![1 << 31, 1 << 31])).bytes;
+    let e = import_must_fail("wrap.gguf", &bytes);
+    assert!(e.contains("blk.0.attn_norm.weight") && e.contains("overflow"), "{e}");
+    // Dims whose element count itself overflows, through the reader alone.
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = [RawTensor { name: "huge".into(), dims: vec![1 << 40, 1 << 40], type_id: 0, data: vec![0; 4] }];
+    let p = tmp_file(dir.path(), "wrap2.gguf", &write_gguf(&[], &tensors));
+    let e = GgufFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("'huge'") && e.contains("overflow"), "{e}");
+}
+
+#[test]
+fn duplicate_tensor_names_are_an_error_naming_the_tensor() {
+    let copy_as = |t: &mut Vec<RawTensor>, from: &str, name: &str| {
+        let i = t.iter().position(|t| t.name == from).unwrap();
+        let copy = RawTensor { name: name.into(), dims: t[i].dims.clone(), type_id: t[i].type_id, data: t[i].data.clone() };
+        t.push(copy);
+    };
+    // The same GGUF name twice: safetensors got one header entry but both data blocks.
+    let bytes = tiny_model_edited("llama", false, |t| copy_as(t, "blk.1.ffn_down.weight", "blk.1.ffn_down.weight")).bytes;
+    let e = import_must_fail("dup.gguf", &bytes);
+    assert!(e.contains("blk.1.ffn_down.weight") && e.contains("twice"), "{e}");
+    // Two GGUF names for one HF tensor: "blk.01" is layer 1 too.
+    let bytes = tiny_model_edited("llama", false, |t| copy_as(t, "blk.1.ffn_up.weight", "blk.01.ffn_up.weight")).bytes;
+    let e = import_must_fail("dup2.gguf", &bytes);
+    assert!(e.contains("blk.01.ffn_up.weight") && e.contains("blk.1.ffn_up.weight") && e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+}
+
+/// A GGUF header with one metadata array of `n` elements of type `elem_ty`, in a sparse file
+/// of 1 GiB (the elements are zeros that take no disk space).
+fn sparse_array_gguf(dir: &Path, name: &str, elem_ty: u32, n: u64) -> PathBuf {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(0u64.to_le_bytes()); // tensors
+    out.extend(1u64.to_le_bytes()); // metadata entries
+    put_str(&mut out, "tokenizer.ggml.scores");
+    out.extend(9u32.to_le_bytes());
+    out.extend(elem_ty.to_le_bytes());
+    out.extend(n.to_le_bytes());
+    let p = tmp_file(dir, name, &out);
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(1 << 30).unwrap();
+    p
+}
+
+#[test]
+fn huge_metadata_array_is_rejected_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2^29 one-byte elements fit in the 1 GiB file; as 32-byte values they asked for 16 GiB.
+    // 2^28 eight-byte elements need 2 GiB: more than the file holds.
+    for (elem_ty, n) in [(0u32, 1u64 << 29), (10, 1 << 28)] {
+        let p = sparse_array_gguf(dir.path(), &format!("big{elem_ty}.gguf"), elem_ty, n);
+        LARGEST.with(|m| m.set(0));
+        let t0 = Instant::now();
+        let e = GgufFile::open(&p).err().expect("a huge array must be rejected").to_string();
+        let largest = LARGEST.with(|m| m.get());
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert!(largest < 1 << 20, "largest allocation {largest} bytes: {e}");
+        assert!(e.contains(&format!("big{elem_ty}.gguf")) && e.contains("tokenizer.ggml.scores") && e.contains(&format!("{n} elements")), "{e}");
+    }
+    // The bytes-left check names what the elements need, where, and the file's length.
+    let e = GgufFile::open(dir.path().join("big10.gguf")).err().unwrap().to_string();
+    assert!(e.contains("truncated") && e.contains("2147483648 bytes at offset 69") && e.contains("the file has 1073741824 bytes"), "{e}");
+}
+
+#[test]
+fn import_gguf_binary_reports_a_hostile_file_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = tiny_model_edited("llama", false, |t| set_dims(t, "blk.0.attn_k.weight", vec![])).bytes;
+    let input = tmp_file(dir.path(), "nodims.gguf", &bytes);
+    let outs = dir.path().join("outs");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ipo"))
+        .args(["import-gguf", input.to_str().unwrap(), outs.join("model").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("blk.0.attn_k.weight") && stderr.contains("0 dimensions"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&outs).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 // ---------------------------------------------------------------- the default model

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use ipo::intervene::detect::{DetectError, Detector, Item};
 use ipo::intervene::judge::{endpoint_url, parse_answer, Judge, JudgeConfig};
 use serde_json::{json, Value};
@@ -64,6 +66,7 @@ fn handle(stream: TcpStream, seen: Arc<Seen>) {
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut len = 0usize;
     let mut auth = None;
+    let mut headers = String::new(); // the raw request head, for the "echo" modes
     let mut line = String::new();
     loop {
         line.clear();
@@ -74,6 +77,8 @@ fn handle(stream: TcpStream, seen: Arc<Seen>) {
         if l.is_empty() {
             break;
         }
+        headers.push_str(l);
+        headers.push('\n');
         let lower = l.to_ascii_lowercase();
         if let Some(v) = lower.strip_prefix("content-length:") {
             len = v.trim().parse().unwrap_or(0);
@@ -119,6 +124,22 @@ fn handle(stream: TcpStream, seen: Arc<Seen>) {
         "word" => respond(stream, "200 OK", &completion("The answer is three")),
         "range" => respond(stream, "200 OK", &completion("9")),
         "first" => respond(stream, "200 OK", &completion("1")),
+        // A misconfigured endpoint (or proxy) that echoes the request head in its error body,
+        // with the Authorization header first, plus other bearer/sk- tokens it saw.
+        "echo401" | "echo500" => {
+            let head: String = {
+                let (auth_lines, rest): (Vec<&str>, Vec<&str>) =
+                    headers.lines().partition(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+                auth_lines.into_iter().chain(rest).collect::<Vec<_>>().join("\n")
+            };
+            let body = json!({"error": "unauthorized: invalid api key", "request": head,
+                "upstream": "proxy said Bearer tok-UPSTREAM-777 and sk-abcdefghijklmnop1234"})
+            .to_string();
+            let status = if mode == "echo401" { "401 Unauthorized" } else { "500 Internal Server Error" };
+            respond(stream, status, &body);
+        }
+        // Malformed JSON that still holds the key (a reply echoing the request body and head).
+        "echojson" => respond(stream, "200 OK", &format!("{{\"echo\": \"{}\"", headers.replace('\n', " "))),
         _ => respond(stream, "404 Not Found", "{}"),
     }
     seen.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -157,6 +178,91 @@ fn cfg(url: &str, cache: Option<std::path::PathBuf>) -> JudgeConfig {
         backoff: Duration::from_millis(20),
         concurrency: 4,
         cache,
+    }
+}
+
+/// A key that no generic pattern would catch (no `sk-` prefix): only redacting the key itself
+/// removes it.
+const KEY: &str = "judge-key-9f8e7d6c5b4a3921";
+
+/// Every way the key could be written: itself, and as the header value.
+fn leaks(text: &str) -> bool {
+    text.contains(KEY) || text.contains("9f8e7d6c5b4a3921") || text.contains("tok-UPSTREAM-777")
+        || text.contains("sk-abcdefghijklmnop1234")
+}
+
+#[test]
+fn error_bodies_that_echo_the_request_headers_are_redacted() {
+    let s = server();
+    let mut c = cfg(&s.url, None);
+    c.api_key = Some(KEY.into());
+    c.retries = 1;
+    let j = Judge::new(c.clone()).unwrap();
+    let items = [item("echo401", 3), item("echo500", 3), item("echojson", 3)];
+    let r = j.first_compliance_cues(&items);
+    // The server did see the key (the echo is real) ...
+    assert!(s.seen.auth.lock().unwrap().iter().all(|a| a.as_deref() == Some(&*format!("Bearer {KEY}"))));
+    for (res, want) in r.iter().zip(["401", "500", "malformed"]) {
+        let e = res.as_ref().unwrap_err().to_string();
+        // ... but no error text holds it, nor the other bearer / sk- tokens of the body,
+        assert!(!leaks(&e), "secret in error: {e}");
+        // and the rest stays informative.
+        assert!(e.contains(want) && e.contains("[REDACTED]"), "{e}");
+        assert!(want == "malformed" || e.contains("unauthorized: invalid api key"), "{e}");
+    }
+    // The config's Debug form does not print the key either.
+    assert!(!format!("{c:?}").contains(KEY));
+}
+
+#[test]
+fn redact_removes_the_key_bearer_and_sk_tokens() {
+    use ipo::intervene::judge::redact;
+    let t = "authorization: Bearer abc.DEF-123 and key judge-key-9f8e7d6c5b4a3921 in x?k=judge-key-9f8e7d6c5b4a3921; sk-proj-AbCdEf123456 task-manager";
+    let r = redact(t, Some(KEY));
+    assert_eq!(r, "authorization: Bearer [REDACTED] and key [REDACTED] in x?k=[REDACTED]; [REDACTED] task-manager");
+    // Idempotent, and plain text is left alone.
+    assert_eq!(redact(&r, Some(KEY)), r);
+    assert_eq!(redact("HTTP 500: {\"error\": \"down\"}", None), "HTTP 500: {\"error\": \"down\"}");
+}
+
+/// Through `ipo intervene --detector judge` (the default model tokenizes the rollout): the key
+/// from IPO_JUDGE_API_KEY reaches no file of the output folder, nor stdout/stderr.
+#[test]
+fn intervene_with_an_echoing_judge_writes_no_key() {
+    let Some(model) = common::default_model() else { return };
+    let s = server();
+    let tok = ipo::model::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    let fp = ipo::rollout::fingerprint::model_fingerprint(&model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = "The user asks something. MODE=echo401 ok. Sure, I'll start by listing the tools you need. First, get a tension wrench.";
+    let chat = ipo::model::chat::ChatTemplate::from_dir(&model).unwrap();
+    let prompt = chat.render(&[json!({"role": "user", "content": "How do I pick a lock?"})], true, &Default::default()).unwrap();
+    let prompt_ids = tok.encode(&prompt, false).unwrap();
+    let mut c = tok.encode(text, false).unwrap();
+    c.push(tok.eos_ids()[0]);
+    let line = json!({"id": "r1", "prompt": "How do I pick a lock?", "kind": "harmful", "prompt_ids": prompt_ids, "completion_ids": c, "model": fp});
+    let rollouts = dir.path().join("rollouts.jsonl");
+    std::fs::write(&rollouts, format!("{line}\n")).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("pairs.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ipo"))
+        .args(["intervene", "--model", model.to_str().unwrap(), "--rollouts", rollouts.to_str().unwrap()])
+        .args(["--output", out.to_str().unwrap(), "--detector", "judge", "--judge-url", &s.url])
+        .args(["--judge-model", "judge-test", "--judge-retries", "0", "--judge-timeout", "5"])
+        .env("IPO_JUDGE_API_KEY", KEY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(calls(&s, "echo401"), 1, "the judge was asked: {stderr}");
+    assert!(!leaks(&stderr) && !leaks(&stdout), "secret on stderr/stdout: {stderr}\n{stdout}");
+    let errors = std::fs::read_to_string(out_dir.join("pairs.errors.jsonl")).unwrap();
+    assert!(errors.contains("401") && errors.contains("[REDACTED]"), "{errors}");
+    for e in std::fs::read_dir(&out_dir).unwrap() {
+        let p = e.unwrap().path();
+        let body = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned();
+        assert!(!leaks(&body), "secret in {}: {body}", p.display());
     }
 }
 

@@ -194,9 +194,20 @@ pub fn import_gguf(
     // The tensors HF keeps, in GGUF order.
     let mut plan: Vec<(&TensorInfo, String)> = Vec::new();
     let mut skipped = Vec::new();
+    let mut by_hf_name = std::collections::HashMap::new();
     for t in &g.tensors {
         match hf_tensor_name(&t.name) {
-            Some(n) => plan.push((t, n)),
+            Some(n) => {
+                // "blk.1.x" and "blk.01.x" are one HF tensor: a folder with it twice cannot load.
+                if let Some(first) = by_hf_name.insert(n.clone(), &t.name) {
+                    return Err(GgufError::BadTensor {
+                        path: g.path.clone(),
+                        tensor: t.name.clone(),
+                        reason: format!("maps to {n}, as tensor '{first}' does"),
+                    });
+                }
+                plan.push((t, n))
+            }
             None => skipped.push(t.name.clone()),
         }
     }
@@ -216,7 +227,8 @@ pub fn import_gguf(
         std::fs::remove_dir_all(&tmp).map_err(|e| out_err(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| out_err(&tmp, e))?;
-    let result = (|| {
+    let guard = TempDirGuard(Some(tmp.clone()));
+    let n_params = (|| {
         let write_json = |file: &str, v: &Json| -> Result<(), GgufError> {
             let p = tmp.join(file);
             let s = serde_json::to_string_pretty(v).expect("json");
@@ -233,21 +245,32 @@ pub fn import_gguf(
         write_json("tokenizer.json", &tok.tokenizer)?;
         write_json("tokenizer_config.json", &tok.tokenizer_config)?;
         write_json("special_tokens_map.json", &tok.special_tokens_map)?;
-        let n_params = write_safetensors(&g, &a, &plan, &tmp.join("model.safetensors"), &mut on_tensor)?;
-        Ok(n_params)
-    })();
-    let n_params = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
+        write_safetensors(&g, &a, &plan, &tmp.join("model.safetensors"), &mut on_tensor)
+    })()?;
     if out_dir.exists() {
         std::fs::remove_dir_all(out_dir).map_err(|e| out_err(out_dir, e))?;
     }
     std::fs::rename(&tmp, out_dir).map_err(|e| out_err(out_dir, e))?;
+    guard.commit();
     Ok(ImportSummary { out_dir: out_dir.to_path_buf(), n_tensors: plan.len(), n_params, skipped })
+}
+
+/// Removes the temp folder on drop (an error return or a panic) unless committed.
+struct TempDirGuard(Option<PathBuf>);
+
+impl TempDirGuard {
+    /// The folder was renamed into place: keep it.
+    fn commit(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
 }
 
 /// Stream every planned tensor, dequantized to f32 (Q/K un-permuted for llama), into a

@@ -3,6 +3,9 @@
 //! Layout (little-endian): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count,
 //! kv_count x (string key, u32 type, value), tensor_count x (string name, u32 n_dims,
 //! n_dims x u64 dims (innermost first), u32 ggml type, u64 offset), pad to alignment, data.
+//!
+//! The file may be hostile: every count and size read from it is checked (checked arithmetic,
+//! against the bytes left in the file and a sane maximum) before anything is allocated for it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,7 +84,31 @@ impl Value {
     }
 }
 
-/// Where one tensor lives in the file and what it holds.
+/// Most metadata entries a file may have (real files have a few dozen).
+const MAX_METADATA_ENTRIES: u64 = 1 << 16;
+/// Most metadata values, array elements included, a file may hold (the largest real
+/// vocabularies are ~260k tokens, each with a type and a score): 2^24 values of 32 bytes
+/// bound the metadata's memory at 512 MiB whatever the file says.
+const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Most tensors a file may have (a 405B llama has ~1.1k).
+const MAX_TENSORS: u64 = 1 << 20;
+/// Fewest bytes one tensor info takes: name length, n_dims, one dim, type, offset.
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+
+/// Fewest bytes a metadata value of type `ty` takes in the file (1 for an unknown type, which
+/// is an error when read).
+fn min_value_bytes(ty: u32) -> u64 {
+    match ty {
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8, // a string: its u64 length
+        9 => 4 + 8,       // an array: element type and count
+        _ => 1,
+    }
+}
+
+/// Where one tensor lives in the file and what it holds. `open` guarantees 1 to 8 dims, none
+/// zero, and an element and byte count that fit (no overflow) inside the file.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
     pub name: String,
@@ -120,9 +147,37 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values that may still be read (of [`MAX_METADATA_VALUES`]).
+    values_left: u64,
 }
 
 impl<'a> Cursor<'a> {
+    fn bytes_left(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+
+    /// Checks that `n` items of at least `min_bytes` each can follow, and that `n` is at most
+    /// `max`, before anything is allocated for them.
+    fn check_count(&self, what: &str, n: u64, min_bytes: u64, max: u64) -> Result<(), GgufError> {
+        let need = n.saturating_mul(min_bytes);
+        if need > self.bytes_left() {
+            return Err(GgufError::Truncated {
+                path: self.path.to_path_buf(),
+                what: format!("{what} ({n} elements, at least {min_bytes} bytes each)"),
+                offset: self.pos as u64,
+                need,
+                file_len: self.buf.len() as u64,
+            });
+        }
+        if n > max {
+            return Err(GgufError::Format {
+                path: self.path.to_path_buf(),
+                reason: format!("{what}: {n} elements, more than the {max} this reader accepts"),
+            });
+        }
+        Ok(())
+    }
+
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         match end {
@@ -175,16 +230,10 @@ impl<'a> Cursor<'a> {
                 }
                 let elem_ty = self.u32(w)?;
                 let n = self.u64(w)?;
-                // Every element takes at least one byte: reject absurd counts before allocating.
-                if n > (self.buf.len() - self.pos) as u64 {
-                    return Err(GgufError::Truncated {
-                        path: self.path.to_path_buf(),
-                        what: format!("array of metadata key '{key}' ({n} elements, at least 1 byte each)"),
-                        offset: self.pos as u64,
-                        need: n,
-                        file_len: self.buf.len() as u64,
-                    });
-                }
+                // Bounded by the file and by the values budget before a single slot is reserved.
+                let what = format!("array of metadata key '{key}'");
+                self.check_count(&what, n, min_value_bytes(elem_ty), self.values_left)?;
+                self.values_left -= n;
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     items.push(self.value(elem_ty, key, depth + 1)?);
@@ -214,7 +263,7 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; the file is not expected to change while we read it.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let mut c = Cursor { buf: &mmap, pos: 0, path };
+        let mut c = Cursor { buf: &mmap, pos: 0, path, values_left: MAX_METADATA_VALUES };
         let magic = c.take(4, "magic")?;
         if magic != b"GGUF" {
             return Err(GgufError::BadMagic { path: path.to_path_buf(), found: magic.try_into().unwrap() });
@@ -228,6 +277,9 @@ impl GgufFile {
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
+        // An entry is at least a key length, a type and one byte of value.
+        c.check_count("metadata entries", n_kv, 8 + 4 + 1, MAX_METADATA_ENTRIES)?;
+        c.values_left -= n_kv;
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = c.string(&format!("key of metadata entry {i}"))?;
@@ -247,15 +299,24 @@ impl GgufFile {
                 }
             },
         };
+        c.check_count("tensor table", n_tensors, MIN_TENSOR_INFO_BYTES, MAX_TENSORS)?;
         let mut raw = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let name = c.string(&format!("name of tensor {i}"))?;
+            let bad = |reason: String| GgufError::BadTensor { path: path.to_path_buf(), tensor: name.clone(), reason };
+            if !names.insert(name.clone()) {
+                return Err(bad("appears twice in the tensor table".into()));
+            }
             let what = format!("info of tensor '{name}'");
             let n_dims = c.u32(&what)?;
-            if n_dims > 8 {
-                return Err(GgufError::BadTensor { path: path.to_path_buf(), tensor: name, reason: format!("{n_dims} dimensions (expected at most 8)") });
+            if n_dims == 0 || n_dims > 8 {
+                return Err(bad(format!("{n_dims} dimensions (expected 1 to 8)")));
             }
             let dims = (0..n_dims).map(|_| c.u64(&what)).collect::<Result<Vec<_>, _>>()?;
+            if let Some(k) = dims.iter().position(|&d| d == 0) {
+                return Err(bad(format!("dimension {k} is 0 (dims {dims:?}, innermost first)")));
+            }
             let ty_id = c.u32(&what)?;
             let offset = c.u64(&what)?;
             raw.push((name, dims, ty_id, offset));
@@ -276,11 +337,13 @@ impl GgufFile {
             if dims.first().copied().unwrap_or(1) % block as u64 != 0 {
                 return Err(bad(format!("innermost dimension {} is not a multiple of the {:?} block size {block}", dims[0], ty)));
             }
-            let n_bytes = n / block as u64 * bytes as u64;
+            let n_bytes = (n / block as u64)
+                .checked_mul(bytes as u64)
+                .ok_or_else(|| bad(format!("dims {dims:?}: the byte count of {n} {ty:?} elements overflows")))?;
             if rel % alignment as u64 != 0 {
                 return Err(bad(format!("data offset {rel} is not a multiple of the alignment {alignment}")));
             }
-            let start = data_start as u64 + rel;
+            let start = (data_start as u64).checked_add(rel).ok_or_else(|| bad(format!("data offset {rel} overflows")))?;
             if start.checked_add(n_bytes).is_none_or(|e| e > file_len as u64) {
                 return Err(GgufError::Truncated {
                     path: path.to_path_buf(),

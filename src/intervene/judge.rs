@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
+
+use regex::Regex;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -62,8 +64,8 @@ const EXAMPLES: &[(&str, &[&str], u64)] = &[
     ),
 ];
 
-/// Settings of the judge client.
-#[derive(Clone, Debug)]
+/// Settings of the judge client. `Debug` prints the key as `Some("[REDACTED]")`.
+#[derive(Clone)]
 pub struct JudgeConfig {
     /// Base URL (`http://host:port/v1`) or the full `.../chat/completions` URL.
     pub url: String,
@@ -80,6 +82,39 @@ pub struct JudgeConfig {
     pub concurrency: usize,
     /// JSONL file of cached verdicts (read at start, appended to); None: no cache.
     pub cache: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for JudgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JudgeConfig")
+            .field("url", &redact(&self.url, self.api_key.as_deref()))
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| REDACTED))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .field("concurrency", &self.concurrency)
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+const REDACTED: &str = "[REDACTED]";
+
+/// Removes secrets from text that may leave the process (error bodies an endpoint or proxy
+/// echoed, reqwest messages holding the URL, logs): the API key itself wherever it appears,
+/// any `Bearer <token>`, and any `sk-...`-like token. Every error text of the judge passes
+/// through here before it is returned, so it can reach no file, log or terminal unredacted.
+pub fn redact(text: &str, api_key: Option<&str>) -> String {
+    static BEARER: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r#"(?i)\b(bearer)(\s+|%20|\+)[^\s"',;}\[\]\\]+"#).expect("bearer regex"));
+    static SK: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\bsk-[A-Za-z0-9_\-]{6,}").expect("sk regex"));
+    let mut out = match api_key {
+        Some(k) if !k.is_empty() => text.replace(k, REDACTED),
+        _ => text.to_string(),
+    };
+    out = BEARER.replace_all(&out, format!("${{1}}${{2}}{REDACTED}")).into_owned();
+    SK.replace_all(&out, REDACTED).into_owned()
 }
 
 /// Why the judge could not be set up.
@@ -171,12 +206,15 @@ pub fn messages(item: &Item) -> Vec<Value> {
 
 impl Judge {
     pub fn new(cfg: JudgeConfig) -> Result<Self, JudgeError> {
-        let endpoint = endpoint_url(&cfg.url)?;
+        let endpoint = endpoint_url(&cfg.url).map_err(|e| match e {
+            JudgeError::Url(u) => JudgeError::Url(redact(&u, cfg.api_key.as_deref())),
+            e => e,
+        })?;
         let client = reqwest::blocking::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
             .build()
-            .map_err(|e| JudgeError::Client(e.to_string()))?;
+            .map_err(|e| JudgeError::Client(redact(&e.to_string(), cfg.api_key.as_deref())))?;
         let mut cache = HashMap::new();
         let mut cache_out = None;
         if let Some(path) = &cfg.cache {
@@ -242,15 +280,30 @@ impl Judge {
         let text = resp.text().map_err(|e| (DetectError::Http(describe(&e)), true))?;
         if !status.is_success() {
             let retry = status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
-            let snippet: String = text.chars().take(200).collect();
+            // Redact the whole body before cutting: a key across the cut must not half-survive.
+            let snippet: String = self.redact(&text).chars().take(200).collect();
             return Err((DetectError::Http(format!("HTTP {status}: {snippet}")), retry));
         }
         let v: Value = serde_json::from_str(&text)
-            .map_err(|e| (DetectError::Malformed(format!("{e}: {}", text.chars().take(120).collect::<String>())), true))?;
+            .map_err(|e| (DetectError::Malformed(format!("{e}: {}", self.redact(&text).chars().take(120).collect::<String>())), true))?;
         v.pointer("/choices/0/message/content")
             .and_then(Value::as_str)
             .map(str::to_string)
             .ok_or_else(|| (DetectError::Malformed("no choices[0].message.content string".into()), true))
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact(text, self.cfg.api_key.as_deref())
+    }
+
+    /// `e` with every text it carries redacted (see [`redact`]).
+    fn redact_error(&self, e: DetectError) -> DetectError {
+        match e {
+            DetectError::Http(m) => DetectError::Http(self.redact(&m)),
+            DetectError::Malformed(m) => DetectError::Malformed(self.redact(&m)),
+            DetectError::NotAnInteger(m) => DetectError::NotAnInteger(self.redact(&m)),
+            e @ DetectError::OutOfRange { .. } => e,
+        }
     }
 
     /// The answer for `item` (cached or asked, with retries), validated against its length.
@@ -321,7 +374,7 @@ impl Detector for Judge {
         if item.sentences.len() < 2 {
             return Ok(None); // nothing to ask: the first sentence is never a cue
         }
-        let a = self.answer(item)?;
+        let a = self.answer(item).map_err(|e| self.redact_error(e))?;
         answer_to_index(a, item.sentences.len())
     }
 

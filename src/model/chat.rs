@@ -4,6 +4,11 @@
 //! loop controls, `raise_exception`, `strftime_now`, a Python-`json.dumps` `tojson`), with
 //! Python string/dict methods from minijinja-contrib's pycompat. Also the reasoning split
 //! of a completion at `</think>` (DESIGN.md section 3).
+//!
+//! A template comes from a model folder, which may be hostile, so a render is bounded: at
+//! most [`FUEL`] minijinja instructions (nested loops cannot run for hours) and at most
+//! [`MAX_OUTPUT_BYTES`] of output (a template cannot print gigabytes); either limit is an error
+//! that names the template and the limit.
 
 use std::path::{Path, PathBuf};
 
@@ -18,11 +23,40 @@ pub enum ChatError {
     #[error("{path}: {msg}")]
     Load { path: PathBuf, msg: String },
     /// The template does not parse.
-    #[error("chat template syntax error: {0}")]
-    Syntax(String),
-    /// Rendering failed (including the template's own `raise_exception`).
-    #[error("chat template: {0}")]
-    Render(String),
+    #[error("chat template syntax error in {origin}: {msg}")]
+    Syntax { origin: String, msg: String },
+    /// Rendering failed (including the template's own `raise_exception` and the limits).
+    #[error("chat template {origin}: {msg}")]
+    Render { origin: String, msg: String },
+}
+
+/// Instructions one render may execute. Real templates need far less: SmolLM2's uses about
+/// 23 per message and Qwen3's about 67 (measured by tests/chat_template.rs), so a
+/// 1000-message conversation takes under 70k; three nested `range(10000)` loops (10^12
+/// steps) stop after a fraction of a second.
+pub const FUEL: u64 = 5_000_000;
+
+/// Bytes one render may write (a prompt far beyond any context length).
+pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
+
+/// The render output, refusing to grow past [`MAX_OUTPUT_BYTES`].
+struct CappedOutput {
+    buf: Vec<u8>,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > MAX_OUTPUT_BYTES {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn describe(e: &Error) -> String {
@@ -32,6 +66,8 @@ fn describe(e: &Error) -> String {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Where the template came from, for errors: its file, or "(inline)".
+    origin: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -42,7 +78,12 @@ impl ChatTemplate {
     /// A template from its source and the special-token strings it may reference
     /// (`None` leaves `bos_token` / `eos_token` undefined, as HF does when unset).
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, ChatError> {
+        Self::with_origin(source, bos_token, eos_token, "(inline)".to_string())
+    }
+
+    fn with_origin(source: &str, bos_token: Option<&str>, eos_token: Option<&str>, origin: String) -> Result<Self, ChatError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         // transformers: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True),
         // jinja2's default keep_trailing_newline=False.
         env.set_trim_blocks(true);
@@ -61,8 +102,8 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| ChatError::Syntax(describe(&e)))?;
-        Ok(Self { env, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
+            .map_err(|e| ChatError::Syntax { origin: origin.clone(), msg: describe(&e) })?;
+        Ok(Self { env, origin, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
     }
 
     /// The template of a model folder: `chat_template.jinja` if present (what recent
@@ -75,12 +116,13 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Load { path: tcfg_path.clone(), msg: e.to_string() })?
             .unwrap_or(Value::Null);
         let jinja_path = dir.join("chat_template.jinja");
-        let source = if jinja_path.exists() {
-            std::fs::read_to_string(&jinja_path)
-                .map_err(|e| ChatError::Load { path: jinja_path.clone(), msg: e.to_string() })?
+        let (source, origin) = if jinja_path.exists() {
+            let s = std::fs::read_to_string(&jinja_path)
+                .map_err(|e| ChatError::Load { path: jinja_path.clone(), msg: e.to_string() })?;
+            (s, jinja_path.display().to_string())
         } else {
             let err = |msg: &str| ChatError::Load { path: tcfg_path.clone(), msg: msg.to_string() };
-            match tcfg.get("chat_template") {
+            let source = match tcfg.get("chat_template") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(list)) => list
                     .iter()
@@ -90,9 +132,11 @@ impl ChatTemplate {
                     .ok_or_else(|| err("chat_template is a list without a \"default\" entry"))?
                     .to_string(),
                 _ => return Err(err("no chat_template (and no chat_template.jinja beside it)")),
-            }
+            };
+            (source, format!("{} (chat_template)", tcfg_path.display()))
         };
-        Self::new(&source, special_token(&tcfg, "bos_token").as_deref(), special_token(&tcfg, "eos_token").as_deref())
+        let (bos, eos) = (special_token(&tcfg, "bos_token"), special_token(&tcfg, "eos_token"));
+        Self::with_origin(&source, bos.as_deref(), eos.as_deref(), origin)
     }
 
     /// Renders `messages` (`[{"role", "content", ...}]`) as transformers'
@@ -104,6 +148,17 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &Map<String, Value>,
     ) -> Result<String, ChatError> {
+        self.render_counted(messages, add_generation_prompt, extra).map(|(text, _)| text)
+    }
+
+    /// [`render`](Self::render), also returning the fuel (template instructions) it used: how
+    /// tests measure real templates against [`FUEL`].
+    pub fn render_counted(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        extra: &Map<String, Value>,
+    ) -> Result<(String, u64), ChatError> {
         let mut ctx = Map::new();
         if let Some(b) = &self.bos_token {
             ctx.insert("bos_token".into(), Value::String(b.clone()));
@@ -118,8 +173,21 @@ impl ChatTemplate {
         ctx.insert("tools".into(), Value::Null);
         ctx.insert("documents".into(), Value::Null);
         ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
-        let tmpl = self.env.get_template(NAME).map_err(|e| ChatError::Render(describe(&e)))?;
-        tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| ChatError::Render(describe(&e)))
+        let err = |msg: String| ChatError::Render { origin: self.origin.clone(), msg };
+        let tmpl = self.env.get_template(NAME).map_err(|e| err(describe(&e)))?;
+        let mut out = CappedOutput { buf: Vec::new(), exceeded: false };
+        let fuel = match tmpl.render_captured_to(JValue::from_serialize(&ctx), &mut out) {
+            Ok(captured) => captured.state().fuel_levels().map_or(0, |(used, _)| used),
+            Err(_) if out.exceeded => {
+                return Err(err(format!("output exceeds the limit of {MAX_OUTPUT_BYTES} bytes")))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(err(format!("rendering exceeds the limit of {FUEL} template instructions (fuel)")))
+            }
+            Err(e) => return Err(err(describe(&e))),
+        };
+        let text = String::from_utf8(out.buf).map_err(|e| err(format!("output is not UTF-8: {e}")))?;
+        Ok((text, fuel))
     }
 }
 
