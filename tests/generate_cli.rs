@@ -275,3 +275,18 @@ fn resume_refuses_another_seed_sampler_or_model() {
     assert!(e.contains(&format!("model = \"{fp}\"")) && e.contains(&fp_tuned), "{e}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
 }
+
+/// A run in which every sample failed used to exit 0; it is an error that says so (with the
+/// first reason), and the failed lines stay in the output for a --resume to redo.
+#[test]
+fn every_sample_failing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"  \"}\n{\"id\": \"b\", \"prompt\": \"\"}\n").unwrap();
+    let out = dir.path().join("r.jsonl");
+    let e = run(&["--model", s(&model), "--prompts", s(&prompts), "--output", s(&out), "--no-chat-template", "--max-new-tokens", "4"]).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("every one of the 2 samples failed") && e.contains("empty prompt") && e.contains("r.jsonl"), "{e}");
+    assert_eq!(lines(&out).iter().filter(|l| l["finish"] == "error").count(), 2);
+}

@@ -287,3 +287,25 @@ fn over_long_rollout_is_an_item_error_not_a_pair() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
+
+/// A run in which every rollout failed used to exit 0 with an empty pairs file; it exits
+/// non-zero and says so, with the errors file written.
+#[test]
+fn every_rollout_failing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
+    let rollouts = dir.path().join("rollouts.jsonl");
+    let lines = [
+        json!({"id": "x", "prompt": "Hi", "prompt_ids": [72, 105], "completion_ids": [1, 4000000]}),
+        json!({"id": "y", "prompt": "Hi", "prompt_ids": [72, 105], "completion_ids": vec![65u32; 200]}),
+        json!({"id": "b", "kind": "benign", "prompt": "Hi", "prompt_ids": [72, 105], "completion_ids": [65]}),
+    ];
+    std::fs::write(&rollouts, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let o = ipo(&["intervene", "--model", model.to_str().unwrap(), "--rollouts", rollouts.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "--max-new-tokens", "4", "--kv-cache-mb", "16"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("every one of the 2 rollouts failed") && stderr.contains("pairs.errors.jsonl"), "{stderr}");
+    assert_eq!(jsonl::read_objects(&dir.path().join("pairs.errors.jsonl")).unwrap().len(), 2);
+}

@@ -274,7 +274,25 @@ fn check(files: &GenerateFiles, o: &GenerateOptions) -> Result<()> {
 }
 
 /// Samples `opts.n` rollouts per prompt of `files.prompts` and appends them to `files.output`.
+/// A run after which the output holds no rollout, only failures, is an error (the failed
+/// lines are kept, and a --resume redoes them).
 pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
+    let s = sample_all(files, opts, progress)?;
+    if s.written == 0 && s.skipped == 0 && s.failed > 0 {
+        let first = jsonl::read_objects(&files.output)?
+            .into_iter()
+            .find_map(|l| Some(format!("{}: {}", l.obj.get("id")?, l.obj.get("error")?.as_str()?)))
+            .unwrap_or_default();
+        bail!(
+            "every one of the {} samples failed (first: {first}); each reason is in the \"error\" field of its line in {}",
+            s.failed,
+            files.output.display()
+        );
+    }
+    Ok(s)
+}
+
+fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
     let t0 = Instant::now();
     check(files, opts)?;
     opts.sampling.params(&[])?;

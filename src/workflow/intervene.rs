@@ -472,6 +472,19 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     let mut w = AtomicWriter::create(&sibling(&files.output, "stats.json"))?;
     w.write(&stats)?;
     w.commit()?;
+    // Every rollout worked on failed (each has an error, none gave a pair or was left alone):
+    // the run did nothing, which must not pass for success.
+    let items = stats.prompts - stats.skipped_benign;
+    let failed: std::collections::HashSet<&str> = errors.iter().map(|e| e.origin.as_str()).collect();
+    if items > 0 && stats.pairs == 0 && failed.len() as u64 == items {
+        let e = &errors[0];
+        bail!(
+            "every one of the {items} rollouts failed (first: {}: {}); all are listed in {}",
+            e.origin,
+            e.error,
+            sibling(&files.output, "errors.jsonl").display()
+        );
+    }
     let (judge_calls, judge_cache_hits) = match &detector {
         CueDetector::Judge(j) => (Some(j.calls()), Some(j.cache_hits())),
         CueDetector::Rules(_) => (None, None),
