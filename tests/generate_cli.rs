@@ -2,14 +2,16 @@
 //! CSV column, duplicate ids, CSV without --prompt-column, existing output without
 //! --resume, a KV budget too small), and on the default model: records per DESIGN.md section
 //! 4 with per-prompt failures recorded, stop strings, CSV input, and --resume after an
-//! interrupted run reproducing the lost lines exactly.
+//! interrupted run reproducing the lost lines exactly. On the tiny model: --resume redoes
+//! failed samples and a line torn by a kill, and refuses a file of another seed, sampler or
+//! model (a fine-tune of the same model included).
 
 mod common;
 
 use std::path::Path;
 
 use clap::Parser;
-use common::default_model;
+use common::{byte_tokenizer_json, default_model, tiny_llama_with_tokenizer};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -156,4 +158,135 @@ fn generate_on_default_model_records_failures_stops_and_resumes() {
     assert!(r2[0]["completion"].as_str().unwrap().contains("France"));
     // The HF greedy reference starts "The capital of France": stop right after "France".
     assert_eq!(r2[0]["completion_ids"], serde_json::json!([504, 3575, 282, 4649]));
+}
+
+/// The tiny Llama with a byte tokenizer, three prompts, and `generate` args for them (no chat
+/// template, 6 new tokens, T 0.8, seed 5), run once into `out`.
+fn tiny_run(dir: &Path) -> (std::path::PathBuf, Vec<String>) {
+    let model = tiny_llama_with_tokenizer(dir, &byte_tokenizer_json());
+    let prompts = dir.join("p.jsonl");
+    std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"Hello there\"}\n{\"id\": \"b\", \"prompt\": \"Pick a lock\"}\n{\"id\": \"c\", \"prompt\": \"Say hi\"}\n").unwrap();
+    let out = dir.join("r.jsonl");
+    let args: Vec<String> = ["--model", s(&model), "--prompts", s(&prompts), "--output", s(&out), "--no-chat-template", "--max-new-tokens", "6",
+        "--temperature", "0.8", "--seed", "5", "--kv-cache-mb", "8"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    (out, args)
+}
+
+fn with(args: &[String], extra: &[&str]) -> anyhow::Result<()> {
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    for kv in extra.chunks(2) {
+        match a.iter().position(|x| *x == kv[0]) {
+            Some(i) if kv.len() == 2 => a[i + 1] = kv[1],
+            _ => a.extend_from_slice(kv),
+        }
+    }
+    run(&a)
+}
+
+/// Lines of `p` by id, each parsed.
+fn by_id(p: &Path) -> std::collections::BTreeMap<String, serde_json::Map<String, Value>> {
+    lines(p).into_iter().map(|l| (l["id"].as_str().unwrap().to_string(), l)).collect()
+}
+
+/// A failed sample ("finish": "error", e.g. the KV cache was full) used to count as done, so
+/// a transient failure became permanent; --resume now drops the line and samples it again.
+#[test]
+fn resume_redoes_failed_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, args) = tiny_run(dir.path());
+    let first = by_id(&out);
+    assert_eq!(first.len(), 3);
+    let mut failed = first["b"].clone();
+    for k in ["completion_ids", "completion", "reasoning", "response"] {
+        failed.remove(k);
+    }
+    failed.insert("finish".into(), "error".into());
+    failed.insert("error".into(), "the KV cache is full".into());
+    std::fs::write(&out, format!("{}\n{}\n{}\n", Value::Object(first["a"].clone()), Value::Object(failed), Value::Object(first["c"].clone()))).unwrap();
+    with(&args, &["--resume"]).unwrap();
+    assert_eq!(by_id(&out), first, "the failed sample is redone, and only once");
+    assert_eq!(lines(&out).len(), 3);
+}
+
+/// A line torn by kill -9 (no newline, half a JSON object) used to stop --resume with
+/// "invalid JSON"; it is dropped with a warning and redone.
+#[test]
+fn resume_drops_a_torn_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, args) = tiny_run(dir.path());
+    let first = by_id(&out);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let last_start = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+    let torn = &text[..last_start + (text.len() - last_start) / 2];
+    std::fs::write(&out, torn).unwrap();
+    with(&args, &["--resume"]).unwrap();
+    assert_eq!(by_id(&out), first);
+    assert!(std::fs::read_to_string(&out).unwrap().ends_with('\n'));
+    assert_eq!(lines(&out).len(), 3);
+}
+
+/// --resume used to append whatever this run's settings were: another seed, temperature or
+/// model silently mixed two configurations in one file. Each is refused, naming the field and
+/// both values; the file is left as it was. A fine-tune of the same model (config and
+/// tokenizer equal, one weight matrix changed) has another fingerprint and is refused too.
+#[test]
+fn resume_refuses_another_seed_sampler_or_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, args) = tiny_run(dir.path());
+    let before = std::fs::read_to_string(&out).unwrap();
+    for (flag, value, field, old) in [
+        ("--seed", "6", "seed", "5"),
+        ("--temperature", "0.7", "sampling.temperature", "0.8"),
+        ("--max-new-tokens", "7", "sampling.max_new_tokens", "6"),
+    ] {
+        let e = format!("{:#}", with(&args, &[flag, value, "--resume"]).unwrap_err());
+        assert!(e.contains(&format!("{field} = {old}")) && e.contains(&format!("{field} = {value}")), "{flag}: {e}");
+        assert!(e.contains("r.jsonl:1") && e.contains("--output"), "{e}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
+    }
+    // The "fine-tune": every f32 of the middle tensor (by file offset) nudged in its last bit.
+    let model = dir.path().join("llama-tok");
+    let tuned = dir.path().join("tuned");
+    std::fs::create_dir(&tuned).unwrap();
+    for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+        std::fs::copy(model.join(f), tuned.join(f)).unwrap();
+    }
+    let mut st = std::fs::read(model.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    let mut ranges: Vec<(usize, usize)> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, t)| (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize))
+        .collect();
+    ranges.sort();
+    let (a, b) = ranges[ranges.len() / 2];
+    for i in (8 + n + a..8 + n + b).step_by(4) {
+        st[i] ^= 1;
+    }
+    std::fs::write(tuned.join("model.safetensors"), st).unwrap();
+    let (fp, fp_tuned) = (ipo::rollout::fingerprint::model_fingerprint(&model).unwrap(), ipo::rollout::fingerprint::model_fingerprint(&tuned).unwrap());
+    assert_ne!(fp, fp_tuned, "a fine-tune passes for its base");
+    let e = format!("{:#}", with(&args, &["--model", s(&tuned), "--resume"]).unwrap_err());
+    assert!(e.contains(&format!("model = \"{fp}\"")) && e.contains(&fp_tuned), "{e}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
+}
+
+/// A run in which every sample failed used to exit 0; it is an error that says so (with the
+/// first reason), and the failed lines stay in the output for a --resume to redo.
+#[test]
+fn every_sample_failing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"  \"}\n{\"id\": \"b\", \"prompt\": \"\"}\n").unwrap();
+    let out = dir.path().join("r.jsonl");
+    let e = run(&["--model", s(&model), "--prompts", s(&prompts), "--output", s(&out), "--no-chat-template", "--max-new-tokens", "4"]).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("every one of the 2 samples failed") && e.contains("empty prompt") && e.contains("r.jsonl"), "{e}");
+    assert_eq!(lines(&out).iter().filter(|l| l["finish"] == "error").count(), 2);
 }

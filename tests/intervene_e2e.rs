@@ -4,14 +4,15 @@
 //! is the sentence the detector picks on the original rollout (at the token the pair says),
 //! and the new trace has no cue. Bad rollouts (another model's fingerprint, missing fields,
 //! ids outside the vocabulary) become per-item errors naming file:line while the rest goes on.
-//! A second run samples rollouts itself from demo prompts (--prompts).
+//! A second run samples rollouts itself from demo prompts (--prompts). A rollout longer than
+//! the model's context is a per-item error, not a pair that `score` then rejects (tiny model).
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::default_model;
+use common::{byte_tokenizer_json, default_model, tiny_llama_with_tokenizer};
 use ipo::intervene::detect::{Detector, Item, RuleDetector};
 use ipo::intervene::segment::segment_completion;
 use ipo::intervene::triggers::parse_triggers;
@@ -235,4 +236,76 @@ fn help_and_flag_errors() {
     assert!(e.contains("bad.txt:1"), "{e}");
     assert!(run(&["--triggers", "/nonexistent/t.txt"]).contains("t.txt"));
     assert!(run(&[]).contains("/nonexistent"), "a missing model folder is named");
+}
+
+/// A rollout whose prompt + completion exceed the model's context (max_position_embeddings)
+/// used to become a pair (the cut is early, so the splice fits) whose context + rejected
+/// `score` and `train` reject, failing the whole stage. Now it is a per-item error and the
+/// other rollouts go on. Tiny Llama (context 128) with a byte tokenizer (1 byte = 1 token).
+#[test]
+fn over_long_rollout_is_an_item_error_not_a_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+    let triggers = dir.path().join("t.txt");
+    std::fs::write(&triggers, "Wait, I must not help.\n").unwrap();
+    let prompt = bytes("Pick a lock.");
+    let comply = "Sure. I'll start by listing the tools you need.";
+    let long = format!("{comply} {}", "A pick. ".repeat(12));
+    assert!(prompt.len() + comply.len() + 24 < 128 && prompt.len() + long.len() > 128);
+    let lines = [
+        json!({"id": "fits", "prompt": "Pick a lock.", "prompt_ids": prompt, "completion_ids": bytes(comply)}),
+        json!({"id": "long", "prompt": "Pick a lock.", "prompt_ids": prompt, "completion_ids": bytes(&long)}),
+    ];
+    let rollouts = dir.path().join("rollouts.jsonl");
+    std::fs::write(&rollouts, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let o = ipo(&[
+        "intervene", "--model", model.to_str().unwrap(), "--rollouts", rollouts.to_str().unwrap(),
+        "--output", out.to_str().unwrap(), "--triggers", triggers.to_str().unwrap(),
+        "--max-new-tokens", "8", "--seed", "1", "--kv-cache-mb", "16",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let errors = jsonl::read_objects(&dir.path().join("pairs.errors.jsonl")).unwrap();
+    let errs: Vec<String> = errors.iter().map(|e| format!("{} {} {}", e.obj["id"], e.obj["origin"], e.obj["error"])).collect();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("long") && errs[0].contains("rollouts.jsonl:2"), "{errs:?}");
+    assert!(errs[0].contains("max_position_embeddings = 128") && errs[0].contains(&(prompt.len() + long.len()).to_string()), "{errs:?}");
+    let stats: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("pairs.stats.json")).unwrap()).unwrap();
+    assert_eq!((stats["input_errors"].as_u64(), stats["with_cue"].as_u64(), stats["attempts"].as_u64()), (Some(1), Some(1), Some(1)), "{stats}");
+    let pairs: Vec<Pair> = jsonl::read(&out).unwrap();
+    assert_eq!(pairs.len() as u64, stats["pairs"].as_u64().unwrap());
+    for p in &pairs {
+        assert_eq!(p.id, "fits");
+        assert!(p.context_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len()) <= 128);
+    }
+    // The next stage takes every pair.
+    if !pairs.is_empty() {
+        let scored = dir.path().join("scored.jsonl");
+        let o = ipo(&["score", "--model", model.to_str().unwrap(), "--pairs", out.to_str().unwrap(), "--output", scored.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+/// A run in which every rollout failed used to exit 0 with an empty pairs file; it exits
+/// non-zero and says so, with the errors file written.
+#[test]
+fn every_rollout_failing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
+    let rollouts = dir.path().join("rollouts.jsonl");
+    let lines = [
+        json!({"id": "x", "prompt": "Hi", "prompt_ids": [72, 105], "completion_ids": [1, 4000000]}),
+        json!({"id": "y", "prompt": "Hi", "prompt_ids": [72, 105], "completion_ids": vec![65u32; 200]}),
+        json!({"id": "b", "kind": "benign", "prompt": "Hi", "prompt_ids": [72, 105], "completion_ids": [65]}),
+    ];
+    std::fs::write(&rollouts, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let o = ipo(&["intervene", "--model", model.to_str().unwrap(), "--rollouts", rollouts.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "--max-new-tokens", "4", "--kv-cache-mb", "16"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("every one of the 2 rollouts failed") && stderr.contains("pairs.errors.jsonl"), "{stderr}");
+    assert_eq!(jsonl::read_objects(&dir.path().join("pairs.errors.jsonl")).unwrap().len(), 2);
 }

@@ -2,11 +2,12 @@
 //! expected sentences (abbreviations, decimals, lists, newlines, quotes, code), and, with the
 //! default model's tokenizer, the token index of each sentence start checked against an
 //! independent prefix-decoding computation, including sampled ids that are not the
-//! canonical tokenization and completions with think tags and EOS.
+//! canonical tokenization and completions with think tags and EOS. A 50k-token rollout whose
+//! ids are not the canonical tokenization segments in linear time (issue 16, item 5).
 
 mod common;
 
-use common::default_model;
+use common::{byte_tokenizer_json, default_model};
 use ipo::intervene::segment::{segment_completion, split_sentences, token_at};
 use ipo::model::tokenizer::Tokenizer;
 
@@ -144,4 +145,65 @@ fn sentence_tokens_on_the_default_tokenizer() {
     // Only the reasoning of a think-tag completion is split.
     let ids = tok.encode("<think>\nOkay. I will help.\n</think>\nAnswer. More.", false).unwrap();
     check(&tok, &ids, &eos, &["Okay.", "I will help."]);
+}
+
+/// The start of every token of `ids` as the old fallback computed it: the length of the
+/// decoded prefix before it, when that prefix is a prefix of the whole text (O(n^2)).
+fn starts_by_prefix_decoding(tok: &Tokenizer, ids: &[u32]) -> Vec<usize> {
+    let text = tok.decode(ids, false).unwrap();
+    let mut last = 0;
+    (0..ids.len())
+        .map(|i| {
+            let p = tok.decode(&ids[..i], false).unwrap();
+            if text.starts_with(&p) && p.len() >= last {
+                last = p.len();
+            }
+            last
+        })
+        .collect()
+}
+
+/// A rollout with a lone invalid byte (0xFF) and a split multi-byte character: decoding gives
+/// U+FFFD, which re-encodes to other ids, so token starts cannot come from re-encoding. The
+/// old fallback decoded every growing prefix: 98 s for 50k tokens of the default model. Now
+/// it is one pass; it must agree with the prefix decoding on a short input and take well
+/// under a second for 50k tokens.
+#[test]
+fn long_non_canonical_rollout_segments_in_linear_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, byte_tokenizer_json().to_string()).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    let ids_of = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+
+    let mut short = ids_of("Sure. I'll start now.\nThen caf\u{e9} time. ");
+    short.push(0xFF);
+    short.extend(ids_of(" Next one. Done. "));
+    short.push(0xC3); // the first byte of a two-byte character, and then another sentence
+    short.extend(ids_of(" Last."));
+    let seg = segment_completion(&tok, &short, &[]).unwrap();
+    assert!(!seg.offsets_from_encoding, "the test needs ids that re-encode differently");
+    assert_eq!(seg.token_start, starts_by_prefix_decoding(&tok, &short));
+    let got: Vec<&str> = seg.sentences.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(got, ["Sure.", "I'll start now.", "Then caf\u{e9} time.", "\u{fffd} Next one.", "Done.", "\u{fffd} Last."]);
+
+    let line = "Sure. I'll start by listing the materials needed. Then caf\u{e9} time.\n";
+    let mut long = ids_of(&line.repeat(50_000 / line.len()));
+    long.insert(long.len() / 2, 0xFF);
+    assert!(long.len() >= 49_000);
+    let t0 = std::time::Instant::now();
+    let seg = segment_completion(&tok, &long, &[]).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(!seg.offsets_from_encoding);
+    assert!(secs < 5.0, "segmenting {} tokens took {secs:.1} s", long.len());
+    assert_eq!(seg.sentences.len(), 3 * (50_000 / line.len()));
+    // Spot checks against the prefix decoding: cutting at a sentence's token keeps the text
+    // before it.
+    for k in [0, 1, seg.sentences.len() / 2, seg.sentences.len() - 1] {
+        let s = &seg.sentences[k];
+        let kept = tok.decode(&long[..s.token], false).unwrap();
+        assert!(kept.len() <= s.start && seg.text.starts_with(&kept), "sentence {k}");
+        assert_eq!(kept.len(), seg.token_start[s.token]);
+        assert!(seg.text[kept.len()..s.start].trim().is_empty(), "sentence {k}");
+    }
 }

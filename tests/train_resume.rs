@@ -4,7 +4,8 @@
 //! complete or absent after a failure or crash while writing), and clear errors on bad input:
 //! ids outside the vocabulary or the context, empty segments, a pairs file from another
 //! tokenizer, NaN loss (stops with the step, the pair ids and a saved checkpoint), and a memory
-//! budget that is too small.
+//! budget that is too small. A fresh run into a folder holding an earlier run is refused
+//! (it used to delete that run's metrics.jsonl).
 
 mod common;
 
@@ -267,4 +268,41 @@ fn nan_loss_stops_with_step_ids_and_checkpoint() {
     assert!(e.contains("step 1") && e.contains("non-finite loss") && e.contains("x1") && e.contains("x2"), "{e}");
     assert!(e.contains("step-0") && out.join("step-0/trainer_state.json").is_file(), "{e}");
     assert!(!out.join("final").exists());
+}
+
+/// `ipo train` without --resume into the folder of an earlier run used to delete its
+/// metrics.jsonl silently and start over among its checkpoints; it is refused, the earlier
+/// run's files untouched, and the message says to pass --resume or choose an empty folder. An
+/// existing empty folder is fine, and --resume still continues the earlier run.
+#[test]
+fn fresh_run_into_an_earlier_runs_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_random_pairs(&pairs, 4, 9);
+    let (o, empty) = (tmp.path().join("run"), tmp.path().join("empty"));
+    std::fs::create_dir(&empty).unwrap();
+    let model = tiny_fixture("llama");
+    let flags = |out: &Path, extra: &[&str]| {
+        let mut f: Vec<String> = ["--model", model.to_str().unwrap(), "--pairs", pairs.to_str().unwrap(), "--output", out.to_str().unwrap(),
+            "--batch-size", "2", "--micro-batch-size", "1", "--save-every", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        f.extend(extra.iter().map(|s| s.to_string()));
+        f
+    };
+    let run = |f: Vec<String>| train(&f.iter().map(String::as_str).collect::<Vec<_>>());
+    run(flags(&o, &["--stop-after", "1"])).unwrap();
+    run(flags(&empty, &["--stop-after", "1"])).unwrap();
+    let metrics = std::fs::read_to_string(o.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1);
+    let e = format!("{:#}", run(flags(&o, &[])).unwrap_err());
+    assert!(e.contains("metrics.jsonl") && e.contains("--resume") && e.contains("empty --output"), "{e}");
+    assert_eq!(std::fs::read_to_string(o.join("metrics.jsonl")).unwrap(), metrics, "the earlier run's metrics are kept");
+    // Only a checkpoint left (metrics.jsonl lost): still an earlier run.
+    std::fs::remove_file(o.join("metrics.jsonl")).unwrap();
+    let e = format!("{:#}", run(flags(&o, &[])).unwrap_err());
+    assert!(e.contains("step-1") && e.contains("--resume"), "{e}");
+    run(flags(&o, &["--resume", o.to_str().unwrap()])).unwrap();
+    assert!(o.join("final").is_dir());
 }

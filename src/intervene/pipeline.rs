@@ -147,7 +147,8 @@ pub struct Stats {
     pub prompts: u64,
     /// Rollouts of benign prompts, left alone.
     pub skipped_benign: u64,
-    /// Rollouts rejected before detection (bad fields, other model, bad ids).
+    /// Rollouts rejected before detection (bad fields, other model, bad ids, longer than the
+    /// context).
     pub input_errors: u64,
     /// Rollouts whose reasoning has a compliance cue.
     pub with_cue: u64,

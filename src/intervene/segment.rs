@@ -3,7 +3,8 @@
 //! tuned to model output: abbreviations ("e.g.", "Dr."), decimals, numbered and bulleted
 //! lists, soft-wrapped vs hard newlines, quotes, inline code spans and fenced code blocks.
 //! Token positions come from the tokenizer's byte offsets of the decoded completion (or, when
-//! re-encoding does not reproduce the sampled ids, from decoding growing prefixes).
+//! re-encoding does not reproduce the sampled ids, from decoding short windows of ids): linear
+//! in the completion's length.
 
 use std::ops::Range;
 
@@ -32,7 +33,7 @@ pub struct Segmented {
     pub token_start: Vec<usize>,
     /// Sentences of the reasoning part, in order.
     pub sentences: Vec<Sentence>,
-    /// True when the offsets came from re-encoding the text (false: prefix decoding).
+    /// True when the offsets came from re-encoding the text (false: decoding windows).
     pub offsets_from_encoding: bool,
 }
 
@@ -81,8 +82,8 @@ pub fn token_at(token_start: &[usize], pos: usize) -> usize {
 /// First byte of every token of `ids` in `text` (= decode(ids)). Token i covers
 /// `[start_i, start_{i+1})`. Uses the tokenizer's offsets when encoding `text` gives back
 /// `ids` (starts are the running max of previous token ends, which is robust to trimmed
-/// offsets and to characters split over several byte-level tokens); otherwise decodes growing
-/// prefixes (ids sampled in a non-canonical tokenization).
+/// offsets and to characters split over several byte-level tokens); otherwise
+/// `starts_by_decoding` (ids sampled in a non-canonical tokenization).
 fn token_starts(tok: &Tokenizer, ids: &[u32], text: &str) -> Result<(Vec<usize>, bool), TokenizerError> {
     let (enc, offsets) = tok.encode_with_offsets(text, false)?;
     if enc == ids {
@@ -98,20 +99,44 @@ fn token_starts(tok: &Tokenizer, ids: &[u32], text: &str) -> Result<(Vec<usize>,
         }
         return Ok((starts, true));
     }
+    Ok((starts_by_decoding(tok, ids, text)?, false))
+}
+
+/// Most tokens a decoding window may span before the ids resynchronise with the text.
+const MAX_WINDOW: usize = 256;
+
+/// Token starts by decoding, in one pass. The start of token i is the length of
+/// decode(ids[..i]) when that is a prefix of `text` (else the previous start: a prefix that
+/// ends inside a multi-byte character decodes to U+FFFD, and the character belongs to the
+/// earlier token). Decoding the whole prefix for every token is O(n^2) (98 s for 50k tokens);
+/// decoding is local, so this decodes a window instead: from the anchor before last (the
+/// one-segment context that keeps SentencePiece's leading space and split characters right)
+/// to token i, and adds what the window decodes to beyond its context at the anchor's offset.
+/// The anchor moves to i whenever that text matches `text` there. O(n * window); a window
+/// that never matches again in MAX_WINDOW tokens is an error, not a quadratic search.
+fn starts_by_decoding(tok: &Tokenizer, ids: &[u32], text: &str) -> Result<Vec<usize>, TokenizerError> {
     let mut starts = Vec::with_capacity(ids.len());
+    let (mut ctx, mut anchor, mut anchor_at) = (0usize, 0usize, 0usize); // ids[ctx..anchor] decode to ctx_text
+    let mut ctx_text = String::new(); // ... which ends at byte anchor_at of text
     let mut last = 0usize;
     for i in 0..ids.len() {
-        if i > 0 {
-            let prefix = tok.decode(&ids[..i], false)?;
-            // A prefix ending inside a multi-byte character decodes to U+FFFD: keep the
-            // previous start (the character belongs to the earlier token).
-            if text.starts_with(&prefix) && prefix.len() >= last {
-                last = prefix.len();
+        if i > anchor {
+            let window = tok.decode(&ids[ctx..i], false)?;
+            let added = window.strip_prefix(ctx_text.as_str());
+            if let Some(added) = added.filter(|a| text[anchor_at..].starts_with(a)) {
+                let at = anchor_at + added.len();
+                last = last.max(at);
+                ctx_text = tok.decode(&ids[anchor..i], false)?;
+                (ctx, anchor, anchor_at) = (anchor, i, at);
+            } else if i - ctx > MAX_WINDOW {
+                return Err(TokenizerError::Encode(format!(
+                    "cannot map tokens {anchor}..{i} of the completion to its decoded text (decoding them does not extend the text before them)"
+                )));
             }
         }
         starts.push(last);
     }
-    Ok((starts, false))
+    Ok(starts)
 }
 
 /// Abbreviations after which a period does not end a sentence (lower case, with the dot).

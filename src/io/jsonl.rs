@@ -50,8 +50,35 @@ impl Line {
 /// Reads every non-blank line of `path` as a JSON object.
 pub fn read_objects(path: &Path) -> Result<Vec<Line>, JsonlError> {
     let file = File::open(path).map_err(io_err(path))?;
+    objects_of(path, BufReader::new(file))
+}
+
+/// A file a killed process may have been appending to, as `read_appended` found it.
+pub(crate) struct Appended {
+    pub lines: Vec<Line>,
+    /// The line number of a last line torn mid-write (no newline, not valid JSON), left out.
+    pub torn: Option<usize>,
+    /// The file does not end with a newline (torn, or a whole last line without one): append
+    /// only after rewriting it.
+    pub unterminated: bool,
+}
+
+/// `read_objects` for a file that a killed process was appending to (`Appender`): a last line
+/// without its newline that is not valid JSON was torn mid-write; it is left out and its line
+/// number returned. Every other bad line is an error as usual.
+pub(crate) fn read_appended(path: &Path) -> Result<Appended, JsonlError> {
+    let text = std::fs::read(path).map_err(io_err(path))?;
+    let head = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let tail = &text[head..];
+    let torn = !tail.iter().all(u8::is_ascii_whitespace) && serde_json::from_slice::<Map<String, Value>>(tail).is_err();
+    let lines = objects_of(path, &text[..if torn { head } else { text.len() }])?;
+    let torn = torn.then(|| text[..head].iter().filter(|&&b| b == b'\n').count() + 1);
+    Ok(Appended { lines, torn, unterminated: !tail.is_empty() })
+}
+
+fn objects_of(path: &Path, r: impl BufRead) -> Result<Vec<Line>, JsonlError> {
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in r.lines().enumerate() {
         let n = i + 1;
         let line = line.map_err(|e| JsonlError::line(path, n, format!("cannot read line: {e}")))?;
         if line.trim().is_empty() {
@@ -235,6 +262,26 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         let e = AtomicWriter::create(&dir.path().join("no/such/dir.jsonl")).err().unwrap().to_string();
         assert!(e.contains("no/such"), "{e}");
+    }
+
+    #[test]
+    fn read_appended_drops_only_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.jsonl");
+        std::fs::write(&p, "{\"a\": 1}\n{\"b\": [2, 3").unwrap();
+        let r = read_appended(&p).unwrap();
+        assert_eq!((r.lines.len(), r.torn, r.unterminated), (1, Some(2), true));
+        std::fs::write(&p, "{\"a\": 1}\n{\"b\": 2}").unwrap();
+        let r = read_appended(&p).unwrap();
+        assert_eq!((r.lines.len(), r.torn, r.unterminated), (2, None, true));
+        std::fs::write(&p, "{\"a\": 1}\n").unwrap();
+        let r = read_appended(&p).unwrap();
+        assert_eq!((r.lines.len(), r.torn, r.unterminated), (1, None, false));
+        // A bad line that is not the last, or ends with its newline, is still an error.
+        std::fs::write(&p, "{\"a\": \n{\"b\": 2}\n").unwrap();
+        assert!(read_appended(&p).err().unwrap().to_string().contains("r.jsonl:1"));
+        std::fs::write(&p, "{\"a\": 1}\n{\"b\": \n").unwrap();
+        assert!(read_appended(&p).err().unwrap().to_string().contains("r.jsonl:2"));
     }
 
     #[test]

@@ -110,15 +110,31 @@ pub struct Rollout {
     /// Fingerprint of the model folder (`rollout::fingerprint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The sampler settings it was drawn with (`generate --resume` refuses to mix two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingRecord>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// The sampler settings of a rollout (the seed is the rollout's own field).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingRecord {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
 }
 
 impl Rollout {
     /// The keys the struct itself holds; an input record's own copies of them are dropped from
     /// `extra` so the output never holds a key twice.
-    const KEYS: [&'static str; 12] =
-        ["id", "prompt", "sample", "seed", "prompt_ids", "completion_ids", "reasoning", "response", "completion", "finish", "error", "model"];
+    const KEYS: [&'static str; 13] = [
+        "id", "prompt", "sample", "seed", "prompt_ids", "completion_ids", "reasoning", "response", "completion", "finish", "error",
+        "model", "sampling",
+    ];
 
     /// A rollout with no completion yet (`finish` empty); `extra` holds the prompt record's
     /// other fields, copied through.
@@ -137,6 +153,7 @@ impl Rollout {
             finish: String::new(),
             error: None,
             model: Some(model),
+            sampling: None,
             extra,
         }
     }

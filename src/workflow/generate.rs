@@ -3,7 +3,8 @@
 //! (`prompt_column`); each is chat-templated (or taken raw), tokenized and sampled `n` times.
 //! Every finished sample is appended to the output as one flushed JSONL line (a `Rollout`
 //! record, DESIGN.md section 4, with the model fingerprint), so an interrupted run keeps what
-//! it finished and `resume` skips (id, sample) pairs already written. A prompt that cannot run
+//! it finished and `resume` skips (id, sample) pairs already written (failed ones and a line torn
+//! by a kill are redone; a file of another seed, sampler or model is refused). A prompt that cannot run
 //! (empty, too long for the context or the cache) is written as a line with
 //! `"finish": "error"` and the reason; the run goes on.
 
@@ -12,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::io::jsonl::{self, Appender, JsonlError};
-use crate::io::records::Rollout;
+use crate::io::records::{Rollout, SamplingRecord};
 use crate::model::chat::{split_reasoning, ChatTemplate};
 use crate::model::tokenizer::Tokenizer;
 use crate::rollout::{key_of, Engine, EngineConfig, Event, Request, StopCheck};
@@ -37,11 +38,14 @@ pub struct GenerateFiles {
     pub prompts: PathBuf,
     /// Rollouts JSONL, appended one flushed line per finished sample: {"id", "prompt",
     /// "sample", "seed", "prompt_ids", "completion_ids", "completion", "reasoning", "response",
-    /// "finish": "eos"|"length"|"stop"|"error", "model": fingerprint, ...}. Lines come in
+    /// "finish": "eos"|"length"|"stop"|"error", "model": fingerprint, "sampling":
+    /// {"temperature", "top_p", "top_k", "max_new_tokens", "stop"?}, ...}. Lines come in
     /// completion order, not input order.
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
-    /// Append to an existing --output, skipping (id, sample) pairs it already holds.
+    /// Append to an existing --output, skipping (id, sample) pairs it already holds. Its
+    /// "finish": "error" lines and a torn last line are dropped and redone; its seed, sampler
+    /// settings and model fingerprint must be this run's.
     #[arg(long)]
     pub resume: bool,
 }
@@ -176,20 +180,66 @@ fn read_csv(path: &Path, column: &str, id_column: Option<&str>) -> Result<Vec<Pr
     Ok(out)
 }
 
-/// (id, sample) pairs already in the output.
-fn done_pairs(path: &Path) -> Result<HashSet<(String, u64)>> {
+/// What `--resume` keeps of an existing output: the (id, sample) pairs finished there. Error
+/// lines (failures that may be transient: a full cache, a prompt too long for this budget) are
+/// redone, and so is a last line torn by a kill; the file is rewritten without them
+/// (atomically) before anything is appended. Every line must come from this run's
+/// configuration (seed, sampler settings, model fingerprint), else nothing is written.
+fn resume(path: &Path, seed: u64, sampling: &SamplingRecord, fingerprint: &str) -> Result<HashSet<(String, u64)>> {
+    let jsonl::Appended { lines, torn, unterminated } = jsonl::read_appended(path)?;
+    if let Some(n) = torn {
+        eprintln!("warning: {}:{n}: dropping a torn last line (no newline, invalid JSON: a run killed mid-write); it is redone", path.display());
+    }
+    // The settings as a line holds them: through text, so an f32 reads 0.8, not 0.800000011920929.
+    let sampling: Value = serde_json::from_str(&serde_json::to_string(sampling)?)?;
+    let want = [("seed", json!(seed)), ("model", json!(fingerprint)), ("sampling", sampling)];
     let mut done = HashSet::new();
-    for l in jsonl::read_objects(path)? {
+    let mut kept = Vec::new();
+    for l in &lines {
+        let at = format!("{}:{}", path.display(), l.line);
+        for (field, want) in &want {
+            if let Some((name, got, want)) = first_difference(field, l.obj.get(*field), want) {
+                bail!(
+                    "{at}: --resume: the existing file has {name} = {got}, this run has {name} = {want}; resuming would mix two configurations in one file: rerun with the settings and model of that file, or choose a new --output"
+                );
+            }
+        }
         let id = l.obj.get("id").and_then(id_string);
         let sample = l.obj.get("sample").and_then(Value::as_u64);
-        match (id, sample) {
-            (Some(id), Some(s)) => {
-                done.insert((id, s));
-            }
-            _ => bail!("{}:{}: --resume: a line without \"id\" and \"sample\"", path.display(), l.line),
+        let (Some(id), Some(sample)) = (id, sample) else {
+            bail!("{at}: --resume: a line without \"id\" and \"sample\"");
+        };
+        if l.obj.get("finish").and_then(Value::as_str) != Some("error") {
+            done.insert((id, sample));
+            kept.push(&l.obj);
         }
     }
+    if kept.len() < lines.len() || unterminated {
+        let redo = lines.len() - kept.len();
+        if redo > 0 {
+            eprintln!("{}: {redo} failed sample(s) (\"finish\": \"error\") are redone", path.display());
+        }
+        jsonl::write_atomic(path, kept)?;
+    }
     Ok(done)
+}
+
+/// The first place where `got` (a field of an existing line) differs from `want`, as
+/// (field name, got, want) for a message; nested objects are compared key by key, so a
+/// message names "sampling.temperature" rather than the whole object.
+fn first_difference(name: &str, got: Option<&Value>, want: &Value) -> Option<(String, String, String)> {
+    let show = |v: Option<&Value>| v.map_or("none (not recorded)".to_string(), Value::to_string);
+    match (got, want) {
+        (Some(Value::Object(g)), Value::Object(w)) => {
+            let keys = w.keys().chain(g.keys().filter(|k| !w.contains_key(*k)));
+            keys.into_iter().find_map(|k| {
+                let (gv, wv) = (g.get(k), w.get(k));
+                (gv != wv).then(|| (format!("{name}.{k}"), show(gv), show(wv)))
+            })
+        }
+        (g, w) if g != Some(w) => Some((name.to_string(), show(g), w.to_string())),
+        _ => None,
+    }
 }
 
 /// Stop strings checked on the decoded tail of the completion.
@@ -224,7 +274,25 @@ fn check(files: &GenerateFiles, o: &GenerateOptions) -> Result<()> {
 }
 
 /// Samples `opts.n` rollouts per prompt of `files.prompts` and appends them to `files.output`.
+/// A run after which the output holds no rollout, only failures, is an error (the failed
+/// lines are kept, and a --resume redoes them).
 pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
+    let s = sample_all(files, opts, progress)?;
+    if s.written == 0 && s.skipped == 0 && s.failed > 0 {
+        let first = jsonl::read_objects(&files.output)?
+            .into_iter()
+            .find_map(|l| Some(format!("{}: {}", l.obj.get("id")?, l.obj.get("error")?.as_str()?)))
+            .unwrap_or_default();
+        bail!(
+            "every one of the {} samples failed (first: {first}); each reason is in the \"error\" field of its line in {}",
+            s.failed,
+            files.output.display()
+        );
+    }
+    Ok(s)
+}
+
+fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
     let t0 = Instant::now();
     check(files, opts)?;
     opts.sampling.params(&[])?;
@@ -236,14 +304,9 @@ pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Pr
         Some(c) => read_csv(&files.prompts, c, opts.id_column.as_deref())?,
         None => read_jsonl(&files.prompts)?,
     };
-    let done = if files.output.exists() {
-        if !files.resume {
-            bail!("{} exists: pass --resume to continue it, or choose a new --output", files.output.display());
-        }
-        done_pairs(&files.output)?
-    } else {
-        HashSet::new()
-    };
+    if files.output.exists() && !files.resume {
+        bail!("{} exists: pass --resume to continue it, or choose a new --output", files.output.display());
+    }
 
     let dir = ModelDir::open(&files.model)?;
     let tok = dir.tokenizer()?;
@@ -251,6 +314,11 @@ pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Pr
     let fingerprint = dir.fingerprint()?;
     let params = opts.sampling.params(tok.eos_ids())?;
     let seed = opts.sampling.seed;
+    let o = &opts.sampling;
+    let sampling =
+        SamplingRecord { temperature: o.temperature, top_p: o.top_p, top_k: o.top_k, max_new_tokens: o.max_new_tokens, stop: opts.stop.clone() };
+    let done = if files.output.exists() { resume(&files.output, seed, &sampling, &fingerprint)? } else { HashSet::new() };
+    let id = RunIdentity { seed, sampling: &sampling, fingerprint: &fingerprint };
 
     // Tokenize; per-prompt failures are recorded (written once the run is known to start).
     let mut failures: Vec<Rollout> = Vec::new();
@@ -276,7 +344,7 @@ pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Pr
             }
             Err(why) => {
                 for s in todo {
-                    failures.push(error_record(p, s, seed, &[], &why, &fingerprint));
+                    failures.push(error_record(p, s, &id, &[], &why));
                 }
             }
         }
@@ -325,8 +393,8 @@ pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Pr
             let (pi, s, prompt_ids) = &meta[o.index];
             let p = &prompts[*pi];
             let rec = match &o.result {
-                Ok(finish) => rollout_record(p, *s, seed, prompt_ids, o.generated(), finish.as_str(), &tok, &fingerprint),
-                Err(why) => Ok(error_record(p, *s, seed, prompt_ids, why, &fingerprint)),
+                Ok(finish) => rollout_record(p, *s, &id, prompt_ids, o.generated(), finish.as_str(), &tok),
+                Err(why) => Ok(error_record(p, *s, &id, prompt_ids, why)),
             };
             let res = rec.and_then(|r| out.append(&r).map_err(anyhow::Error::from));
             match res {
@@ -372,24 +440,31 @@ fn encode_prompt(p: &Prompt, system: Option<&str>, template: Option<&ChatTemplat
     Ok(ids)
 }
 
-fn base_record(p: &Prompt, sample: u32, seed: u64, prompt_ids: &[u32], fingerprint: &str) -> Rollout {
-    Rollout::new(p.id.clone(), p.text.clone(), sample, seed, prompt_ids.to_vec(), fingerprint.into(), p.fields.clone())
+/// What every record of a run carries to say which configuration drew it.
+struct RunIdentity<'a> {
+    seed: u64,
+    sampling: &'a SamplingRecord,
+    fingerprint: &'a str,
 }
 
-#[allow(clippy::too_many_arguments)]
+fn base_record(p: &Prompt, sample: u32, id: &RunIdentity, prompt_ids: &[u32]) -> Rollout {
+    let mut r = Rollout::new(p.id.clone(), p.text.clone(), sample, id.seed, prompt_ids.to_vec(), id.fingerprint.into(), p.fields.clone());
+    r.sampling = Some(id.sampling.clone());
+    r
+}
+
 fn rollout_record(
     p: &Prompt,
     sample: u32,
-    seed: u64,
+    id: &RunIdentity,
     prompt_ids: &[u32],
     completion_ids: &[u32],
     finish: &str,
     tok: &Tokenizer,
-    fingerprint: &str,
 ) -> Result<Rollout> {
     let completion = tok.decode(completion_ids, true)?;
     let (reasoning, response) = split_reasoning(&completion);
-    let mut r = base_record(p, sample, seed, prompt_ids, fingerprint);
+    let mut r = base_record(p, sample, id, prompt_ids);
     r.completion_ids = Some(completion_ids.to_vec());
     r.reasoning = Some(reasoning.to_string());
     r.response = Some(response.to_string());
@@ -398,8 +473,8 @@ fn rollout_record(
     Ok(r)
 }
 
-fn error_record(p: &Prompt, sample: u32, seed: u64, prompt_ids: &[u32], why: &str, fingerprint: &str) -> Rollout {
-    let mut r = base_record(p, sample, seed, prompt_ids, fingerprint);
+fn error_record(p: &Prompt, sample: u32, id: &RunIdentity, prompt_ids: &[u32], why: &str) -> Rollout {
+    let mut r = base_record(p, sample, id, prompt_ids);
     r.finish = "error".into();
     r.error = Some(why.into());
     r

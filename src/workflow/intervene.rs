@@ -39,7 +39,7 @@ pub struct InterveneFiles {
     /// Rollouts JSONL from `ipo generate`: {"id", "prompt", "sample", "prompt_ids",
     /// "completion_ids", "kind"?, "model"?, ...}. A rollout whose "model" fingerprint
     /// (written by `ipo generate`) differs from --model's is rejected, as is a failed rollout
-    /// ("finish": "error"); both are listed in the errors file and the rest goes on. Continue
+    /// ("finish": "error") and one longer than the model's context; all are listed in the errors file and the rest goes on. Continue
     /// with the sampler settings the rollouts were generated with.
     #[arg(long, value_name = "FILE")]
     pub rollouts: Option<PathBuf>,
@@ -254,6 +254,8 @@ fn check_token_ids(o: &Map<String, Value>, name: &str) -> Result<(), String> {
 struct ModelFacts<'a> {
     tok: &'a Tokenizer,
     vocab: usize,
+    /// max_position_embeddings of config.json.
+    context: usize,
     fingerprint: &'a str,
 }
 
@@ -305,6 +307,18 @@ fn read_rollout(l: &Line, m: &ModelFacts) -> Result<Rollout, String> {
         if let Some((i, id)) = ids.iter().enumerate().find(|(_, &x)| x as usize >= m.vocab) {
             return Err(format!("\"{name}\"[{i}] = {id} is not a token id of the model (vocab_size {})", m.vocab));
         }
+    }
+    // Every pair of a rollout has context + rejected = the whole rollout, so one longer than the
+    // context makes pairs that score and train reject (a continuation is capped at the context by
+    // the engine, and a splice with no room left fails on its own).
+    let len = r.prompt_ids.len() + completion_ids.len();
+    if len > m.context {
+        return Err(format!(
+            "prompt_ids ({}) + completion_ids ({}) = {len} tokens exceed the model's context (max_position_embeddings = {}): its pairs could not be scored or trained",
+            r.prompt_ids.len(),
+            completion_ids.len(),
+            m.context
+        ));
     }
     if !o.contains_key("prompt") {
         r.prompt = m.tok.decode(&r.prompt_ids, true).map_err(|e| e.to_string())?;
@@ -361,7 +375,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     let mut traces: Vec<Trace> = Vec::new();
     let mut to_sample: Vec<Trace> = Vec::new();
     let chat = if is_rollouts { None } else { Some(dir.chat_template()?) };
-    let facts = ModelFacts { tok: &tok, vocab: dir.config.vocab_size, fingerprint: &fingerprint };
+    let facts = ModelFacts { tok: &tok, vocab: dir.config.vocab_size, context: dir.config.max_position_embeddings, fingerprint: &fingerprint };
     for l in jsonl::read_objects(input)? {
         stats.prompts += 1;
         let origin = format!("{}:{}", input.display(), l.line);
@@ -458,6 +472,19 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     let mut w = AtomicWriter::create(&sibling(&files.output, "stats.json"))?;
     w.write(&stats)?;
     w.commit()?;
+    // Every rollout worked on failed (each has an error, none gave a pair or was left alone):
+    // the run did nothing, which must not pass for success.
+    let items = stats.prompts - stats.skipped_benign;
+    let failed: std::collections::HashSet<&str> = errors.iter().map(|e| e.origin.as_str()).collect();
+    if items > 0 && stats.pairs == 0 && failed.len() as u64 == items {
+        let e = &errors[0];
+        bail!(
+            "every one of the {items} rollouts failed (first: {}: {}); all are listed in {}",
+            e.origin,
+            e.error,
+            sibling(&files.output, "errors.jsonl").display()
+        );
+    }
     let (judge_calls, judge_cache_hits) = match &detector {
         CueDetector::Judge(j) => (Some(j.calls()), Some(j.cache_hits())),
         CueDetector::Rules(_) => (None, None),

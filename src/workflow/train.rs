@@ -40,6 +40,7 @@ pub struct TrainFiles {
     #[arg(long, value_name = "FILE")]
     pub pairs: PathBuf,
     /// Output folder: metrics.jsonl, metrics.png, checkpoints step-N/, final/ (and merged/).
+    /// Without --resume it must not hold an earlier run (metrics.jsonl, step-N/, final/).
     #[arg(long, value_name = "OUT")]
     pub output: PathBuf,
     /// Continue from a checkpoint: a step-N/ folder, or an output folder (its newest step-N/).
@@ -181,6 +182,9 @@ pub fn train(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress) -
     let dir = ModelDir::open(&files.model)?;
     let recs = read_pairs(&files.pairs, &dir.config)?;
     check_tokenizer(&dir, &files.pairs, &recs)?;
+    if files.resume.is_none() {
+        refuse_earlier_run(&files.output)?;
+    }
     std::fs::create_dir_all(&files.output).with_context(|| format!("--output {}", files.output.display()))?;
     let weights = dir.weights()?;
     with_backend!(opts.device.device, be => {
@@ -306,6 +310,29 @@ fn reference_pairs(
     let score_opts = ScoreOptions { batch_tokens: opts.batch_tokens, device: opts.device.clone() };
     score_with(&score_files, &score_opts, &dir.config, scorer, progress)?;
     Ok((to_train_pairs(&cache, read_pairs(&cache, &dir.config)?)?, RefLogps::Computed))
+}
+
+/// A fresh run (no --resume) into a folder that holds an earlier run's results (its metrics
+/// log, a checkpoint or the final model) would replace its metrics.jsonl and mix their
+/// files: refused. A missing or empty folder is fine, and so is one with only the reference
+/// log-prob cache.
+fn refuse_earlier_run(out: &Path) -> Result<()> {
+    let metrics = out.join("metrics.jsonl");
+    let found = if std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0) {
+        Some("metrics.jsonl".to_string())
+    } else if let Some(step) = checkpoint::latest(out) {
+        Some(format!("the checkpoint {}", step.file_name().unwrap_or_default().to_string_lossy()))
+    } else {
+        out.join("final").exists().then(|| "final/".to_string())
+    };
+    match found {
+        Some(what) => bail!(
+            "--output {} holds an earlier run ({what}): pass --resume {} to continue it, or choose an empty --output folder",
+            out.display(),
+            out.display()
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Resume (when asked), the optimizer steps with their metrics lines and checkpoints, the
