@@ -259,10 +259,12 @@ fn score_pairs(opts: &ScoreOptions, model: &Path, pairs: &Path, output: &Path, p
 /// A training stage: continues from the newest checkpoint of an interrupted run, or starts
 /// over (its folder removed) when the stage is forced.
 fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, force: bool, p: &dyn Progress) -> Result<Value> {
-    if force && output.exists() {
+    let resume = (!force).then(|| checkpoint::latest(output)).flatten().map(|_| output.to_path_buf());
+    // Starting over (forced, or killed before its first checkpoint): an empty folder, since
+    // `train` refuses to write over an earlier run's metrics.
+    if resume.is_none() && output.exists() {
         std::fs::remove_dir_all(output).with_context(|| format!("removing {} to start over", output.display()))?;
     }
-    let resume = checkpoint::latest(output).map(|_| output.to_path_buf());
     if resume.is_some() {
         eprintln!("train: continuing from the newest checkpoint in {} (an earlier run was interrupted)", output.display());
     }
