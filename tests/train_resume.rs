@@ -154,6 +154,23 @@ fn checkpoint_dir_is_complete_or_absent() {
     let leftovers: Vec<_> = std::fs::read_dir(out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(leftovers.iter().any(|n| n.starts_with(".step-6.tmp")), "{leftovers:?}");
     assert_eq!(latest(out).unwrap(), out.join("step-2"));
+    // That leftover, as a killed process leaves it (its pid no longer running), goes away
+    // when the next checkpoint is written; a temp of a live process stays.
+    let leftover = leftovers.iter().find(|n| n.starts_with(".step-6.tmp")).unwrap();
+    let dead = (std::process::id() + 1..u32::MAX).find(|p| !Path::new(&format!("/proc/{p}")).exists()).unwrap();
+    let orphan = out.join(format!(".step-6.tmp-{dead}"));
+    std::fs::rename(out.join(leftover), &orphan).unwrap();
+    let live = out.join(format!(".step-7.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    write_dir_atomic(&out.join("step-8"), |d| {
+        std::fs::write(d.join("trainer_state.json"), "{}").unwrap();
+        Ok(())
+    })
+    .unwrap();
+    assert!(!orphan.exists(), "a dead writer's checkpoint temp is removed");
+    assert!(live.exists(), "a live writer's temp is kept");
+    std::fs::remove_dir_all(&live).unwrap();
+    std::fs::remove_dir_all(out.join("step-8")).unwrap();
     // A real run: the checkpoint it leaves loads, and every expected file is there.
     let pairs = out.join("pairs.jsonl");
     write_random_pairs(&pairs, 4, 9);

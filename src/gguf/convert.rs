@@ -222,6 +222,7 @@ pub fn import_gguf(
     let out_err = |path: &Path, e: std::io::Error| GgufError::Output { path: path.to_path_buf(), reason: e.to_string() };
     std::fs::create_dir_all(&parent).map_err(|e| out_err(&parent, e))?;
     let name = out_dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    crate::io::stale::remove_stale(&parent, &|n| n == name);
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| out_err(&tmp, e))?;

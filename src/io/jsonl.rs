@@ -129,6 +129,7 @@ impl AtomicWriter {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        crate::io::stale::remove_stale(&dir, &|n| n == name);
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
         Ok(Self { path: path.to_path_buf(), tmp, out: Some(BufWriter::new(file)) })

@@ -4,3 +4,4 @@
 
 pub mod jsonl;
 pub mod records;
+pub(crate) mod stale;

@@ -61,6 +61,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), TrainError>) -> Result<(), TrainError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = dir.file_name().ok_or_else(|| TrainError::Io(format!("{}: not a directory path", dir.display())))?;
+    // A killed run leaves its half-written checkpoint as `.step-N.tmp-PID` (a later step, or
+    // `final`, is what the next run writes), so every dead writer's checkpoint temp goes.
+    let own = name.to_string_lossy().into_owned();
+    crate::io::stale::remove_stale(parent, &|n| n == own || n.starts_with("step-") || n == "final");
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
