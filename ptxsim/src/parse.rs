@@ -121,6 +121,10 @@ pub(crate) struct GlobalVar {
     pub(crate) init: Vec<u8>,
 }
 
+/// Registers one function may declare (NVRTC's largest kernels here use a few thousand): a bound
+/// on the parser's symbol table, so `.reg .b32 %r<4294967295>;` is an error, not 4G entries.
+const MAX_REGS: u32 = 1 << 16;
+
 /// A parsed PTX module, ready to launch.
 #[derive(Debug)]
 pub struct Module {
@@ -640,13 +644,20 @@ impl Parser {
             }
             if self.is_p('<') {
                 self.i += 1;
-                let n = self.int()? as u32;
+                let n = self.int()?;
+                if n < 0 || ctx.nregs as i128 + n > MAX_REGS as i128 {
+                    return self.err(&format!("register declaration %{id}<{n}> exceeds {MAX_REGS} registers per function"));
+                }
+                let n = n as u32;
                 self.expect_p('>')?;
                 for k in 0..n {
                     ctx.scopes.last_mut().unwrap().insert(format!("{id}{k}"), Sym::Reg(ctx.nregs));
                     ctx.nregs += 1;
                 }
             } else {
+                if ctx.nregs >= MAX_REGS {
+                    return self.err(&format!("more than {MAX_REGS} registers in one function"));
+                }
                 ctx.scopes.last_mut().unwrap().insert(id, Sym::Reg(ctx.nregs));
                 ctx.nregs += 1;
             }
@@ -952,6 +963,7 @@ impl Dec<'_> {
                 if has("v2") || has("v4") || has("v8") {
                     return Err("vector atomics are not supported".into());
                 }
+                need(if name == "atom" { 3 } else { 2 })?;
                 let (d, rest) = if name == "atom" { (Some(self.dst(&ops[0])?), &ops[1..]) } else { (None, ops) };
                 if rest.len() < 2 {
                     return Err("missing atomic operands".into());
@@ -1062,7 +1074,10 @@ impl Dec<'_> {
                 };
                 Ok((Op::Vote { mode, d: self.dst(&ops[0])?, a, neg, mask: self.src(&ops[2], None)? }, Class::Warp))
             }
-            "activemask" => Ok((Op::Activemask { d: self.dst(&ops[0])? }, Class::Warp)),
+            "activemask" => {
+                need(1)?;
+                Ok((Op::Activemask { d: self.dst(&ops[0])? }, Class::Warp))
+            }
             "redux" => {
                 need(3)?;
                 let op = if has("add") { AtomOp::Add } else if has("min") { AtomOp::Min } else if has("max") { AtomOp::Max } else if has("and") { AtomOp::And } else if has("or") { AtomOp::Or } else if has("xor") { AtomOp::Xor } else { return Err("redux op".into()) };

@@ -118,3 +118,18 @@ fn guarded_exit_and_ret_with_false_guards_fall_through() {
         assert!(o.iter().all(|&x| x == 7), "@p {op} with p false everywhere skipped the next instruction: {o:?}");
     }
 }
+
+/// Inputs found by tests/fuzz.rs (issue 16): each is a parse error naming its line, not a panic
+/// (operands missing) or an 11 GB symbol table (a register count of 2^32 - 1).
+#[test]
+fn hostile_declarations_and_missing_operands_are_parse_errors() {
+    for (bad, want) in [
+        (".reg .b32 %r<4294967295>;", "exceeds 65536 registers"),
+        ("activemask.b32;", "expected 1 operands"),
+        ("atom.global.add.u32;", "expected 3 operands"),
+    ] {
+        let src = DIVERGE.replace(".reg .b32 %r<10>;", &format!(".reg .b32 %r<10>;\n    {bad}"));
+        let e = Module::parse(&src).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("line"), "{bad}: {e}");
+    }
+}
