@@ -121,7 +121,7 @@ pub(crate) struct GlobalVar {
     pub(crate) init: Vec<u8>,
 }
 
-/// Registers one function may declare (NVRTC's largest kernels here use a few thousand): a bound
+/// Registers one function may declare (the most in NVRTC output of this repo: 1261): a bound
 /// on the parser's symbol table, so `.reg .b32 %r<4294967295>;` is an error, not 4G entries.
 const MAX_REGS: u32 = 1 << 16;
 
