@@ -287,3 +287,20 @@ fn help_explains_every_flag() {
     }
     assert!(help.contains("[default: 4096]") && help.contains("[default: cpu]"), "{help}");
 }
+
+/// An I/O error says its cause once: the error types that put the cause in their message no
+/// longer also chain it as a source (anyhow printed "X: No such file...: No such file...").
+#[test]
+fn io_errors_name_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model");
+    let pairs = dir.path().join("pairs.jsonl");
+    let out = dir.path().join("out.jsonl");
+    let (ok, err) = ipo(&["score", "--model", missing.to_str().unwrap(), "--pairs", pairs.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    let model = tiny_fixture("llama");
+    let (ok, err) = ipo(&["score", "--model", model.to_str().unwrap(), "--pairs", pairs.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}

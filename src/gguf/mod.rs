@@ -19,8 +19,8 @@ pub use reader::{GgufFile, Value};
 /// where there is one, the tensor or key, and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{}: not a GGUF file (magic {found:?}, expected \"GGUF\")", path.display(), found = String::from_utf8_lossy(found))]
     BadMagic { path: PathBuf, found: [u8; 4] },
     #[error("{}: truncated: {what} needs {need} bytes at offset {offset}, but the file has {file_len} bytes", path.display())]

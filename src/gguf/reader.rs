@@ -259,7 +259,7 @@ impl GgufFile {
     /// Open and parse a GGUF file. Tensor data stays in the mmap until asked for.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let io = |err| GgufError::Io { path: path.to_path_buf(), err };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; the file is not expected to change while we read it.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;

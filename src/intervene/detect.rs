@@ -51,8 +51,8 @@ pub trait Detector: Sync {
 /// Why a patterns file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PatternError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}:{line}: {msg}")]
     Line { path: PathBuf, line: usize, msg: String },
 }
@@ -111,7 +111,7 @@ impl RuleDetector {
 
     /// Loads a patterns file (`--cue-patterns`).
     pub fn from_file(path: &Path) -> Result<Self, PatternError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PatternError::Io { path: path.to_path_buf(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| PatternError::Io { path: path.to_path_buf(), err: e })?;
         Self::parse(&text, path)
     }
 

@@ -8,8 +8,8 @@ pub(crate) const DEFAULT_TRIGGERS: &str = include_str!("../../data/triggers.txt"
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriggerError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Content { path: PathBuf, msg: String },
 }
@@ -42,7 +42,7 @@ pub fn load_triggers(path: Option<&Path>) -> Result<Vec<String>, TriggerError> {
     match path {
         None => parse_triggers(DEFAULT_TRIGGERS, Path::new("data/triggers.txt")),
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| TriggerError::Io { path: p.to_path_buf(), source: e })?;
+            let text = std::fs::read_to_string(p).map_err(|e| TriggerError::Io { path: p.to_path_buf(), err: e })?;
             parse_triggers(&text, p)
         }
     }

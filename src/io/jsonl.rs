@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JsonlError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A line that is not a JSON object or does not fit the expected record.
     #[error("{path}:{line}: {reason}")]
     Line { path: PathBuf, line: usize, reason: String },
@@ -28,7 +28,7 @@ impl JsonlError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> JsonlError + '_ {
-    move |source| JsonlError::Io { path: path.to_path_buf(), source }
+    move |err| JsonlError::Io { path: path.to_path_buf(), err }
 }
 
 /// One object of a JSONL file with its 1-based line number.
@@ -121,7 +121,7 @@ impl AtomicWriter {
             .file_name()
             .ok_or_else(|| JsonlError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+                err: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
             })?
             .to_string_lossy()
             .into_owned();
@@ -139,7 +139,7 @@ impl AtomicWriter {
     pub fn write<T: Serialize + ?Sized>(&mut self, record: &T) -> Result<(), JsonlError> {
         let out = self.out.as_mut().expect("not committed");
         serde_json::to_writer(&mut *out, record)
-            .map_err(|e| JsonlError::Io { path: self.tmp.clone(), source: e.into() })?;
+            .map_err(|e| JsonlError::Io { path: self.tmp.clone(), err: e.into() })?;
         out.write_all(b"\n").map_err(io_err(&self.tmp))
     }
 
@@ -147,7 +147,7 @@ impl AtomicWriter {
     /// so the rename itself survives a crash).
     pub(crate) fn commit(mut self) -> Result<(), JsonlError> {
         let out = self.out.take().expect("not committed");
-        let file = out.into_inner().map_err(|e| JsonlError::Io { path: self.tmp.clone(), source: e.into_error() })?;
+        let file = out.into_inner().map_err(|e| JsonlError::Io { path: self.tmp.clone(), err: e.into_error() })?;
         file.sync_all().map_err(io_err(&self.tmp))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
@@ -192,7 +192,7 @@ impl Appender {
     }
 
     pub fn append<T: Serialize + ?Sized>(&mut self, record: &T) -> Result<(), JsonlError> {
-        let mut line = serde_json::to_vec(record).map_err(|e| JsonlError::Io { path: self.path.clone(), source: e.into() })?;
+        let mut line = serde_json::to_vec(record).map_err(|e| JsonlError::Io { path: self.path.clone(), err: e.into() })?;
         line.push(b'\n');
         // One write call per line: with O_APPEND the line lands whole.
         self.file.write_all(&line).map_err(io_err(&self.path))?;

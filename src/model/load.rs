@@ -20,10 +20,10 @@ use super::weights::{HostTensor, LayerWeights, ModelWeights};
 /// Why a model folder could not be loaded. Every variant names the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: invalid JSON: {err}")]
+    Json { path: PathBuf, err: serde_json::Error },
     /// A field of `config.json` is missing, has the wrong type, or names something unsupported.
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
@@ -47,8 +47,8 @@ fn cfg_err(path: &Path, msg: impl Into<String>) -> LoadError {
 
 fn read_json(path: &Path) -> Result<Value, LoadError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })
+        .map_err(|err| LoadError::Io { path: path.to_path_buf(), err })?;
+    serde_json::from_str(&text).map_err(|err| LoadError::Json { path: path.to_path_buf(), err })
 }
 
 /// Typed access to the fields of one JSON object, with errors that name the file and field.
@@ -341,10 +341,10 @@ struct Shard {
 }
 
 fn open_shard(path: PathBuf) -> Result<Shard, LoadError> {
-    let file = File::open(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+    let file = File::open(&path).map_err(|err| LoadError::Io { path: path.clone(), err })?;
     // SAFETY: the mapping is read-only; a model file changed underneath us while loading is
     // outside what we support (the same assumption safetensors/candle make).
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.clone(), source })?;
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|err| LoadError::Io { path: path.clone(), err })?;
     Ok(Shard { path, mmap })
 }
 
