@@ -122,16 +122,8 @@ impl Common {
     fn ceiling(&self) -> Result<Option<Ceiling>> {
         let Some(p) = &self.ceiling else { return Ok(None) };
         let text = std::fs::read_to_string(p).with_context(|| format!("--ceiling {}", p.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--ceiling {}: not JSON", p.display()))?;
-        let num = |k: &str| v[k].as_f64().with_context(|| format!("--ceiling {}: no number `{k}`", p.display()));
-        Ok(Some(Ceiling {
-            device: v["device"].as_str().unwrap_or("").to_string(),
-            gemm_n: num("gemm_n")? as usize,
-            gemm_bf16_tflops: num("gemm_bf16_tflops")?,
-            gemm_f32_tflops: num("gemm_f32_tflops")?,
-            copy_mib: num("copy_mib")? as usize,
-            stream_gbs: num("stream_gbs")?,
-        }))
+        let c = serde_json::from_str(&text).with_context(|| format!("--ceiling {}: not a `ipo bench ceiling --json` report", p.display()))?;
+        Ok(Some(c))
     }
 
     fn write(&self, report: &impl serde::Serialize) -> Result<()> {

@@ -89,23 +89,6 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SmolLM2-135M layer dims, 1024 packed tokens (a 512-token prompt with two 256-token
-/// responses), the full 49152 vocabulary, 32 sequences decoding at context 1024.
-const GPU_SHAPE: Shape = Shape {
-    prompt: 512,
-    response: 256,
-    dim: 576,
-    n_heads: 9,
-    n_kv_heads: 3,
-    head_dim: 64,
-    ffn: 1536,
-    vocab: 49152,
-    kv_blocks: 2048,
-    block_size: 16,
-    decode_seqs: 32,
-    ctx: 1024,
-};
-
 /// Mean milliseconds per call of each workload op, from events on the default stream (so a
 /// call's host-side index uploads are inside its time, as they are in training).
 fn timings<G: Gpu>(be: &CudaBackend<G>, a: &Args, shape: Shape, reps: usize) -> anyhow::Result<()> {
@@ -146,7 +129,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let n = d.strip_prefix("cuda:").map_or(Ok(0), |s| s.parse::<usize>()).with_context(|| format!("--device {d}: expected cuda:N"))?;
             let be = CudaBackend::cuda(n).context("CUDA device")?;
             table(&be, &a)?;
-            timings(&be, &a, GPU_SHAPE, a.reps.unwrap_or(20))
+            // SmolLM2-135M layer dims, 1024 packed tokens, the full vocabulary, 32 sequences decoding.
+            timings(&be, &a, crate::workflow::bench::ModelShape::Smollm2.workload(), a.reps.unwrap_or(20))
         }
         d => bail!("--device {d}: expected sim, cuda or cuda:N"),
     }

@@ -112,6 +112,16 @@ pub fn random_normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
     v
 }
 
+/// A random-weight `shape` model (with `layers` layers, when given) on `backend`.
+fn random_model<B: Backend>(backend: B, shape: ModelShape, layers: Option<usize>, seed: u64) -> Result<Transformer<B>> {
+    let mut cfg = shape.config();
+    if let Some(l) = layers {
+        cfg.num_layers = l;
+    }
+    let w = random_weights(&cfg, seed);
+    Ok(Transformer::with_backend(backend, cfg, w)?)
+}
+
 /// Random weights for `c`: matrices normal(0, 0.02), norm weights 1.
 pub fn random_weights(c: &ModelConfig, seed: u64) -> ModelWeights<HostTensor> {
     let shapes = expected_shapes(c);
@@ -130,7 +140,7 @@ pub fn random_weights(c: &ModelConfig, seed: u64) -> ModelWeights<HostTensor> {
 // ---------------------------------------------------------------------------------------------
 // ceiling
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct Ceiling {
     pub device: String,
     /// `n x n x n` bf16 GEMM (fp32 accumulate and output) through cuBLAS.
@@ -348,12 +358,9 @@ pub fn train<B: Backend>(
     ceiling: Option<&Ceiling>,
     seed: u64,
 ) -> Result<TrainReport> {
-    let mut cfg = shape.config();
-    if let Some(l) = layers {
-        cfg.num_layers = l;
-    }
     let device = backend.name();
-    let model = Transformer::with_backend(backend, cfg.clone(), random_weights(&cfg, seed))?;
+    let model = random_model(backend, shape, layers, seed)?;
+    let cfg = model.cfg.clone();
     let mut r = workload::Rng(seed ^ 0xDA7A);
     let v = cfg.vocab_size;
     let data: Vec<TrainPair> = (0..pairs)
@@ -452,12 +459,9 @@ pub fn decode<B: Backend>(
     ceiling: Option<&Ceiling>,
     seed: u64,
 ) -> Result<DecodeReport> {
-    let mut cfg = shape.config();
-    if let Some(l) = layers {
-        cfg.num_layers = l;
-    }
     let device = backend.name();
-    let model = Transformer::with_backend(backend, cfg.clone(), random_weights(&cfg, seed))?;
+    let model = random_model(backend, shape, layers, seed)?;
+    let cfg = model.cfg.clone();
     let mut r = workload::Rng(seed ^ 0xDEC0);
     let weight_bytes = 4.0 * (matmul_params(&cfg) as f64 + (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64);
     let mut rows = Vec::new();
