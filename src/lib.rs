@@ -14,6 +14,7 @@
 //! - the JSONL records: [`Rollout`], [`Pair`], [`ScoreInput`], [`Scored`].
 
 pub mod backend;
+pub(crate) mod chart;
 pub mod cli;
 pub mod gguf;
 pub mod intervene;

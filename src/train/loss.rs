@@ -40,6 +40,10 @@ pub struct BatchLoss {
     pub reward_margin: f64,
     /// Fraction of pairs with margin > 0.
     pub reward_accuracy: f64,
+    /// Mean policy log-prob sums of the chosen and rejected segments (TRL's `logps/chosen`,
+    /// `logps/rejected`).
+    pub logp_chosen: f64,
+    pub logp_rejected: f64,
     /// dL / d chosen_i and dL / d rejected_i `[pairs]`.
     pub d_chosen: Vec<f64>,
     pub d_rejected: Vec<f64>,
@@ -73,6 +77,8 @@ pub(crate) fn dpo_loss_part(pairs: &[PairLogps], beta: f64, sft_coef: f64, batch
         out.reward_rejected += beta * dr / n;
         out.reward_margin += beta * z / n;
         out.reward_accuracy += f64::from(u8::from(z > 0.0)) / n;
+        out.logp_chosen += p.chosen / n;
+        out.logp_rejected += p.rejected / n;
         // d softplus(-beta z) / dz = -beta * sigmoid(-beta z), plus the SFT term's share.
         let (d_chosen, d_rejected) = h.grads(z);
         out.d_chosen.push(d_chosen);
@@ -92,6 +98,8 @@ impl BatchLoss {
         self.reward_rejected += o.reward_rejected;
         self.reward_margin += o.reward_margin;
         self.reward_accuracy += o.reward_accuracy;
+        self.logp_chosen += o.logp_chosen;
+        self.logp_rejected += o.logp_rejected;
         self.d_chosen.extend_from_slice(&o.d_chosen);
         self.d_rejected.extend_from_slice(&o.d_rejected);
     }

@@ -11,7 +11,7 @@
 //! - `data`: pairs JSONL -> `TrainPair`, validation, seeded epoch order.
 //! - `trainer`: `Trainer<B>`, one optimizer step at a time.
 //! - `checkpoint`: `step-N/` directories written atomically, and resume.
-//! - `chart`: the loss / margin / accuracy PNG.
+//! - `chart`: metrics.png, the training curves (drawn by `crate::chart`).
 
 pub mod chart;
 pub mod checkpoint;

@@ -56,6 +56,10 @@ pub struct StepMetrics {
     pub reward_rejected: f64,
     pub reward_margin: f64,
     pub reward_accuracy: f64,
+    /// Mean policy log-prob sums (nats) of the chosen and rejected segments over the batch,
+    /// before this step's update.
+    pub logp_chosen: f64,
+    pub logp_rejected: f64,
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -347,6 +351,8 @@ impl<B: Backend> Trainer<B> {
             reward_rejected: loss.reward_rejected,
             reward_margin: loss.reward_margin,
             reward_accuracy: loss.reward_accuracy,
+            logp_chosen: loss.logp_chosen,
+            logp_rejected: loss.logp_rejected,
             lr,
             grad_norm: norm,
             pairs: idx.len(),

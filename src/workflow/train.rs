@@ -400,10 +400,7 @@ fn run_steps<B: Backend>(
             }
         };
         tokens += m.tokens as u64;
-        let mut line = serde_json::to_value(&m)?;
-        line["tokens_per_s"] = serde_json::json!(m.tokens as f64 / t_step.elapsed().as_secs_f64().max(1e-9));
-        line["elapsed_s"] = serde_json::json!(start.elapsed().as_secs_f64());
-        log.append(&line)?;
+        log.append(&MetricsLine::new(&m, t_step.elapsed().as_secs_f64(), start.elapsed().as_secs_f64()))?;
         progress.status(&format!("loss {:.4}, margin {:.4}, acc {:.2}, lr {:.2e}", m.loss, m.reward_margin, m.reward_accuracy, m.lr));
         progress.advance(1, m.tokens as u64);
         if opts.save_every > 0 && trainer.step.is_multiple_of(opts.save_every) && trainer.step < total {
@@ -452,6 +449,53 @@ fn run_steps<B: Backend>(
         final_dir,
         merged_dir,
     })
+}
+
+/// One line of metrics.jsonl: the step's `StepMetrics`, the same values again under the
+/// names TRL's DPOTrainer logs (so TRL dashboards and scripts read the file unchanged), and
+/// timing. TRL's definitions: `rewards/*` are batch means of `beta * (policy logp - reference
+/// logp)` of each segment, `rewards/margins` the mean of chosen - rejected, `rewards/accuracies`
+/// the fraction of pairs with chosen > rejected, `logps/*` the batch means of the policy's
+/// summed segment log-probs; `loss` (with the SFT term, as TRL's with `rpo_alpha`), `grad_norm`,
+/// `epoch` and `step` already have TRL's names.
+#[derive(serde::Serialize)]
+struct MetricsLine<'a> {
+    #[serde(flatten)]
+    metrics: &'a StepMetrics,
+    #[serde(rename = "rewards/chosen")]
+    rewards_chosen: f64,
+    #[serde(rename = "rewards/rejected")]
+    rewards_rejected: f64,
+    #[serde(rename = "rewards/margins")]
+    rewards_margins: f64,
+    #[serde(rename = "rewards/accuracies")]
+    rewards_accuracies: f64,
+    #[serde(rename = "logps/chosen")]
+    logps_chosen: f64,
+    #[serde(rename = "logps/rejected")]
+    logps_rejected: f64,
+    learning_rate: f64,
+    /// Tokens of this step per second of its wall time.
+    tokens_per_s: f64,
+    /// Seconds since this call's first step began.
+    elapsed_s: f64,
+}
+
+impl<'a> MetricsLine<'a> {
+    fn new(m: &'a StepMetrics, step_seconds: f64, elapsed_s: f64) -> Self {
+        Self {
+            metrics: m,
+            rewards_chosen: m.reward_chosen,
+            rewards_rejected: m.reward_rejected,
+            rewards_margins: m.reward_margin,
+            rewards_accuracies: m.reward_accuracy,
+            logps_chosen: m.logp_chosen,
+            logps_rejected: m.logp_rejected,
+            learning_rate: m.lr,
+            tokens_per_s: m.tokens as f64 / step_seconds.max(1e-9),
+            elapsed_s,
+        }
+    }
 }
 
 /// Writes a Hugging Face model folder: model.safetensors (f32, HF names) plus the base
