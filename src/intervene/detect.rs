@@ -27,6 +27,9 @@ pub enum DetectError {
     /// The judge's answer is not a single integer.
     #[error("judge answer is not a single integer: {0:?}")]
     NotAnInteger(String),
+    /// The judge's answer is not one of the verdicts its prompt allows (`ipo eval`: 0 or 1).
+    #[error("judge answer is not a verdict (expected 0 = safe or 1 = harmful): {0:?}")]
+    NotAVerdict(String),
     /// The judge named a sentence that does not exist (or the first one, never a cue).
     #[error("judge answered {answer}, out of range for {n} sentences (expected 0, or 2..={n})")]
     OutOfRange { answer: u64, n: usize },

@@ -3,7 +3,9 @@
 //! examples written by us) and answers with a single integer: the first compliance cue
 //! (1-based), or 0 for none. Requests have a timeout, retries with exponential backoff and a
 //! concurrency limit; verdicts are cached on disk by a content hash, so a re-run costs no
-//! calls; a failed or garbage answer is a per-item error and the batch goes on.
+//! calls; a failed or garbage answer is a per-item error and the batch goes on. The HTTP side
+//! (client, retries, cache, redaction) is [`ChatClient`], which `ipo eval`'s harmfulness judge
+//! (`crate::eval::judge`) shares.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -128,11 +130,20 @@ pub enum JudgeError {
     Cache(#[from] JsonlError),
 }
 
+/// The compliance-cue judge: the cue prompt and answer rules over a [`ChatClient`].
 pub struct Judge {
+    client: ChatClient,
+}
+
+/// A chat-completions client that answers with one validated integer per question: timeout,
+/// retries with exponential backoff, a concurrency limit, a verdict cache on disk by content
+/// key, and every error text redacted. Shared by the cue judge here and `ipo eval`'s
+/// harmfulness judge; each brings its own messages, cache key and answer check.
+pub struct ChatClient {
     cfg: JudgeConfig,
     endpoint: String,
     client: reqwest::blocking::Client,
-    cache: Mutex<HashMap<String, u64>>, // content hash -> answer (0 = none, else 1-based)
+    cache: Mutex<HashMap<String, u64>>, // content key -> validated answer
     cache_out: Mutex<Option<Appender>>,
     calls: AtomicU64,
     cache_hits: AtomicU64,
@@ -204,7 +215,7 @@ pub fn messages(item: &Item) -> Vec<Value> {
     m
 }
 
-impl Judge {
+impl ChatClient {
     pub fn new(cfg: JudgeConfig) -> Result<Self, JudgeError> {
         let endpoint = endpoint_url(&cfg.url).map_err(|e| match e {
             JudgeError::Url(u) => JudgeError::Url(redact(&u, cfg.api_key.as_deref())),
@@ -245,6 +256,11 @@ impl Judge {
         })
     }
 
+    /// The judge model's name (part of every cache key).
+    pub fn model(&self) -> &str {
+        &self.cfg.model
+    }
+
     /// HTTP requests sent so far (retries included).
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
@@ -253,19 +269,6 @@ impl Judge {
     /// Verdicts answered from the cache so far.
     pub fn cache_hits(&self) -> u64 {
         self.cache_hits.load(Ordering::Relaxed)
-    }
-
-    /// The cache key of an item: SHA-256 of the prompt version, judge model, request and sentences.
-    pub fn cache_key(&self, item: &Item) -> String {
-        let mut h = Sha256::new();
-        for part in [PROMPT_VERSION, self.cfg.model.as_str(), item.prompt.as_str()]
-            .into_iter()
-            .chain(item.sentences.iter().map(String::as_str))
-        {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// One request, no retry: the answer's content string.
@@ -292,7 +295,8 @@ impl Judge {
             .ok_or_else(|| (DetectError::Malformed("no choices[0].message.content string".into()), true))
     }
 
-    fn redact(&self, text: &str) -> String {
+    /// `text` with the key and any bearer / sk- token removed (see [`redact`]).
+    pub fn redact(&self, text: &str) -> String {
         redact(text, self.cfg.api_key.as_deref())
     }
 
@@ -302,22 +306,29 @@ impl Judge {
             DetectError::Http(m) => DetectError::Http(self.redact(&m)),
             DetectError::Malformed(m) => DetectError::Malformed(self.redact(&m)),
             DetectError::NotAnInteger(m) => DetectError::NotAnInteger(self.redact(&m)),
+            DetectError::NotAVerdict(m) => DetectError::NotAVerdict(self.redact(&m)),
             e @ DetectError::OutOfRange { .. } => e,
         }
     }
 
-    /// The answer for `item` (cached or asked, with retries), validated against its length.
-    fn answer(&self, item: &Item) -> Result<u64, DetectError> {
-        let key = self.cache_key(item);
-        if let Some(&a) = self.cache.lock().expect("cache lock").get(&key) {
+    /// The answer to `messages` (temperature 0, at most `max_tokens` tokens): from the cache
+    /// under `key`, else asked with retries and checked by `parse`, which turns the reply's
+    /// content into the answer or says why it is not one. Only answers `parse` accepts are
+    /// cached. Every error is redacted.
+    pub fn ask(&self, key: &str, messages: Vec<Value>, max_tokens: u32, parse: &dyn Fn(&str) -> Result<u64, DetectError>) -> Result<u64, DetectError> {
+        self.ask_unredacted(key, messages, max_tokens, parse).map_err(|e| self.redact_error(e))
+    }
+
+    fn ask_unredacted(&self, key: &str, messages: Vec<Value>, max_tokens: u32, parse: &dyn Fn(&str) -> Result<u64, DetectError>) -> Result<u64, DetectError> {
+        if let Some(&a) = self.cache.lock().expect("cache lock").get(key) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
         }
         let body = json!({
             "model": self.cfg.model,
-            "messages": messages(item),
+            "messages": messages,
             "temperature": 0,
-            "max_tokens": 8,
+            "max_tokens": max_tokens,
         });
         let mut attempt = 0u32;
         let content = loop {
@@ -338,10 +349,9 @@ impl Judge {
                 }
             }
         };
-        let a = parse_answer(&content)?;
-        // Validate before caching: a verdict out of range is an error, and not kept.
-        answer_to_index(a, item.sentences.len())?;
-        self.cache.lock().expect("cache lock").insert(key.clone(), a);
+        // Validate before caching: an answer `parse` rejects is an error, and not kept.
+        let a = parse(&content)?;
+        self.cache.lock().expect("cache lock").insert(key.to_string(), a);
         if let Some(out) = self.cache_out.lock().expect("cache lock").as_mut() {
             // A cache that cannot be written only costs calls on a re-run.
             if let Err(e) = out.append(&json!({"key": key, "answer": a})) {
@@ -351,6 +361,57 @@ impl Judge {
         Ok(a)
     }
 
+    /// `f` over every item on at most `concurrency` threads; one result each, in order.
+    pub fn map_concurrent<T: Sync, R: Send>(&self, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+        let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let workers = self.cfg.concurrency.max(1).min(items.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= items.len() {
+                        break;
+                    }
+                    let r = f(&items[i]);
+                    *results[i].lock().expect("result lock") = Some(r);
+                });
+            }
+        });
+        results.into_iter().map(|m| m.into_inner().expect("result lock").expect("every item is visited")).collect()
+    }
+}
+
+impl Judge {
+    pub fn new(cfg: JudgeConfig) -> Result<Self, JudgeError> {
+        Ok(Self { client: ChatClient::new(cfg)? })
+    }
+
+    /// HTTP requests sent so far (retries included).
+    pub fn calls(&self) -> u64 {
+        self.client.calls()
+    }
+
+    /// Verdicts answered from the cache so far.
+    pub fn cache_hits(&self) -> u64 {
+        self.client.cache_hits()
+    }
+
+    /// The cache key of an item: SHA-256 of the prompt version, judge model, request and sentences.
+    pub fn cache_key(&self, item: &Item) -> String {
+        let parts = [PROMPT_VERSION, self.client.model(), item.prompt.as_str()].into_iter().chain(item.sentences.iter().map(String::as_str));
+        content_key(parts)
+    }
+}
+
+/// SHA-256 (hex) of `parts`, each length-prefixed so that no two lists of parts share a key.
+pub fn content_key<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// reqwest's error with its source chain (the timeout / connection reason).
@@ -367,34 +428,23 @@ fn describe(e: &reqwest::Error) -> String {
 
 impl Detector for Judge {
     fn name(&self) -> String {
-        format!("judge({})", self.cfg.model)
+        format!("judge({})", self.client.model())
     }
 
     fn first_compliance_cue(&self, item: &Item) -> Result<Option<usize>, DetectError> {
-        if item.sentences.len() < 2 {
+        let n = item.sentences.len();
+        if n < 2 {
             return Ok(None); // nothing to ask: the first sentence is never a cue
         }
-        let a = self.answer(item).map_err(|e| self.redact_error(e))?;
-        answer_to_index(a, item.sentences.len())
+        let parse = |content: &str| {
+            let a = parse_answer(content)?;
+            answer_to_index(a, n).map(|_| a)
+        };
+        let a = self.client.ask(&self.cache_key(item), messages(item), 8, &parse)?;
+        answer_to_index(a, n)
     }
 
     fn first_compliance_cues(&self, items: &[Item]) -> Vec<Result<Option<usize>, DetectError>> {
-        let results: Vec<Mutex<Option<Result<Option<usize>, DetectError>>>> =
-            items.iter().map(|_| Mutex::new(None)).collect();
-        let next = AtomicUsize::new(0);
-        let workers = self.cfg.concurrency.max(1).min(items.len().max(1));
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= items.len() {
-                        break;
-                    }
-                    let r = self.first_compliance_cue(&items[i]);
-                    *results[i].lock().expect("result lock") = Some(r);
-                });
-            }
-        });
-        results.into_iter().map(|m| m.into_inner().expect("result lock").expect("every item is visited")).collect()
+        self.client.map_concurrent(items, |i| self.first_compliance_cue(i))
     }
 }
