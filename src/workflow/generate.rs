@@ -19,7 +19,9 @@ use crate::io::jsonl::{self, Appender, JsonlError};
 use crate::io::records::{Rollout, SamplingRecord};
 use crate::model::chat::{split_reasoning, ChatTemplate};
 use crate::model::tokenizer::Tokenizer;
-use crate::rollout::{key_of, Engine, EngineConfig, Event, Request, StopCheck};
+use crate::backend::Backend;
+use crate::model::transformer::Transformer;
+use crate::rollout::{key_of, Engine, EngineConfig, Event, Output, Request, SamplingParams, StopCheck};
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::{default_from_clap, EngineOptions, SamplingOptions};
@@ -111,11 +113,11 @@ impl GenerateSummary {
 }
 
 /// One prompt of the input.
-struct Prompt {
-    id: String,
-    text: String,
-    system: Option<String>,
-    fields: Map<String, Value>, // the input record, copied to the output
+pub(crate) struct Prompt {
+    pub(crate) id: String,
+    pub(crate) text: String,
+    pub(crate) system: Option<String>,
+    pub(crate) fields: Map<String, Value>, // the input record, copied to the output
 }
 
 fn id_string(v: &Value) -> Option<String> {
@@ -123,6 +125,18 @@ fn id_string(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+/// The prompts of `path`: JSONL, or CSV with the prompt text in `column` (and the id in
+/// `id_column`, else "id", else the row number). Errors name the file and line.
+pub(crate) fn read_prompts(path: &Path, column: Option<&str>, id_column: Option<&str>) -> Result<Vec<Prompt>> {
+    if column.is_none() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+        bail!("{}: a CSV file needs --prompt-column NAME", path.display());
+    }
+    match column {
+        Some(c) => read_csv(path, c, id_column),
+        None => read_jsonl(path),
     }
 }
 
@@ -296,14 +310,7 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     let t0 = Instant::now();
     check(files, opts)?;
     opts.sampling.params(&[])?;
-    let is_csv = opts.prompt_column.is_some();
-    if !is_csv && files.prompts.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
-        bail!("{}: a CSV file needs --prompt-column NAME", files.prompts.display());
-    }
-    let prompts = match &opts.prompt_column {
-        Some(c) => read_csv(&files.prompts, c, opts.id_column.as_deref())?,
-        None => read_jsonl(&files.prompts)?,
-    };
+    let prompts = read_prompts(&files.prompts, opts.prompt_column.as_deref(), opts.id_column.as_deref())?;
     if files.output.exists() && !files.resume {
         bail!("{} exists: pass --resume to continue it, or choose a new --output", files.output.display());
     }
@@ -362,21 +369,7 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     let weights = dir.weights()?;
     with_backend!(opts.device.device, be => {
     let model = dir.upload(be, weights)?;
-    let ecfg = opts.engine.config(&model);
-    // A budget that cannot hold even the shortest sequence is a usage error, not 1000 failures.
-    let (max_new, block_size) = (opts.sampling.max_new_tokens, opts.engine.block_size);
-    let shortest = reqs.iter().map(|r| r.ids.len()).min().unwrap_or(0);
-    let need = (shortest + max_new).min(model.cfg.max_position_embeddings).div_ceil(block_size);
-    if need > ecfg.num_blocks {
-        let mb_per_block = EngineConfig::block_bytes(&model, block_size, 4) as f64 / (1024.0 * 1024.0);
-        bail!(
-            "--kv-cache-mb {} holds {} blocks of {block_size} tokens, but the shortest prompt ({shortest} tokens) + --max-new-tokens {max_new} needs {need} blocks (about {:.1} MiB)",
-            opts.engine.kv_cache_mb,
-            ecfg.num_blocks,
-            need as f64 * mb_per_block
-        );
-    }
-    let mut engine = Engine::new(&model, ecfg)?;
+    let mut engine = new_engine(&model, &opts.engine, &reqs, opts.sampling.max_new_tokens)?;
     let mut out = Appender::open(&files.output)?;
     for f in &failures {
         out.append(f)?;
@@ -385,30 +378,23 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     let stops = StopStrings { tok: &tok, stops: &opts.stop, tail: longest_stop + 4 };
     let stop: Option<&dyn StopCheck> = if opts.stop.is_empty() { None } else { Some(&stops) };
 
-    progress.start("generate", reqs.len() as u64, "samples");
     let mut write_err: Option<anyhow::Error> = None;
-    let result = engine.generate(reqs, &params, stop, |ev| match ev {
-        Event::Step { prefill, decode } => progress.advance(0, (prefill + decode) as u64),
-        Event::Done(o) => {
-            let (pi, s, prompt_ids) = &meta[o.index];
-            let p = &prompts[*pi];
-            let rec = match &o.result {
-                Ok(finish) => rollout_record(p, *s, &id, prompt_ids, o.generated(), finish.as_str(), &tok),
-                Err(why) => Ok(error_record(p, *s, &id, prompt_ids, why)),
-            };
-            let res = rec.and_then(|r| out.append(&r).map_err(anyhow::Error::from));
-            match res {
-                Ok(()) if o.result.is_ok() => summary.written += 1,
-                Ok(()) => summary.failed += 1,
-                Err(e) => {
-                    write_err.get_or_insert(e);
-                }
+    run_engine(&mut engine, reqs, &params, stop, progress, "generate", |o| {
+        let (pi, s, prompt_ids) = &meta[o.index];
+        let p = &prompts[*pi];
+        let rec = match &o.result {
+            Ok(finish) => rollout_record(p, *s, &id, prompt_ids, o.generated(), finish.as_str(), &tok),
+            Err(why) => Ok(error_record(p, *s, &id, prompt_ids, why)),
+        };
+        let res = rec.and_then(|r| out.append(&r).map_err(anyhow::Error::from));
+        match res {
+            Ok(()) if o.result.is_ok() => summary.written += 1,
+            Ok(()) => summary.failed += 1,
+            Err(e) => {
+                write_err.get_or_insert(e);
             }
-            progress.advance(1, 0);
         }
-    });
-    progress.finish();
-    result?;
+    })?;
     if let Some(e) = write_err {
         return Err(e.context(format!("writing {}", files.output.display())));
     }
@@ -419,7 +405,51 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     })
 }
 
-fn encode_prompt(p: &Prompt, system: Option<&str>, template: Option<&ChatTemplate>, tok: &Tokenizer) -> Result<Vec<u32>, String> {
+/// A fresh engine for `model` with the KV budget of `engine`, checked first against `reqs`: a
+/// budget that cannot hold even the shortest request plus `max_new` tokens is a usage error
+/// naming the flags, not one failure per request.
+pub(crate) fn new_engine<'m, B: Backend>(model: &'m Transformer<B>, engine: &EngineOptions, reqs: &[Request], max_new: usize) -> Result<Engine<'m, B>> {
+    let ecfg = engine.config(model);
+    let block_size = engine.block_size;
+    let shortest = reqs.iter().map(|r| r.ids.len()).min().unwrap_or(0);
+    let need = (shortest + max_new).min(model.cfg.max_position_embeddings).div_ceil(block_size);
+    if need > ecfg.num_blocks {
+        let mb_per_block = EngineConfig::block_bytes(model, block_size, 4) as f64 / (1024.0 * 1024.0);
+        bail!(
+            "--kv-cache-mb {} holds {} blocks of {block_size} tokens, but the shortest prompt ({shortest} tokens) + --max-new-tokens {max_new} needs {need} blocks (about {:.1} MiB)",
+            engine.kv_cache_mb,
+            ecfg.num_blocks,
+            need as f64 * mb_per_block
+        );
+    }
+    Ok(Engine::new(model, ecfg)?)
+}
+
+/// Runs every request to completion on `engine`, as progress phase `phase` (one unit per
+/// request, tokens for tokens/s), handing each finished output (in completion order; a
+/// request that could not run has `result: Err(why)`) to `on_done`.
+pub(crate) fn run_engine<B: Backend>(
+    engine: &mut Engine<'_, B>,
+    reqs: Vec<Request>,
+    params: &SamplingParams,
+    stop: Option<&dyn StopCheck>,
+    progress: &dyn Progress,
+    phase: &str,
+    mut on_done: impl FnMut(Output),
+) -> Result<()> {
+    progress.start(phase, reqs.len() as u64, "samples");
+    let result = engine.generate(reqs, params, stop, |ev| match ev {
+        Event::Step { prefill, decode } => progress.advance(0, (prefill + decode) as u64),
+        Event::Done(o) => {
+            on_done(o);
+            progress.advance(1, 0);
+        }
+    });
+    progress.finish();
+    Ok(result?)
+}
+
+pub(crate) fn encode_prompt(p: &Prompt, system: Option<&str>, template: Option<&ChatTemplate>, tok: &Tokenizer) -> Result<Vec<u32>, String> {
     let text = match template {
         None => p.text.clone(),
         Some(t) => {
