@@ -16,6 +16,7 @@
 pub mod backend;
 pub(crate) mod chart;
 pub mod cli;
+pub mod eval;
 pub mod gguf;
 pub mod intervene;
 pub mod io;
