@@ -26,6 +26,10 @@ enum Command {
     /// DPO on the divergent segment of preference pairs (plus optional SFT term); full
     /// fine-tuning or LoRA; checkpoints, resume, metrics.jsonl and a chart.
     Train(ipo::cli::train::Args),
+    /// Harmful ratio of reasoning and of response (rule or LLM judge), refusal rates, helpful-answer
+    /// and prose NLL ratios and degenerate share of a model beside its base, with 95% intervals:
+    /// OUT/eval.json, eval.md, eval.png, answers.jsonl.
+    Eval(ipo::cli::eval::Args),
     /// Convert a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face model folder.
     ImportGguf(ipo::cli::import_gguf::Args),
     /// Run every CUDA kernel against the CPU reference (on a GPU, or the PTX simulator) and
@@ -47,6 +51,7 @@ fn main() {
         Command::Generate(a) => ipo::cli::generate::run(a),
         Command::Score(a) => ipo::cli::score::run(a),
         Command::Intervene(a) => ipo::cli::intervene::run(a),
+        Command::Eval(a) => ipo::cli::eval::run(a),
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
         Command::Train(a) => ipo::cli::train::run(a),
         Command::Selftest(a) => ipo::cli::selftest::run(a),

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod device;
+pub mod eval;
 pub mod generate;
 pub mod intervene;
 pub mod model;
