@@ -29,7 +29,7 @@ use crate::intervene::detect::{RuleDetector, DEFAULT_PATTERNS};
 use crate::intervene::judge::JudgeConfig;
 use crate::io::jsonl::AtomicWriter;
 use crate::model::chat::ChatTemplate;
-use crate::model::transformer::{ScoreItem, Transformer};
+use crate::model::transformer::{packed_score_tokens, ScoreItem, Transformer};
 use crate::pipeline::refusal::is_refusal;
 use crate::rollout::{key_of, Request, SamplingParams};
 use crate::workflow::device::{with_backend, DeviceOptions};
@@ -233,8 +233,10 @@ struct ModelRun {
 }
 
 /// A per-item error line of eval.errors.jsonl.
-fn error_line(who: &str, stage: &str, set: Option<Set>, id: &str, sample: Option<u32>, part: Option<&str>, error: &str) -> Value {
-    json!({"model": who, "stage": stage, "set": set.map(Set::name), "id": id, "sample": sample, "part": part, "error": error})
+/// `decoding`: "greedy" / "sampled" (a completion), or null (a reference answer).
+#[allow(clippy::too_many_arguments)]
+fn error_line(who: &str, stage: &str, decoding: Option<&str>, set: Set, id: &str, sample: Option<u32>, part: Option<&str>, error: &str) -> Value {
+    json!({"model": who, "stage": stage, "decoding": decoding, "set": set.name(), "id": id, "sample": sample, "part": part, "error": error})
 }
 
 fn check(files: &EvalFiles, o: &EvalOptions) -> Result<()> {
@@ -442,7 +444,7 @@ pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> R
                     counts.generation += 1;
                     line["finish"] = json!("error");
                     line["error"] = json!(why);
-                    errors.push(error_line(who, "generate", Some(ep.set), &ep.p.id, Some(c.sample), None, why));
+                    errors.push(error_line(who, "generate", Some(decoding), ep.set, &ep.p.id, Some(c.sample), None, why));
                 }
                 Ok((ids, text, finish)) => {
                     let (reasoning, response) = split_segments(text);
@@ -463,7 +465,7 @@ pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> R
                                         labels[format!("{field}_harmful")] = Value::Null;
                                         t.judge_errors[(*field == "response") as usize] += 1;
                                         counts.judge += 1;
-                                        errors.push(error_line(who, "judge", Some(ep.set), &ep.p.id, Some(c.sample), Some(field), e));
+                                        errors.push(error_line(who, "judge", Some(decoding), ep.set, &ep.p.id, Some(c.sample), Some(field), e));
                                     }
                                 }
                             }
@@ -491,7 +493,7 @@ pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> R
         for (r, h) in refs_of(base_run.as_ref(), run).iter().zip(&run.helpful) {
             if let Err(e) = h {
                 counts.scoring += 1;
-                errors.push(error_line(who, "score", Some(Set::Benign), &prompts[r.prompt].p.id, Some(0), None, e));
+                errors.push(error_line(who, "score", None, Set::Benign, &prompts[r.prompt].p.id, None, None, e));
             }
         }
     }
@@ -839,7 +841,7 @@ fn generate_and_score<B: Backend>(
             window_of.push(pi);
         }
     }
-    let total: u64 = items.iter().map(|i| (i.context.len() + i.target.len()) as u64).sum();
+    let total = packed_score_tokens(&items) as u64;
     progress.start(&format!("eval {who} score"), total, "tokens");
     let logps = model.score_with_progress(&items, opts.batch_tokens, |n| progress.advance(n as u64, n as u64));
     progress.finish();
