@@ -16,8 +16,9 @@
 //!                (rejected, kept only when it refuses and the base does not) -> benign pairs
 //!   6 train2     stage-1 pairs mixed with benign pairs at `harmful_fraction`, plus the SFT
 //!                term -> stage2/final                                     (workflow::train)
-//!   7 eval       greedy answers of base and final model on both prompt sets; refusal rates
-//!                with the rule-based check -> report.json, report.md
+//!   7 eval       `ipo eval` of the final model beside the base on the evaluation prompt sets
+//!                (`eval_harmful_prompts`, `eval_benign_prompts`: the validation splits) -> eval/
+//!                (eval.json, eval.md, eval.png, answers.jsonl); then report.json, report.md
 //! Each stage's options come from a table of the same name in the config (`[generate]`,
 //! `[intervene]`, `[score]`, `[train1]`, `[benign]`, `[train2]`, `[eval]`), deserialized into
 //! the workflow's own options struct when the config is loaded: the keys are the workflow's
@@ -39,6 +40,7 @@ use crate::rollout::sampler::mix64;
 use crate::train::checkpoint;
 use crate::workflow::config::from_table;
 use crate::workflow::device::Device;
+use crate::workflow::eval::{eval, EvalFiles, EvalOptions};
 use crate::workflow::generate::{generate, GenerateFiles, GenerateOptions};
 use crate::workflow::intervene::{intervene, InterveneFiles, InterveneOptions};
 use crate::workflow::model::resolve_model;
@@ -55,6 +57,10 @@ struct RawConfig {
     run_dir: PathBuf,
     harmful_prompts: PathBuf,
     benign_prompts: PathBuf,
+    #[serde(default)]
+    eval_harmful_prompts: Option<PathBuf>,
+    #[serde(default)]
+    eval_benign_prompts: Option<PathBuf>,
     #[serde(default)]
     seed: u64,
     #[serde(default = "default_fraction")]
@@ -90,6 +96,10 @@ pub struct RunConfig {
     pub run_dir: PathBuf,
     pub harmful_prompts: PathBuf,
     pub benign_prompts: PathBuf,
+    /// The prompt sets of the eval stage (default: the training sets above, which measures
+    /// fit rather than generalisation; the demo uses the validation splits).
+    pub eval_harmful_prompts: PathBuf,
+    pub eval_benign_prompts: PathBuf,
     /// The seed of every stage whose table does not set its own.
     pub seed: u64,
     /// Share of harmful (stage-1) pairs in the stage-2 mix (paper: 0.3 / 0.5 / 0.7).
@@ -100,7 +110,7 @@ pub struct RunConfig {
     pub train1: TrainOptions,
     pub benign: GenerateOptions,
     pub train2: TrainOptions,
-    pub eval: GenerateOptions,
+    pub eval: EvalOptions,
 }
 
 impl RunConfig {
@@ -130,6 +140,8 @@ impl RunConfig {
         Ok(Self {
             model: resolve_model(&raw.model)?,
             run_dir: raw.run_dir,
+            eval_harmful_prompts: raw.eval_harmful_prompts.unwrap_or_else(|| raw.harmful_prompts.clone()),
+            eval_benign_prompts: raw.eval_benign_prompts.unwrap_or_else(|| raw.benign_prompts.clone()),
             harmful_prompts: raw.harmful_prompts,
             benign_prompts: raw.benign_prompts,
             seed: raw.seed,
@@ -336,13 +348,6 @@ fn completion_text(r: &Rollout) -> &str {
     r.completion.as_deref().unwrap_or("")
 }
 
-fn refusal_rate(path: &Path) -> Result<(usize, usize)> {
-    let rows: Vec<Rollout> = jsonl::read(path)?;
-    let ok: Vec<_> = rows.iter().filter(|r| r.error.is_none()).collect();
-    let refused = ok.iter().filter(|r| is_refusal(completion_text(r))).count();
-    Ok((refused, ok.len()))
-}
-
 fn count_lines(path: &Path) -> usize {
     jsonl::read_objects(path).map(|v| v.len()).unwrap_or(0)
 }
@@ -362,7 +367,7 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     let dir = flags.run_dir.clone().unwrap_or(cfg.run_dir.clone());
     std::fs::create_dir_all(&dir).with_context(|| format!("run_dir {}", dir.display()))?;
     std::fs::copy(config_path, dir.join("config.toml")).context("copying the config into the run dir")?;
-    for p in [&cfg.harmful_prompts, &cfg.benign_prompts] {
+    for p in [&cfg.harmful_prompts, &cfg.benign_prompts, &cfg.eval_harmful_prompts, &cfg.eval_benign_prompts] {
         if !p.is_file() {
             bail!("--config {}: prompt file {} does not exist", config_path.display(), p.display());
         }
@@ -416,27 +421,34 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), fresh, p)
     })?;
     let final_model = f("stage2").join("final");
-    st.run("eval", &[&base, &harmful, &benign, &opt(&cfg.eval)], |p, fresh| {
-        let mut out = serde_json::Map::new();
-        for (m, tag) in [(model, "base"), (&final_model, "final")] {
-            for (prompts, kind) in [(&cfg.harmful_prompts, "harmful"), (&cfg.benign_prompts, "benign")] {
-                let name = format!("eval_{tag}_{kind}");
-                out.insert(name.clone(), gen(&cfg.eval, m, prompts, &f(&format!("{name}.jsonl")), fresh, p)?);
-            }
+    let (eval_harmful, eval_benign) = (file_identity(&cfg.eval_harmful_prompts), file_identity(&cfg.eval_benign_prompts));
+    st.run("eval", &[&base, &eval_harmful, &eval_benign, &opt(&cfg.eval)], |p, _| {
+        let out = f("eval");
+        if out.exists() {
+            std::fs::remove_dir_all(&out).with_context(|| format!("removing {} to start over", out.display()))?;
         }
-        Ok(Value::Object(out))
+        let files = EvalFiles {
+            model: final_model.clone(),
+            base: Some(model.clone()),
+            harmful: cfg.eval_harmful_prompts.clone(),
+            benign: cfg.eval_benign_prompts.clone(),
+            prose: None,
+            output: out,
+        };
+        let s = eval(&files, &cfg.eval, p)?;
+        if let Some(e) = &s.chart_error {
+            eprintln!("eval: warning: eval.png not drawn: {e}");
+        }
+        Ok(json!({"answers": s.answers, "errors": s.errors, "tokens_generated": s.tokens_generated, "seconds": s.seconds}))
     })?;
     report(&dir, t0.elapsed().as_secs_f64())
 }
 
-/// report.json + report.md: pair counts, final training metrics, refusal rates before/after,
-/// and every stage's wall time and summary (from the stage markers).
+/// report.json + report.md: pair counts, final training metrics, the eval stage's table (final
+/// model beside the base, from eval/eval.json and eval/eval.md), and every stage's wall time and
+/// summary (from the stage markers).
 fn report(dir: &Path, secs: f64) -> Result<Value> {
     let f = |name: &str| dir.join(name);
-    let rate = |name: &str| -> Result<Value> {
-        let (r, n) = refusal_rate(&f(name))?;
-        Ok(json!({"refused": r, "total": n, "rate": if n > 0 { r as f64 / n as f64 } else { f64::NAN }}))
-    };
     let last_metrics = |stage: &str| -> Value {
         jsonl::read_objects(&f(stage).join("metrics.jsonl")).ok().and_then(|v| v.last().cloned()).map(|l| Value::Object(l.obj)).unwrap_or(Value::Null)
     };
@@ -448,6 +460,11 @@ fn report(dir: &Path, secs: f64) -> Result<Value> {
         markers.iter().filter_map(|(s, m)| Some((s.clone(), m.get("seconds")?.clone()))).collect();
     let stage_summaries: serde_json::Map<String, Value> =
         markers.iter().filter_map(|(s, m)| Some((s.clone(), m.get("summary")?.clone()))).collect();
+    let eval_json = f("eval").join("eval.json");
+    let eval: Value = serde_json::from_str(&std::fs::read_to_string(&eval_json).with_context(|| eval_json.display().to_string())?)
+        .with_context(|| eval_json.display().to_string())?;
+    let eval_md_path = f("eval").join("eval.md");
+    let eval_md = std::fs::read_to_string(&eval_md_path).with_context(|| eval_md_path.display().to_string())?;
     let rep = json!({
         "rollouts": count_lines(&f("rollouts.jsonl")),
         "pairs_stage1": count_lines(&f("pairs.jsonl")),
@@ -455,26 +472,19 @@ fn report(dir: &Path, secs: f64) -> Result<Value> {
         "pairs_stage2": count_lines(&f("stage2_pairs.jsonl")),
         "train1_last": last_metrics("stage1"),
         "train2_last": last_metrics("stage2"),
-        "refusal": {
-            "harmful": {"base": rate("eval_base_harmful.jsonl")?, "final": rate("eval_final_harmful.jsonl")?},
-            "benign": {"base": rate("eval_base_benign.jsonl")?, "final": rate("eval_final_benign.jsonl")?},
-        },
+        "eval": eval,
         "stage_seconds": stage_secs,
         "stage_summaries": stage_summaries,
         "this_invocation_seconds": secs,
     });
     jsonl::write_atomic(&f("report.json"), [rep.clone()])?;
-    let pct = |v: &Value| format!("{:.0}% ({}/{})", v["rate"].as_f64().unwrap_or(f64::NAN) * 100.0, v["refused"], v["total"]);
-    let r = &rep["refusal"];
+    let total: f64 = rep["stage_seconds"].as_object().map(|m| m.values().filter_map(Value::as_f64).sum()).unwrap_or(0.0);
     let md = format!(
         "# IPO run report\n\n\
-         | | base model | after IPO |\n|---|---|---|\n\
-         | refusal rate on harmful prompts (higher is safer) | {} | {} |\n\
-         | refusal rate on benign prompts (lower is better) | {} | {} |\n\n\
-         Rule-based refusal check (src/pipeline/refusal.rs) on greedy answers.\n\n\
+         {eval_md}\n\
          Rollouts: {}; stage-1 pairs: {}; benign pairs: {}; stage-2 mix: {} pairs.\n\n\
-         Last stage-1 step: {}\n\nLast stage-2 step: {}\n\nStage wall times (s): {}\n",
-        pct(&r["harmful"]["base"]), pct(&r["harmful"]["final"]), pct(&r["benign"]["base"]), pct(&r["benign"]["final"]),
+         Last stage-1 step: {}\n\nLast stage-2 step: {}\n\nStage wall times (s, {total:.0} in all): {}\n\n\
+         Every completion and its labels: eval/answers.jsonl; the chart: eval/eval.png.\n",
         rep["rollouts"], rep["pairs_stage1"], rep["pairs_benign"], rep["pairs_stage2"],
         rep["train1_last"], rep["train2_last"], rep["stage_seconds"],
     );
@@ -568,8 +578,10 @@ mod tests {
         assert_eq!(c.generate.device.device, Device::Sim, "the top-level device reaches every stage");
         assert_eq!(c.train1.device.device, Device::Cpu, "a table's own device wins");
         assert_eq!(c.score.device.device, Device::Sim);
-        assert_eq!(c.eval.sampling.temperature, 0.0);
-        assert_eq!(c.eval.sampling.max_new_tokens, 1024, "unset keys keep the flag defaults");
+        assert_eq!(c.eval.temperature, 0.0);
+        assert_eq!(c.eval.max_new_tokens, 256, "unset keys keep the flag defaults");
+        assert_eq!(c.generate.sampling.max_new_tokens, 1024, "unset keys keep the flag defaults");
+        assert_eq!((c.eval_harmful_prompts.as_path(), c.eval_benign_prompts.as_path()), (Path::new("h.jsonl"), Path::new("b.jsonl")), "eval sets default to the training sets");
         let c = RunConfig::load(&write_config(dir.path(), body), Some(Device::Cuda(1))).unwrap();
         assert_eq!(c.generate.device.device, Device::Cuda(1), "--device overrides the top-level device");
         assert_eq!(c.train1.device.device, Device::Cpu);

@@ -125,6 +125,10 @@ pub struct EvalOptions {
     /// reported for greedy and for sampled decoding separately.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub n: u32,
+    /// Use only the first N prompts of --harmful and of --benign (files of this project are in
+    /// a fixed random order, so the first N are a random subset).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
     /// Temperature of the sampled completions.
     #[arg(long, value_name = "T", default_value_t = 0.6)]
     pub temperature: f32,
@@ -363,8 +367,10 @@ pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> R
     check(files, opts)?;
     // Inputs first: every file error before a weight is read.
     let col = opts.prompt_column.as_deref();
-    let harmful = read_prompts(&files.harmful, col, None).context("--harmful")?;
-    let benign = read_prompts(&files.benign, col, None).context("--benign")?;
+    let mut harmful = read_prompts(&files.harmful, col, None).context("--harmful")?;
+    let mut benign = read_prompts(&files.benign, col, None).context("--benign")?;
+    harmful.truncate(opts.limit.unwrap_or(usize::MAX));
+    benign.truncate(opts.limit.unwrap_or(usize::MAX));
     if harmful.is_empty() || benign.is_empty() {
         bail!("--harmful and --benign each need at least one prompt ({} has {}, {} has {})", files.harmful.display(), harmful.len(), files.benign.display(), benign.len());
     }

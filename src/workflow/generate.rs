@@ -73,6 +73,10 @@ pub struct GenerateOptions {
     /// Samples per prompt (numbered 0..n in the "sample" field).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub n: u32,
+    /// Use only the first N prompts of --prompts (files of this project are in a fixed random
+    /// order, so the first N are a random subset).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
     /// Stop when the completion contains this text (finish = "stop"); repeatable. Generation
     /// always stops at the model's EOS tokens (finish = "eos").
     #[arg(long = "stop", value_name = "TEXT")]
@@ -310,7 +314,8 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     let t0 = Instant::now();
     check(files, opts)?;
     opts.sampling.params(&[])?;
-    let prompts = read_prompts(&files.prompts, opts.prompt_column.as_deref(), opts.id_column.as_deref())?;
+    let mut prompts = read_prompts(&files.prompts, opts.prompt_column.as_deref(), opts.id_column.as_deref())?;
+    prompts.truncate(opts.limit.unwrap_or(usize::MAX));
     if files.output.exists() && !files.resume {
         bail!("{} exists: pass --resume to continue it, or choose a new --output", files.output.display());
     }
