@@ -14,7 +14,9 @@
 //! - the JSONL records: [`Rollout`], [`Pair`], [`ScoreInput`], [`Scored`].
 
 pub mod backend;
+pub(crate) mod chart;
 pub mod cli;
+pub mod csr;
 pub mod gguf;
 pub mod intervene;
 pub mod io;
@@ -35,6 +37,7 @@ pub use model::transformer::{ScoreItem, Transformer};
 pub use pipeline::run::{run as run_pipeline, RunConfig, RunFlags};
 pub use rollout::{Engine, EngineConfig, Event, Finish, Output, Request, SamplingParams, SeqHandle};
 pub use train::{OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainPair, Trainer};
+pub use workflow::csr::{csr, CsrFiles, CsrOptions, CsrSummary};
 pub use workflow::device::Device;
 pub use workflow::generate::{generate, GenerateFiles, GenerateOptions, GenerateSummary};
 pub use workflow::intervene::{intervene, InterveneFiles, InterveneOptions, InterveneSummary};

@@ -20,6 +20,9 @@ enum Command {
     /// Find the first compliance cue of each rollout, splice safety triggers in at that token,
     /// continue from the cached prefix, and write preference pairs (IPO Algorithm 1).
     Intervene(ipo::cli::intervene::Args),
+    /// Continuation Safety Ratio curves of rollouts (K continuations forked at every N-th
+    /// token, judged safe or unsafe); safety triggers, unsafe turning points, PNG charts.
+    Csr(ipo::cli::csr::Args),
     /// Per-token log-probs of target segments given a context; or fill reference log-probs
     /// into a pairs file (--pairs).
     Score(ipo::cli::score::Args),
@@ -45,6 +48,7 @@ fn main() {
     ipo::workflow::device::set_verbose(cli.verbose);
     let result = match cli.command {
         Command::Generate(a) => ipo::cli::generate::run(a),
+        Command::Csr(a) => ipo::cli::csr::run(a),
         Command::Score(a) => ipo::cli::score::run(a),
         Command::Intervene(a) => ipo::cli::intervene::run(a),
         Command::ImportGguf(a) => ipo::cli::import_gguf::run(a),
