@@ -9,6 +9,8 @@
 
 pub mod judge;
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::rollout::sampler::{key_of, mix64};
@@ -114,19 +116,26 @@ pub struct AlignedPoint {
 }
 
 /// The mean of several curves aligned at their cue: each (position, csr) point goes to the bin
-/// of `position - cue` rounded to the nearest multiple of `every` (curves sampled every
-/// `every` tokens from 0 land in neighbouring bins whatever their cue); the mean of each bin,
-/// bins in order. Curves are (positions, csr values, cue position).
+/// of `position - cue` rounded to the nearest multiple of `every` (halves up; curves sampled
+/// every `every` tokens from 0 land in neighbouring bins whatever their cue); a curve with
+/// two points in one bin (its last position) counts once, with their mean; each bin's value is
+/// the mean over the curves in it. Curves are (positions, csr values, cue position); bins in
+/// order.
 pub fn aligned_mean(curves: &[(&[usize], &[f64], usize)], every: usize) -> Vec<AlignedPoint> {
     assert!(every > 0, "every must be > 0");
-    let mut bins: std::collections::BTreeMap<i64, (f64, usize)> = Default::default();
+    let mut bins: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
     let e = every as i64;
     for (positions, csr, cue) in curves {
+        let mut mine: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
         for (&p, &c) in positions.iter().zip(csr.iter()) {
             let d = p as i64 - *cue as i64;
-            let bin = (d + e / 2).div_euclid(e) * e;
-            let b = bins.entry(bin).or_insert((0.0, 0));
+            let b = mine.entry((d + e / 2).div_euclid(e) * e).or_insert((0.0, 0));
             b.0 += c;
+            b.1 += 1;
+        }
+        for (bin, (sum, n)) in mine {
+            let b = bins.entry(bin).or_insert((0.0, 0));
+            b.0 += sum / n as f64;
             b.1 += 1;
         }
     }
@@ -168,8 +177,10 @@ mod tests {
         let a: (&[usize], &[f64], usize) = (&[0, 16, 32], &[1.0, 0.5, 0.0], 20);
         // Cue at 3: offsets -3, 13, 29 -> bins 0, 16, 32.
         let b: (&[usize], &[f64], usize) = (&[0, 16, 32], &[1.0, 1.0, 0.5], 3);
-        let m = aligned_mean(&[a, b], 8);
+        // Cue at 0, last position 35 beside 32: offsets 32 and 35 share bin 32 (mean 0.5).
+        let c: (&[usize], &[f64], usize) = (&[0, 32, 35], &[1.0, 0.0, 1.0], 0);
+        let m = aligned_mean(&[a, b, c], 8);
         let got: Vec<(i64, f64, usize)> = m.iter().map(|p| (p.offset, p.mean, p.n)).collect();
-        assert_eq!(got, vec![(-16, 1.0, 1), (0, 0.75, 2), (16, 0.5, 2), (32, 0.5, 1)]);
+        assert_eq!(got, vec![(-16, 1.0, 1), (0, 2.5 / 3.0, 3), (16, 0.5, 2), (32, 0.5, 2)]);
     }
 }
