@@ -4,7 +4,7 @@
 //! summaries out) -> rollout engine / intervention / trainer -> model -> `Backend` (cpu | cuda).
 //!
 //! The public API, re-exported here:
-//! - workflows: [`generate()`], [`intervene()`], [`score()`], [`train()`], and [`run_pipeline`]
+//! - workflows: [`generate()`], [`intervene()`], [`score()`], [`train()`], [`csr()`], and [`run_pipeline`]
 //!   (`ipo run`), each with its `*Files`, `*Options` and `*Summary` types;
 //! - model loading: [`ModelDir`] (config, [`Tokenizer`], [`ChatTemplate`], weights) and
 //!   [`Transformer`] (forward, backward, [`Transformer::score`]) on a [`Backend`]:
