@@ -15,8 +15,20 @@ use ipo::csr::{continuation_key, detect_events, EventKind, HOLD_TOKENS};
 use ipo::intervene::detect::RuleDetector;
 use ipo::rollout::{Engine, EngineConfig, Event, Request, SamplingParams};
 use ipo::workflow::csr::{fork_continuations, ForkTrace};
-use ipo::{CpuBackend, ModelDir, Silent, Tokenizer, Transformer};
+use ipo::{CpuBackend, ModelDir, Progress, Tokenizer, Transformer};
 use serde_json::{json, Value};
+
+/// Records every `advance(done, tokens)`.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(u64, u64)>>);
+
+impl Progress for Recorder {
+    fn start(&self, _: &str, _: u64, _: &str) {}
+    fn advance(&self, done: u64, tokens: u64) {
+        self.0.lock().unwrap().push((done, tokens));
+    }
+    fn finish(&self) {}
+}
 
 fn ipo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ipo")).args(args).output().unwrap()
@@ -101,7 +113,15 @@ fn forked_continuations_equal_scratch_and_csr_equals_brute_force() {
 
     // 1. Forks, in a pool small enough to split the traces into groups and preempt forks.
     let mut e = Engine::new(&m, EngineConfig { num_blocks: 48, block_size: 4, prefill_chunk: 16, max_batch: 6 }).unwrap();
-    let forks = fork_continuations(&mut e, &p, &traces, k, &Silent).unwrap();
+    let progress = Recorder::default();
+    let forks = fork_continuations(&mut e, &p, &traces, k, &progress).unwrap();
+    // One unit per position, each when its last fork finished: the last report is a position
+    // done (after the step that finished it), not a step.
+    let events = progress.0.into_inner().unwrap();
+    let units: u64 = events.iter().map(|&(done, _)| done).sum();
+    assert_eq!(units as usize, traces.iter().map(|t| t.positions.len()).sum::<usize>());
+    assert_eq!(events.last(), Some(&(1, 0)), "the last position was reported done before its forks ran");
+    assert!(events.iter().map(|&(_, tokens)| tokens).sum::<u64>() > 0);
     e.check_blocks().unwrap();
     assert_eq!(e.used_blocks(), 0, "primes released");
     let mut differing = 0;

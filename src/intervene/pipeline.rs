@@ -128,17 +128,19 @@ impl<B: Backend> EngineSplicer<'_, '_, B> {
         let mut reqs = Vec::new();
         let mut req_job = Vec::new();
         for (ji, j) in jobs.iter().enumerate() {
-            match &handles[job_prime[ji]] {
+            let failed = match &handles[job_prime[ji]] {
                 Ok(h) => match self.engine.splice(*h, j.h, &j.insert, j.key, j.sample) {
                     Ok(r) => {
                         reqs.push(r);
                         req_job.push(ji);
+                        None
                     }
-                    Err(e) => results[ji] = Err(e.to_string()),
+                    Err(e) => Some(e.to_string()),
                 },
-                Err(why) => results[ji] = Err(format!("prefix: {why}")),
-            }
-            if results[ji].is_err() {
+                Err(why) => Some(format!("prefix: {why}")),
+            };
+            if let Some(why) = failed {
+                results[ji] = Err(why);
                 on(SpliceProgress::Done(ji));
             }
         }
