@@ -4,7 +4,7 @@
 //! summaries out) -> rollout engine / intervention / trainer -> model -> `Backend` (cpu | cuda).
 //!
 //! The public API, re-exported here:
-//! - workflows: [`generate()`], [`intervene()`], [`score()`], [`train()`], [`eval()`], and [`run_pipeline`]
+//! - workflows: [`generate()`], [`intervene()`], [`score()`], [`train()`], [`eval()`], [`csr()`], and [`run_pipeline`]
 //!   (`ipo run`), each with its `*Files`, `*Options` and `*Summary` types;
 //! - model loading: [`ModelDir`] (config, [`Tokenizer`], [`ChatTemplate`], weights) and
 //!   [`Transformer`] (forward, backward, [`Transformer::score`]) on a [`Backend`]:
@@ -16,6 +16,7 @@
 pub mod backend;
 pub(crate) mod chart;
 pub mod cli;
+pub mod csr;
 pub mod eval;
 pub mod gguf;
 pub mod intervene;
@@ -37,6 +38,7 @@ pub use model::transformer::{ScoreItem, Transformer};
 pub use pipeline::run::{run as run_pipeline, RunConfig, RunFlags};
 pub use rollout::{Engine, EngineConfig, Event, Finish, Output, Request, SamplingParams, SeqHandle};
 pub use train::{OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainPair, Trainer};
+pub use workflow::csr::{csr, CsrFiles, CsrOptions, CsrSummary};
 pub use workflow::device::Device;
 pub use workflow::eval::{eval, EvalFiles, EvalOptions, EvalSummary};
 pub use workflow::generate::{generate, GenerateFiles, GenerateOptions, GenerateSummary};

@@ -1,6 +1,7 @@
 //! Subcommands of the `ipo` binary; each file holds its clap `Args` and a `run` function.
 
 pub mod bench;
+pub mod csr;
 pub mod eval;
 pub mod generate;
 pub mod import_gguf;

@@ -62,36 +62,60 @@ pub(crate) trait Splicer {
     fn continue_batch(&mut self, jobs: &[SpliceJob]) -> anyhow::Result<Vec<Result<Continuation, String>>>;
 }
 
-/// The rollout engine as a `Splicer`: each distinct cut prefix is computed once (a one-token
-/// "prime" request kept in the cache), then every trigger of that prefix is an
-/// `Engine::splice` that reuses the prefix's K/V and prefills only the trigger ids.
+/// The rollout engine as a `Splicer`: each distinct trace (`SpliceJob::ids`) is computed
+/// once, up to the furthest cut of its jobs (a one-token "prime" request kept in the cache),
+/// then every job is an `Engine::splice` of that prime that reuses the cached K/V of its cut
+/// prefix and prefills only its insert (the last prefix id is recomputed to get its logits).
+/// `ipo intervene` cuts each trace once per round; `ipo csr` forks one trace at many positions
+/// with an empty insert.
 pub(crate) struct EngineSplicer<'e, 'm, B: Backend> {
     pub engine: &'e mut Engine<'m, B>,
     pub params: SamplingParams,
 }
 
-impl<B: Backend> Splicer for EngineSplicer<'_, '_, B> {
-    fn continue_batch(&mut self, jobs: &[SpliceJob]) -> anyhow::Result<Vec<Result<Continuation, String>>> {
-        // 1. One kept prime per distinct prefix.
-        let mut prefix_of: HashMap<&[u32], usize> = HashMap::new();
-        let mut primes: Vec<Request> = Vec::new();
+/// What `EngineSplicer::run` reports while it works.
+pub(crate) enum SpliceProgress {
+    /// An engine step computed this many tokens (primes included).
+    Tokens(usize),
+    /// Job `i` finished (either way).
+    Done(usize),
+}
+
+impl<B: Backend> EngineSplicer<'_, '_, B> {
+    /// `continue_batch` with progress: `on` hears every engine step and every finished job.
+    pub(crate) fn run(
+        &mut self,
+        jobs: &[SpliceJob],
+        on: &mut dyn FnMut(SpliceProgress),
+    ) -> anyhow::Result<Vec<Result<Continuation, String>>> {
+        // 1. One kept prime per distinct trace, as long as its furthest cut.
+        let mut trace_of: HashMap<&[u32], usize> = HashMap::new();
+        let mut primes: Vec<(u64, u32, &[u32], usize)> = Vec::new(); // (key, sample, ids, furthest cut)
         let mut job_prime: Vec<usize> = Vec::with_capacity(jobs.len());
         for j in jobs {
-            let p = &j.ids[..j.h.min(j.ids.len())];
+            let h = j.h.min(j.ids.len());
             let n = primes.len();
-            let idx = *prefix_of.entry(p).or_insert(n);
+            let idx = *trace_of.entry(&j.ids[..]).or_insert(n);
             if idx == n {
-                let mut r = Request::new(j.key, j.sample, p.to_vec());
-                r.keep = true;
-                primes.push(r);
+                primes.push((j.key, j.sample, &j.ids[..], h));
             }
+            primes[idx].3 = primes[idx].3.max(h);
             job_prime.push(idx);
         }
+        let primes: Vec<Request> = primes
+            .into_iter()
+            .map(|(key, sample, ids, h)| {
+                let mut r = Request::new(key, sample, ids[..h].to_vec());
+                r.keep = true;
+                r
+            })
+            .collect();
         let mut prime_params = self.params.clone();
         prime_params.max_new_tokens = 1;
         let mut handles = vec![Err(String::new()); primes.len()];
-        self.engine.generate(primes, &prime_params, None, |e| {
-            if let Event::Done(o) = e {
+        self.engine.generate(primes, &prime_params, None, |e| match e {
+            Event::Step { prefill, decode } => on(SpliceProgress::Tokens(prefill + decode)),
+            Event::Done(o) => {
                 handles[o.index] = match (o.result, o.handle) {
                     (Ok(_), Some(h)) => Ok(h),
                     (Err(why), _) => Err(why),
@@ -104,24 +128,31 @@ impl<B: Backend> Splicer for EngineSplicer<'_, '_, B> {
         let mut reqs = Vec::new();
         let mut req_job = Vec::new();
         for (ji, j) in jobs.iter().enumerate() {
-            match &handles[job_prime[ji]] {
+            let failed = match &handles[job_prime[ji]] {
                 Ok(h) => match self.engine.splice(*h, j.h, &j.insert, j.key, j.sample) {
                     Ok(r) => {
                         reqs.push(r);
                         req_job.push(ji);
+                        None
                     }
-                    Err(e) => results[ji] = Err(e.to_string()),
+                    Err(e) => Some(e.to_string()),
                 },
-                Err(why) => results[ji] = Err(format!("prefix: {why}")),
+                Err(why) => Some(format!("prefix: {why}")),
+            };
+            if let Some(why) = failed {
+                results[ji] = Err(why);
+                on(SpliceProgress::Done(ji));
             }
         }
-        let gen = self.engine.generate(reqs, &self.params, None, |e| {
-            if let Event::Done(o) = e {
+        let gen = self.engine.generate(reqs, &self.params, None, |e| match e {
+            Event::Step { prefill, decode } => on(SpliceProgress::Tokens(prefill + decode)),
+            Event::Done(o) => {
                 let ji = req_job[o.index];
                 results[ji] = match o.result {
                     Ok(f) => Ok(Continuation { generated: o.generated().to_vec(), finish: f.as_str().to_string() }),
                     Err(why) => Err(why),
                 };
+                on(SpliceProgress::Done(ji));
             }
         });
         for h in handles.into_iter().flatten() {
@@ -129,6 +160,12 @@ impl<B: Backend> Splicer for EngineSplicer<'_, '_, B> {
         }
         gen?;
         Ok(results)
+    }
+}
+
+impl<B: Backend> Splicer for EngineSplicer<'_, '_, B> {
+    fn continue_batch(&mut self, jobs: &[SpliceJob]) -> anyhow::Result<Vec<Result<Continuation, String>>> {
+        self.run(jobs, &mut |_| {})
     }
 }
 

@@ -251,12 +251,14 @@ fn check_token_ids(o: &Map<String, Value>, name: &str) -> Result<(), String> {
 }
 
 /// What a rollout line is checked against.
-struct ModelFacts<'a> {
-    tok: &'a Tokenizer,
-    vocab: usize,
+pub(crate) struct ModelFacts<'a> {
+    pub tok: &'a Tokenizer,
+    pub vocab: usize,
     /// max_position_embeddings of config.json.
-    context: usize,
-    fingerprint: &'a str,
+    pub context: usize,
+    /// The fingerprint the rollout's "model" must have; `None` takes rollouts of any model
+    /// with this vocabulary (`ipo csr` scores one model's rollouts under another).
+    pub fingerprint: Option<&'a str>,
 }
 
 /// One line of a rollouts file as a `Rollout` of the model `m`. The raw line is checked first,
@@ -264,7 +266,7 @@ struct ModelFacts<'a> {
 /// not; then it is converted. Files written by hand are accepted as before: "id" may be an
 /// integer, "sample", "seed" and "finish" may be missing, and so may "prompt" (then decoded
 /// from "prompt_ids").
-fn read_rollout(l: &Line, m: &ModelFacts) -> Result<Rollout, String> {
+pub(crate) fn read_rollout(l: &Line, m: &ModelFacts) -> Result<Rollout, String> {
     let o = &l.obj;
     let id = id_of(o)?;
     if o.get("finish").and_then(Value::as_str) == Some("error") {
@@ -275,11 +277,8 @@ fn read_rollout(l: &Line, m: &ModelFacts) -> Result<Rollout, String> {
     for key in ["model", "model_fingerprint"] {
         if let Some(fp) = o.get(key) {
             let fp = fp.as_str().ok_or(format!("\"{key}\" must be the model fingerprint string"))?;
-            if fp != m.fingerprint {
-                return Err(format!(
-                    "rollout of another model or tokenizer: \"{key}\" fingerprint {fp}, --model has {}",
-                    m.fingerprint
-                ));
+            if let Some(want) = m.fingerprint.filter(|&w| w != fp) {
+                return Err(format!("rollout of another model or tokenizer: \"{key}\" fingerprint {fp}, --model has {want}"));
             }
         }
     }
@@ -375,7 +374,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     let mut traces: Vec<Trace> = Vec::new();
     let mut to_sample: Vec<Trace> = Vec::new();
     let chat = if is_rollouts { None } else { Some(dir.chat_template()?) };
-    let facts = ModelFacts { tok: &tok, vocab: dir.config.vocab_size, context: dir.config.max_position_embeddings, fingerprint: &fingerprint };
+    let facts = ModelFacts { tok: &tok, vocab: dir.config.vocab_size, context: dir.config.max_position_embeddings, fingerprint: Some(&fingerprint) };
     for l in jsonl::read_objects(input)? {
         stats.prompts += 1;
         let origin = format!("{}:{}", input.display(), l.line);

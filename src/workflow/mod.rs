@@ -5,6 +5,7 @@
 //! are also serde structs (`options`), so a flag and its config key cannot drift apart.
 
 pub mod config;
+pub mod csr;
 pub mod device;
 pub mod eval;
 pub mod generate;
