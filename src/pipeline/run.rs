@@ -13,7 +13,8 @@
 //!   3 score      reference log-probs of the base model -> pairs.ref.jsonl (workflow::score)
 //!   4 train1     DPO on the divergent segment -> stage1/final            (workflow::train)
 //!   5 benign     benign prompts answered by the base model (chosen) and the stage-1 model
-//!                (rejected, kept only when it refuses and the base does not) -> benign pairs
+//!                (rejected, kept only when it refuses or loops and the base does neither)
+//!                -> benign pairs
 //!   6 train2     stage-1 pairs mixed with benign pairs at `harmful_fraction`, plus the SFT
 //!                term -> stage2/final                                     (workflow::train)
 //!   7 eval       `ipo eval` of the final model beside the base on the evaluation prompt sets
@@ -33,6 +34,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::eval::metrics::is_degenerate;
 use crate::io::jsonl;
 use crate::io::records::{Pair, Rollout};
 use crate::pipeline::refusal::is_refusal;
@@ -285,7 +287,7 @@ fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, f
 }
 
 /// Benign pairs: chosen = base answer, rejected = stage-1 answer, kept only where the
-/// stage-1 model refuses and the base model does not (over-refusal to undo).
+/// stage-1 model refuses or loops and the base model does neither (over-refusal to undo).
 fn benign_pairs(base: &Path, stage1: &Path, out: &Path) -> Result<usize> {
     let s1: HashMap<(String, u32), Rollout> = jsonl::read::<Rollout>(stage1)?.into_iter().map(|r| ((r.id.clone(), r.sample), r)).collect();
     let mut pairs = Vec::new();
@@ -296,7 +298,10 @@ fn benign_pairs(base: &Path, stage1: &Path, out: &Path) -> Result<usize> {
         if ctx.is_empty() || chosen.is_empty() || rejected.is_empty() || chosen == rejected || *ctx != r.prompt_ids {
             continue;
         }
-        if is_refusal(completion_text(r)) && !is_refusal(completion_text(&b)) {
+        // Over-refusal to undo: the stage-1 answer declines (or has collapsed into a loop, the
+        // other way a small model stops helping) where the base model gave a proper answer.
+        let (s1_text, base_text) = (completion_text(r), completion_text(&b));
+        if (is_refusal(s1_text) || is_degenerate(s1_text)) && !is_refusal(base_text) && !is_degenerate(base_text) {
             let mut extra = serde_json::Map::new();
             extra.insert("model".into(), b.model.clone().map_or(Value::Null, Value::String));
             pairs.push(Pair {
@@ -619,5 +624,33 @@ mod tests {
         assert_eq!(first, std::fs::read_to_string(&out).unwrap(), "same seed, same mix");
         jsonl::write_atomic(&b, Vec::<Value>::new()).unwrap();
         assert_eq!(mix(&h, &b, 0.5, 7, &out).unwrap(), (40, 0));
+    }
+
+    #[test]
+    fn benign_pairs_undo_refusals_and_loops_of_stage_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, s1, out) = (dir.path().join("b.jsonl"), dir.path().join("s.jsonl"), dir.path().join("p.jsonl"));
+        let row = |id: &str, text: &str, ids: Vec<u32>| {
+            json!({"id": id, "prompt": "q", "sample": 0, "seed": 1, "prompt_ids": [5, 6], "completion_ids": ids,
+                   "completion": text, "finish": "eos"})
+        };
+        let answer = "To kill a stuck Python process, find its id with ps and stop it with kill.";
+        let looped = "I'm here to help. ".repeat(12);
+        jsonl::write_atomic(&base, [
+            row("refused", answer, vec![1, 2]),
+            row("looped", answer, vec![1, 3]),
+            row("both_fine", answer, vec![1, 4]),
+            row("base_looped", &looped, vec![1, 5]),
+        ]).unwrap();
+        jsonl::write_atomic(&s1, [
+            row("refused", "I'm not here to help with that.", vec![9]),
+            row("looped", &looped, vec![8]),
+            row("both_fine", "Find the id with ps, then kill it.", vec![7]),
+            row("base_looped", "I'm not sure I can help with that.", vec![6]),
+        ]).unwrap();
+        assert_eq!(benign_pairs(&base, &s1, &out).unwrap(), 2);
+        let pairs: Vec<Pair> = jsonl::read(&out).unwrap();
+        let got: Vec<(&str, &[u32], &[u32])> = pairs.iter().map(|p| (p.id.as_str(), &p.chosen_ids[..], &p.rejected_ids[..])).collect();
+        assert_eq!(got, vec![("refused#0", &[1u32, 2][..], &[9u32][..]), ("looped#0", &[1, 3][..], &[8][..])]);
     }
 }
