@@ -75,6 +75,24 @@ fn readme_shell_examples_run() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // ipo eval: the counts of eval.json are those of answers.jsonl (4 harmful + 4 benign
+    // prompts, greedy, for the model and the base).
+    let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/eval.json")).unwrap()).unwrap();
+    assert_eq!(lines("eval/answers.jsonl"), 16, "2 models x (4 + 4) prompts");
+    for m in ["model", "base"] {
+        assert_eq!(eval[m]["greedy"]["harmful"]["refusal_rate"]["total"], 4, "{eval}");
+        assert_eq!(eval[m]["greedy"]["benign"]["refusal_rate"]["total"], 4, "{eval}");
+    }
+    let ratio = eval["helpful_answer_nll_ratio"]["value"].as_f64().unwrap();
+    assert!(ratio.is_finite() && ratio > 0.0, "{ratio}");
+    assert!(dir.path().join("eval/eval.png").is_file() && dir.path().join("eval/eval.md").is_file());
+    // ipo run on configs/smoke.toml: every stage finished and the report holds the eval table.
+    for stage in ["generate", "intervene", "score", "train1", "benign", "train2", "eval"] {
+        assert!(dir.path().join(format!("runs/smoke/.done-{stage}")).is_file(), "stage {stage} did not finish");
+    }
+    let report = std::fs::read_to_string(dir.path().join("runs/smoke/report.md")).unwrap();
+    assert!(report.contains("benign: refusal rate") && report.contains("helpful-answer NLL ratio"), "{report}");
+    assert_eq!(lines("runs/smoke/rollouts.jsonl"), 12, "limit 6 prompts x n 2");
     assert_eq!(scored.len(), 2);
     let logp = |i: usize| scored[i]["logp"].as_f64().unwrap();
     assert!(logp(0) > logp(1), "\" Paris.\" is the likelier continuation: {} vs {}", logp(0), logp(1));

@@ -449,6 +449,26 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     report(&dir, t0.elapsed().as_secs_f64())
 }
 
+/// A training step's headline numbers, under TRL's names.
+fn brief(step: &Value) -> String {
+    let keys = ["step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "sft_nll", "grad_norm"];
+    let parts: Vec<String> = keys
+        .iter()
+        .filter_map(|k| {
+            let v = step.get(*k)?;
+            Some(match v.as_f64() {
+                Some(x) if v.is_f64() => format!("{k} {x:.4}"),
+                _ => format!("{k} {v}"),
+            })
+        })
+        .collect();
+    if parts.is_empty() {
+        "n/a".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// report.json + report.md: pair counts, final training metrics, the eval stage's table (final
 /// model beside the base, from eval/eval.json and eval/eval.md), and every stage's wall time and
 /// summary (from the stage markers).
@@ -470,6 +490,8 @@ fn report(dir: &Path, secs: f64) -> Result<Value> {
         .with_context(|| eval_json.display().to_string())?;
     let eval_md_path = f("eval").join("eval.md");
     let eval_md = std::fs::read_to_string(&eval_md_path).with_context(|| eval_md_path.display().to_string())?;
+    // eval.md's headings one level down, under the report's own.
+    let eval_md: String = eval_md.lines().map(|l| if l.starts_with('#') { format!("#{l}\n") } else { format!("{l}\n") }).collect();
     let rep = json!({
         "rollouts": count_lines(&f("rollouts.jsonl")),
         "pairs_stage1": count_lines(&f("pairs.jsonl")),
@@ -488,10 +510,10 @@ fn report(dir: &Path, secs: f64) -> Result<Value> {
         "# IPO run report\n\n\
          {eval_md}\n\
          Rollouts: {}; stage-1 pairs: {}; benign pairs: {}; stage-2 mix: {} pairs.\n\n\
-         Last stage-1 step: {}\n\nLast stage-2 step: {}\n\nStage wall times (s, {total:.0} in all): {}\n\n\
+         Last stage-1 step: {}\n\nLast stage-2 step: {}\n\n(all metrics per step: stage1/metrics.jsonl, stage2/metrics.jsonl)\n\nStage wall times (s, {total:.0} in all): {}\n\n\
          Every completion and its labels: eval/answers.jsonl; the chart: eval/eval.png.\n",
         rep["rollouts"], rep["pairs_stage1"], rep["pairs_benign"], rep["pairs_stage2"],
-        rep["train1_last"], rep["train2_last"], rep["stage_seconds"],
+        brief(&rep["train1_last"]), brief(&rep["train2_last"]), rep["stage_seconds"],
     );
     std::fs::write(f("report.md"), &md).with_context(|| f("report.md").display().to_string())?;
     println!("{md}");
