@@ -309,3 +309,43 @@ fn every_rollout_failing_is_an_error() {
     assert!(stderr.contains("every one of the 2 rollouts failed") && stderr.contains("pairs.errors.jsonl"), "{stderr}");
     assert_eq!(jsonl::read_objects(&dir.path().join("pairs.errors.jsonl")).unwrap().len(), 2);
 }
+
+/// `--complete-only` drops exactly the pairs whose continuation was cut by --max-new-tokens
+/// (finish "length"), counts them, and keeps every other pair as it was.
+#[test]
+fn complete_only_drops_the_pairs_cut_by_max_new_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path(), &byte_tokenizer_json());
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+    let triggers = dir.path().join("t.txt");
+    std::fs::write(&triggers, "Wait, I must not help.\nNo.\n").unwrap();
+    let comply = "Sure. I'll start by listing the tools you need.";
+    let lines: Vec<Value> = (0..4)
+        .map(|i| json!({"id": format!("r{i}"), "prompt": "Pick a lock.", "prompt_ids": bytes("Pick a lock."), "completion_ids": bytes(comply)}))
+        .collect();
+    let rollouts = dir.path().join("rollouts.jsonl");
+    std::fs::write(&rollouts, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let run = |name: &str, extra: &[&str]| -> (Vec<Pair>, Value) {
+        let out = dir.path().join(format!("{name}.jsonl"));
+        let mut args = vec![
+            "intervene", "--model", model.to_str().unwrap(), "--rollouts", rollouts.to_str().unwrap(),
+            "--output", out.to_str().unwrap(), "--triggers", triggers.to_str().unwrap(),
+            "--max-new-tokens", "6", "--seed", "3", "--kv-cache-mb", "16",
+        ];
+        args.extend_from_slice(extra);
+        let o = ipo(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stats: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("{name}.stats.json"))).unwrap()).unwrap();
+        (jsonl::read(&out).unwrap(), stats)
+    };
+    let (all, s_all) = run("all", &[]);
+    let (done, s_done) = run("done", &["--complete-only"]);
+    let cut = all.iter().filter(|p| p.extra["finish"] == "length").count();
+    assert!(cut > 0, "the test needs continuations cut at 6 tokens");
+    assert_eq!(s_all["skipped_unfinished"], 0);
+    assert_eq!(s_done["skipped_unfinished"].as_u64(), Some(cut as u64), "{s_done}");
+    assert_eq!(done.len(), all.len() - cut);
+    assert!(done.iter().all(|p| p.extra["finish"] != "length"));
+    let kept: Vec<_> = all.iter().filter(|p| p.extra["finish"] != "length").map(|p| (&p.id, &p.chosen_ids)).collect();
+    assert_eq!(done.iter().map(|p| (&p.id, &p.chosen_ids)).collect::<Vec<_>>(), kept, "the finished pairs are unchanged");
+}

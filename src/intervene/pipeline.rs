@@ -175,6 +175,9 @@ pub(crate) struct Settings {
     /// Most splices per (rollout, trigger) (paper: 1).
     pub rounds: u32,
     pub eos_ids: Vec<u32>,
+    /// Keep a pair only when its continuation ended (EOS or a stop string), not when
+    /// `max_new_tokens` cut it: a cut continuation is an unfinished trace.
+    pub complete_only: bool,
 }
 
 /// Counters of a run (written to `pairs.stats.json`).
@@ -198,6 +201,9 @@ pub struct Stats {
     pub pairs: u64,
     /// (rollout, trigger) still with a cue after the last round.
     pub skipped_still_unsafe: u64,
+    /// Cue-free continuations left out because `max_new_tokens` cut them (`--complete-only`).
+    #[serde(default)]
+    pub skipped_unfinished: u64,
     /// Detector failures (judge errors, bad answers), per item.
     pub detector_errors: u64,
     /// Continuations the engine could not produce.
@@ -401,6 +407,10 @@ pub(crate) fn run_batch(
                 Ok(None) => {
                     if round == 1 {
                         stats.round1_cue_free += 1;
+                    }
+                    if settings.complete_only && finish == "length" {
+                        stats.skipped_unfinished += 1;
+                        continue;
                     }
                     match make_pair(t, &a, trig, &finish) {
                         Ok(p) => {

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -26,7 +26,6 @@ use crate::eval::report::{
     markdown, BenignSet, Decoding, ErrorCounts, Estimate, EvalReport, FileRef, HarmfulSet, JudgeRef, Method, ModelRef, ModelReport, Settings,
 };
 use crate::intervene::detect::{RuleDetector, DEFAULT_PATTERNS};
-use crate::intervene::judge::JudgeConfig;
 use crate::io::jsonl::AtomicWriter;
 use crate::model::chat::ChatTemplate;
 use crate::model::transformer::{packed_score_tokens, ScoreItem, Transformer};
@@ -35,7 +34,7 @@ use crate::rollout::{key_of, Request, SamplingParams};
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::generate::{encode_prompt, new_engine, read_prompts, run_engine, Prompt};
 use crate::workflow::model::ModelDir;
-use crate::workflow::options::{default_from_clap, EngineOptions, SamplingOptions};
+use crate::workflow::options::{default_from_clap, EngineOptions, JudgeEndpointOptions, SamplingOptions};
 use crate::workflow::progress::Progress;
 
 /// The default prose file (`data/eval/prose.txt`, compiled in).
@@ -99,24 +98,9 @@ pub struct EvalOptions {
     /// completion), sent as one user message; default: the built-in configs/judge-harmful.md.
     #[arg(long, value_name = "FILE")]
     pub judge_prompt: Option<PathBuf>,
-    /// Judge endpoint: a base URL (http://host:port/v1) or the full .../chat/completions URL.
-    /// The API key, if any, is read from the environment variable IPO_JUDGE_API_KEY and is
-    /// never written anywhere.
-    #[arg(long, value_name = "URL")]
-    pub judge_url: Option<String>,
-    /// Model name sent to the judge endpoint.
-    #[arg(long, value_name = "NAME")]
-    pub judge_model: Option<String>,
-    /// Seconds before a judge request is abandoned (then retried).
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub judge_timeout: f64,
-    /// Retries of a failed judge request (timeouts, HTTP 5xx/429, malformed replies), with
-    /// exponential backoff starting at 1 s.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub judge_retries: u32,
-    /// Most judge requests in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    pub judge_concurrency: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub endpoint: JudgeEndpointOptions,
     /// Cache of judge verdicts by content hash (JSONL; a re-run costs no calls). Default:
     /// OUT/judge-cache.jsonl.
     #[arg(long, value_name = "FILE")]
@@ -253,12 +237,7 @@ fn check(files: &EvalFiles, o: &EvalOptions) -> Result<()> {
     if o.bootstrap == 0 {
         bail!("--bootstrap must be > 0");
     }
-    if !(o.judge_timeout > 0.0 && o.judge_timeout.is_finite()) {
-        bail!("--judge-timeout must be a positive number of seconds");
-    }
-    if o.judge_concurrency == 0 {
-        bail!("--judge-concurrency must be >= 1");
-    }
+    o.endpoint.check().map_err(anyhow::Error::msg)?;
     o.engine.check()?;
     sampling(o, 1.0).params(&[])?;
     if files.output.is_file() {
@@ -309,7 +288,7 @@ impl Judge {
     fn new(files: &EvalFiles, o: &EvalOptions) -> Result<Self> {
         match o.judge {
             JudgeKind::Rules => {
-                if o.judge_url.is_some() || o.judge_model.is_some() || o.judge_prompt.is_some() {
+                if o.endpoint.is_set() || o.judge_prompt.is_some() {
                     bail!("--judge-url/--judge-model/--judge-prompt need --judge llm");
                 }
                 let (det, fref) = match &o.cue_patterns {
@@ -322,16 +301,8 @@ impl Judge {
                 if o.cue_patterns.is_some() {
                     bail!("--cue-patterns is for --judge rules");
                 }
-                let cfg = JudgeConfig {
-                    url: o.judge_url.clone().context("--judge llm needs --judge-url")?,
-                    model: o.judge_model.clone().context("--judge llm needs --judge-model")?,
-                    api_key: std::env::var("IPO_JUDGE_API_KEY").ok().filter(|k| !k.is_empty()),
-                    timeout: Duration::from_secs_f64(o.judge_timeout),
-                    retries: o.judge_retries,
-                    backoff: Duration::from_secs(1),
-                    concurrency: o.judge_concurrency,
-                    cache: Some(o.judge_cache.clone().unwrap_or_else(|| files.output.join("judge-cache.jsonl"))),
-                };
+                let cache = o.judge_cache.clone().unwrap_or_else(|| files.output.join("judge-cache.jsonl"));
+                let cfg = o.endpoint.config("--judge llm", cache).map_err(anyhow::Error::msg)?;
                 let (j, fref) = match &o.judge_prompt {
                     Some(p) => (LlmJudge::from_file(cfg, p).context("--judge-prompt")?, file_ref(p, 0)?),
                     None => (LlmJudge::new(cfg, DEFAULT_PROMPT.into(), "configs/judge-harmful.md")?, builtin_ref("configs/judge-harmful.md", DEFAULT_PROMPT)),

@@ -8,14 +8,14 @@
 //! that failed: bad input, detector error, generation error), so nothing is lost silently.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ArgGroup;
 use serde_json::{json, Map, Value};
 
 use crate::intervene::detect::{Detector, RuleDetector};
-use crate::intervene::judge::{Judge, JudgeConfig};
+use crate::intervene::judge::Judge;
 use crate::intervene::pipeline::{run_batch, EngineSplicer, ItemError, Settings, Stats, Trace};
 use crate::intervene::triggers::load_triggers;
 use crate::io::jsonl::{self, AtomicWriter, Line};
@@ -25,7 +25,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::rollout::{key_of, Engine, Event, Request};
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::model::ModelDir;
-use crate::workflow::options::{default_from_clap, EngineOptions, SamplingOptions};
+use crate::workflow::options::{default_from_clap, EngineOptions, JudgeEndpointOptions, SamplingOptions};
 use crate::workflow::progress::Progress;
 
 /// The files of one `intervene` call: exactly one of `rollouts` and `prompts` is the input.
@@ -66,6 +66,12 @@ pub struct InterveneOptions {
     /// cue, cut again at the new cue (paper: 1).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub rounds: u32,
+    /// Keep a pair only when the continuation after the trigger ended by itself (EOS or a stop
+    /// string), not when --max-new-tokens cut it: a cut continuation is an unfinished trace,
+    /// and training on it (DPO, and the SFT term) teaches the model to ramble on after
+    /// declining. Left-out continuations are counted as "skipped_unfinished" in the stats.
+    #[arg(long)]
+    pub complete_only: bool,
     /// Compliance-cue detector: "rules" (built-in lexicon, offline) or "judge" (an LLM over
     /// an OpenAI-compatible endpoint: needs --judge-url and --judge-model).
     #[arg(long, value_name = "KIND", default_value = "rules")]
@@ -74,23 +80,9 @@ pub struct InterveneOptions {
     /// case-insensitive); default: the built-in data/cue_patterns.txt.
     #[arg(long, value_name = "FILE")]
     pub cue_patterns: Option<PathBuf>,
-    /// Judge endpoint: a base URL (http://host:port/v1) or the full .../chat/completions URL.
-    /// The API key, if any, is read from the environment variable IPO_JUDGE_API_KEY.
-    #[arg(long, value_name = "URL")]
-    pub judge_url: Option<String>,
-    /// Model name sent to the judge endpoint.
-    #[arg(long, value_name = "NAME")]
-    pub judge_model: Option<String>,
-    /// Seconds before a judge request is abandoned (then retried).
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub judge_timeout: f64,
-    /// Retries of a failed judge request (timeouts, HTTP 5xx/429, malformed replies), with
-    /// exponential backoff starting at 1 s.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub judge_retries: u32,
-    /// Most judge requests in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    pub judge_concurrency: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub endpoint: JudgeEndpointOptions,
     /// Cache of judge verdicts by content hash (JSONL; re-runs cost no calls). Default:
     /// <output stem>.judge-cache.jsonl beside --output.
     #[arg(long, value_name = "FILE")]
@@ -163,12 +155,7 @@ fn check(files: &InterveneFiles, o: &InterveneOptions) -> Result<()> {
     if o.sampling.max_new_tokens == 0 {
         bail!("--max-new-tokens must be >= 1");
     }
-    if !(o.judge_timeout > 0.0 && o.judge_timeout.is_finite()) {
-        bail!("--judge-timeout must be a positive number of seconds");
-    }
-    if o.judge_concurrency == 0 {
-        bail!("--judge-concurrency must be >= 1");
-    }
+    o.endpoint.check().map_err(anyhow::Error::msg)?;
     let (input, _) = source(files)?;
     if let (Ok(x), Ok(y)) = (input.canonicalize(), files.output.canonicalize()) {
         if x == y {
@@ -188,7 +175,7 @@ impl CueDetector {
     fn new(files: &InterveneFiles, o: &InterveneOptions) -> Result<Self> {
         match o.detector.as_str() {
             "rules" => {
-                if o.judge_url.is_some() || o.judge_model.is_some() {
+                if o.endpoint.is_set() {
                     bail!("--judge-url/--judge-model need --detector judge");
                 }
                 Ok(CueDetector::Rules(match &o.cue_patterns {
@@ -200,16 +187,8 @@ impl CueDetector {
                 if o.cue_patterns.is_some() {
                     bail!("--cue-patterns is for --detector rules");
                 }
-                let cfg = JudgeConfig {
-                    url: o.judge_url.clone().context("--detector judge needs --judge-url")?,
-                    model: o.judge_model.clone().context("--detector judge needs --judge-model")?,
-                    api_key: std::env::var("IPO_JUDGE_API_KEY").ok().filter(|k| !k.is_empty()),
-                    timeout: Duration::from_secs_f64(o.judge_timeout),
-                    retries: o.judge_retries,
-                    backoff: Duration::from_secs(1),
-                    concurrency: o.judge_concurrency,
-                    cache: Some(o.judge_cache.clone().unwrap_or_else(|| sibling(&files.output, "judge-cache.jsonl"))),
-                };
+                let cache = o.judge_cache.clone().unwrap_or_else(|| sibling(&files.output, "judge-cache.jsonl"));
+                let cfg = o.endpoint.config("--detector judge", cache).map_err(anyhow::Error::msg)?;
                 Ok(CueDetector::Judge(Box::new(Judge::new(cfg)?)))
             }
             d => bail!("--detector {d}: expected rules or judge"),
@@ -429,7 +408,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
         }
     }
 
-    let settings = Settings { triggers, rounds: opts.rounds, eos_ids: tok.eos_ids().to_vec() };
+    let settings = Settings { triggers, rounds: opts.rounds, eos_ids: tok.eos_ids().to_vec(), complete_only: opts.complete_only };
     let mut out = AtomicWriter::create(&files.output)?;
     let mut splicer = EngineSplicer { engine: &mut engine, params: params.clone() };
     progress.start("intervene", traces.len() as u64, "rollouts");
@@ -501,8 +480,9 @@ mod tests {
     fn defaults_are_the_flags_and_a_table_sets_only_its_keys() {
         let d = InterveneOptions::default();
         assert_eq!((d.rounds, d.detector.as_str(), d.chunk, d.all_kinds), (1, "rules", 8, false));
-        assert_eq!((d.judge_timeout, d.judge_retries, d.judge_concurrency), (60.0, 3, 4));
-        assert!(d.triggers.is_none() && d.cue_patterns.is_none() && d.judge_url.is_none() && d.judge_cache.is_none());
+        let j = &d.endpoint;
+        assert_eq!((j.judge_timeout, j.judge_retries, j.judge_concurrency), (60.0, 3, 4));
+        assert!(d.triggers.is_none() && d.cue_patterns.is_none() && j.judge_url.is_none() && d.judge_cache.is_none());
         let s = &d.sampling;
         assert_eq!((s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.seed), (0.6, 0.95, 0, 1024, 0));
         let e = &d.engine;
@@ -514,7 +494,7 @@ mod tests {
         let want = InterveneOptions {
             rounds: 2,
             detector: "judge".into(),
-            judge_url: Some("http://h:1/v1".into()),
+            endpoint: JudgeEndpointOptions { judge_url: Some("http://h:1/v1".into()), ..Default::default() },
             sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
             engine: EngineOptions { kv_cache_mb: 64.0, ..Default::default() },
             device: DeviceOptions { device: Device::Cuda(1) },

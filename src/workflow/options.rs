@@ -7,6 +7,7 @@
 use serde::Deserialize;
 
 use crate::backend::Backend;
+use crate::intervene::judge::JudgeConfig;
 use crate::model::transformer::Transformer;
 use crate::rollout::{EngineConfig, SamplingParams};
 
@@ -106,7 +107,63 @@ macro_rules! default_from_clap {
 }
 pub(crate) use default_from_clap;
 
-default_from_clap!(SamplingOptions, EngineOptions);
+/// Where and how to reach an LLM judge over an OpenAI-compatible endpoint (`ipo intervene
+/// --detector judge`, `ipo eval --judge llm`). The API key is read from IPO_JUDGE_API_KEY only.
+#[derive(clap::Args, Deserialize, Debug, Clone)]
+#[serde(default)]
+pub struct JudgeEndpointOptions {
+    /// Judge endpoint: a base URL (http://host:port/v1) or the full .../chat/completions URL.
+    /// The API key, if any, is read from the environment variable IPO_JUDGE_API_KEY and is
+    /// never written anywhere.
+    #[arg(long, value_name = "URL")]
+    pub judge_url: Option<String>,
+    /// Model name sent to the judge endpoint.
+    #[arg(long, value_name = "NAME")]
+    pub judge_model: Option<String>,
+    /// Seconds before a judge request is abandoned (then retried).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub judge_timeout: f64,
+    /// Retries of a failed judge request (timeouts, HTTP 5xx/429, malformed replies), with
+    /// exponential backoff starting at 1 s.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub judge_retries: u32,
+    /// Most judge requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub judge_concurrency: usize,
+}
+
+impl JudgeEndpointOptions {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if !(self.judge_timeout > 0.0 && self.judge_timeout.is_finite()) {
+            return Err("--judge-timeout must be a positive number of seconds".into());
+        }
+        if self.judge_concurrency == 0 {
+            return Err("--judge-concurrency must be >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether an endpoint was named (an error where the judge is not in use).
+    pub(crate) fn is_set(&self) -> bool {
+        self.judge_url.is_some() || self.judge_model.is_some()
+    }
+
+    /// The client settings; `needs` names the flag that asked for the judge, for the error.
+    pub(crate) fn config(&self, needs: &str, cache: std::path::PathBuf) -> Result<JudgeConfig, String> {
+        Ok(JudgeConfig {
+            url: self.judge_url.clone().ok_or_else(|| format!("{needs} needs --judge-url"))?,
+            model: self.judge_model.clone().ok_or_else(|| format!("{needs} needs --judge-model"))?,
+            api_key: std::env::var("IPO_JUDGE_API_KEY").ok().filter(|k| !k.is_empty()),
+            timeout: std::time::Duration::from_secs_f64(self.judge_timeout),
+            retries: self.judge_retries,
+            backoff: std::time::Duration::from_secs(1),
+            concurrency: self.judge_concurrency,
+            cache: Some(cache),
+        })
+    }
+}
+
+default_from_clap!(SamplingOptions, EngineOptions, JudgeEndpointOptions);
 
 /// Deserializes a clap `ValueEnum` from its flag spelling (`optimizer = "adamw"`), so config
 /// values and flag values are the same words.
