@@ -75,12 +75,12 @@ fn readme_shell_examples_run() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // ipo eval: the counts of eval.json are those of answers.jsonl (4 harmful + 4 benign
-    // prompts, greedy, for the model and the base).
+    // ipo eval: the counts of eval.json are those of answers.jsonl (the 8 harmful prompts of
+    // prompts.jsonl + 4 benign ones, greedy, for the model and the base).
     let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/eval.json")).unwrap()).unwrap();
-    assert_eq!(lines("eval/answers.jsonl"), 16, "2 models x (4 + 4) prompts");
+    assert_eq!(lines("eval/answers.jsonl"), 24, "2 models x (8 + 4) prompts");
     for m in ["model", "base"] {
-        assert_eq!(eval[m]["greedy"]["harmful"]["refusal_rate"]["total"], 4, "{eval}");
+        assert_eq!(eval[m]["greedy"]["harmful"]["refusal_rate"]["total"], 8, "{eval}");
         assert_eq!(eval[m]["greedy"]["benign"]["refusal_rate"]["total"], 4, "{eval}");
     }
     let ratio = eval["helpful_answer_nll_ratio"]["value"].as_f64().unwrap();
