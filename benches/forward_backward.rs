@@ -4,6 +4,8 @@
 //! scripts/bench_torch_fwd_bwd.py (PyTorch eager, same shapes and threads); see docs/PERF.md.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ipo::backend::cpu::CpuBackend;
+use ipo::backend::Precision;
 use ipo::model::transformer::{Batch, Transformer};
 
 #[path = "common/smollm2.rs"]
@@ -29,6 +31,17 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("forward_2x256", |b| b.iter(|| model.forward(&batch).unwrap().0));
+    // bf16 products (fp32 storage and accumulation): the same weights on the bf16 backend.
+    let bf16 = Transformer::with_backend(CpuBackend::with_precision(Precision::Bf16), cfg.clone(), random_weights(&cfg, &mut Rng(0x2545F4914F6CDD1D))).unwrap();
+    g.bench_function("forward_backward_2x256_bf16", |b| {
+        b.iter(|| {
+            let mut grads = bf16.zero_grads();
+            let (_, tape) = bf16.forward(&batch).unwrap();
+            bf16.backward(&batch, tape, &dlogp, &mut grads);
+            grads
+        })
+    });
+    g.bench_function("forward_2x256_bf16", |b| b.iter(|| bf16.forward(&batch).unwrap().0));
     g.finish();
 }
 

@@ -32,7 +32,7 @@ fn grads_in_pool(threads: usize) -> (Vec<f32>, Vec<(String, Vec<u32>)>) {
         model.backward(&batch, tape, &dl, &mut grads);
         let mut flat = Vec::new();
         grads.for_each(|n, g| flat.push((n.to_string(), g.iter().map(|x| x.to_bits()).collect())));
-        (logp, flat)
+        (logp.into_vec(), flat)
     })
 }
 

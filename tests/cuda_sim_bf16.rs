@@ -16,7 +16,7 @@ mod common;
 
 use common::{random_weights, sim_with, tiny_config, Rng};
 use half::bf16;
-use ipo::backend::cpu::CpuBackend;
+use ipo::backend::cpu::{CpuBackend, CpuBuf};
 use ipo::backend::cuda::{CudaBackend, Precision, Sim};
 use ipo::backend::{AttnDims, AttnLayout, Backend, Span};
 use ipo::model::config::Family;
@@ -57,8 +57,8 @@ fn matmul_bf16_is_exact_on_rounded_operands() {
                 let at = |i: usize, p: usize| r16(if ta { a[p * m + i] } else { a[i * k + p] });
                 let bt = |p: usize, j: usize| r16(if tb { b[j * k + p] } else { b[p * n + j] });
                 let mut f32_differs = false;
-                let mut cpu = if acc { c0.clone() } else { vec![0.0; m * n] };
-                CpuBackend::<f32>::new().matmul(&a, ta, &b, tb, &mut cpu, m, n, k, acc);
+                let mut cpu = CpuBuf::from(if acc { c0.clone() } else { vec![0.0; m * n] });
+                CpuBackend::<f32>::new().matmul(&CpuBuf::from(a.clone()), ta, &CpuBuf::from(b.clone()), tb, &mut cpu, m, n, k, acc);
                 for i in 0..m {
                     for j in 0..n {
                         let s: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
@@ -161,73 +161,73 @@ fn attention_bf16_matches_the_bf16_input_reference() {
 /// arithmetic: P rounded to bf16 inside the attention forward, and summation order.
 struct Bf16Emu(CpuBackend<f32>);
 
-fn round16(x: &[f32]) -> Vec<f32> {
+fn round16(x: &[f32]) -> CpuBuf<f32> {
     x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
 }
 
 impl Backend for Bf16Emu {
-    type Buf = Vec<f32>;
+    type Buf = CpuBuf<f32>;
     fn name(&self) -> String {
         "cpu-bf16-emulation".into()
     }
-    fn zeros(&self, n: usize) -> Vec<f32> {
+    fn zeros(&self, n: usize) -> CpuBuf<f32> {
         self.0.zeros(n)
     }
-    fn upload(&self, host: &[f32]) -> Vec<f32> {
+    fn upload(&self, host: &[f32]) -> CpuBuf<f32> {
         self.0.upload(host)
     }
-    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+    fn download(&self, buf: &CpuBuf<f32>) -> Vec<f32> {
         self.0.download(buf)
     }
-    fn len(&self, buf: &Vec<f32>) -> usize {
+    fn len(&self, buf: &CpuBuf<f32>) -> usize {
         buf.len()
     }
-    fn matmul(&self, a: &Vec<f32>, ta: bool, b: &Vec<f32>, tb: bool, c: &mut Vec<f32>, m: usize, n: usize, k: usize, accumulate: bool) {
+    fn matmul(&self, a: &CpuBuf<f32>, ta: bool, b: &CpuBuf<f32>, tb: bool, c: &mut CpuBuf<f32>, m: usize, n: usize, k: usize, accumulate: bool) {
         self.0.matmul(&round16(&a[..m * k]), ta, &round16(&b[..k * n]), tb, c, m, n, k, accumulate)
     }
-    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+    fn add_assign(&self, x: &mut CpuBuf<f32>, y: &CpuBuf<f32>) {
         self.0.add_assign(x, y)
     }
-    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) {
+    fn embedding(&self, table: &CpuBuf<f32>, ids: &[u32], dim: usize, out: &mut CpuBuf<f32>) {
         self.0.embedding(table, ids, dim, out)
     }
-    fn embedding_bwd(&self, dout: &Vec<f32>, ids: &[u32], dim: usize, dtable: &mut Vec<f32>) {
+    fn embedding_bwd(&self, dout: &CpuBuf<f32>, ids: &[u32], dim: usize, dtable: &mut CpuBuf<f32>) {
         self.0.embedding_bwd(dout, ids, dim, dtable)
     }
-    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, out: &mut Vec<f32>, rstd: &mut Vec<f32>) {
+    fn rmsnorm(&self, x: &CpuBuf<f32>, w: &CpuBuf<f32>, dim: usize, eps: f32, out: &mut CpuBuf<f32>, rstd: &mut CpuBuf<f32>) {
         self.0.rmsnorm(x, w, dim, eps, out, rstd)
     }
-    fn rmsnorm_bwd(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, rstd: &Vec<f32>, dim: usize, dx: &mut Vec<f32>, dw: &mut Vec<f32>) {
+    fn rmsnorm_bwd(&self, dy: &CpuBuf<f32>, x: &CpuBuf<f32>, w: &CpuBuf<f32>, rstd: &CpuBuf<f32>, dim: usize, dx: &mut CpuBuf<f32>, dw: &mut CpuBuf<f32>) {
         self.0.rmsnorm_bwd(dy, x, w, rstd, dim, dx, dw)
     }
-    fn bias_add(&self, y: &mut Vec<f32>, b: &Vec<f32>, dim: usize) {
+    fn bias_add(&self, y: &mut CpuBuf<f32>, b: &CpuBuf<f32>, dim: usize) {
         self.0.bias_add(y, b, dim)
     }
-    fn bias_bwd(&self, dy: &Vec<f32>, dim: usize, db: &mut Vec<f32>) {
+    fn bias_bwd(&self, dy: &CpuBuf<f32>, dim: usize, db: &mut CpuBuf<f32>) {
         self.0.bias_bwd(dy, dim, db)
     }
-    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
+    fn rope(&self, x: &mut CpuBuf<f32>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
         self.0.rope(x, positions, n_heads, head_dim, inv_freq, inverse)
     }
-    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) {
+    fn swiglu(&self, gate: &CpuBuf<f32>, up: &CpuBuf<f32>, out: &mut CpuBuf<f32>) {
         self.0.swiglu(gate, up, out)
     }
-    fn swiglu_bwd(&self, dout: &Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>, dgate: &mut Vec<f32>, dup: &mut Vec<f32>) {
+    fn swiglu_bwd(&self, dout: &CpuBuf<f32>, gate: &CpuBuf<f32>, up: &CpuBuf<f32>, dgate: &mut CpuBuf<f32>, dup: &mut CpuBuf<f32>) {
         self.0.swiglu_bwd(dout, gate, up, dgate, dup)
     }
-    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, layout: &AttnLayout, dims: AttnDims, out: &mut Vec<f32>, lse: &mut Vec<f32>) {
+    fn attention(&self, q: &CpuBuf<f32>, k: &CpuBuf<f32>, v: &CpuBuf<f32>, layout: &AttnLayout, dims: AttnDims, out: &mut CpuBuf<f32>, lse: &mut CpuBuf<f32>) {
         self.0.attention(&round16(q), &round16(k), &round16(v), layout, dims, out, lse)
     }
     fn attention_bwd(
-        &self, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, out: &Vec<f32>, lse: &Vec<f32>, layout: &AttnLayout, dims: AttnDims, dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>, dv: &mut Vec<f32>,
+        &self, dout: &CpuBuf<f32>, q: &CpuBuf<f32>, k: &CpuBuf<f32>, v: &CpuBuf<f32>, out: &CpuBuf<f32>, lse: &CpuBuf<f32>, layout: &AttnLayout, dims: AttnDims, dq: &mut CpuBuf<f32>,
+        dk: &mut CpuBuf<f32>, dv: &mut CpuBuf<f32>,
     ) {
         self.0.attention_bwd(dout, q, k, v, out, lse, layout, dims, dq, dk, dv)
     }
-    fn lm_head_logprobs(&self, h: &Vec<f32>, w: &Vec<f32>, dim: usize, rows: &[u32], targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    fn lm_head_logprobs(&self, h: &CpuBuf<f32>, w: &CpuBuf<f32>, dim: usize, rows: &[u32], targets: &[u32]) -> (CpuBuf<f32>, CpuBuf<f32>) {
         self.0.lm_head_logprobs(h, w, dim, rows, targets)
     }
-    fn lm_head_bwd(&self, h: &Vec<f32>, w: &Vec<f32>, dim: usize, rows: &[u32], targets: &[u32], lse: &Vec<f32>, dlogp: &[f32], dh: &mut Vec<f32>, dw: &mut Vec<f32>) {
+    fn lm_head_bwd(&self, h: &CpuBuf<f32>, w: &CpuBuf<f32>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<f32>, dlogp: &[f32], dh: &mut CpuBuf<f32>, dw: &mut CpuBuf<f32>) {
         self.0.lm_head_bwd(h, w, dim, rows, targets, lse, dlogp, dh, dw)
     }
 }

@@ -32,9 +32,9 @@ fn two_streams_joined_by_an_event_match_the_cpu() {
     g.synchronize().unwrap();
     g.set_stream(0).unwrap();
 
-    let mut want = vec![0f32; m * n];
-    cpu.matmul(&a, false, &b, false, &mut want, m, n, k, false);
-    cpu.add_assign(&mut want, &y);
+    let mut want = cpu.zeros(m * n);
+    cpu.matmul(&cpu.upload(&a), false, &cpu.upload(&b), false, &mut want, m, n, k, false);
+    cpu.add_assign(&mut want, &cpu.upload(&y));
     let got = be.download(&c);
     let err = got.iter().zip(&want).fold(0f32, |e, (x, w)| e.max((x - w).abs()));
     assert!(err <= 1e-5, "max err {err}");

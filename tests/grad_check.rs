@@ -6,7 +6,7 @@
 mod common;
 
 use common::{random_weights, tiny_config, Rng};
-use ipo::backend::cpu::CpuBackend;
+use ipo::backend::cpu::{CpuBackend, CpuBuf};
 use ipo::backend::{AttnDims, AttnLayout, Backend, Span};
 use ipo::model::config::Family;
 use ipo::model::transformer::{Batch, Transformer};
@@ -14,7 +14,7 @@ use ipo::model::transformer::{Batch, Transformer};
 type B = CpuBackend<f64>;
 const EPS: f64 = 1e-5;
 
-fn rvec(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
+fn rvec(rng: &mut Rng, n: usize, scale: f64) -> CpuBuf<f64> {
     (0..n).map(|_| rng.normal() * scale).collect()
 }
 
@@ -76,8 +76,8 @@ fn rmsnorm_forward_and_backward() {
     let mut w = rvec(&mut rng, dim, 1.0);
     let r = rvec(&mut rng, rows * dim, 1.0);
     let run = |x: &[f64], w: &[f64]| {
-        let (mut y, mut rs) = (vec![0.0; rows * dim], vec![0.0; rows]);
-        be.rmsnorm(&x.to_vec(), &w.to_vec(), dim, 1e-5, &mut y, &mut rs);
+        let (mut y, mut rs) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows]));
+        be.rmsnorm(&CpuBuf::from(x.to_vec()), &CpuBuf::from(w.to_vec()), dim, 1e-5, &mut y, &mut rs);
         (y, rs)
     };
     let (y, rs) = run(&x, &w);
@@ -88,7 +88,7 @@ fn rmsnorm_forward_and_backward() {
             assert!((y[i * dim + j] - row[j] * inv * w[j]).abs() < 1e-12);
         }
     }
-    let (mut dx, mut dw) = (vec![f64::NAN; rows * dim], vec![0.25; dim]);
+    let (mut dx, mut dw) = (CpuBuf::from(vec![f64::NAN; rows * dim]), CpuBuf::from(vec![0.25; dim]));
     be.rmsnorm_bwd(&r, &x, &w, &rs, dim, &mut dx, &mut dw);
     dw.iter_mut().for_each(|v| *v -= 0.25); // accumulates into what was there
     let wc = w.clone();
@@ -106,32 +106,32 @@ fn bias_embedding_swiglu_backward() {
     let y0 = rvec(&mut rng, rows * dim, 1.0);
     let mut b = rvec(&mut rng, dim, 1.0);
     let r = rvec(&mut rng, rows * dim, 1.0);
-    let mut db = vec![0.0; dim];
+    let mut db = CpuBuf::from(vec![0.0; dim]);
     be.bias_bwd(&r, dim, &mut db);
     fd_check("bias", &mut b, &db, &mut rng, 7, |b| {
         let mut y = y0.clone();
-        be.bias_add(&mut y, &b.to_vec(), dim);
+        be.bias_add(&mut y, &CpuBuf::from(b.to_vec()), dim);
         dot(&y, &r)
     });
     // embedding (repeated ids accumulate)
     let ids: Vec<u32> = (0..rows).map(|i| (i % 5) as u32 * 2).collect();
     let mut table = rvec(&mut rng, vocab * dim, 1.0);
-    let mut dt = vec![0.0; vocab * dim];
+    let mut dt = CpuBuf::from(vec![0.0; vocab * dim]);
     be.embedding_bwd(&r, &ids, dim, &mut dt);
     fd_check("embedding", &mut table, &dt, &mut rng, 40, |t| {
-        let mut out = vec![0.0; rows * dim];
-        be.embedding(&t.to_vec(), &ids, dim, &mut out);
+        let mut out = CpuBuf::from(vec![0.0; rows * dim]);
+        be.embedding(&CpuBuf::from(t.to_vec()), &ids, dim, &mut out);
         dot(&out, &r)
     });
     // swiglu
     let mut gate = rvec(&mut rng, rows * dim, 2.0);
     let mut up = rvec(&mut rng, rows * dim, 1.0);
-    let (mut dg, mut du) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
+    let (mut dg, mut du) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows * dim]));
     be.swiglu_bwd(&r, &gate, &up, &mut dg, &mut du);
     let upc = up.clone();
     let f = |g: &[f64], u: &[f64]| {
-        let mut o = vec![0.0; rows * dim];
-        be.swiglu(&g.to_vec(), &u.to_vec(), &mut o);
+        let mut o = CpuBuf::from(vec![0.0; rows * dim]);
+        be.swiglu(&CpuBuf::from(g.to_vec()), &CpuBuf::from(u.to_vec()), &mut o);
         dot(&o, &r)
     };
     fd_check("swiglu dgate", &mut gate, &dg, &mut rng, 40, |g| f(g, &upc));
@@ -166,7 +166,7 @@ fn rope_matches_rotate_half_and_inverse_is_backward() {
     let mut g = r.clone();
     be.rope(&mut g, &pos, nh, hd, &inv, true);
     fd_check("rope", &mut x, &g, &mut rng, 40, |x| {
-        let mut y = x.to_vec();
+        let mut y = CpuBuf::from(x.to_vec());
         be.rope(&mut y, &pos, nh, hd, &inv, false);
         dot(&y, &r)
     });
@@ -193,8 +193,8 @@ fn attention_matches_naive_and_backward() {
     let mut k = rvec(&mut rng, t * kvd, 1.0);
     let mut v = rvec(&mut rng, t * kvd, 1.0);
     let run = |q: &[f64], k: &[f64], v: &[f64]| {
-        let (mut o, mut lse) = (vec![f64::NAN; t * qd], vec![f64::NAN; t * dims.n_heads]);
-        be.attention(&q.to_vec(), &k.to_vec(), &v.to_vec(), &layout, dims, &mut o, &mut lse);
+        let (mut o, mut lse) = (CpuBuf::from(vec![f64::NAN; t * qd]), CpuBuf::from(vec![f64::NAN; t * dims.n_heads]));
+        be.attention(&CpuBuf::from(q.to_vec()), &CpuBuf::from(k.to_vec()), &CpuBuf::from(v.to_vec()), &layout, dims, &mut o, &mut lse);
         (o, lse)
     };
     let (o, lse) = run(&q, &k, &v);
@@ -219,7 +219,7 @@ fn attention_matches_naive_and_backward() {
         }
     }
     let r = rvec(&mut rng, t * qd, 1.0);
-    let (mut dq, mut dk, mut dv) = (vec![f64::NAN; t * qd], vec![f64::NAN; t * kvd], vec![f64::NAN; t * kvd]);
+    let (mut dq, mut dk, mut dv) = (CpuBuf::from(vec![f64::NAN; t * qd]), CpuBuf::from(vec![f64::NAN; t * kvd]), CpuBuf::from(vec![f64::NAN; t * kvd]));
     be.attention_bwd(&r, &q, &k, &v, &o, &lse, &layout, dims, &mut dq, &mut dk, &mut dv);
     let (kc, vc) = (k.clone(), v.clone());
     fd_check("attention dq", &mut q, &dq, &mut rng, 60, |q| dot(&run(q, &kc, &vc).0, &r));
@@ -249,17 +249,17 @@ fn lm_head_matches_full_softmax_and_backward() {
         assert!((logp[i] - (logits[targets[i] as usize] - z)).abs() < 1e-10);
     }
     let dl: Vec<f32> = (0..70).map(|_| rng.normal() as f32).collect();
-    let (mut dh, mut dw) = (vec![0.0; tokens * dim], vec![0.0; vocab * dim]);
+    let (mut dh, mut dw) = (CpuBuf::from(vec![0.0; tokens * dim]), CpuBuf::from(vec![0.0; vocab * dim]));
     be.lm_head_bwd(&h, &w, dim, &rows, &targets, &lse, &dl, &mut dh, &mut dw);
     let dlf: Vec<f64> = dl.iter().map(|&x| x as f64).collect();
     let wc = w.clone();
-    fd_check("lm_head dh", &mut h, &dh, &mut rng, 30, |h| dot(&be.lm_head_logprobs(&h.to_vec(), &wc, dim, &rows, &targets).0, &dlf));
+    fd_check("lm_head dh", &mut h, &dh, &mut rng, 30, |h| dot(&be.lm_head_logprobs(&CpuBuf::from(h.to_vec()), &wc, dim, &rows, &targets).0, &dlf));
     let hc = h.clone();
     // Sample w rows that are targets (large gradients) as well as random ones.
     for &t in targets.iter().take(5) {
         let i = t as usize * dim + rng.below(dim);
         let mut one = w.clone();
-        let f = |ww: &[f64]| dot(&be.lm_head_logprobs(&hc, &ww.to_vec(), dim, &rows, &targets).0, &dlf);
+        let f = |ww: &[f64]| dot(&be.lm_head_logprobs(&hc, &CpuBuf::from(ww.to_vec()), dim, &rows, &targets).0, &dlf);
         one[i] += EPS;
         let lp = f(&one);
         one[i] -= 2.0 * EPS;
@@ -267,7 +267,7 @@ fn lm_head_matches_full_softmax_and_backward() {
         let fd = (lp - lm) / (2.0 * EPS);
         assert!((fd - dw[i]).abs() <= 1e-6 * (1.0 + fd.abs()), "lm_head dw[{i}]: {} vs {fd}", dw[i]);
     }
-    fd_check("lm_head dw", &mut w, &dw, &mut rng, 20, |w| dot(&be.lm_head_logprobs(&hc, &w.to_vec(), dim, &rows, &targets).0, &dlf));
+    fd_check("lm_head dw", &mut w, &dw, &mut rng, 20, |w| dot(&be.lm_head_logprobs(&hc, &CpuBuf::from(w.to_vec()), dim, &rows, &targets).0, &dlf));
 }
 
 /// Whole model: two plain sequences and one shared-context pair, objective = random-weighted

@@ -1,7 +1,7 @@
 //! The fused lm-head log-prob never materialises the `[rows, vocab]` logits: a counting global
 //! allocator measures the peak heap growth of `lm_head_logprobs` (forward) and `lm_head_bwd`
 //! on 512 loss rows x a 32768-token vocabulary (full f32 logits: 64 MiB) and bounds it by the
-//! chunked working set, O(ROWS x TILE) per thread (64 x 4096 f32 = 1 MiB per tile), far below
+//! chunked working set, O(ROWS x TILE) per thread (128 x 2048 f32 = 1 MiB per tile), far below
 //! the logits. The log-probs are also checked against a naive softmax on a few rows.
 
 mod common;
@@ -54,7 +54,8 @@ fn lm_head_peak_memory_is_chunked_not_full_logits() {
     let full_logits = rows.len() * vocab * 4;
     let threads = rayon::current_num_threads();
     // Per thread: one logits tile (and its softmax copy in the backward) + a gathered row chunk.
-    let bound = (threads + 1) * 2 * (64 * 4096 * 4 + 64 * dim * 4) + 64 * 1024;
+    // (ROWS x TILE = 128 x 2048 logits; the gathered rows are 128 x dim.)
+    let bound = (threads + 1) * 2 * (128 * 2048 * 4 + 128 * dim * 4) + 64 * 1024;
 
     let base = CUR.load(Ordering::SeqCst);
     PEAK.store(base, Ordering::SeqCst);

@@ -16,6 +16,62 @@ pub mod workload;
 /// which reach it through the `Backend` trait.
 pub type Reference = cpu::CpuBackend<f32>;
 
+/// Arithmetic precision of a backend's products (`--precision`, config key `precision`).
+/// Buffers, master weights and optimizer state stay f32 in every precision.
+/// - `F32`: everything f32 (the reference, and the default).
+/// - `Bf16`: matmul operands rounded to bf16 (round to nearest even), products accumulated in
+///   f32 (PyTorch autocast's arithmetic). CUDA: cuBLAS bf16 GEMMs and the tensor-core attention
+///   forward. CPU: `vdpbf16ps` GEMMs on weights packed once per weight version, and decode
+///   products reading bf16 weight rows.
+/// - `Q8`: CPU only, for rollouts: weights in blocks of 32 signed bytes with an f32 scale (like
+///   llama.cpp's Q8_0), read by the decode products; larger products run as `Bf16` on the
+///   same 8-bit weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    Q8,
+}
+
+impl Precision {
+    /// `f32` / `fp32` / `float32`, `bf16` / `bfloat16`, or `q8` / `q8_0` / `int8`
+    /// (case-insensitive).
+    pub fn parse(s: &str) -> Result<Precision, PrecisionError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            "q8" | "q8_0" | "int8" => Ok(Precision::Q8),
+            other => Err(PrecisionError(format!("precision {other:?}: expected f32, bf16 or q8"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Q8 => "q8",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown precision name.
+#[derive(Debug, Clone)]
+pub struct PrecisionError(pub String);
+
+impl std::fmt::Display for PrecisionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for PrecisionError {}
+
 /// One run of query tokens in a packed batch and the keys it may see.
 /// Query `start + j` attends to keys `[prefix_start, prefix_start + prefix_len)` and
 /// `[start, start + j]` (causal within its own run). A plain sequence is one span with no

@@ -123,7 +123,7 @@ mod tests {
         ];
         let h = SegmentDpo { beta: 0.3, sft_coef: 0.2, batch_pairs: 5, batch_chosen_tokens: 17 };
         let be = CpuBackend::<f32>::new();
-        let (sums, dlogp) = be.segment_dpo(&logp, &pairs, &h);
+        let (sums, dlogp) = be.segment_dpo(&be.upload(&logp), &pairs, &h);
         let dlogp = be.download(&dlogp);
         let rows = |s: u32, n: u32| s as usize..(s + n) as usize;
         let seg_sum = |s: u32, n: u32| logp[rows(s, n)].iter().map(|&x| x as f64).sum::<f64>();

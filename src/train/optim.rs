@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cpu::CpuBuf;
 use crate::backend::{AdamwStep, Backend, Reference};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -144,8 +145,15 @@ impl Optimizer {
         let h = self.hparams(lr, grad_scale);
         let mut moments = self.m.iter_mut().zip(self.v.iter_mut());
         for p in params {
-            let mut w = p.data.to_vec();
-            apply(&be, kind, &h, p.decay, &mut w, &p.grad.to_vec(), moments.next());
+            let (mut w, g) = (CpuBuf::from(p.data.to_vec()), CpuBuf::from(p.grad.to_vec()));
+            match moments.next() {
+                Some((m, v)) => {
+                    let (mut mb, mut vb) = (CpuBuf::from(std::mem::take(m)), CpuBuf::from(std::mem::take(v)));
+                    apply(&be, kind, &h, p.decay, &mut w, &g, Some((&mut mb, &mut vb)));
+                    (*m, *v) = (mb.into_vec(), vb.into_vec());
+                }
+                None => apply(&be, kind, &h, p.decay, &mut w, &g, None),
+            }
             p.data.copy_from_slice(&w);
         }
         self.steps += 1;

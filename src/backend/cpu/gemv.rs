@@ -101,6 +101,90 @@ pub(crate) fn matmul_bt<F: Elem>(a: &[F], b: &[F], c: &mut [F], m: usize, n: usi
     }
 }
 
+/// `c[m, n] (+)= a[m, k] @ W^T` for `m <= MAX_ROWS` with `W` read as `row_dot(j, i)` =
+/// `W[j, :] . a[i, :]` (the bf16 and 8-bit decode paths; f32 `a` and `c`).
+pub(crate) fn matmul_bt_with(c: &mut [f32], m: usize, n: usize, accumulate: bool, row_dot: impl Fn(usize, usize) -> f32 + Sync) {
+    debug_assert!(m <= MAX_ROWS);
+    let mut ct = vec![0f32; n * m];
+    ct.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, out)| {
+        for (jj, o) in out.chunks_mut(m).enumerate() {
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = row_dot(t * ROWS_PER_TASK + jj, i);
+            }
+        }
+    });
+    for i in 0..m {
+        let row = &mut c[i * n..(i + 1) * n];
+        if accumulate {
+            row.iter_mut().enumerate().for_each(|(j, x)| *x += ct[j * m + i]);
+        } else {
+            row.iter_mut().enumerate().for_each(|(j, x)| *x = ct[j * m + i]);
+        }
+    }
+}
+
+/// Activation rows rounded to bf16 for `dot_bf16`: each row padded with zeros to a multiple of
+/// 32 (`bf16_stride(k)` entries).
+pub(crate) fn bf16_rows(a: &[f32], m: usize, k: usize) -> Vec<u16> {
+    let stride = bf16_stride(k);
+    let mut out = vec![0u16; m * stride];
+    for i in 0..m {
+        for (o, &x) in out[i * stride..i * stride + k].iter_mut().zip(&a[i * k..(i + 1) * k]) {
+            *o = super::matmul::bf16_bits(x);
+        }
+    }
+    out
+}
+
+pub(crate) fn bf16_stride(k: usize) -> usize {
+    k.next_multiple_of(32)
+}
+
+/// `w . x` of a bf16 weight row (`k` entries) and a bf16 activation row (`x` zero-padded to
+/// `bf16_stride(k)`): products exact, summed in f32 (`vdpbf16ps` where the CPU has it).
+#[inline]
+pub(crate) fn dot_bf16(w: &[u16], x: &[u16]) -> f32 {
+    debug_assert!(x.len() >= bf16_stride(w.len()));
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::has_simd(super::matmul::Kind::Bf16) {
+        // SAFETY: AVX-512F/BW/BF16 are present (has_simd checks BF16, which implies BW on
+        // every CPU that has it; checked again here); x is padded to whole 32-entry chunks.
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            return unsafe { dot_bf16_avx512(w, x) };
+        }
+    }
+    let f = |b: u16| f32::from_bits((b as u32) << 16);
+    w.iter().zip(x).map(|(&a, &b)| f(a) * f(b)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dot_bf16_avx512(w: &[u16], x: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = w.len();
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 128 <= k {
+        for (r, a) in acc.iter_mut().enumerate() {
+            let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(pw.add(i + 32 * r) as *const _));
+            let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(px.add(i + 32 * r) as *const _));
+            *a = _mm512_dpbf16_ps(*a, wv, xv);
+        }
+        i += 128;
+    }
+    while i < k {
+        // The weight row ends where it ends (masked load); x is padded.
+        let left = (k - i).min(32);
+        let mask: __mmask32 = if left == 32 { !0 } else { (1u32 << left) - 1 };
+        let wv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, pw.add(i) as *const i16));
+        let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(px.add(i) as *const _));
+        acc[0] = _mm512_dpbf16_ps(acc[0], wv, xv);
+        i += 32;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

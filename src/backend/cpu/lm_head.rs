@@ -3,11 +3,15 @@
 //! materialised; peak extra memory is O(ROWS x TILE x threads). The backward recomputes each
 //! logits tile from the saved log-sum-exp. Reference for the fused CUDA lm-head/DPO kernel.
 
-use super::{gemm_strided, Elem};
+use super::matmul::Kind;
+use super::{as_f32, gemm_strided, gemm_strided_f32, Elem};
 use rayon::prelude::*;
 
-pub(crate) const ROWS: usize = 64;
-pub(crate) const TILE: usize = 4096;
+/// Rows per chunk and vocabulary entries per tile. A tile's weights are packed for each chunk
+/// that uses them, so ROWS sets what packing costs relative to the product (1 / (2 ROWS) per
+/// flop); ROWS x TILE f32 is the logits working set of each thread (1 MiB).
+pub(crate) const ROWS: usize = 128;
+pub(crate) const TILE: usize = 2048;
 
 /// Gathers `rows` of h `[tokens, dim]` into a contiguous `[rows.len(), dim]` block.
 fn gather_rows<F: Elem>(h: &[F], rows: &[u32], dim: usize) -> Vec<F> {
@@ -18,20 +22,30 @@ fn gather_rows<F: Elem>(h: &[F], rows: &[u32], dim: usize) -> Vec<F> {
     g
 }
 
-/// logits tile `[rc, vt]` = hc `[rc, dim]` @ w[v0..v0+vt]^T.
-fn logits_tile<F: Elem>(hc: &[F], w: &[F], dim: usize, rc: usize, v0: usize, vt: usize) -> Vec<F> {
-    let mut t = vec![F::zero(); rc * vt];
-    unsafe {
-        gemm_strided(
-            rc, vt, dim, t.as_mut_ptr(), vt as isize, 1, false,
-            hc.as_ptr(), dim as isize, 1, w.as_ptr().add(v0 * dim), 1, dim as isize,
-            F::one(), false,
-        );
+/// `gemm_strided` on this thread, in `bf16` products when asked (f32 only; see `Precision`).
+///
+/// # Safety
+/// As `gemm_strided`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<F: Elem>(bf16: bool, m: usize, n: usize, k: usize, dst: *mut F, dst_rs: isize, accumulate: bool, lhs: *const F, lhs_rs: isize, lhs_cs: isize, rhs: *const F, rhs_rs: isize, rhs_cs: isize) {
+    if bf16 && as_f32(&[F::zero()]).is_some() {
+        gemm_strided_f32(Kind::Bf16, m, n, k, dst as *mut f32, dst_rs, 1, accumulate, lhs as *const f32, lhs_rs, lhs_cs, rhs as *const f32, rhs_rs, rhs_cs, 1.0, false)
+    } else {
+        gemm_strided(m, n, k, dst, dst_rs, 1, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, F::one(), false)
     }
+}
+
+/// logits tile `[rc, vt]` = hc `[rc, dim]` @ w[v0..v0+vt]^T.
+fn logits_tile<F: Elem>(bf16: bool, hc: &[F], w: &[F], dim: usize, rc: usize, v0: usize, vt: usize) -> Vec<F> {
+    let mut t = vec![F::zero(); rc * vt];
+    // SAFETY: hc is [rc, dim], w's rows v0..v0+vt exist (vocab tiles), t is [rc, vt].
+    unsafe { gemm(bf16, rc, vt, dim, t.as_mut_ptr(), vt as isize, false, hc.as_ptr(), dim as isize, 1, w.as_ptr().add(v0 * dim), 1, dim as isize) };
     t
 }
 
-pub(super) fn logprobs<F: Elem>(h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32]) -> (Vec<F>, Vec<F>) {
+/// Log-probs of `targets` at `rows` of h and their log-sum-exps; `bf16`: the logits products in
+/// bf16 (see `Precision`).
+pub(super) fn logprobs<F: Elem>(bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32]) -> (Vec<F>, Vec<F>) {
     let vocab = w.len() / dim;
     let n = rows.len();
     let (mut logp, mut lse) = (vec![F::zero(); n], vec![F::zero(); n]);
@@ -46,7 +60,7 @@ pub(super) fn logprobs<F: Elem>(h: &[F], w: &[F], dim: usize, rows: &[u32], targ
             .into_par_iter()
             .map(|v0| {
                 let vt = TILE.min(vocab - v0);
-                let t = logits_tile(&hc, w, dim, rc, v0, vt);
+                let t = logits_tile(bf16, &hc, w, dim, rc, v0, vt);
                 (0..rc)
                     .map(|r| {
                         let row = &t[r * vt..(r + 1) * vt];
@@ -73,7 +87,7 @@ pub(super) fn logprobs<F: Elem>(h: &[F], w: &[F], dim: usize, rows: &[u32], targ
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<F: Elem>(
-    h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], lse: &[F], dlogp: &[f32], dh: &mut [F], dw: &mut [F],
+    bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], lse: &[F], dlogp: &[f32], dh: &mut [F], dw: &mut [F],
 ) {
     let vocab = w.len() / dim;
     let n = rows.len();
@@ -88,7 +102,7 @@ pub(super) fn backward<F: Elem>(
             .map(|(ti, dwt)| {
                 let v0 = ti * TILE;
                 let vt = dwt.len() / dim;
-                let mut g = logits_tile(&hc, w, dim, rc, v0, vt);
+                let mut g = logits_tile(bf16, &hc, w, dim, rc, v0, vt);
                 for r in 0..rc {
                     let d = F::from_f32(dl[r]).unwrap();
                     for (j, x) in g[r * vt..(r + 1) * vt].iter_mut().enumerate() {
@@ -98,12 +112,11 @@ pub(super) fn backward<F: Elem>(
                     }
                 }
                 let mut dhp = vec![F::zero(); rc * dim];
+                // SAFETY: g is [rc, vt], hc [rc, dim], dwt and w's tile [vt, dim], dhp [rc, dim].
                 unsafe {
                     // dw_tile += g^T @ hc ; dh_part = g @ w_tile
-                    gemm_strided(vt, dim, rc, dwt.as_mut_ptr(), dim as isize, 1, true,
-                        g.as_ptr(), 1, vt as isize, hc.as_ptr(), dim as isize, 1, F::one(), false);
-                    gemm_strided(rc, dim, vt, dhp.as_mut_ptr(), dim as isize, 1, false,
-                        g.as_ptr(), vt as isize, 1, w.as_ptr().add(v0 * dim), dim as isize, 1, F::one(), false);
+                    gemm(bf16, vt, dim, rc, dwt.as_mut_ptr(), dim as isize, true, g.as_ptr(), 1, vt as isize, hc.as_ptr(), dim as isize, 1);
+                    gemm(bf16, rc, dim, vt, dhp.as_mut_ptr(), dim as isize, false, g.as_ptr(), vt as isize, 1, w.as_ptr().add(v0 * dim), dim as isize, 1);
                 }
                 dhp
             })

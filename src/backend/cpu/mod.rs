@@ -3,14 +3,21 @@
 //! checks exact enough to be tight. Threads come from rayon; GEMMs from the `gemm` crate.
 
 pub(crate) mod attention;
+mod buf;
 pub(crate) mod dpo;
 mod gemv;
 pub(crate) mod kv;
+pub(crate) mod matmul;
+mod q8;
 mod lm_head;
 pub(crate) mod optim;
 pub(crate) mod sample;
 
-use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
+pub use buf::CpuBuf;
+
+use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, Precision};
+use buf::Derived;
+use matmul::Kind;
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 use rayon::prelude::*;
 use std::fmt::Debug;
@@ -47,13 +54,99 @@ pub(crate) fn cast<F: Elem>(x: f64) -> F {
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend<F = f32> {
+    precision: Precision,
     _scalar: PhantomData<F>,
 }
 
 impl<F> CpuBackend<F> {
+    /// The reference: every product in `F`.
     pub fn new() -> Self {
-        Self { _scalar: PhantomData }
+        Self { precision: Precision::F32, _scalar: PhantomData }
     }
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+}
+
+impl CpuBackend<f32> {
+    /// The backend with products in precision `p` (`Precision` says what each means here).
+    pub fn with_precision(p: Precision) -> Self {
+        Self { precision: p, _scalar: PhantomData }
+    }
+}
+
+impl<F: Elem> CpuBackend<F> {
+    /// `c[m, n] = alpha * op(a) @ op(b) (+ c)` in this backend's precision (see `Precision`):
+    /// decode-sized products (`m <= 8` rows against a weight stored `[n, k]`) read the weight's
+    /// rows directly (f32, bf16 or 8-bit); the rest run on the packed GEMM (matmul.rs), with a
+    /// weight's packed copy kept beside it (buf.rs). f64, and f32 on CPUs without AVX-512,
+    /// use the `gemm` crate.
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, a: &CpuBuf<F>, ta: bool, b: &CpuBuf<F>, tb: bool, c: &mut CpuBuf<F>, m: usize, n: usize, k: usize, alpha: f64, accumulate: bool) {
+        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul shapes");
+        let kind = match self.precision {
+            Precision::F32 => Kind::F32,
+            Precision::Bf16 | Precision::Q8 => Kind::Bf16,
+        };
+        let decode = !ta && tb && (1..=gemv::MAX_ROWS).contains(&m) && k > 0;
+        let f32_ops = (as_f32(&a[..]), as_f32(&b[..]));
+        let (Some(af), Some(bf), true) = (f32_ops.0, f32_ops.1, kind == Kind::Bf16 || matmul::has_simd(Kind::F32)) else {
+            // The generic path: f64, or f32 without AVX-512 (precision f32 only).
+            if decode && alpha == 1.0 {
+                return gemv::matmul_bt(&a[..m * k], &b[..n * k], &mut c[..m * n], m, n, k, accumulate);
+            }
+            let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+            let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+            // SAFETY: the asserted lengths cover both strided operands and c's [m, n].
+            unsafe { gemm_strided(m, n, k, c.as_mut_ptr(), n as isize, 1, accumulate, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, cast(alpha), true) };
+            return;
+        };
+        // F is f32 from here on.
+        let cf: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, m * n) };
+        let whole_weight = b.cache().filter(|_| b.len() == k * n);
+        if decode && alpha == 1.0 {
+            match (self.precision, whole_weight) {
+                (Precision::F32, _) => return gemv::matmul_bt(&af[..m * k], &bf[..n * k], cf, m, n, k, accumulate),
+                (Precision::Q8, Some(cache)) => {
+                    let q = cache.q8_rows(bf, k);
+                    return gemv::matmul_bt_with(cf, m, n, accumulate, |j, i| q.dot(j, &af[i * k..(i + 1) * k]));
+                }
+                (_, cache) => {
+                    let rows = match cache {
+                        Some(cache) => cache.bf16_rows(bf),
+                        None => std::sync::Arc::new(bf[..n * k].iter().map(|&x| matmul::bf16_bits(x)).collect()),
+                    };
+                    let (x, stride) = (gemv::bf16_rows(af, m, k), gemv::bf16_stride(k));
+                    return gemv::matmul_bt_with(cf, m, n, accumulate, |j, i| gemv::dot_bf16(&rows[j * k..(j + 1) * k], &x[i * stride..(i + 1) * stride]));
+                }
+            }
+        }
+        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        // SAFETY (both packs): the asserted lengths cover the strided operands.
+        let pack_b = |src: &[f32]| unsafe { matmul::pack_b(kind, k, n, src.as_ptr(), b_rs, b_cs, true) };
+        let pb = match whole_weight {
+            Some(cache) => {
+                let which = if tb { Derived::PackedT(kind) } else { Derived::Packed(kind) };
+                cache.packed(which, || match self.precision {
+                    // The GEMMs of q8 read the same 8-bit weights as its decode products.
+                    Precision::Q8 => pack_b(&cache.q8_rows(bf, if tb { k } else { n }).dequantize()),
+                    _ => pack_b(bf),
+                })
+            }
+            None => std::sync::Arc::new(pack_b(bf)),
+        };
+        let pa = unsafe { matmul::pack_a(kind, m, k, af.as_ptr(), a_rs, a_cs, true) };
+        // SAFETY: cf is c's [m, n], disjoint from the packed copies.
+        unsafe { matmul::multiply(&pa, &pb, cf.as_mut_ptr(), n as isize, 1, accumulate, alpha as f32, true) };
+    }
+}
+
+/// `x` as the f32 slice it is, when `F` is f32.
+fn as_f32<F: Elem>(x: &[F]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>())
+        // SAFETY: F is f32 (same type, checked above).
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }
 
 /// A raw pointer that may cross rayon tasks; each task writes a disjoint region.
@@ -105,6 +198,9 @@ pub(crate) unsafe fn gemm_strided<F: Elem>(
         }
         return;
     }
+    if let (Some(_), true) = (as_f32(&[F::zero()]), matmul::has_simd(Kind::F32)) {
+        return gemm_strided_f32(Kind::F32, m, n, k, dst as *mut f32, dst_rs, dst_cs, accumulate, lhs as *const f32, lhs_rs, lhs_cs, rhs as *const f32, rhs_rs, rhs_cs, scale.to_f32().unwrap_or(f32::NAN), par);
+    }
     let parallelism = if par && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -117,46 +213,79 @@ pub(crate) unsafe fn gemm_strided<F: Elem>(
     );
 }
 
+/// `gemm_strided` on the packed kernels (matmul.rs) in `kind`, for f32 operands.
+///
+/// # Safety
+/// As `gemm_strided`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided_f32(
+    kind: Kind,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    scale: f32,
+    par: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let pa = matmul::pack_a(kind, m, k, lhs, lhs_rs, lhs_cs, par);
+    let pb = matmul::pack_b(kind, k, n, rhs, rhs_rs, rhs_cs, par);
+    matmul::multiply(&pa, &pb, dst, dst_rs, dst_cs, accumulate, scale, par);
+}
+
 const ROW_CHUNK: usize = 16;
 
 impl<F: Elem> Backend for CpuBackend<F> {
-    type Buf = Vec<F>;
+    type Buf = CpuBuf<F>;
 
     fn name(&self) -> String {
-        format!("cpu-{}", std::any::type_name::<F>())
+        match self.precision {
+            Precision::F32 => format!("cpu-{}", std::any::type_name::<F>()),
+            p => format!("cpu-{}", p.name()),
+        }
     }
-    fn zeros(&self, n: usize) -> Vec<F> {
-        vec![F::zero(); n]
+    fn zeros(&self, n: usize) -> CpuBuf<F> {
+        CpuBuf::new(vec![F::zero(); n])
     }
-    fn upload(&self, host: &[f32]) -> Vec<F> {
-        host.par_iter().map(|&x| cast(x as f64)).collect()
+    fn upload(&self, host: &[f32]) -> CpuBuf<F> {
+        CpuBuf::new(host.par_iter().map(|&x| cast(x as f64)).collect())
     }
-    fn download(&self, buf: &Vec<F>) -> Vec<f32> {
+    fn upload_weight(&self, host: &[f32]) -> CpuBuf<F> {
+        CpuBuf::weight(self.upload(host).into_vec())
+    }
+    fn download(&self, buf: &CpuBuf<F>) -> Vec<f32> {
         buf.par_iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect()
     }
-    fn download_f64(&self, buf: &Vec<F>) -> Vec<f64> {
+    fn download_f64(&self, buf: &CpuBuf<F>) -> Vec<f64> {
         buf.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect()
     }
-    fn len(&self, buf: &Vec<F>) -> usize {
+    fn len(&self, buf: &CpuBuf<F>) -> usize {
         buf.len()
     }
 
-    fn matmul(&self, a: &Vec<F>, ta: bool, b: &Vec<F>, tb: bool, c: &mut Vec<F>, m: usize, n: usize, k: usize, accumulate: bool) {
-        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul shapes");
-        if !ta && tb && (1..=gemv::MAX_ROWS).contains(&m) && k > 0 {
-            return gemv::matmul_bt(&a[..m * k], &b[..n * k], &mut c[..m * n], m, n, k, accumulate);
-        }
-        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
-        unsafe {
-            gemm_strided(m, n, k, c.as_mut_ptr(), n as isize, 1, accumulate, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, F::one(), true);
-        }
+    fn matmul(&self, a: &CpuBuf<F>, ta: bool, b: &CpuBuf<F>, tb: bool, c: &mut CpuBuf<F>, m: usize, n: usize, k: usize, accumulate: bool) {
+        self.product(a, ta, b, tb, c, m, n, k, 1.0, accumulate)
     }
 
-    fn matmul_scaled(&self, a: &Vec<F>, ta: bool, b: &Vec<F>, tb: bool, c: &mut Vec<F>, m: usize, n: usize, k: usize, alpha: f64, accumulate: bool) {
+    fn matmul_scaled(&self, a: &CpuBuf<F>, ta: bool, b: &CpuBuf<F>, tb: bool, c: &mut CpuBuf<F>, m: usize, n: usize, k: usize, alpha: f64, accumulate: bool) {
+        if self.precision != Precision::F32 {
+            // One rounding of the scaled sum, as the GEMM of the other precisions does it.
+            return self.product(a, ta, b, tb, c, m, n, k, alpha, accumulate);
+        }
         let alpha: F = cast(alpha);
         if accumulate {
-            let mut p = vec![F::zero(); m * n]; // [m, n] = op(a) @ op(b)
+            let mut p = CpuBuf::new(vec![F::zero(); m * n]); // [m, n] = op(a) @ op(b)
             self.matmul(a, ta, b, tb, &mut p, m, n, k, false);
             c[..m * n].par_iter_mut().zip(p.par_iter()).for_each(|(o, &x)| *o += x * alpha);
         } else {
@@ -165,19 +294,19 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
 
-    fn add_assign(&self, x: &mut Vec<F>, y: &Vec<F>) {
+    fn add_assign(&self, x: &mut CpuBuf<F>, y: &CpuBuf<F>) {
         assert_eq!(x.len(), y.len());
         x.par_iter_mut().zip(y.par_iter()).for_each(|(a, &b)| *a += b);
     }
 
-    fn embedding(&self, table: &Vec<F>, ids: &[u32], dim: usize, out: &mut Vec<F>) {
+    fn embedding(&self, table: &CpuBuf<F>, ids: &[u32], dim: usize, out: &mut CpuBuf<F>) {
         out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(row, &id)| {
             let id = id as usize;
             row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
         });
     }
 
-    fn embedding_bwd(&self, dout: &Vec<F>, ids: &[u32], dim: usize, dtable: &mut Vec<F>) {
+    fn embedding_bwd(&self, dout: &CpuBuf<F>, ids: &[u32], dim: usize, dtable: &mut CpuBuf<F>) {
         for (t, &id) in ids.iter().enumerate() {
             let id = id as usize;
             for (d, &g) in dtable[id * dim..(id + 1) * dim].iter_mut().zip(&dout[t * dim..(t + 1) * dim]) {
@@ -186,7 +315,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
 
-    fn rmsnorm(&self, x: &Vec<F>, w: &Vec<F>, dim: usize, eps: f32, out: &mut Vec<F>, rstd: &mut Vec<F>) {
+    fn rmsnorm(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, eps: f32, out: &mut CpuBuf<F>, rstd: &mut CpuBuf<F>) {
         out.par_chunks_mut(dim)
             .zip(x.par_chunks(dim))
             .zip(rstd.par_iter_mut())
@@ -203,7 +332,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
             });
     }
 
-    fn rmsnorm_bwd(&self, dy: &Vec<F>, x: &Vec<F>, w: &Vec<F>, rstd: &Vec<F>, dim: usize, dx: &mut Vec<F>, dw: &mut Vec<F>) {
+    fn rmsnorm_bwd(&self, dy: &CpuBuf<F>, x: &CpuBuf<F>, w: &CpuBuf<F>, rstd: &CpuBuf<F>, dim: usize, dx: &mut CpuBuf<F>, dw: &mut CpuBuf<F>) {
         // y = w * x * r, r = (mean(x^2) + eps)^-1/2
         // dx_i = r * w_i dy_i - (r^3 / dim) * x_i * sum_j w_j dy_j x_j ;  dw_i = sum_rows dy_i x_i r
         let partial: Vec<F> = dx
@@ -236,7 +365,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
 
-    fn bias_add(&self, y: &mut Vec<F>, b: &Vec<F>, dim: usize) {
+    fn bias_add(&self, y: &mut CpuBuf<F>, b: &CpuBuf<F>, dim: usize) {
         y.par_chunks_mut(dim).for_each(|row| {
             for (v, &bb) in row.iter_mut().zip(b.iter()) {
                 *v += bb;
@@ -244,7 +373,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
         });
     }
 
-    fn bias_bwd(&self, dy: &Vec<F>, dim: usize, db: &mut Vec<F>) {
+    fn bias_bwd(&self, dy: &CpuBuf<F>, dim: usize, db: &mut CpuBuf<F>) {
         for row in dy.chunks(dim) {
             for (d, &g) in db.iter_mut().zip(row) {
                 *d += g;
@@ -252,7 +381,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
 
-    fn rope(&self, x: &mut Vec<F>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
+    fn rope(&self, x: &mut CpuBuf<F>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
         let half = head_dim / 2;
         let sign = if inverse { -1.0 } else { 1.0 };
         x.par_chunks_mut(n_heads * head_dim).zip(positions.par_iter()).for_each(|(row, &pos)| {
@@ -269,14 +398,14 @@ impl<F: Elem> Backend for CpuBackend<F> {
         });
     }
 
-    fn swiglu(&self, gate: &Vec<F>, up: &Vec<F>, out: &mut Vec<F>) {
+    fn swiglu(&self, gate: &CpuBuf<F>, up: &CpuBuf<F>, out: &mut CpuBuf<F>) {
         out.par_iter_mut().zip(gate.par_iter().zip(up.par_iter())).for_each(|(o, (&g, &u))| {
             let s = F::one() / (F::one() + (-g).exp());
             *o = g * s * u;
         });
     }
 
-    fn swiglu_bwd(&self, dout: &Vec<F>, gate: &Vec<F>, up: &Vec<F>, dgate: &mut Vec<F>, dup: &mut Vec<F>) {
+    fn swiglu_bwd(&self, dout: &CpuBuf<F>, gate: &CpuBuf<F>, up: &CpuBuf<F>, dgate: &mut CpuBuf<F>, dup: &mut CpuBuf<F>) {
         dgate.par_iter_mut().zip(dup.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
             let (g, u, d) = (gate[i], up[i], dout[i]);
             let s = F::one() / (F::one() + (-g).exp());
@@ -285,43 +414,44 @@ impl<F: Elem> Backend for CpuBackend<F> {
         });
     }
 
-    fn attention(&self, q: &Vec<F>, k: &Vec<F>, v: &Vec<F>, layout: &AttnLayout, dims: AttnDims, out: &mut Vec<F>, lse: &mut Vec<F>) {
+    fn attention(&self, q: &CpuBuf<F>, k: &CpuBuf<F>, v: &CpuBuf<F>, layout: &AttnLayout, dims: AttnDims, out: &mut CpuBuf<F>, lse: &mut CpuBuf<F>) {
         attention::forward(q, k, v, layout, dims, out, lse)
     }
 
-    fn attention_bwd(&self, dout: &Vec<F>, q: &Vec<F>, k: &Vec<F>, v: &Vec<F>, out: &Vec<F>, lse: &Vec<F>, layout: &AttnLayout, dims: AttnDims, dq: &mut Vec<F>, dk: &mut Vec<F>, dv: &mut Vec<F>) {
+    fn attention_bwd(&self, dout: &CpuBuf<F>, q: &CpuBuf<F>, k: &CpuBuf<F>, v: &CpuBuf<F>, out: &CpuBuf<F>, lse: &CpuBuf<F>, layout: &AttnLayout, dims: AttnDims, dq: &mut CpuBuf<F>, dk: &mut CpuBuf<F>, dv: &mut CpuBuf<F>) {
         attention::backward(dout, q, k, v, out, lse, layout, dims, dq, dk, dv)
     }
 
-    fn lm_head_logprobs(&self, h: &Vec<F>, w: &Vec<F>, dim: usize, rows: &[u32], targets: &[u32]) -> (Vec<F>, Vec<F>) {
-        lm_head::logprobs(h, w, dim, rows, targets)
+    fn lm_head_logprobs(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32]) -> (CpuBuf<F>, CpuBuf<F>) {
+        let (logp, lse) = lm_head::logprobs(self.precision != Precision::F32, h, w, dim, rows, targets);
+        (CpuBuf::new(logp), CpuBuf::new(lse))
     }
 
-    fn lm_head_bwd(&self, h: &Vec<F>, w: &Vec<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &Vec<F>, dlogp: &[f32], dh: &mut Vec<F>, dw: &mut Vec<F>) {
-        lm_head::backward(h, w, dim, rows, targets, lse, dlogp, dh, dw)
+    fn lm_head_bwd(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<F>, dlogp: &[f32], dh: &mut CpuBuf<F>, dw: &mut CpuBuf<F>) {
+        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw)
     }
 
-    fn kv_write(&self, cache: &mut Vec<F>, k: &Vec<F>, v: &Vec<F>, slots: &[u32], geom: KvGeom) {
+    fn kv_write(&self, cache: &mut CpuBuf<F>, k: &CpuBuf<F>, v: &CpuBuf<F>, slots: &[u32], geom: KvGeom) {
         kv::write(cache, k, v, slots, geom)
     }
 
-    fn kv_copy_blocks(&self, cache: &mut Vec<F>, pairs: &[(u32, u32)], geom: KvGeom) {
+    fn kv_copy_blocks(&self, cache: &mut CpuBuf<F>, pairs: &[(u32, u32)], geom: KvGeom) {
         kv::copy_blocks(cache, pairs, geom)
     }
 
-    fn paged_attention(&self, q: &Vec<F>, cache: &Vec<F>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut Vec<F>) {
+    fn paged_attention(&self, q: &CpuBuf<F>, cache: &CpuBuf<F>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut CpuBuf<F>) {
         kv::attention(q, cache, seqs, block_table, geom, dims, out)
     }
 
-    fn sum_squares(&self, x: &Vec<F>) -> f64 {
+    fn sum_squares(&self, x: &CpuBuf<F>) -> f64 {
         optim::sum_squares(x)
     }
 
-    fn adamw(&self, p: &mut Vec<F>, g: &Vec<F>, m: &mut Vec<F>, v: &mut Vec<F>, h: &crate::backend::AdamwStep) {
+    fn adamw(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, m: &mut CpuBuf<F>, v: &mut CpuBuf<F>, h: &crate::backend::AdamwStep) {
         optim::adamw(p, g, m, v, h)
     }
 
-    fn sgd(&self, p: &mut Vec<F>, g: &Vec<F>, lr: f64, weight_decay: f64, grad_scale: f64) {
+    fn sgd(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, lr: f64, weight_decay: f64, grad_scale: f64) {
         optim::sgd(p, g, lr, weight_decay, grad_scale)
     }
 }

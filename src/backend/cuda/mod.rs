@@ -169,6 +169,9 @@ impl<G: Gpu> CudaBackend<G> {
             Some(p) => p,
             None => Precision::from_env_value(std::env::var("IPO_PRECISION").ok().as_deref())?,
         };
+        if p == Precision::Q8 {
+            return Err(GpuError::Device("precision q8 (8-bit weights) exists on the CPU backend only; use bf16 or f32 on cuda".into()));
+        }
         let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
         let arch = build::target_arch(&nvrtc, &gpu.arch())?;
         Ok(Self {

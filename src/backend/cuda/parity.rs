@@ -13,7 +13,7 @@
 //! order (and use fused multiply-adds) than the CPU's GEMMs and rayon reductions.
 
 use super::{CudaBackend, Gpu, Sim};
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuBuf};
 use crate::backend::{AdamwStep, AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, SampleRow, SegmentDpo, SegmentPair, Span};
 
 /// One line of the parity table.
@@ -124,7 +124,7 @@ impl Rng {
     fn uniform(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+    fn vec(&mut self, n: usize, scale: f64) -> CpuBuf<f32> {
         (0..n)
             .map(|_| {
                 let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
@@ -190,10 +190,10 @@ fn layouts() -> Vec<(&'static str, AttnLayout)> {
 /// One matmul on both backends: the inputs a, b and c0 (the c accumulated onto; NaN when
 /// overwritten), and the CPU's and the GPU's c.
 struct MatmulCase<G: Gpu> {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c0: Vec<f32>,
-    cpu: Vec<f32>,
+    a: CpuBuf<f32>,
+    b: CpuBuf<f32>,
+    c0: CpuBuf<f32>,
+    cpu: CpuBuf<f32>,
     gpu: Buf<G>,
 }
 
@@ -201,8 +201,8 @@ struct MatmulCase<G: Gpu> {
 /// else `matmul_scaled`.
 fn matmul_case<G: Gpu>(c: &Ctx<'_, G>, r: &mut Rng, (m, n, k): (usize, usize, usize), ta: bool, tb: bool, acc: bool, alpha: f64) -> MatmulCase<G> {
     let (a, b) = (r.vec(m * k, 1.0), r.vec(k * n, 1.0));
-    let c0 = if acc { r.vec(m * n, 1.0) } else { vec![f32::NAN; m * n] };
-    let mut cc = if acc { c0.clone() } else { vec![0.0; m * n] };
+    let c0 = if acc { r.vec(m * n, 1.0) } else { CpuBuf::from(vec![f32::NAN; m * n]) };
+    let mut cc = if acc { c0.clone() } else { CpuBuf::from(vec![0.0; m * n]) };
     let mut cg = c.gpu.upload(&c0);
     let (ag, bg) = (c.gpu.upload(&a), c.gpu.upload(&b));
     if alpha == 1.0 {
@@ -246,14 +246,14 @@ fn add_assign<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 const EMBEDDING_SHAPES: [(usize, usize, usize); 2] = [(13, 7, 9), (50, 33, 40)];
 
 /// Inputs of an embedding check: table `[vocab, dim]`, ids `[tokens]`, dout `[tokens, dim]`.
-fn embedding_inputs(r: &mut Rng, (vocab, dim, t): (usize, usize, usize)) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+fn embedding_inputs(r: &mut Rng, (vocab, dim, t): (usize, usize, usize)) -> (CpuBuf<f32>, Vec<u32>, CpuBuf<f32>) {
     (r.vec(vocab * dim, 1.0), r.ids(t, vocab), r.vec(t * dim, 1.0))
 }
 
 fn embedding<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for (vocab, dim, t) in EMBEDDING_SHAPES {
         let (table, ids, _) = embedding_inputs(r, (vocab, dim, t));
-        let mut oc = vec![0.0; t * dim];
+        let mut oc = CpuBuf::from(vec![0.0; t * dim]);
         c.cpu.embedding(&table, &ids, dim, &mut oc);
         let mut og = c.nan(t * dim);
         c.gpu.embedding(&c.gpu.upload(&table), &ids, dim, &mut og);
@@ -276,7 +276,7 @@ fn rmsnorm<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for (rows, dim) in [(3, 7), (5, 64), (2, 300)] {
         // dy is drawn too, so that both rmsnorm checks see the same x and w.
         let (x, w, _dy) = (r.vec(rows * dim, 1.0), r.vec(dim, 1.0), r.vec(rows * dim, 1.0));
-        let (mut oc, mut rc) = (vec![0.0; rows * dim], vec![0.0; rows]);
+        let (mut oc, mut rc) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows]));
         c.cpu.rmsnorm(&x, &w, dim, 1e-5, &mut oc, &mut rc);
         let (mut og, mut rg) = (c.nan(rows * dim), c.nan(rows));
         c.gpu.rmsnorm(&c.gpu.upload(&x), &c.gpu.upload(&w), dim, 1e-5, &mut og, &mut rg);
@@ -290,10 +290,10 @@ fn rmsnorm<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 fn rmsnorm_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for (rows, dim) in [(3, 7), (5, 64), (2, 300)] {
         let (x, w, dy) = (r.vec(rows * dim, 1.0), r.vec(dim, 1.0), r.vec(rows * dim, 1.0));
-        let (mut oc, mut rc) = (vec![0.0; rows * dim], vec![0.0; rows]);
+        let (mut oc, mut rc) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows]));
         c.cpu.rmsnorm(&x, &w, dim, 1e-5, &mut oc, &mut rc);
         let dw0 = r.vec(dim, 1.0);
-        let (mut dxc, mut dwc) = (vec![0.0; rows * dim], dw0.clone());
+        let (mut dxc, mut dwc) = (CpuBuf::from(vec![0.0; rows * dim]), dw0.clone());
         c.cpu.rmsnorm_bwd(&dy, &x, &w, &rc, dim, &mut dxc, &mut dwc);
         let (mut dxg, mut dwg) = (c.nan(rows * dim), c.gpu.upload(&dw0));
         c.gpu.rmsnorm_bwd(&c.gpu.upload(&dy), &c.gpu.upload(&x), &c.gpu.upload(&w), &c.gpu.upload(&rc), dim, &mut dxg, &mut dwg);
@@ -343,14 +343,14 @@ fn rope<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 }
 
 /// Inputs `[n]` of a SwiGLU check: gate, up, dout.
-fn swiglu_inputs(r: &mut Rng, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn swiglu_inputs(r: &mut Rng, n: usize) -> (CpuBuf<f32>, CpuBuf<f32>, CpuBuf<f32>) {
     (r.vec(n, 2.0), r.vec(n, 1.0), r.vec(n, 1.0))
 }
 
 fn swiglu<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for n in [7, 257] {
         let (g, u, _) = swiglu_inputs(r, n);
-        let mut oc = vec![0.0; n];
+        let mut oc = CpuBuf::from(vec![0.0; n]);
         c.cpu.swiglu(&g, &u, &mut oc);
         let mut og = c.nan(n);
         c.gpu.swiglu(&c.gpu.upload(&g), &c.gpu.upload(&u), &mut og);
@@ -361,7 +361,7 @@ fn swiglu<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 fn swiglu_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for n in [7, 257] {
         let (g, u, d) = swiglu_inputs(r, n);
-        let (mut dgc, mut duc) = (vec![0.0; n], vec![0.0; n]);
+        let (mut dgc, mut duc) = (CpuBuf::from(vec![0.0; n]), CpuBuf::from(vec![0.0; n]));
         c.cpu.swiglu_bwd(&d, &g, &u, &mut dgc, &mut duc);
         let (mut dgg, mut dug) = (c.nan(n), c.nan(n));
         c.gpu.swiglu_bwd(&c.gpu.upload(&d), &c.gpu.upload(&g), &c.gpu.upload(&u), &mut dgg, &mut dug);
@@ -376,12 +376,12 @@ struct AttnCase {
     shape: String,
     layout: AttnLayout,
     dims: AttnDims,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    dout: Vec<f32>,
-    out: Vec<f32>,
-    lse: Vec<f32>,
+    q: CpuBuf<f32>,
+    k: CpuBuf<f32>,
+    v: CpuBuf<f32>,
+    dout: CpuBuf<f32>,
+    out: CpuBuf<f32>,
+    lse: CpuBuf<f32>,
 }
 
 /// Every layout with two head geometries (GQA 4/2 at head_dim 8, 3/1 at 5).
@@ -392,7 +392,7 @@ fn attention_cases(c: &Ctx<'_, impl Gpu>, r: &mut Rng) -> Vec<AttnCase> {
             let t = layout.num_tokens();
             let (nq, nk) = (t * dims.n_heads * dims.head_dim, t * dims.n_kv_heads * dims.head_dim);
             let (q, k, v, dout) = (r.vec(nq, 1.0), r.vec(nk, 1.0), r.vec(nk, 1.0), r.vec(nq, 1.0));
-            let (mut out, mut lse) = (vec![0.0; nq], vec![0.0; t * dims.n_heads]);
+            let (mut out, mut lse) = (CpuBuf::from(vec![0.0; nq]), CpuBuf::from(vec![0.0; t * dims.n_heads]));
             c.cpu.attention(&q, &k, &v, &layout, dims, &mut out, &mut lse);
             let shape = format!("{lname} h{}/{} hd{}", dims.n_heads, dims.n_kv_heads, dims.head_dim);
             cases.push(AttnCase { shape, layout: layout.clone(), dims, q, k, v, dout, out, lse });
@@ -414,7 +414,7 @@ fn attention<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 fn attention_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for a in attention_cases(c, r) {
         let (nq, nk) = (a.q.len(), a.k.len());
-        let (mut dqc, mut dkc, mut dvc) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+        let (mut dqc, mut dkc, mut dvc) = (CpuBuf::from(vec![0.0; nq]), CpuBuf::from(vec![0.0; nk]), CpuBuf::from(vec![0.0; nk]));
         c.cpu.attention_bwd(&a.dout, &a.q, &a.k, &a.v, &a.out, &a.lse, &a.layout, a.dims, &mut dqc, &mut dkc, &mut dvc);
         let (mut dqg, mut dkg, mut dvg) = (c.nan(nq), c.nan(nk), c.nan(nk));
         let up = |x: &[f32]| c.gpu.upload(x);
@@ -430,13 +430,13 @@ fn attention_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 struct LmHeadCase {
     shape: String,
     dim: usize,
-    h: Vec<f32>,
-    w: Vec<f32>,
+    h: CpuBuf<f32>,
+    w: CpuBuf<f32>,
     rows: Vec<u32>,
     targets: Vec<u32>,
-    dlogp: Vec<f32>,
-    logp: Vec<f32>,
-    lse: Vec<f32>,
+    dlogp: CpuBuf<f32>,
+    logp: CpuBuf<f32>,
+    lse: CpuBuf<f32>,
 }
 
 /// Shapes `(dim, vocab, tokens, rows)` of the lm-head checks.
@@ -480,7 +480,7 @@ const KV_GEOMS: [(KvGeom, AttnDims); 2] = [
 ];
 
 /// A random cache `[layer_len]` of `geom`, and the geometry's name in the table.
-fn kv_cache(r: &mut Rng, geom: KvGeom) -> (Vec<f32>, String) {
+fn kv_cache(r: &mut Rng, geom: KvGeom) -> (CpuBuf<f32>, String) {
     (r.vec(geom.layer_len(), 1.0), format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim))
 }
 
@@ -537,7 +537,7 @@ fn paged_attention<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
         }
         let nq = q0 * dims.n_heads * dims.head_dim;
         let q = r.vec(nq, 1.0);
-        let mut oc = vec![0.0; nq];
+        let mut oc = CpuBuf::from(vec![0.0; nq]);
         c.cpu.paged_attention(&q, &cache, &seqs, &table, geom, dims, &mut oc);
         let mut og = c.nan(nq);
         c.gpu.paged_attention(&c.gpu.upload(&q), &c.gpu.upload(&cache), &seqs, &table, geom, dims, &mut og);
@@ -600,7 +600,7 @@ fn sample<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
                 let (temperature, top_k, top_p) = configs[i % configs.len()];
                 rows.push(SampleRow { temperature, top_k, top_p, seed: r.next(), key: r.next(), sample: r.below(8), position: r.below(4096) });
             }
-            let want = c.cpu.sample(&logits, vocab, &rows);
+            let want = c.cpu.sample(&CpuBuf::from(logits.clone()), vocab, &rows);
             let got = c.gpu.sample(&c.gpu.upload(&logits), vocab, &rows);
             assert_eq!(got.len(), n);
             if vocab >= 37 && variant == 0 {
@@ -639,7 +639,7 @@ fn sum_squares<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 /// largest buffer.
 fn sum_squares_many<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     let sizes = [1usize, 0, 1000, 65537, 3];
-    let hs: Vec<Vec<f32>> = sizes.iter().map(|&n| r.vec(n, 1.0)).collect();
+    let hs: Vec<CpuBuf<f32>> = sizes.iter().map(|&n| r.vec(n, 1.0)).collect();
     let ds: Vec<_> = hs.iter().map(|h| c.gpu.upload(h)).collect();
     let refs: Vec<_> = ds.iter().collect();
     let many = c.gpu.sum_squares_many(&refs);
@@ -659,7 +659,7 @@ fn optimizer_step<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng, adamw: bool) {
     let op = if adamw { "adamw" } else { "sgd" };
     for n in [1, 1000, 65537, (1 << 20) + 3] {
         let (p, g) = (r.vec(n, 1.0), r.vec(n, 1.0));
-        let (m, v): (Vec<f32>, Vec<f32>) = (r.vec(n, 0.1), r.vec(n, 0.1).iter().map(|x| x * x + 1e-12).collect());
+        let (m, v): (CpuBuf<f32>, CpuBuf<f32>) = (r.vec(n, 0.1), r.vec(n, 0.1).iter().map(|x| x * x + 1e-12).collect());
         let (mut pc, mut mc, mut vc) = (p.clone(), m.clone(), v.clone());
         let (mut pg, mut mg, mut vg) = (c.gpu.upload(&p), c.gpu.upload(&m), c.gpu.upload(&v));
         let gg = c.gpu.upload(&g);
@@ -712,7 +712,7 @@ fn segment_dpo<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
             });
             rows += gap + a + b;
         }
-        let logp: Vec<f32> = r.vec(rows as usize, 1.0).iter().map(|x| -x.abs() - 0.05).collect();
+        let logp: CpuBuf<f32> = r.vec(rows as usize, 1.0).iter().map(|x| -x.abs() - 0.05).collect();
         let h = SegmentDpo { beta: 0.1 + r.uniform(), sft_coef: sft, batch_pairs: n_pairs + 2, batch_chosen_tokens: rows as usize + 5 };
         let (sc, dc) = c.cpu.segment_dpo(&logp, &pairs, &h);
         let (sg, dg) = c.gpu.segment_dpo(&c.gpu.upload(&logp), &pairs, &h);
@@ -809,7 +809,7 @@ fn attention_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
                 let t = layout.num_tokens();
                 let (nq, nk) = (t * nh * hd, t * nkv * hd);
                 let (q, k, v) = (r.vec(nq, 1.0), r.vec(nk, 1.0), r.vec(nk, 1.0));
-                let (mut oc, mut lc) = (vec![0.0; nq], vec![0.0; t * nh]);
+                let (mut oc, mut lc) = (CpuBuf::from(vec![0.0; nq]), CpuBuf::from(vec![0.0; t * nh]));
                 c.cpu.attention(&q, &k, &v, &layout, dims, &mut oc, &mut lc);
                 let (mut og, mut lg) = (c.nan(nq), c.nan(t * nh));
                 c.gpu.attention(&c.gpu.upload(&q), &c.gpu.upload(&k), &c.gpu.upload(&v), &layout, dims, &mut og, &mut lg);

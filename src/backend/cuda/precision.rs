@@ -13,40 +13,15 @@ use super::gpu::{Arg, DevPtr, Gemm, GemmInput, Gpu, GpuError};
 use super::{grid1, CudaBackend, CudaBuf, BLOCK};
 use crate::backend::{AttnDims, AttnLayout};
 
-/// Arithmetic precision of the matmuls and the attention forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// Everything fp32 (the default).
-    #[default]
-    F32,
-    /// bf16 inputs on tensor cores with fp32 accumulation for `matmul` and the attention
-    /// forward; fp32 storage and everything else fp32.
-    Bf16,
-}
+pub use crate::backend::Precision;
 
 impl Precision {
-    /// `"f32"` / `"fp32"` / `"float32"` or `"bf16"` / `"bfloat16"` (case-insensitive).
-    pub fn parse(s: &str) -> Result<Precision, GpuError> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" | "fp32" | "float32" => Ok(Precision::F32),
-            "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => Err(GpuError::Device(format!("precision {other:?}: expected f32 or bf16"))),
-        }
-    }
-
     /// The precision `IPO_PRECISION` asks for: F32 when unset or empty.
     pub(crate) fn from_env_value(v: Option<&str>) -> Result<Precision, GpuError> {
         match v {
             None => Ok(Precision::F32),
             Some(s) if s.trim().is_empty() => Ok(Precision::F32),
             Some(s) => Precision::parse(s).map_err(|e| GpuError::Device(format!("IPO_PRECISION: {e}"))),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
         }
     }
 
@@ -57,6 +32,8 @@ impl Precision {
     pub(super) fn from_u8(v: u8) -> Precision {
         if v == Precision::Bf16 as u8 {
             Precision::Bf16
+        } else if v == Precision::Q8 as u8 {
+            Precision::Q8
         } else {
             Precision::F32
         }
@@ -194,7 +171,7 @@ mod tests {
         assert_eq!(Precision::parse(" BFloat16 ").unwrap(), Precision::Bf16);
         assert_eq!(Precision::parse("f32").unwrap(), Precision::F32);
         assert_eq!(Precision::parse("FP32").unwrap(), Precision::F32);
-        assert!(Precision::parse("fp16").unwrap_err().to_string().contains("expected f32 or bf16"));
+        assert!(Precision::parse("fp16").unwrap_err().to_string().contains("expected f32, bf16 or q8"));
         assert_eq!(Precision::from_env_value(None).unwrap(), Precision::F32);
         assert_eq!(Precision::from_env_value(Some("")).unwrap(), Precision::F32);
         assert_eq!(Precision::from_env_value(Some("bf16")).unwrap(), Precision::Bf16);
