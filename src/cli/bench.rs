@@ -146,8 +146,8 @@ pub fn run(a: Args) -> Result<()> {
     match a.what {
         What::Ceiling { common, gemm, copy_mib, reps } => {
             let c = match common.device.device {
-                Device::Cuda(n) => bench::ceiling(&crate::workflow::device::cuda(n)?, gemm, copy_mib, reps)?,
-                Device::Sim => bench::ceiling(&crate::workflow::device::sim()?, gemm, copy_mib, reps)?,
+                Device::Cuda(n) => bench::ceiling(&crate::workflow::device::cuda(n, common.device.precision)?, gemm, copy_mib, reps)?,
+                Device::Sim => bench::ceiling(&crate::workflow::device::sim(common.device.precision)?, gemm, copy_mib, reps)?,
                 Device::Cpu => bail!("--device cpu: the ceiling is measured with cuBLAS and a CUDA kernel; use cuda or sim"),
             };
             println!("{}", c.device);
@@ -159,8 +159,8 @@ pub fn run(a: Args) -> Result<()> {
         What::Ops { common, shape, reps } => {
             let ceil = common.ceiling()?;
             let r = match common.device.device {
-                Device::Cuda(n) => bench::ops(&crate::workflow::device::cuda(n)?, shape, reps, ceil.as_ref(), common.seed)?,
-                Device::Sim => bench::ops(&crate::workflow::device::sim()?, shape, reps, ceil.as_ref(), common.seed)?,
+                Device::Cuda(n) => bench::ops(&crate::workflow::device::cuda(n, common.device.precision)?, shape, reps, ceil.as_ref(), common.seed)?,
+                Device::Sim => bench::ops(&crate::workflow::device::sim(common.device.precision)?, shape, reps, ceil.as_ref(), common.seed)?,
                 Device::Cpu => bail!("--device cpu: per-op timing uses CUDA events; use cuda or sim"),
             };
             println!("{} ({}), {}", r.device, r.precision, r.workload);
@@ -179,7 +179,7 @@ pub fn run(a: Args) -> Result<()> {
                 bail!("--pairs, --steps, --context and --segment must be at least 1");
             }
             let ceil = common.ceiling()?;
-            let r = with_backend!(common.device.device, be => {
+            let r = with_backend!(common.device, be => {
                 bench::train(be, shape, layers, pairs, context, segment, micro_batch, steps, ceil.as_ref(), common.seed)?
             });
             println!("{} | {:?} x {} layers, {:.2} B params", r.device, r.shape, r.layers, r.params as f64 / 1e9);
@@ -198,7 +198,7 @@ pub fn run(a: Args) -> Result<()> {
                 bail!("--batch sizes must be at least 1, --new-tokens at least 2, --prompt at least 1");
             }
             let ceil = common.ceiling()?;
-            let r = with_backend!(common.device.device, be => {
+            let r = with_backend!(common.device, be => {
                 bench::decode(be, shape, layers, &batch, prompt, new_tokens, ceil.as_ref(), common.seed)?
             });
             println!("{} | {:?} x {} layers", r.device, r.shape, r.layers);

@@ -24,10 +24,15 @@ pub struct Args {
     /// own `device` key still wins). cpu, cuda, cuda:N or sim, as in each subcommand.
     #[arg(long, value_name = "DEVICE", value_parser = Device::parse)]
     pub device: Option<Device>,
+    /// The precision of every stage (overrides the config's top-level `precision`; a stage
+    /// table's own key still wins): f32, bf16 or q8, as in each subcommand.
+    #[arg(long, value_name = "PRECISION", value_parser = crate::workflow::device::parse_precision)]
+    pub precision: Option<crate::backend::Precision>,
+
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let cfg = RunConfig::load(&args.config, args.device)?;
+    let cfg = RunConfig::load(&args.config, args.device, args.precision)?;
     let flags = RunFlags { run_dir: args.run_dir, force: args.force };
     run_pipeline(&args.config, &cfg, &flags, &Reporter::new())?;
     Ok(())

@@ -41,6 +41,7 @@ use crate::pipeline::refusal::is_refusal;
 use crate::rollout::sampler::mix64;
 use crate::train::checkpoint;
 use crate::workflow::config::from_table;
+use crate::backend::Precision;
 use crate::workflow::device::Device;
 use crate::workflow::eval::{eval, EvalFiles, EvalOptions};
 use crate::workflow::generate::{generate, GenerateFiles, GenerateOptions};
@@ -69,6 +70,8 @@ struct RawConfig {
     harmful_fraction: f64,
     #[serde(default)]
     device: Option<Device>,
+    #[serde(default)]
+    precision: Option<String>,
     #[serde(default)]
     generate: toml::Table,
     #[serde(default)]
@@ -117,15 +120,21 @@ pub struct RunConfig {
 
 impl RunConfig {
     /// Reads and checks `path`. `device` (the `--device` flag) overrides the config's top-level
-    /// `device`; a stage table's own `device` key wins over both. Tables without `seed` take the
+    /// `device`, and `precision` (`--precision`) its `precision`; a stage table's own key wins
+    /// over both. Tables without `seed` take the
     /// top-level seed. Relative paths are taken as they are (from the working directory).
-    pub fn load(path: &Path, device: Option<Device>) -> Result<Self> {
+    pub fn load(path: &Path, device: Option<Device>, precision: Option<Precision>) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
         let raw: RawConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
         if !(0.0..=1.0).contains(&raw.harmful_fraction) {
             bail!("--config {}: harmful_fraction must be in [0, 1], found {}", path.display(), raw.harmful_fraction);
         }
         let device = device.or(raw.device);
+        let precision = match (precision, &raw.precision) {
+            (Some(p), _) => Some(p),
+            (None, Some(s)) => Some(Precision::parse(s).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?),
+            (None, None) => None,
+        };
         let seed = i64::try_from(raw.seed)
             .map_err(|_| anyhow::anyhow!("--config {}: seed {} is larger than TOML integers allow", path.display(), raw.seed))?;
         // A stage table with the run's defaults for the keys it does not set itself.
@@ -136,6 +145,9 @@ impl RunConfig {
             }
             if let Some(d) = device {
                 t.entry("device").or_insert_with(|| toml::Value::String(d.to_string()));
+            }
+            if let Some(p) = precision {
+                t.entry("precision").or_insert_with(|| toml::Value::String(p.name().into()));
             }
             t
         };
@@ -596,7 +608,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let body = "device = \"sim\"\n[generate]\nn = 3\ntemperature = 0.5\nno_chat_template = true\nstop = [\"A\", \"B\"]\n\
                     [train1]\nlr = 2e-5\noptimizer = \"sgd\"\nseed = 3\ndevice = \"cpu\"\n[eval]\ntemperature = 0\n";
-        let c = RunConfig::load(&write_config(dir.path(), body), None).unwrap();
+        let c = RunConfig::load(&write_config(dir.path(), body), None, None).unwrap();
         assert_eq!((c.generate.n, c.generate.sampling.temperature, c.generate.no_chat_template), (3, 0.5, true));
         assert_eq!(c.generate.stop, vec!["A".to_string(), "B".to_string()]);
         assert_eq!(c.generate.sampling.seed, 7, "a table without seed takes the top-level seed");
@@ -604,12 +616,14 @@ mod tests {
         assert_eq!(c.train1.lr, 2e-5);
         assert_eq!(c.generate.device.device, Device::Sim, "the top-level device reaches every stage");
         assert_eq!(c.train1.device.device, Device::Cpu, "a table's own device wins");
+        assert_eq!(c.generate.device.precision, None);
         assert_eq!(c.score.device.device, Device::Sim);
         assert_eq!(c.eval.temperature, 0.0);
         assert_eq!(c.eval.max_new_tokens, 256, "unset keys keep the flag defaults");
         assert_eq!(c.generate.sampling.max_new_tokens, 1024, "unset keys keep the flag defaults");
         assert_eq!((c.eval_harmful_prompts.as_path(), c.eval_benign_prompts.as_path()), (Path::new("h.jsonl"), Path::new("b.jsonl")), "eval sets default to the training sets");
-        let c = RunConfig::load(&write_config(dir.path(), body), Some(Device::Cuda(1))).unwrap();
+        let c = RunConfig::load(&write_config(dir.path(), body), Some(Device::Cuda(1)), Some(Precision::Bf16)).unwrap();
+        assert_eq!((c.generate.device.precision, c.train1.device.precision), (Some(Precision::Bf16), Some(Precision::Bf16)), "--precision reaches every stage");
         assert_eq!(c.generate.device.device, Device::Cuda(1), "--device overrides the top-level device");
         assert_eq!(c.train1.device.device, Device::Cpu);
     }
@@ -618,16 +632,16 @@ mod tests {
     fn a_misspelt_key_fails_the_load_naming_file_table_and_nearest_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = write_config(dir.path(), "[generate]\nmax_new_token = 5\n");
-        let e = RunConfig::load(&p, None).unwrap_err().to_string();
+        let e = RunConfig::load(&p, None, None).unwrap_err().to_string();
         assert!(e.contains("run.toml") && e.contains("[generate] max_new_token") && e.contains("did you mean `max_new_tokens`"), "{e}");
         let p = write_config(dir.path(), "[train2]\nlearning_rate = 1e-5\n");
-        let e = RunConfig::load(&p, None).unwrap_err().to_string();
+        let e = RunConfig::load(&p, None, None).unwrap_err().to_string();
         assert!(e.contains("[train2] learning_rate: unknown key"), "{e}");
         let p = write_config(dir.path(), "[train1]\noptimizer = \"adam\"\n");
-        let e = RunConfig::load(&p, None).unwrap_err().to_string();
+        let e = RunConfig::load(&p, None, None).unwrap_err().to_string();
         assert!(e.contains("[train1]") && e.contains("adamw"), "{e}");
         let p = write_config(dir.path(), "sede = 3\n");
-        let e = RunConfig::load(&p, None).unwrap_err().to_string();
+        let e = RunConfig::load(&p, None, None).unwrap_err().to_string();
         assert!(e.contains("run.toml") && e.contains("sede"), "{e}");
     }
 

@@ -12,6 +12,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Cudarc, Sim};
+use crate::backend::Precision;
 use anyhow::{bail, Context, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -64,21 +65,48 @@ impl<'de> serde::Deserialize<'de> for Device {
     }
 }
 
+/// The help text of every `--precision` flag.
+pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16 and the tensor-core attention forward; weights, master copies and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). On cuda the default is IPO_PRECISION's value, else f32";
+
+/// Parses a `--precision` value; errors name the flag.
+pub fn parse_precision(s: &str) -> Result<Precision> {
+    Precision::parse(s).map_err(|e| anyhow::anyhow!("--precision {s}: {e}"))
+}
+
 /// Where a workflow runs its model; flattened into every subcommand and stage table.
 #[derive(clap::Args, serde::Deserialize, Debug, Clone, Default)]
 #[serde(default)]
 pub struct DeviceOptions {
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = Device::parse, help = HELP)]
     pub device: Device,
+    #[arg(long, value_name = "PRECISION", value_parser = parse_precision, help = PRECISION_HELP)]
+    #[serde(deserialize_with = "precision_from_str")]
+    pub precision: Option<Precision>,
 }
 
-pub(crate) fn cpu() -> Result<CpuBackend<f32>> {
-    Ok(CpuBackend::new())
+fn precision_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Precision>, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    Precision::parse(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
-pub(crate) fn sim() -> Result<CudaBackend<Sim>> {
+pub(crate) fn cpu(precision: Option<Precision>) -> Result<CpuBackend<f32>> {
+    Ok(CpuBackend::with_precision(precision.unwrap_or_default()))
+}
+
+pub(crate) fn sim(precision: Option<Precision>) -> Result<CudaBackend<Sim>> {
     eprintln!("note: --device sim runs every kernel in the PTX simulator: every instruction is interpreted on this CPU, so expect it to be far slower than --device cpu");
-    CudaBackend::sim().context("--device sim: the CUDA backend on the PTX simulator")
+    let be = CudaBackend::sim().context("--device sim: the CUDA backend on the PTX simulator")?;
+    set_cuda_precision(&be, precision)?;
+    Ok(be)
+}
+
+fn set_cuda_precision<G: crate::backend::cuda::Gpu>(be: &CudaBackend<G>, precision: Option<Precision>) -> Result<()> {
+    match precision {
+        Some(Precision::Q8) => bail!("--precision q8: 8-bit weights exist on --device cpu only; use bf16 or f32 on {}", if be.gpu().name().contains("sim") { "sim" } else { "cuda" }),
+        Some(p) => be.set_precision(p),
+        None => {}
+    }
+    Ok(())
 }
 
 static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -88,35 +116,38 @@ pub fn set_verbose(on: bool) {
     VERBOSE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-pub(crate) fn cuda(ordinal: usize) -> Result<CudaBackend<Cudarc>> {
+pub(crate) fn cuda(ordinal: usize, precision: Option<Precision>) -> Result<CudaBackend<Cudarc>> {
     if VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
         for line in crate::backend::cuda::library_report() {
             eprintln!("{line}");
         }
     }
-    CudaBackend::cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}"))
+    let be = CudaBackend::cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
+    set_cuda_precision(&be, precision)?;
+    Ok(be)
 }
 
-/// Runs `$body` with `$be` bound to the backend of `$dev` (a `Device`); the body's value (a
-/// `Result`) is the value of the whole expression. Errors creating the backend are returned
-/// with `?` from the enclosing function.
+/// Runs `$body` with `$be` bound to the backend of `$opts` (a `DeviceOptions`: device and
+/// precision); the body's value (a `Result`) is the value of the whole expression. Errors
+/// creating the backend are returned with `?` from the enclosing function.
 macro_rules! with_backend {
-    ($dev:expr, $be:ident => $body:block) => {
-        match $dev {
+    ($opts:expr, $be:ident => $body:block) => {{
+        let opts: &$crate::workflow::device::DeviceOptions = &$opts;
+        match opts.device {
             $crate::workflow::device::Device::Cpu => {
-                let $be = $crate::workflow::device::cpu()?;
+                let $be = $crate::workflow::device::cpu(opts.precision)?;
                 $body
             }
             $crate::workflow::device::Device::Sim => {
-                let $be = $crate::workflow::device::sim()?;
+                let $be = $crate::workflow::device::sim(opts.precision)?;
                 $body
             }
             $crate::workflow::device::Device::Cuda(n) => {
-                let $be = $crate::workflow::device::cuda(n)?;
+                let $be = $crate::workflow::device::cuda(n, opts.precision)?;
                 $body
             }
         }
-    };
+    }};
 }
 pub(crate) use with_backend;
 

@@ -719,7 +719,7 @@ fn run_model(
         prose_windows.push(ids.chunks(max_pos).filter(|w| w.len() >= 2).map(<[u32]>::to_vec).collect());
     }
     let weights = dir.weights()?;
-    with_backend!(opts.device.device, be => {
+    with_backend!(opts.device, be => {
         let model = dir.upload(be, weights)?;
         generate_and_score(&model, who, fingerprint, prompts, encoded, refs, &prose_windows, &tok, opts, progress)
     })

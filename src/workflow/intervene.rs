@@ -373,7 +373,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     }
 
     let weights = dir.weights()?;
-    with_backend!(opts.device.device, be => {
+    with_backend!(opts.device, be => {
     let model = dir.upload(be, weights)?;
     let mut engine = Engine::new(&model, opts.engine.config(&model)).context("--kv-cache-mb / --block-size / --max-batch")?;
 
@@ -497,7 +497,7 @@ mod tests {
             endpoint: JudgeEndpointOptions { judge_url: Some("http://h:1/v1".into()), ..Default::default() },
             sampling: SamplingOptions { temperature: 0.0, ..Default::default() },
             engine: EngineOptions { kv_cache_mb: 64.0, ..Default::default() },
-            device: DeviceOptions { device: Device::Cuda(1) },
+            device: DeviceOptions { device: Device::Cuda(1), precision: None },
             ..Default::default()
         };
         assert_eq!(format!("{o:?}"), format!("{want:?}"));

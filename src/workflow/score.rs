@@ -99,7 +99,7 @@ pub fn score(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress) -
     // Validate the input before spending time on the weights.
     let job = prepare(files, opts, &dir.config)?;
     let weights = dir.weights()?;
-    with_backend!(opts.device.device, be => {
+    with_backend!(opts.device, be => {
         let model = dir.upload(be, weights)?;
         execute(files, opts, job, &model, progress, t0)
     })

@@ -187,7 +187,7 @@ pub fn train(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress) -
     }
     std::fs::create_dir_all(&files.output).with_context(|| format!("--output {}", files.output.display()))?;
     let weights = dir.weights()?;
-    with_backend!(opts.device.device, be => {
+    with_backend!(opts.device, be => {
         let mut tcfg = tcfg;
         // On a GPU the default budget is the device memory free before the weights go up.
         if opts.memory_budget_gb.is_none() {
