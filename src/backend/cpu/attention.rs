@@ -214,15 +214,16 @@ impl<F: Elem> Fwd<F> {
     pub(super) unsafe fn write(&self, qb: QBlock, kvh: usize, n_heads: usize, out: SendPtr<F>, lse: Option<SendPtr<F>>) {
         let (hd, group) = (self.hd, self.group);
         for i in 0..qb.nq {
-            for g in 0..group {
-                let (r, h) = (i * group + g, kvh * group + g);
+            let tok = qb.tok0 + i;
+            let dst = std::slice::from_raw_parts_mut(out.get().add((tok * n_heads + kvh * group) * hd), group * hd);
+            for (g, dst) in dst.chunks_exact_mut(hd).enumerate() {
+                let r = i * group + g;
                 let inv = F::one() / self.acc.l[r];
-                let dst = out.get().add(((qb.tok0 + i) * n_heads + h) * hd);
-                for (d, &o) in self.acc.o[r * hd..(r + 1) * hd].iter().enumerate() {
-                    *dst.add(d) = o * inv;
+                for (o, &x) in dst.iter_mut().zip(&self.acc.o[r * hd..(r + 1) * hd]) {
+                    *o = x * inv;
                 }
                 if let Some(lse) = lse {
-                    *lse.get().add((qb.tok0 + i) * n_heads + h) = self.acc.m[r] + self.acc.l[r].ln();
+                    *lse.get().add(tok * n_heads + kvh * group + g) = self.acc.m[r] + self.acc.l[r].ln();
                 }
             }
         }
@@ -256,17 +257,28 @@ fn fold<F: Elem>(acc: &mut Partial<F>, p: &Partial<F>, r: usize, rp: usize, hd: 
 }
 
 /// `dst[d * rp + i * group + g] = scale * src[(tok0 + i) * qrow + (kvh * group + g) * hd + d]`:
-/// the block's rows (queries x group heads) transposed, padding columns zero.
+/// the block's rows (queries x group heads) transposed, padding columns zero. Eight rows at a
+/// time, in 8 x 8 blocks.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn load_t<F: Elem>(dst: &mut [F], src: &[F], qrow: usize, kvh: usize, group: usize, hd: usize, qb: QBlock, rp: usize, scale: F) {
+fn load_t<F: Elem, K: Kern>(dst: &mut [F], src: &[F], qrow: usize, kvh: usize, group: usize, hd: usize, qb: QBlock, rp: usize, scale: F) {
     let r = qb.nq * group;
-    for i in 0..qb.nq {
-        let row = &src[(qb.tok0 + i) * qrow + kvh * group * hd..][..group * hd];
-        for g in 0..group {
-            for (d, &x) in row[g * hd..(g + 1) * hd].iter().enumerate() {
-                dst[d * rp + i * group + g] = x * scale;
-            }
+    let row = |x: usize| {
+        let (i, g) = (x / group, x % group);
+        &src[(qb.tok0 + i) * qrow + (kvh * group + g) * hd..][..hd]
+    };
+    for r0 in (0..r).step_by(8) {
+        let n = (r - r0).min(8);
+        // Past the last row: repeat it (the padding columns are zeroed below).
+        let rows: [&[F]; 8] = std::array::from_fn(|j| row(r0 + j.min(n - 1)));
+        let mut d0 = 0;
+        while d0 + 8 <= hd {
+            K::transpose8(&rows, d0, scale, &mut dst[d0 * rp + r0..], rp);
+            d0 += 8;
+        }
+        for d in d0..hd {
+            let v: [F; 8] = std::array::from_fn(|j| rows[j][d] * scale);
+            dst[d * rp + r0..][..8].copy_from_slice(&v);
         }
     }
     if r < rp {
@@ -310,6 +322,34 @@ fn scores<F: Elem, K: Kern>(st: &mut [F], keys: &Keys<F>, qt: &[F], a: usize, b:
     }
 }
 
+/// Asks for the key and value rows `[a, b)` to be brought into cache (the next tile's, while
+/// this one computes): cache blocks are scattered pages, where the hardware prefetchers stop.
+#[inline(always)]
+fn prefetch<F: Elem>(keys: &Keys<F>, a: usize, b: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = hd * std::mem::size_of::<F>();
+        let mut t = a;
+        while t < b {
+            let run = keys.run(t, b, hd);
+            for i in 0..run.len {
+                for line in (0..bytes).step_by(64) {
+                    // SAFETY: prefetching has no effect on memory; the addresses are in the
+                    // run's rows anyway (`Keys::run`).
+                    unsafe {
+                        _mm_prefetch::<_MM_HINT_T0>((run.k.add(i * run.stride) as *const i8).add(line));
+                        _mm_prefetch::<_MM_HINT_T0>((run.v.add(i * run.stride) as *const i8).add(line));
+                    }
+                }
+            }
+            t += run.len;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (keys, a, b, hd);
+}
+
 /// One key tile `[a, b)` of the forward into the chunk state.
 #[inline(always)]
 fn fwd_tile<F: Elem, K: Kern>(ws: &mut Fwd<F>, keys: &Keys<F>, qb: QBlock, a: usize, b: usize) {
@@ -318,11 +358,16 @@ fn fwd_tile<F: Elem, K: Kern>(ws: &mut Fwd<F>, keys: &Keys<F>, qb: QBlock, a: us
     let st = &mut ws.st[..nk * rp];
     let c = &mut ws.chunk;
     let (mt, mu, alpha) = (&mut ws.t1[..rp], &mut ws.mu[..rp], &mut ws.t2[..rp]);
-    mt.fill(F::neg_infinity());
-    for row in st.chunks_exact(rp) {
-        for (m, &s) in mt.iter_mut().zip(row) {
-            *m = fmax(*m, s);
+    // Column-wise over key rows, 8 columns at a time so the running values stay in registers
+    // (the order of each column's sum is still the key order).
+    for c0 in (0..rp).step_by(8) {
+        let mut m8 = [F::neg_infinity(); 8];
+        for row in st.chunks_exact(rp) {
+            for (m, &s) in m8.iter_mut().zip(&row[c0..c0 + 8]) {
+                *m = fmax(*m, s);
+            }
         }
+        mt[c0..c0 + 8].copy_from_slice(&m8);
     }
     for i in 0..rp {
         let mn = fmax(c.m[i], mt[i]);
@@ -334,13 +379,14 @@ fn fwd_tile<F: Elem, K: Kern>(ws: &mut Fwd<F>, keys: &Keys<F>, qb: QBlock, a: us
     for row in st.chunks_exact_mut(rp) {
         exp_sub(row, mu);
     }
-    for (l, &al) in c.l[..rp].iter_mut().zip(alpha.iter()) {
-        *l = *l * al;
-    }
-    for row in st.chunks_exact(rp) {
-        for (l, &p) in c.l[..rp].iter_mut().zip(row) {
-            *l += p;
+    for c0 in (0..rp).step_by(8) {
+        let mut l8: [F; 8] = std::array::from_fn(|j| c.l[c0 + j] * alpha[c0 + j]);
+        for row in st.chunks_exact(rp) {
+            for (l, &p) in l8.iter_mut().zip(&row[c0..c0 + 8]) {
+                *l += p;
+            }
         }
+        c.l[c0..c0 + 8].copy_from_slice(&l8);
     }
     for (o, &al) in c.o[..r * hd].chunks_exact_mut(hd).zip(alpha.iter()) {
         for x in o {
@@ -362,7 +408,7 @@ fn fwd_block_body<F: Elem, K: Kern>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: 
     ws.start(qb.nq);
     let (hd, rp) = (ws.hd, ws.rp);
     let scale: F = cast(1.0 / (hd as f64).sqrt());
-    load_t(&mut ws.qt, q, qrow, kvh, ws.group, hd, qb, rp, scale);
+    load_t::<F, K>(&mut ws.qt, q, qrow, kvh, ws.group, hd, qb, rp, scale);
     let kend = qb.keys();
     for c in chunks {
         let c0 = c * KC;
@@ -374,6 +420,7 @@ fn fwd_block_body<F: Elem, K: Kern>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: 
         let mut a = c0;
         while a < c1 {
             let b = (a + BK).min(c1);
+            prefetch(keys, b, (b + BK).min(kend), hd);
             fwd_tile::<F, K>(ws, keys, qb, a, b);
             a = b;
         }
@@ -496,8 +543,8 @@ fn bwd_span_body<F: Elem, K: Kern>(
     for i0 in (0..s.len).step_by(bq) {
         let qb = QBlock { tok0: s.start + i0, nq: bq.min(s.len - i0), past: s.prefix_len + i0 };
         let (r, rp) = (qb.nq * group, pad8(qb.nq * group));
-        load_t(&mut ws.qt, q, qrow, kvh, group, hd, qb, rp, scale);
-        load_t(&mut ws.dot, dout, qrow, kvh, group, hd, qb, rp, F::one());
+        load_t::<F, K>(&mut ws.qt, q, qrow, kvh, group, hd, qb, rp, scale);
+        load_t::<F, K>(&mut ws.dot, dout, qrow, kvh, group, hd, qb, rp, F::one());
         load_rows(&mut ws.qs, q, qrow, kvh, group, hd, qb, scale);
         load_rows(&mut ws.dob, dout, qrow, kvh, group, hd, qb, F::one());
         ws.lse[..rp].fill(F::zero());

@@ -163,7 +163,7 @@ mod tests {
     fn case(dims: AttnDims, block_size: usize, lens: &[(usize, usize)], seed: u64) -> Case {
         let kvrow = dims.n_kv_heads * dims.head_dim;
         let need: usize = lens.iter().map(|&(c, _)| c.div_ceil(block_size)).sum();
-        let num_blocks = if (need + 3) % 7 == 0 { need + 4 } else { need + 3 };
+        let num_blocks = if (need + 3).is_multiple_of(7) { need + 4 } else { need + 3 };
         let g = KvGeom { num_blocks, block_size, n_kv_heads: dims.n_kv_heads, head_dim: dims.head_dim };
         // Blocks handed out in a scrambled order (7 is coprime with the pool sizes used).
         let order: Vec<u32> = (0..g.num_blocks).map(|i| ((i * 7 + 2) % g.num_blocks) as u32).collect();

@@ -57,6 +57,72 @@ pub(super) trait Kern: Copy {
     /// overlap `a` or `b`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn mm<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize);
+
+    /// An 8 x 8 transpose: `dst[dd * stride + j] = src[j][d0 + dd] * scale` (`dst` starts at
+    /// the block's first element).
+    #[inline(always)]
+    fn transpose8<F: Elem>(src: &[&[F]; 8], d0: usize, scale: F, dst: &mut [F], stride: usize) {
+        transpose8_scalar(src, d0, scale, dst, stride)
+    }
+}
+
+#[inline(always)]
+fn transpose8_scalar<F: Elem>(src: &[&[F]; 8], d0: usize, scale: F, dst: &mut [F], stride: usize) {
+    for dd in 0..8 {
+        for j in 0..8 {
+            dst[dd * stride + j] = src[j][d0 + dd] * scale;
+        }
+    }
+}
+
+/// `transpose8` for f32 with AVX shuffles (the usual unpack / shuffle / permute of eight
+/// rows); other scalars in scalar code. Inlined only into code compiled with AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn transpose8_avx<F: Elem>(src: &[&[F]; 8], d0: usize, scale: F, dst: &mut [F], stride: usize) {
+    use std::arch::x86_64::*;
+    if TypeId::of::<F>() != TypeId::of::<f32>() {
+        return transpose8_scalar(src, d0, scale, dst, stride);
+    }
+    let rows: [&[F]; 8] = std::array::from_fn(|j| &src[j][d0..d0 + 8]);
+    let dst = &mut dst[..7 * stride + 8];
+    // SAFETY: F is f32 (checked above); every row slice holds 8 values and dst holds rows
+    // dd * stride .. + 8 for dd < 8 (both bounds-checked just above); the callers run this
+    // only where AVX is enabled (the Avx2 and Avx512 paths).
+    unsafe {
+        let s = _mm256_set1_ps(*(&scale as *const F as *const f32));
+        let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(rows[j].as_ptr() as *const f32));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        let d = dst.as_mut_ptr() as *mut f32;
+        for (dd, v) in o.into_iter().enumerate() {
+            _mm256_storeu_ps(d.add(dd * stride), _mm256_mul_ps(v, s));
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -68,24 +134,60 @@ pub(super) struct Portable;
 
 // Register blocks (rows x columns of `c` held in registers), f32: AVX-512 4 x 32 = 8 zmm
 // accumulators (enough independent chains to hide the FMA latency), AVX2 4 x 16 = 8 ymm,
-// SSE2 4 x 8 = 8 xmm.
+// SSE2 4 x 8 = 8 xmm; 8-column blocks (the scores of a decode step: a few query rows) take
+// 8 rows where registers allow. Each set is one out-of-line function compiled for it, called
+// from the tile loops compiled for the same set.
 impl Kern for Avx512 {
     #[inline(always)]
     unsafe fn mm<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
-        mm_impl::<F, 4, 32, true>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+        mm_avx512(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn transpose8<F: Elem>(src: &[&[F]; 8], d0: usize, scale: F, dst: &mut [F], stride: usize) {
+        transpose8_avx(src, d0, scale, dst, stride)
     }
 }
 impl Kern for Avx2 {
     #[inline(always)]
     unsafe fn mm<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
-        mm_impl::<F, 4, 16, true>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+        mm_avx2(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn transpose8<F: Elem>(src: &[&[F]; 8], d0: usize, scale: F, dst: &mut [F], stride: usize) {
+        transpose8_avx(src, d0, scale, dst, stride)
     }
 }
 impl Kern for Portable {
     #[inline(always)]
     unsafe fn mm<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
-        mm_impl::<F, 4, 8, false>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+        mm_impl::<F, 4, 8, 8, 4, false>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn mm_avx512<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
+    mm_impl::<F, 4, 32, 8, 8, true>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mm_avx2<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
+    mm_impl::<F, 4, 16, 8, 8, true>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn mm_avx512<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
+    mm_impl::<F, 4, 8, 8, 4, false>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn mm_avx2<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize) {
+    mm_impl::<F, 4, 8, 8, 4, false>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
 }
 
 #[inline(always)]
@@ -98,11 +200,10 @@ fn madd<F: Elem, const FMA: bool>(a: F, b: F, c: F) -> F {
     }
 }
 
-/// Column blocks of `NR`, then of 8, then single columns; each over row blocks of `MR`, then
-/// single rows.
+/// Column blocks of `NR` (rows by `MR`), then of 8 (rows by `MR8`), then single columns.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn mm_impl<F: Elem, const MR: usize, const NR: usize, const FMA: bool>(
+unsafe fn mm_impl<F: Elem, const MR: usize, const NR: usize, const NR8: usize, const MR8: usize, const FMA: bool>(
     m: usize, n: usize, k: usize, a: *const F, a_rs: usize, a_cs: usize, b: *const F, b_rs: usize, c: *mut F, c_rs: usize,
 ) {
     let mut j = 0;
@@ -110,9 +211,9 @@ unsafe fn mm_impl<F: Elem, const MR: usize, const NR: usize, const FMA: bool>(
         cols::<F, MR, NR, FMA>(m, k, a, a_rs, a_cs, b.add(j), b_rs, c.add(j), c_rs);
         j += NR;
     }
-    while j + 8 <= n {
-        cols::<F, MR, 8, FMA>(m, k, a, a_rs, a_cs, b.add(j), b_rs, c.add(j), c_rs);
-        j += 8;
+    while j + NR8 <= n {
+        cols::<F, MR8, NR8, FMA>(m, k, a, a_rs, a_cs, b.add(j), b_rs, c.add(j), c_rs);
+        j += NR8;
     }
     while j < n {
         cols::<F, MR, 1, FMA>(m, k, a, a_rs, a_cs, b.add(j), b_rs, c.add(j), c_rs);
@@ -120,6 +221,7 @@ unsafe fn mm_impl<F: Elem, const MR: usize, const NR: usize, const FMA: bool>(
     }
 }
 
+/// Rows in blocks of `MR` (4 or 8), the rest in one block of up to 3 (after one of 4).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn cols<F: Elem, const MR: usize, const NR: usize, const FMA: bool>(
@@ -130,9 +232,16 @@ unsafe fn cols<F: Elem, const MR: usize, const NR: usize, const FMA: bool>(
         block::<F, MR, NR, FMA>(k, a.add(i * a_rs), a_rs, a_cs, b, b_rs, c.add(i * c_rs), c_rs);
         i += MR;
     }
-    while i < m {
-        block::<F, 1, NR, FMA>(k, a.add(i * a_rs), a_rs, a_cs, b, b_rs, c.add(i * c_rs), c_rs);
-        i += 1;
+    if m - i >= 4 {
+        block::<F, 4, NR, FMA>(k, a.add(i * a_rs), a_rs, a_cs, b, b_rs, c.add(i * c_rs), c_rs);
+        i += 4;
+    }
+    let (a, c) = (a.add(i * a_rs), c.add(i * c_rs));
+    match m - i {
+        1 => block::<F, 1, NR, FMA>(k, a, a_rs, a_cs, b, b_rs, c, c_rs),
+        2 => block::<F, 2, NR, FMA>(k, a, a_rs, a_cs, b, b_rs, c, c_rs),
+        3 => block::<F, 3, NR, FMA>(k, a, a_rs, a_cs, b, b_rs, c, c_rs),
+        _ => {}
     }
 }
 
@@ -236,7 +345,12 @@ mod tests {
     /// Every blocking of a product gives the bits of the plain loop, and splitting `p` over
     /// calls gives the bits of one call.
     fn mm_matches_chain<K: Kern>() {
-        let (m, n, k) = (11, 45, 13);
+        for m in [11, 15] {
+            mm_matches_chain_at::<K>(m, 45, 13);
+        }
+    }
+
+    fn mm_matches_chain_at<K: Kern>(m: usize, n: usize, k: usize) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0).collect();
         let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.25).collect();
