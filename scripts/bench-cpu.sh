@@ -46,8 +46,11 @@ log() { echo "bench-cpu: $*" >&2; }
 
 args=("$@")
 threads=2
+only=()
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[$i]}" in
+    --only) only+=("${args[$((i + 1))]}") ;;
+    --only=*) only+=("${args[$i]#--only=}") ;;
     --threads) threads="${args[$((i + 1))]}" ;;
     --threads=*) threads="${args[$i]#--threads=}" ;;
     --omp-passive) export OMP_WAIT_POLICY=PASSIVE ;;
@@ -91,12 +94,17 @@ fi
 target="${CARGO_TARGET_DIR:-$root/target}"
 log "cargo build --release --bin ipo"
 cargo build --release --bin ipo --quiet >&2
-log "cargo bench --bench forward_backward --no-run"
-fb_exe="$(cargo bench --bench forward_backward --no-run --message-format=json 2>/dev/null \
-  | "$venv/bin/python" -c 'import json, sys
+fb_exe=""
+if [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" fwd-bwd "* ]]; then
+  # Rows 1-2 run the criterion bench binary directly (one process per bench function).
+  log "cargo bench --bench forward_backward --no-run"
+  cargo bench --bench forward_backward --no-run --quiet >&2
+  fb_exe="$(cargo bench --bench forward_backward --no-run --message-format=json 2>/dev/null \
+    | "$venv/bin/python" -c 'import json, sys
 exe = [m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "forward_backward"]
 print(exe[-1] if exe else "")')"
-[ -x "$fb_exe" ] || { log "could not find the forward_backward bench executable"; exit 1; }
+  [ -x "$fb_exe" ] || { log "could not find the forward_backward bench executable"; exit 1; }
+fi
 
 # --- the default model (GGUF for llama.cpp; the imported folder is not needed by the rows) ---
 model_cache="${IPO_MODEL_CACHE:-$HOME/.cache/ipo/models}"

@@ -3,8 +3,10 @@ exactly NEW new tokens: min_new_tokens = max_new_tokens, so no EOS stop) on a ra
 LlamaForCausalLM of the SmolLM2-135M shape (the shape of `ipo bench decode --shape smollm2`;
 throughput does not depend on the weights' values), fp32 or bf16 weights, SDPA attention.
 
-decode:  per batch size, decode time = generate(NEW) - generate(1) (the latter is the prefill
-         and the first token), decode tokens = batch x (NEW - 1): the same count as ipo's.
+decode:  per batch size, one generate(NEW); a logits processor stamps the time after every
+         forward, so decode time = last stamp - first stamp (the NEW - 1 decode forwards with
+         their token selection, the prefill excluded) and decode tokens = batch x (NEW - 1):
+         the same split and count as ipo's and llama.cpp's.
 prefill: one forward (with the KV cache built, as generate's prefill does) over BATCH x LEN
          random prompt tokens; median of --iters.
 Prints a line per measurement, then a RESULT line (scripts/bench_cpu/common.py)."""
@@ -36,9 +38,21 @@ def main():
     def ids(batch, length):
         return torch.randint(20, vocab, (batch, length), generator=g)
 
-    def gen(x, n):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        """Called once per generated token, right after that step's forward."""
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def gen(x, n, clock=None):
         return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0,
+                              logits_processor=LogitsProcessorList([clock]) if clock else None)
 
     rows = []
     with torch.inference_mode():
@@ -46,19 +60,17 @@ def main():
         if args.mode == "decode":
             for batch in [int(b) for b in args.batch.split(",")]:
                 x = ids(batch, args.prompt)
+                clock = Clock()
                 t0 = time.perf_counter()
-                out1 = gen(x, 1)
-                t1 = time.perf_counter()
-                out = gen(x, args.new_tokens)
-                t2 = time.perf_counter()
-                assert out1.shape[1] == args.prompt + 1 and out.shape[1] == args.prompt + args.new_tokens, out.shape
-                td = (t2 - t1) - (t1 - t0)
+                out = gen(x, args.new_tokens, clock)
+                assert out.shape == (batch, args.prompt + args.new_tokens), out.shape
+                assert len(clock.stamps) == args.new_tokens, len(clock.stamps)
+                tp, td = clock.stamps[0] - t0, clock.stamps[-1] - clock.stamps[0]
                 n = batch * (args.new_tokens - 1)
                 print(f"HF generate {args.dtype} batch {batch}: {n} decode tokens in {td:.2f} s = {n / td:.1f} tokens/s "
-                      f"(prefill + 1 token: {t1 - t0:.2f} s)")
+                      f"(prefill {batch} x {args.prompt}: {tp:.2f} s)")
                 rows.append({"batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "decode_tokens": n,
-                             "decode_seconds": td, "tokens_per_s": n / td,
-                             "prefill_tokens_per_s": batch * args.prompt / (t1 - t0)})
+                             "decode_seconds": td, "tokens_per_s": n / td, "prefill_tokens_per_s": batch * args.prompt / tp})
         else:
             batch = int(args.batch.split(",")[0])
             x = ids(batch, args.prompt)

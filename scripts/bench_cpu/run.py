@@ -36,6 +36,19 @@ def short(p):
     return "~" + p[len(home):] if p.startswith(home + "/") else p
 
 
+def shown_arg(c):
+    """An argument as a shell would need it, with $HOME shortened to a ~ the shell expands."""
+    c = short(c)
+    return "~/" + shlex.quote(c[2:]) if c.startswith("~/") else shlex.quote(c)
+
+
+def display(cmd, env=None):
+    """The command line as printed: the thread variables, then the arguments."""
+    full_env = dict(os.environ, **(env or {}))
+    shown = " ".join(f"{k}={full_env[k]}" for k in THREAD_ENV + ("OMP_WAIT_POLICY",) if k in full_env)
+    return shown + " " + " ".join(shown_arg(c) for c in cmd)
+
+
 def sh(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
@@ -54,7 +67,7 @@ class Bench:
 
     def na(self, key, label, reason, cmd=None):
         self.m[key] = {"key": key, "label": label, "status": "n/a", "reason": reason,
-                       "cmd": shlex.join(cmd) if cmd else None}
+                       "cmd": display(cmd) if cmd else None}
         print(f"bench-cpu: {key}: n/a ({reason})", file=sys.stderr, flush=True)
 
     def run(self, key, label, cmd, parse, env=None, timeout=3600):
@@ -63,8 +76,7 @@ class Bench:
         log_path = os.path.join(self.logs, key + ".log")
         rss_path = os.path.join(self.logs, key + ".time")
         full_env = dict(os.environ, **(env or {}))
-        shown = " ".join(f"{k}={full_env[k]}" for k in THREAD_ENV + ("OMP_WAIT_POLICY",) if k in full_env)
-        shown += " " + " ".join(shlex.quote(short(c)) for c in cmd)
+        shown = display(cmd, env)
         print(f"bench-cpu: {key}: {shown}", file=sys.stderr, flush=True)
         argv = ([self.time_v, "-v", "-o", rss_path] if self.time_v else []) + list(cmd)
         load0 = os.getloadavg()[0]
@@ -126,6 +138,8 @@ def rejected(text):
 # the row groups
 
 def fwd_bwd(b, a):
+    if not a.fb_bench:
+        sys.exit("bench-cpu: rows 1-2 need --fb-bench (the forward_backward criterion executable)")
     listed = sh([a.fb_bench, "--bench", "--list"], cwd=ROOT).stdout
     crit_home = os.path.join(b.out, "criterion")
     shutil.rmtree(crit_home, ignore_errors=True)
@@ -194,7 +208,7 @@ def ipo_decode_like(b, a, mode, batches, prompt, new):
     (ipo bench decode --batch 8,8,8 --prompt 128 --new-tokens 2 times three prefills)."""
     has_flag = ipo_supports_precision(a, "decode")
     for prec in ["f32", "bf16", "q8"]:
-        key, label = f"ipo.{mode}.{prec}", f"ipo {prec}"
+        key, label = f"ipo.{mode}.{prec}", f"ipo {prec} {mode}"
         json_path = os.path.join(b.logs, key + ".json")
         cmd = [a.ipo, "bench", "decode", "--device", "cpu", "--shape", "smollm2", "--batch", batches,
                "--prompt", str(prompt), "--new-tokens", str(new), "--json", json_path]
@@ -229,7 +243,7 @@ def q8_gguf(b, a):
 
 def llama_runs(b, a, mode, batches, prompt, new, iters):
     for label_q, gguf in [("Q4_1", a.gguf), ("Q8_0", q8_gguf(b, a))]:
-        key, label = f"llama.{mode}.{label_q.lower()}", f"llama.cpp {label_q}"
+        key, label = f"llama.{mode}.{label_q.lower()}", f"llama.cpp {label_q} {mode}"
         if not os.path.exists(gguf):
             b.na(key, label, f"missing {short(gguf)}")
             continue
@@ -251,7 +265,7 @@ def hf_runs(b, a, mode, batches, prompt, new, iters):
     for dtype in ["fp32", "bf16"]:
         cmd = [sys.executable, os.path.join(HERE, "hf_generate.py"), "--threads", str(a.threads), "--dtype", dtype,
                "--mode", mode, "--batch", batches, "--prompt", str(prompt), "--new-tokens", str(new), "--iters", str(iters)]
-        b.run(f"hf.{mode}.{dtype}", f"HF transformers {dtype}", cmd, lambda t: llama_or_hf(result_line(t), mode))
+        b.run(f"hf.{mode}.{dtype}", f"HF {'generate' if mode == 'decode' else 'forward'} {dtype} {mode}", cmd, lambda t: llama_or_hf(result_line(t), mode))
 
 
 def decode(b, a):
@@ -328,7 +342,7 @@ def comparisons(b, a):
             continue
         ir, ar = rows_by_batch(i), rows_by_batch(an)
         seq = lambda d: " / ".join(f"{d[x]:.1f}" if x in d else "-" for x in batches)  # noqa: E731
-        out.append((4, f"decode tokens/s, batch {' / '.join(map(str, batches))} ({a.prompt}-token prompt, {a.new_tokens} new, greedy)",
+        out.append((4, f"decode tokens/s, batch {' / '.join(map(str, batches))}",
                     cell(i, seq(ir) if ir else None), cell(an, seq(ar) if ar else None),
                     " / ".join(ratio(ir.get(x), ar.get(x)) for x in batches), f"{fmt_rss(i)} / {fmt_rss(an)}"))
     for ik, ak in [("f32", "hf.prefill.fp32"), ("bf16", "hf.prefill.bf16"), ("q8", "llama.prefill.q8_0"),
@@ -338,7 +352,7 @@ def comparisons(b, a):
             continue
         v = lambda r: r["prefill_tokens_per_s"] if r and r.get("status") == "ok" else None  # noqa: E731
         s = lambda r: f"{v(r):.0f} tokens/s" if v(r) else None  # noqa: E731
-        out.append((5, f"prefill, {a.prefill_batch} x {a.prefill_len} tokens in one forward", cell(i, s(i)), cell(an, s(an)),
+        out.append((5, f"prefill tokens/s, {a.prefill_batch} x {a.prefill_len} in one forward", cell(i, s(i)), cell(an, s(an)),
                     ratio(v(i), v(an)), f"{fmt_rss(i)} / {fmt_rss(an)}"))
     return out
 
@@ -400,13 +414,20 @@ def report(b, a, mach, load_before, load_after, started, versions):
     L.append("- Row 3: ipo bench train (the step of benches/train.rs: pairs packed as [context | chosen | rejected], "
              "lm head on segment positions only) vs scripts/bench_cpu/torch_train_step.py (TRL layout: each pair as two "
              "sequences, full logits); same pair tokens (1280/step), same optimizer and clipping.")
+    L.append(f"- Row 4: {a.prompt}-token random prompts, exactly {a.new_tokens} new tokens per sequence, greedy. "
+             f"Row 5: {a.prefill_batch} prompts x {a.prefill_len} tokens in one forward, median of 3.")
     L.append("- Rows 4-5: ipo bench decode (random weights, smollm2 shape), HF generate (random weights, same shape, "
-             "min_new_tokens = max_new_tokens, decode = generate(N) - generate(1)), llama.cpp via llama-cpp-python's "
+             "min_new_tokens = max_new_tokens, decode time = from the first to the last step's logits), llama.cpp via llama-cpp-python's "
              "C API (the default model's GGUF, batched: one context with n_seq_max = batch, argmax per sequence); "
              "no side stops at EOS. decode tokens = batch x (new - 1) on every side.")
     L.append("- llama.cpp Q8_0 is requantised from the shipped Q4_1 GGUF (llama_model_quantize, allow_requantize): "
              "no f16/bf16 source of the default model is reachable offline. Same format and speed as a Q8_0 "
              "converted from bf16; its values carry Q4_1's rounding (irrelevant for throughput).")
+    imp = b.m.get("python.import")
+    if imp and imp.get("peak_rss_kib"):
+        L.append(f"- The PyTorch / HF sides' peak RSS includes {fmt_rss(imp)} of interpreter + torch + transformers before "
+                 "any model (measurement python.import; torch's PyPI wheel is the CUDA build, whose libraries load on CPU "
+                 "too). The llama.cpp helper imports neither.")
     L.append("- ipo q8 is 8-bit per-block weights (compare with Q8_0); Q4_1 is shown as llama.cpp's shipped format.")
     nas = [r for r in b.m.values() if r["status"] == "n/a"]
     if nas:
@@ -439,7 +460,7 @@ def report(b, a, mach, load_before, load_after, started, versions):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ipo", required=True)
-    ap.add_argument("--fb-bench", required=True)
+    ap.add_argument("--fb-bench", default="", help="the forward_backward criterion executable (rows 1-2)")
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--gguf-cache", required=True)
     ap.add_argument("--quick", action="store_true")
@@ -468,6 +489,11 @@ def main():
     b = Bench(a)
     load_before = os.getloadavg()
     groups = a.only or GROUPS
+    # What the Python sides' peak RSS holds before any model: torch's CUDA-build libraries and
+    # transformers, imported and linked (not a row; read the anchors' RSS against it).
+    b.run("python.import", "import torch + transformers (no model)",
+          [sys.executable, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"],
+          lambda t: {})
     for g in GROUPS:
         if g in groups:
             {"fwd-bwd": fwd_bwd, "train": train, "decode": decode, "prefill": prefill}[g](b, a)
