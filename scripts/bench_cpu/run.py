@@ -61,7 +61,8 @@ class Bench:
         self.args = args
         self.out = os.path.abspath(args.out)
         self.logs = os.path.join(self.out, "logs")
-        os.makedirs(self.logs, exist_ok=True)
+        shutil.rmtree(self.logs, ignore_errors=True)  # this run's logs only
+        os.makedirs(self.logs)
         self.time_v = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
         self.m = {}  # key -> measurement record
 
@@ -393,7 +394,7 @@ def report(b, a, mach, load_before, load_after, started, versions):
              + (" **--quick**: fewer iterations, numbers are a smoke check." if a.quick else ""))
     omp = os.environ.get("OMP_WAIT_POLICY")
     L.append(f"OpenMP wait policy (PyTorch, llama.cpp): {omp + ' (--omp-passive)' if omp else 'the libraries default (spinning)'}.")
-    busy = max(load_before[0], load_after[0])
+    busy = max([load_before[0], load_after[0]] + [r[k] for r in b.m.values() for k in ("load_before", "load_after") if k in r])
     if busy > 0.5 * (mach["nproc"] or 1):
         L.append(f"**The machine was busy (load average up to {busy:.1f} on {mach['nproc']} CPUs): the numbers are noisy, "
                  "and OpenMP's spinning barriers (PyTorch, llama.cpp) lose far more than rayon (ipo) under "
