@@ -697,8 +697,6 @@ pub(super) fn backward<F: Elem>(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::backend::Backend;
 
     /// SplitMix64 uniforms in [-scale, scale).
     pub(crate) fn rvec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -809,14 +807,13 @@ pub(super) mod tests {
 
     #[allow(clippy::type_complexity)]
     fn run<F: Elem>(c: &Case, layout: &AttnLayout) -> (Vec<F>, Vec<F>, Vec<F>, Vec<F>, Vec<F>) {
-        let be = CpuBackend::<F>::new();
         let t = layout.num_tokens();
         let (qd, kvd) = (c.dims.n_heads * c.dims.head_dim, c.dims.n_kv_heads * c.dims.head_dim);
         let (q, k, v, dout) = (to::<F>(&c.q), to::<F>(&c.k), to::<F>(&c.v), to::<F>(&c.dout));
         let (mut out, mut lse) = (vec![F::nan(); t * qd], vec![F::nan(); t * c.dims.n_heads]);
-        be.attention(&q, &k, &v, layout, c.dims, &mut out, &mut lse);
+        forward(&q, &k, &v, layout, c.dims, &mut out, &mut lse);
         let (mut dq, mut dk, mut dv) = (vec![F::nan(); t * qd], vec![F::nan(); t * kvd], vec![F::nan(); t * kvd]);
-        be.attention_bwd(&dout, &q, &k, &v, &out, &lse, layout, c.dims, &mut dq, &mut dk, &mut dv);
+        backward(&dout, &q, &k, &v, &out, &lse, layout, c.dims, &mut dq, &mut dk, &mut dv);
         (out, lse, dq, dk, dv)
     }
 
@@ -888,10 +885,9 @@ pub(super) mod tests {
         // Each span sees its own row as its only own key, so the span's row must hold the
         // key/value of token j: the packed buffer is the same, only the spans differ.
         let single = AttnLayout { spans: (0..n).map(|j| Span { start: j, len: 1, prefix_start: 0, prefix_len: j }).collect() };
-        let be = CpuBackend::<f32>::new();
         let (q, k, v) = (to::<f32>(&c.q), to::<f32>(&c.k), to::<f32>(&c.v));
         let (mut o2, mut l2) = (vec![0.0; out.len()], vec![0.0; lse.len()]);
-        be.attention(&q, &k, &v, &single, dims, &mut o2, &mut l2);
+        forward(&q, &k, &v, &single, dims, &mut o2, &mut l2);
         assert!(out.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits()), "out");
         assert!(lse.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()), "lse");
     }
