@@ -1,8 +1,9 @@
 //! Criterion bench of the CPU attention ops alone at one layer of the default model
 //! (SmolLM2-135M: 9 query / 3 KV heads x 64), f32: the packed forward and backward over
-//! 2 x 256 tokens (the shape of benches/forward_backward.rs) and over one preference pair
-//! `[256 | 128 | 128]`; paged attention for a decode step at batch 1 and 8 (context 512, and
-//! 4096 at batch 1) and a 512-token prefill chunk, with a 16-token block size.
+//! 2 x 256 tokens (the shape of benches/forward_backward.rs), over one preference pair
+//! `[256 | 128 | 128]` and over one 1024-token sequence; paged attention for a decode step
+//! at batch 1 and 8 (context 512, and 4096 at batch 1) and a 512-token prefill chunk, with a
+//! 16-token block size.
 //!
 //! Run: `cargo bench --bench cpu_attention`. With `CPU_ATTN_BENCH_THREAD_TIME=1` every op
 //! runs in a one-thread pool and is timed in that thread's CPU time, which time-sharing with
@@ -87,6 +88,7 @@ fn bench(c: &mut Criterion) {
         ],
     };
     packed(c, "pair_256_2x128", &pair);
+    packed(c, "1x1024", &AttnLayout::sequences(&[1024]));
     paged(c, "decode_b1_ctx512", 1, 512, 1);
     paged(c, "decode_b1_ctx4096", 1, 4096, 1);
     paged(c, "decode_b8_ctx512", 8, 512, 1);

@@ -13,13 +13,14 @@
 //! decode path put the chunks of one long context on different threads and still produce
 //! the very bits of the serial order (see `kv::attention`).
 //!
-//! Backward (flash-attention 2): one task per (span, KV head) walks its query blocks and key
-//! tiles, recomputing `P = exp(S - lse)` from the saved log-sum-exp, with `D = rowsum(dO * O)`,
+//! Backward (flash-attention 2): one task per (span, KV head, range of queries; see
+//! `bwd_piece`) walks its query blocks and key tiles, recomputing `P = exp(S - lse)` from the saved log-sum-exp, with `D = rowsum(dO * O)`,
 //! `dP = dO V^T`, `dS = P * (dP - D)`; `dQ` accumulates over the key tiles and is written
 //! once per query block, `dK += scale dS^T Q` and `dV += P^T dO` accumulate into the task's
 //! own `[visible keys, head_dim]` buffers. Spans that share a prefix (a preference pair's two
-//! branches) both contribute to the prefix rows, so those buffers are added into dk/dv
-//! afterwards in task order, in parallel over row ranges.
+//! branches) both contribute to the prefix rows, as do the query ranges of one span to its
+//! earlier rows, so those buffers are added into dk/dv afterwards in task order, in parallel
+//! over row ranges.
 //!
 //! Bits: every product is one multiply-add chain per element in key (or head-dim) order
 //! (see `kernel`), masked keys contribute exact zeros, and partials are combined in a fixed
@@ -428,12 +429,16 @@ fn fwd_block_body<F: Elem, K: Kern>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: 
     }
 }
 
+/// # Safety
+/// The CPU must have the enabled features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn fwd_block_avx512<F: Elem>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: usize, qb: QBlock, keys: &Keys<F>, chunks: Range<usize>) {
     fwd_block_body::<F, Avx512>(ws, q, qrow, kvh, qb, keys, chunks)
 }
 
+/// # Safety
+/// The CPU must have the enabled features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fwd_block_avx2<F: Elem>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: usize, qb: QBlock, keys: &Keys<F>, chunks: Range<usize>) {
@@ -444,7 +449,7 @@ unsafe fn fwd_block_avx2<F: Elem>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: us
 /// the block's last key are skipped): the result is in `ws`, for `write` or `partial`.
 pub(super) fn fwd_block<F: Elem>(ws: &mut Fwd<F>, q: &[F], qrow: usize, kvh: usize, qb: QBlock, keys: &Keys<F>, chunks: Range<usize>) {
     match isa() {
-        // SAFETY: isa() saw these features on this CPU.
+        // SAFETY (both): isa() saw these features on this CPU.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { fwd_block_avx512(ws, q, qrow, kvh, qb, keys, chunks) },
         #[cfg(target_arch = "x86_64")]
@@ -528,20 +533,46 @@ impl<F: Elem> Bwd<F> {
     }
 }
 
-/// The backward of span `s`, KV head `kvh`: writes dq of its rows and accumulates into
-/// `dkp`/`dvp` (`[prefix_len + len, hd]`, key order).
+/// One backward task: queries `[q0, q1)` of span `s` with the heads of KV head `kvh`.
+#[derive(Clone, Copy, Debug)]
+struct BwdTask {
+    s: Span,
+    kvh: usize,
+    q0: usize,
+    q1: usize,
+}
+
+impl BwdTask {
+    /// Keys the task's queries see (the rows of its dk/dv partials).
+    fn keys(&self) -> usize {
+        self.s.prefix_len + self.q1
+    }
+}
+
+/// Queries per backward task: a span is split into ranges of about an eighth of its length
+/// (at least 256, whole query blocks), so one long sequence still makes work for several
+/// threads; the split depends on the shape alone, which keeps the order of the dk/dv sums.
+/// (Splitting costs a little: each range has its own dk/dv partial to add up; at 2 x 128
+/// queries about 5% more CPU time than one task.)
+fn bwd_piece(len: usize, bq: usize) -> usize {
+    len.div_ceil(8).max(256).div_ceil(bq) * bq
+}
+
+/// The backward of one task: writes dq of its rows and accumulates into `dkp`/`dvp`
+/// (`[t.keys(), hd]`, key order).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bwd_span_body<F: Elem, K: Kern>(
-    ws: &mut Bwd<F>, dout: &[F], q: &[F], k: &[F], v: &[F], out: &[F], lse: &[F], dims: AttnDims, s: Span, kvh: usize, bq: usize,
+    ws: &mut Bwd<F>, dout: &[F], q: &[F], k: &[F], v: &[F], out: &[F], lse: &[F], dims: AttnDims, t: BwdTask, bq: usize,
     dkp: &mut [F], dvp: &mut [F], dqp: SendPtr<F>,
 ) {
     let (hd, group, nh) = (ws.hd, ws.group, dims.n_heads);
+    let (s, kvh) = (t.s, t.kvh);
     let qrow = nh * hd;
     let scale: F = cast(1.0 / (hd as f64).sqrt());
     let keys = packed_keys(k, v, &s, kvh, dims);
-    for i0 in (0..s.len).step_by(bq) {
-        let qb = QBlock { tok0: s.start + i0, nq: bq.min(s.len - i0), past: s.prefix_len + i0 };
+    for i0 in (t.q0..t.q1).step_by(bq) {
+        let qb = QBlock { tok0: s.start + i0, nq: bq.min(t.q1 - i0), past: s.prefix_len + i0 };
         let (r, rp) = (qb.nq * group, pad8(qb.nq * group));
         load_t::<F, K>(&mut ws.qt, q, qrow, kvh, group, hd, qb, rp, scale);
         load_t::<F, K>(&mut ws.dot, dout, qrow, kvh, group, hd, qb, rp, F::one());
@@ -607,35 +638,39 @@ fn bwd_span_body<F: Elem, K: Kern>(
     }
 }
 
+/// # Safety
+/// The CPU must have the enabled features.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn bwd_span_avx512<F: Elem>(
-    ws: &mut Bwd<F>, dout: &[F], q: &[F], k: &[F], v: &[F], out: &[F], lse: &[F], dims: AttnDims, s: Span, kvh: usize, bq: usize,
+    ws: &mut Bwd<F>, dout: &[F], q: &[F], k: &[F], v: &[F], out: &[F], lse: &[F], dims: AttnDims, t: BwdTask, bq: usize,
     dkp: &mut [F], dvp: &mut [F], dqp: SendPtr<F>,
 ) {
-    bwd_span_body::<F, Avx512>(ws, dout, q, k, v, out, lse, dims, s, kvh, bq, dkp, dvp, dqp)
+    bwd_span_body::<F, Avx512>(ws, dout, q, k, v, out, lse, dims, t, bq, dkp, dvp, dqp)
 }
 
+/// # Safety
+/// The CPU must have the enabled features.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn bwd_span_avx2<F: Elem>(
-    ws: &mut Bwd<F>, dout: &[F], q: &[F], k: &[F], v: &[F], out: &[F], lse: &[F], dims: AttnDims, s: Span, kvh: usize, bq: usize,
+    ws: &mut Bwd<F>, dout: &[F], q: &[F], k: &[F], v: &[F], out: &[F], lse: &[F], dims: AttnDims, t: BwdTask, bq: usize,
     dkp: &mut [F], dvp: &mut [F], dqp: SendPtr<F>,
 ) {
-    bwd_span_body::<F, Avx2>(ws, dout, q, k, v, out, lse, dims, s, kvh, bq, dkp, dvp, dqp)
+    bwd_span_body::<F, Avx2>(ws, dout, q, k, v, out, lse, dims, t, bq, dkp, dvp, dqp)
 }
 
 /// Adds the task partials (key order: prefix rows, then the span's own rows) into rows
 /// `[r0, r0 + rows)` of dk/dv, in task order.
-#[allow(clippy::type_complexity)]
-fn reduce_rows<F: Elem>(dkc: &mut [F], dvc: &mut [F], r0: usize, parts: &[(Span, usize, Vec<F>, Vec<F>)], kvrow: usize, hd: usize) {
+fn reduce_rows<F: Elem>(dkc: &mut [F], dvc: &mut [F], r0: usize, parts: &[(BwdTask, Vec<F>, Vec<F>)], kvrow: usize, hd: usize) {
     dkc.fill(F::zero());
     dvc.fill(F::zero());
     let r1 = r0 + dkc.len() / kvrow;
-    for (s, kvh, pk, pv) in parts {
-        for (base, first, n) in [(s.prefix_start, 0, s.prefix_len), (s.start, s.prefix_len, s.len)] {
+    for (t, pk, pv) in parts {
+        let (s, kvh) = (&t.s, t.kvh);
+        for (base, first, n) in [(s.prefix_start, 0, s.prefix_len), (s.start, s.prefix_len, t.q1)] {
             let (lo, hi) = (base.max(r0), (base + n).min(r1));
             for row in lo..hi {
                 let src = (first + row - base) * hd;
@@ -664,24 +699,31 @@ pub(super) fn backward<F: Elem>(
     );
     let bq = q_block(group);
     let dqp = SendPtr(dq.as_mut_ptr());
-    let tasks: Vec<(Span, usize)> = layout.spans.iter().filter(|s| s.len > 0).flat_map(|s| (0..dims.n_kv_heads).map(move |kvh| (*s, kvh))).collect();
-    #[allow(clippy::type_complexity)]
-    let parts: Vec<(Span, usize, Vec<F>, Vec<F>)> = tasks
+    let mut tasks = Vec::new();
+    for s in layout.spans.iter().filter(|s| s.len > 0) {
+        let piece = bwd_piece(s.len, bq);
+        for kvh in 0..dims.n_kv_heads {
+            for q0 in (0..s.len).step_by(piece) {
+                tasks.push(BwdTask { s: *s, kvh, q0, q1: (q0 + piece).min(s.len) });
+            }
+        }
+    }
+    let parts: Vec<(BwdTask, Vec<F>, Vec<F>)> = tasks
         .into_par_iter()
         .map_init(
             || Bwd::new(group, hd, bq),
-            |ws, (s, kvh)| {
-                let n = (s.prefix_len + s.len) * hd;
+            |ws, t| {
+                let n = t.keys() * hd;
                 let (mut dkp, mut dvp) = (vec![F::zero(); n], vec![F::zero(); n]);
                 match isa() {
-                    // SAFETY: isa() saw these features on this CPU.
+                    // SAFETY (both): isa() saw these features on this CPU.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { bwd_span_avx512(ws, dout, q, k, v, out, lse, dims, s, kvh, bq, &mut dkp, &mut dvp, dqp) },
+                    Isa::Avx512 => unsafe { bwd_span_avx512(ws, dout, q, k, v, out, lse, dims, t, bq, &mut dkp, &mut dvp, dqp) },
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { bwd_span_avx2(ws, dout, q, k, v, out, lse, dims, s, kvh, bq, &mut dkp, &mut dvp, dqp) },
-                    _ => bwd_span_body::<F, Portable>(ws, dout, q, k, v, out, lse, dims, s, kvh, bq, &mut dkp, &mut dvp, dqp),
+                    Isa::Avx2 => unsafe { bwd_span_avx2(ws, dout, q, k, v, out, lse, dims, t, bq, &mut dkp, &mut dvp, dqp) },
+                    _ => bwd_span_body::<F, Portable>(ws, dout, q, k, v, out, lse, dims, t, bq, &mut dkp, &mut dvp, dqp),
                 }
-                (s, kvh, dkp, dvp)
+                (t, dkp, dvp)
             },
         )
         .collect();

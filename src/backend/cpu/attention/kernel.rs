@@ -166,6 +166,8 @@ impl Kern for Portable {
     }
 }
 
+/// # Safety
+/// As `Kern::mm`, on a CPU with these features.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -173,6 +175,8 @@ unsafe fn mm_avx512<F: Elem>(m: usize, n: usize, k: usize, a: *const F, a_rs: us
     mm_impl::<F, 4, 32, 8, 8, true>(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs)
 }
 
+/// # Safety
+/// As `Kern::mm`, on a CPU with these features.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
@@ -201,6 +205,9 @@ fn madd<F: Elem, const FMA: bool>(a: F, b: F, c: F) -> F {
 }
 
 /// Column blocks of `NR` (rows by `MR`), then of 8 (rows by `MR8`), then single columns.
+///
+/// # Safety
+/// As `Kern::mm` (so for `cols` and `block`, on their part of the product).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn mm_impl<F: Elem, const MR: usize, const NR: usize, const NR8: usize, const MR8: usize, const FMA: bool>(
@@ -356,8 +363,11 @@ mod tests {
         let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.25).collect();
         let mut c = c0.clone();
         // a read transposed: a_rs = 1, a_cs = m.
+        // SAFETY: a is [k, m] (read transposed), b [k, n], c [m, n]; the CPU has what K needs
+        // (the caller checks isa()).
         unsafe { K::mm(m, n, k, a.as_ptr(), 1, m, b.as_ptr(), n, c.as_mut_ptr(), n) };
         let mut split = c0.clone();
+        // SAFETY: as above, p in [0, 5) and then [5, k).
         unsafe {
             K::mm(m, n, 5, a.as_ptr(), 1, m, b.as_ptr(), n, split.as_mut_ptr(), n);
             K::mm(m, n, k - 5, a.as_ptr().add(5 * m), 1, m, b.as_ptr().add(5 * n), n, split.as_mut_ptr(), n);
