@@ -372,7 +372,7 @@ fn env_precision_child() {
         }
         Err(e) => {
             assert_eq!(want, "error", "{e}");
-            assert!(e.to_string().contains("IPO_PRECISION") && e.to_string().contains("expected f32 or bf16"), "{e}");
+            assert!(e.to_string().contains("IPO_PRECISION") && e.to_string().contains("expected f32, bf16 or q8"), "{e}");
         }
     }
 }
