@@ -91,6 +91,11 @@ pub(crate) fn matmul_bt<F: Elem>(a: &[F], b: &[F], c: &mut [F], m: usize, n: usi
         let j0 = t * ROWS_PER_TASK;
         rows(a, b, out, j0, m, k)
     });
+    scatter(&ct, c, m, n, accumulate);
+}
+
+/// `c[i, j] (+)= ct[j, i]`: the per-weight-row results of a task back into row-major c.
+fn scatter<F: Elem>(ct: &[F], c: &mut [F], m: usize, n: usize, accumulate: bool) {
     for i in 0..m {
         let row = &mut c[i * n..(i + 1) * n];
         if accumulate {
@@ -113,14 +118,7 @@ pub(crate) fn matmul_bt_with(c: &mut [f32], m: usize, n: usize, accumulate: bool
             }
         }
     });
-    for i in 0..m {
-        let row = &mut c[i * n..(i + 1) * n];
-        if accumulate {
-            row.iter_mut().enumerate().for_each(|(j, x)| *x += ct[j * m + i]);
-        } else {
-            row.iter_mut().enumerate().for_each(|(j, x)| *x = ct[j * m + i]);
-        }
-    }
+    scatter(&ct, c, m, n, accumulate);
 }
 
 /// Activation rows rounded to bf16 for `dot_bf16`: each row padded with zeros to a multiple of
