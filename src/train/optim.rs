@@ -11,7 +11,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::CpuBuf;
 use crate::backend::{AdamwStep, Backend, Reference};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -145,12 +144,12 @@ impl Optimizer {
         let h = self.hparams(lr, grad_scale);
         let mut moments = self.m.iter_mut().zip(self.v.iter_mut());
         for p in params {
-            let (mut w, g) = (CpuBuf::from(p.data.to_vec()), CpuBuf::from(p.grad.to_vec()));
+            let (mut w, g) = (be.upload(&*p.data), be.upload(p.grad));
             match moments.next() {
                 Some((m, v)) => {
-                    let (mut mb, mut vb) = (CpuBuf::from(std::mem::take(m)), CpuBuf::from(std::mem::take(v)));
+                    let (mut mb, mut vb) = (be.upload(m), be.upload(v));
                     apply(&be, kind, &h, p.decay, &mut w, &g, Some((&mut mb, &mut vb)));
-                    (*m, *v) = (mb.into_vec(), vb.into_vec());
+                    (*m, *v) = (be.download(&mb), be.download(&vb));
                 }
                 None => apply(&be, kind, &h, p.decay, &mut w, &g, None),
             }

@@ -86,7 +86,7 @@ impl<F> DerefMut for CpuBuf<F> {
 }
 
 /// Which derived copy of a weight `[n, k]` (stored as Hugging Face does, `[out, in]`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Derived {
     /// GEMM panels of `B = W^T` (`[k, n]`: the forward `x @ W^T`).
     PackedT(Kind),

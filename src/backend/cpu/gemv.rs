@@ -187,15 +187,7 @@ unsafe fn dot_bf16_avx512(w: &[u16], x: &[u16]) -> f32 {
 mod tests {
     use super::*;
 
-    fn vals(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_vals as vals;
 
     /// Against an f64 reference, every row count of the path, odd lengths (SIMD tails), both
     /// modes: f64 to 1e-13 relative, f32 to k f32 roundings of the magnitude.

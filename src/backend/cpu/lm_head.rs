@@ -4,7 +4,7 @@
 //! logits tile from the saved log-sum-exp. Reference for the fused CUDA lm-head/DPO kernel.
 
 use super::matmul::Kind;
-use super::{as_f32, gemm_strided, gemm_strided_f32, Elem};
+use super::{gemm_strided, gemm_strided_f32, is_f32, Elem};
 use rayon::prelude::*;
 
 /// Rows per chunk and vocabulary entries per tile. A tile's weights are packed for each chunk
@@ -28,7 +28,7 @@ fn gather_rows<F: Elem>(h: &[F], rows: &[u32], dim: usize) -> Vec<F> {
 /// As `gemm_strided`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm<F: Elem>(bf16: bool, m: usize, n: usize, k: usize, dst: *mut F, dst_rs: isize, accumulate: bool, lhs: *const F, lhs_rs: isize, lhs_cs: isize, rhs: *const F, rhs_rs: isize, rhs_cs: isize) {
-    if bf16 && as_f32(&[F::zero()]).is_some() {
+    if bf16 && is_f32::<F>() {
         gemm_strided_f32(Kind::Bf16, m, n, k, dst as *mut f32, dst_rs, 1, accumulate, lhs as *const f32, lhs_rs, lhs_cs, rhs as *const f32, rhs_rs, rhs_cs, 1.0, false)
     } else {
         gemm_strided(m, n, k, dst, dst_rs, 1, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, F::one(), false)

@@ -31,7 +31,7 @@ const TASK_N: usize = 4;
 const PAR_MIN: usize = 1 << 18;
 
 /// What a packed operand holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// f32 bits, one per k.
     F32,
@@ -69,12 +69,7 @@ impl Packed {
 /// bf16 bits of `x`, rounded to nearest even (NaN stays NaN).
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
-    }
+    half::bf16::from_f32(x).to_bits()
 }
 
 /// `x` rounded to bf16, as an f32.
@@ -443,13 +438,7 @@ mod tests {
     use super::*;
 
     fn vals(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (((s >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0) as f32
-            })
-            .collect()
+        super::super::test_vals(n, seed).into_iter().map(|x| x as f32).collect()
     }
 
     /// Every layout (A and B each plain or transposed, C plain or transposed), odd shapes

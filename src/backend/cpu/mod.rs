@@ -142,9 +142,14 @@ impl<F: Elem> CpuBackend<F> {
     }
 }
 
+/// Whether the scalar `F` is f32 (the packed kernels' type).
+pub(crate) fn is_f32<F: 'static>() -> bool {
+    std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>()
+}
+
 /// `x` as the f32 slice it is, when `F` is f32.
 fn as_f32<F: Elem>(x: &[F]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>())
+    is_f32::<F>()
         // SAFETY: F is f32 (same type, checked above).
         .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }
@@ -198,7 +203,7 @@ pub(crate) unsafe fn gemm_strided<F: Elem>(
         }
         return;
     }
-    if let (Some(_), true) = (as_f32(&[F::zero()]), matmul::has_simd(Kind::F32)) {
+    if is_f32::<F>() && matmul::has_simd(Kind::F32) {
         return gemm_strided_f32(Kind::F32, m, n, k, dst as *mut f32, dst_rs, dst_cs, accumulate, lhs as *const f32, lhs_rs, lhs_cs, rhs as *const f32, rhs_rs, rhs_cs, scale.to_f32().unwrap_or(f32::NAN), par);
     }
     let parallelism = if par && m * n * k >= 1 << 18 {
@@ -245,6 +250,18 @@ pub(crate) unsafe fn gemm_strided_f32(
 }
 
 const ROW_CHUNK: usize = 16;
+
+/// Seeded values in [-1, 1) for the kernels' unit tests (an LCG: reproducible, never zeros).
+#[cfg(test)]
+pub(crate) fn test_vals(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
 
 impl<F: Elem> Backend for CpuBackend<F> {
     type Buf = CpuBuf<F>;
