@@ -23,8 +23,8 @@ fn print_summary(summary: &InterveneSummary, files: &InterveneFiles) {
     let s = &summary.stats;
     eprintln!("intervene: {} -> {}", s.detector, files.output.display());
     eprintln!(
-        "  prompts {} (benign skipped {}, input errors {}), with cue {}, no cue {}",
-        s.prompts, s.skipped_benign, s.input_errors, s.with_cue, s.skipped_no_cue
+        "  prompts {} (benign skipped {}, input errors {}), with cue {}, no cue {}, cut at the answer's start {}",
+        s.prompts, s.skipped_benign, s.input_errors, s.with_cue, s.skipped_no_cue, s.cut_at_answer_start
     );
     eprintln!(
         "  splices {}, pairs {} (per round {:?}), still unsafe {}, cue-free rate {:.3} (round 1: {:.3})",

@@ -178,6 +178,11 @@ pub(crate) struct Settings {
     /// Keep a pair only when its continuation ended (EOS or a stop string), not when
     /// `max_new_tokens` cut it: a cut continuation is an unfinished trace.
     pub complete_only: bool,
+    /// Answer-start cuts for models that answer directly (no `</think>` in the completion): a
+    /// rollout without a compliance cue whose answer this judge calls harmful is cut at its
+    /// first sentence (**[ours]**: such an answer commits in its first words, before any
+    /// sentence the detector may look at). `None`: off, as in the paper.
+    pub answer_start: Option<Box<dyn Fn(&str) -> bool + Sync>>,
 }
 
 /// Counters of a run (written to `pairs.stats.json`).
@@ -194,6 +199,8 @@ pub struct Stats {
     pub with_cue: u64,
     /// Rollouts without a cue (skipped).
     pub skipped_no_cue: u64,
+    /// Rollouts without a cue cut at the start of their harmful answer (`--answer-start`).
+    pub cut_at_answer_start: u64,
     /// (rollout, trigger) splices started in round 1.
     pub attempts: u64,
     /// Pairs emitted, per round (index 0 = round 1).
@@ -323,9 +330,18 @@ pub(crate) fn run_batch(
                 stats.detector_errors += 1;
                 errors(err(t, "detect", None, None, e.to_string()))?;
             }
-            Ok(None) => stats.skipped_no_cue += 1,
-            Ok(Some(k)) => {
-                stats.with_cue += 1;
+            Ok(None) if !start_cut(settings, seg) => stats.skipped_no_cue += 1,
+            Ok(cue) => {
+                let k = match cue {
+                    Some(k) => {
+                        stats.with_cue += 1;
+                        k
+                    }
+                    None => {
+                        stats.cut_at_answer_start += 1;
+                        0
+                    }
+                };
                 let s = &seg.sentences[k];
                 for (ti, trig) in settings.triggers.iter().enumerate() {
                     match insert_ids(tok, seg, k, trig) {
@@ -436,6 +452,15 @@ pub(crate) fn run_batch(
         }
     }
     Ok(())
+}
+
+/// Whether a rollout without a cue is cut at the start of its answer instead (`answer_start`):
+/// it has no reasoning part, and the judge calls its answer harmful.
+fn start_cut(settings: &Settings, seg: &Segmented) -> bool {
+    match &settings.answer_start {
+        Some(judge) => !seg.sentences.is_empty() && !seg.text.contains("</think>") && judge(&seg.text),
+        None => false,
+    }
 }
 
 /// A detector verdict checked against the sentences it was about.

@@ -295,7 +295,15 @@ fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, f
         eprintln!("train: continuing from the newest checkpoint in {} (an earlier run was interrupted)", output.display());
     }
     let files = TrainFiles { model: model.into(), pairs: pairs.into(), output: output.into(), resume };
-    Ok(serde_json::to_value(train(&files, opts, p)?)?)
+    // The next stage loads a full model folder, so a LoRA stage also writes its merged model.
+    let opts = TrainOptions { merge: opts.merge || opts.lora_rank > 0, ..opts.clone() };
+    Ok(serde_json::to_value(train(&files, &opts, p)?)?)
+}
+
+/// The model folder a training stage leaves for the stages after it: OUT/final/, or with LoRA
+/// (whose final/ holds only the adapter) OUT/merged/.
+fn trained_model(opts: &TrainOptions, output: &Path) -> PathBuf {
+    output.join(if opts.lora_rank > 0 { "merged" } else { "final" })
 }
 
 /// Benign pairs: chosen = base answer, rejected = stage-1 answer, kept only where the
@@ -418,7 +426,7 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     st.run("train1", &[&base, &opt(&cfg.train1)], |p, fresh| {
         train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), fresh, p)
     })?;
-    let stage1 = f("stage1").join("final");
+    let stage1 = trained_model(&cfg.train1, &f("stage1"));
     st.run("benign", &[&base, &benign, &opt(&cfg.benign), &opt(&cfg.score)], |p, fresh| {
         gen(&cfg.benign, model, &cfg.benign_prompts, &f("benign_base.jsonl"), fresh, p)?;
         gen(&cfg.benign, &stage1, &cfg.benign_prompts, &f("benign_stage1.jsonl"), fresh, p)?;
@@ -437,7 +445,7 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         eprintln!("train2: {nh} harmful + {nb} benign pairs");
         train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), fresh, p)
     })?;
-    let final_model = f("stage2").join("final");
+    let final_model = trained_model(&cfg.train2, &f("stage2"));
     let (eval_harmful, eval_benign) = (file_identity(&cfg.eval_harmful_prompts), file_identity(&cfg.eval_benign_prompts));
     st.run("eval", &[&base, &eval_harmful, &eval_benign, &opt(&cfg.eval)], |p, _| {
         let out = f("eval");

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::ArgGroup;
 use serde_json::{json, Map, Value};
 
+use crate::eval::judge::RuleJudge;
 use crate::intervene::detect::{Detector, RuleDetector};
 use crate::intervene::judge::Judge;
 use crate::intervene::pipeline::{run_batch, EngineSplicer, ItemError, Settings, Stats, Trace};
@@ -72,6 +73,14 @@ pub struct InterveneOptions {
     /// declining. Left-out continuations are counted as "skipped_unfinished" in the stats.
     #[arg(long)]
     pub complete_only: bool,
+    /// For models that answer directly (no think tags): a rollout in which the detector finds
+    /// no compliance cue, but whose answer the rule judge of `ipo eval` calls harmful (no
+    /// refusal phrase, not a loop, a cue or at least 8 words), is cut at its first sentence and
+    /// gets the triggers there. Such an answer commits in its first words, where the paper's
+    /// detector never looks (the first sentence of a reasoning trace restates the request).
+    /// Counted as "cut_at_answer_start" in the stats.
+    #[arg(long)]
+    pub answer_start: bool,
     /// Compliance-cue detector: "rules" (built-in lexicon, offline) or "judge" (an LLM over
     /// an OpenAI-compatible endpoint: needs --judge-url and --judge-model).
     #[arg(long, value_name = "KIND", default_value = "rules")]
@@ -408,7 +417,18 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
         }
     }
 
-    let settings = Settings { triggers, rounds: opts.rounds, eos_ids: tok.eos_ids().to_vec(), complete_only: opts.complete_only };
+    let answer_start: Option<Box<dyn Fn(&str) -> bool + Sync>> = if opts.answer_start {
+        let cues = match &opts.cue_patterns {
+            Some(p) => RuleDetector::from_file(p).context("--cue-patterns")?,
+            None => RuleDetector::builtin(),
+        };
+        let judge = RuleJudge::new(cues);
+        Some(Box::new(move |text: &str| judge.is_harmful(text)))
+    } else {
+        None
+    };
+    let settings =
+        Settings { triggers, rounds: opts.rounds, eos_ids: tok.eos_ids().to_vec(), complete_only: opts.complete_only, answer_start };
     let mut out = AtomicWriter::create(&files.output)?;
     let mut splicer = EngineSplicer { engine: &mut engine, params: params.clone() };
     progress.start("intervene", traces.len() as u64, "rollouts");
