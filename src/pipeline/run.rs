@@ -11,12 +11,17 @@
 //!   1 generate   harmful prompts -> rollouts.jsonl                       (workflow::generate)
 //!   2 intervene  rollouts -> pairs.jsonl (cue cut + trigger splice)      (workflow::intervene)
 //!   3 score      reference log-probs of the base model -> pairs.ref.jsonl (workflow::score)
-//!   4 train1     DPO on the divergent segment -> stage1/final            (workflow::train)
+//!   4 train1     DPO on the divergent segment -> stage1/final (LoRA: stage1/merged/)
 //!   5 benign     benign prompts answered by the base model (chosen) and the stage-1 model
 //!                (rejected, kept only when it refuses or loops and the base does neither)
 //!                -> benign pairs
 //!   6 train2     stage-1 pairs mixed with benign pairs at `harmful_fraction`, plus the SFT
 //!                term -> stage2/final                                     (workflow::train)
+//!                Its reference model is the stage-1 model it starts from (reference
+//!                log-probs scored by `train` into stage2/ref_pairs.jsonl), not the base: the
+//!                harmful pairs then start stage 2 at margin 0 and keep pulling against the
+//!                benign pairs, where with the base as reference they start at stage 1's
+//!                saturated margins, give almost no gradient, and stage 2 unlearns them.
 //!   7 eval       `ipo eval` of the final model beside the base on the evaluation prompt sets
 //!                (`eval_harmful_prompts`, `eval_benign_prompts`: the validation splits) -> eval/
 //!                (eval.json, eval.md, eval.png, answers.jsonl); then report.json, report.md
@@ -432,16 +437,13 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         gen(&cfg.benign, &stage1, &cfg.benign_prompts, &f("benign_stage1.jsonl"), fresh, p)?;
         let n = benign_pairs(&f("benign_base.jsonl"), &f("benign_stage1.jsonl"), &f("benign_pairs.jsonl"))?;
         eprintln!("benign: {n} prompts answered by the base model but refused by the stage-1 model");
-        if n > 0 {
-            score_pairs(&cfg.score, model, &f("benign_pairs.jsonl"), &f("benign_pairs.ref.jsonl"), p)?;
-        } else {
-            jsonl::write_atomic(&f("benign_pairs.ref.jsonl"), Vec::<Value>::new())?;
-        }
         Ok(json!({"benign_pairs": n}))
     })?;
     let fraction = format!("harmful_fraction={} seed={seed}", cfg.harmful_fraction);
     st.run("train2", &[&fraction, &opt(&cfg.train2)], |p, fresh| {
-        let (nh, nb) = mix(&f("pairs.ref.jsonl"), &f("benign_pairs.ref.jsonl"), cfg.harmful_fraction, seed, &f("stage2_pairs.jsonl"))?;
+        // Without reference log-probs: `train` scores them with its --model, the stage-1 model
+        // (see the module comment).
+        let (nh, nb) = mix(&f("pairs.jsonl"), &f("benign_pairs.jsonl"), cfg.harmful_fraction, seed, &f("stage2_pairs.jsonl"))?;
         eprintln!("train2: {nh} harmful + {nb} benign pairs");
         train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), fresh, p)
     })?;
