@@ -31,8 +31,21 @@ impl Drop for Guard {
 
 fn train_flags(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut f: Vec<String> = [
-        "train", "--model", &tiny_fixture("llama").to_string_lossy(), "--pairs", &pairs.to_string_lossy(), "--output",
-        &out.to_string_lossy(), "--device", "cpu", "--lr", "3e-3", "--beta", "0.2", "--seed", "3",
+        "train",
+        "--model",
+        &tiny_fixture("llama").to_string_lossy(),
+        "--pairs",
+        &pairs.to_string_lossy(),
+        "--output",
+        &out.to_string_lossy(),
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--beta",
+        "0.2",
+        "--seed",
+        "3",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -44,11 +57,8 @@ fn train_flags(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
 fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
-        .collect();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -77,7 +87,9 @@ fn launch_nproc_2_train_equals_single_process() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("[rank 0] train: done") && err.contains("[rank 1] train: done"), "{err}");
     // One metrics line per step (rank 0 alone writes), the same global values.
-    let lines = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>();
+    let lines = |d: &Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>()
+    };
     let (m1, m2) = (lines(&one), lines(&two));
     assert_eq!(m1.len(), 6);
     assert_eq!(m2.len(), 6);
@@ -248,7 +260,9 @@ fn bad_environment_is_named_and_other_commands_refuse_world_above_1() {
 fn launch_help_explains_every_flag() {
     let o = run(Command::new(IPO).args(["launch", "--help"]));
     let help = String::from_utf8_lossy(&o.stdout);
-    for f in ["--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "RANK", "WORLD_SIZE", "LOCAL_RANK", "IPO_DIST_TIMEOUT", "SLURM_PROCID", "NCCL"] {
+    for f in
+        ["--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "RANK", "WORLD_SIZE", "LOCAL_RANK", "IPO_DIST_TIMEOUT", "SLURM_PROCID", "NCCL"]
+    {
         assert!(help.contains(f), "{f} missing from:\n{help}");
     }
     let o = run(Command::new(IPO).args(["launch", "--nproc", "2", "--node-rank", "1", "--", "train"]));

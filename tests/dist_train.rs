@@ -45,9 +45,28 @@ fn train_world(world: usize, flags: &[String]) -> ipo::TrainSummary {
 
 fn flags(model: &str, pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut f: Vec<String> = [
-        "--model", &tiny_fixture(model).to_string_lossy(), "--pairs", &pairs.to_string_lossy(), "--output", &out.to_string_lossy(),
-        "--beta", "0.2", "--sft-coef", "0.1", "--weight-decay", "0.01", "--max-grad-norm", "0.5",
-        "--warmup-ratio", "0.2", "--epochs", "2", "--seed", "11", "--device", "cpu",
+        "--model",
+        &tiny_fixture(model).to_string_lossy(),
+        "--pairs",
+        &pairs.to_string_lossy(),
+        "--output",
+        &out.to_string_lossy(),
+        "--beta",
+        "0.2",
+        "--sft-coef",
+        "0.1",
+        "--weight-decay",
+        "0.01",
+        "--max-grad-norm",
+        "0.5",
+        "--warmup-ratio",
+        "0.2",
+        "--epochs",
+        "2",
+        "--seed",
+        "11",
+        "--device",
+        "cpu",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -66,11 +85,8 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
 fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
-        .collect();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }

@@ -56,9 +56,7 @@ impl DistEnv {
             return Err(bad(world_var, "0", "a world size >= 1"));
         }
         let rank = match rank {
-            Some(r) if r >= world => {
-                return Err(CommError::Env(format!("{rank_var}={r} is not below {world_var}={world}: ranks are 0..{}", world - 1)))
-            }
+            Some(r) if r >= world => return Err(CommError::Env(format!("{rank_var}={r} is not below {world_var}={world}: ranks are 0..{}", world - 1))),
             Some(r) => r,
             None if world == 1 => 0,
             None => return Err(CommError::Env(format!("{world_var}={world} but RANK is not set: every process of a job needs its RANK"))),
@@ -102,7 +100,9 @@ mod tests {
     #[test]
     fn torchrun_and_slurm_variables() {
         assert_eq!(env(&[]).unwrap().world, 1);
-        let e = env(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node7"), ("MASTER_PORT", "29511"), ("IPO_DIST_TIMEOUT", "2.5")]).unwrap();
+        let e =
+            env(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node7"), ("MASTER_PORT", "29511"), ("IPO_DIST_TIMEOUT", "2.5")])
+                .unwrap();
         assert_eq!((e.rank, e.world, e.local_rank, e.master().as_str(), e.timeout), (3, 4, 1, "node7:29511", Duration::from_millis(2500)));
         // Slurm's names when srun started the task; torchrun's win where both are set.
         let e = env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")]).unwrap();
