@@ -25,7 +25,7 @@
 //! sees the closed connection or the timeout, and tells the remaining ranks (an abort message)
 //! before it fails itself. No rank waits forever.
 
-pub mod env;
+mod env;
 mod tcp;
 mod thread;
 
