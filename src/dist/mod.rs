@@ -75,14 +75,13 @@ pub fn single() -> Arc<dyn Comm> {
     Arc::new(Group::single())
 }
 
-/// The communicator the process environment asks for: world 1 without RANK/WORLD_SIZE (or
+/// The communicator of `env` (`DistEnv::from_env`): world 1 without RANK/WORLD_SIZE (or
 /// SLURM_PROCID/SLURM_NTASKS), else a TCP group meeting at MASTER_ADDR:MASTER_PORT.
-pub fn from_env() -> Result<Arc<dyn Comm>, CommError> {
-    let env = DistEnv::from_env()?;
+pub fn connect(env: &DistEnv) -> Result<Arc<dyn Comm>, CommError> {
     if env.world == 1 {
         return Ok(single());
     }
-    Ok(Arc::new(Group::tcp(&env)?))
+    Ok(Arc::new(Group::tcp(env)?))
 }
 
 /// One message of the star protocol: data, or rank 0's abort with its reason.

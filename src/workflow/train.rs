@@ -200,8 +200,7 @@ pub fn train(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress) -
             opts.device.device = Device::Cuda(n + env.local_rank);
         }
     }
-    let comm = crate::dist::from_env()?;
-    train_in(files, &opts, progress, comm)
+    train_in(files, &opts, progress, crate::dist::connect(&env)?)
 }
 
 /// `train` as one rank of `comm`'s group (every rank calls it with the same files and
