@@ -30,26 +30,10 @@ impl Drop for Guard {
 }
 
 fn train_flags(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut f: Vec<String> = [
-        "train",
-        "--model",
-        &tiny_fixture("llama").to_string_lossy(),
-        "--pairs",
-        &pairs.to_string_lossy(),
-        "--output",
-        &out.to_string_lossy(),
-        "--device",
-        "cpu",
-        "--lr",
-        "3e-3",
-        "--beta",
-        "0.2",
-        "--seed",
-        "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let paths = [("--model", tiny_fixture("llama")), ("--pairs", pairs.to_path_buf()), ("--output", out.to_path_buf())];
+    let mut f = vec!["train".to_string()];
+    f.extend(paths.iter().flat_map(|(k, p)| [k.to_string(), p.to_string_lossy().into_owned()]));
+    f.extend("--device cpu --lr 3e-3 --beta 0.2 --seed 3".split(' ').map(String::from));
     f.extend(extra.iter().map(|s| s.to_string()));
     f
 }

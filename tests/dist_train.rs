@@ -1,8 +1,9 @@
 //! Data-parallel `ipo train` in one process: world 2 and 4 over the thread transport
 //! (`ipo::dist::Group::threads`, one thread per rank) against world 1 with the same global
 //! batch, on the tiny fixture models (Llama and Qwen3 full fine-tuning, Qwen2 LoRA), including
-//! steps whose micro-batches do not split evenly (a rank with none), and a checkpoint written at
-//! world 2 resumed at world 1 and 4. Per-step metrics and final weights agree within fp32
+//! steps whose micro-batches do not split evenly (a rank with none), a checkpoint written at
+//! world 2 resumed at world 1 and 4, and world 2 on `--device sim` (the CUDA backend in the PTX
+//! simulator). Per-step metrics and final weights agree within fp32
 //! rounding (the gradient sums are associated differently at each world size; the bounds are
 //! below), the weights moved far more than that, and only rank 0 wrote OUT/.
 
@@ -44,35 +45,14 @@ fn train_world(world: usize, flags: &[String]) -> ipo::TrainSummary {
 }
 
 fn flags(model: &str, pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut f: Vec<String> = [
-        "--model",
-        &tiny_fixture(model).to_string_lossy(),
-        "--pairs",
-        &pairs.to_string_lossy(),
-        "--output",
-        &out.to_string_lossy(),
-        "--beta",
-        "0.2",
-        "--sft-coef",
-        "0.1",
-        "--weight-decay",
-        "0.01",
-        "--max-grad-norm",
-        "0.5",
-        "--warmup-ratio",
-        "0.2",
-        "--epochs",
-        "2",
-        "--seed",
-        "11",
-        "--device",
-        "cpu",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if !extra.contains(&"--lr") {
-        f.extend(["--lr", "3e-3"].map(String::from));
+    let paths = [("--model", tiny_fixture(model)), ("--pairs", pairs.to_path_buf()), ("--output", out.to_path_buf())];
+    let mut f: Vec<String> = paths.iter().flat_map(|(k, p)| [k.to_string(), p.to_string_lossy().into_owned()]).collect();
+    let common = "--beta 0.2 --sft-coef 0.1 --weight-decay 0.01 --max-grad-norm 0.5 --warmup-ratio 0.2 --epochs 2 --seed 11";
+    f.extend(common.split(' ').map(String::from));
+    for (flag, default) in [("--lr", "3e-3"), ("--device", "cpu")] {
+        if !extra.contains(&flag) {
+            f.extend([flag, default].map(String::from));
+        }
     }
     f.extend(extra.iter().map(|s| s.to_string()));
     f
@@ -203,4 +183,29 @@ fn checkpoint_from_world_2_resumes_at_world_1_and_4() {
         eprintln!("world 2 -> {w}: max diff {d:e}");
         assert!(d <= FULL_TOL, "resumed at world {w}: final weights differ by {d}");
     }
+}
+
+/// The CUDA backend's host side (the PTX simulator) data parallel: world 2 equals world 1 on
+/// `--device sim` within the same bound (the gradients go through the same download, sum and
+/// upload as on a GPU with the test transports).
+#[test]
+fn sim_world_2_matches_world_1() {
+    if common::sim().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_random_pairs(&pairs, 5, 79);
+    let extra = ["--batch-size", "4", "--micro-batch-size", "1", "--device", "sim"];
+    let f = |out: &Path| flags("qwen3", &pairs, out, &extra);
+    let (one, two) = (tmp.path().join("w1"), tmp.path().join("w2"));
+    train_world(1, &f(&one));
+    train_world(2, &f(&two));
+    let m1 = metrics(&one);
+    assert_eq!(m1.len(), 4, "5 pairs, batch 4, 2 epochs");
+    assert_same_metrics(&m1, &metrics(&two), METRIC_TOL, "sim world 2");
+    let d = max_diff(&one.join("final/model.safetensors"), &two.join("final/model.safetensors"));
+    let moved = max_diff(&tiny_fixture("qwen3").join("model.safetensors"), &one.join("final/model.safetensors"));
+    eprintln!("sim world 2: max |w1 - w2| = {d:e}, moved {moved:e}");
+    assert!(d <= FULL_TOL && moved > 1000.0 * FULL_TOL, "diff {d}, moved {moved}");
 }
