@@ -17,6 +17,7 @@ pub mod backend;
 pub(crate) mod chart;
 pub mod cli;
 pub mod csr;
+pub mod dist;
 pub mod eval;
 pub mod gguf;
 pub mod intervene;

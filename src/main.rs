@@ -54,6 +54,21 @@ enum Command {
     /// The whole IPO loop from one TOML config (generate -> intervene -> score -> train stage 1
     /// -> benign pairs -> train stage 2 -> eval), resumable in its run directory.
     Run(ipo::cli::run::Args),
+    /// Start one process per rank of a data-parallel job on this node, like torchrun:
+    /// `ipo launch --nproc N [--nnodes M --node-rank R --master-addr HOST --master-port P] --
+    /// train ...`.
+    ///
+    /// Each child runs the subcommand after `--` with RANK (node_rank * nproc + local),
+    /// WORLD_SIZE (nnodes * nproc), LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    /// set; its output comes out prefixed `[rank R]`. The ranks meet at MASTER_ADDR:MASTER_PORT
+    /// (rank 0 listens) within IPO_DIST_TIMEOUT seconds (default 600), which also bounds every
+    /// wait of a collective. If a rank exits with a failure, the others are stopped and launch
+    /// fails naming it. torchrun and srun launches work without it: `ipo train` reads the same
+    /// variables (Slurm's SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID as fallbacks).
+    ///
+    /// Only `train` runs data parallel; gradients are summed through host memory over a TCP
+    /// star around rank 0 (a test/debug transport: NCCL is not implemented yet).
+    Launch(ipo::cli::launch::Args),
     /// Throughput measurements on seeded random data (the device's ceiling, per-op rates,
     /// training steps, batched decode) and random-weight model folders; used by
     /// scripts/gpu-check.sh.
@@ -63,6 +78,22 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     ipo::workflow::device::set_verbose(cli.verbose);
+    let name = match &cli.command {
+        Command::Train(_) | Command::Launch(_) => None,
+        Command::Generate(_) => Some("generate"),
+        Command::Csr(_) => Some("csr"),
+        Command::Score(_) => Some("score"),
+        Command::Intervene(_) => Some("intervene"),
+        Command::Eval(_) => Some("eval"),
+        Command::ImportGguf(_) => Some("import-gguf"),
+        Command::Selftest(_) => Some("selftest"),
+        Command::Run(_) => Some("run"),
+        Command::Bench(_) => Some("bench"),
+    };
+    if let Err(e) = name.map_or(Ok(()), ipo::cli::launch::refuse_world_above_1) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Generate(a) => ipo::cli::generate::run(a),
         Command::Csr(a) => ipo::cli::csr::run(a),
@@ -74,6 +105,7 @@ fn main() {
         Command::Selftest(a) => ipo::cli::selftest::run(a),
         Command::Run(a) => ipo::cli::run::run(a),
         Command::Bench(a) => ipo::cli::bench::run(a),
+        Command::Launch(a) => ipo::cli::launch::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -70,6 +70,20 @@ fn readme_shell_examples_run() {
     let pairs = lines("pairs.jsonl");
     assert!(pairs > 0 && lines("pairs.ref.jsonl") == pairs, "{pairs} pairs, all scored");
     assert!(dir.path().join("out/final/model.safetensors").is_file() && lines("out/metrics.jsonl") > 0);
+    // ipo launch --nproc 2: the same training as the one-process `ipo train` of the same flags,
+    // within fp32 rounding (tests/dist_train.rs), and only rank 0 wrote metrics.
+    assert_eq!(lines("out-2proc/metrics.jsonl"), lines("out/metrics.jsonl"));
+    let weights = |d: &str| {
+        let bytes = std::fs::read(dir.path().join(d).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut t: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec())).collect();
+        t.sort();
+        t
+    };
+    let (one, two) = (weights("out/final"), weights("out-2proc/final"));
+    let f32s = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
+    let diff = one.iter().zip(&two).flat_map(|(a, b)| f32s(&a.1).into_iter().zip(f32s(&b.1)).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+    assert!(diff <= 1e-5, "ipo launch --nproc 2 vs ipo train: final weights differ by {diff}");
     let scored: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("scored.jsonl"))
         .unwrap()
         .lines()

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod import_gguf;
 pub mod intervene;
+pub mod launch;
 pub mod run;
 pub mod score;
 pub mod selftest;

@@ -47,4 +47,7 @@ pub enum TrainError {
     NonFinite { step: usize, what: String, value: f64, ids: String },
     #[error("out of memory budget: {0}")]
     Memory(String),
+    /// A collective of data-parallel training failed (it names the rank).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::CommError),
 }

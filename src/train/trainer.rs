@@ -14,6 +14,18 @@
 //!   the adapters (`Lora::project`, backend matmuls), the norm and the update are the same ops
 //!   on the adapters and their moments, and `W0 + s B A` is merged into each adapted matrix
 //!   in place. Only the adapters (A and B, small) come back, for the PEFT files.
+//!
+//! Data parallel (`comm` of world W > 1, `crate::dist`): the step's pairs are cut into the same
+//! micro-batches as at world 1, and rank r runs micro-batches r, r + W, r + 2W, ... Each
+//! micro-batch's loss is scaled by the whole step's pair and chosen-token counts, so the sum
+//! over ranks of their accumulated gradients (all-reduced before the norm, the clipping and the
+//! update) is the world-1 gradient, and the loss values summed over ranks are the world-1
+//! metrics. Full fine-tuning all-reduces every weight gradient; LoRA only the adapters'
+//! projected gradients (the projection is linear). Every rank then applies the same update to
+//! identical bits, so the weights never drift apart. A global batch gives the same training at
+//! any world size up to fp32 rounding of the differently associated gradient sums.
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +35,7 @@ use super::loss::{dpo_loss_part, BatchLoss, PairLogps};
 use super::optim::{apply, clip_factor, OptimConfig, OptimKind, Optimizer};
 use super::TrainError;
 use crate::backend::{Backend, SegmentDpo, SegmentPair};
+use crate::dist::Comm;
 use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
 
@@ -105,6 +118,8 @@ pub struct Trainer<B: Backend> {
     pub optim: Optimizer,
     /// Optimizer steps completed.
     pub step: usize,
+    /// The data-parallel group (world 1 unless `set_comm`).
+    pub(crate) comm: Arc<dyn Comm>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -132,12 +147,18 @@ impl<B: Backend> Trainer<B> {
         }
         // Every moment lives on the backend.
         let optim = Optimizer::new(cfg.optim, &[]);
-        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0 };
+        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0, comm: crate::dist::single() };
         t.check_memory()?;
         if let Trainable::Lora(l) = &mut t.trainable {
             l.attach(&t.model.backend, &mut t.model.weights, t.cfg.optim.kind)?;
         }
         Ok(t)
+    }
+
+    /// Trains data parallel in `comm`'s group: every rank must hold the same model, pairs,
+    /// config and step, and call `train_step` together.
+    pub fn set_comm(&mut self, comm: Arc<dyn Comm>) {
+        self.comm = comm;
     }
 
     pub(crate) fn steps_per_epoch(&self) -> usize {
@@ -258,12 +279,21 @@ impl<B: Backend> Trainer<B> {
     /// Loss of the pairs `idx` as one optimizer batch, and the gradient of that loss w.r.t.
     /// every model weight (accumulated over micro-batches). `step` only labels errors.
     pub fn loss_and_grads(&self, idx: &[usize], step: usize) -> Result<(BatchLoss, ModelWeights<B::Buf>, usize), TrainError> {
+        self.loss_and_grads_shard(idx, step, 0, 1)
+    }
+
+    /// As `loss_and_grads`, for the micro-batches `j` of the batch `idx` with
+    /// `j % world == rank` only: this rank's share of the loss values and of the gradient (both
+    /// scaled for the whole batch, so the shares of all ranks add up to the batch's). A
+    /// non-finite loss stops at once at world 1; in a group the step goes on, so that every
+    /// rank sees it in the summed loss and fails the same way.
+    fn loss_and_grads_shard(&self, idx: &[usize], step: usize, rank: usize, world: usize) -> Result<(BatchLoss, ModelWeights<B::Buf>, usize), TrainError> {
         let be = &self.model.backend;
         let mut grads = self.model.zero_grads();
         let batch_tokens: usize = idx.iter().map(|&i| self.pairs[i].chosen.len()).sum();
         let mut total = BatchLoss::default();
         let mut tokens = 0;
-        for mb in idx.chunks(self.cfg.micro_batch_size.max(1)) {
+        for mb in idx.chunks(self.cfg.micro_batch_size.max(1)).skip(rank).step_by(world) {
             let mut batch = Batch::default();
             let ranges: Vec<_> = mb
                 .iter()
@@ -302,7 +332,7 @@ impl<B: Backend> Trainer<B> {
                 })
                 .collect();
             let part = dpo_loss_part(&sums, self.cfg.beta, self.cfg.sft_coef, idx.len(), batch_tokens);
-            if !part.loss.is_finite() {
+            if !part.loss.is_finite() && world == 1 {
                 return Err(self.non_finite(step, "loss", part.loss, idx));
             }
             self.model.backward_buf(&batch, tape, &dlogp, &mut grads);
@@ -333,12 +363,27 @@ impl<B: Backend> Trainer<B> {
             return Err(TrainError::Config(format!("training is complete ({total_steps} steps)")));
         }
         let idx = self.batch_indices(step);
-        let (loss, grads, tokens) = self.loss_and_grads(&idx, step + 1)?;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let (mut loss, mut grads, mut tokens) = self.loss_and_grads_shard(&idx, step + 1, rank, world)?;
+        if world > 1 {
+            (loss, tokens) = self.reduce_loss(loss, tokens)?;
+            if !loss.loss.is_finite() {
+                return Err(self.non_finite(step + 1, "loss", loss.loss, &idx));
+            }
+        }
         let lr = self.cfg.optim.lr_at(step, total_steps);
         let norm = if matches!(self.trainable, Trainable::Full { .. }) {
+            if world > 1 {
+                self.all_reduce_grads(&mut grads)?;
+            }
             self.update_full(&grads, lr, &idx)?
         } else {
-            self.update_lora(&grads, lr, &idx)?
+            let Trainable::Lora(l) = &self.trainable else { unreachable!() };
+            let mut g = l.project(&self.model.backend, &grads); // [2 * adapters]: dA, dB per adapter
+            if world > 1 {
+                self.all_reduce_bufs(&mut g)?;
+            }
+            self.update_lora(g, lr, &idx)?
         };
         self.step += 1;
         Ok(StepMetrics {
@@ -358,6 +403,57 @@ impl<B: Backend> Trainer<B> {
             pairs: idx.len(),
             tokens,
         })
+    }
+
+    /// The batch's loss values and token count: the sums of every rank's shares.
+    fn reduce_loss(&self, l: BatchLoss, tokens: usize) -> Result<(BatchLoss, usize), TrainError> {
+        let mut v = [
+            l.loss, l.dpo_loss, l.sft_nll, l.reward_chosen, l.reward_rejected, l.reward_margin, l.reward_accuracy,
+            l.logp_chosen, l.logp_rejected, tokens as f64,
+        ];
+        self.comm.all_reduce_sum_f64(&mut v)?;
+        let [loss, dpo_loss, sft_nll, reward_chosen, reward_rejected, reward_margin, reward_accuracy, logp_chosen, logp_rejected, tokens] = v;
+        let sum = BatchLoss {
+            loss, dpo_loss, sft_nll, reward_chosen, reward_rejected, reward_margin, reward_accuracy, logp_chosen, logp_rejected,
+            // Per-pair gradients stay with the rank that ran the pair.
+            d_chosen: l.d_chosen,
+            d_rejected: l.d_rejected,
+        };
+        Ok((sum, tokens as usize))
+    }
+
+    /// Sums every weight gradient over the group, in place (through host memory: the test
+    /// transports' way; NCCL would reduce the device buffers).
+    fn all_reduce_grads(&self, grads: &mut ModelWeights<B::Buf>) -> Result<(), TrainError> {
+        let be = &self.model.backend;
+        let (mut flat, mut lens) = (Vec::new(), Vec::new()); // [all gradient elements] f32
+        grads.for_each(|_, g| {
+            let h = be.download(g);
+            lens.push(h.len());
+            flat.extend_from_slice(&h);
+        });
+        self.comm.all_reduce_sum(&mut flat)?;
+        let (mut at, mut k) = (0, 0);
+        grads.for_each_mut(|_, g| {
+            *g = be.upload(&flat[at..at + lens[k]]);
+            at += lens[k];
+            k += 1;
+        });
+        Ok(())
+    }
+
+    /// Sums gradient buffers over the group, in place.
+    fn all_reduce_bufs(&self, bufs: &mut [B::Buf]) -> Result<(), TrainError> {
+        let be = &self.model.backend;
+        let lens: Vec<usize> = bufs.iter().map(|b| be.len(b)).collect();
+        let mut flat: Vec<f32> = bufs.iter().flat_map(|b| be.download(b)).collect();
+        self.comm.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for (b, n) in bufs.iter_mut().zip(lens) {
+            *b = be.upload(&flat[at..at + n]);
+            at += n;
+        }
+        Ok(())
     }
 
     /// Full fine-tuning update on the backend: global norm, clipping factor, then AdamW/SGD on
@@ -386,12 +482,11 @@ impl<B: Backend> Trainer<B> {
         Ok(norm)
     }
 
-    /// LoRA update on the backend: the adapters' gradients (`Lora::project`), their global
-    /// norm, clipping factor, AdamW/SGD on A and B, then the merged matrices. Returns the norm.
-    fn update_lora(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
+    /// LoRA update on the backend from the adapters' gradients `g` (`Lora::project`): their
+    /// global norm, clipping factor, AdamW/SGD on A and B, then the merged matrices. Returns the
+    /// norm.
+    fn update_lora(&mut self, g: Vec<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
         let be = &self.model.backend;
-        let Trainable::Lora(l) = &self.trainable else { unreachable!("update_lora on full fine-tuning") };
-        let g = l.project(be, grads); // [2 * adapters]: dA, dB per adapter
         let norm = grad_norm(be, &g.iter().collect::<Vec<_>>());
         if !norm.is_finite() {
             return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));

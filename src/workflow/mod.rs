@@ -10,6 +10,7 @@ pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod intervene;
+pub mod launch;
 pub mod model;
 pub mod options;
 pub mod progress;

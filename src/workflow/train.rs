@@ -5,13 +5,24 @@
 //! runs optimizer steps, appending one line per step to OUT/metrics.jsonl and writing
 //! checkpoints OUT/step-N/ atomically every `save_every` steps; at the end the model
 //! (OUT/final/, and OUT/merged/ for LoRA with `merge`) and the chart OUT/metrics.png.
+//!
+//! Data parallel under `ipo launch`, torchrun or srun (`crate::dist`): every rank loads the
+//! model and the pairs, runs its share of each step's micro-batches, and the gradients are
+//! summed over the ranks before the update (`Trainer::train_step`). `--batch-size` is the
+//! global batch, so the same flags give the same training at any world size. Rank 0 alone
+//! writes OUT/ (metrics of the whole batch, checkpoints, final model, chart); every rank reads
+//! a checkpoint to resume, at any world size. Missing reference log-probs are computed by
+//! every rank (the same values; only rank 0's go to OUT/ref_pairs.jsonl), so no rank idles
+//! past the collective timeout while rank 0 scores.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use crate::backend::Backend;
+use crate::dist::{Comm, DistEnv};
 use crate::io::jsonl::{self, Appender};
 use crate::io::records::Pair;
 use crate::model::weights::{HostTensor, ModelWeights};
@@ -20,10 +31,10 @@ use crate::train::checkpoint;
 use crate::train::data::{read_pairs, to_train_pairs};
 use crate::train::trainer::Trainable;
 use crate::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainError, TrainPair, Trainer};
-use crate::workflow::device::{with_backend, DeviceOptions};
+use crate::workflow::device::{with_backend, Device, DeviceOptions};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::default_from_clap;
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
 use crate::workflow::score::{score_with, ScoreFiles, ScoreOptions, Scorer};
 
 /// The files of one `train` call.
@@ -172,17 +183,37 @@ pub struct TrainSummary {
     pub final_dir: Option<PathBuf>,
     /// OUT/merged/ (LoRA with `merge`): a full HF model folder with the adapters merged in.
     pub merged_dir: Option<PathBuf>,
+    /// Ranks that trained together (1 without a launcher) and this process's rank.
+    pub world: usize,
+    pub rank: usize,
 }
 
 /// Trains on `files.pairs` from the model of `files.model` (or the checkpoint
-/// `files.resume`) on `opts.device`, writing into `files.output`.
+/// `files.resume`) on `opts.device`, writing into `files.output`; data parallel when the
+/// environment names a group (RANK, WORLD_SIZE, ...: `DistEnv`), where `--device cuda:N` means
+/// GPU N + LOCAL_RANK.
 pub fn train(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress) -> Result<TrainSummary> {
+    let env = DistEnv::from_env()?;
+    let mut opts = opts.clone();
+    if let Device::Cuda(n) = opts.device.device {
+        if env.world > 1 {
+            opts.device.device = Device::Cuda(n + env.local_rank);
+        }
+    }
+    train_in(files, &opts, progress, crate::dist::connect(&env)?)
+}
+
+/// `train` as one rank of `comm`'s group (every rank calls it with the same files and
+/// options). Only rank 0 writes OUT/ and reports progress.
+pub fn train_in(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress, comm: Arc<dyn Comm>) -> Result<TrainSummary> {
     let t0 = Instant::now();
+    let root = comm.rank() == 0;
+    let progress: &dyn Progress = if root { progress } else { &Silent };
     let tcfg = train_config(opts)?;
     let dir = ModelDir::open(&files.model)?;
     let recs = read_pairs(&files.pairs, &dir.config)?;
     check_tokenizer(&dir, &files.pairs, &recs)?;
-    if files.resume.is_none() {
+    if files.resume.is_none() && root {
         refuse_earlier_run(&files.output)?;
     }
     std::fs::create_dir_all(&files.output).with_context(|| format!("--output {}", files.output.display()))?;
@@ -196,8 +227,9 @@ pub fn train(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress) -
             }
         }
         let model = dir.upload(be, weights)?;
-        let (pairs, ref_logps) = reference_pairs(files, opts, &dir, recs, &model, progress)?;
-        let trainer = Trainer::new(model, pairs, tcfg)?;
+        let (pairs, ref_logps) = reference_pairs(files, opts, &dir, recs, &model, progress, comm.rank())?;
+        let mut trainer = Trainer::new(model, pairs, tcfg)?;
+        trainer.set_comm(comm);
         run_steps(files, opts, trainer, progress, t0, ref_logps)
     })
 }
@@ -285,6 +317,7 @@ fn check_tokenizer(dir: &ModelDir, pairs_path: &Path, recs: &[(usize, Pair)]) ->
 
 /// The pairs with reference log-probs: from the pairs file, or computed once with the base
 /// model (`scorer`) and cached in OUT/ref_pairs.jsonl (reused while it holds the same pairs).
+/// A rank other than 0 computes them into a private temp file instead, removed after reading.
 fn reference_pairs(
     files: &TrainFiles,
     opts: &TrainOptions,
@@ -292,6 +325,7 @@ fn reference_pairs(
     recs: Vec<(usize, Pair)>,
     scorer: &dyn Scorer,
     progress: &dyn Progress,
+    rank: usize,
 ) -> Result<(Vec<TrainPair>, RefLogps)> {
     if recs.iter().all(|(_, p)| p.ref_chosen_logp.is_some() && p.ref_rejected_logp.is_some()) {
         return Ok((to_train_pairs(&files.pairs, recs)?, RefLogps::Pairs));
@@ -306,10 +340,15 @@ fn reference_pairs(
     if let Some(c) = cached {
         return Ok((to_train_pairs(&cache, c)?, RefLogps::Cached));
     }
+    let cache = if rank == 0 { cache } else { files.output.join(format!(".ref_pairs.rank-{rank}.jsonl")) };
     let score_files = ScoreFiles { model: files.model.clone(), input: None, pairs: Some(files.pairs.clone()), output: cache.clone() };
     let score_opts = ScoreOptions { batch_tokens: opts.batch_tokens, device: opts.device.clone() };
     score_with(&score_files, &score_opts, &dir.config, scorer, progress)?;
-    Ok((to_train_pairs(&cache, read_pairs(&cache, &dir.config)?)?, RefLogps::Computed))
+    let pairs = to_train_pairs(&cache, read_pairs(&cache, &dir.config)?)?;
+    if rank != 0 {
+        std::fs::remove_file(&cache).with_context(|| cache.display().to_string())?;
+    }
+    Ok((pairs, RefLogps::Computed))
 }
 
 /// A fresh run (no --resume) into a folder that holds an earlier run's results (its metrics
@@ -347,6 +386,8 @@ fn run_steps<B: Backend>(
 ) -> Result<TrainSummary> {
     let out = &files.output;
     let metrics_path = out.join("metrics.jsonl");
+    let (rank, world) = (trainer.comm.rank(), trainer.comm.world());
+    let root = rank == 0;
     let mut resumed_from = None;
     if let Some(r) = &files.resume {
         let dir = if r.join("trainer_state.json").is_file() {
@@ -356,7 +397,7 @@ fn run_steps<B: Backend>(
         };
         checkpoint::load(&mut trainer, &dir).with_context(|| format!("--resume {}", dir.display()))?;
         // Drop metrics of steps after the checkpoint (a crashed run may have logged them).
-        if metrics_path.is_file() {
+        if root && metrics_path.is_file() {
             let keep: Vec<_> = jsonl::read_objects(&metrics_path)?
                 .into_iter()
                 .filter(|l| l.obj.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= trainer.step))
@@ -365,14 +406,17 @@ fn run_steps<B: Backend>(
             jsonl::write_atomic(&metrics_path, keep)?;
         }
         resumed_from = Some(dir);
-    } else if metrics_path.is_file() {
+    } else if root && metrics_path.is_file() {
         std::fs::remove_file(&metrics_path).with_context(|| metrics_path.display().to_string())?;
     }
-    let mut log = Appender::open(&metrics_path)?;
+    let mut log = if root { Some(Appender::open(&metrics_path)?) } else { None };
     let base_name = files.model.display().to_string();
+    // Rank 0 writes; the others name the folder it writes.
     let save = |t: &Trainer<B>| -> Result<PathBuf> {
         let dir = out.join(format!("step-{}", t.step));
-        checkpoint::save(t, &dir, &base_name, |tmp| copy_side_files(tmp, &files.model))?;
+        if root {
+            checkpoint::save(t, &dir, &base_name, |tmp| copy_side_files(tmp, &files.model))?;
+        }
         Ok(dir)
     };
 
@@ -400,7 +444,9 @@ fn run_steps<B: Backend>(
             }
         };
         tokens += m.tokens as u64;
-        log.append(&MetricsLine::new(&m, t_step.elapsed().as_secs_f64(), start.elapsed().as_secs_f64()))?;
+        if let Some(log) = &mut log {
+            log.append(&MetricsLine::new(&m, t_step.elapsed().as_secs_f64(), start.elapsed().as_secs_f64()))?;
+        }
         progress.status(&format!("loss {:.4}, margin {:.4}, acc {:.2}, lr {:.2e}", m.loss, m.reward_margin, m.reward_accuracy, m.lr));
         progress.advance(1, m.tokens as u64);
         if opts.save_every > 0 && trainer.step.is_multiple_of(opts.save_every) && trainer.step < total {
@@ -418,6 +464,7 @@ fn run_steps<B: Backend>(
     if trainer.step >= total {
         let dir = out.join("final");
         match &trainer.trainable {
+            _ if !root => {}
             Trainable::Full { .. } => {
                 let w = trainer.export_weights();
                 checkpoint::write_dir_atomic(&dir, |d| write_hf_folder(d, &files.model, &w))?;
@@ -434,7 +481,11 @@ fn run_steps<B: Backend>(
         }
         final_dir = Some(dir);
     }
-    write_metrics_chart(&metrics_path, &out.join("metrics.png"))?;
+    if root {
+        write_metrics_chart(&metrics_path, &out.join("metrics.png"))?;
+    }
+    // Every rank returns once rank 0 has written everything (or fails naming it).
+    trainer.comm.barrier()?;
     Ok(TrainSummary {
         steps: trainer.step - first,
         step: trainer.step,
@@ -448,6 +499,8 @@ fn run_steps<B: Backend>(
         checkpoint,
         final_dir,
         merged_dir,
+        world,
+        rank,
     })
 }
 

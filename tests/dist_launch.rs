@@ -1,0 +1,254 @@
+//! Data parallel through real processes on 127.0.0.1 (the TCP transport): `ipo launch --nproc 2
+//! -- train ... --device cpu` equals the single-process `ipo train` with the same global batch;
+//! a rank killed mid-run stops the job with an error naming it (through `launch`, and without
+//! it: the surviving rank itself fails naming the dead one, within the timeout); a rank that
+//! never comes is named by rank 0's rendezvous; bad torchrun variables are named; commands
+//! that do not run data parallel refuse a world size above 1; `launch --help` covers every flag.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{tiny_fixture, write_random_pairs};
+
+const IPO: &str = env!("CARGO_BIN_EXE_ipo");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn train_flags(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let paths = [("--model", tiny_fixture("llama")), ("--pairs", pairs.to_path_buf()), ("--output", out.to_path_buf())];
+    let mut f = vec!["train".to_string()];
+    f.extend(paths.iter().flat_map(|(k, p)| [k.to_string(), p.to_string_lossy().into_owned()]));
+    f.extend("--device cpu --lr 3e-3 --beta 0.2 --seed 3".split(' ').map(String::from));
+    f.extend(extra.iter().map(|s| s.to_string()));
+    f
+}
+
+fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+/// The bound of tests/dist_train.rs for full fine-tuning (fp32 rounding of the gradient sums).
+const FULL_TOL: f32 = 2e-6;
+
+#[test]
+fn launch_nproc_2_train_equals_single_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_random_pairs(&pairs, 10, 21);
+    let extra = ["--batch-size", "4", "--micro-batch-size", "1", "--epochs", "2"];
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let o = run(Command::new(IPO).args(train_flags(&pairs, &one, &extra)));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let port = free_port().to_string();
+    let t0 = Instant::now();
+    let o = run(Command::new(IPO).args(["launch", "--nproc", "2", "--master-port", &port, "--"]).args(train_flags(&pairs, &two, &extra)));
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("launch --nproc 2: {:.2} s", t0.elapsed().as_secs_f64());
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("[rank 0] train: done") && err.contains("[rank 1] train: done"), "{err}");
+    // One metrics line per step (rank 0 alone writes), the same global values.
+    let lines = |d: &Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>()
+    };
+    let (m1, m2) = (lines(&one), lines(&two));
+    assert_eq!(m1.len(), 6);
+    assert_eq!(m2.len(), 6);
+    for (a, b) in m1.iter().zip(&m2) {
+        assert_eq!((&a["step"], &a["pairs"], &a["tokens"]), (&b["step"], &b["pairs"], &b["tokens"]));
+        let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-5, "step {}: loss {x} vs {y}", a["step"]);
+    }
+    let (w1, w2) = (tensors(&one.join("final/model.safetensors")), tensors(&two.join("final/model.safetensors")));
+    let base = tensors(&tiny_fixture("llama").join("model.safetensors"));
+    let diff = |a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]| {
+        a.iter().zip(b).flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max)
+    };
+    let (d, moved) = (diff(&w1, &w2), diff(&w1, &base));
+    eprintln!("launch vs single: max |diff| {d:e}, weights moved {moved:e}");
+    assert!(d <= FULL_TOL && moved > 1000.0 * FULL_TOL, "diff {d}, moved {moved}");
+}
+
+/// Child pids of `pid` whose environment has `RANK=rank`.
+fn child_with_rank(pid: u32, rank: usize) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|x| x.parse::<u32>().ok());
+        if ppid != Some(pid) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|kv| kv == format!("RANK={rank}").as_bytes()) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn wait_for_metrics(out: &Path, child: &mut Child) {
+    let t0 = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |s| s.lines().count()) < 2 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before it was killed");
+        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits at most `limit` for `child` to exit; returns its stderr.
+fn exit_within(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return (s, err, t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running {limit:?} after a rank died");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn long_run(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pairs = tmp.join("pairs.jsonl");
+    write_random_pairs(&pairs, 30, 5);
+    (pairs, tmp.join("out"))
+}
+
+#[test]
+fn a_killed_rank_stops_launch_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pairs, out) = long_run(tmp.path());
+    let port = free_port().to_string();
+    let mut launch = Command::new(IPO)
+        .args(["launch", "--nproc", "2", "--master-port", &port, "--"])
+        .args(train_flags(&pairs, &out, &["--batch-size", "2", "--micro-batch-size", "1", "--epochs", "500", "--save-every", "7"]))
+        .env("IPO_DIST_TIMEOUT", "20")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_metrics(&out, &mut launch);
+    let victim = child_with_rank(launch.id(), 1).expect("rank 1 is a child of launch");
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let pid = launch.id();
+    let (status, err, took) = exit_within(launch, Duration::from_secs(15));
+    eprintln!("launch stopped {took:?} after rank 1 was killed");
+    assert!(!status.success());
+    // Rank 0 either failed on its own (it saw rank 1 go) or was stopped; rank 1 is the cause.
+    assert!(err.contains("error: rank 1 failed (signal: 9"), "{err}");
+    assert!(err.contains("; rank 0 failed too (exit status: 1)") || err.contains("; stopped ranks 0"), "{err}");
+    assert!(child_with_rank(pid, 0).is_none(), "rank 0 was stopped");
+    // Nothing half-written: every step-N/ is complete, no final/.
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        assert!(!n.starts_with("step-") || e.path().join("trainer_state.json").is_file(), "{n}");
+    }
+    assert!(!out.join("final").exists());
+}
+
+#[test]
+fn surviving_rank_fails_naming_the_dead_or_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pairs, out) = long_run(tmp.path());
+    let port = free_port().to_string();
+    let spawn = |rank: usize| {
+        Command::new(IPO)
+            .args(train_flags(&pairs, &out, &["--batch-size", "2", "--micro-batch-size", "1", "--epochs", "500"]))
+            .envs([("RANK", rank.to_string()), ("WORLD_SIZE", "2".into()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.clone())])
+            .env("IPO_DIST_TIMEOUT", "5")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Rank 1 dies mid-run (SIGKILL): rank 0 fails at its next collective, naming rank 1.
+    let mut r0 = spawn(0);
+    let mut r1 = Guard(spawn(1));
+    wait_for_metrics(&out, &mut r0);
+    r1.0.kill().unwrap();
+    let (s, err, took) = exit_within(r0, Duration::from_secs(15));
+    eprintln!("rank 0 failed {took:?} after rank 1 was killed");
+    assert!(!s.success());
+    assert!(err.contains("rank 1 closed its connection"), "{err}");
+    // Rank 1 of a fresh job never starts: rank 0 names it after IPO_DIST_TIMEOUT.
+    let t0 = Instant::now();
+    let o = run(Command::new(IPO)
+        .args(train_flags(&pairs, &tmp.path().join("alone"), &["--batch-size", "2"]))
+        .envs([("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("IPO_DIST_TIMEOUT", "1")])
+        .env("MASTER_PORT", free_port().to_string()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("ranks 1 of 2 did not join within 1.0 s"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // Rank 1 with no rank 0: it names the address it could not reach.
+    let port = free_port();
+    let o = run(Command::new(IPO)
+        .args(train_flags(&pairs, &tmp.path().join("lost"), &["--batch-size", "2"]))
+        .envs([("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("IPO_DIST_TIMEOUT", "1")])
+        .env("RANK", "1")
+        .env("MASTER_PORT", port.to_string()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(&format!("rendezvous at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) failed")), "{err}");
+}
+
+#[test]
+fn bad_environment_is_named_and_other_commands_refuse_world_above_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_random_pairs(&pairs, 2, 1);
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("WORLD_SIZE", "two"), ("RANK", "0")], "WORLD_SIZE=\"two\": expected a non-negative integer"),
+        (&[("WORLD_SIZE", "2"), ("RANK", "0")], "MASTER_ADDR is not set"),
+        (&[("WORLD_SIZE", "2"), ("RANK", "5"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK=5 is not below WORLD_SIZE=2"),
+        (&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "http")], "MASTER_PORT=\"http\": expected a TCP port"),
+        (&[("WORLD_SIZE", "1"), ("IPO_DIST_TIMEOUT", "soon")], "IPO_DIST_TIMEOUT=\"soon\""),
+    ];
+    for (vars, want) in cases {
+        let o = run(Command::new(IPO).args(train_flags(&pairs, &tmp.path().join("o"), &["--batch-size", "2"])).envs(vars.iter().copied()));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{vars:?}: {err}");
+    }
+    assert!(!tmp.path().join("o").exists(), "nothing written on a bad environment");
+    let o = run(Command::new(IPO).args(["score", "--model", "m", "--input", "x", "--output", "y"]).envs([("WORLD_SIZE", "2"), ("RANK", "1")]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("ipo score does not run data parallel yet (WORLD_SIZE=2 from the environment)"), "{err}");
+}
+
+#[test]
+fn launch_help_explains_every_flag() {
+    let o = run(Command::new(IPO).args(["launch", "--help"]));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for f in
+        ["--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "RANK", "WORLD_SIZE", "LOCAL_RANK", "IPO_DIST_TIMEOUT", "SLURM_PROCID", "NCCL"]
+    {
+        assert!(help.contains(f), "{f} missing from:\n{help}");
+    }
+    let o = run(Command::new(IPO).args(["launch", "--nproc", "2", "--node-rank", "1", "--", "train"]));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--node-rank 1 must be below --nnodes 1"));
+}
