@@ -10,12 +10,12 @@
 //! other processes on a busy machine barely changes (wall time there can vary twofold).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ipo::backend::cpu::CpuBackend;
+use ipo::backend::cpu::{CpuBackend, CpuBuf};
 use ipo::backend::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq, Span};
 
 const DIMS: AttnDims = AttnDims { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
 
-fn rvec(seed: u64, n: usize) -> Vec<f32> {
+fn rvec(seed: u64, n: usize) -> CpuBuf<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
@@ -23,6 +23,10 @@ fn rvec(seed: u64, n: usize) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
+}
+
+fn zeros(n: usize) -> CpuBuf<f32> {
+    vec![0.0; n].into()
 }
 
 /// Times `op` in wall time, or in thread CPU time on a one-thread pool (see the module doc).
@@ -56,8 +60,8 @@ fn packed(c: &mut Criterion, name: &str, layout: &AttnLayout) {
     let t = layout.num_tokens();
     let (qd, kvd) = (DIMS.n_heads * DIMS.head_dim, DIMS.n_kv_heads * DIMS.head_dim);
     let (q, k, v, dout) = (rvec(1, t * qd), rvec(2, t * kvd), rvec(3, t * kvd), rvec(4, t * qd));
-    let (mut out, mut lse) = (vec![0.0; t * qd], vec![0.0; t * DIMS.n_heads]);
-    let (mut dq, mut dk, mut dv) = (vec![0.0; t * qd], vec![0.0; t * kvd], vec![0.0; t * kvd]);
+    let (mut out, mut lse) = (zeros(t * qd), zeros(t * DIMS.n_heads));
+    let (mut dq, mut dk, mut dv) = (zeros(t * qd), zeros(t * kvd), zeros(t * kvd));
     time(c, &format!("attention_{name}"), || be.attention(&q, &k, &v, layout, DIMS, &mut out, &mut lse));
     time(c, &format!("attention_bwd_{name}"), || be.attention_bwd(&dout, &q, &k, &v, &out, &lse, layout, DIMS, &mut dq, &mut dk, &mut dv));
 }
@@ -74,7 +78,7 @@ fn paged(c: &mut Criterion, name: &str, batch: usize, ctx: usize, q_len: usize) 
     let seqs: Vec<PagedSeq> = (0..batch).map(|s| PagedSeq { q_start: s * q_len, q_len, ctx_len: ctx, table_start: s * per }).collect();
     let qd = DIMS.n_heads * DIMS.head_dim;
     let q = rvec(6, batch * q_len * qd);
-    let mut out = vec![0.0; q.len()];
+    let mut out = zeros(q.len());
     time(c, &format!("paged_attention_{name}"), || be.paged_attention(&q, &cache, &seqs, &table, g, DIMS, &mut out));
 }
 
