@@ -107,6 +107,21 @@ fn readme_shell_examples_run() {
     let report = std::fs::read_to_string(dir.path().join("runs/smoke/report.md")).unwrap();
     assert!(report.contains("benign: refusal rate") && report.contains("helpful-answer NLL ratio"), "{report}");
     assert_eq!(lines("runs/smoke/rollouts.jsonl"), 12, "limit 6 prompts x n 2");
+    // Stage 2's reference is the stage-1 model: its pairs were scored anew (stage2/ref_pairs.jsonl),
+    // and a harmful pair's reference log-probs there differ from the base model's in pairs.ref.jsonl.
+    let read = |name: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (stage2_refs, base_refs) = (read("runs/smoke/stage2/ref_pairs.jsonl"), read("runs/smoke/pairs.ref.jsonl"));
+    assert_eq!(stage2_refs.len(), lines("runs/smoke/stage2_pairs.jsonl"));
+    let harmful: Vec<&serde_json::Value> = stage2_refs.iter().filter(|p| p["kind"] == "harmful").collect();
+    assert!(!harmful.is_empty(), "no harmful pair in stage 2");
+    for p in harmful {
+        let b = base_refs.iter().find(|b| b["id"] == p["id"] && b["trigger"] == p["trigger"] && b["sample"] == p["sample"]).expect("a stage-1 pair");
+        let (s1, base) = (p["ref_chosen_logp"].as_f64().unwrap(), b["ref_chosen_logp"].as_f64().unwrap());
+        assert!((s1 - base).abs() > 1e-3, "{}: stage-2 reference log-prob {s1} equals the base model's {base}", p["id"]);
+    }
     assert_eq!(scored.len(), 2);
     let logp = |i: usize| scored[i]["logp"].as_f64().unwrap();
     assert!(logp(0) > logp(1), "\" Paris.\" is the likelier continuation: {} vs {}", logp(0), logp(1));
