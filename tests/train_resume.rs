@@ -157,7 +157,9 @@ fn checkpoint_dir_is_complete_or_absent() {
     // That leftover, as a killed process leaves it (its pid no longer running), goes away
     // when the next checkpoint is written; a temp of a live process stays.
     let leftover = leftovers.iter().find(|n| n.starts_with(".step-6.tmp")).unwrap();
-    let dead = (std::process::id() + 1..u32::MAX).find(|p| !Path::new(&format!("/proc/{p}")).exists()).unwrap();
+    // Linux pids stay below PID_MAX_LIMIT (2^22), so this one is never running (a free pid just
+    // above ours could be taken by a process the other tests start before the check).
+    let dead = 1u32 << 22;
     let orphan = out.join(format!(".step-6.tmp-{dead}"));
     std::fs::rename(out.join(leftover), &orphan).unwrap();
     let live = out.join(format!(".step-7.tmp-{}", std::process::id()));
