@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{tiny_fixture, write_random_pairs};
+use common::{f32_tensors as tensors, tiny_fixture, write_random_pairs};
 
 const IPO: &str = env!("CARGO_BIN_EXE_ipo");
 
@@ -36,15 +36,6 @@ fn train_flags(pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     f.extend("--device cpu --lr 3e-3 --beta 0.2 --seed 3".split(' ').map(String::from));
     f.extend(extra.iter().map(|s| s.to_string()));
     f
-}
-
-fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> =
-        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn run(cmd: &mut Command) -> Output {

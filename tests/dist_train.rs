@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use common::{tiny_fixture, write_random_pairs};
+use common::{f32_tensors as tensors, tiny_fixture, write_random_pairs};
 use ipo::dist::{Comm, Group};
 use ipo::workflow::progress::Silent;
 use ipo::workflow::train::train_in;
@@ -60,15 +60,6 @@ fn flags(model: &str, pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> =
-        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// Largest |a - b| over all tensors of two safetensors files with the same tensors.

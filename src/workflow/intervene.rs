@@ -174,6 +174,14 @@ fn check(files: &InterveneFiles, o: &InterveneOptions) -> Result<()> {
     o.engine.check()
 }
 
+/// The rule detector of --cue-patterns, or the built-in one.
+fn rule_detector(o: &InterveneOptions) -> Result<RuleDetector> {
+    Ok(match &o.cue_patterns {
+        Some(p) => RuleDetector::from_file(p).context("--cue-patterns")?,
+        None => RuleDetector::builtin(),
+    })
+}
+
 /// The detector the options ask for; the judge is kept by name for its counters.
 enum CueDetector {
     Rules(RuleDetector),
@@ -187,10 +195,7 @@ impl CueDetector {
                 if o.endpoint.is_set() {
                     bail!("--judge-url/--judge-model need --detector judge");
                 }
-                Ok(CueDetector::Rules(match &o.cue_patterns {
-                    Some(p) => RuleDetector::from_file(p).context("--cue-patterns")?,
-                    None => RuleDetector::builtin(),
-                }))
+                Ok(CueDetector::Rules(rule_detector(o)?))
             }
             "judge" => {
                 if o.cue_patterns.is_some() {
@@ -418,11 +423,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     }
 
     let answer_start: Option<Box<dyn Fn(&str) -> bool + Sync>> = if opts.answer_start {
-        let cues = match &opts.cue_patterns {
-            Some(p) => RuleDetector::from_file(p).context("--cue-patterns")?,
-            None => RuleDetector::builtin(),
-        };
-        let judge = RuleJudge::new(cues);
+        let judge = RuleJudge::new(rule_detector(opts)?);
         Some(Box::new(move |text: &str| judge.is_harmful(text)))
     } else {
         None

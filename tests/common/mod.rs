@@ -272,3 +272,13 @@ pub fn host_reference_step<B: ipo::backend::Backend>(
 pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
+
+/// Every tensor of an f32 safetensors file, sorted by name.
+pub fn f32_tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
