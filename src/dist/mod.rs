@@ -194,8 +194,16 @@ impl Group {
         msg.push(op as u8);
         msg.extend_from_slice(&payload);
         if self.rank != 0 {
-            let r = self.links[0].lock().unwrap().send(&Msg::Data(msg));
-            return r.map(|_| None).map_err(|e| self.fail(self.peer_error(0, e)));
+            let mut link = self.links[0].lock().unwrap();
+            return match link.send(&Msg::Data(msg)) {
+                Ok(()) => Ok(None),
+                // Rank 0 may have aborted and exited before this rank sent: its abort message,
+                // still buffered on the link, says why (a bare "closed" would hide the culprit).
+                Err(e) => Err(self.fail(match link.recv(Duration::from_millis(100)) {
+                    Ok(Msg::Abort(m)) => CommError::Aborted(m),
+                    _ => self.peer_error(0, e),
+                })),
+            };
         }
         let mut all = vec![payload];
         for r in 1..self.world {
@@ -406,6 +414,20 @@ mod tests {
         for r in [1, 3] {
             assert!(out[r].contains("rank 0 aborted the job") && out[r].contains("rank 2"), "{}", out[r]);
         }
+        // Rank 3 reaches the all-reduce only after rank 0 aborted and exited: its send finds the
+        // link closed, and it still reports rank 0's abort naming rank 2 (CI once saw the bare
+        // "rank 0 closed its connection" here).
+        let out = on_threads(4, Duration::from_secs(20), |g| {
+            if g.rank() == 2 {
+                return String::new();
+            }
+            if g.rank() == 3 {
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            let mut x = values(g.rank(), 10);
+            g.all_reduce_sum(&mut x).unwrap_err().to_string()
+        });
+        assert!(out[3].contains("rank 0 aborted the job") && out[3].contains("rank 2"), "{}", out[3]);
         // Rank 1 stalls (sleeps past the timeout): rank 0 fails within about the timeout.
         let t0 = std::time::Instant::now();
         let out = on_threads(2, Duration::from_millis(300), |g| {
