@@ -79,8 +79,7 @@ fn main() {
     let cli = Cli::parse();
     ipo::workflow::device::set_verbose(cli.verbose);
     let name = match &cli.command {
-        Command::Train(_) | Command::Launch(_) => None,
-        Command::Generate(_) => Some("generate"),
+        Command::Train(_) | Command::Generate(_) | Command::Launch(_) => None,
         Command::Csr(_) => Some("csr"),
         Command::Score(_) => Some("score"),
         Command::Intervene(_) => Some("intervene"),

@@ -3,7 +3,8 @@
 //! a rank killed mid-run stops the job with an error naming it (through `launch`, and without
 //! it: the surviving rank itself fails naming the dead one, within the timeout); a rank that
 //! never comes is named by rank 0's rendezvous; bad torchrun variables are named; commands
-//! that do not run data parallel refuse a world size above 1; `launch --help` covers every flag.
+//! that do not run data parallel refuse a world size above 1; `launch --help` covers every flag;
+//! `generate` shards its prompts over the ranks and writes the single-process lines.
 
 mod common;
 
@@ -242,4 +243,62 @@ fn launch_help_explains_every_flag() {
     }
     let o = run(Command::new(IPO).args(["launch", "--nproc", "2", "--node-rank", "1", "--", "train"]));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--node-rank 1 must be below --nnodes 1"));
+}
+
+fn sorted_lines(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_to_string(p).unwrap().lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+/// `ipo launch --nproc 2 -- generate` writes the lines of the single-process run (in another
+/// order) and no part files; an interrupted two-process run (parts left, one with a torn last
+/// line, a duplicate of a line already folded into the output) is finished by `--resume` at
+/// world 3 with every sample exactly once.
+#[test]
+fn launch_nproc_2_generate_writes_the_single_process_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_llama_with_tokenizer(tmp.path(), &common::byte_tokenizer_json());
+    let prompts = tmp.path().join("p.jsonl");
+    let text: String = (0..7).map(|i| format!("{{\"id\": \"p{i}\", \"prompt\": \"Prompt number {i} {}\"}}\n", "x".repeat(i))).collect();
+    std::fs::write(&prompts, text).unwrap();
+    let flags = |out: &Path| -> Vec<String> {
+        let mut f: Vec<String> = vec!["generate".into(), "--model".into(), model.to_string_lossy().into(), "--prompts".into(), prompts.to_string_lossy().into()];
+        f.extend(["--output".into(), out.to_string_lossy().into()]);
+        f.extend("--no-chat-template --n 2 --max-new-tokens 12 --temperature 0.9 --seed 11 --kv-cache-mb 8 --device cpu".split(' ').map(String::from));
+        f
+    };
+    let one = tmp.path().join("one.jsonl");
+    let o = run(Command::new(IPO).args(flags(&one)));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = sorted_lines(&one);
+    assert_eq!(want.len(), 14);
+
+    let two = tmp.path().join("two.jsonl");
+    let port = free_port().to_string();
+    let o = run(Command::new(IPO).args(["launch", "--nproc", "2", "--master-port", &port, "--"]).args(flags(&two)));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("wrote 14 rollouts"), "the summary counts the whole job: {err}");
+    assert_eq!(sorted_lines(&two), want);
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".part")).collect();
+    assert!(left.is_empty(), "parts left: {left:?}");
+
+    // An interrupted run: the output holds 3 lines, rank 0's part 2 more (one of them also in
+    // the output: a fold killed midway), rank 1's part 2 more and a torn line.
+    let raw: Vec<String> = std::fs::read_to_string(&one).unwrap().lines().map(String::from).collect();
+    let three = tmp.path().join("three.jsonl");
+    std::fs::write(tmp.path().join("three.jsonl.rank0.part"), format!("{}\n{}\n", raw[2], raw[3])).unwrap();
+    std::fs::write(tmp.path().join("three.jsonl.rank1.part"), format!("{}\n{}\n{}", raw[4], raw[5], &raw[6][..20])).unwrap();
+    let o = run(Command::new(IPO).args(flags(&three)));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("three.jsonl.rank0.part") && err.contains("--resume"), "{err}");
+    std::fs::write(&three, raw[..3].join("\n") + "\n").unwrap();
+    let port = free_port().to_string();
+    let o = run(Command::new(IPO).args(["launch", "--nproc", "3", "--master-port", &port, "--"]).args(flags(&three)).arg("--resume"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("wrote 8 rollouts"), "6 samples were done: {err}");
+    assert_eq!(sorted_lines(&three), want);
+    assert!(!tmp.path().join("three.jsonl.rank1.part").exists());
 }

@@ -68,7 +68,16 @@ pub trait Comm: Send + Sync {
     fn barrier(&self) -> Result<(), CommError> {
         self.all_gather(Vec::new()).map(|_| ())
     }
+    /// `all_gather` at the end of work that takes the ranks very different times (a share of
+    /// rollouts): it waits for the slowest rank without the stall deadline, while a rank that
+    /// exits or is killed still fails it at once, named.
+    fn all_gather_after_work(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, CommError> {
+        self.all_gather(mine)
+    }
 }
+
+/// How long `all_gather_after_work` waits for a rank that is alive but not done (30 days).
+const AFTER_WORK: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The world-1 communicator: every collective is the identity.
 pub fn single() -> Arc<dyn Comm> {
@@ -186,7 +195,7 @@ impl Group {
 
     /// Every rank sends `[op | payload]`; rank 0 gets the payloads in rank order (checked to be
     /// the same collective), the others `None`.
-    fn gather(&self, op: Op, payload: Vec<u8>) -> Result<Option<Vec<Vec<u8>>>, CommError> {
+    fn gather(&self, op: Op, payload: Vec<u8>, timeout: Duration) -> Result<Option<Vec<Vec<u8>>>, CommError> {
         if let Some(e) = self.failed.lock().unwrap().clone() {
             return Err(e);
         }
@@ -207,7 +216,7 @@ impl Group {
         }
         let mut all = vec![payload];
         for r in 1..self.world {
-            let got = self.links[r - 1].lock().unwrap().recv(self.timeout);
+            let got = self.links[r - 1].lock().unwrap().recv(timeout);
             let err = match got {
                 Ok(Msg::Data(mut m)) if m.first() == Some(&(op as u8)) => {
                     m.remove(0);
@@ -228,7 +237,7 @@ impl Group {
     }
 
     /// Rank 0 sends `data` to every rank; the others receive it.
-    fn bcast(&self, data: Option<Vec<u8>>) -> Result<Vec<u8>, CommError> {
+    fn bcast(&self, data: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, CommError> {
         if self.rank == 0 {
             let data = data.expect("rank 0 broadcasts data");
             for r in 1..self.world {
@@ -242,7 +251,7 @@ impl Group {
         }
         // Rank 0 may itself wait up to one timeout for a slow rank before it aborts: wait for
         // twice that, so that its abort (naming the slow rank) arrives first.
-        let got = self.links[0].lock().unwrap().recv(2 * self.timeout);
+        let got = self.links[0].lock().unwrap().recv(timeout.saturating_mul(2));
         match got {
             Ok(Msg::Data(d)) => Ok(d),
             Ok(Msg::Abort(m)) => Err(self.fail(CommError::Aborted(m))),
@@ -259,7 +268,7 @@ impl Group {
         to: fn(T) -> [u8; N],
     ) -> Result<Vec<u8>, CommError> {
         let len = bytes.len();
-        let Some(all) = self.gather(op, bytes)? else { return self.bcast(None) };
+        let Some(all) = self.gather(op, bytes, self.timeout)? else { return self.bcast(None, self.timeout) };
         if let Some((r, b)) = all.iter().enumerate().find(|(_, b)| b.len() != len) {
             let err = CommError::Peer { rank: r, reason: format!("sent {} values to an all-reduce of {} (ranks out of step)", b.len() / N, len / N) };
             self.abort_others(&err.to_string());
@@ -271,7 +280,7 @@ impl Group {
                 *a += from(c.try_into().unwrap());
             }
         }
-        self.bcast(Some(acc.into_iter().flat_map(to).collect()))
+        self.bcast(Some(acc.into_iter().flat_map(to).collect()), self.timeout)
     }
 }
 
@@ -308,26 +317,11 @@ impl Comm for Group {
     }
 
     fn all_gather(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, CommError> {
-        if self.world == 1 {
-            return Ok(vec![mine]);
-        }
-        // Rank 0 concatenates `[len u64 | bytes]` per rank and broadcasts that.
-        let packed = self.gather(Op::Gather, mine)?.map(|all| {
-            let mut p = Vec::new();
-            for b in all {
-                p.extend_from_slice(&(b.len() as u64).to_le_bytes());
-                p.extend_from_slice(&b);
-            }
-            p
-        });
-        let p = self.bcast(packed)?;
-        let (mut out, mut at) = (Vec::with_capacity(self.world), 0);
-        while at < p.len() {
-            let n = u64::from_le_bytes(p[at..at + 8].try_into().unwrap()) as usize;
-            out.push(p[at + 8..at + 8 + n].to_vec());
-            at += 8 + n;
-        }
-        Ok(out)
+        self.gather_all(mine, self.timeout)
+    }
+
+    fn all_gather_after_work(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, CommError> {
+        self.gather_all(mine, AFTER_WORK.max(self.timeout))
     }
 
     fn broadcast(&self, buf: &mut Vec<u8>) -> Result<(), CommError> {
@@ -335,9 +329,34 @@ impl Comm for Group {
             return Ok(());
         }
         // The gather checks that every rank is in this collective before rank 0 sends.
-        let data = self.gather(Op::Broadcast, Vec::new())?.map(|_| std::mem::take(buf));
-        *buf = self.bcast(data)?;
+        let data = self.gather(Op::Broadcast, Vec::new(), self.timeout)?.map(|_| std::mem::take(buf));
+        *buf = self.bcast(data, self.timeout)?;
         Ok(())
+    }
+}
+
+impl Group {
+    fn gather_all(&self, mine: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>, CommError> {
+        if self.world == 1 {
+            return Ok(vec![mine]);
+        }
+        // Rank 0 concatenates `[len u64 | bytes]` per rank and broadcasts that.
+        let packed = self.gather(Op::Gather, mine, timeout)?.map(|all| {
+            let mut p = Vec::new();
+            for b in all {
+                p.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                p.extend_from_slice(&b);
+            }
+            p
+        });
+        let p = self.bcast(packed, timeout)?;
+        let (mut out, mut at) = (Vec::with_capacity(self.world), 0);
+        while at < p.len() {
+            let n = u64::from_le_bytes(p[at..at + 8].try_into().unwrap()) as usize;
+            out.push(p[at + 8..at + 8 + n].to_vec());
+            at += 8 + n;
+        }
+        Ok(out)
     }
 }
 

@@ -25,7 +25,8 @@ use crate::rollout::{key_of, Engine, EngineConfig, Event, Output, Request, Sampl
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::{default_from_clap, EngineOptions, SamplingOptions};
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
+use crate::workflow::shard::{self, Shards};
 
 /// The files of one `generate` call.
 #[derive(clap::Args, Debug, Clone)]
@@ -95,7 +96,7 @@ pub struct GenerateOptions {
 default_from_clap!(GenerateOptions);
 
 /// What a `generate` call did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GenerateSummary {
     /// Rollouts written by this call.
     pub written: usize,
@@ -293,9 +294,26 @@ fn check(files: &GenerateFiles, o: &GenerateOptions) -> Result<()> {
 
 /// Samples `opts.n` rollouts per prompt of `files.prompts` and appends them to `files.output`.
 /// A run after which the output holds no rollout, only failures, is an error (the failed
-/// lines are kept, and a --resume redoes them).
+/// lines are kept, and a --resume redoes them). Under a launcher (RANK, WORLD_SIZE, ...) each
+/// rank samples every world-th prompt and rank 0 gathers the lines (`shard`); the summary is
+/// the whole job's.
 pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
-    let s = sample_all(files, opts, progress)?;
+    let mut opts = opts.clone();
+    let shards = Shards::from_env(&mut opts.device)?;
+    let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
+    let t0 = Instant::now();
+    let mine = sample_all(files, &opts, progress, &shards)?;
+    let mut s = GenerateSummary::default();
+    for b in shards.finish(&files.output, serde_json::to_vec(&mine)?)? {
+        let r: GenerateSummary = serde_json::from_slice(&b)?;
+        s.written += r.written;
+        s.failed += r.failed;
+        s.prefill_tokens += r.prefill_tokens;
+        s.decode_tokens += r.decode_tokens;
+        s.preemptions += r.preemptions;
+    }
+    s.skipped = mine.skipped;
+    s.seconds = t0.elapsed().as_secs_f64();
     if s.written == 0 && s.skipped == 0 && s.failed > 0 {
         let first = jsonl::read_objects(&files.output)?
             .into_iter()
@@ -310,7 +328,8 @@ pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Pr
     Ok(s)
 }
 
-fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
+/// This rank's share of `generate`: written to `shards.target(output)`.
+fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress, shards: &Shards) -> Result<GenerateSummary> {
     let t0 = Instant::now();
     check(files, opts)?;
     opts.sampling.params(&[])?;
@@ -318,6 +337,10 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     prompts.truncate(opts.limit.unwrap_or(usize::MAX));
     if files.output.exists() && !files.resume {
         bail!("{} exists: pass --resume to continue it, or choose a new --output", files.output.display());
+    }
+    let parts = shard::leftover_parts(&files.output)?;
+    if !parts.is_empty() && !files.resume {
+        bail!("{} holds the lines of an interrupted multi-process run: pass --resume to continue it, or choose a new --output", parts[0].display());
     }
 
     let dir = ModelDir::open(&files.model)?;
@@ -329,7 +352,18 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     let o = &opts.sampling;
     let sampling =
         SamplingRecord { temperature: o.temperature, top_p: o.top_p, top_k: o.top_k, max_new_tokens: o.max_new_tokens, stop: opts.stop.clone() };
-    let done = if files.output.exists() { resume(&files.output, seed, &sampling, &fingerprint)? } else { HashSet::new() };
+    // Rank 0 first folds an interrupted run's parts into the output and cleans it; then every
+    // rank reads the samples done.
+    let done = shards.root_first(|| {
+        if shards.root() {
+            shard::fold(&files.output, &parts)?;
+        }
+        if files.output.exists() {
+            resume(&files.output, seed, &sampling, &fingerprint)
+        } else {
+            Ok(HashSet::new())
+        }
+    })?;
     let id = RunIdentity { seed, sampling: &sampling, fingerprint: &fingerprint };
 
     // Tokenize; per-prompt failures are recorded (written once the run is known to start).
@@ -339,7 +373,7 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     let mut summary = GenerateSummary { skipped: done.len(), ..Default::default() };
     for (pi, p) in prompts.iter().enumerate() {
         let todo: Vec<u32> = (0..opts.n).filter(|s| !done.contains(&(p.id.clone(), *s as u64))).collect();
-        if todo.is_empty() {
+        if todo.is_empty() || !shards.owns(pi) {
             continue;
         }
         let ids = if p.text.trim().is_empty() {
@@ -362,8 +396,9 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
         }
     }
     summary.failed = failures.len();
+    let target = shards.target(&files.output);
     if reqs.is_empty() {
-        let mut out = Appender::open(&files.output)?;
+        let mut out = Appender::open(&target)?;
         for f in &failures {
             out.append(f)?;
         }
@@ -375,7 +410,7 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
     with_backend!(opts.device, be => {
     let model = dir.upload(be, weights)?;
     let mut engine = new_engine(&model, &opts.engine, &reqs, opts.sampling.max_new_tokens)?;
-    let mut out = Appender::open(&files.output)?;
+    let mut out = Appender::open(&target)?;
     for f in &failures {
         out.append(f)?;
     }
@@ -401,7 +436,7 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
         }
     })?;
     if let Some(e) = write_err {
-        return Err(e.context(format!("writing {}", files.output.display())));
+        return Err(e.context(format!("writing {}", target.display())));
     }
     let st = engine.stats();
     (summary.prefill_tokens, summary.decode_tokens, summary.preemptions) = (st.prefill_tokens, st.decode_tokens, st.preemptions);

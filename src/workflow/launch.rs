@@ -33,8 +33,8 @@ pub struct LaunchOptions {
     #[arg(long, value_name = "PORT", default_value_t = 29500)]
     pub master_port: u16,
     /// The subcommand every rank runs, and its flags, after `--` (e.g. `-- train --model M
-    /// --pairs P --output O`). Only `train` runs data parallel today; others refuse a world
-    /// size above 1.
+    /// --pairs P --output O`). `train` runs data parallel and `generate` shards its prompts
+    /// over the ranks; the other subcommands refuse a world size above 1.
     #[arg(last = true, required = true, value_name = "SUBCOMMAND")]
     pub command: Vec<String>,
 }

@@ -15,5 +15,6 @@ pub mod model;
 pub mod options;
 pub mod progress;
 pub mod score;
+pub(crate) mod shard;
 pub mod train;
 pub mod bench;

@@ -1,0 +1,240 @@
+//! Rollout stages over several processes (`ipo launch`, torchrun, srun): each rank takes every
+//! `world`-th prompt, appends what it finishes to a part file of its own beside the output
+//! (`<output>.rank<R>.part`, flushed line by line like the output itself), and when every rank is
+//! done rank 0 folds the parts into the output in rank order and deletes them. Every record is
+//! keyed by its prompt and sample, and sampling is counter-based (seed, prompt, sample, step),
+//! so the records do not depend on which rank drew them: a run on W processes writes the lines
+//! of a run on one, in another order.
+//!
+//! The output's folder must be one that every rank sees (one machine, or a shared filesystem
+//! across nodes, as torchrun jobs assume for their checkpoints); rank 0 says so when a part is
+//! missing.
+//!
+//! Interruption: a killed rank stops the job (the others fail naming it, `crate::dist`); the
+//! parts stay. `--resume` first folds the parts of the earlier run, whatever its world size,
+//! into the output (lines already there are not written twice, so a fold that was itself
+//! killed is finished, not repeated), then resumes from the output as a single process would.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use crate::dist::{self, Comm, DistEnv};
+use crate::io::jsonl::{self, Appender};
+use crate::workflow::device::{Device, DeviceOptions};
+
+/// This process's share of a rollout stage.
+pub(crate) struct Shards {
+    comm: Arc<dyn Comm>,
+}
+
+impl Shards {
+    /// The group of the environment (world 1 without a launcher); `device` becomes this rank's
+    /// GPU (`cuda:N` is GPU N + LOCAL_RANK).
+    pub(crate) fn from_env(device: &mut DeviceOptions) -> Result<Shards> {
+        let env = DistEnv::from_env()?;
+        if let Device::Cuda(n) = device.device {
+            if env.world > 1 {
+                device.device = Device::Cuda(n + env.local_rank);
+            }
+        }
+        Ok(Shards { comm: dist::connect(&env)? })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn of(comm: Arc<dyn Comm>) -> Shards {
+        Shards { comm }
+    }
+
+    pub(crate) fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub(crate) fn world(&self) -> usize {
+        self.comm.world()
+    }
+
+    pub(crate) fn root(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Whether the `i`-th prompt (in input order) is this rank's.
+    pub(crate) fn owns(&self, i: usize) -> bool {
+        i % self.world() == self.rank()
+    }
+
+    /// The file this rank appends to: `output` itself in a single process, else its part.
+    pub(crate) fn target(&self, output: &Path) -> PathBuf {
+        if self.world() == 1 {
+            output.to_path_buf()
+        } else {
+            part_path(output, self.rank())
+        }
+    }
+
+    /// Runs `f` on rank 0 first (e.g. folding earlier parts and cleaning the output for
+    /// `--resume`), then on the other ranks, so that they read what rank 0 left.
+    pub(crate) fn root_first<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.root() {
+            let r = f();
+            if r.is_ok() {
+                self.comm.barrier()?;
+            }
+            return r;
+        }
+        self.comm.barrier()?;
+        f()
+    }
+
+    /// Waits for every rank to finish its share (however long the slowest takes; a rank that
+    /// exits fails it at once, naming it), then rank 0 folds the parts into `output`. Returns
+    /// every rank's `mine`, in rank order, on every rank; every rank returns once the output is
+    /// whole.
+    pub(crate) fn finish(&self, output: &Path, mine: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        if self.world() == 1 {
+            return Ok(vec![mine]);
+        }
+        let all = self.comm.all_gather_after_work(mine)?;
+        if self.root() {
+            let parts: Vec<PathBuf> = (0..self.world()).map(|r| part_path(output, r)).collect();
+            for (r, p) in parts.iter().enumerate() {
+                if !p.exists() {
+                    bail!(
+                        "{}: rank {r}'s part is missing after it finished: every rank must write to a folder that rank 0 sees (one machine, or a filesystem shared by the nodes)",
+                        p.display()
+                    );
+                }
+            }
+            fold(output, &parts)?;
+        }
+        self.comm.barrier()?;
+        Ok(all)
+    }
+}
+
+/// `<output>.rank<R>.part`, beside the output.
+pub(crate) fn part_path(output: &Path, rank: usize) -> PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".rank{rank}.part"));
+    output.with_file_name(name)
+}
+
+/// The parts an earlier run left beside `output` (any world size), in rank order.
+pub(crate) fn leftover_parts(output: &Path) -> Result<Vec<PathBuf>> {
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(stem) = output.file_name().and_then(|n| n.to_str()) else { return Ok(Vec::new()) };
+    let prefix = format!("{stem}.rank");
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let name = e.file_name();
+        let Some(rank) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|r| r.strip_suffix(".part")).and_then(|r| r.parse::<usize>().ok()) else {
+            continue;
+        };
+        found.push((rank, e.path()));
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Appends to `output` every line of `parts` (in order) that it does not already hold, then
+/// deletes the parts. A torn last line (a process killed mid-write) of the output or of a part
+/// is dropped: the stage redoes that sample.
+pub(crate) fn fold(output: &Path, parts: &[PathBuf]) -> Result<()> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let key = |o: &serde_json::Map<String, serde_json::Value>| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(o).unwrap_or_default().hash(&mut h);
+        h.finish()
+    };
+    let mut have = HashSet::new();
+    if output.exists() {
+        let a = jsonl::read_appended(output)?;
+        if a.unterminated {
+            jsonl::write_atomic(output, a.lines.iter().map(|l| &l.obj))?;
+        }
+        have.extend(a.lines.iter().map(|l| key(&l.obj)));
+    }
+    let mut out = Appender::open(output)?;
+    for p in parts {
+        for l in jsonl::read_appended(p)?.lines {
+            if have.insert(key(&l.obj)) {
+                out.append(&l.obj)?;
+            }
+        }
+    }
+    for p in parts {
+        std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_sit_beside_the_output_and_fold_without_duplicates_or_torn_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.jsonl");
+        assert_eq!(part_path(&out, 3), dir.path().join("r.jsonl.rank3.part"));
+        std::fs::write(&out, "{\"id\":\"a\",\"sample\":0}\n{\"id\":\"b\",\"sam").unwrap();
+        std::fs::write(part_path(&out, 1), "{\"id\":\"c\",\"sample\":0}\n{\"id\":\"a\",\"sample\":0}\n{\"id\":\"d\"").unwrap();
+        std::fs::write(part_path(&out, 0), "{\"id\":\"b\",\"sample\":0}\n").unwrap();
+        std::fs::write(dir.path().join("r.jsonl.rankx.part"), "not ours").unwrap();
+        std::fs::write(dir.path().join("q.jsonl.rank0.part"), "not ours").unwrap();
+        let parts = leftover_parts(&out).unwrap();
+        assert_eq!(parts, vec![part_path(&out, 0), part_path(&out, 1)]);
+        fold(&out, &parts).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(text, "{\"id\":\"a\",\"sample\":0}\n{\"id\":\"b\",\"sample\":0}\n{\"id\":\"c\",\"sample\":0}\n");
+        assert!(leftover_parts(&out).unwrap().is_empty());
+        assert!(dir.path().join("q.jsonl.rank0.part").exists());
+    }
+
+    #[test]
+    fn shares_cover_every_prompt_once_and_root_goes_first() {
+        let groups = crate::dist::Group::threads(3, std::time::Duration::from_secs(20));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hs: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let order = order.clone();
+                std::thread::spawn(move || {
+                    let s = Shards::of(Arc::new(g));
+                    if !s.root() {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    s.root_first(|| {
+                        if s.root() {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                        order.lock().unwrap().push(s.rank());
+                        Ok(())
+                    })
+                    .unwrap();
+                    (0..10).filter(|&i| s.owns(i)).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let shares: Vec<Vec<usize>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(order.lock().unwrap()[0], 0, "rank 0 runs first");
+        let mut all: Vec<usize> = shares.concat();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(shares[1], vec![1, 4, 7]);
+    }
+}
