@@ -130,9 +130,17 @@ struct LayerActs<Buf> {
     act: Buf,           // [T, ffn]
 }
 
+/// What a layer keeps for the backward: all its activations, or (activation recomputation,
+/// `Transformer::set_recompute`) only its input, from which the backward runs the layer's
+/// forward again just before its backward.
+enum Saved<Buf> {
+    All(LayerActs<Buf>),
+    Input(Buf),
+}
+
 /// Everything the backward needs from a forward.
 pub struct Tape<Buf> {
-    layers: Vec<LayerActs<Buf>>,
+    layers: Vec<Saved<Buf>>,
     x_final: Buf,  // [T, hidden] before the final norm
     rstd_f: Buf,   // [T]
     h_final: Buf,  // [T, hidden] after the final norm
@@ -144,6 +152,7 @@ pub struct Transformer<B: Backend = Reference> {
     pub backend: B,
     pub weights: ModelWeights<B::Buf>,
     inv_freq: Vec<f64>, // [head_dim / 2]
+    recompute: bool,
 }
 
 impl Transformer<Reference> {
@@ -159,7 +168,20 @@ impl<B: Backend> Transformer<B> {
         backend.prepare(&[cfg.head_dim]).map_err(|error| ForwardError::Backend { backend: backend.name(), error })?;
         let weights = host.map(|t| backend.upload_weight(&t.data));
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, backend, weights, inv_freq })
+        Ok(Self { cfg, backend, weights, inv_freq, recompute: false })
+    }
+
+    /// Activation recomputation: `forward` keeps only each decoder layer's input, and `backward`
+    /// recomputes the layer's activations from it (one more layer forward per layer, about a
+    /// third more FLOPs), so the saved activations shrink from about 4 hidden + 3 ffn + the
+    /// attention's q, k, v and output values per token and layer to one hidden. The same
+    /// operations run on the same inputs, so the gradients are bit for bit those without it.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    pub fn recompute(&self) -> bool {
+        self.recompute
     }
 
     /// Copies the weights back to the host (for saving, or moving to another backend).
@@ -227,7 +249,7 @@ impl<B: Backend> Transformer<B> {
             be.matmul(&acts.act, false, &self.weights.layers[l].w_down, true, &mut out, t, hidden, c.intermediate_size, false);
             be.add_assign(&mut out, &acts.x_mid);
             x = out;
-            layers.push(acts);
+            layers.push(if self.recompute { Saved::Input(acts.x) } else { Saved::All(acts) });
         }
         let (mut h, mut rstd) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x, &self.weights.final_norm, hidden, c.rms_norm_eps as f32, &mut h, &mut rstd);
@@ -299,7 +321,11 @@ impl<B: Backend> Transformer<B> {
         }
         let mut dx = be.zeros(t * hidden);
         be.rmsnorm_bwd(&dh, &tape.x_final, &self.weights.final_norm, &tape.rstd_f, hidden, &mut dx, &mut grads.final_norm);
-        for (l, acts) in tape.layers.into_iter().enumerate().rev() {
+        for (l, saved) in tape.layers.into_iter().enumerate().rev() {
+            let acts = match saved {
+                Saved::All(a) => a,
+                Saved::Input(x) => self.layer_forward(l, x, batch),
+            };
             dx = self.layer_backward(l, acts, dx, batch, grads);
         }
         be.embedding_bwd(&dx, &batch.ids, hidden, &mut grads.embed);

@@ -524,7 +524,10 @@ impl<B: Backend> Trainer<B> {
         let fixed = (2 * params + base + (master + moments) * trainable) as u64 * elem;
         let per_layer = 4 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate_size + c.num_heads + 2
             + if c.qk_norm { c.q_dim() + c.kv_dim() } else { 0 };
-        let per_token = (c.num_layers * per_layer + 3 * c.hidden_size + 2 * c.intermediate_size) as u64 * elem;
+        // With recomputation a layer keeps its input, and one layer's activations are live at
+        // a time in the backward.
+        let saved_layers = if self.model.recompute() { c.num_layers * c.hidden_size + per_layer } else { c.num_layers * per_layer };
+        let per_token = (saved_layers + 3 * c.hidden_size + 2 * c.intermediate_size) as u64 * elem;
         fixed + micro_tokens as u64 * per_token
     }
 
