@@ -36,13 +36,22 @@ fn verdict(e: &Estimate, s: &PlanSummary, gb: f64) -> String {
     if e.fits {
         format!("fits on {} x {gb} GB with {:.1} GiB to spare", s.gpus, gib(e.spare_bytes as u64))
     } else {
-        format!("does not fit: needs {:.1} GiB per GPU, have {:.1} GiB ({gb} GB); {}", gib(e.total_bytes), gib(s.gpu_memory_bytes), tries(&e.suggestions))
+        format!(
+            "does not fit: needs {:.1} GiB per GPU, have {:.1} GiB ({gb} GB); {}",
+            gib(e.total_bytes),
+            gib(s.gpu_memory_bytes),
+            tries(&e.suggestions)
+        )
     }
 }
 
 fn table(s: &PlanSummary, o: &PlanOptions) -> String {
     let (p, b) = (&s.plan.memory, &s.this_build.memory);
-    let mode = if o.lora_rank > 0 { format!("LoRA r={}", o.lora_rank) } else { "full fine-tuning".into() };
+    let mode = if o.lora_rank > 0 {
+        format!("LoRA r={}", o.lora_rank)
+    } else {
+        "full fine-tuning".into()
+    };
     let mut out = format!(
         "{}: {:.2}B parameters; {mode}, {}, AdamW; micro-batch {} pair(s) = {} tokens ({} context + 2 x {} segment each), {} scored rows; {} GPU(s) of {} GB{}\n\n",
         s.config.display(), s.params as f64 / 1e9, o.precision, o.micro_batch_size, s.micro_tokens, o.context, o.segment, s.micro_rows, s.gpus, o.gpu_memory_gb,
@@ -67,7 +76,10 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
     }
     out += &format!(
         "\nFLOPs: {:.3e} per optimizer step ({} pairs), {:.3e} per rollout token (at {} positions of context)\n",
-        s.flops.train_step, o.batch_size, s.flops.rollout_token, o.rollout_len / 2
+        s.flops.train_step,
+        o.batch_size,
+        s.flops.rollout_token,
+        o.rollout_len / 2
     );
     out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: every buffer fp32 (bf16 adds copies), LoRA keeps every weight's gradient, no sharding or recompute.\n";
     out += &format!("this build: {}\n", verdict(&s.this_build, s, o.gpu_memory_gb));

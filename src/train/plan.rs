@@ -76,7 +76,15 @@ pub struct PlanInput {
 impl PlanInput {
     /// A training shape of `micro_pairs` pairs of one `context` and two `segment`s each.
     #[allow(clippy::too_many_arguments)]
-    pub fn pairs(precision: Precision, lora: Option<(usize, Vec<LoraTarget>)>, batch: usize, micro: usize, context: usize, segment: usize, layout: Layout) -> Self {
+    pub fn pairs(
+        precision: Precision,
+        lora: Option<(usize, Vec<LoraTarget>)>,
+        batch: usize,
+        micro: usize,
+        context: usize,
+        segment: usize,
+        layout: Layout,
+    ) -> Self {
         let (c, s) = (context as f64, segment as f64);
         PlanInput {
             precision,
@@ -164,7 +172,12 @@ fn counts(c: &ModelConfig, lora: &Option<(usize, Vec<LoraTarget>)>) -> Counts {
             adapters += u(c.num_layers) * u(*r) * u(o + i);
         }
     }
-    Counts { params: c.param_count().unwrap_or(u64::MAX), layer_mats, adapted, adapters }
+    Counts {
+        params: c.param_count().unwrap_or(u64::MAX),
+        layer_mats,
+        adapted,
+        adapters,
+    }
 }
 
 /// Memory per GPU of `p` for model `c`.
@@ -189,8 +202,9 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
         // matmul reads it whole, and under LoRA the fp32 base W0 of each adapted matrix.
         m.weights = 4 * n.params + if bf16 { 2 * n.layer_mats } else { 0 } + 4 * n.adapted;
         m.master = if lora { 4 * n.adapters } else { 0 };
-        // dW of every weight; LoRA adds the projected dA, dB.
-        m.gradients = 4 * n.params + if lora { 4 * n.adapters } else { 0 };
+        // dW of every weight (LoRA's projected dA, dB come after the backward, when the saved
+        // activations are gone, so they are not part of the peak).
+        m.gradients = 4 * n.params;
         m.optimizer = moments * trained;
     } else {
         m.weights = e * n.params;
@@ -266,7 +280,10 @@ pub fn flops(c: &ModelConfig, p: &PlanInput) -> Flops {
     let pair = fwd + bwd_factor * mats_fwd + 2.0 * attn_fwd + adapters + recompute;
     let ctx = p.rollout_len as f64 / 2.0;
     let rollout_token = 2.0 * (n.layer_mats as f64 + vocab * h) + 4.0 * (c.num_heads * c.head_dim) as f64 * ctx * layers;
-    Flops { train_step: pair * p.batch_pairs as f64, rollout_token }
+    Flops {
+        train_step: pair * p.batch_pairs as f64,
+        rollout_token,
+    }
 }
 
 /// A change of the input that makes it fit, in words, with its estimate.
@@ -287,12 +304,26 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestio
     let mut out = Vec::new();
     let try_change = |q: PlanInput, what: String, out: &mut Vec<Suggestion>| {
         if fits(&q) {
-            out.push(Suggestion { change: what, bytes: memory(c, &q).total() });
+            out.push(Suggestion {
+                change: what,
+                bytes: memory(c, &q).total(),
+            });
         }
     };
     if p.lora.is_none() {
         let mut q = p.clone();
-        q.lora = Some((16, vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Gate, LoraTarget::Up, LoraTarget::Down]));
+        q.lora = Some((
+            16,
+            vec![
+                LoraTarget::Q,
+                LoraTarget::K,
+                LoraTarget::V,
+                LoraTarget::O,
+                LoraTarget::Gate,
+                LoraTarget::Up,
+                LoraTarget::Down,
+            ],
+        ));
         all.lora = q.lora.clone();
         try_change(q, "--lora-rank 16".into(), &mut out);
     }
@@ -311,7 +342,11 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestio
         try_change(q, "--recompute".into(), &mut out);
     }
     if p.layout == Layout::Target {
-        if let Some(g) = [2, 4, 8, 16, 32, 64].into_iter().filter(|&g| g > p.gpus).find(|&g| fits(&PlanInput { gpus: g, ..p.clone() })) {
+        if let Some(g) = [2, 4, 8, 16, 32, 64]
+            .into_iter()
+            .filter(|&g| g > p.gpus)
+            .find(|&g| fits(&PlanInput { gpus: g, ..p.clone() }))
+        {
             let q = PlanInput { gpus: g, ..p.clone() };
             try_change(q, format!("--gpus {g}"), &mut out);
         }
@@ -344,7 +379,10 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestio
             words.push("--micro-batch-size 1".into());
         }
         let bytes = memory(c, &all).total();
-        out.push(Suggestion { change: words.join(" "), bytes });
+        out.push(Suggestion {
+            change: words.join(" "),
+            bytes,
+        });
     }
     out
 }
@@ -382,7 +420,14 @@ pub fn train_input(tc: &super::TrainConfig, precision: Precision, pairs: &[PairL
 /// Refuses a training run whose estimated peak (`train_input`, this build) exceeds `budget`
 /// bytes, saying which change of the flags would fit (each computed by the estimator).
 /// `longest` is the id of the longest pair (named in the message).
-pub(crate) fn check_train_memory(c: &ModelConfig, tc: &super::TrainConfig, precision: Precision, pairs: &[PairLens], longest: &str, budget: u64) -> Result<(), super::TrainError> {
+pub(crate) fn check_train_memory(
+    c: &ModelConfig,
+    tc: &super::TrainConfig,
+    precision: Precision,
+    pairs: &[PairLens],
+    longest: &str,
+    budget: u64,
+) -> Result<(), super::TrainError> {
     let p = train_input(tc, precision, pairs);
     let m = memory(c, &p);
     if m.total() <= budget {
@@ -443,7 +488,10 @@ mod tests {
         assert_eq!(a.optimizer, 8 * b.optimizer);
         assert_eq!(a.master, 8 * b.master);
         // This build shards nothing.
-        let t1 = PlanInput { layout: Layout::ThisBuild, ..one };
+        let t1 = PlanInput {
+            layout: Layout::ThisBuild,
+            ..one
+        };
         assert_eq!(memory(&c, &t1), memory(&c, &PlanInput { gpus: 8, ..t1.clone() }));
     }
 
@@ -453,7 +501,10 @@ mod tests {
         let p = PlanInput::pairs(Precision::Bf16, Some((16, vec![LoraTarget::Q])), 8, 1, 4096, 4096, Layout::Target);
         let (full, rc) = (memory(&c, &p), memory(&c, &PlanInput { recompute: true, ..p.clone() }));
         // 12288 tokens x 32 layers x 4096 x 2 bytes of layer inputs, about 3 GiB.
-        assert!(rc.activations < full.activations / 10 && rc.activations > 12288 * 32 * 4096 * 2, "{rc:?} vs {full:?}");
+        assert!(
+            rc.activations < full.activations / 10 && rc.activations > 12288 * 32 * 4096 * 2,
+            "{rc:?} vs {full:?}"
+        );
         let f = flops(&c, &p).train_step;
         assert!(flops(&c, &PlanInput { recompute: true, ..p }).train_step > f);
     }
@@ -462,7 +513,10 @@ mod tests {
     fn lora_trains_at_two_thirds_of_full_flops() {
         let c = llama8b();
         let full = PlanInput::pairs(Precision::Bf16, None, 1, 1, 512, 0, Layout::Target);
-        let lora = PlanInput { lora: Some((16, vec![LoraTarget::Q])), ..full.clone() };
+        let lora = PlanInput {
+            lora: Some((16, vec![LoraTarget::Q])),
+            ..full.clone()
+        };
         let (a, b) = (flops(&c, &full).train_step, flops(&c, &lora).train_step);
         // 6 N T vs 4 N T (plus the small adapter and attention terms).
         assert!((b / a - 4.0 / 6.0).abs() < 0.02, "{b} / {a}");

@@ -119,7 +119,12 @@ fn read_config(path: &Path) -> Result<(PathBuf, ModelConfig)> {
 
 pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
     let (config, cfg) = read_config(&o.model)?;
-    for (flag, v) in [("--batch-size", o.batch_size), ("--micro-batch-size", o.micro_batch_size), ("--context", o.context), ("--gpus", o.gpus)] {
+    for (flag, v) in [
+        ("--batch-size", o.batch_size),
+        ("--micro-batch-size", o.micro_batch_size),
+        ("--context", o.context),
+        ("--gpus", o.gpus),
+    ] {
         if v == 0 {
             bail!("{flag} must be > 0");
         }
@@ -134,11 +139,23 @@ pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
     if len > cfg.max_position_embeddings || o.rollout_len > cfg.max_position_embeddings {
         bail!(
             "--context + --segment ({len} positions) and --rollout-len ({}) must fit the model's max_position_embeddings ({}, {})",
-            o.rollout_len, cfg.max_position_embeddings, config.display()
+            o.rollout_len,
+            cfg.max_position_embeddings,
+            config.display()
         );
     }
-    let params = cfg.param_count().with_context(|| format!("{}: the parameter count overflows", config.display()))?;
-    let all = vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Gate, LoraTarget::Up, LoraTarget::Down];
+    let params = cfg
+        .param_count()
+        .with_context(|| format!("{}: the parameter count overflows", config.display()))?;
+    let all = vec![
+        LoraTarget::Q,
+        LoraTarget::K,
+        LoraTarget::V,
+        LoraTarget::O,
+        LoraTarget::Gate,
+        LoraTarget::Up,
+        LoraTarget::Down,
+    ];
     let lora = (o.lora_rank > 0).then(|| (o.lora_rank, all));
     let mut input = PlanInput::pairs(o.precision, lora, o.batch_size, o.micro_batch_size, o.context, o.segment, Layout::Target);
     input.rollout_batch = o.rollout_batch;
