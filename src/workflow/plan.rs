@@ -156,7 +156,7 @@ pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
         LoraTarget::Up,
         LoraTarget::Down,
     ];
-    let lora = (o.lora_rank > 0).then(|| (o.lora_rank, all));
+    let lora = (o.lora_rank > 0).then_some((o.lora_rank, all));
     let mut input = PlanInput::pairs(o.precision, lora, o.batch_size, o.micro_batch_size, o.context, o.segment, Layout::Target);
     input.rollout_batch = o.rollout_batch;
     input.rollout_len = o.rollout_len;
