@@ -42,6 +42,16 @@ enum Command {
     /// DPO on the divergent segment of preference pairs (plus optional SFT term); full
     /// fine-tuning or LoRA; checkpoints, resume, metrics.jsonl and a chart.
     Train(ipo::cli::train::Args),
+    /// Memory per GPU and FLOPs of a training setup, before it runs: weights, master weights,
+    /// gradients, AdamW state, saved activations, workspace and the rollouts' KV cache for a
+    /// model (folder or config.json), precision, LoRA rank, pair lengths and GPUs; says whether
+    /// it fits and, if not, which change of the flags would.
+    ///
+    /// Two columns: the plan (the design's storage: bf16 weights and activations, fp32 master
+    /// weights and moments sharded over the GPUs ZeRO-1 style, optional recomputation), which
+    /// the last line is about; and this build (what `ipo train` allocates today and checks
+    /// against the device's memory before it starts).
+    Plan(ipo::cli::plan::Args),
     /// Harmful ratio of reasoning and of response (rule or LLM judge), refusal rates, helpful-answer
     /// and prose NLL ratios and degenerate share of a model beside its base, with 95% intervals:
     /// OUT/eval.json, eval.md, eval.png, answers.jsonl.
@@ -88,6 +98,7 @@ fn main() {
         Command::Selftest(_) => Some("selftest"),
         Command::Run(_) => Some("run"),
         Command::Bench(_) => Some("bench"),
+        Command::Plan(_) => Some("plan"),
     };
     if let Err(e) = name.map_or(Ok(()), ipo::cli::launch::refuse_world_above_1) {
         eprintln!("error: {e:#}");
@@ -104,6 +115,7 @@ fn main() {
         Command::Selftest(a) => ipo::cli::selftest::run(a),
         Command::Run(a) => ipo::cli::run::run(a),
         Command::Bench(a) => ipo::cli::bench::run(a),
+        Command::Plan(a) => ipo::cli::plan::run(a),
         Command::Launch(a) => ipo::cli::launch::run(a),
     };
     if let Err(e) = result {

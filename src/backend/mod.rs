@@ -292,6 +292,10 @@ pub trait Backend: Send + Sync {
     fn memory_free(&self) -> Option<u64> {
         None
     }
+    /// The precision of the products (what `train::plan` estimates memory for).
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
     fn zeros(&self, n: usize) -> Self::Buf;
     fn upload(&self, host: &[f32]) -> Self::Buf;
     /// `upload` of model weights: a backend may keep derived copies (the CUDA backend's bf16

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod import_gguf;
 pub mod intervene;
 pub mod launch;
+pub mod plan;
 pub mod run;
 pub mod score;
 pub mod selftest;

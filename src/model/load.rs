@@ -118,7 +118,12 @@ impl Fields<'_> {
 /// Reads `dir/config.json` into a `ModelConfig`, applying the per-family defaults of
 /// transformers 5 (e.g. Qwen3's `head_dim` defaults to 128, Llama's to hidden / heads).
 pub fn load_config(dir: &Path) -> Result<ModelConfig, LoadError> {
-    let path = dir.join("config.json");
+    load_config_file(&dir.join("config.json"))
+}
+
+/// `load_config` of a `config.json` given by its own path.
+pub fn load_config_file(path: &Path) -> Result<ModelConfig, LoadError> {
+    let path = path.to_path_buf();
     let json = read_json(&path)?;
     let obj = json
         .as_object()

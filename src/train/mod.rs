@@ -11,6 +11,8 @@
 //! - `data`: pairs JSONL -> `TrainPair`, validation, seeded epoch order.
 //! - `trainer`: `Trainer<B>`, one optimizer step at a time.
 //! - `checkpoint`: `step-N/` directories written atomically, and resume.
+//! - `plan`: memory and FLOPs of a step before it runs (`ipo plan`, and the check `ipo train`
+//!   makes before it starts).
 //! - `chart`: metrics.png, the training curves (drawn by `crate::chart`).
 
 pub mod chart;
@@ -19,6 +21,7 @@ pub mod data;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub(crate) mod st;
 pub mod trainer;
 

@@ -503,50 +503,14 @@ impl<B: Backend> Trainer<B> {
         TrainError::NonFinite { step, what: what.into(), value, ids }
     }
 
-    /// Estimated peak bytes: weights, gradients, master weights and moments, plus the saved
-    /// activations of the largest micro-batch (what `Transformer::forward` keeps per token).
-    pub(crate) fn estimate_peak_bytes(&self, micro_tokens: usize) -> u64 {
-        let c = &self.model.cfg;
-        let mut params = 0usize;
-        self.model.weights.for_each(|_, b| params += self.model.backend.len(b));
-        let elem = 4u64; // f32 on the reference backend (bf16 weights on CUDA would be less)
-        let moments = match self.cfg.optim.kind {
-            super::OptimKind::Adamw => 2,
-            super::OptimKind::Sgd => 0,
-        };
-        let trainable: usize = self.trainable_sizes().iter().map(|t| t.1).sum();
-        // Full fine-tuning: the weights are the master weights. LoRA adds its adapters and a
-        // copy of each adapted base matrix.
-        let (master, base) = match &self.trainable {
-            Trainable::Full { .. } => (0, 0),
-            Trainable::Lora(l) => (1, l.adapters.iter().map(|a| a.out * a.inp).sum()),
-        };
-        let fixed = (2 * params + base + (master + moments) * trainable) as u64 * elem;
-        let per_layer = 4 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate_size + c.num_heads + 2
-            + if c.qk_norm { c.q_dim() + c.kv_dim() } else { 0 };
-        // With recomputation a layer keeps its input, and one layer's activations are live at
-        // a time in the backward.
-        let saved_layers = if self.model.recompute() { c.num_layers * c.hidden_size + per_layer } else { c.num_layers * per_layer };
-        let per_token = (saved_layers + 3 * c.hidden_size + 2 * c.intermediate_size) as u64 * elem;
-        fixed + micro_tokens as u64 * per_token
-    }
-
+    /// Refuses to start when `cfg.memory_budget` is below the estimate of `train::plan` for
+    /// the largest micro-batch any step can see (what `ipo train` also checks before it
+    /// uploads the weights).
     fn check_memory(&self) -> Result<(), TrainError> {
         let Some(budget) = self.cfg.memory_budget else { return Ok(()) };
-        // The largest micro-batch that any step can see (pairs in file order, worst case).
-        let mut sizes: Vec<(usize, &str)> = self.pairs.iter().map(|p| (p.packed_tokens(), p.id.as_str())).collect();
-        sizes.sort_unstable_by(|a, b| b.cmp(a));
-        let worst: Vec<_> = sizes.iter().take(self.cfg.micro_batch_size).collect();
-        let tokens: usize = worst.iter().map(|w| w.0).sum();
-        let need = self.estimate_peak_bytes(tokens);
-        if need > budget {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            return Err(TrainError::Memory(format!(
-                "a micro-batch of the {} longest pairs ({tokens} tokens; longest: id {}) needs about {:.2} GiB, above the budget of {:.2} GiB (--memory-budget-gb): lower --micro-batch-size, use LoRA, or shorten the pairs",
-                worst.len(), worst[0].1, gib(need), gib(budget)
-            )));
-        }
-        Ok(())
+        let lens: Vec<_> = self.pairs.iter().map(|p| (p.context.len(), p.chosen.len(), p.rejected.len())).collect();
+        let longest = self.pairs.iter().max_by_key(|p| p.packed_tokens()).map_or("", |p| p.id.as_str());
+        super::plan::check_train_memory(&self.model.cfg, &self.cfg, self.model.backend.precision(), self.model.recompute(), &lens, longest, budget)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod intervene;
 pub mod launch;
 pub mod model;
 pub mod options;
+pub mod plan;
 pub mod progress;
 pub mod score;
 pub(crate) mod shard;

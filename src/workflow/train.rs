@@ -28,6 +28,7 @@ use crate::io::records::Pair;
 use crate::model::weights::{HostTensor, ModelWeights};
 use crate::train::chart::write_metrics_chart;
 use crate::train::checkpoint;
+use crate::train::plan::check_train_memory;
 use crate::train::data::{read_pairs, to_train_pairs};
 use crate::train::trainer::Trainable;
 use crate::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, StepMetrics, TrainConfig, TrainError, TrainPair, Trainer};
@@ -230,6 +231,13 @@ pub fn train_in(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress
             if let Some(free) = be.memory_free() {
                 tcfg.memory_budget = Some(free);
             }
+        }
+        // Checked before the weights go up and before any reference scoring; the trainer
+        // checks again with the same estimate (`train::plan`).
+        if let Some(budget) = tcfg.memory_budget {
+            let lens: Vec<_> = recs.iter().map(|(_, p)| (p.context_ids.len(), p.chosen_ids.len(), p.rejected_ids.len())).collect();
+            let longest = recs.iter().max_by_key(|(_, p)| p.context_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()).map_or("", |(_, p)| p.id.as_str());
+            check_train_memory(&dir.config, &tcfg, be.precision(), opts.recompute, &lens, longest, budget)?;
         }
         let mut model = dir.upload(be, weights)?;
         model.set_recompute(opts.recompute);

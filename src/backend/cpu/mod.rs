@@ -266,6 +266,9 @@ pub(crate) fn test_vals(n: usize, seed: u64) -> Vec<f64> {
 impl<F: Elem> Backend for CpuBackend<F> {
     type Buf = CpuBuf<F>;
 
+    fn precision(&self) -> Precision {
+        self.precision
+    }
     fn name(&self) -> String {
         match self.precision {
             Precision::F32 => format!("cpu-{}", std::any::type_name::<F>()),

@@ -25,6 +25,7 @@ pub use sim::Sim;
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
 use ptxsim::nvrtc::Nvrtc;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A device buffer of `len` 4-byte elements (f32 for `Backend::Buf`; u32/i32 for the index
@@ -33,6 +34,7 @@ pub struct CudaBuf<G: Gpu> {
     ptr: DevPtr,
     len: usize,
     gpu: Arc<G>,
+    mem: Arc<MemCounter>,
     /// Weights only (`Backend::upload_weight`): the bf16 copy `Precision::Bf16` matmuls read,
     /// made on first use and dropped when the weights change in place (optimizer steps).
     bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
@@ -48,7 +50,16 @@ impl<G: Gpu> CudaBuf<G> {
 impl<G: Gpu> Drop for CudaBuf<G> {
     fn drop(&mut self) {
         self.gpu.free(self.ptr);
+        self.mem.live.fetch_sub(4 * self.len as u64, Ordering::Relaxed);
     }
+}
+
+/// Bytes of the live buffers of one backend and their high-water mark (what the backend asked
+/// for; the device's allocator may round up). Always on: two atomic adds per buffer.
+#[derive(Default)]
+struct MemCounter {
+    live: AtomicU64,
+    peak: AtomicU64,
 }
 
 pub struct CudaBackend<G: Gpu> {
@@ -62,6 +73,7 @@ pub struct CudaBackend<G: Gpu> {
     /// The last rope cos/sin table and what it was built from: every layer's q and k, forward
     /// and backward, rotate the same positions, so one table serves a whole step.
     rope_table: Mutex<Option<RopeTable<G>>>,
+    mem: Arc<MemCounter>,
 }
 
 /// A device `[tokens, half, 2]` (cos, sin) table for `positions`, `inv_freq` and the sign.
@@ -181,6 +193,7 @@ impl<G: Gpu> CudaBackend<G> {
             loaded: Mutex::new(HashSet::new()),
             precision: std::sync::atomic::AtomicU8::new(p.to_u8()),
             rope_table: Mutex::new(None),
+            mem: Arc::default(),
         })
     }
 
@@ -241,7 +254,25 @@ impl<G: Gpu> CudaBackend<G> {
 
     fn alloc(&self, len: usize) -> CudaBuf<G> {
         let ptr = self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}"));
-        CudaBuf { ptr, len, gpu: self.gpu.clone(), bf16: None }
+        let live = self.mem.live.fetch_add(4 * len as u64, Ordering::Relaxed) + 4 * len as u64;
+        self.mem.peak.fetch_max(live, Ordering::Relaxed);
+        CudaBuf { ptr, len, gpu: self.gpu.clone(), mem: self.mem.clone(), bf16: None }
+    }
+
+    /// Bytes of this backend's buffers alive now.
+    pub fn memory_live(&self) -> u64 {
+        self.mem.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes of buffers alive at once since the backend was made or
+    /// `reset_memory_peak` (the allocation high-water mark; `train::plan` estimates it).
+    pub fn memory_peak(&self) -> u64 {
+        self.mem.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new high-water mark from the bytes alive now.
+    pub fn reset_memory_peak(&self) {
+        self.mem.peak.store(self.memory_live(), Ordering::Relaxed);
     }
 
     fn upload_bytes(&self, len: usize, bytes: &[u8]) -> CudaBuf<G> {
@@ -333,6 +364,10 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn memory_free(&self) -> Option<u64> {
         self.gpu.memory_free()
+    }
+
+    fn precision(&self) -> Precision {
+        CudaBackend::precision(self)
     }
 
     fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[super::SampleRow]) -> Vec<u32> {

@@ -23,12 +23,19 @@ struct State {
     /// (launches run to completion when issued, which is one valid schedule of any streams).
     events: HashMap<EventId, std::time::Instant>,
     next_event: EventId,
+    /// Bytes of each live allocation, and their sum (for `memory_free`).
+    sizes: HashMap<DevPtr, u64>,
+    live: u64,
 }
 
 /// The simulated device (one, behind a mutex: launches are serial, like one stream).
 #[derive(Default)]
 pub struct Sim {
     state: Mutex<State>,
+    /// The memory the simulated device pretends to have (`IPO_SIM_MEMORY_GB`, GiB), so that
+    /// what a GPU's size decides (`ipo train`'s memory check) can be tried on a CPU; None: the
+    /// buffers are host memory and `memory_free` reports nothing, as before.
+    memory: Option<u64>,
 }
 
 fn err(e: impl std::fmt::Display) -> GpuError {
@@ -37,7 +44,8 @@ fn err(e: impl std::fmt::Display) -> GpuError {
 
 impl Sim {
     pub fn new() -> Sim {
-        Sim::default()
+        let gib = std::env::var("IPO_SIM_MEMORY_GB").ok().and_then(|v| v.trim().parse::<f64>().ok()).filter(|g| *g > 0.0);
+        Sim { memory: gib.map(|g| (g * (1u64 << 30) as f64) as u64), ..Sim::default() }
     }
 
     /// Launch counts and summed counters per kernel since the start (for the benches).
@@ -93,10 +101,28 @@ impl Gpu for Sim {
         "compute_80".to_string()
     }
     fn alloc(&self, bytes: usize) -> Result<DevPtr, GpuError> {
-        Ok(self.state.lock().unwrap().dev.alloc(bytes.max(4) as u64))
+        let mut st = self.state.lock().unwrap();
+        let n = bytes.max(4) as u64;
+        if let Some(total) = self.memory {
+            if st.live + n > total {
+                return Err(err(format!("out of memory: {n} bytes requested, {} of {total} free (IPO_SIM_MEMORY_GB)", total - st.live)));
+            }
+        }
+        let p = st.dev.alloc(n);
+        st.sizes.insert(p, n);
+        st.live += n;
+        Ok(p)
     }
     fn free(&self, ptr: DevPtr) {
-        let _ = self.state.lock().unwrap().dev.free(ptr);
+        let mut st = self.state.lock().unwrap();
+        if st.dev.free(ptr).is_ok() {
+            let n = st.sizes.remove(&ptr).unwrap_or(0);
+            st.live -= n;
+        }
+    }
+    fn memory_free(&self) -> Option<u64> {
+        let live = self.state.lock().unwrap().live;
+        self.memory.map(|t| t.saturating_sub(live))
     }
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
         self.state.lock().unwrap().dev.write(dst, src).map_err(err)

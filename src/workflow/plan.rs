@@ -1,0 +1,192 @@
+//! `plan`: memory per GPU and FLOPs of a training setup before it runs (`train::plan`), for a
+//! model folder or a bare `config.json`; what fits on the GPUs given, and, where it does not,
+//! which single change of the flags would fit (each computed by the same estimator).
+//!
+//! Two estimates come out (`train::plan::Layout`): the plan, for the storage of the design
+//! (bf16 weights, activations and KV cache; fp32 master weights and AdamW moments sharded over
+//! the GPUs; optional per-layer recomputation), which the verdict is about; and this build's,
+//! what `ipo train` allocates today (every buffer fp32, no sharding, no recomputation) and
+//! checks before it starts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::backend::Precision;
+use crate::model::config::ModelConfig;
+use crate::model::load::{load_config, load_config_file};
+use crate::train::lora::LoraTarget;
+use crate::train::plan::{flops, memory, suggestions, Flops, Layout, Memory, PlanInput, Suggestion};
+
+/// The flags of `ipo plan`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanOptions {
+    /// Hugging Face model folder (its config.json is read; no weights are needed), or a
+    /// config.json file itself.
+    #[arg(long, value_name = "DIR|config.json")]
+    pub model: PathBuf,
+    /// Compute precision: bf16 (bf16 weights, activations and KV cache; fp32 master weights
+    /// and optimizer state) or fp32 (everything fp32).
+    #[arg(long, value_name = "bf16|fp32", default_value = "bf16", value_parser = parse_precision)]
+    pub precision: Precision,
+    /// LoRA rank, adapting q,k,v,o,gate,up,down of every layer (`ipo train`'s default
+    /// targets); 0 = full fine-tuning.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub lora_rank: usize,
+    /// Pairs per optimizer step (scales the FLOPs of a step, not the memory).
+    #[arg(long, value_name = "PAIRS", default_value_t = 64)]
+    pub batch_size: usize,
+    /// Pairs per forward/backward pass: the saved activations grow with it.
+    #[arg(long, value_name = "PAIRS", default_value_t = 1)]
+    pub micro_batch_size: usize,
+    /// Tokens of a pair's shared context (prompt + the reasoning before the cue), computed once
+    /// per pair.
+    #[arg(long, value_name = "TOKENS", default_value_t = 4096)]
+    pub context: usize,
+    /// Tokens of each of the chosen and rejected segments; a pair is context + 2 segments.
+    #[arg(long, value_name = "TOKENS", default_value_t = 4096)]
+    pub segment: usize,
+    /// Sequences decoded together by `ipo generate` / `intervene` (--max-batch); 0 = leave
+    /// rollouts out.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub rollout_batch: usize,
+    /// Positions each rollout holds in the paged KV cache (prompt + completion), in blocks of
+    /// 16.
+    #[arg(long, value_name = "TOKENS", default_value_t = 8192)]
+    pub rollout_len: usize,
+    /// Per-decoder-layer activation recomputation: keep only each layer's input and run the
+    /// layer's forward again in the backward (one more forward per step). Not implemented by
+    /// `ipo train` yet: the plan assumes it, this build's estimate ignores it.
+    #[arg(long)]
+    pub recompute: bool,
+    /// Memory of each GPU, in GB (10^9 bytes, as GPUs are sold: 80 for an H100 80GB).
+    #[arg(long, value_name = "GB", default_value_t = 80.0)]
+    pub gpu_memory_gb: f64,
+    /// GPUs training data parallel (ZeRO-1: the fp32 master weights and AdamW moments are
+    /// sharded over them; weights, gradients and activations are replicated on each).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub gpus: usize,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    match Precision::parse(s) {
+        Ok(p @ (Precision::F32 | Precision::Bf16)) => Ok(p),
+        _ => Err(format!("`{s}`: expected bf16 or fp32")),
+    }
+}
+
+/// One estimate: the memory per GPU, whether it fits, and what would.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Estimate {
+    pub layout: Layout,
+    pub memory: Memory,
+    pub training_bytes: u64,
+    pub rollout_bytes: u64,
+    pub total_bytes: u64,
+    pub fits: bool,
+    /// Bytes left per GPU (negative: missing).
+    pub spare_bytes: i64,
+    pub suggestions: Vec<Suggestion>,
+}
+
+/// What `plan` found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PlanSummary {
+    pub config: PathBuf,
+    pub params: u64,
+    /// Tokens and lm-head rows of a micro-batch.
+    pub micro_tokens: usize,
+    pub micro_rows: usize,
+    pub gpus: usize,
+    pub gpu_memory_bytes: u64,
+    /// The design's storage: the verdict.
+    pub plan: Estimate,
+    /// What `ipo train` allocates today (and checks before it starts).
+    pub this_build: Estimate,
+    pub flops: Flops,
+}
+
+/// The config.json `--model` names (a folder's, or the file itself).
+fn read_config(path: &Path) -> Result<(PathBuf, ModelConfig)> {
+    if path.is_dir() {
+        return Ok((path.join("config.json"), load_config(path).context("--model")?));
+    }
+    if !path.exists() {
+        bail!("--model {}: no such folder or config.json", path.display());
+    }
+    Ok((path.to_path_buf(), load_config_file(path).context("--model")?))
+}
+
+pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
+    let (config, cfg) = read_config(&o.model)?;
+    for (flag, v) in [
+        ("--batch-size", o.batch_size),
+        ("--micro-batch-size", o.micro_batch_size),
+        ("--context", o.context),
+        ("--gpus", o.gpus),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be > 0");
+        }
+    }
+    if o.micro_batch_size > o.batch_size {
+        bail!("--micro-batch-size ({}) must be <= --batch-size ({})", o.micro_batch_size, o.batch_size);
+    }
+    if !(o.gpu_memory_gb > 0.0 && o.gpu_memory_gb.is_finite()) {
+        bail!("--gpu-memory-gb must be > 0");
+    }
+    let len = o.context + 2 * o.segment;
+    if len > cfg.max_position_embeddings || o.rollout_len > cfg.max_position_embeddings {
+        bail!(
+            "--context + --segment ({len} positions) and --rollout-len ({}) must fit the model's max_position_embeddings ({}, {})",
+            o.rollout_len,
+            cfg.max_position_embeddings,
+            config.display()
+        );
+    }
+    let params = cfg
+        .param_count()
+        .with_context(|| format!("{}: the parameter count overflows", config.display()))?;
+    let all = vec![
+        LoraTarget::Q,
+        LoraTarget::K,
+        LoraTarget::V,
+        LoraTarget::O,
+        LoraTarget::Gate,
+        LoraTarget::Up,
+        LoraTarget::Down,
+    ];
+    let lora = (o.lora_rank > 0).then_some((o.lora_rank, all));
+    let mut input = PlanInput::pairs(o.precision, lora, o.batch_size, o.micro_batch_size, o.context, o.segment, Layout::Target);
+    input.rollout_batch = o.rollout_batch;
+    input.rollout_len = o.rollout_len;
+    input.recompute = o.recompute;
+    input.gpus = o.gpus;
+    let budget = (o.gpu_memory_gb * 1e9) as u64;
+    let estimate = |layout: Layout| {
+        let p = PlanInput { layout, ..input.clone() };
+        let m = memory(&cfg, &p);
+        let fits = m.total() <= budget;
+        Estimate {
+            layout,
+            memory: m,
+            training_bytes: m.training(),
+            rollout_bytes: m.rollout(),
+            total_bytes: m.total(),
+            fits,
+            spare_bytes: budget as i64 - m.total() as i64,
+            suggestions: if fits { Vec::new() } else { suggestions(&cfg, &p, budget) },
+        }
+    };
+    Ok(PlanSummary {
+        config,
+        params,
+        micro_tokens: input.micro_tokens,
+        micro_rows: input.micro_rows,
+        gpus: o.gpus,
+        gpu_memory_bytes: budget,
+        plan: estimate(Layout::Target),
+        this_build: estimate(Layout::ThisBuild),
+        flops: flops(&cfg, &input),
+    })
+}
