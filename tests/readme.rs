@@ -122,6 +122,20 @@ fn readme_shell_examples_run() {
         let (s1, base) = (p["ref_chosen_logp"].as_f64().unwrap(), b["ref_chosen_logp"].as_f64().unwrap());
         assert!((s1 - base).abs() > 1e-3, "{}: stage-2 reference log-prob {s1} equals the base model's {base}", p["id"]);
     }
+    // The smoke run on two processes (ipo launch -- run): every stage finished, the sharded
+    // rollouts are the one-process run's lines, and intervention (on rank 0) made the same pairs.
+    for stage in ["generate", "intervene", "score", "train1", "benign", "train2", "eval"] {
+        assert!(dir.path().join(format!("runs/smoke-2proc/.done-{stage}")).is_file(), "2 processes: stage {stage} did not finish");
+    }
+    let sorted = |name: &str| {
+        let mut v: Vec<String> = std::fs::read_to_string(dir.path().join(name)).unwrap().lines().map(String::from).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted("runs/smoke-2proc/rollouts.jsonl"), sorted("runs/smoke/rollouts.jsonl"));
+    assert_eq!(sorted("runs/smoke-2proc/benign_base.jsonl"), sorted("runs/smoke/benign_base.jsonl"));
+    assert_eq!(sorted("runs/smoke-2proc/pairs.jsonl"), sorted("runs/smoke/pairs.jsonl"));
+    assert!(std::fs::read_to_string(dir.path().join("runs/smoke-2proc/report.md")).unwrap().contains("helpful-answer NLL ratio"));
     assert_eq!(scored.len(), 2);
     let logp = |i: usize| scored[i]["logp"].as_f64().unwrap();
     assert!(logp(0) > logp(1), "\" Paris.\" is the likelier continuation: {} vs {}", logp(0), logp(1));

@@ -49,12 +49,13 @@ use crate::workflow::config::from_table;
 use crate::backend::Precision;
 use crate::workflow::device::Device;
 use crate::workflow::eval::{eval, EvalFiles, EvalOptions};
-use crate::workflow::generate::{generate, GenerateFiles, GenerateOptions};
+use crate::workflow::generate::{generate_in, GenerateFiles, GenerateOptions};
 use crate::workflow::intervene::{intervene, InterveneFiles, InterveneOptions};
 use crate::workflow::model::resolve_model;
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
+use crate::workflow::shard::{self, Shards};
 use crate::workflow::score::{score, ScoreFiles, ScoreOptions};
-use crate::workflow::train::{train, TrainFiles, TrainOptions};
+use crate::workflow::train::{train_in, TrainFiles, TrainOptions};
 
 /// The config file as written: top-level keys typed, stage tables still raw (they are typed by
 /// `RunConfig::load`, which knows each table's options struct).
@@ -183,6 +184,9 @@ struct Stages<'a> {
     force: bool,
     count: usize,
     progress: &'a dyn Progress,
+    /// The ranks of a multi-process run (world 1 without a launcher): rank 0 reads and writes
+    /// the markers and decides; the others follow its decision.
+    shards: &'a Shards,
     /// The key of the stage that ran (or was skipped) last: the next stage's key includes it.
     prev: String,
 }
@@ -211,27 +215,46 @@ impl Stages<'_> {
         let key: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
         self.prev = key.clone();
         let (done, started) = (self.dir.join(format!(".done-{name}")), self.dir.join(format!(".started-{name}")));
-        let done_key = done.is_file().then(|| marker_key(&done));
-        if !self.force && done_key.as_ref().is_some_and(|k| k.as_deref() == Some(key.as_str())) {
-            eprintln!("== [{}/{total}] {name}: finished in an earlier run, skipped", self.count);
+        const SKIP: u8 = 0;
+        const RUN: u8 = 1;
+        const FRESH: u8 = 2;
+        // Rank 0 reads the markers and decides; every rank follows that decision.
+        let decided = if self.shards.root() {
+            let done_key = done.is_file().then(|| marker_key(&done));
+            if !self.force && done_key.as_ref().is_some_and(|k| k.as_deref() == Some(key.as_str())) {
+                eprintln!("== [{}/{total}] {name}: finished in an earlier run, skipped", self.count);
+                SKIP
+            } else {
+                // Outputs on disk were made with other settings: start over rather than mix them.
+                let started_key = started.is_file().then(|| marker_key(&started)).flatten();
+                let changed = done_key.is_some() || started_key.as_ref().is_some_and(|k| *k != key);
+                if changed && !self.force {
+                    eprintln!("== [{}/{total}] {name}: settings or inputs changed since the earlier run; starting this stage over", self.count);
+                } else {
+                    eprintln!("== [{}/{total}] {name}", self.count);
+                }
+                let _ = std::fs::remove_file(&done);
+                jsonl::write_atomic(&started, [json!({"stage": name, "key": key})])?;
+                if self.force || changed {
+                    FRESH
+                } else {
+                    RUN
+                }
+            }
+        } else {
+            RUN
+        };
+        let decided = self.shards.broadcast_u8(decided)?;
+        if decided == SKIP {
             return Ok(());
         }
-        // Outputs on disk were made with other settings: start over rather than mix them.
-        let started_key = started.is_file().then(|| marker_key(&started)).flatten();
-        let changed = done_key.is_some() || started_key.as_ref().is_some_and(|k| *k != key);
-        let fresh = self.force || changed;
-        if changed && !self.force {
-            eprintln!("== [{}/{total}] {name}: settings or inputs changed since the earlier run; starting this stage over", self.count);
-        } else {
-            eprintln!("== [{}/{total}] {name}", self.count);
-        }
-        let _ = std::fs::remove_file(&done);
-        jsonl::write_atomic(&started, [json!({"stage": name, "key": key})])?;
         let t0 = Instant::now();
-        let summary = f(self.progress, fresh).with_context(|| format!("stage {name}"))?;
+        let summary = f(self.progress, decided == FRESH).with_context(|| format!("stage {name}"))?;
         let secs = t0.elapsed().as_secs_f64();
-        jsonl::write_atomic(&done, [json!({"stage": name, "key": key, "seconds": secs, "summary": summary})])?;
-        eprintln!("== [{}/{total}] {name}: done in {secs:.1} s", self.count);
+        if self.shards.root() {
+            jsonl::write_atomic(&done, [json!({"stage": name, "key": key, "seconds": secs, "summary": summary})])?;
+            eprintln!("== [{}/{total}] {name}: done in {secs:.1} s", self.count);
+        }
         Ok(())
     }
 }
@@ -263,12 +286,25 @@ fn model_identity(dir: &Path) -> String {
 
 /// A generating stage: continues a partial output of an interrupted run (`resume`), or
 /// starts over when the stage is forced.
-fn gen(opts: &GenerateOptions, model: &Path, prompts: &Path, output: &Path, force: bool, p: &dyn Progress) -> Result<Value> {
-    if force && output.is_file() {
-        std::fs::remove_file(output).with_context(|| format!("removing {} to start over", output.display()))?;
+fn gen(opts: &GenerateOptions, model: &Path, prompts: &Path, output: &Path, force: bool, p: &dyn Progress, shards: &Shards) -> Result<Value> {
+    shards.root_first(|| {
+        if shards.root() && force {
+            for f in [output.to_path_buf()].into_iter().chain(shard::leftover_parts(output)?) {
+                if f.is_file() {
+                    std::fs::remove_file(&f).with_context(|| format!("removing {} to start over", f.display()))?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let resume = output.is_file() || !shard::leftover_parts(output)?.is_empty();
+    let files = GenerateFiles { model: model.into(), prompts: prompts.into(), output: output.into(), resume };
+    let mut opts = opts.clone();
+    shards.place(&mut opts.device);
+    let s = generate_in(&files, &opts, p, shards)?;
+    if !shards.root() {
+        return Ok(Value::Null);
     }
-    let files = GenerateFiles { model: model.into(), prompts: prompts.into(), output: output.into(), resume: output.is_file() };
-    let s = generate(&files, opts, p)?;
     eprintln!(
         "generate: {} rollouts ({} failed, {} from an earlier run) -> {}; {:.0} tokens/s",
         s.written,
@@ -289,20 +325,25 @@ fn score_pairs(opts: &ScoreOptions, model: &Path, pairs: &Path, output: &Path, p
 
 /// A training stage: continues from the newest checkpoint of an interrupted run, or starts
 /// over (its folder removed) when the stage is forced.
-fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, force: bool, p: &dyn Progress) -> Result<Value> {
+fn train_stage(opts: &TrainOptions, model: &Path, pairs: &Path, output: &Path, force: bool, p: &dyn Progress, shards: &Shards) -> Result<Value> {
     let resume = (!force).then(|| checkpoint::latest(output)).flatten().map(|_| output.to_path_buf());
     // Starting over (forced, or killed before its first checkpoint): an empty folder, since
     // `train` refuses to write over an earlier run's metrics.
-    if resume.is_none() && output.exists() {
-        std::fs::remove_dir_all(output).with_context(|| format!("removing {} to start over", output.display()))?;
-    }
-    if resume.is_some() {
+    shards.root_first(|| {
+        if shards.root() && resume.is_none() && output.exists() {
+            std::fs::remove_dir_all(output).with_context(|| format!("removing {} to start over", output.display()))?;
+        }
+        Ok(())
+    })?;
+    if resume.is_some() && shards.root() {
         eprintln!("train: continuing from the newest checkpoint in {} (an earlier run was interrupted)", output.display());
     }
     let files = TrainFiles { model: model.into(), pairs: pairs.into(), output: output.into(), resume };
     // The next stage loads a full model folder, so a LoRA stage also writes its merged model.
-    let opts = TrainOptions { merge: opts.merge || opts.lora_rank > 0, ..opts.clone() };
-    Ok(serde_json::to_value(train(&files, &opts, p)?)?)
+    let mut opts = TrainOptions { merge: opts.merge || opts.lora_rank > 0, ..opts.clone() };
+    shards.place(&mut opts.device);
+    let s = train_in(&files, &opts, p, shards.comm())?;
+    Ok(if shards.root() { serde_json::to_value(s)? } else { Value::Null })
 }
 
 /// The model folder a training stage leaves for the stages after it: OUT/final/, or with LoRA
@@ -395,17 +436,28 @@ pub struct RunFlags {
 /// returns the report (also in `report.json`).
 pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn Progress) -> Result<Value> {
     let dir = flags.run_dir.clone().unwrap_or(cfg.run_dir.clone());
-    std::fs::create_dir_all(&dir).with_context(|| format!("run_dir {}", dir.display()))?;
-    std::fs::copy(config_path, dir.join("config.toml")).context("copying the config into the run dir")?;
     for p in [&cfg.harmful_prompts, &cfg.benign_prompts, &cfg.eval_harmful_prompts, &cfg.eval_benign_prompts] {
         if !p.is_file() {
             bail!("--config {}: prompt file {} does not exist", config_path.display(), p.display());
         }
     }
+    // Under a launcher (RANK, WORLD_SIZE, ...) every rank runs this: the generating stages
+    // shard their prompts, the training stages run data parallel, and the other stages run on
+    // rank 0 while the others wait; rank 0 alone writes markers, the config copy and the report.
+    let shards = Shards::connect()?;
+    let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
+    shards.root_first(|| {
+        if shards.root() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("run_dir {}", dir.display()))?;
+            std::fs::copy(config_path, dir.join("config.toml")).context("copying the config into the run dir")?;
+        }
+        Ok(())
+    })?;
+    let shards = &shards;
     let f = |name: &str| dir.join(name);
     let (model, seed) = (&cfg.model, cfg.seed);
     let t0 = Instant::now();
-    let mut st = Stages { dir: dir.clone(), force: flags.force, count: 0, progress, prev: String::new() };
+    let mut st = Stages { dir: dir.clone(), force: flags.force, count: 0, progress, shards, prev: String::new() };
     let base = model_identity(model);
     let (harmful, benign) = (file_identity(&cfg.harmful_prompts), file_identity(&cfg.benign_prompts));
     let opt = |o: &dyn std::fmt::Debug| format!("{o:?}");
@@ -413,11 +465,11 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     let iv_files: Vec<String> = [&iv.triggers, &iv.cue_patterns].into_iter().flatten().map(|p| file_identity(p)).collect();
 
     st.run("generate", &[&base, &harmful, &opt(&cfg.generate)], |p, fresh| {
-        gen(&cfg.generate, model, &cfg.harmful_prompts, &f("rollouts.jsonl"), fresh, p)
+        gen(&cfg.generate, model, &cfg.harmful_prompts, &f("rollouts.jsonl"), fresh, p, shards)
     })?;
     st.run("intervene", &[&base, &opt(iv), &iv_files.join(" ")], |p, _| {
         let files = InterveneFiles { model: model.clone(), rollouts: Some(f("rollouts.jsonl")), prompts: None, output: f("pairs.jsonl") };
-        Ok(serde_json::to_value(intervene(&files, &cfg.intervene, p)?)?)
+        Ok(shards.root_only(|| Ok(serde_json::to_value(intervene(&files, &cfg.intervene, p)?)?))?.unwrap_or(Value::Null))
     })?;
     let n_pairs = count_lines(&f("pairs.jsonl"));
     if n_pairs == 0 {
@@ -427,15 +479,18 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
             f("pairs.stats.json").display()
         );
     }
-    st.run("score", &[&base, &opt(&cfg.score)], |p, _| score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p))?;
+    st.run("score", &[&base, &opt(&cfg.score)], |p, _| {
+        Ok(shards.root_only(|| score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p))?.unwrap_or(Value::Null))
+    })?;
     st.run("train1", &[&base, &opt(&cfg.train1)], |p, fresh| {
-        train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), fresh, p)
+        train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), fresh, p, shards)
     })?;
     let stage1 = trained_model(&cfg.train1, &f("stage1"));
     st.run("benign", &[&base, &benign, &opt(&cfg.benign), &opt(&cfg.score)], |p, fresh| {
-        gen(&cfg.benign, model, &cfg.benign_prompts, &f("benign_base.jsonl"), fresh, p)?;
-        gen(&cfg.benign, &stage1, &cfg.benign_prompts, &f("benign_stage1.jsonl"), fresh, p)?;
-        let n = benign_pairs(&f("benign_base.jsonl"), &f("benign_stage1.jsonl"), &f("benign_pairs.jsonl"))?;
+        gen(&cfg.benign, model, &cfg.benign_prompts, &f("benign_base.jsonl"), fresh, p, shards)?;
+        gen(&cfg.benign, &stage1, &cfg.benign_prompts, &f("benign_stage1.jsonl"), fresh, p, shards)?;
+        let n = shards.root_only(|| benign_pairs(&f("benign_base.jsonl"), &f("benign_stage1.jsonl"), &f("benign_pairs.jsonl")))?;
+        let Some(n) = n else { return Ok(Value::Null) };
         eprintln!("benign: {n} prompts answered by the base model but refused by the stage-1 model");
         Ok(json!({"benign_pairs": n}))
     })?;
@@ -443,13 +498,14 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     st.run("train2", &[&fraction, &opt(&cfg.train2)], |p, fresh| {
         // Without reference log-probs: `train` scores them with its --model, the stage-1 model
         // (see the module comment).
-        let (nh, nb) = mix(&f("pairs.jsonl"), &f("benign_pairs.jsonl"), cfg.harmful_fraction, seed, &f("stage2_pairs.jsonl"))?;
-        eprintln!("train2: {nh} harmful + {nb} benign pairs");
-        train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), fresh, p)
+        if let Some((nh, nb)) = shards.root_only(|| mix(&f("pairs.jsonl"), &f("benign_pairs.jsonl"), cfg.harmful_fraction, seed, &f("stage2_pairs.jsonl")))? {
+            eprintln!("train2: {nh} harmful + {nb} benign pairs");
+        }
+        train_stage(&cfg.train2, &stage1, &f("stage2_pairs.jsonl"), &f("stage2"), fresh, p, shards)
     })?;
     let final_model = trained_model(&cfg.train2, &f("stage2"));
     let (eval_harmful, eval_benign) = (file_identity(&cfg.eval_harmful_prompts), file_identity(&cfg.eval_benign_prompts));
-    st.run("eval", &[&base, &eval_harmful, &eval_benign, &opt(&cfg.eval)], |p, _| {
+    let eval_stage = |p: &dyn Progress| -> Result<Value> {
         let out = f("eval");
         if out.exists() {
             std::fs::remove_dir_all(&out).with_context(|| format!("removing {} to start over", out.display()))?;
@@ -467,7 +523,13 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
             eprintln!("eval: warning: eval.png not drawn: {e}");
         }
         Ok(json!({"answers": s.answers, "errors": s.errors, "tokens_generated": s.tokens_generated, "seconds": s.seconds}))
+    };
+    st.run("eval", &[&base, &eval_harmful, &eval_benign, &opt(&cfg.eval)], |p, _| {
+        Ok(shards.root_only(|| eval_stage(p))?.unwrap_or(Value::Null))
     })?;
+    if !shards.root() {
+        return Ok(Value::Null);
+    }
     report(&dir, t0.elapsed().as_secs_f64())
 }
 

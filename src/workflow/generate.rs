@@ -300,9 +300,15 @@ fn check(files: &GenerateFiles, o: &GenerateOptions) -> Result<()> {
 pub fn generate(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress) -> Result<GenerateSummary> {
     let mut opts = opts.clone();
     let shards = Shards::from_env(&mut opts.device)?;
+    generate_in(files, &opts, progress, &shards)
+}
+
+/// `generate` as one rank of `shards` (every rank calls it with the same files and options;
+/// `opts.device` already placed on this rank).
+pub(crate) fn generate_in(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Progress, shards: &Shards) -> Result<GenerateSummary> {
     let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
     let t0 = Instant::now();
-    let mine = sample_all(files, &opts, progress, &shards)?;
+    let mine = sample_all(files, opts, progress, shards)?;
     let mut s = GenerateSummary::default();
     for b in shards.finish(&files.output, serde_json::to_vec(&mine)?)? {
         let r: GenerateSummary = serde_json::from_slice(&b)?;

@@ -29,24 +29,60 @@ use crate::workflow::device::{Device, DeviceOptions};
 /// This process's share of a rollout stage.
 pub(crate) struct Shards {
     comm: Arc<dyn Comm>,
+    local_rank: usize,
 }
 
 impl Shards {
     /// The group of the environment (world 1 without a launcher); `device` becomes this rank's
     /// GPU (`cuda:N` is GPU N + LOCAL_RANK).
     pub(crate) fn from_env(device: &mut DeviceOptions) -> Result<Shards> {
-        let env = DistEnv::from_env()?;
-        if let Device::Cuda(n) = device.device {
-            if env.world > 1 {
-                device.device = Device::Cuda(n + env.local_rank);
-            }
-        }
-        Ok(Shards { comm: dist::connect(&env)? })
+        let s = Self::connect()?;
+        s.place(device);
+        Ok(s)
     }
 
+    /// The group of the environment (world 1 without a launcher).
+    pub(crate) fn connect() -> Result<Shards> {
+        let env = DistEnv::from_env()?;
+        Ok(Shards { comm: dist::connect(&env)?, local_rank: env.local_rank })
+    }
+
+    /// A group over `comm` (tests; `local_rank` 0).
     #[cfg(test)]
     pub(crate) fn of(comm: Arc<dyn Comm>) -> Shards {
-        Shards { comm }
+        Shards { comm, local_rank: 0 }
+    }
+
+    /// `device` on this rank: in a group of more than one, `cuda:N` is GPU N + LOCAL_RANK.
+    pub(crate) fn place(&self, device: &mut DeviceOptions) {
+        if let Device::Cuda(n) = device.device {
+            if self.world() > 1 {
+                device.device = Device::Cuda(n + self.local_rank);
+            }
+        }
+    }
+
+    pub(crate) fn comm(&self) -> Arc<dyn Comm> {
+        self.comm.clone()
+    }
+
+    /// Rank 0's `value` on every rank.
+    pub(crate) fn broadcast_u8(&self, value: u8) -> Result<u8> {
+        let mut b = vec![value];
+        self.comm.broadcast(&mut b)?;
+        b.first().copied().context("an empty broadcast from rank 0")
+    }
+
+    /// Runs `f` on rank 0 alone while the other ranks wait for it (however long it takes; if
+    /// rank 0 fails it exits and they fail naming it). `Some(result)` on rank 0, `None` on the
+    /// others.
+    pub(crate) fn root_only<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+        if self.world() == 1 {
+            return f().map(Some);
+        }
+        let r = if self.root() { Some(f()?) } else { None };
+        self.comm.all_gather_after_work(Vec::new())?;
+        Ok(r)
     }
 
     pub(crate) fn rank(&self) -> usize {
