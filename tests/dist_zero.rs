@@ -237,6 +237,16 @@ fn launch_nproc_2_zero1_equals_single_process() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("[rank 0] train: done") && err.contains("[rank 1] train: done"), "{err}");
+    // Each process held half of the moments (m and v of every trained element at world 1).
+    let n: usize = tensors(&one.join("final/model.safetensors")).iter().map(|t| t.1.len()).sum();
+    let held: Vec<usize> = (0..2)
+        .map(|r| {
+            let line = err.lines().find(|l| l.starts_with(&format!("[rank {r}] train: optimizer state of rank {r} of 2: "))).unwrap_or_else(|| panic!("{err}"));
+            line.rsplit(": ").next().unwrap().split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    eprintln!("launch --zero 1: optimizer state per process {held:?} of {}", 2 * n);
+    assert!(held.iter().sum::<usize>() == 2 * n && held.iter().all(|&h| h == 2 * (n / 2) || h == 2 * n.div_ceil(2)), "{held:?} of {n}");
     assert_same_losses(&losses(&one), &losses(&two), "launch --zero 1");
     let d = max_diff(&one.join("final/model.safetensors"), &two.join("final/model.safetensors"));
     let moved = max_diff(&tiny_fixture("llama").join("model.safetensors"), &one.join("final/model.safetensors"));

@@ -151,8 +151,12 @@ pub fn save<B: Backend>(
     base_model: &str,
     extra: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
+    let root = t.comm.rank() == 0;
+    if !root && !t.shard.is_split() {
+        return Ok(());
+    }
     let moments = t.full_moments()?;
-    if t.comm.rank() != 0 {
+    if !root {
         return Ok(());
     }
     write_dir_atomic(dir, |tmp| {
