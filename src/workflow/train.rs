@@ -616,12 +616,14 @@ mod tests {
         assert_eq!((t.device.device, t.seed, t.merge, t.memory_budget_gb), (crate::workflow::device::Device::Cuda(1), 7, true, Some(8.0)));
         // `ipo run` reads its stage tables with these names.
         let keys = keys_of::<TrainOptions>();
-        for k in ["seed", "device", "lr", "optimizer", "schedule", "lora_targets", "memory_budget_gb"] {
+        for k in ["seed", "device", "lr", "optimizer", "schedule", "lora_targets", "memory_budget_gb", "zero"] {
             assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
         }
-        let table: toml::Table = toml::from_str("optimizer = \"sgd\"\nepochs = 2").unwrap();
+        let table: toml::Table = toml::from_str("optimizer = \"sgd\"\nepochs = 2\nzero = 1").unwrap();
         let t: TrainOptions = from_table(Path::new("c.toml"), "train1", &table).unwrap();
-        assert_eq!((t.optimizer, t.epochs, t.lr), (OptimKind::Sgd, 2, 5e-6));
+        assert_eq!((t.optimizer, t.epochs, t.lr, t.zero), (OptimKind::Sgd, 2, 5e-6, 1));
+        let e = train_config(&TrainOptions { zero: 2, ..TrainOptions::default() }).unwrap_err().to_string();
+        assert!(e.contains("--zero 2"), "{e}");
     }
 
     #[test]
