@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::data::{epoch_order, TrainPair};
 use super::st::{read_f32_tensors, write_f32_safetensors, write_file_synced};
-use super::trainer::{Trainable, TrainConfig, Trainer};
+use super::trainer::{Moments, Trainable, TrainConfig, Trainer};
 use super::{OptimKind, TrainError};
 use crate::backend::Backend;
 
@@ -112,7 +112,7 @@ fn weights_file<B: Backend>(t: &Trainer<B>) -> &'static str {
 /// Writes the checkpoint files of `t` into `dir` (an existing, empty directory), with the
 /// whole moments `(m, v)` (`Trainer::full_moments`). `base_model` goes into
 /// adapter_config.json.
-fn write_files<B: Backend>(t: &Trainer<B>, (m, v): &(Vec<Vec<f32>>, Vec<Vec<f32>>), dir: &Path, base_model: &str) -> Result<(), TrainError> {
+fn write_files<B: Backend>(t: &Trainer<B>, (m, v): &Moments, dir: &Path, base_model: &str) -> Result<(), TrainError> {
     match &t.trainable {
         Trainable::Full { .. } => write_f32_safetensors(&dir.join("model.safetensors"), &t.trainable_tensors())?,
         Trainable::Lora(l) => l.save_peft(dir, base_model)?,

@@ -88,6 +88,9 @@ pub struct StepMetrics {
     pub tokens: usize,
 }
 
+/// AdamW `(m, v)` per trainable tensor, optimizer order, on the host.
+pub(crate) type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// The tensors the optimizer updates.
 pub enum Trainable<B: Backend> {
     /// All weights, in `ModelWeights::for_each` order, with their HF names and shapes. The
@@ -281,7 +284,7 @@ impl<B: Backend> Trainer<B> {
     /// The whole AdamW moments of every trainable tensor (as `moments` at world 1) on every
     /// rank: under ZeRO-1 every rank's pieces are all-gathered, so every rank must call it
     /// together (checkpoints).
-    pub(crate) fn full_moments(&self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), TrainError> {
+    pub(crate) fn full_moments(&self) -> Result<Moments, TrainError> {
         let (m, v) = self.moments();
         if !self.shard.is_split() {
             return Ok((m, v));
