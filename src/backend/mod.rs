@@ -511,10 +511,19 @@ pub trait Backend: Send + Sync {
     }
 
     /// One AdamW update in place (see `AdamwStep`): p (master weights), m, v (moments) and g
-    /// all `[n]`. The default goes through the host (correct, slow): backends override it.
+    /// all `[n]`.
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamwStep) {
+        assert_eq!(self.len(p), self.len(m), "adamw: p and its moments must have one length");
+        self.adamw_at(p, g, 0, m, v, h)
+    }
+
+    /// `adamw` of the elements `at..at + n` of p and g `[len]` only, with moments m, v `[n]`:
+    /// a rank's slice of a tensor under ZeRO-1 (`train::zero`). The default goes through the
+    /// host (correct, slow): backends override it.
+    fn adamw_at(&self, p: &mut Self::Buf, g: &Self::Buf, at: usize, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamwStep) {
+        let n = self.len(m);
         let (mut ph, mut mh, mut vh) = (self.download(p), self.download(m), self.download(v));
-        cpu::optim::adamw(&mut ph, &self.download(g), &mut mh, &mut vh, h);
+        cpu::optim::adamw(&mut ph[at..at + n], &self.download(g)[at..at + n], &mut mh, &mut vh, h);
         (*p, *m, *v) = (self.upload(&ph), self.upload(&mh), self.upload(&vh));
     }
 

@@ -30,6 +30,9 @@ pub fn run(args: Args) -> Result<()> {
             s.steps, s.tokens, s.tokens_per_s, m.loss, m.reward_margin, m.reward_accuracy, s.seconds
         );
     }
+    if s.world > 1 {
+        eprintln!("train: optimizer state of rank {} of {}: {} elements (AdamW m and v)", s.rank, s.world, s.optimizer_state_elems);
+    }
     match (&s.final_dir, &s.checkpoint) {
         (Some(f), _) => {
             let merged = s.merged_dir.as_ref().map(|d| format!(", merged model in {}", d.display())).unwrap_or_default();

@@ -7,7 +7,9 @@
 //! config, data-order digest, the current epoch's order and the RNG seed). Resuming restores
 //! all of it, so N steps straight equal N/2 + resume + N/2 bit for bit. The trainer keeps its
 //! master weights (or LoRA adapters) and moments on the backend: they are downloaded here at
-//! save time and uploaded on load.
+//! save time and uploaded on load. Under ZeRO-1 (`super::zero`) every rank calls `save`, the
+//! moment slices are gathered and rank 0 writes the whole state, so the files are the same as
+//! without it; `load` reads the whole state and each rank keeps its slice.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::data::{epoch_order, TrainPair};
 use super::st::{read_f32_tensors, write_f32_safetensors, write_file_synced};
-use super::trainer::{Trainable, TrainConfig, Trainer};
+use super::trainer::{Moments, Trainable, TrainConfig, Trainer};
 use super::{OptimKind, TrainError};
 use crate::backend::Backend;
 
@@ -107,17 +109,17 @@ fn weights_file<B: Backend>(t: &Trainer<B>) -> &'static str {
     }
 }
 
-/// Writes the checkpoint files of `t` into `dir` (an existing, empty directory). `base_model`
-/// goes into adapter_config.json.
-pub(crate) fn write_files<B: Backend>(t: &Trainer<B>, dir: &Path, base_model: &str) -> Result<(), TrainError> {
+/// Writes the checkpoint files of `t` into `dir` (an existing, empty directory), with the
+/// whole moments `(m, v)` (`Trainer::full_moments`). `base_model` goes into
+/// adapter_config.json.
+fn write_files<B: Backend>(t: &Trainer<B>, (m, v): &Moments, dir: &Path, base_model: &str) -> Result<(), TrainError> {
     match &t.trainable {
         Trainable::Full { .. } => write_f32_safetensors(&dir.join("model.safetensors"), &t.trainable_tensors())?,
         Trainable::Lora(l) => l.save_peft(dir, base_model)?,
     }
     let names: Vec<String> = t.trainable_sizes().into_iter().map(|x| x.0).collect();
-    let (m, v) = t.moments();
     let mut moments = Vec::new();
-    for (which, m) in [("m", &m), ("v", &v)] {
+    for (which, m) in [("m", m), ("v", v)] {
         for (k, (n, data)) in names.iter().zip(m.iter()).enumerate() {
             moments.push((format!("{which}.{k}.{n}"), vec![data.len()], data.clone()));
         }
@@ -141,14 +143,24 @@ pub(crate) fn write_files<B: Backend>(t: &Trainer<B>, dir: &Path, base_model: &s
 }
 
 /// Saves `t` atomically as `dir`; `extra` may add files (e.g. config.json) before the rename.
+/// In a data-parallel group every rank calls it (ZeRO-1 gathers the moments) and rank 0 alone
+/// writes.
 pub fn save<B: Backend>(
     t: &Trainer<B>,
     dir: &Path,
     base_model: &str,
     extra: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
+    let root = t.comm.rank() == 0;
+    if !root && !t.shard.is_split() {
+        return Ok(());
+    }
+    let moments = t.full_moments()?;
+    if !root {
+        return Ok(());
+    }
     write_dir_atomic(dir, |tmp| {
-        write_files(t, tmp, base_model)?;
+        write_files(t, &moments, tmp, base_model)?;
         extra(tmp)
     })
 }

@@ -10,7 +10,8 @@
 //! and a copy of each frozen base matrix W0 are backend buffers; the merge and the projection
 //! are `Backend::matmul_scaled`, the update `Backend::adamw` / `sgd`. `Lora::adapters` keeps
 //! the host copy of A and B that the PEFT files are written from, downloaded after every
-//! update.
+//! update. Under ZeRO-1 (`train::zero`) the moments cover this rank's slice of the adapters
+//! only; `update` moves that slice and all-gathers the others' before the merge.
 
 use std::path::Path;
 
@@ -19,8 +20,10 @@ use serde_json::json;
 use super::data::SplitMix64;
 use super::optim::{apply, OptimKind};
 use super::st::write_f32_safetensors;
+use super::zero::Shard;
 use super::TrainError;
 use crate::backend::{AdamwStep, Backend};
+use crate::dist::{Comm, CommError};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{HostTensor, LayerWeights, ModelWeights};
 
@@ -142,7 +145,7 @@ struct Attached<B: Backend> {
     params: Vec<B::Buf>,
     /// The frozen base matrix W0 `[out, in]` of every adapter.
     base: Vec<B::Buf>,
-    /// AdamW moments of `params`, same order (empty for SGD).
+    /// AdamW moments of `params`, same order, each `[len of the shard's range]` (empty for SGD).
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
 }
@@ -186,9 +189,9 @@ impl<B: Backend> Lora<B> {
     }
 
     /// Moves the adapters onto the backend of the model whose base weights are `weights`
-    /// (unmerged): uploads A and B, copies each adapted W0, makes zero AdamW moments (for
-    /// `OptimKind::Adamw`) and merges `W0 + s B A` into `weights`.
-    pub(crate) fn attach(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, kind: OptimKind) -> Result<(), TrainError> {
+    /// (unmerged): uploads A and B, copies each adapted W0, makes zero AdamW moments of the
+    /// elements `shard` owns (for `OptimKind::Adamw`) and merges `W0 + s B A` into `weights`.
+    pub(crate) fn attach(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, kind: OptimKind, shard: &Shard) -> Result<(), TrainError> {
         assert!(self.dev.is_none(), "LoRA adapters attached twice");
         let mut base = Vec::new();
         for ad in &self.adapters {
@@ -202,7 +205,7 @@ impl<B: Backend> Lora<B> {
         }
         let params: Vec<B::Buf> = self.adapters.iter().flat_map(|ad| [be.upload(&ad.a), be.upload(&ad.b)]).collect();
         let moments = || match kind {
-            OptimKind::Adamw => params.iter().map(|p| be.zeros(be.len(p))).collect(),
+            OptimKind::Adamw => shard.ranges.iter().map(|r| be.zeros(r.len())).collect(),
             OptimKind::Sgd => Vec::new(),
         };
         let (m, v) = (moments(), moments());
@@ -243,16 +246,43 @@ impl<B: Backend> Lora<B> {
 
     /// One optimizer update of every A and B (`h` of this step, gradients from `project`,
     /// weight decay on every tensor), then the merged matrices of `weights` and the host
-    /// copies refreshed.
-    pub fn update(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, grads: &[B::Buf], kind: OptimKind, h: &AdamwStep) {
+    /// copies refreshed. Under ZeRO-1 this rank updates the elements `shard` owns, and the
+    /// other ranks' updated elements are all-gathered over `comm` first.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn update(
+        &mut self,
+        be: &B,
+        weights: &mut ModelWeights<B::Buf>,
+        grads: &[B::Buf],
+        kind: OptimKind,
+        h: &AdamwStep,
+        shard: &Shard,
+        comm: &dyn Comm,
+    ) -> Result<(), CommError> {
         let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
         assert_eq!(grads.len(), dev.params.len(), "one gradient per adapter tensor");
         let mut moments = dev.m.iter_mut().zip(dev.v.iter_mut());
-        for (p, g) in dev.params.iter_mut().zip(grads) {
-            apply(be, kind, h, true, p, g, moments.next());
+        for ((p, g), r) in dev.params.iter_mut().zip(grads).zip(&shard.ranges) {
+            let m = moments.next();
+            if !r.is_empty() {
+                apply(be, kind, h, true, p, g, r.start, m);
+            }
+        }
+        if shard.is_split() {
+            let mut mine = Vec::with_capacity(shard.len()); // this rank's updated elements
+            for (p, r) in dev.params.iter().zip(&shard.ranges).filter(|(_, r)| !r.is_empty()) {
+                mine.extend_from_slice(&be.download(p)[r.clone()]);
+            }
+            let whole = shard.all_gather(comm, &mine)?;
+            for (i, (p, x)) in dev.params.iter_mut().zip(whole).enumerate() {
+                if !shard.owns_whole(i) {
+                    *p = be.upload(&x);
+                }
+            }
         }
         self.merge(be, weights);
         self.download(be);
+        Ok(())
     }
 
     /// Refreshes the host copies of A and B from the backend.
@@ -275,13 +305,20 @@ impl<B: Backend> Lora<B> {
         self.merge(be, weights);
     }
 
-    /// The AdamW moments `(m, v)` of A and B, optimizer order, downloaded (empty for SGD).
+    /// The AdamW moments `(m, v)` of A and B, optimizer order, downloaded (empty for SGD;
+    /// under ZeRO-1 this rank's pieces only).
     pub fn moments(&self, be: &B) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let dev = self.attached();
         (dev.m.iter().map(|x| be.download(x)).collect(), dev.v.iter().map(|x| be.download(x)).collect())
     }
 
-    /// Replaces the AdamW moments (as returned by `moments`).
+    /// AdamW state elements this rank holds (m and v, on the backend).
+    pub(crate) fn moments_len(&self, be: &B) -> usize {
+        let dev = self.attached();
+        dev.m.iter().chain(&dev.v).map(|x| be.len(x)).sum()
+    }
+
+    /// Replaces the AdamW moments (as returned by `moments`: this rank's pieces).
     pub(crate) fn set_moments(&mut self, be: &B, m: &[Vec<f32>], v: &[Vec<f32>]) {
         let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
         dev.m = m.iter().map(|x| be.upload(x)).collect();

@@ -10,6 +10,8 @@
 //! - `lora`: adapters through merged weights + projected gradients; PEFT files.
 //! - `data`: pairs JSONL -> `TrainPair`, validation, seeded epoch order.
 //! - `trainer`: `Trainer<B>`, one optimizer step at a time.
+//! - `zero`: ZeRO-1, which elements of the trainable tensors a rank keeps optimizer state for
+//!   (`ipo train --zero 1`), and the all-gather of the updated slices.
 //! - `checkpoint`: `step-N/` directories written atomically, and resume.
 //! - `plan`: memory and FLOPs of a step before it runs (`ipo plan`, and the check `ipo train`
 //!   makes before it starts).
@@ -24,6 +26,7 @@ pub mod optim;
 pub mod plan;
 pub(crate) mod st;
 pub mod trainer;
+pub(crate) mod zero;
 
 pub use data::TrainPair;
 pub use lora::{LoraConfig, LoraTarget};

@@ -84,12 +84,27 @@ pub struct Optimizer {
 /// One update of one tensor in place on the backend: AdamW with `p`'s moments (`moments`; None
 /// for SGD) or SGD, with the coefficients of `h` (`Optimizer::hparams` of this step) and its
 /// weight decay where `decay` (matrices; not norms and biases, transformers' convention).
-pub(crate) fn apply<B: Backend>(be: &B, kind: OptimKind, h: &AdamwStep, decay: bool, p: &mut B::Buf, g: &B::Buf, moments: Option<(&mut B::Buf, &mut B::Buf)>) {
+/// AdamW updates the elements `at..at + len(m)` of `p` only (ZeRO-1: this rank's slice,
+/// `train::zero`; the whole tensor otherwise); SGD keeps no state and updates all of `p`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply<B: Backend>(
+    be: &B,
+    kind: OptimKind,
+    h: &AdamwStep,
+    decay: bool,
+    p: &mut B::Buf,
+    g: &B::Buf,
+    at: usize,
+    moments: Option<(&mut B::Buf, &mut B::Buf)>,
+) {
     let wd = if decay { h.weight_decay } else { 0.0 };
     match (kind, moments) {
-        (OptimKind::Adamw, Some((m, v))) => be.adamw(p, g, m, v, &AdamwStep { weight_decay: wd, ..*h }),
+        (OptimKind::Adamw, Some((m, v))) => be.adamw_at(p, g, at, m, v, &AdamwStep { weight_decay: wd, ..*h }),
         (OptimKind::Adamw, None) => panic!("AdamW needs the moments of every tensor"),
-        (OptimKind::Sgd, _) => be.sgd(p, g, h.lr, wd, h.grad_scale),
+        (OptimKind::Sgd, _) => {
+            assert_eq!(at, 0, "SGD has no state to shard");
+            be.sgd(p, g, h.lr, wd, h.grad_scale)
+        }
     }
 }
 
@@ -148,10 +163,10 @@ impl Optimizer {
             match moments.next() {
                 Some((m, v)) => {
                     let (mut mb, mut vb) = (be.upload(m), be.upload(v));
-                    apply(&be, kind, &h, p.decay, &mut w, &g, Some((&mut mb, &mut vb)));
+                    apply(&be, kind, &h, p.decay, &mut w, &g, 0, Some((&mut mb, &mut vb)));
                     (*m, *v) = (be.download(&mb), be.download(&vb));
                 }
-                None => apply(&be, kind, &h, p.decay, &mut w, &g, None),
+                None => apply(&be, kind, &h, p.decay, &mut w, &g, 0, None),
             }
             p.data.copy_from_slice(&w);
         }

@@ -9,7 +9,10 @@
 //!   (made on first use) plus bf16 scratch of the matmul operands. Gradients are allocated for
 //!   every weight, also with LoRA (the backward writes the full dW, `Lora::project` reduces
 //!   it), and LoRA keeps an fp32 copy W0 of each adapted matrix. `--recompute` is implemented
-//!   (`Transformer::set_recompute`); optimizer sharding is not: `gpus` changes nothing here.
+//!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`): `gpus` divides
+//!   the AdamW moments here (the largest rank's slice, `ceil(trained / gpus)` elements each;
+//!   `train_input` callers pass 1 without --zero 1). The weights, and LoRA's adapters, stay
+//!   whole on every rank.
 //! - `Layout::Target`: the design. Weights, saved activations, gradients and KV cache in the
 //!   compute precision (bf16: 2 bytes); the trained parameters' fp32 master copy and the AdamW
 //!   moments (fp32) sharded over the GPUs (ZeRO-1: master + m + v / gpus; weights and gradients
@@ -191,7 +194,7 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     let bf16 = p.precision == Precision::Bf16;
     // Bytes of a weight, an activation and a KV value; the fp32 statistics are 4.
     let e: u64 = if this || !bf16 { 4 } else { 2 };
-    let gpus = if this { 1 } else { u(p.gpus.max(1)) };
+    let gpus = u(p.gpus.max(1));
     let moments = if p.optimizer == OptimKind::Adamw { 8 } else { 0 };
     let lora = p.lora.is_some();
     let trained = if lora { n.adapters } else { n.params };
@@ -205,7 +208,7 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
         // dW of every weight (LoRA's projected dA, dB come after the backward, when the saved
         // activations are gone, so they are not part of the peak).
         m.gradients = 4 * n.params;
-        m.optimizer = moments * trained;
+        m.optimizer = moments * trained.div_ceil(gpus);
     } else {
         m.weights = e * n.params;
         m.master = if lora || bf16 { 4 * trained / gpus } else { 0 };
@@ -418,19 +421,22 @@ pub fn train_input(tc: &super::TrainConfig, precision: Precision, recompute: boo
     }
 }
 
-/// Refuses a training run whose estimated peak (`train_input`, this build) exceeds `budget`
+/// Refuses a training run whose estimated peak (`train_input`, this build, the optimizer
+/// state split over `shards` ranks: the world size under --zero 1, else 1) exceeds `budget`
 /// bytes, saying which change of the flags would fit (each computed by the estimator).
 /// `longest` is the id of the longest pair (named in the message).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_train_memory(
     c: &ModelConfig,
     tc: &super::TrainConfig,
     precision: Precision,
     recompute: bool,
+    shards: usize,
     pairs: &[PairLens],
     longest: &str,
     budget: u64,
 ) -> Result<(), super::TrainError> {
-    let p = train_input(tc, precision, recompute, pairs);
+    let p = PlanInput { gpus: shards, ..train_input(tc, precision, recompute, pairs) };
     let m = memory(c, &p);
     if m.total() <= budget {
         return Ok(());
@@ -489,12 +495,15 @@ mod tests {
         assert_eq!((a.weights, a.gradients, a.activations), (b.weights, b.gradients, b.activations));
         assert_eq!(a.optimizer, 8 * b.optimizer);
         assert_eq!(a.master, 8 * b.master);
-        // This build shards nothing.
+        // This build shards the moments only (--zero 1), by whole elements: 8 bytes per
+        // element of the largest slice.
         let t1 = PlanInput {
             layout: Layout::ThisBuild,
             ..one
         };
-        assert_eq!(memory(&c, &t1), memory(&c, &PlanInput { gpus: 8, ..t1.clone() }));
+        let (x, y) = (memory(&c, &t1), memory(&c, &PlanInput { gpus: 3, ..t1.clone() }));
+        assert_eq!(Memory { optimizer: 0, ..x }, Memory { optimizer: 0, ..y });
+        assert_eq!((x.optimizer, y.optimizer), (8 * 8_030_261_248, 8 * 8_030_261_248u64.div_ceil(3)));
     }
 
     #[test]

@@ -24,6 +24,12 @@
 //! projected gradients (the projection is linear). Every rank then applies the same update to
 //! identical bits, so the weights never drift apart. A global batch gives the same training at
 //! any world size up to fp32 rounding of the differently associated gradient sums.
+//!
+//! ZeRO-1 (`Trainer::data_parallel` with `zero1`, `ipo train --zero 1`; `super::zero`): each
+//! rank keeps AdamW moments for its 1/world slice of the flattened trainable tensors only
+//! (`Trainer::shard`), applies the update (after the same all-reduce, norm and clipping) to that
+//! slice, and all-gathers the updated slices so every rank holds the full weights again. The
+//! update is elementwise, so each element gets the bits it would get without sharding.
 
 use std::sync::Arc;
 
@@ -33,6 +39,7 @@ use super::data::{epoch_order, TrainPair};
 use super::lora::{Lora, LoraConfig};
 use super::loss::{dpo_loss_part, BatchLoss, PairLogps};
 use super::optim::{apply, clip_factor, OptimConfig, OptimKind, Optimizer};
+use super::zero::Shard;
 use super::TrainError;
 use crate::backend::{Backend, SegmentDpo, SegmentPair};
 use crate::dist::Comm;
@@ -81,32 +88,37 @@ pub struct StepMetrics {
     pub tokens: usize,
 }
 
+/// AdamW `(m, v)` per trainable tensor, optimizer order, on the host.
+pub(crate) type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// The tensors the optimizer updates.
 pub enum Trainable<B: Backend> {
     /// All weights, in `ModelWeights::for_each` order, with their HF names and shapes. The
     /// fp32 master weights are the model's own weight buffers (every backend stores f32 or
-    /// wider today; bf16 weight storage would add an fp32 master copy here), and `m`, `v` are
-    /// the AdamW moments as backend buffers, one per weight (empty for SGD).
+    /// wider today; bf16 weight storage would add an fp32 master copy here, to be sharded as
+    /// the moments are), and `m`, `v` are the AdamW moments as backend buffers, one per weight
+    /// covering the elements `Trainer::shard` gives it (empty for SGD; made by the trainer).
     Full { names: Vec<String>, shapes: Vec<Vec<usize>>, m: Vec<B::Buf>, v: Vec<B::Buf> },
     /// LoRA adapters, on the backend once the trainer is built (see the module docs).
     Lora(Lora<B>),
 }
 
 impl<B: Backend> Trainable<B> {
-    /// Full fine-tuning of every weight of `model`, with zero moments for AdamW.
-    pub fn full(model: &Transformer<B>, kind: OptimKind) -> Self {
-        let (mut names, mut shapes, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    /// Full fine-tuning of every weight of `model` (the trainer makes the moments).
+    pub fn full(model: &Transformer<B>) -> Self {
+        let (mut names, mut shapes) = (Vec::new(), Vec::new());
         expected_shapes(&model.cfg, model.weights.lm_head.is_some(), |_, s| shapes.push(s));
-        model.weights.for_each(|n, w| {
-            names.push(n.to_string());
-            if kind == OptimKind::Adamw {
-                let len = model.backend.len(w);
-                m.push(model.backend.zeros(len));
-                v.push(model.backend.zeros(len));
-            }
-        });
+        model.weights.for_each(|n, _| names.push(n.to_string()));
         assert_eq!(names.len(), shapes.len(), "weights vs expected shapes of the model config");
-        Trainable::Full { names, shapes, m, v }
+        Trainable::Full { names, shapes, m: Vec::new(), v: Vec::new() }
+    }
+
+    /// Element counts of the trained tensors, optimizer order.
+    fn sizes(&self) -> Vec<usize> {
+        match self {
+            Trainable::Full { shapes, .. } => shapes.iter().map(|s| s.iter().product()).collect(),
+            Trainable::Lora(l) => l.adapters.iter().flat_map(|a| [a.a.len(), a.b.len()]).collect(),
+        }
     }
 }
 
@@ -118,47 +130,62 @@ pub struct Trainer<B: Backend> {
     pub optim: Optimizer,
     /// Optimizer steps completed.
     pub step: usize,
-    /// The data-parallel group (world 1 unless `set_comm`).
+    /// The data-parallel group (world 1 unless `data_parallel`).
     pub(crate) comm: Arc<dyn Comm>,
+    /// The elements of each trainable tensor whose optimizer state this rank keeps and
+    /// updates: all of them, or under ZeRO-1 this rank's slice.
+    pub(crate) shard: Shard,
 }
 
 impl<B: Backend> Trainer<B> {
     /// Full fine-tuning, or LoRA with PEFT's init (seeded by `cfg.seed`) when `cfg.lora` is set.
     pub fn new(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig) -> Result<Self, TrainError> {
+        Self::data_parallel(model, pairs, cfg, crate::dist::single(), false)
+    }
+
+    /// As `new`, as one rank of `comm`'s group: every rank must hold the same model, pairs,
+    /// config and step, and call `train_step` together. With `zero1` (and AdamW: SGD keeps no
+    /// state) each rank keeps the moments of its 1/world slice of the trainable elements only
+    /// (ZeRO-1, `super::zero`).
+    pub fn data_parallel(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, comm: Arc<dyn Comm>, zero1: bool) -> Result<Self, TrainError> {
         let trainable = match &cfg.lora {
-            None => Trainable::full(&model, cfg.optim.kind),
+            None => Trainable::full(&model),
             Some(lc) => Trainable::Lora(Lora::init(lc.clone(), &model.cfg, cfg.seed)?),
         };
-        Self::with_trainable(model, pairs, cfg, trainable)
+        let sizes = trainable.sizes();
+        let shard = if zero1 && cfg.optim.kind == OptimKind::Adamw && comm.world() > 1 {
+            Shard::zero1(&sizes, comm.rank(), comm.world())
+        } else {
+            Shard::whole(&sizes)
+        };
+        Self::build(model, pairs, cfg, trainable, comm, shard)
     }
 
     /// With explicit trainable state (LoRA adapters loaded or fixed by a test; the model holds
     /// the base weights, into which the adapters are then merged).
     pub fn with_trainable(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, trainable: Trainable<B>) -> Result<Self, TrainError> {
-        check_config(&cfg, pairs.len())?;
-        if let Trainable::Full { names, m, v, .. } = &trainable {
-            let want = if cfg.optim.kind == OptimKind::Adamw { names.len() } else { 0 };
-            if m.len() != want || v.len() != want {
-                return Err(TrainError::Config(format!(
-                    "full fine-tuning state has {} / {} moment buffers for {} weights; expected {want} ({:?})",
-                    m.len(), v.len(), names.len(), cfg.optim.kind
-                )));
-            }
-        }
-        // Every moment lives on the backend.
-        let optim = Optimizer::new(cfg.optim, &[]);
-        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0, comm: crate::dist::single() };
-        t.check_memory()?;
-        if let Trainable::Lora(l) = &mut t.trainable {
-            l.attach(&t.model.backend, &mut t.model.weights, t.cfg.optim.kind)?;
-        }
-        Ok(t)
+        let shard = Shard::whole(&trainable.sizes());
+        Self::build(model, pairs, cfg, trainable, crate::dist::single(), shard)
     }
 
-    /// Trains data parallel in `comm`'s group: every rank must hold the same model, pairs,
-    /// config and step, and call `train_step` together.
-    pub fn set_comm(&mut self, comm: Arc<dyn Comm>) {
-        self.comm = comm;
+    /// Checks the config and the memory, then makes the zero AdamW moments of the elements
+    /// `shard` owns (only those: that is ZeRO-1's saving) and attaches LoRA adapters.
+    fn build(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, trainable: Trainable<B>, comm: Arc<dyn Comm>, shard: Shard) -> Result<Self, TrainError> {
+        check_config(&cfg, pairs.len())?;
+        // Every moment lives on the backend.
+        let optim = Optimizer::new(cfg.optim, &[]);
+        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0, comm, shard };
+        t.check_memory()?;
+        let (be, kind) = (&t.model.backend, t.cfg.optim.kind);
+        match &mut t.trainable {
+            Trainable::Full { m, v, .. } if kind == OptimKind::Adamw => {
+                *m = t.shard.ranges.iter().map(|r| be.zeros(r.len())).collect();
+                *v = t.shard.ranges.iter().map(|r| be.zeros(r.len())).collect();
+            }
+            Trainable::Full { .. } => {}
+            Trainable::Lora(l) => l.attach(be, &mut t.model.weights, kind, &t.shard)?,
+        }
+        Ok(t)
     }
 
     pub(crate) fn steps_per_epoch(&self) -> usize {
@@ -209,17 +236,18 @@ impl<B: Backend> Trainer<B> {
 
     /// Names and element counts of the trainable tensors, in optimizer order (no transfers).
     pub(crate) fn trainable_sizes(&self) -> Vec<(String, usize)> {
-        match &self.trainable {
-            Trainable::Full { names, shapes, .. } => names.iter().zip(shapes).map(|(n, s)| (n.clone(), s.iter().product())).collect(),
+        let names: Vec<String> = match &self.trainable {
+            Trainable::Full { names, .. } => names.clone(),
             Trainable::Lora(l) => l
                 .adapters
                 .iter()
                 .flat_map(|a| {
                     let p = a.peft_prefix();
-                    [(format!("{p}.lora_A.weight"), a.a.len()), (format!("{p}.lora_B.weight"), a.b.len())]
+                    [format!("{p}.lora_A.weight"), format!("{p}.lora_B.weight")]
                 })
                 .collect(),
-        }
+        };
+        names.into_iter().zip(self.trainable.sizes()).collect()
     }
 
     /// Replaces the trainable tensors (optimizer order, sizes as `trainable_sizes`) and
@@ -240,8 +268,9 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// The AdamW moments `(m, v)` per trainable tensor, in optimizer order, downloaded to the
-    /// host; empty for SGD.
+    /// The AdamW moments `(m, v)` this rank holds per trainable tensor, in optimizer order,
+    /// downloaded to the host: whole tensors, or under ZeRO-1 this rank's pieces (`shard`);
+    /// empty for SGD.
     pub fn moments(&self) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         match &self.trainable {
             Trainable::Full { m, v, .. } => {
@@ -252,7 +281,29 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// Replaces the AdamW moments (as returned by `moments`).
+    /// The whole AdamW moments of every trainable tensor (as `moments` at world 1) on every
+    /// rank: under ZeRO-1 every rank's pieces are all-gathered, so every rank must call it
+    /// together (checkpoints).
+    pub(crate) fn full_moments(&self) -> Result<Moments, TrainError> {
+        let (m, v) = self.moments();
+        if !self.shard.is_split() {
+            return Ok((m, v));
+        }
+        Ok((self.shard.all_gather(&*self.comm, &m.concat())?, self.shard.all_gather(&*self.comm, &v.concat())?))
+    }
+
+    /// AdamW state elements (m and v) this rank holds on the backend: twice the trainable
+    /// elements, under ZeRO-1 about 1/world of that; 0 for SGD.
+    pub(crate) fn optimizer_state_len(&self) -> usize {
+        let be = &self.model.backend;
+        match &self.trainable {
+            Trainable::Full { m, v, .. } => m.iter().chain(v).map(|x| be.len(x)).sum(),
+            Trainable::Lora(l) => l.moments_len(be),
+        }
+    }
+
+    /// Replaces the AdamW moments with whole tensors (as `full_moments` returns them; this
+    /// rank keeps the pieces its `shard` owns).
     pub(crate) fn set_moments(&mut self, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
         let sizes = self.trainable_sizes();
         let want = if self.cfg.optim.kind == OptimKind::Adamw { sizes.len() } else { 0 };
@@ -260,6 +311,7 @@ impl<B: Backend> Trainer<B> {
         for (((n, len), a), b) in sizes.iter().zip(&m).zip(&v) {
             assert!(a.len() == *len && b.len() == *len, "set_moments: {n} has {} / {} values, expected {len}", a.len(), b.len());
         }
+        let (m, v) = if want == 0 { (m, v) } else { (self.shard.pieces(&m), self.shard.pieces(&v)) };
         match &mut self.trainable {
             Trainable::Full { m: md, v: vd, .. } => {
                 let be = &self.model.backend;
@@ -372,6 +424,10 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let lr = self.cfg.optim.lr_at(step, total_steps);
+        // The gradients are summed over the group whole, also under ZeRO-1, where a rank needs
+        // only its slice's sum (plus the global norm): a reduce-scatter would be the optimal
+        // collective there, but the star transports of `crate::dist` have none (it would cost
+        // them what this all-reduce costs), so the norm and clipping stay exactly as without it.
         let norm = if matches!(self.trainable, Trainable::Full { .. }) {
             if world > 1 {
                 self.all_reduce_grads(&mut grads)?;
@@ -457,7 +513,8 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Full fine-tuning update on the backend: global norm, clipping factor, then AdamW/SGD on
-    /// every weight buffer in place. Returns the norm before clipping; a non-finite norm
+    /// every weight buffer in place (under ZeRO-1: on this rank's slice, then the other ranks'
+    /// updated slices all-gathered). Returns the norm before clipping; a non-finite norm
     /// updates nothing.
     fn update_full(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
         let be = &self.model.backend;
@@ -471,13 +528,34 @@ impl<B: Backend> Trainer<B> {
         let kind = self.cfg.optim.kind;
         let Trainable::Full { shapes, m, v, .. } = &mut self.trainable else { unreachable!("update_full on LoRA") };
         let mut moments = m.iter_mut().zip(v.iter_mut());
-        let mut i = 0;
+        let (shard, mut i) = (&self.shard, 0);
         self.model.weights.for_each_mut(|_, w| {
-            // Weight decay on matrices, not on norms and biases.
-            apply(be, kind, &h, shapes[i].len() >= 2, w, g[i], moments.next());
+            let (r, mv) = (&shard.ranges[i], moments.next());
+            if !r.is_empty() {
+                // Weight decay on matrices, not on norms and biases.
+                apply(be, kind, &h, shapes[i].len() >= 2, w, g[i], r.start, mv);
+            }
             i += 1;
         });
         assert_eq!(i, g.len(), "one gradient per weight");
+        if shard.is_split() {
+            let (mut mine, mut i) = (Vec::with_capacity(shard.len()), 0); // this rank's updated elements
+            self.model.weights.for_each(|_, w| {
+                let r = &shard.ranges[i];
+                if !r.is_empty() {
+                    mine.extend_from_slice(&be.download(w)[r.clone()]);
+                }
+                i += 1;
+            });
+            let whole = shard.all_gather(&*self.comm, &mine)?;
+            let mut i = 0;
+            self.model.weights.for_each_mut(|_, w| {
+                if !shard.owns_whole(i) {
+                    *w = be.upload_weight(&whole[i]);
+                }
+                i += 1;
+            });
+        }
         self.optim.steps += 1;
         Ok(norm)
     }
@@ -493,7 +571,7 @@ impl<B: Backend> Trainer<B> {
         }
         let h = self.optim.hparams(lr, clip_factor(norm, self.cfg.optim.max_grad_norm));
         let Trainable::Lora(l) = &mut self.trainable else { unreachable!() };
-        l.update(be, &mut self.model.weights, &g, self.cfg.optim.kind, &h);
+        l.update(be, &mut self.model.weights, &g, self.cfg.optim.kind, &h, &self.shard, &*self.comm)?;
         self.optim.steps += 1;
         Ok(norm)
     }
@@ -510,7 +588,8 @@ impl<B: Backend> Trainer<B> {
         let Some(budget) = self.cfg.memory_budget else { return Ok(()) };
         let lens: Vec<_> = self.pairs.iter().map(|p| (p.context.len(), p.chosen.len(), p.rejected.len())).collect();
         let longest = self.pairs.iter().max_by_key(|p| p.packed_tokens()).map_or("", |p| p.id.as_str());
-        super::plan::check_train_memory(&self.model.cfg, &self.cfg, self.model.backend.precision(), self.model.recompute(), &lens, longest, budget)
+        let shards = if self.shard.is_split() { self.comm.world() } else { 1 };
+        super::plan::check_train_memory(&self.model.cfg, &self.cfg, self.model.backend.precision(), self.model.recompute(), shards, &lens, longest, budget)
     }
 }
 

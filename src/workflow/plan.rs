@@ -63,7 +63,8 @@ pub struct PlanOptions {
     #[arg(long, value_name = "GB", default_value_t = 80.0)]
     pub gpu_memory_gb: f64,
     /// GPUs training data parallel (ZeRO-1: the fp32 master weights and AdamW moments are
-    /// sharded over them; weights, gradients and activations are replicated on each).
+    /// sharded over them; weights, gradients and activations are replicated on each). This
+    /// build's column divides the AdamW moments, as `ipo train --zero 1` does.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub gpus: usize,
 }
@@ -101,7 +102,8 @@ pub struct PlanSummary {
     pub gpu_memory_bytes: u64,
     /// The design's storage: the verdict.
     pub plan: Estimate,
-    /// What `ipo train` allocates today (and checks before it starts).
+    /// What `ipo train` allocates today (with --zero 1 when --gpus > 1; it checks this
+    /// before it starts).
     pub this_build: Estimate,
     pub flops: Flops,
 }

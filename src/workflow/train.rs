@@ -13,7 +13,9 @@
 //! writes OUT/ (metrics of the whole batch, checkpoints, final model, chart); every rank reads
 //! a checkpoint to resume, at any world size. Missing reference log-probs are computed by
 //! every rank (the same values; only rank 0's go to OUT/ref_pairs.jsonl), so no rank idles
-//! past the collective timeout while rank 0 scores.
+//! past the collective timeout while rank 0 scores. With `--zero 1` (ZeRO-1, `train::zero`)
+//! each rank keeps the AdamW moments of its 1/world slice of the trained parameters only;
+//! checkpoints gather them to rank 0 into the same files as without it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -141,6 +143,12 @@ pub struct TrainOptions {
     /// available now (MemAvailable; on a GPU, the device memory free before loading).
     #[arg(long, value_name = "GIB")]
     pub memory_budget_gb: Option<f64>,
+    /// ZeRO stage under data parallel: 0 = every rank keeps the whole optimizer state; 1 =
+    /// each rank keeps the AdamW moments of its 1/world slice of the trained parameters only,
+    /// updates that slice and all-gathers the updated weights (the same weights as stage 0 up
+    /// to fp32 rounding; checkpoints hold the whole state and resume either way).
+    #[arg(long, value_name = "STAGE", default_value_t = 0)]
+    pub zero: u8,
     /// Most tokens per forward when computing missing reference log-probs.
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
@@ -192,6 +200,9 @@ pub struct TrainSummary {
     /// Ranks that trained together (1 without a launcher) and this process's rank.
     pub world: usize,
     pub rank: usize,
+    /// AdamW state elements (m and v) this rank held: twice the trained parameters, about
+    /// 1/world of that with --zero 1; 0 for SGD.
+    pub optimizer_state_elems: usize,
 }
 
 /// Trains on `files.pairs` from the model of `files.model` (or the checkpoint
@@ -237,13 +248,13 @@ pub fn train_in(files: &TrainFiles, opts: &TrainOptions, progress: &dyn Progress
         if let Some(budget) = tcfg.memory_budget {
             let lens: Vec<_> = recs.iter().map(|(_, p)| (p.context_ids.len(), p.chosen_ids.len(), p.rejected_ids.len())).collect();
             let longest = recs.iter().max_by_key(|(_, p)| p.context_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()).map_or("", |(_, p)| p.id.as_str());
-            check_train_memory(&dir.config, &tcfg, be.precision(), opts.recompute, &lens, longest, budget)?;
+            let shards = if opts.zero == 1 && tcfg.optim.kind == OptimKind::Adamw { comm.world() } else { 1 };
+            check_train_memory(&dir.config, &tcfg, be.precision(), opts.recompute, shards, &lens, longest, budget)?;
         }
         let mut model = dir.upload(be, weights)?;
         model.set_recompute(opts.recompute);
         let (pairs, ref_logps) = reference_pairs(files, opts, &dir, recs, &model, progress, comm.rank())?;
-        let mut trainer = Trainer::new(model, pairs, tcfg)?;
-        trainer.set_comm(comm);
+        let trainer = Trainer::data_parallel(model, pairs, tcfg, comm, opts.zero == 1)?;
         run_steps(files, opts, trainer, progress, t0, ref_logps)
     })
 }
@@ -268,6 +279,9 @@ fn train_config(o: &TrainOptions) -> Result<TrainConfig> {
         }
         None
     };
+    if o.zero > 1 {
+        bail!("--zero {}: stages 0 (replicated optimizer state) and 1 (sharded over the ranks) exist", o.zero);
+    }
     let memory_budget = match o.memory_budget_gb {
         Some(g) if g.is_nan() || g <= 0.0 => bail!("--memory-budget-gb must be > 0"),
         Some(g) => Some((g * (1u64 << 30) as f64) as u64),
@@ -425,12 +439,11 @@ fn run_steps<B: Backend>(
     }
     let mut log = if root { Some(Appender::open(&metrics_path)?) } else { None };
     let base_name = files.model.display().to_string();
-    // Rank 0 writes; the others name the folder it writes.
+    // Every rank calls it (ZeRO-1 gathers the moments); rank 0 writes, the others name the
+    // folder it writes.
     let save = |t: &Trainer<B>| -> Result<PathBuf> {
         let dir = out.join(format!("step-{}", t.step));
-        if root {
-            checkpoint::save(t, &dir, &base_name, |tmp| copy_side_files(tmp, &files.model))?;
-        }
+        checkpoint::save(t, &dir, &base_name, |tmp| copy_side_files(tmp, &files.model))?;
         Ok(dir)
     };
 
@@ -515,6 +528,7 @@ fn run_steps<B: Backend>(
         merged_dir,
         world,
         rank,
+        optimizer_state_elems: trainer.optimizer_state_len(),
     })
 }
 
@@ -602,12 +616,14 @@ mod tests {
         assert_eq!((t.device.device, t.seed, t.merge, t.memory_budget_gb), (crate::workflow::device::Device::Cuda(1), 7, true, Some(8.0)));
         // `ipo run` reads its stage tables with these names.
         let keys = keys_of::<TrainOptions>();
-        for k in ["seed", "device", "lr", "optimizer", "schedule", "lora_targets", "memory_budget_gb"] {
+        for k in ["seed", "device", "lr", "optimizer", "schedule", "lora_targets", "memory_budget_gb", "zero"] {
             assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
         }
-        let table: toml::Table = toml::from_str("optimizer = \"sgd\"\nepochs = 2").unwrap();
+        let table: toml::Table = toml::from_str("optimizer = \"sgd\"\nepochs = 2\nzero = 1").unwrap();
         let t: TrainOptions = from_table(Path::new("c.toml"), "train1", &table).unwrap();
-        assert_eq!((t.optimizer, t.epochs, t.lr), (OptimKind::Sgd, 2, 5e-6));
+        assert_eq!((t.optimizer, t.epochs, t.lr, t.zero), (OptimKind::Sgd, 2, 5e-6, 1));
+        let e = train_config(&TrainOptions { zero: 2, ..TrainOptions::default() }).unwrap_err().to_string();
+        assert!(e.contains("--zero 2"), "{e}");
     }
 
     #[test]

@@ -105,16 +105,40 @@ pub fn random_weights(cfg: &ModelConfig, rng: &mut Rng) -> ModelWeights<HostTens
         .map(|_| {
             let attn_norm = next();
             let (wq, wk, wv, wo) = (next(), next(), next(), next());
-            let (bq, bk, bv) = if cfg.qkv_bias { (Some(next()), Some(next()), Some(next())) } else { (None, None, None) };
+            let (bq, bk, bv) = if cfg.qkv_bias {
+                (Some(next()), Some(next()), Some(next()))
+            } else {
+                (None, None, None)
+            };
             let (q_norm, k_norm) = if cfg.qk_norm { (Some(next()), Some(next())) } else { (None, None) };
             let mlp_norm = next();
             let (w_gate, w_up, w_down) = (next(), next(), next());
-            LayerWeights { attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, mlp_norm, w_gate, w_up, w_down }
+            LayerWeights {
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                bq,
+                bk,
+                bv,
+                q_norm,
+                k_norm,
+                mlp_norm,
+                w_gate,
+                w_up,
+                w_down,
+            }
         })
         .collect();
     let final_norm = next();
     let lm_head = (!cfg.tie_word_embeddings).then(&mut next);
-    ModelWeights { embed, layers, final_norm, lm_head }
+    ModelWeights {
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+    }
 }
 
 /// A byte-level BPE tokenizer with no merges (token id = byte value) and two special tokens
@@ -212,7 +236,10 @@ pub fn sim_with(p: Precision) -> Option<CudaBackend<Sim>> {
 #[track_caller]
 pub fn default_model() -> Option<PathBuf> {
     let dir = std::env::var("IPO_DEFAULT_MODEL").ok().filter(|d| !d.is_empty());
-    required("the default model", dir.map(PathBuf::from).ok_or("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"))
+    required(
+        "the default model",
+        dir.map(PathBuf::from).ok_or("IPO_DEFAULT_MODEL is not set (run scripts/test.sh)"),
+    )
 }
 
 /// 4 random training pairs (context 3-7 tokens, segments 2-6), reference log-probs around a
@@ -256,13 +283,22 @@ pub fn host_reference_step<B: ipo::backend::Backend>(
     let (m0, v0) = t.moments();
     let norm = global_norm(g.iter().map(|x| &x[..]));
     let lr = tcfg.optim.lr_at(t.step, t.total_steps());
-    let mut reference = Optimizer { cfg: tcfg.optim, steps: t.optim.steps, m: m0, v: v0 };
+    let mut reference = Optimizer {
+        cfg: tcfg.optim,
+        steps: t.optim.steps,
+        m: m0,
+        v: v0,
+    };
     let mut want: Vec<Vec<f32>> = before.iter().map(|x| x.2.clone()).collect();
     let params: Vec<Param> = want
         .iter_mut()
         .zip(&g)
         .zip(&before)
-        .map(|((data, grad), (_, shape, _))| Param { data: &mut data[..], grad, decay: decay(shape) })
+        .map(|((data, grad), (_, shape, _))| Param {
+            data: &mut data[..],
+            grad,
+            decay: decay(shape),
+        })
         .collect();
     reference.step(params, lr, clip_factor(norm, max_norm));
     (before, want, reference, norm)
@@ -277,8 +313,11 @@ pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
 pub fn f32_tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> =
-        st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }

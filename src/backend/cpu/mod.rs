@@ -467,8 +467,9 @@ impl<F: Elem> Backend for CpuBackend<F> {
         optim::sum_squares(x)
     }
 
-    fn adamw(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, m: &mut CpuBuf<F>, v: &mut CpuBuf<F>, h: &crate::backend::AdamwStep) {
-        optim::adamw(p, g, m, v, h)
+    fn adamw_at(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, at: usize, m: &mut CpuBuf<F>, v: &mut CpuBuf<F>, h: &crate::backend::AdamwStep) {
+        let n = m.len();
+        optim::adamw(&mut p[at..at + n], &g[at..at + n], m, v, h)
     }
 
     fn sgd(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, lr: f64, weight_decay: f64, grad_scale: f64) {

@@ -725,8 +725,8 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.sum_squares_many_dev(xs)
     }
 
-    fn adamw(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &super::AdamwStep) {
-        self.adamw_dev(p, g, m, v, h)
+    fn adamw_at(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, at: usize, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &super::AdamwStep) {
+        self.adamw_dev(p, g, at, m, v, h)
     }
 
     fn sgd(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {

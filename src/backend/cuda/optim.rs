@@ -58,12 +58,17 @@ impl<G: Gpu> CudaBackend<G> {
             .collect()
     }
 
-    /// One AdamW step in place on p, m, v `[n]` with gradient g `[n]` (see `AdamwStep`). The
-    /// f32 coefficients are rounded here from f64, as the CPU reference rounds them.
-    pub(super) fn adamw_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &AdamwStep) {
+    /// One AdamW step in place on `p[at..at + n]` and m, v `[n]` with gradient `g[at..at + n]`
+    /// (see `AdamwStep`; `at` > 0 or n < len: a ZeRO-1 slice, the kernel gets the offset
+    /// pointers). The f32 coefficients are rounded here from f64, as the CPU reference rounds
+    /// them.
+    pub(super) fn adamw_dev(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, at: usize, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &AdamwStep) {
         self.weights_changed(p);
-        let n = p.len;
-        assert!(g.len == n && m.len == n && v.len == n, "adamw: p [{n}], g [{}], m [{}], v [{}] must have one length", g.len, m.len, v.len);
+        let n = m.len;
+        assert!(
+            g.len == p.len && v.len == n && at + n <= p.len,
+            "adamw: p [{}], g [{}], m [{n}], v [{}] at {at} do not fit", p.len, g.len, v.len
+        );
         if n == 0 {
             return;
         }
@@ -72,7 +77,7 @@ impl<G: Gpu> CudaBackend<G> {
         self.launch(
             "optim.cu", &[], "adamw_step", grid1(n), BLOCK, 0,
             &[
-                Arg::Ptr(p.ptr), Arg::Ptr(g.ptr), Arg::Ptr(m.ptr), Arg::Ptr(v.ptr), Arg::I64(n as i64), Arg::F32(gs), Arg::F32(b1), Arg::F32(omb1),
+                Arg::Ptr(p.at(at)), Arg::Ptr(g.at(at)), Arg::Ptr(m.ptr), Arg::Ptr(v.ptr), Arg::I64(n as i64), Arg::F32(gs), Arg::F32(b1), Arg::F32(omb1),
                 Arg::F32(b2), Arg::F32(omb2), Arg::F32(decay), Arg::F32(step), Arg::F32(bc2_sqrt), Arg::F32(eps),
             ],
         );

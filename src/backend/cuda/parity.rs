@@ -686,7 +686,21 @@ fn optimizer_step<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng, adamw: bool) {
 }
 
 fn adamw<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    optimizer_step(c, r, true)
+    optimizer_step(c, r, true);
+    // A ZeRO-1 slice (`adamw_at`): elements 333..733 of a [1000] tensor move, the rest keep
+    // their bits.
+    let (n, at, k) = (1000, 333, 400);
+    let (p, g) = (r.vec(n, 1.0), r.vec(n, 1.0));
+    let (m, v): (CpuBuf<f32>, CpuBuf<f32>) = (r.vec(k, 0.1), r.vec(k, 0.1).iter().map(|x| x * x + 1e-12).collect());
+    let h = AdamwStep { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_scale: 0.37, bc1: 1.0 - 0.9f64.powi(2), bc2: 1.0 - 0.999f64.powi(2) };
+    let (mut pc, mut mc, mut vc) = (p.clone(), m.clone(), v.clone());
+    let (mut pg, mut mg, mut vg) = (c.gpu.upload(&p), c.gpu.upload(&m), c.gpu.upload(&v));
+    c.cpu.adamw_at(&mut pc, &g, at, &mut mc, &mut vc, &h);
+    c.gpu.adamw_at(&mut pg, &c.gpu.upload(&g), at, &mut mg, &mut vg, &h);
+    assert!(pc[at..at + k] != p[at..at + k] && pc[..at] == p[..at] && pc[at + k..] == p[at + k..], "adamw_at: the reference moves the slice only");
+    c.row("adamw_at.p", format!("n{n} at{at} k{k}"), &pg, &pc);
+    c.row("adamw_at.m", format!("n{n} at{at} k{k}"), &mg, &mc);
+    c.row("adamw_at.v", format!("n{n} at{at} k{k}"), &vg, &vc);
 }
 
 fn sgd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
