@@ -620,7 +620,8 @@ mod tests {
     /// skipped, else Some(fresh).
     fn two_stages(dir: &Path, force: bool, a: &str, b: &str, fail_b: bool) -> (Option<bool>, Option<bool>) {
         let silent = crate::workflow::progress::Silent;
-        let mut st = Stages { dir: dir.to_path_buf(), force, count: 0, progress: &silent, prev: String::new() };
+        let shards = Shards::of(crate::dist::single());
+        let mut st = Stages { dir: dir.to_path_buf(), force, count: 0, progress: &silent, shards: &shards, prev: String::new() };
         let (mut ra, mut rb) = (None, None);
         st.run("a", &[a], |_, fresh| {
             ra = Some(fresh);
