@@ -193,15 +193,7 @@ fn pairs(rng: &mut Rng, vocab: usize) -> Vec<TrainPair> {
 }
 
 fn train_config(lora: bool) -> TrainConfig {
-    let all = vec![
-        LoraTarget::Q,
-        LoraTarget::K,
-        LoraTarget::V,
-        LoraTarget::O,
-        LoraTarget::Gate,
-        LoraTarget::Up,
-        LoraTarget::Down,
-    ];
+    let all = LoraTarget::ALL.to_vec();
     TrainConfig {
         beta: 0.1,
         sft_coef: 0.0,

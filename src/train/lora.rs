@@ -40,6 +40,9 @@ pub enum LoraTarget {
 }
 
 impl LoraTarget {
+    /// Every projection, in layer order (the default of `--lora-targets`).
+    pub const ALL: [LoraTarget; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.trim() {
             "q" | "q_proj" => Self::Q,

@@ -318,15 +318,7 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestio
         let mut q = p.clone();
         q.lora = Some((
             16,
-            vec![
-                LoraTarget::Q,
-                LoraTarget::K,
-                LoraTarget::V,
-                LoraTarget::O,
-                LoraTarget::Gate,
-                LoraTarget::Up,
-                LoraTarget::Down,
-            ],
+            LoraTarget::ALL.to_vec(),
         ));
         all.lora = q.lora.clone();
         try_change(q, "--lora-rank 16".into(), &mut out);

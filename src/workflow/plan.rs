@@ -149,15 +149,7 @@ pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
     let params = cfg
         .param_count()
         .with_context(|| format!("{}: the parameter count overflows", config.display()))?;
-    let all = vec![
-        LoraTarget::Q,
-        LoraTarget::K,
-        LoraTarget::V,
-        LoraTarget::O,
-        LoraTarget::Gate,
-        LoraTarget::Up,
-        LoraTarget::Down,
-    ];
+    let all = LoraTarget::ALL.to_vec();
     let lora = (o.lora_rank > 0).then_some((o.lora_rank, all));
     let mut input = PlanInput::pairs(o.precision, lora, o.batch_size, o.micro_batch_size, o.context, o.segment, Layout::Target);
     input.rollout_batch = o.rollout_batch;
