@@ -227,7 +227,7 @@ impl Backend for Bf16Emu {
     fn lm_head_logprobs(&self, h: &CpuBuf<f32>, w: &CpuBuf<f32>, dim: usize, rows: &[u32], targets: &[u32]) -> (CpuBuf<f32>, CpuBuf<f32>) {
         self.0.lm_head_logprobs(h, w, dim, rows, targets)
     }
-    fn lm_head_bwd(&self, h: &CpuBuf<f32>, w: &CpuBuf<f32>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<f32>, dlogp: &[f32], dh: &mut CpuBuf<f32>, dw: &mut CpuBuf<f32>) {
+    fn lm_head_bwd(&self, h: &CpuBuf<f32>, w: &CpuBuf<f32>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<f32>, dlogp: &[f32], dh: &mut CpuBuf<f32>, dw: Option<&mut CpuBuf<f32>>) {
         self.0.lm_head_bwd(h, w, dim, rows, targets, lse, dlogp, dh, dw)
     }
 }

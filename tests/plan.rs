@@ -253,6 +253,19 @@ fn estimate_matches_the_sim_high_water_mark() {
             peaks.push(((precision, lora, recompute), peak));
         }
     }
+    // LoRA holds no gradient of a frozen weight: against full fine-tuning its peak lacks the
+    // weights' gradients and AdamW moments (12 bytes per weight) and adds the adapters, their
+    // gradients and moments (16 bytes per adapter value).
+    let n_params = c.param_count().unwrap() as f64;
+    let adapters: f64 = LoraTarget::ALL.iter().map(|t| t.dims(&c)).map(|(o, i)| (c.num_layers * 4 * (o + i)) as f64).sum(); // rank 4
+    for &((p, l, r), peak) in &peaks {
+        if l {
+            let full = peaks.iter().find(|x| x.0 == (p, false, r)).unwrap().1;
+            let saved = full as f64 - peak as f64;
+            let want = 12.0 * n_params - 16.0 * adapters;
+            assert!(saved >= 0.99 * want, "{p} recompute={r}: LoRA peak {peak} vs full {full}: saves {saved}, expected about {want}");
+        }
+    }
     // Recomputation lowers the measured peak in every case.
     for &((p, l, r), peak) in &peaks {
         if r {

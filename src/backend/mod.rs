@@ -430,7 +430,7 @@ pub trait Backend: Send + Sync {
     /// logp `[n]` and lse `[n]` (saved for the backward). Rows may repeat.
     fn lm_head_logprobs(&self, h: &Self::Buf, w: &Self::Buf, dim: usize, rows: &[u32], targets: &[u32]) -> (Self::Buf, Self::Buf);
     /// Backward of `lm_head_logprobs` given `dlogp[i]`: accumulates into dh `[tokens, dim]`
-    /// and dw `[vocab, dim]`.
+    /// and, unless the lm-head is frozen (`None`), dw `[vocab, dim]`.
     #[allow(clippy::too_many_arguments)]
     fn lm_head_bwd(
         &self,
@@ -442,7 +442,7 @@ pub trait Backend: Send + Sync {
         lse: &Self::Buf,
         dlogp: &[f32],
         dh: &mut Self::Buf,
-        dw: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
     );
 
     // ---- sampling (rollouts; see src/rollout/sampler.rs) ----
@@ -561,7 +561,7 @@ pub trait Backend: Send + Sync {
         lse: &Self::Buf,
         dlogp: &Self::Buf,
         dh: &mut Self::Buf,
-        dw: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
     ) {
         self.lm_head_bwd(h, w, dim, rows, targets, lse, &self.download(dlogp), dh, dw)
     }

@@ -292,7 +292,7 @@ pub fn run_op<B: Backend>(be: &B, i: &mut Inputs<B>, op: &str) {
         "lm_head_logprobs" => {
             let _ = be.lm_head_logprobs(&i.lm_h, &i.lm_w, s.dim, &i.lm_rows, &i.lm_targets);
         }
-        "lm_head_bwd" => be.lm_head_bwd(&i.lm_h, &i.lm_w, s.dim, &i.lm_rows, &i.lm_targets, &i.lm_lse, &i.dlogp, &mut i.lm_dh, &mut i.lm_dw),
+        "lm_head_bwd" => be.lm_head_bwd(&i.lm_h, &i.lm_w, s.dim, &i.lm_rows, &i.lm_targets, &i.lm_lse, &i.dlogp, &mut i.lm_dh, Some(&mut i.lm_dw)),
         "kv_write" => be.kv_write(&mut i.cache, &i.kv_k, &i.kv_v, &i.slots, i.geom),
         "kv_copy_blocks" => be.kv_copy_blocks(&mut i.cache, &i.copy_pairs, i.geom),
         "paged_attention" => be.paged_attention(&i.dec_q, &i.cache, &i.seqs, &i.block_table, i.geom, i.dims, &mut i.dec_out),

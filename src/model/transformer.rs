@@ -3,6 +3,7 @@
 //! hand-written backward for every parameter, and the fused lm-head log-prob.
 //! Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) differ only in optional tensors.
 
+use super::adapter::{Adapters, GradsMut, LoraTarget};
 use super::config::ModelConfig;
 use super::weights::{HostTensor, ModelWeights};
 use crate::backend::{AttnDims, AttnLayout, Backend, Reference, Span};
@@ -153,6 +154,9 @@ pub struct Transformer<B: Backend = Reference> {
     pub weights: ModelWeights<B::Buf>,
     inv_freq: Vec<f64>, // [head_dim / 2]
     recompute: bool,
+    /// LoRA adapters (`super::adapter`): added by the forward; with them the backward trains
+    /// only them.
+    pub(crate) adapters: Option<Adapters<B::Buf>>,
 }
 
 impl Transformer<Reference> {
@@ -168,7 +172,7 @@ impl<B: Backend> Transformer<B> {
         backend.prepare(&[cfg.head_dim]).map_err(|error| ForwardError::Backend { backend: backend.name(), error })?;
         let weights = host.map(|t| backend.upload_weight(&t.data));
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, backend, weights, inv_freq, recompute: false })
+        Ok(Self { cfg, backend, weights, inv_freq, recompute: false, adapters: None })
     }
 
     /// Activation recomputation: `forward` keeps only each decoder layer's input, and `backward`
@@ -246,7 +250,7 @@ impl<B: Backend> Transformer<B> {
         for l in 0..c.num_layers {
             let acts = self.layer_forward(l, x, batch);
             let mut out = be.zeros(t * hidden);
-            be.matmul(&acts.act, false, &self.weights.layers[l].w_down, true, &mut out, t, hidden, c.intermediate_size, false);
+            self.project(l, LoraTarget::Down, &acts.act, &mut out, t);
             be.add_assign(&mut out, &acts.x_mid);
             x = out;
             layers.push(if self.recompute { Saved::Input(acts.x) } else { Saved::All(acts) });
@@ -265,15 +269,15 @@ impl<B: Backend> Transformer<B> {
         let eps = c.rms_norm_eps as f32;
         let (mut xn1, mut rstd1) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x, &w.attn_norm, hidden, eps, &mut xn1, &mut rstd1);
-        let proj = |wt: &B::Buf, bias: &Option<B::Buf>, n: usize| {
+        let proj = |p: LoraTarget, bias: &Option<B::Buf>, n: usize| {
             let mut y = be.zeros(t * n);
-            be.matmul(&xn1, false, wt, true, &mut y, t, n, hidden, false);
+            self.project(l, p, &xn1, &mut y, t);
             if let Some(b) = bias {
                 be.bias_add(&mut y, b, n);
             }
             y
         };
-        let (mut q, mut k, v) = (proj(&w.wq, &w.bq, qd), proj(&w.wk, &w.bk, kvd), proj(&w.wv, &w.bv, kvd));
+        let (mut q, mut k, v) = (proj(LoraTarget::Q, &w.bq, qd), proj(LoraTarget::K, &w.bk, kvd), proj(LoraTarget::V, &w.bv, kvd));
         let (mut q_pre, mut k_pre, mut q_rstd, mut k_rstd) = (None, None, None, None);
         if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
             let head_norm = |x: B::Buf, wn: &B::Buf, rows: usize| {
@@ -291,13 +295,13 @@ impl<B: Backend> Transformer<B> {
         let (mut attn, mut lse) = (be.zeros(t * qd), be.zeros(t * c.num_heads));
         be.attention(&q, &k, &v, &batch.layout, self.dims(), &mut attn, &mut lse);
         let mut x_mid = be.zeros(t * hidden);
-        be.matmul(&attn, false, &w.wo, true, &mut x_mid, t, hidden, qd, false);
+        self.project(l, LoraTarget::O, &attn, &mut x_mid, t);
         be.add_assign(&mut x_mid, &x);
         let (mut xn2, mut rstd2) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x_mid, &w.mlp_norm, hidden, eps, &mut xn2, &mut rstd2);
         let (mut gate, mut up, mut act) = (be.zeros(t * ffn), be.zeros(t * ffn), be.zeros(t * ffn));
-        be.matmul(&xn2, false, &w.w_gate, true, &mut gate, t, ffn, hidden, false);
-        be.matmul(&xn2, false, &w.w_up, true, &mut up, t, ffn, hidden, false);
+        self.project(l, LoraTarget::Gate, &xn2, &mut gate, t);
+        self.project(l, LoraTarget::Up, &xn2, &mut up, t);
         be.swiglu(&gate, &up, &mut act);
         LayerActs { x, rstd1, xn1, q_pre, k_pre, q_rstd, k_rstd, q, k, v, attn, lse, x_mid, rstd2, xn2, gate, up, act }
     }
@@ -306,81 +310,90 @@ impl<B: Backend> Transformer<B> {
     /// parameter's gradient into `grads` (tied embeddings receive both contributions).
     pub fn backward(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &[f32], grads: &mut ModelWeights<B::Buf>) {
         assert_eq!(dlogp.len(), batch.rows.len(), "backward: one dlogp per scored row");
-        self.backward_buf(batch, tape, &self.backend.upload(dlogp), grads)
+        self.backward_buf(batch, tape, &self.backend.upload(dlogp), GradsMut::Full(grads))
     }
 
-    /// `backward` with `dlogp` `[rows]` already on the backend (from `Backend::segment_dpo`).
-    pub(crate) fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, grads: &mut ModelWeights<B::Buf>) {
+    /// `backward` with `dlogp` `[rows]` already on the backend (from `Backend::segment_dpo`),
+    /// into every weight's gradient or (adapters attached) the adapters' only.
+    pub(crate) fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, mut grads: GradsMut<'_, B::Buf>) {
         let (be, c) = (&self.backend, &self.cfg);
         let t = batch.num_tokens();
         let hidden = c.hidden_size;
         let mut dh = be.zeros(t * hidden);
-        {
-            let dw_head = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-            be.lm_head_bwd_buf(&tape.h_final, self.lm_head_w(), hidden, &batch.rows, &batch.targets, &tape.lse, dlogp, &mut dh, dw_head);
-        }
+        let dw_head = match &mut grads {
+            GradsMut::Full(g) => Some(g.lm_head.as_mut().unwrap_or(&mut g.embed)),
+            GradsMut::Adapters(_) => None,
+        };
+        be.lm_head_bwd_buf(&tape.h_final, self.lm_head_w(), hidden, &batch.rows, &batch.targets, &tape.lse, dlogp, &mut dh, dw_head);
         let mut dx = be.zeros(t * hidden);
-        be.rmsnorm_bwd(&dh, &tape.x_final, &self.weights.final_norm, &tape.rstd_f, hidden, &mut dx, &mut grads.final_norm);
+        {
+            let mut frozen = None;
+            let dw = norm_grad(&mut grads, &mut frozen, be, hidden, |g| &mut g.final_norm);
+            be.rmsnorm_bwd(&dh, &tape.x_final, &self.weights.final_norm, &tape.rstd_f, hidden, &mut dx, dw);
+        }
+        drop(dh);
         for (l, saved) in tape.layers.into_iter().enumerate().rev() {
             let acts = match saved {
                 Saved::All(a) => a,
                 Saved::Input(x) => self.layer_forward(l, x, batch),
             };
-            dx = self.layer_backward(l, acts, dx, batch, grads);
+            dx = self.layer_backward(l, acts, dx, batch, &mut grads);
         }
-        be.embedding_bwd(&dx, &batch.ids, hidden, &mut grads.embed);
+        if let GradsMut::Full(g) = &mut grads {
+            be.embedding_bwd(&dx, &batch.ids, hidden, &mut g.embed);
+        }
     }
 
     /// Backward of one full layer (attention + MLP with residuals): d input from d output.
-    fn layer_backward(&self, l: usize, a: LayerActs<B::Buf>, dout: B::Buf, batch: &Batch, grads: &mut ModelWeights<B::Buf>) -> B::Buf {
+    fn layer_backward(&self, l: usize, a: LayerActs<B::Buf>, dout: B::Buf, batch: &Batch, grads: &mut GradsMut<'_, B::Buf>) -> B::Buf {
         let (be, c, w) = (&self.backend, &self.cfg, &self.weights.layers[l]);
-        let g = &mut grads.layers[l];
         let t = batch.num_tokens();
         let (hidden, qd, kvd, hd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim, c.intermediate_size);
         // MLP: out = x_mid + down(swiglu(gate(xn2), up(xn2)))
         let mut dact = be.zeros(t * ffn);
-        be.matmul(&dout, false, &w.w_down, false, &mut dact, t, ffn, hidden, false);
-        be.matmul(&dout, true, &a.act, false, &mut g.w_down, hidden, ffn, t, true);
+        self.project_bwd(l, LoraTarget::Down, &dout, &a.act, &mut dact, false, t, grads);
         let (mut dgate, mut dup) = (be.zeros(t * ffn), be.zeros(t * ffn));
         be.swiglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup);
         drop(dact);
         let mut dxn2 = be.zeros(t * hidden);
-        be.matmul(&dgate, false, &w.w_gate, false, &mut dxn2, t, hidden, ffn, false);
-        be.matmul(&dup, false, &w.w_up, false, &mut dxn2, t, hidden, ffn, true);
-        be.matmul(&dgate, true, &a.xn2, false, &mut g.w_gate, ffn, hidden, t, true);
-        be.matmul(&dup, true, &a.xn2, false, &mut g.w_up, ffn, hidden, t, true);
+        self.project_bwd(l, LoraTarget::Gate, &dgate, &a.xn2, &mut dxn2, false, t, grads);
+        self.project_bwd(l, LoraTarget::Up, &dup, &a.xn2, &mut dxn2, true, t, grads);
+        drop((dgate, dup));
         let mut dx_mid = be.zeros(t * hidden);
-        be.rmsnorm_bwd(&dxn2, &a.x_mid, &w.mlp_norm, &a.rstd2, hidden, &mut dx_mid, &mut g.mlp_norm);
+        let mut frozen = None;
+        be.rmsnorm_bwd(&dxn2, &a.x_mid, &w.mlp_norm, &a.rstd2, hidden, &mut dx_mid, norm_grad(grads, &mut frozen, be, hidden, |g| &mut g.layers[l].mlp_norm));
         be.add_assign(&mut dx_mid, &dout);
         // Attention: x_mid = x + o_proj(attention(rope(norm(q)), rope(norm(k)), v))
         let mut dattn = be.zeros(t * qd);
-        be.matmul(&dx_mid, false, &w.wo, false, &mut dattn, t, qd, hidden, false);
-        be.matmul(&dx_mid, true, &a.attn, false, &mut g.wo, hidden, qd, t, true);
+        self.project_bwd(l, LoraTarget::O, &dx_mid, &a.attn, &mut dattn, false, t, grads);
         let (mut dq, mut dk, mut dv) = (be.zeros(t * qd), be.zeros(t * kvd), be.zeros(t * kvd));
         be.attention_bwd(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, &batch.layout, self.dims(), &mut dq, &mut dk, &mut dv);
         be.rope(&mut dq, &batch.positions, c.num_heads, hd, &self.inv_freq, true);
         be.rope(&mut dk, &batch.positions, c.num_kv_heads, hd, &self.inv_freq, true);
-        if let (Some(qn), Some(kn), Some(gqn), Some(gkn)) = (&w.q_norm, &w.k_norm, g.q_norm.as_mut(), g.k_norm.as_mut()) {
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
             let mut dqp = be.zeros(t * qd);
-            be.rmsnorm_bwd(&dq, a.q_pre.as_ref().unwrap(), qn, a.q_rstd.as_ref().unwrap(), hd, &mut dqp, gqn);
+            let mut frozen = None;
+            be.rmsnorm_bwd(&dq, a.q_pre.as_ref().unwrap(), qn, a.q_rstd.as_ref().unwrap(), hd, &mut dqp, norm_grad(grads, &mut frozen, be, hd, |g| g.layers[l].q_norm.as_mut().unwrap()));
             let mut dkp = be.zeros(t * kvd);
-            be.rmsnorm_bwd(&dk, a.k_pre.as_ref().unwrap(), kn, a.k_rstd.as_ref().unwrap(), hd, &mut dkp, gkn);
+            let mut frozen = None;
+            be.rmsnorm_bwd(&dk, a.k_pre.as_ref().unwrap(), kn, a.k_rstd.as_ref().unwrap(), hd, &mut dkp, norm_grad(grads, &mut frozen, be, hd, |g| g.layers[l].k_norm.as_mut().unwrap()));
             (dq, dk) = (dqp, dkp);
         }
-        for (d, gb, n) in [(&dq, g.bq.as_mut(), qd), (&dk, g.bk.as_mut(), kvd), (&dv, g.bv.as_mut(), kvd)] {
-            if let Some(gb) = gb {
-                be.bias_bwd(d, n, gb);
+        if let GradsMut::Full(g) = grads {
+            let g = &mut g.layers[l];
+            for (d, gb, n) in [(&dq, g.bq.as_mut(), qd), (&dk, g.bk.as_mut(), kvd), (&dv, g.bv.as_mut(), kvd)] {
+                if let Some(gb) = gb {
+                    be.bias_bwd(d, n, gb);
+                }
             }
         }
         let mut dxn1 = be.zeros(t * hidden);
-        be.matmul(&dq, false, &w.wq, false, &mut dxn1, t, hidden, qd, false);
-        be.matmul(&dk, false, &w.wk, false, &mut dxn1, t, hidden, kvd, true);
-        be.matmul(&dv, false, &w.wv, false, &mut dxn1, t, hidden, kvd, true);
-        be.matmul(&dq, true, &a.xn1, false, &mut g.wq, qd, hidden, t, true);
-        be.matmul(&dk, true, &a.xn1, false, &mut g.wk, kvd, hidden, t, true);
-        be.matmul(&dv, true, &a.xn1, false, &mut g.wv, kvd, hidden, t, true);
+        self.project_bwd(l, LoraTarget::Q, &dq, &a.xn1, &mut dxn1, false, t, grads);
+        self.project_bwd(l, LoraTarget::K, &dk, &a.xn1, &mut dxn1, true, t, grads);
+        self.project_bwd(l, LoraTarget::V, &dv, &a.xn1, &mut dxn1, true, t, grads);
         let mut dx = be.zeros(t * hidden);
-        be.rmsnorm_bwd(&dxn1, &a.x, &w.attn_norm, &a.rstd1, hidden, &mut dx, &mut g.attn_norm);
+        let mut frozen = None;
+        be.rmsnorm_bwd(&dxn1, &a.x, &w.attn_norm, &a.rstd1, hidden, &mut dx, norm_grad(grads, &mut frozen, be, hidden, |g| &mut g.layers[l].attn_norm));
         be.add_assign(&mut dx, &dx_mid);
         dx
     }
@@ -433,6 +446,21 @@ impl<B: Backend> Transformer<B> {
 
     pub fn score(&self, items: &[ScoreItem], batch_tokens: usize) -> Result<Vec<Vec<f32>>, ForwardError> {
         self.score_with_progress(items, batch_tokens, |_| {})
+    }
+}
+
+/// The gradient buffer of a norm weight: its place in `GradsMut::Full` (picked by `f`), or,
+/// with the weights frozen, `frozen` filled with `n` zeros whose values are thrown away.
+fn norm_grad<'a, B: Backend>(
+    grads: &'a mut GradsMut<'_, B::Buf>,
+    frozen: &'a mut Option<B::Buf>,
+    be: &B,
+    n: usize,
+    f: impl FnOnce(&'a mut ModelWeights<B::Buf>) -> &'a mut B::Buf,
+) -> &'a mut B::Buf {
+    match grads {
+        GradsMut::Full(g) => f(g),
+        GradsMut::Adapters(_) => frozen.insert(be.zeros(n)),
     }
 }
 

@@ -1,17 +1,15 @@
-//! LoRA without touching the transformer. The forward is linear in each weight matrix, so the
-//! model runs with merged weights `W = W0 + s * B @ A` (`s = alpha / r`), `backward` gives the
-//! full `dW`, and the chain rule projects it onto the adapters:
-//!     dB = s * dW @ A^T        dA = s * B^T @ dW
-//! Init as PEFT: A ~ kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the
-//! adapted model starts equal to the base. Saved as a PEFT-compatible
-//! `adapter_model.safetensors` + `adapter_config.json`.
+//! LoRA as PEFT computes it: each adapted projection adds `s * (x A^T) B^T` (`s = alpha / r`)
+//! to the frozen base's `x W0^T`, inside the transformer (`crate::model::adapter`), whose
+//! backward then gives `dA`, `dB` directly and no gradient of any base weight. Init as PEFT:
+//! A ~ kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the adapted model
+//! starts equal to the base. Saved as a PEFT-compatible `adapter_model.safetensors` +
+//! `adapter_config.json`; `Transformer::merged_host_weights` gives the merged model.
 //!
-//! The adapters train on the model's own backend (`Lora::attach`): A, B, their AdamW moments
-//! and a copy of each frozen base matrix W0 are backend buffers; the merge and the projection
-//! are `Backend::matmul_scaled`, the update `Backend::adamw` / `sgd`. `Lora::adapters` keeps
-//! the host copy of A and B that the PEFT files are written from, downloaded after every
-//! update. Under ZeRO-1 (`train::zero`) the moments cover this rank's slice of the adapters
-//! only; `update` moves that slice and all-gathers the others' before the merge.
+//! The adapters train on the model's own backend (`Lora::attach`): A and B are the model's
+//! adapter buffers, their AdamW moments live here, the update is `Backend::adamw` / `sgd`.
+//! `Lora::adapters` keeps the host copy of A and B that the PEFT files are written from,
+//! downloaded after every update. Under ZeRO-1 (`train::zero`) the moments cover this rank's
+//! slice of the adapters only; `update` moves that slice and all-gathers the others'.
 
 use std::path::Path;
 
@@ -24,82 +22,12 @@ use super::zero::Shard;
 use super::TrainError;
 use crate::backend::{AdamwStep, Backend};
 use crate::dist::{Comm, CommError};
+use crate::model::adapter::{self, Adapters, Grads};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{HostTensor, LayerWeights, ModelWeights};
+use crate::model::transformer::Transformer;
+use crate::model::weights::{HostTensor, ModelWeights};
 
-/// A projection LoRA can adapt (`--lora-targets q,k,v,o,gate,up,down`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum LoraTarget {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl LoraTarget {
-    /// Every projection, in layer order (the default of `--lora-targets`).
-    pub const ALL: [LoraTarget; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.trim() {
-            "q" | "q_proj" => Self::Q,
-            "k" | "k_proj" => Self::K,
-            "v" | "v_proj" => Self::V,
-            "o" | "o_proj" => Self::O,
-            "gate" | "gate_proj" => Self::Gate,
-            "up" | "up_proj" => Self::Up,
-            "down" | "down_proj" => Self::Down,
-            _ => return None,
-        })
-    }
-    /// The HF module path inside a decoder layer.
-    pub fn module(self) -> &'static str {
-        match self {
-            Self::Q => "self_attn.q_proj",
-            Self::K => "self_attn.k_proj",
-            Self::V => "self_attn.v_proj",
-            Self::O => "self_attn.o_proj",
-            Self::Gate => "mlp.gate_proj",
-            Self::Up => "mlp.up_proj",
-            Self::Down => "mlp.down_proj",
-        }
-    }
-    /// (out_features, in_features) of the adapted matrix.
-    pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
-        match self {
-            Self::Q => (c.q_dim(), c.hidden_size),
-            Self::K | Self::V => (c.kv_dim(), c.hidden_size),
-            Self::O => (c.hidden_size, c.q_dim()),
-            Self::Gate | Self::Up => (c.intermediate_size, c.hidden_size),
-            Self::Down => (c.hidden_size, c.intermediate_size),
-        }
-    }
-    pub fn get<T>(self, l: &LayerWeights<T>) -> &T {
-        match self {
-            Self::Q => &l.wq,
-            Self::K => &l.wk,
-            Self::V => &l.wv,
-            Self::O => &l.wo,
-            Self::Gate => &l.w_gate,
-            Self::Up => &l.w_up,
-            Self::Down => &l.w_down,
-        }
-    }
-    pub fn get_mut<T>(self, l: &mut LayerWeights<T>) -> &mut T {
-        match self {
-            Self::Q => &mut l.wq,
-            Self::K => &mut l.wk,
-            Self::V => &mut l.wv,
-            Self::O => &mut l.wo,
-            Self::Gate => &mut l.w_gate,
-            Self::Up => &mut l.w_up,
-            Self::Down => &mut l.w_down,
-        }
-    }
-}
+pub use crate::model::adapter::LoraTarget;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
@@ -132,8 +60,8 @@ impl Adapter {
     }
 }
 
-/// All adapters of a model: their values on the host and, once attached to a model, on its
-/// backend (with the frozen base matrices they add to).
+/// All adapters of a model: their values on the host and, once attached to a model, their
+/// optimizer state on its backend (A and B themselves are the model's adapter buffers).
 pub struct Lora<B: Backend> {
     pub cfg: LoraConfig,
     /// A and B of every adapter on the host (what `save_peft` writes); equal to the backend's
@@ -142,13 +70,10 @@ pub struct Lora<B: Backend> {
     dev: Option<Attached<B>>,
 }
 
-/// The backend buffers of an attached `Lora`.
+/// The backend state of an attached `Lora`.
 struct Attached<B: Backend> {
-    /// A `[r, in]` and B `[out, r]` of every adapter, in optimizer order (A0, B0, A1, B1, ...).
-    params: Vec<B::Buf>,
-    /// The frozen base matrix W0 `[out, in]` of every adapter.
-    base: Vec<B::Buf>,
-    /// AdamW moments of `params`, same order, each `[len of the shard's range]` (empty for SGD).
+    /// AdamW moments of A0, B0, A1, B1, ... (optimizer order), each `[len of the shard's
+    /// range]` (empty for SGD).
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
 }
@@ -191,71 +116,74 @@ impl<B: Backend> Lora<B> {
         Ok(Self { cfg, adapters, dev: None })
     }
 
-    /// Moves the adapters onto the backend of the model whose base weights are `weights`
-    /// (unmerged): uploads A and B, copies each adapted W0, makes zero AdamW moments of the
-    /// elements `shard` owns (for `OptimKind::Adamw`) and merges `W0 + s B A` into `weights`.
-    pub(crate) fn attach(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, kind: OptimKind, shard: &Shard) -> Result<(), TrainError> {
+    /// Attaches the adapters to `model`: uploads A and B into the model's adapter slots (the
+    /// base weights stay as they are, frozen) and makes zero AdamW moments of the elements
+    /// `shard` owns (for `OptimKind::Adamw`).
+    pub(crate) fn attach(&mut self, model: &mut Transformer<B>, kind: OptimKind, shard: &Shard) -> Result<(), TrainError> {
         assert!(self.dev.is_none(), "LoRA adapters attached twice");
-        let mut base = Vec::new();
+        let c = &model.cfg;
         for ad in &self.adapters {
-            let w = ad.target.get(&weights.layers[ad.layer]);
-            if be.len(w) != ad.out * ad.inp {
-                return Err(TrainError::Config(format!("LoRA adapter {}: the model's matrix has {} values, expected {} x {}", ad.peft_prefix(), be.len(w), ad.out, ad.inp)));
+            if ad.layer >= c.num_layers || ad.target.dims(c) != (ad.out, ad.inp) {
+                return Err(TrainError::Config(format!("LoRA adapter {}: the model's matrix is not {} x {}", ad.peft_prefix(), ad.out, ad.inp)));
             }
-            let mut w0 = be.zeros(ad.out * ad.inp); // [out, in] = 0 + W0
-            be.add_assign(&mut w0, w);
-            base.push(w0);
         }
-        let params: Vec<B::Buf> = self.adapters.iter().flat_map(|ad| [be.upload(&ad.a), be.upload(&ad.b)]).collect();
+        model.attach_adapters(self.device_adapters(&model.backend, c.num_layers));
+        let be = &model.backend;
         let moments = || match kind {
             OptimKind::Adamw => shard.ranges.iter().map(|r| be.zeros(r.len())).collect(),
             OptimKind::Sgd => Vec::new(),
         };
         let (m, v) = (moments(), moments());
-        self.dev = Some(Attached { params, base, m, v });
-        self.merge(be, weights);
+        self.dev = Some(Attached { m, v });
         Ok(())
+    }
+
+    /// A and B of every adapter uploaded, laid out per layer and projection.
+    fn device_adapters(&self, be: &B, layers: usize) -> Adapters<B::Buf> {
+        let mut out = Adapters { rank: self.cfg.rank, scale: self.cfg.scale(), layers: (0..layers).map(|_| Default::default()).collect() };
+        for ad in &self.adapters {
+            out.layers[ad.layer][ad.target.index()] = Some(adapter::Adapter { a: be.upload(&ad.a), b: be.upload(&ad.b) });
+        }
+        out
     }
 
     fn attached(&self) -> &Attached<B> {
         self.dev.as_ref().expect("LoRA adapters used before Lora::attach")
     }
 
-    /// Writes `W0 + s * B @ A` of every adapter into its matrix of `weights`, in place: the
-    /// scaled product (rounded, then scaled), then W0 added.
-    fn merge(&self, be: &B, weights: &mut ModelWeights<B::Buf>) {
-        let (dev, r, s) = (self.attached(), self.cfg.rank, self.cfg.scale());
-        for (i, ad) in self.adapters.iter().enumerate() {
-            let w = ad.target.get_mut(&mut weights.layers[ad.layer]); // [out, in]
-            be.matmul_scaled(&dev.params[2 * i + 1], false, &dev.params[2 * i], false, w, ad.out, ad.inp, r, s, false);
-            be.add_assign(w, &dev.base[i]);
-        }
-    }
-
-    /// The gradients of A and B of every adapter (optimizer order) from the full weight
-    /// gradients: dA `[r, in]` = s B^T @ dW, dB `[out, r]` = s dW @ A^T.
-    pub(crate) fn project(&self, be: &B, grads: &ModelWeights<B::Buf>) -> Vec<B::Buf> {
-        let (dev, r, s) = (self.attached(), self.cfg.rank, self.cfg.scale());
-        let mut out = Vec::new();
-        for (i, ad) in self.adapters.iter().enumerate() {
-            let dw = ad.target.get(&grads.layers[ad.layer]); // [out, in]
-            let (mut da, mut db) = (be.zeros(r * ad.inp), be.zeros(ad.out * r));
-            be.matmul_scaled(&dev.params[2 * i + 1], true, dw, false, &mut da, r, ad.inp, ad.out, s, false);
-            be.matmul_scaled(dw, false, &dev.params[2 * i], true, &mut db, ad.out, r, ad.inp, s, false);
-            out.extend([da, db]);
+    /// The gradients of A and B of every adapter in optimizer order (A0, B0, A1, ...), taken
+    /// out of the backward's `Grads::Adapters`.
+    pub(crate) fn ordered_grads(&self, grads: Grads<B::Buf>) -> Vec<B::Buf> {
+        let Grads::Adapters(mut g) = grads else { panic!("LoRA training needs the adapters' gradients (Grads::Adapters)") };
+        let mut out = Vec::with_capacity(2 * self.adapters.len());
+        for ad in &self.adapters {
+            let d = g[ad.layer][ad.target.index()].take().expect("a gradient for every adapter");
+            out.extend([d.a, d.b]);
         }
         out
     }
 
-    /// One optimizer update of every A and B (`h` of this step, gradients from `project`,
-    /// weight decay on every tensor), then the merged matrices of `weights` and the host
-    /// copies refreshed. Under ZeRO-1 this rank updates the elements `shard` owns, and the
-    /// other ranks' updated elements are all-gathered over `comm` first.
+    /// The model's buffer of A (`which` 0) or B (1) of adapter `ad`.
+    fn param_mut<'m>(ads: &'m mut Option<Adapters<B::Buf>>, ad: &Adapter, which: usize) -> &'m mut B::Buf {
+        let slot = ads.as_mut().expect("LoRA adapters attached")
+            .layers[ad.layer][ad.target.index()]
+            .as_mut()
+            .expect("an attached adapter");
+        if which == 0 {
+            &mut slot.a
+        } else {
+            &mut slot.b
+        }
+    }
+
+    /// One optimizer update of every A and B (`h` of this step, gradients in optimizer
+    /// order, weight decay on every tensor), then the host copies refreshed. Under ZeRO-1 this
+    /// rank updates the elements `shard` owns, and the other ranks' updated elements are
+    /// all-gathered over `comm` after.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn update(
         &mut self,
-        be: &B,
-        weights: &mut ModelWeights<B::Buf>,
+        model: &mut Transformer<B>,
         grads: &[B::Buf],
         kind: OptimKind,
         h: &AdamwStep,
@@ -263,49 +191,48 @@ impl<B: Backend> Lora<B> {
         comm: &dyn Comm,
     ) -> Result<(), CommError> {
         let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
-        assert_eq!(grads.len(), dev.params.len(), "one gradient per adapter tensor");
+        assert_eq!(grads.len(), 2 * self.adapters.len(), "one gradient per adapter tensor");
         let mut moments = dev.m.iter_mut().zip(dev.v.iter_mut());
-        for ((p, g), r) in dev.params.iter_mut().zip(grads).zip(&shard.ranges) {
+        for (i, (g, r)) in grads.iter().zip(&shard.ranges).enumerate() {
             let m = moments.next();
             if !r.is_empty() {
-                apply(be, kind, h, true, p, g, r.start, m);
+                apply(&model.backend, kind, h, true, Self::param_mut(&mut model.adapters, &self.adapters[i / 2], i % 2), g, r.start, m);
             }
         }
         if shard.is_split() {
             let mut mine = Vec::with_capacity(shard.len()); // this rank's updated elements
-            for (p, r) in dev.params.iter().zip(&shard.ranges).filter(|(_, r)| !r.is_empty()) {
-                mine.extend_from_slice(&be.download(p)[r.clone()]);
+            for (i, r) in shard.ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                let p = Self::param_mut(&mut model.adapters, &self.adapters[i / 2], i % 2);
+                mine.extend_from_slice(&model.backend.download(p)[r.clone()]);
             }
             let whole = shard.all_gather(comm, &mine)?;
-            for (i, (p, x)) in dev.params.iter_mut().zip(whole).enumerate() {
+            for (i, x) in whole.into_iter().enumerate() {
                 if !shard.owns_whole(i) {
-                    *p = be.upload(&x);
+                    *Self::param_mut(&mut model.adapters, &self.adapters[i / 2], i % 2) = model.backend.upload(&x);
                 }
             }
         }
-        self.merge(be, weights);
-        self.download(be);
+        self.download(model);
         Ok(())
     }
 
-    /// Refreshes the host copies of A and B from the backend.
-    fn download(&mut self, be: &B) {
-        let dev = self.dev.as_ref().expect("LoRA adapters used before Lora::attach");
-        for (ad, p) in self.adapters.iter_mut().zip(dev.params.chunks(2)) {
-            (ad.a, ad.b) = (be.download(&p[0]), be.download(&p[1]));
+    /// Refreshes the host copies of A and B from the model.
+    fn download(&mut self, model: &Transformer<B>) {
+        let ads = model.adapters().expect("LoRA adapters used before Lora::attach");
+        for ad in self.adapters.iter_mut() {
+            let d = ads.get(ad.layer, ad.target).expect("an attached adapter");
+            (ad.a, ad.b) = (model.backend.download(&d.a), model.backend.download(&d.b));
         }
     }
 
-    /// Replaces A and B (optimizer order, on the host) and re-merges `weights`.
-    pub(crate) fn set_params(&mut self, be: &B, weights: &mut ModelWeights<B::Buf>, values: Vec<Vec<f32>>) {
+    /// Replaces A and B (optimizer order, on the host) in the host copies and the model.
+    pub(crate) fn set_params(&mut self, model: &mut Transformer<B>, values: Vec<Vec<f32>>) {
         assert_eq!(values.len(), 2 * self.adapters.len(), "set_params: {} tensors for {} adapters", values.len(), self.adapters.len());
         let mut it = values.into_iter();
         for ad in self.adapters.iter_mut() {
             (ad.a, ad.b) = (it.next().unwrap(), it.next().unwrap());
         }
-        let dev = self.dev.as_mut().expect("LoRA adapters used before Lora::attach");
-        dev.params = self.adapters.iter().flat_map(|ad| [be.upload(&ad.a), be.upload(&ad.b)]).collect();
-        self.merge(be, weights);
+        model.attach_adapters(self.device_adapters(&model.backend, model.cfg.num_layers));
     }
 
     /// The AdamW moments `(m, v)` of A and B, optimizer order, downloaded (empty for SGD;

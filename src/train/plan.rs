@@ -6,9 +6,8 @@
 //! - `Layout::ThisBuild`: what `CudaBackend` allocates today, buffer by buffer (checked against
 //!   the backend's allocation high-water mark on `Sim` within 5% by tests/plan.rs). Every buffer
 //!   is fp32; `Precision::Bf16` is autocast-style and adds a bf16 copy of each layer matrix
-//!   (made on first use) plus bf16 scratch of the matmul operands. Gradients are allocated for
-//!   every weight, also with LoRA (the backward writes the full dW, `Lora::project` reduces
-//!   it), and LoRA keeps an fp32 copy W0 of each adapted matrix. `--recompute` is implemented
+//!   (made on first use) plus bf16 scratch of the matmul operands. LoRA trains the adapters
+//!   only (`crate::model::adapter`: no gradient of a frozen weight). `--recompute` is implemented
 //!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`): `gpus` divides
 //!   the AdamW moments here (the largest rank's slice, `ceil(trained / gpus)` elements each;
 //!   `train_input` callers pass 1 without --zero 1). The weights, and LoRA's adapters, stay
@@ -111,8 +110,7 @@ impl PlanInput {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Memory {
     /// Weights the forward reads: frozen base (LoRA) or all weights, in their storage dtype
-    /// (this build with bf16: plus the bf16 copies of the layer matrices; with LoRA: plus the
-    /// fp32 copies W0 of the adapted matrices).
+    /// (this build with bf16: plus the bf16 copies of the layer matrices).
     pub weights: u64,
     /// fp32 master copy of the trained parameters, where it is not the weights themselves.
     pub master: u64,
@@ -158,8 +156,7 @@ struct Counts {
     params: u64,
     /// Layer matrices (q, k, v, o, gate, up, down of every layer).
     layer_mats: u64,
-    /// Adapted matrices (LoRA) and adapter parameters (A and B).
-    adapted: u64,
+    /// Adapter parameters (A and B) under LoRA.
     adapters: u64,
 }
 
@@ -167,18 +164,16 @@ fn counts(c: &ModelConfig, lora: &Option<(usize, Vec<LoraTarget>)>) -> Counts {
     let u = |x: usize| x as u64;
     let (h, q, kv, f) = (u(c.hidden_size), u(c.q_dim()), u(c.kv_dim()), u(c.intermediate_size));
     let layer_mats = u(c.num_layers) * (2 * q * h + 2 * kv * h + 3 * f * h);
-    let (mut adapted, mut adapters) = (0, 0);
+    let mut adapters = 0;
     if let Some((r, targets)) = lora {
         for t in targets {
             let (o, i) = t.dims(c);
-            adapted += u(c.num_layers) * u(o) * u(i);
             adapters += u(c.num_layers) * u(*r) * u(o + i);
         }
     }
     Counts {
         params: c.param_count().unwrap_or(u64::MAX),
         layer_mats,
-        adapted,
         adapters,
     }
 }
@@ -201,13 +196,12 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
 
     let mut m = Memory::default();
     if this {
-        // Every weight fp32 (merged with the adapters under LoRA), its bf16 copy where a
-        // matmul reads it whole, and under LoRA the fp32 base W0 of each adapted matrix.
-        m.weights = 4 * n.params + if bf16 { 2 * n.layer_mats } else { 0 } + 4 * n.adapted;
+        // Every weight fp32 and its bf16 copy where a matmul reads it whole; LoRA's A and B
+        // (fp32) are the trained parameters themselves.
+        m.weights = 4 * n.params + if bf16 { 2 * n.layer_mats } else { 0 };
         m.master = if lora { 4 * n.adapters } else { 0 };
-        // dW of every weight (LoRA's projected dA, dB come after the backward, when the saved
-        // activations are gone, so they are not part of the peak).
-        m.gradients = 4 * n.params;
+        // dW of every weight, or LoRA's dA and dB.
+        m.gradients = 4 * trained;
         m.optimizer = moments * trained.div_ceil(gpus);
     } else {
         m.weights = e * n.params;
@@ -236,19 +230,20 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
 
     // The backward's live set at its peak, besides the saved activations: either inside the
     // chunked lm-head backward (dh [T, hidden], gathered rows and their gradient [chunk,
-    // hidden] x 2, logits [chunk, vocab] fp32), or at the end of the last layer's backward
-    // (dh, dout, dxn2, dx_mid, dxn1, dx [T, hidden]; dgate, dup [T, ffn]; dattn, dq [T, q_dim];
-    // dk, dv [T, kv_dim]). This build adds the RoPE cos/sin table [T, head_dim] and, with
-    // bf16, the matmul operands' bf16 scratch (largest: dgate and xn2 for dW_gate).
+    // hidden] x 2, logits [chunk, vocab] fp32), or in a layer's backward, the largest of:
+    // the SwiGLU backward (dout [T, hidden], dact, dgate, dup [T, ffn]); the end of the layer
+    // (dout, dxn2, dx_mid, dxn1, dx [T, hidden]; dattn, dq [T, q_dim]; dk, dv [T, kv_dim]);
+    // on Qwen3 the q/k norm backward (dout, dxn2, dx_mid; dattn, dq and dq before the norm;
+    // dk, dv and dk before the norm). This build adds the RoPE cos/sin table [T, head_dim]
+    // and, with bf16, the matmul operands' bf16 scratch (largest: dgate and xn2 for dW_gate,
+    // while dout, dxn2, dgate and dup exist).
     let chunk = (LM_CHUNK_ELEMS as u64 / vocab.max(1)).clamp(1, r.max(1));
     let lm_head = t * e * h + chunk * (4 * vocab + 8 * h);
-    // Qwen3 makes dq, dk before their norm while dq, dk exist (dxn1 and dx come later).
-    let end = t * e * (6 * h + 2 * f + 2 * q + 2 * kv);
-    let qk_moment = t * e * (4 * h + 2 * f + 3 * q + 3 * kv);
-    // bf16 in this build: dW_gate = dgate^T xn2 rounds both operands into scratch while dh,
-    // dout, dxn2, dgate and dup exist.
-    let bf16_moment = if this && bf16 { t * (e * (3 * h + 2 * f) + 2 * (f + h)) } else { 0 };
-    let layer_bwd = end.max(bf16_moment).max(qk * qk_moment);
+    let swiglu = t * e * (h + 3 * f);
+    let end = t * e * (5 * h + 2 * q + 2 * kv);
+    let qk_moment = t * e * (3 * h + 3 * q + 3 * kv);
+    let bf16_moment = if this && bf16 { t * (e * (2 * h + 2 * f) + 2 * (f + h)) } else { 0 };
+    let layer_bwd = end.max(swiglu).max(bf16_moment).max(qk * qk_moment);
     let rope = if this { 4 * t * hd } else { 0 };
     m.workspace = lm_head.max(layer_bwd) + rope;
 

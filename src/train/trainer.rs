@@ -10,10 +10,10 @@
 //!   model's own weight buffers (the fp32 master weights) and the AdamW moments, which are
 //!   backend buffers too. No weight or gradient crosses to the host during a step;
 //!   checkpoints download them at save time.
-//! - LoRA, on the backend too: the weight gradients of the adapted matrices are projected onto
-//!   the adapters (`Lora::project`, backend matmuls), the norm and the update are the same ops
-//!   on the adapters and their moments, and `W0 + s B A` is merged into each adapted matrix
-//!   in place. Only the adapters (A and B, small) come back, for the PEFT files.
+//! - LoRA, on the backend too: the adapters sit unmerged in the model
+//!   (`crate::model::adapter`), whose backward gives `dA`, `dB` and no gradient of the frozen
+//!   base weights; the norm and the update are the same ops on the adapters and their
+//!   moments. Only the adapters (A and B, small) come back, for the PEFT files.
 //!
 //! Data parallel (`comm` of world W > 1, `crate::dist`): the step's pairs are cut into the same
 //! micro-batches as at world 1, and rank r runs micro-batches r, r + W, r + 2W, ... Each
@@ -21,7 +21,7 @@
 //! over ranks of their accumulated gradients (all-reduced before the norm, the clipping and the
 //! update) is the world-1 gradient, and the loss values summed over ranks are the world-1
 //! metrics. Full fine-tuning all-reduces every weight gradient; LoRA only the adapters'
-//! projected gradients (the projection is linear). Every rank then applies the same update to
+//! gradients. Every rank then applies the same update to
 //! identical bits, so the weights never drift apart. A global batch gives the same training at
 //! any world size up to fp32 rounding of the differently associated gradient sums.
 //!
@@ -43,6 +43,7 @@ use super::zero::Shard;
 use super::TrainError;
 use crate::backend::{Backend, SegmentDpo, SegmentPair};
 use crate::dist::Comm;
+use crate::model::adapter::Grads;
 use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
 
@@ -176,14 +177,15 @@ impl<B: Backend> Trainer<B> {
         let optim = Optimizer::new(cfg.optim, &[]);
         let mut t = Self { model, cfg, pairs, trainable, optim, step: 0, comm, shard };
         t.check_memory()?;
-        let (be, kind) = (&t.model.backend, t.cfg.optim.kind);
+        let kind = t.cfg.optim.kind;
         match &mut t.trainable {
             Trainable::Full { m, v, .. } if kind == OptimKind::Adamw => {
+                let be = &t.model.backend;
                 *m = t.shard.ranges.iter().map(|r| be.zeros(r.len())).collect();
                 *v = t.shard.ranges.iter().map(|r| be.zeros(r.len())).collect();
             }
             Trainable::Full { .. } => {}
-            Trainable::Lora(l) => l.attach(be, &mut t.model.weights, kind, &t.shard)?,
+            Trainable::Lora(l) => l.attach(&mut t.model, kind, &t.shard)?,
         }
         Ok(t)
     }
@@ -264,7 +266,7 @@ impl<B: Backend> Trainer<B> {
                 let mut it = values.into_iter();
                 self.model.weights.for_each_mut(|_, w| *w = be.upload_weight(&it.next().unwrap()));
             }
-            Trainable::Lora(l) => l.set_params(&self.model.backend, &mut self.model.weights, values),
+            Trainable::Lora(l) => l.set_params(&mut self.model, values),
         }
     }
 
@@ -322,15 +324,15 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// The weights to save: the master weights, or the base with the adapters merged in (what
-    /// the model holds in both cases).
+    /// The weights to save: the master weights, or the base with the adapters merged in.
     pub fn export_weights(&self) -> ModelWeights<HostTensor> {
-        self.model.host_weights()
+        self.model.merged_host_weights()
     }
 
     /// Loss of the pairs `idx` as one optimizer batch, and the gradient of that loss w.r.t.
-    /// every model weight (accumulated over micro-batches). `step` only labels errors.
-    pub fn loss_and_grads(&self, idx: &[usize], step: usize) -> Result<(BatchLoss, ModelWeights<B::Buf>, usize), TrainError> {
+    /// every model weight, or with LoRA every adapter (accumulated over micro-batches). `step`
+    /// only labels errors.
+    pub fn loss_and_grads(&self, idx: &[usize], step: usize) -> Result<(BatchLoss, Grads<B::Buf>, usize), TrainError> {
         self.loss_and_grads_shard(idx, step, 0, 1)
     }
 
@@ -339,9 +341,9 @@ impl<B: Backend> Trainer<B> {
     /// scaled for the whole batch, so the shares of all ranks add up to the batch's). A
     /// non-finite loss stops at once at world 1; in a group the step goes on, so that every
     /// rank sees it in the summed loss and fails the same way.
-    fn loss_and_grads_shard(&self, idx: &[usize], step: usize, rank: usize, world: usize) -> Result<(BatchLoss, ModelWeights<B::Buf>, usize), TrainError> {
+    fn loss_and_grads_shard(&self, idx: &[usize], step: usize, rank: usize, world: usize) -> Result<(BatchLoss, Grads<B::Buf>, usize), TrainError> {
         let be = &self.model.backend;
-        let mut grads = self.model.zero_grads();
+        let mut grads = self.model.zero_grads_for_training();
         let batch_tokens: usize = idx.iter().map(|&i| self.pairs[i].chosen.len()).sum();
         let mut total = BatchLoss::default();
         let mut tokens = 0;
@@ -387,22 +389,30 @@ impl<B: Backend> Trainer<B> {
             if !part.loss.is_finite() && world == 1 {
                 return Err(self.non_finite(step, "loss", part.loss, idx));
             }
-            self.model.backward_buf(&batch, tape, &dlogp, &mut grads);
+            self.model.backward_buf(&batch, tape, &dlogp, grads.as_mut());
             total.accumulate(&part);
         }
         Ok((total, grads, tokens))
     }
 
     /// Host gradients of the trainable tensors, in optimizer order.
-    pub fn trainable_grads(&self, grads: &ModelWeights<B::Buf>) -> Vec<Vec<f32>> {
+    pub fn trainable_grads(&self, grads: &Grads<B::Buf>) -> Vec<Vec<f32>> {
         let be = &self.model.backend;
-        match &self.trainable {
-            Trainable::Full { .. } => {
+        match (&self.trainable, grads) {
+            (Trainable::Full { .. }, Grads::Full(g)) => {
                 let mut out = Vec::new();
-                grads.for_each(|_, g| out.push(be.download(g)));
+                g.for_each(|_, g| out.push(be.download(g)));
                 out
             }
-            Trainable::Lora(l) => l.project(be, grads).iter().map(|g| be.download(g)).collect(),
+            (Trainable::Lora(l), Grads::Adapters(g)) => l
+                .adapters
+                .iter()
+                .flat_map(|ad| {
+                    let d = g[ad.layer][ad.target.index()].as_ref().expect("a gradient for every adapter");
+                    [be.download(&d.a), be.download(&d.b)]
+                })
+                .collect(),
+            _ => panic!("trainable_grads: gradients of another kind of training"),
         }
     }
 
@@ -416,7 +426,7 @@ impl<B: Backend> Trainer<B> {
         }
         let idx = self.batch_indices(step);
         let (rank, world) = (self.comm.rank(), self.comm.world());
-        let (mut loss, mut grads, mut tokens) = self.loss_and_grads_shard(&idx, step + 1, rank, world)?;
+        let (mut loss, grads, mut tokens) = self.loss_and_grads_shard(&idx, step + 1, rank, world)?;
         if world > 1 {
             (loss, tokens) = self.reduce_loss(loss, tokens)?;
             if !loss.loss.is_finite() {
@@ -428,18 +438,21 @@ impl<B: Backend> Trainer<B> {
         // only its slice's sum (plus the global norm): a reduce-scatter would be the optimal
         // collective there, but the star transports of `crate::dist` have none (it would cost
         // them what this all-reduce costs), so the norm and clipping stay exactly as without it.
-        let norm = if matches!(self.trainable, Trainable::Full { .. }) {
-            if world > 1 {
-                self.all_reduce_grads(&mut grads)?;
+        let norm = match (&self.trainable, grads) {
+            (Trainable::Full { .. }, Grads::Full(mut g)) => {
+                if world > 1 {
+                    self.all_reduce_grads(&mut g)?;
+                }
+                self.update_full(&g, lr, &idx)?
             }
-            self.update_full(&grads, lr, &idx)?
-        } else {
-            let Trainable::Lora(l) = &self.trainable else { unreachable!() };
-            let mut g = l.project(&self.model.backend, &grads); // [2 * adapters]: dA, dB per adapter
-            if world > 1 {
-                self.all_reduce_bufs(&mut g)?;
+            (Trainable::Lora(l), grads) => {
+                let mut g = l.ordered_grads(grads); // [2 * adapters]: dA, dB per adapter
+                if world > 1 {
+                    self.all_reduce_bufs(&mut g)?;
+                }
+                self.update_lora(g, lr, &idx)?
             }
-            self.update_lora(g, lr, &idx)?
+            (Trainable::Full { .. }, Grads::Adapters(_)) => unreachable!("full fine-tuning of a model with adapters"),
         };
         self.step += 1;
         Ok(StepMetrics {
@@ -560,9 +573,8 @@ impl<B: Backend> Trainer<B> {
         Ok(norm)
     }
 
-    /// LoRA update on the backend from the adapters' gradients `g` (`Lora::project`): their
-    /// global norm, clipping factor, AdamW/SGD on A and B, then the merged matrices. Returns the
-    /// norm.
+    /// LoRA update on the backend from the adapters' gradients `g` (optimizer order): their
+    /// global norm, clipping factor, AdamW/SGD on A and B. Returns the norm.
     fn update_lora(&mut self, g: Vec<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
         let be = &self.model.backend;
         let norm = grad_norm(be, &g.iter().collect::<Vec<_>>());
@@ -571,7 +583,7 @@ impl<B: Backend> Trainer<B> {
         }
         let h = self.optim.hparams(lr, clip_factor(norm, self.cfg.optim.max_grad_norm));
         let Trainable::Lora(l) = &mut self.trainable else { unreachable!() };
-        l.update(be, &mut self.model.weights, &g, self.cfg.optim.kind, &h, &self.shard, &*self.comm)?;
+        l.update(&mut self.model, &g, self.cfg.optim.kind, &h, &self.shard, &*self.comm)?;
         self.optim.steps += 1;
         Ok(norm)
     }

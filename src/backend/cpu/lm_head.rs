@@ -87,7 +87,7 @@ pub(super) fn logprobs<F: Elem>(bf16: bool, h: &[F], w: &[F], dim: usize, rows: 
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<F: Elem>(
-    bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], lse: &[F], dlogp: &[f32], dh: &mut [F], dw: &mut [F],
+    bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], lse: &[F], dlogp: &[f32], dh: &mut [F], mut dw: Option<&mut [F]>,
 ) {
     let vocab = w.len() / dim;
     let n = rows.len();
@@ -95,34 +95,37 @@ pub(super) fn backward<F: Elem>(
         let rc = ROWS.min(n - c0);
         let hc = gather_rows(h, &rows[c0..c0 + rc], dim);
         let (tg, l, dl) = (&targets[c0..c0 + rc], &lse[c0..c0 + rc], &dlogp[c0..c0 + rc]);
-        // Each tile owns its rows of dw; the dh contributions are summed after.
-        let dhc = dw
-            .par_chunks_mut(TILE * dim)
-            .enumerate()
-            .map(|(ti, dwt)| {
-                let v0 = ti * TILE;
-                let vt = dwt.len() / dim;
-                let mut g = logits_tile(bf16, &hc, w, dim, rc, v0, vt);
-                for r in 0..rc {
-                    let d = F::from_f32(dl[r]).unwrap();
-                    for (j, x) in g[r * vt..(r + 1) * vt].iter_mut().enumerate() {
-                        let p = (*x - l[r]).exp();
-                        let onehot = if v0 + j == tg[r] as usize { F::one() } else { F::zero() };
-                        *x = d * (onehot - p);
-                    }
+        // One vocab tile: its logits' gradient g, its rows of dw (when trained) and its part of
+        // dh.
+        let tile = |v0: usize, vt: usize, dwt: Option<&mut [F]>| {
+            let mut g = logits_tile(bf16, &hc, w, dim, rc, v0, vt);
+            for r in 0..rc {
+                let d = F::from_f32(dl[r]).unwrap();
+                for (j, x) in g[r * vt..(r + 1) * vt].iter_mut().enumerate() {
+                    let p = (*x - l[r]).exp();
+                    let onehot = if v0 + j == tg[r] as usize { F::one() } else { F::zero() };
+                    *x = d * (onehot - p);
                 }
-                let mut dhp = vec![F::zero(); rc * dim];
-                // SAFETY: g is [rc, vt], hc [rc, dim], dwt and w's tile [vt, dim], dhp [rc, dim].
-                unsafe {
-                    // dw_tile += g^T @ hc ; dh_part = g @ w_tile
+            }
+            let mut dhp = vec![F::zero(); rc * dim];
+            // SAFETY: g is [rc, vt], hc [rc, dim], dwt and w's tile [vt, dim], dhp [rc, dim].
+            unsafe {
+                // dw_tile += g^T @ hc ; dh_part = g @ w_tile
+                if let Some(dwt) = dwt {
                     gemm(bf16, vt, dim, rc, dwt.as_mut_ptr(), dim as isize, true, g.as_ptr(), 1, vt as isize, hc.as_ptr(), dim as isize, 1);
-                    gemm(bf16, rc, dim, vt, dhp.as_mut_ptr(), dim as isize, false, g.as_ptr(), vt as isize, 1, w.as_ptr().add(v0 * dim), dim as isize, 1);
                 }
-                dhp
-            })
-            .collect::<Vec<_>>()
+                gemm(bf16, rc, dim, vt, dhp.as_mut_ptr(), dim as isize, false, g.as_ptr(), vt as isize, 1, w.as_ptr().add(v0 * dim), dim as isize, 1);
+            }
+            dhp
+        };
+        // Each tile owns its rows of dw; the dh contributions are summed after.
+        let parts: Vec<Vec<F>> = match dw.as_deref_mut() {
+            Some(dw) => dw.par_chunks_mut(TILE * dim).enumerate().map(|(ti, dwt)| tile(ti * TILE, dwt.len() / dim, Some(dwt))).collect(),
+            None => (0..vocab.div_ceil(TILE)).into_par_iter().map(|ti| tile(ti * TILE, TILE.min(vocab - ti * TILE), None)).collect(),
+        };
+        // Tile partials summed in tile order: the same bits whatever the threads did.
+        let dhc = parts
             .into_iter()
-            // Tile partials summed in tile order: the same bits whatever the threads did.
             .reduce(|mut a, b| {
                 a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                 a
@@ -135,5 +138,4 @@ pub(super) fn backward<F: Elem>(
             }
         }
     }
-    let _ = vocab;
 }

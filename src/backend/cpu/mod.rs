@@ -447,8 +447,8 @@ impl<F: Elem> Backend for CpuBackend<F> {
         (CpuBuf::new(logp), CpuBuf::new(lse))
     }
 
-    fn lm_head_bwd(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<F>, dlogp: &[f32], dh: &mut CpuBuf<F>, dw: &mut CpuBuf<F>) {
-        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw)
+    fn lm_head_bwd(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<F>, dlogp: &[f32], dh: &mut CpuBuf<F>, dw: Option<&mut CpuBuf<F>>) {
+        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw.map(|d| &mut d[..]))
     }
 
     fn kv_write(&self, cache: &mut CpuBuf<F>, k: &CpuBuf<F>, v: &CpuBuf<F>, slots: &[u32], geom: KvGeom) {

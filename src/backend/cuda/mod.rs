@@ -623,18 +623,18 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn lm_head_bwd(
-        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dlogp: &[f32], dh: &mut CudaBuf<G>, dw: &mut CudaBuf<G>,
+        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dlogp: &[f32], dh: &mut CudaBuf<G>, dw: Option<&mut CudaBuf<G>>,
     ) {
         assert_eq!(dlogp.len(), rows.len(), "lm_head_bwd: dlogp length vs rows");
         self.lm_head_bwd_buf(h, w, dim, rows, targets, lse, &self.upload(dlogp), dh, dw)
     }
 
     fn lm_head_bwd_buf(
-        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dl_d: &CudaBuf<G>, dh: &mut CudaBuf<G>, dw: &mut CudaBuf<G>,
+        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dl_d: &CudaBuf<G>, dh: &mut CudaBuf<G>, dw: Option<&mut CudaBuf<G>>,
     ) {
         let vocab = w.len / dim;
         let n = rows.len();
-        assert!(targets.len() == n && dl_d.len == n && lse.len >= n && dw.len == w.len && dh.len == h.len, "lm_head_bwd shapes");
+        assert!(targets.len() == n && dl_d.len == n && lse.len >= n && dw.as_ref().is_none_or(|d| d.len == w.len) && dh.len == h.len, "lm_head_bwd shapes");
         if n == 0 {
             return;
         }
@@ -651,7 +651,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
                 &[Arg::Ptr(g.ptr), Arg::Ptr(tg_d.ptr), Arg::Ptr(lse.at(c0)), Arg::Ptr(dl_d.at(c0)), Arg::I32(rc as i32), Arg::I32(vocab as i32)],
             );
             // dw[vocab, dim] += g^T @ hc ; dhc[rc, dim] = g @ w
-            self.gemm(Gemm::row_major(g.ptr, true, hc.ptr, false, dw.ptr, vocab, dim, rc, true));
+            if let Some(dw) = &dw {
+                self.gemm(Gemm::row_major(g.ptr, true, hc.ptr, false, dw.ptr, vocab, dim, rc, true));
+            }
             self.gemm(Gemm::row_major(g.ptr, false, w.ptr, false, dhc.ptr, rc, dim, vocab, false));
             self.scatter_add_rows(dhc.ptr, &rows[c0..c0 + rc], dim, dh.ptr);
         }

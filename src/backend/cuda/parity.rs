@@ -464,9 +464,9 @@ fn lm_head_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
         let l = lm_head_case(c, r, shape);
         let (dh0, dw0) = (r.vec(l.h.len(), 1.0), r.vec(l.w.len(), 1.0));
         let (mut dhc, mut dwc) = (dh0.clone(), dw0.clone());
-        c.cpu.lm_head_bwd(&l.h, &l.w, l.dim, &l.rows, &l.targets, &l.lse, &l.dlogp, &mut dhc, &mut dwc);
+        c.cpu.lm_head_bwd(&l.h, &l.w, l.dim, &l.rows, &l.targets, &l.lse, &l.dlogp, &mut dhc, Some(&mut dwc));
         let (mut dhg, mut dwg) = (c.gpu.upload(&dh0), c.gpu.upload(&dw0));
-        c.gpu.lm_head_bwd(&c.gpu.upload(&l.h), &c.gpu.upload(&l.w), l.dim, &l.rows, &l.targets, &c.gpu.upload(&l.lse), &l.dlogp, &mut dhg, &mut dwg);
+        c.gpu.lm_head_bwd(&c.gpu.upload(&l.h), &c.gpu.upload(&l.w), l.dim, &l.rows, &l.targets, &c.gpu.upload(&l.lse), &l.dlogp, &mut dhg, Some(&mut dwg));
         c.row("lm_head_bwd.dh", l.shape.clone(), &dhg, &dhc);
         c.row("lm_head_bwd.dw", l.shape, &dwg, &dwc);
     }
