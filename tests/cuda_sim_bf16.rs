@@ -420,3 +420,52 @@ fn sim_bf16_gemm_batched_strided() {
         }
     }
 }
+
+/// `freeze_weight` under bf16: the weight keeps only its bf16 copy (half the bytes, counted by
+/// the allocator), every matmul that reads it gives the bits it gave before, `download`
+/// returns the bf16 values, and an fp32 matmul or an in-place change of it is refused.
+#[test]
+fn frozen_weights_keep_only_their_bf16_copy() {
+    let Some(be) = sim_with(Precision::Bf16) else { return };
+    let mut rng = Rng(33);
+    let (m, n, k) = (7, 37, 19); // w [n, k], odd length: the bf16 copy pads one value
+    let (x, w, dy) = (rng.vec(m * k, 1.0), rng.vec(n * k, 1.0), rng.vec(m * n, 1.0));
+    let (xd, dyd) = (be.upload(&x), be.upload(&dy));
+    let mut wd = be.upload_weight(&w);
+    let run = |wd: &<CudaBackend<Sim> as Backend>::Buf| {
+        let (mut y, mut dx) = (be.zeros(m * n), be.zeros(m * k));
+        be.matmul(&xd, false, wd, true, &mut y, m, n, k, false); // y = x w^T
+        be.matmul(&dyd, false, wd, false, &mut dx, m, k, n, false); // dx = dy w
+        (be.download(&y), be.download(&dx))
+    };
+    let before = run(&wd);
+    let live = be.memory_live();
+    be.freeze_weight(&mut wd);
+    // The fp32 values (4 n k bytes) are gone; the bf16 copy made by the first matmul stays.
+    assert_eq!(live - be.memory_live(), 4 * (n * k) as u64);
+    assert_eq!(run(&wd), before, "matmuls of the frozen weight");
+    let got = be.download(&wd);
+    assert_eq!(got.len(), n * k);
+    for (g, &v) in got.iter().zip(&w) {
+        assert_eq!(*g as f64, r16(v));
+    }
+    // A weight frozen before any matmul made its copy: the same bits, half of its fp32 bytes.
+    let mut fresh = be.upload_weight(&w);
+    let live = be.memory_live();
+    be.freeze_weight(&mut fresh);
+    assert_eq!(live - be.memory_live(), 4 * (n * k) as u64 - 4 * (n * k).div_ceil(2) as u64);
+    assert_eq!(run(&fresh), before, "a weight frozen before its first matmul");
+    // Under fp32 freezing changes nothing; after it, fp32 use of a frozen weight is refused.
+    let f32be = sim_with(Precision::F32).unwrap();
+    let mut w32 = f32be.upload_weight(&w);
+    let live = f32be.memory_live();
+    f32be.freeze_weight(&mut w32);
+    assert_eq!((f32be.memory_live(), f32be.download(&w32)), (live, w.clone()));
+    be.set_precision(Precision::F32);
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&wd)));
+    be.set_precision(Precision::Bf16);
+    assert!(refused.is_err(), "an fp32 matmul of a frozen weight must panic");
+    let mut g = be.upload(&w);
+    let changed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| be.add_assign(&mut g, &wd)));
+    assert!(changed.is_err(), "add_assign reading a frozen weight as fp32 must panic");
+}

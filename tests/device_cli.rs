@@ -7,6 +7,10 @@
 //!   counter-based; a flip would need logits within ~1e-6 of a tie).
 //! - `ipo train` (AdamW, clipping, 2 steps): every metric within 1e-4 relative and the saved
 //!   weights within 1e-4 of each tensor's scale.
+//! - `--precision bf16` on sim (bf16 products, fp32 sums; the layer matrices frozen in bf16 by
+//!   `score` and by LoRA's `train`) against cpu in fp32: `ipo score` per-token log-probs and
+//!   `ipo train --lora-rank 4` (SGD) losses and adapters within the bf16 bounds stated there,
+//!   and different from sim in fp32 (the bf16 path ran).
 //! - bad `--device` values are refused naming the flag.
 //!
 //! Without NVRTC the sim cases print a skip notice, or fail under CI=true.
@@ -192,4 +196,70 @@ fn selftest_times_the_workload_on_sim() {
     selftest(&["--device", "sim", "--ops", "add_assign,segment_dpo", "--time", "--reps", "2"]).unwrap();
     let e = selftest(&["--device", "sim", "--ops", "nope"]).unwrap_err();
     assert!(format!("{e:#}").contains("--ops: unknown op nope"), "{e:#}");
+}
+
+/// bf16 on sim against fp32 on cpu, `ipo score` and LoRA `ipo train`. The bounds: every matmul
+/// operand is rounded to bf16 (relative error <= 2^-9 each), so a product moves by up to about
+/// 2^-8 of the magnitudes it sums; through the tiny fixtures' 2 layers and the lm-head that
+/// is about 1e-2 of a log-prob's size per token. We allow 2e-2 per token (sums of up to 6
+/// tokens: 6 x that), losses within 2e-2 relative, and the trained adapters' change within 5e-2
+/// of its largest value (SGD: the change is lr x the bf16 gradient).
+#[test]
+fn score_and_lora_train_in_bf16_on_sim_match_cpu_fp32() {
+    if common::sim().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    write_random_pairs(&pairs, 4, 17);
+    for fam in ["llama", "qwen2", "qwen3"] {
+        let mut outs = Vec::new();
+        for (dev, prec) in [("cpu", "f32"), ("sim", "bf16"), ("sim", "f32")] {
+            let o = dir.path().join(format!("{fam}-{dev}-{prec}.jsonl"));
+            score(&["--model", s(&tiny_fixture(fam)), "--pairs", s(&pairs), "--output", s(&o), "--device", dev, "--precision", prec]).unwrap();
+            outs.push(read_lines(&o));
+        }
+        let (mut worst, mut bf16_moved) = (0f64, 0f64);
+        for ((c, b), f) in outs[0].iter().zip(&outs[1]).zip(&outs[2]) {
+            for key in ["ref_chosen_logp", "ref_rejected_logp"] {
+                let (x, y, z) = (c[key].as_f64().unwrap(), b[key].as_f64().unwrap(), f[key].as_f64().unwrap());
+                worst = worst.max((x - y).abs());
+                bf16_moved = bf16_moved.max((y - z).abs());
+            }
+        }
+        eprintln!("{fam}: score, max |sim bf16 - cpu f32| = {worst:.2e}, max |sim bf16 - sim f32| = {bf16_moved:.2e}");
+        assert!(worst <= 6.0 * 2e-2, "{fam}: {worst}");
+        assert!(bf16_moved > 1e-5, "{fam}: bf16 and fp32 gave the same log-probs: the bf16 path did not run");
+    }
+    let mut runs = Vec::new();
+    for (dev, prec) in [("cpu", "f32"), ("sim", "bf16")] {
+        let out = dir.path().join(format!("lora-{dev}-{prec}"));
+        train(&[
+            "--model", s(&tiny_fixture("qwen3")), "--pairs", s(&pairs), "--output", s(&out), "--beta", "0.2", "--sft-coef", "0.1", "--lr", "0.5",
+            "--optimizer", "sgd", "--schedule", "constant", "--warmup-ratio", "0", "--max-grad-norm", "0", "--batch-size", "2", "--micro-batch-size", "1", "--epochs", "1",
+            "--lora-rank", "4", "--seed", "5", "--device", dev, "--precision", prec,
+        ])
+        .unwrap();
+        runs.push((read_lines(&out.join("metrics.jsonl")), read_safetensors(&out.join("final/adapter_model.safetensors"))));
+    }
+    let ((mc, ac), (mb, ab)) = (&runs[0], &runs[1]);
+    assert_eq!(mc.len(), 2);
+    for (c, b) in mc.iter().zip(mb) {
+        for key in ["loss", "dpo_loss", "sft_nll"] {
+            let (x, y) = (c[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            eprintln!("lora step {}: {key} cpu {x} sim bf16 {y}", c["step"]);
+            assert!((x - y).abs() <= 2e-2 * x.abs().max(1.0), "step {} {key}: cpu {x} sim bf16 {y}", c["step"]);
+        }
+    }
+    for ((n, c), (n2, b)) in ac.iter().zip(ab) {
+        assert_eq!(n, n2);
+        if !n.contains("lora_B") {
+            continue; // A moves by lr x dA from its seeded init, B from zero: B's values are the change
+        }
+        let scale = c.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = c.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!("{n}: max |sim bf16 - cpu| / scale = {:.2e}", err / scale.max(f32::MIN_POSITIVE));
+        assert!(scale > 0.0, "{n}: LoRA B did not move");
+        assert!(err <= 5e-2 * scale, "{n}: max |sim bf16 - cpu| = {err} (scale {scale})");
+    }
 }

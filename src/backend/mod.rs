@@ -304,6 +304,11 @@ pub trait Backend: Send + Sync {
         self.upload(host)
     }
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// Marks a weight (from `upload_weight`) that will not change again and that only
+    /// `matmul`/`matmul_scaled` and `download` read from now on: a backend may then keep it in
+    /// its compute precision only (the CUDA backend under `Precision::Bf16` keeps the bf16
+    /// copy its matmuls read and frees the fp32 values; `download` returns the bf16 values).
+    fn freeze_weight(&self, _w: &mut Self::Buf) {}
     /// Like `download`, without rounding to f32 where the buffer holds more precision.
     fn download_f64(&self, buf: &Self::Buf) -> Vec<f64> {
         self.download(buf).into_iter().map(f64::from).collect()

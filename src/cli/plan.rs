@@ -81,7 +81,7 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
         s.flops.rollout_token,
         o.rollout_len / 2
     );
-    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: every buffer fp32 (bf16 adds copies), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
+    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
     out += &format!("this build: {}\n", verdict(&s.this_build, s, o.gpu_memory_gb));
     out += &format!("{}\n", verdict(&s.plan, s, o.gpu_memory_gb));
     out

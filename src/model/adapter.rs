@@ -138,11 +138,13 @@ pub enum GradsMut<'a, Buf> {
 }
 
 impl<B: Backend> Transformer<B> {
-    /// Attaches adapters (A and B already on the backend). From now on the forward adds them
-    /// and the backward trains only them (`zero_grads_for_training` gives `Grads::Adapters`).
+    /// Attaches adapters (A and B already on the backend). From now on the forward adds them,
+    /// the backward trains only them (`zero_grads_for_training` gives `Grads::Adapters`) and
+    /// the base's layer matrices are frozen (`Transformer::freeze`).
     pub fn attach_adapters(&mut self, adapters: Adapters<B::Buf>) {
         assert_eq!(adapters.layers.len(), self.cfg.num_layers, "one adapter set per decoder layer");
         self.adapters = Some(adapters);
+        self.freeze();
     }
 
     pub fn adapters(&self) -> Option<&Adapters<B::Buf>> {
@@ -175,8 +177,12 @@ impl<B: Backend> Transformer<B> {
                 let (out, inp) = p.dims(&self.cfg);
                 let mut w = be.zeros(out * inp);
                 be.matmul_scaled(&a.b, false, &a.a, false, &mut w, out, inp, ad.rank, ad.scale, false);
-                be.add_assign(&mut w, p.get(&self.weights.layers[l]));
-                p.get_mut(&mut host.layers[l]).data = be.download(&w);
+                // W0 (as downloaded: a frozen weight may live in bf16 only) + the product, on
+                // the host: one fp32 add per value, as the backend's add_assign does it.
+                let t = p.get_mut(&mut host.layers[l]);
+                for (x, y) in t.data.iter_mut().zip(be.download(&w)) {
+                    *x += y;
+                }
             }
         }
         host

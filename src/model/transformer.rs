@@ -188,6 +188,20 @@ impl<B: Backend> Transformer<B> {
         self.recompute
     }
 
+    /// Declares the layer matrices (q, k, v, o, gate, up, down of every layer) frozen: nothing
+    /// will update them (inference, or LoRA's base), so the backend may store them in its
+    /// compute precision only (`Backend::freeze_weight`; halves them on CUDA under bf16, where
+    /// the matmuls read the bf16 copy anyway, so no result changes). Embedding, lm-head and
+    /// norms stay as they are: fp32 ops read them.
+    pub fn freeze(&mut self) {
+        let be = &self.backend;
+        for l in &mut self.weights.layers {
+            for w in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                be.freeze_weight(w);
+            }
+        }
+    }
+
     /// Copies the weights back to the host (for saving, or moving to another backend).
     pub fn host_weights(&self) -> ModelWeights<HostTensor> {
         let mut shapes = Vec::new();

@@ -6,7 +6,8 @@
 //! - `Layout::ThisBuild`: what `CudaBackend` allocates today, buffer by buffer (checked against
 //!   the backend's allocation high-water mark on `Sim` within 5% by tests/plan.rs). Every buffer
 //!   is fp32; `Precision::Bf16` is autocast-style and adds a bf16 copy of each layer matrix
-//!   (made on first use) plus bf16 scratch of the matmul operands. LoRA trains the adapters
+//!   (made on first use) plus bf16 scratch of the matmul operands; frozen layer matrices (the
+//!   base under LoRA, every one in the rollout stages) keep the bf16 copy only. LoRA trains the adapters
 //!   only (`crate::model::adapter`: no gradient of a frozen weight). `--recompute` is implemented
 //!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`): `gpus` divides
 //!   the AdamW moments here (the largest rank's slice, `ceil(trained / gpus)` elements each;
@@ -196,9 +197,16 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
 
     let mut m = Memory::default();
     if this {
-        // Every weight fp32 and its bf16 copy where a matmul reads it whole; LoRA's A and B
-        // (fp32) are the trained parameters themselves.
-        m.weights = 4 * n.params + if bf16 { 2 * n.layer_mats } else { 0 };
+        // Every weight fp32 and its bf16 copy where a matmul reads it whole; with bf16 and
+        // LoRA the frozen layer matrices keep the bf16 copy only (`Transformer::freeze`).
+        // LoRA's A and B (fp32) are the trained parameters themselves. (The rollout stages
+        // freeze the layer matrices too; the full fine-tuning estimate keeps the training
+        // step's weights for them, an upper bound.)
+        m.weights = match (bf16, lora) {
+            (false, _) => 4 * n.params,
+            (true, false) => 4 * n.params + 2 * n.layer_mats,
+            (true, true) => 4 * (n.params - n.layer_mats) + 2 * n.layer_mats,
+        };
         m.master = if lora { 4 * n.adapters } else { 0 };
         // dW of every weight, or LoRA's dA and dB.
         m.gradients = 4 * trained;

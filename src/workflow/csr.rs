@@ -497,7 +497,7 @@ pub fn csr(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress) -> Resu
         model_records.push(ModelRecord { name: name.to_string(), path: dir.path.display().to_string(), fingerprint: dir.fingerprint()? });
         let weights = dir.weights()?;
         let forks = with_backend!(opts.device, be => {
-            let m = dir.upload(be, weights)?;
+            let m = dir.upload_frozen(be, weights)?;
             let mut engine = Engine::new(&m, opts.engine.config(&m)).context("--kv-cache-mb / --block-size / --max-batch")?;
             progress.start(&format!("csr ({name})"), total_positions, "positions");
             let forks = fork_continuations(&mut engine, &params, &traces, opts.k, progress);

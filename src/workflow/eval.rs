@@ -720,7 +720,7 @@ fn run_model(
     }
     let weights = dir.weights()?;
     with_backend!(opts.device, be => {
-        let model = dir.upload(be, weights)?;
+        let model = dir.upload_frozen(be, weights)?;
         generate_and_score(&model, who, fingerprint, prompts, encoded, refs, &prose_windows, &tok, opts, progress)
     })
 }

@@ -414,7 +414,7 @@ fn sample_all(files: &GenerateFiles, opts: &GenerateOptions, progress: &dyn Prog
 
     let weights = dir.weights()?;
     with_backend!(opts.device, be => {
-    let model = dir.upload(be, weights)?;
+    let model = dir.upload_frozen(be, weights)?;
     let mut engine = new_engine(&model, &opts.engine, &reqs, opts.sampling.max_new_tokens)?;
     let mut out = Appender::open(&target)?;
     for f in &failures {

@@ -388,7 +388,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
 
     let weights = dir.weights()?;
     with_backend!(opts.device, be => {
-    let model = dir.upload(be, weights)?;
+    let model = dir.upload_frozen(be, weights)?;
     let mut engine = Engine::new(&model, opts.engine.config(&model)).context("--kv-cache-mb / --block-size / --max-batch")?;
 
     // --prompts: sample one rollout per prompt first.

@@ -53,6 +53,14 @@ impl ModelDir {
     pub fn upload<B: Backend>(&self, backend: B, weights: ModelWeights<HostTensor>) -> Result<Transformer<B>> {
         Ok(Transformer::with_backend(backend, self.config.clone(), weights)?)
     }
+
+    /// `upload` for a workflow that never changes the weights (generate, intervene, score,
+    /// eval, csr): the layer matrices are frozen (`Transformer::freeze`).
+    pub fn upload_frozen<B: Backend>(&self, backend: B, weights: ModelWeights<HostTensor>) -> Result<Transformer<B>> {
+        let mut m = self.upload(backend, weights)?;
+        m.freeze();
+        Ok(m)
+    }
 }
 
 /// A model name of a config: a folder, or "default" (the embedded SmolLM2-135M-Instruct:

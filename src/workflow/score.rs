@@ -100,7 +100,7 @@ pub fn score(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress) -
     let job = prepare(files, opts, &dir.config)?;
     let weights = dir.weights()?;
     with_backend!(opts.device, be => {
-        let model = dir.upload(be, weights)?;
+        let model = dir.upload_frozen(be, weights)?;
         execute(files, opts, job, &model, progress, t0)
     })
 }

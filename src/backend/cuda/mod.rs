@@ -38,19 +38,29 @@ pub struct CudaBuf<G: Gpu> {
     /// Weights only (`Backend::upload_weight`): the bf16 copy `Precision::Bf16` matmuls read,
     /// made on first use and dropped when the weights change in place (optimizer steps).
     bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
+    /// A frozen weight (`Backend::freeze_weight` under `Precision::Bf16`): `ptr` holds its
+    /// `len` values in bf16 only (in `len.div_ceil(2)` 4-byte elements); the bf16 matmuls
+    /// and `download` read it, and nothing writes it.
+    bf16_only: bool,
 }
 
 impl<G: Gpu> CudaBuf<G> {
     /// Address of element `i`.
     fn at(&self, i: usize) -> DevPtr {
+        assert!(!self.bf16_only, "a frozen bf16 weight read as fp32");
         self.ptr + 4 * i as u64
+    }
+
+    /// Bytes of its allocation.
+    fn bytes(&self) -> u64 {
+        4 * if self.bf16_only { self.len.div_ceil(2).max(1) } else { self.len } as u64
     }
 }
 
 impl<G: Gpu> Drop for CudaBuf<G> {
     fn drop(&mut self) {
         self.gpu.free(self.ptr);
-        self.mem.live.fetch_sub(4 * self.len as u64, Ordering::Relaxed);
+        self.mem.live.fetch_sub(self.bytes(), Ordering::Relaxed);
     }
 }
 
@@ -256,7 +266,7 @@ impl<G: Gpu> CudaBackend<G> {
         let ptr = self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}"));
         let live = self.mem.live.fetch_add(4 * len as u64, Ordering::Relaxed) + 4 * len as u64;
         self.mem.peak.fetch_max(live, Ordering::Relaxed);
-        CudaBuf { ptr, len, gpu: self.gpu.clone(), mem: self.mem.clone(), bf16: None }
+        CudaBuf { ptr, len, gpu: self.gpu.clone(), mem: self.mem.clone(), bf16: None, bf16_only: false }
     }
 
     /// Bytes of this backend's buffers alive now.
@@ -388,11 +398,31 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         b
     }
 
+    /// Under `Precision::Bf16`: replaces the weight by its bf16 copy (the cached one, or made
+    /// now) and frees the fp32 values, halving its memory. Under fp32 nothing changes.
+    fn freeze_weight(&self, w: &mut CudaBuf<G>) {
+        if self.precision() != Precision::Bf16 || w.bf16_only {
+            return;
+        }
+        let cached = w.bf16.as_ref().and_then(|c| c.lock().unwrap().take());
+        let mut h = cached.unwrap_or_else(|| self.to_bf16(w.ptr, w.len));
+        h.len = w.len;
+        h.bf16_only = true;
+        *w = h;
+    }
+
     fn upload(&self, host: &[f32]) -> CudaBuf<G> {
         let bytes: Vec<u8> = host.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.upload_bytes(host.len(), &bytes)
     }
     fn download(&self, buf: &CudaBuf<G>) -> Vec<f32> {
+        if buf.bf16_only {
+            let mut bytes = vec![0u8; 2 * buf.len];
+            if buf.len > 0 {
+                self.gpu.dtoh(buf.ptr, &mut bytes).unwrap_or_else(|e| panic!("download: {e}"));
+            }
+            return bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect();
+        }
         let mut bytes = vec![0u8; 4 * buf.len];
         if buf.len > 0 {
             self.gpu.dtoh(buf.ptr, &mut bytes).unwrap_or_else(|e| panic!("download: {e}"));
@@ -413,6 +443,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if self.precision() == Precision::Bf16 {
             return self.matmul_bf16(a, ta, b, tb, c, m, n, k, alpha as f32, accumulate);
         }
+        assert!(!a.bf16_only && !b.bf16_only, "an fp32 matmul of a weight frozen in bf16 (the backend's precision changed after freeze_weight)");
         assert!(a.len >= m * k && b.len >= k * n && c.len >= m * n, "matmul shapes");
         if m == 0 || n == 0 {
             return;
@@ -422,6 +453,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn add_assign(&self, x: &mut CudaBuf<G>, y: &CudaBuf<G>) {
         assert_eq!(x.len, y.len, "add_assign lengths");
+        assert!(!y.bf16_only, "add_assign: a frozen bf16 weight read as fp32");
         self.weights_changed(x);
         if x.len > 0 {
             self.launch("elementwise.cu", &[], "add_assign", grid1(x.len), BLOCK, 0, &[Arg::Ptr(x.ptr), Arg::Ptr(y.ptr), Arg::I64(x.len as i64)]);

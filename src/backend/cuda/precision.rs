@@ -40,9 +40,11 @@ impl Precision {
     }
 }
 
-/// A bf16 matmul operand: a weight's cached copy (its lock held for the GEMM) or scratch.
+/// A bf16 matmul operand: a weight's cached copy (its lock held for the GEMM), a frozen
+/// weight itself, or scratch.
 enum Bf16Operand<'a, G: Gpu> {
     Cached(std::sync::MutexGuard<'a, Option<CudaBuf<G>>>),
+    Frozen(DevPtr),
     Fresh(CudaBuf<G>),
 }
 
@@ -50,6 +52,7 @@ impl<G: Gpu> Bf16Operand<'_, G> {
     fn ptr(&self) -> DevPtr {
         match self {
             Bf16Operand::Cached(g) => g.as_ref().expect("filled by bf16_of").ptr,
+            Bf16Operand::Frozen(p) => *p,
             Bf16Operand::Fresh(b) => b.ptr,
         }
     }
@@ -83,7 +86,7 @@ impl<G: Gpu> CudaBackend<G> {
     }
 
     /// `[n]` bf16 scratch (2 bytes each, in 4-byte elements) holding `src[n]` rounded RNE.
-    fn to_bf16(&self, src: DevPtr, n: usize) -> CudaBuf<G> {
+    pub(super) fn to_bf16(&self, src: DevPtr, n: usize) -> CudaBuf<G> {
         let dst = self.alloc(n.div_ceil(2).max(1));
         if n > 0 {
             self.launch("convert.cu", &[], "f32_to_bf16", grid1(n), BLOCK, 0, &[Arg::Ptr(src), Arg::Ptr(dst.ptr), Arg::I64(n as i64)]);
@@ -94,6 +97,11 @@ impl<G: Gpu> CudaBackend<G> {
     /// The bf16 rounding of `x[..n]`: for a weight used whole, its cached copy (made on first
     /// use); otherwise a fresh scratch.
     fn bf16_of<'a>(&self, x: &'a CudaBuf<G>, n: usize) -> Bf16Operand<'a, G> {
+        if x.bf16_only {
+            // Its first n values: every row-major operand view starts at the buffer's start.
+            assert!(n <= x.len, "bf16 operand of {n} values from a frozen weight of {}", x.len);
+            return Bf16Operand::Frozen(x.ptr);
+        }
         match &x.bf16 {
             Some(cell) if n == x.len => {
                 let mut guard = cell.lock().unwrap();
@@ -108,6 +116,7 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// Drops the cached bf16 copy of a weight that is about to change in place.
     pub(super) fn weights_changed(&self, x: &CudaBuf<G>) {
+        assert!(!x.bf16_only, "a frozen bf16 weight changed in place");
         if let Some(cell) = &x.bf16 {
             *cell.lock().unwrap() = None;
         }
