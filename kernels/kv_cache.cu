@@ -1,18 +1,32 @@
 // Paged KV cache kernels: kv_write (new K/V rows into their slots), kv_copy_block
 // (copy-on-write of one block) and paged_attn (new queries against the cached keys of each
-// sequence, online softmax), compiled once per HEAD_DIM. Cache layout per layer:
-// [num_blocks, 2 (k, v), n_kv, block_size, HEAD_DIM] fp32. CPU reference:
-// src/backend/cpu/kv.rs.
+// sequence, online softmax), compiled once per HEAD_DIM and cache type. Cache layout per
+// layer: [num_blocks, 2 (k, v), n_kv, block_size, HEAD_DIM] of kv_t: fp32, or with KV_BF16=1
+// bf16 (Precision::Bf16: K/V rounded RNE when written, as f32_to_bf16 rounds; read back
+// exactly; every sum stays fp32). CPU reference: src/backend/cpu/kv.rs (fp32).
 #include "common.cuh"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
 #endif
+#ifndef KV_BF16
+#define KV_BF16 0
+#endif
+#if KV_BF16
+#include <cuda_bf16.h>
+typedef unsigned short kv_t;  // bf16 bits
+__device__ __forceinline__ float kv_ld(const kv_t* p) { return __uint_as_float((unsigned)*p << 16); }
+__device__ __forceinline__ kv_t kv_st(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+#else
+typedef float kv_t;
+__device__ __forceinline__ float kv_ld(const kv_t* p) { return *p; }
+__device__ __forceinline__ kv_t kv_st(float x) { return x; }
+#endif
 #define DPL ((HEAD_DIM + 31) / 32)
 #define QW 4
 
 // cache[slot / bs, 0|1, h, slot % bs, :] = k|v[t, h, :]; k, v [tokens, n_kv, HEAD_DIM]
-extern "C" __global__ void kv_write(float* cache, const float* k, const float* v, const unsigned* slots, int tokens, int n_kv, int bs) {
+extern "C" __global__ void kv_write(kv_t* cache, const float* k, const float* v, const unsigned* slots, int tokens, int n_kv, int bs) {
     const long long n = (long long)tokens * n_kv * HEAD_DIM;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
         const int d = e % HEAD_DIM;
@@ -21,13 +35,13 @@ extern "C" __global__ void kv_write(float* cache, const float* k, const float* v
         const long long t = th / n_kv;
         const unsigned slot = slots[t], blk = slot / bs, off = slot % bs;
         const long long kb = (((long long)blk * 2) * n_kv + h) * bs * HEAD_DIM + (long long)off * HEAD_DIM + d;
-        cache[kb] = k[e];
-        cache[kb + (long long)n_kv * bs * HEAD_DIM] = v[e];
+        cache[kb] = kv_st(k[e]);
+        cache[kb + (long long)n_kv * bs * HEAD_DIM] = kv_st(v[e]);
     }
 }
 
-// cache block dst = block src (block_len floats)
-extern "C" __global__ void kv_copy_block(float* cache, unsigned src, unsigned dst, long long block_len) {
+// cache block dst = block src (block_len values)
+extern "C" __global__ void kv_copy_block(kv_t* cache, unsigned src, unsigned dst, long long block_len) {
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < block_len; e += (long long)gridDim.x * blockDim.x)
         cache[dst * block_len + e] = cache[src * block_len + e];
 }
@@ -36,7 +50,7 @@ extern "C" __global__ void kv_copy_block(float* cache, unsigned src, unsigned ds
 // q, out [tokens, n_heads, HEAD_DIM]; table [..] block ids. grid (n_qtiles, n_heads), block
 // 32*QW, one warp per (query, head); lane = key for scores, lane = dims for the output.
 // No shared memory (a warp that has no query leaves at once).
-extern "C" __global__ void paged_attn(const float* q, const float* cache, float* out, const int4* seqs, const int2* qtiles,
+extern "C" __global__ void paged_attn(const float* q, const kv_t* cache, float* out, const int4* seqs, const int2* qtiles,
                                       const unsigned* table, int n_heads, int n_kv, int bs, float scale) {
     const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
     const int2 tile = qtiles[blockIdx.x];
@@ -64,7 +78,7 @@ extern "C" __global__ void paged_attn(const float* q, const float* cache, float*
 #pragma unroll
         for (int d = 0; d < HEAD_DIM; d++) {
             const float qd = __shfl_sync(FULL_MASK, qr[d / 32], d % 32);
-            if (vis) dot += qd * cache[kp + d];
+            if (vis) dot += qd * kv_ld(cache + kp + d);
         }
         const float s = vis ? dot * scale : -INFINITY;
         const float mn = fmaxf(m, warp_max(s));
@@ -80,7 +94,7 @@ extern "C" __global__ void paged_attn(const float* q, const float* cache, float*
 #pragma unroll
             for (int i = 0; i < DPL; i++) {
                 const int d = lane + 32 * i;
-                if (d < HEAD_DIM) acc[i] += pt * cache[vt + d];
+                if (d < HEAD_DIM) acc[i] += pt * kv_ld(cache + vt + d);
             }
         }
         m = mn;

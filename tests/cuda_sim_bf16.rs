@@ -469,3 +469,72 @@ fn frozen_weights_keep_only_their_bf16_copy() {
     let changed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| be.add_assign(&mut g, &wd)));
     assert!(changed.is_err(), "add_assign reading a frozen weight as fp32 must panic");
 }
+
+/// Teacher-forced per-token log-probs of `ids` through `forward_cached`, one token per step.
+fn decode_logprobs<B: Backend>(m: &Transformer<B>, ids: &[u32]) -> Vec<f64> {
+    let bs = 4;
+    let blocks = ids.len().div_ceil(bs) + 1;
+    let geom = m.kv_geom(blocks, bs);
+    let mut kv = m.alloc_kv(geom);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut out = Vec::new();
+    for (t, &id) in ids[..ids.len() - 1].iter().enumerate() {
+        let step = ipo::model::decode::DecodeStep {
+            ids: vec![id],
+            positions: vec![t as u32],
+            slots: vec![t as u32],
+            seqs: vec![ipo::backend::PagedSeq { q_start: 0, q_len: 1, ctx_len: t + 1, table_start: 0 }],
+            block_table: table.clone(),
+            logit_rows: vec![0],
+        };
+        let logits = m.backend.download(&m.forward_cached(&mut kv, geom, &step).unwrap());
+        let mx = logits.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+        let lse = mx + logits.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+        out.push(logits[ids[t + 1] as usize] as f64 - lse);
+    }
+    out
+}
+
+/// Bytes the backend allocates for `m.alloc_kv` of 8 blocks of 4.
+fn kv_bytes(m: &Transformer<CudaBackend<Sim>>) -> u64 {
+    let before = m.backend.memory_live();
+    let kv = m.alloc_kv(m.kv_geom(8, 4));
+    let bytes = m.backend.memory_live() - before;
+    drop(kv);
+    bytes
+}
+
+/// Decoding on Sim in bf16 (layer matrices frozen in bf16, bf16 KV cache read by the paged
+/// attention) against the fp32 CPU reference, per family: the bf16 roundings of every matmul
+/// operand and of K/V move a tiny random model's log-probs by about 1% of their size (see
+/// tests/cpu_precision.rs); bound 5% of max(1, |log-prob|) per token. The cache takes half
+/// the fp32 bytes, and the log-probs differ from Sim's fp32 ones (the bf16 paths ran).
+#[test]
+fn decode_in_bf16_with_a_bf16_kv_cache_matches_cpu() {
+    if sim_with(Precision::F32).is_none() {
+        return;
+    }
+    for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
+        let cfg = tiny_config(family, false);
+        let w = random_weights(&cfg, &mut Rng(41));
+        let mut rng = Rng(5);
+        let ids: Vec<u32> = (0..13).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+        let cpu = decode_logprobs(&Transformer::with_backend(CpuBackend::<f32>::new(), cfg.clone(), w.clone()).unwrap(), &ids);
+        let mut m16 = Transformer::with_backend(sim_with(Precision::Bf16).unwrap(), cfg.clone(), w.clone()).unwrap();
+        m16.freeze();
+        let b16 = decode_logprobs(&m16, &ids);
+        let m32 = Transformer::with_backend(sim_with(Precision::F32).unwrap(), cfg.clone(), w.clone()).unwrap();
+        let f32s = decode_logprobs(&m32, &ids);
+        let (bytes16, bytes32) = (kv_bytes(&m16), kv_bytes(&m32));
+        assert_eq!(2 * bytes16, bytes32, "{family:?}: bf16 cache bytes");
+        assert_eq!(m16.backend.kv_bytes_per_value() * 2, m32.backend.kv_bytes_per_value());
+        let (mut worst, mut moved) = (0f64, 0f64);
+        for ((c, b), f) in cpu.iter().zip(&b16).zip(&f32s) {
+            worst = worst.max((c - b).abs() / c.abs().max(1.0));
+            moved = moved.max((b - f).abs());
+        }
+        eprintln!("{family:?}: max |d logp| / max(1, |logp|) sim bf16 vs cpu f32 = {worst:.2e}; max |bf16 - f32| on sim = {moved:.2e}");
+        assert!(worst <= 0.05, "{family:?}: {worst}");
+        assert!(moved > 1e-5, "{family:?}: bf16 decode equals fp32 decode");
+    }
+}

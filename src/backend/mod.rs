@@ -309,6 +309,16 @@ pub trait Backend: Send + Sync {
     /// its compute precision only (the CUDA backend under `Precision::Bf16` keeps the bf16
     /// copy its matmuls read and frees the fp32 values; `download` returns the bf16 values).
     fn freeze_weight(&self, _w: &mut Self::Buf) {}
+    /// A zeroed KV cache of `len` values for `kv_write` / `kv_copy_blocks` /
+    /// `paged_attention` (one layer, `KvGeom::layer_len`): fp32 by default; a backend may
+    /// store it narrower (the CUDA backend under `Precision::Bf16`: bf16).
+    fn kv_alloc(&self, len: usize) -> Self::Buf {
+        self.zeros(len)
+    }
+    /// Bytes per value of what `kv_alloc` makes (sizes the KV pool from `--kv-cache-mb`).
+    fn kv_bytes_per_value(&self) -> usize {
+        4
+    }
     /// Like `download`, without rounding to f32 where the buffer holds more precision.
     fn download_f64(&self, buf: &Self::Buf) -> Vec<f64> {
         self.download(buf).into_iter().map(f64::from).collect()

@@ -58,7 +58,7 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
         if o.recompute { ", recompute" } else { "" }
     );
     out += "| component | plan GiB/GPU | this build GiB/GPU |\n|---|---:|---:|\n";
-    let rows: [(&str, u64, u64); 11] = [
+    let rows: [(&str, u64, u64); 12] = [
         ("weights (frozen/base)", p.weights, b.weights),
         ("master weights (fp32, trained)", p.master, b.master),
         ("gradients", p.gradients, b.gradients),
@@ -66,6 +66,7 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
         ("activations (saved for backward)", p.activations, b.activations),
         ("workspace (backward, lm-head chunk)", p.workspace, b.workspace),
         ("= training step", p.training(), b.training()),
+        ("weights (rollouts, frozen)", p.rollout_weights, b.rollout_weights),
         ("KV cache (rollouts)", p.kv_cache, b.kv_cache),
         ("workspace (rollout step)", p.rollout_workspace, b.rollout_workspace),
         ("= rollouts (weights + KV + workspace)", p.rollout(), b.rollout()),
@@ -81,7 +82,7 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
         s.flops.rollout_token,
         o.rollout_len / 2
     );
-    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
+    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; the KV cache in bf16 under bf16), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
     out += &format!("this build: {}\n", verdict(&s.this_build, s, o.gpu_memory_gb));
     out += &format!("{}\n", verdict(&s.plan, s, o.gpu_memory_gb));
     out

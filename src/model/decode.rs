@@ -31,9 +31,10 @@ impl<B: Backend> Transformer<B> {
         KvGeom { num_blocks, block_size, n_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim }
     }
 
-    /// Zeroed cache buffers, one per layer, each `[num_blocks, 2, n_kv_heads, block_size, head_dim]`.
+    /// Zeroed cache buffers (`Backend::kv_alloc`), one per layer, each `[num_blocks, 2,
+    /// n_kv_heads, block_size, head_dim]`.
     pub fn alloc_kv(&self, geom: KvGeom) -> Vec<B::Buf> {
-        (0..self.cfg.num_layers).map(|_| self.backend.zeros(geom.layer_len())).collect()
+        (0..self.cfg.num_layers).map(|_| self.backend.kv_alloc(geom.layer_len())).collect()
     }
 
     /// Runs the new tokens of `step`, writing their K/V into `kv` (one buffer per layer), and

@@ -122,6 +122,9 @@ pub struct Memory {
     pub activations: u64,
     /// Transients of the training step at its peak (backward live set, lm-head chunk).
     pub workspace: u64,
+    /// Weights of the rollout stages (`ipo generate` / `intervene`: frozen, so this build
+    /// keeps its layer matrices in bf16 only under bf16).
+    pub rollout_weights: u64,
     /// Paged KV cache of `rollout_batch` sequences of `rollout_len` positions.
     pub kv_cache: u64,
     /// Transients of a rollout step (prefill chunk, logits).
@@ -137,7 +140,7 @@ impl Memory {
         if self.kv_cache == 0 {
             return 0;
         }
-        self.weights + self.kv_cache + self.rollout_workspace
+        self.rollout_weights + self.kv_cache + self.rollout_workspace
     }
     /// The larger of the two stages: what the GPU must hold.
     pub fn total(&self) -> u64 {
@@ -199,20 +202,21 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     if this {
         // Every weight fp32 and its bf16 copy where a matmul reads it whole; with bf16 and
         // LoRA the frozen layer matrices keep the bf16 copy only (`Transformer::freeze`).
-        // LoRA's A and B (fp32) are the trained parameters themselves. (The rollout stages
-        // freeze the layer matrices too; the full fine-tuning estimate keeps the training
-        // step's weights for them, an upper bound.)
+        // LoRA's A and B (fp32) are the trained parameters themselves. The rollout stages
+        // freeze the layer matrices.
+        let frozen = if bf16 { 4 * (n.params - n.layer_mats) + 2 * n.layer_mats } else { 4 * n.params };
         m.weights = match (bf16, lora) {
-            (false, _) => 4 * n.params,
             (true, false) => 4 * n.params + 2 * n.layer_mats,
-            (true, true) => 4 * (n.params - n.layer_mats) + 2 * n.layer_mats,
+            _ => frozen,
         };
+        m.rollout_weights = frozen;
         m.master = if lora { 4 * n.adapters } else { 0 };
         // dW of every weight, or LoRA's dA and dB.
         m.gradients = 4 * trained;
         m.optimizer = moments * trained.div_ceil(gpus);
     } else {
         m.weights = e * n.params;
+        m.rollout_weights = m.weights;
         m.master = if lora || bf16 { 4 * trained / gpus } else { 0 };
         m.gradients = if lora { 4 * n.adapters } else { e * n.params };
         m.optimizer = moments * trained / gpus;
@@ -259,7 +263,9 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     // and layer; a step holds one prefill chunk's layer activations and the logits of the batch.
     if p.rollout_batch > 0 && p.rollout_len > 0 {
         let blocks = u(p.rollout_batch) * u(p.rollout_len.div_ceil(KV_BLOCK));
-        m.kv_cache = blocks * u(KV_BLOCK) * layers * 2 * kv * e;
+        // This build's CUDA cache is bf16 under bf16 too (`Backend::kv_alloc`).
+        let kv_e = if bf16 { 2 } else { 4 };
+        m.kv_cache = blocks * u(KV_BLOCK) * layers * 2 * kv * kv_e;
         let prefill = u(PREFILL_CHUNK.min(p.rollout_batch * p.rollout_len));
         m.rollout_workspace = prefill * e * (3 * h + q + 2 * kv + 3 * f) + 4 * vocab * u(p.rollout_batch);
     }

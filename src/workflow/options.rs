@@ -72,7 +72,7 @@ impl SamplingOptions {
 impl EngineOptions {
     /// The engine's geometry for `model` (fp32 KV cache: 4 bytes per value).
     pub fn config<B: Backend>(&self, model: &Transformer<B>) -> EngineConfig {
-        EngineConfig::from_budget(model, self.kv_cache_mb, self.block_size, 4, self.prefill_chunk, self.max_batch)
+        EngineConfig::from_budget(model, self.kv_cache_mb, self.block_size, model.backend.kv_bytes_per_value(), self.prefill_chunk, self.max_batch)
     }
 
     /// Errors name the flags (and so the config keys) that are out of range.

@@ -38,9 +38,10 @@ pub struct CudaBuf<G: Gpu> {
     /// Weights only (`Backend::upload_weight`): the bf16 copy `Precision::Bf16` matmuls read,
     /// made on first use and dropped when the weights change in place (optimizer steps).
     bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
-    /// A frozen weight (`Backend::freeze_weight` under `Precision::Bf16`): `ptr` holds its
-    /// `len` values in bf16 only (in `len.div_ceil(2)` 4-byte elements); the bf16 matmuls
-    /// and `download` read it, and nothing writes it.
+    /// `ptr` holds `len` bf16 values (in `len.div_ceil(2)` 4-byte elements) and no fp32
+    /// ones: a frozen weight (`Backend::freeze_weight` under `Precision::Bf16`; read by the
+    /// bf16 matmuls and `download`, written by nothing) or a bf16 KV cache (`Backend::kv_alloc`
+    /// under bf16; the kv_cache.cu kernels' KV_BF16 variant).
     bf16_only: bool,
 }
 
@@ -398,6 +399,26 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         b
     }
 
+    /// Under `Precision::Bf16` a bf16 cache (half the bytes; K/V rounded RNE as they are
+    /// written), else fp32.
+    fn kv_alloc(&self, len: usize) -> CudaBuf<G> {
+        if self.precision() != Precision::Bf16 {
+            return self.zeros(len);
+        }
+        let mut b = self.zeros(len.div_ceil(2).max(1));
+        b.len = len;
+        b.bf16_only = true;
+        b
+    }
+
+    fn kv_bytes_per_value(&self) -> usize {
+        if self.precision() == Precision::Bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
     /// Under `Precision::Bf16`: replaces the weight by its bf16 copy (the cached one, or made
     /// now) and frees the fp32 values, halving its memory. Under fp32 nothing changes.
     fn freeze_weight(&self, w: &mut CudaBuf<G>) {
@@ -705,18 +726,19 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         }
         let slots_d = self.upload_u32(slots);
         self.launch(
-            "kv_cache.cu", &[("HEAD_DIM", geom.head_dim)], "kv_write", grid1(slots.len() * row), BLOCK, 0,
+            "kv_cache.cu", &kv_defines(geom.head_dim, cache), "kv_write", grid1(slots.len() * row), BLOCK, 0,
             &[Arg::Ptr(cache.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(slots_d.ptr), Arg::I32(slots.len() as i32), Arg::I32(geom.n_kv_heads as i32), Arg::I32(geom.block_size as i32)],
         );
     }
 
     fn kv_copy_blocks(&self, cache: &mut CudaBuf<G>, pairs: &[(u32, u32)], geom: KvGeom) {
         let n = geom.block_len();
+        assert_eq!(cache.len, geom.layer_len(), "kv_copy_blocks: cache length vs geometry");
         for &(src, dst) in pairs {
             assert!((src.max(dst) as usize + 1) * n <= cache.len, "kv_copy_blocks: block outside the pool");
             // One launch per pair keeps the CPU's sequential semantics when pairs chain.
             self.launch(
-                "kv_cache.cu", &[("HEAD_DIM", geom.head_dim)], "kv_copy_block", grid1(n), BLOCK, 0,
+                "kv_cache.cu", &kv_defines(geom.head_dim, cache), "kv_copy_block", grid1(n), BLOCK, 0,
                 &[Arg::Ptr(cache.ptr), Arg::U32(src), Arg::U32(dst), Arg::I64(n as i64)],
             );
         }
@@ -743,7 +765,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         }
         let (sq_d, qt_d, tb_d) = (self.upload_i32(&sq), self.upload_i32(&qt), self.upload_u32(block_table));
         self.launch(
-            "kv_cache.cu", &[("HEAD_DIM", hd)], "paged_attn", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, 0,
+            "kv_cache.cu", &kv_defines(hd, cache), "paged_attn", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, 0,
             &[
                 Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
                 Arg::I32(nh as i32), Arg::I32(dims.n_kv_heads as i32), Arg::I32(geom.block_size as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
@@ -766,6 +788,15 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     fn sgd(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {
         self.sgd_dev(p, g, lr, weight_decay, grad_scale)
     }
+}
+
+/// The kv_cache.cu variant of a cache: fp32, or bf16 (`Backend::kv_alloc` under bf16).
+fn kv_defines<G: Gpu>(head_dim: usize, cache: &CudaBuf<G>) -> Vec<(&'static str, usize)> {
+    let mut d = vec![("HEAD_DIM", head_dim)];
+    if cache.bf16_only {
+        d.push(("KV_BF16", 1));
+    }
+    d
 }
 
 #[cfg(test)]

@@ -78,6 +78,7 @@ impl<G: Gpu> Check<G> {
         Check { op: "segment_dpo", tol: Tol::Derived, run: segment_dpo::<G> },
         Check { op: "matmul_bf16", tol: Tol::Derived, run: matmul_bf16::<G> },
         Check { op: "attention_bf16", tol: Tol::Max(1.0), run: attention_bf16::<G> },
+        Check { op: "paged_attention_bf16kv", tol: Tol::Max(2e-6), run: paged_attention_bf16kv::<G> },
     ];
 }
 
@@ -864,6 +865,46 @@ fn attention_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
                 c.push("attention_bf16.out", shape.clone(), eo, tol);
                 c.push("attention_bf16.lse", shape, el, tol);
             }
+        }
+    })
+}
+
+/// The bf16 KV cache (`Backend::kv_alloc` under bf16): every slot written by `kv_write` from
+/// fp32 K/V, blocks copied by `kv_copy_blocks`, then `paged_attention` with fp32 queries,
+/// against the fp32 CPU path on the same K/V rounded to bf16 (RNE, `half::bf16::from_f32`).
+/// Rows: the cache as downloaded (the rounding is exact, so its error is 0) and the attention
+/// output (the only difference left is fp32 summation order: the fp32 tolerance).
+fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
+    in_bf16(c, r, |c, r| {
+        let r16 = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<f32>>();
+        for (geom, dims) in KV_GEOMS {
+            let shape = format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim);
+            let (slots, row) = (shuffled(r, geom.num_blocks * geom.block_size), geom.n_kv_heads * geom.head_dim);
+            let (k, v) = (r.vec(slots.len() * row, 1.0), r.vec(slots.len() * row, 1.0));
+            let mut cc = CpuBuf::from(vec![0.0; geom.layer_len()]);
+            c.cpu.kv_write(&mut cc, &CpuBuf::from(r16(&k)), &CpuBuf::from(r16(&v)), &slots, geom);
+            let mut cg = c.gpu.kv_alloc(geom.layer_len());
+            assert!(cg.bf16_only, "kv_alloc under bf16 makes a bf16 cache");
+            c.gpu.kv_write(&mut cg, &c.gpu.upload(&k), &c.gpu.upload(&v), &slots, geom);
+            let pairs = [(1u32, 3u32), (3, 5), (0, 2)];
+            c.cpu.kv_copy_blocks(&mut cc, &pairs, geom);
+            c.gpu.kv_copy_blocks(&mut cg, &pairs, geom);
+            c.row("paged_attention_bf16kv.cache", shape.clone(), &cg, &cc);
+            let shapes: &[(usize, usize)] = if geom.num_blocks >= 24 { &[(3, 7), (1, 1), (2, 37), (5, 5)] } else { &[(1, 10), (4, 6)] };
+            let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
+            for &(ql, ctx) in shapes {
+                let blocks = shuffled(r, geom.num_blocks);
+                seqs.push(PagedSeq { q_start: q0, q_len: ql, ctx_len: ctx, table_start: table.len() });
+                table.extend_from_slice(&blocks[..ctx.div_ceil(geom.block_size)]);
+                q0 += ql;
+            }
+            let nq = q0 * dims.n_heads * dims.head_dim;
+            let q = r.vec(nq, 1.0);
+            let mut oc = CpuBuf::from(vec![0.0; nq]);
+            c.cpu.paged_attention(&q, &cc, &seqs, &table, geom, dims, &mut oc);
+            let mut og = c.nan(nq);
+            c.gpu.paged_attention(&c.gpu.upload(&q), &cg, &seqs, &table, geom, dims, &mut og);
+            c.row("paged_attention_bf16kv", format!("{shape} seqs{}", seqs.len()), &og, &oc);
         }
     })
 }

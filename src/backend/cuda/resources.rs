@@ -65,7 +65,10 @@ pub fn kernel_source(file: &str) -> Result<String, GpuError> {
 /// (`#ifndef HEAD_DIM`), none otherwise.
 pub fn variants(file: &str) -> Result<Vec<Vec<(&'static str, usize)>>, GpuError> {
     let src = kernel_source(file)?;
-    if file.starts_with("attention") || file.starts_with("kv_cache") || src.contains("#ifndef HEAD_DIM") {
+    if file.starts_with("kv_cache") {
+        // fp32 and bf16 caches (KV_BF16) at each head_dim
+        Ok(HEAD_DIMS.iter().flat_map(|&hd| [vec![("HEAD_DIM", hd)], vec![("HEAD_DIM", hd), ("KV_BF16", 1)]]).collect())
+    } else if file.starts_with("attention") || src.contains("#ifndef HEAD_DIM") {
         Ok(HEAD_DIMS.iter().map(|&hd| vec![("HEAD_DIM", hd)]).collect())
     } else {
         Ok(vec![vec![]])
@@ -238,8 +241,11 @@ ptxas info    : Used 24 registers\n";
             let src = kernel_source(f).unwrap();
             assert!(!declared_kernels(&src).is_empty(), "{f}: no __global__ kernels found");
             let v = variants(f).unwrap();
-            if f == "attention.cu" || f == "kv_cache.cu" {
+            if f == "attention.cu" {
                 assert_eq!(v.len(), HEAD_DIMS.len(), "{f}");
+            }
+            if f == "kv_cache.cu" {
+                assert_eq!(v.len(), 2 * HEAD_DIMS.len(), "{f}: fp32 and bf16 caches");
             }
         }
     }
