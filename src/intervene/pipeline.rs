@@ -169,9 +169,32 @@ impl<B: Backend> Splicer for EngineSplicer<'_, '_, B> {
     }
 }
 
+/// The triggers (indices into the pool, ascending) tried on trace `t`: all of them, or with
+/// `triggers_per_rollout` = K the K whose `mix64` hash of (seed, rollout id, sample, trigger
+/// index) is smallest: a choice that depends on nothing else, so a rerun, a resumed run and
+/// any batching pick the same ones, and over many rollouts every trigger is used about as
+/// often.
+fn per_rollout(settings: &Settings, t: &Trace) -> Vec<usize> {
+    let n = settings.triggers.len();
+    let k = settings.triggers_per_rollout;
+    if k == 0 || k >= n {
+        return (0..n).collect();
+    }
+    let base = mix64(mix64(mix64(settings.seed) ^ crate::rollout::key_of(&t.id)) ^ t.sample as u64);
+    let mut order: Vec<(u64, usize)> = (0..n).map(|i| (mix64(base ^ i as u64), i)).collect();
+    order.sort_unstable();
+    let mut pick: Vec<usize> = order[..k].iter().map(|&(_, i)| i).collect();
+    pick.sort_unstable();
+    pick
+}
+
 /// Settings of Algorithm 1.
 pub(crate) struct Settings {
     pub triggers: Vec<String>,
+    /// Triggers tried per rollout: 0 = all (the paper); K > 0 = the K of `per_rollout`.
+    pub triggers_per_rollout: usize,
+    /// Seed of the per-rollout choice of triggers.
+    pub seed: u64,
     /// Most splices per (rollout, trigger) (paper: 1).
     pub rounds: u32,
     pub eos_ids: Vec<u32>,
@@ -343,7 +366,8 @@ pub(crate) fn run_batch(
                     }
                 };
                 let s = &seg.sentences[k];
-                for (ti, trig) in settings.triggers.iter().enumerate() {
+                for ti in per_rollout(settings, t) {
+                    let trig = &settings.triggers[ti];
                     match insert_ids(tok, seg, k, trig) {
                         Ok(insert) => attempts.push(Attempt {
                             trace: i,
@@ -504,4 +528,50 @@ fn make_pair(t: &Trace, a: &Attempt, trigger: &str, finish: &str) -> Result<Pair
         ref_rejected_logp: None,
         extra,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(n: usize, k: usize, seed: u64) -> Settings {
+        Settings {
+            triggers: (0..n).map(|i| format!("trigger {i}")).collect(),
+            triggers_per_rollout: k,
+            seed,
+            rounds: 1,
+            eos_ids: vec![],
+            complete_only: false,
+            answer_start: None,
+        }
+    }
+
+    fn trace(id: &str, sample: u32) -> Trace {
+        Trace { id: id.into(), prompt: String::new(), kind: None, sample, prompt_ids: vec![1], completion_ids: vec![2], origin: String::new() }
+    }
+
+    #[test]
+    fn triggers_per_rollout_picks_k_distinct_evenly_and_reproducibly() {
+        let (n, k) = (12, 2);
+        let s = settings(n, k, 7);
+        let mut uses = vec![0usize; n];
+        let mut differ = false;
+        for i in 0..600 {
+            let t = trace(&format!("p{i}"), i % 2);
+            let pick = per_rollout(&s, &t);
+            assert_eq!(pick.len(), k);
+            assert!(pick.windows(2).all(|w| w[0] < w[1]) && pick.iter().all(|&x| x < n), "{pick:?}");
+            assert_eq!(pick, per_rollout(&s, &t), "the same rollout, the same triggers");
+            differ |= pick != per_rollout(&settings(n, k, 8), &t);
+            for x in pick {
+                uses[x] += 1;
+            }
+        }
+        assert!(differ, "the seed changes the choice");
+        // 1200 picks over 12 triggers: 100 each on average.
+        assert!(uses.iter().all(|&u| (60..=140).contains(&u)), "{uses:?}");
+        // 0 and K >= the pool mean every trigger.
+        assert_eq!(per_rollout(&settings(5, 0, 1), &trace("a", 0)), vec![0, 1, 2, 3, 4]);
+        assert_eq!(per_rollout(&settings(5, 9, 1), &trace("a", 0)), vec![0, 1, 2, 3, 4]);
+    }
 }

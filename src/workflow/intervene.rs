@@ -60,9 +60,16 @@ pub struct InterveneFiles {
 #[serde(default)]
 pub struct InterveneOptions {
     /// Safety-trigger pool, one sentence per line ('#' comments); default: the built-in
-    /// data/triggers.txt. Every trigger is tried on every rollout with a cue.
+    /// data/triggers.txt. Every trigger is tried on every rollout with a cue, unless
+    /// --triggers-per-rollout says otherwise.
     #[arg(long, value_name = "FILE")]
     pub triggers: Option<PathBuf>,
+    /// Triggers tried per rollout: 0 = every trigger of the pool (the paper); K > 0 = K of
+    /// them, a different K for each rollout, picked by a hash of --seed, the rollout's id and
+    /// sample (the same ones on every run). A large pool then adds variety to the chosen
+    /// sides without multiplying the splices.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub triggers_per_rollout: usize,
     /// Most splices per (rollout, trigger): after a splice whose continuation still has a
     /// cue, cut again at the new cue (paper: 1).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -429,7 +436,15 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
         None
     };
     let settings =
-        Settings { triggers, rounds: opts.rounds, eos_ids: tok.eos_ids().to_vec(), complete_only: opts.complete_only, answer_start };
+        Settings {
+            triggers,
+            triggers_per_rollout: opts.triggers_per_rollout,
+            seed: opts.sampling.seed,
+            rounds: opts.rounds,
+            eos_ids: tok.eos_ids().to_vec(),
+            complete_only: opts.complete_only,
+            answer_start,
+        };
     let mut out = AtomicWriter::create(&files.output)?;
     let mut splicer = EngineSplicer { engine: &mut engine, params: params.clone() };
     progress.start("intervene", traces.len() as u64, "rollouts");
