@@ -538,3 +538,41 @@ fn decode_in_bf16_with_a_bf16_kv_cache_matches_cpu() {
         assert!(moved > 1e-5, "{family:?}: bf16 decode equals fp32 decode");
     }
 }
+
+/// The fused lm-head under bf16 runs its GEMMs on bf16 operands: its log-probs equal the fp32
+/// CPU path on bf16-rounded h and w (up to fp32 summation order), and its backward likewise;
+/// the unrounded fp32 path differs by far more (so the bf16 GEMMs ran).
+#[test]
+fn lm_head_in_bf16_is_the_fp32_lm_head_of_rounded_operands() {
+    let Some(be) = sim_with(Precision::Bf16) else { return };
+    let cpu = CpuBackend::<f32>::new();
+    let mut rng = Rng(51);
+    let (t, dim, vocab) = (9, 24, 301);
+    let (h, w) = (rng.vec(t * dim, 1.0), rng.vec(vocab * dim, 1.0));
+    let rows: Vec<u32> = vec![0, 3, 3, 8, 5];
+    let targets: Vec<u32> = vec![7, 300, 0, 150, 42];
+    let dlogp: Vec<f32> = rng.vec(rows.len(), 1.0);
+    let rh = |x: &[f32]| CpuBuf::from(x.iter().map(|&v| r16(v) as f32).collect::<Vec<f32>>());
+    let (lc, sc) = cpu.lm_head_logprobs(&rh(&h), &rh(&w), dim, &rows, &targets);
+    let (lf, _) = cpu.lm_head_logprobs(&CpuBuf::from(h.clone()), &CpuBuf::from(w.clone()), dim, &rows, &targets);
+    let wd = be.upload_weight(&w);
+    let hd = be.upload(&h);
+    let (lg, sg) = be.lm_head_logprobs(&hd, &wd, dim, &rows, &targets);
+    let (lg, sg) = (be.download(&lg), be.download(&sg));
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff(&lg, &lc) <= 1e-5, "logp vs rounded fp32: {}", diff(&lg, &lc));
+    assert!(diff(&sg, &sc) <= 1e-5, "lse vs rounded fp32: {}", diff(&sg, &sc));
+    assert!(diff(&lg, &lf) > 1e-4, "bf16 log-probs equal the unrounded fp32 ones: {}", diff(&lg, &lf));
+    // Backward: dh and dw against the fp32 CPU backward on rounded h and w. The logit
+    // gradients g are rounded to bf16 too on the GPU side, so the bound is bf16's relative
+    // 2^-8 of the largest |g| contribution summed: 1e-2 of the scale of each output.
+    let (mut dhc, mut dwc) = (CpuBuf::from(vec![0f32; t * dim]), CpuBuf::from(vec![0f32; vocab * dim]));
+    cpu.lm_head_bwd(&rh(&h), &rh(&w), dim, &rows, &targets, &sc, &dlogp, &mut dhc, Some(&mut dwc));
+    let (mut dhg, mut dwg) = (be.zeros(t * dim), be.zeros(vocab * dim));
+    be.lm_head_bwd(&hd, &wd, dim, &rows, &targets, &be.upload(&sg), &dlogp, &mut dhg, Some(&mut dwg));
+    for (what, g, c) in [("dh", be.download(&dhg), dhc.to_vec()), ("dw", be.download(&dwg), dwc.to_vec())] {
+        let scale = c.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0);
+        assert!(diff(&g, &c) <= 1e-2 * scale, "{what}: {} vs scale {scale}", diff(&g, &c));
+    }
+}

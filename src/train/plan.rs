@@ -204,9 +204,11 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
         // LoRA the frozen layer matrices keep the bf16 copy only (`Transformer::freeze`).
         // LoRA's A and B (fp32) are the trained parameters themselves. The rollout stages
         // freeze the layer matrices.
-        let frozen = if bf16 { 4 * (n.params - n.layer_mats) + 2 * n.layer_mats } else { 4 * n.params };
+        // Under bf16 the lm-head's GEMMs read a bf16 copy of its weight too.
+        let head16 = if bf16 { 2 * vocab * h } else { 0 };
+        let frozen = if bf16 { 4 * (n.params - n.layer_mats) + 2 * n.layer_mats + head16 } else { 4 * n.params };
         m.weights = match (bf16, lora) {
-            (true, false) => 4 * n.params + 2 * n.layer_mats,
+            (true, false) => 4 * n.params + 2 * n.layer_mats + head16,
             _ => frozen,
         };
         m.rollout_weights = frozen;
@@ -250,7 +252,10 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     // and, with bf16, the matmul operands' bf16 scratch (largest: dgate and xn2 for dW_gate,
     // while dout, dxn2, dgate and dup exist).
     let chunk = (LM_CHUNK_ELEMS as u64 / vocab.max(1)).clamp(1, r.max(1));
-    let lm_head = t * e * h + chunk * (4 * vocab + 8 * h);
+    // This build under bf16 rounds the chunk's logit gradients and rows into bf16 scratch for
+    // the tensor-core GEMMs.
+    let lm16 = if this && bf16 { chunk * (2 * vocab + 2 * h) } else { 0 };
+    let lm_head = t * e * h + chunk * (4 * vocab + 8 * h) + lm16;
     let swiglu = t * e * (h + 3 * f);
     let end = t * e * (5 * h + 2 * q + 2 * kv);
     let qk_moment = t * e * (3 * h + 3 * q + 3 * kv);

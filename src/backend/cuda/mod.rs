@@ -270,6 +270,19 @@ impl<G: Gpu> CudaBackend<G> {
         CudaBuf { ptr, len, gpu: self.gpu.clone(), mem: self.mem.clone(), bf16: None, bf16_only: false }
     }
 
+    /// A GEMM of the fused lm-head on the first rows of its chunk buffers: fp32 (cuBLAS
+    /// SGEMM), or under `Precision::Bf16` on tensor cores (the weight's cached bf16 copy, the
+    /// chunk's rows and logit gradients rounded into scratch, fp32 accumulation), as every
+    /// other matmul of that mode.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_gemm(&self, a: &CudaBuf<G>, ta: bool, b: &CudaBuf<G>, tb: bool, c: &mut CudaBuf<G>, m: usize, n: usize, k: usize, accumulate: bool) {
+        if self.precision() == Precision::Bf16 {
+            self.matmul_bf16(a, ta, b, tb, c, m, n, k, 1.0, accumulate);
+        } else {
+            self.gemm(Gemm::row_major(a.ptr, ta, b.ptr, tb, c.ptr, m, n, k, accumulate));
+        }
+    }
+
     /// Bytes of this backend's buffers alive now.
     pub fn memory_live(&self) -> u64 {
         self.mem.live.load(Ordering::Relaxed)
@@ -661,12 +674,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         assert!(rows.iter().all(|&r| (r as usize + 1) * dim <= h.len), "lm_head: rows outside h");
         let (logp, lse) = (self.alloc(n), self.alloc(n));
         let chunk = self.lm_chunk(vocab, n);
-        let (hc, logits) = (self.alloc(chunk * dim), self.alloc(chunk * vocab)); // [chunk, dim], [chunk, vocab]
+        let (hc, mut logits) = (self.alloc(chunk * dim), self.alloc(chunk * vocab)); // [chunk, dim], [chunk, vocab]
         for c0 in (0..n).step_by(chunk) {
             let rc = chunk.min(n - c0);
             let (rows_d, tg_d) = (self.upload_u32(&rows[c0..c0 + rc]), self.upload_u32(&targets[c0..c0 + rc]));
             self.gather_rows(h.ptr, &rows_d, dim, hc.ptr);
-            self.gemm(Gemm::row_major(hc.ptr, false, w.ptr, true, logits.ptr, rc, vocab, dim, false));
+            self.lm_gemm(&hc, false, w, true, &mut logits, rc, vocab, dim, false);
             self.launch(
                 "lm_head.cu", &[], "lse_rows", (rc as u32, 1, 1), 256, 0,
                 &[Arg::Ptr(logits.ptr), Arg::Ptr(tg_d.ptr), Arg::Ptr(logp.at(c0)), Arg::Ptr(lse.at(c0)), Arg::I32(vocab as i32)],
@@ -683,7 +696,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn lm_head_bwd_buf(
-        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dl_d: &CudaBuf<G>, dh: &mut CudaBuf<G>, dw: Option<&mut CudaBuf<G>>,
+        &self, h: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, rows: &[u32], targets: &[u32], lse: &CudaBuf<G>, dl_d: &CudaBuf<G>, dh: &mut CudaBuf<G>, mut dw: Option<&mut CudaBuf<G>>,
     ) {
         let vocab = w.len / dim;
         let n = rows.len();
@@ -693,21 +706,21 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         }
         let chunk = self.lm_chunk(vocab, n);
         // [chunk, dim] gathered h, [chunk, vocab] logits then their gradient, [chunk, dim] dh rows
-        let (hc, g, dhc) = (self.alloc(chunk * dim), self.alloc(chunk * vocab), self.alloc(chunk * dim));
+        let (hc, mut g, mut dhc) = (self.alloc(chunk * dim), self.alloc(chunk * vocab), self.alloc(chunk * dim));
         for c0 in (0..n).step_by(chunk) {
             let rc = chunk.min(n - c0);
             let (rows_d, tg_d) = (self.upload_u32(&rows[c0..c0 + rc]), self.upload_u32(&targets[c0..c0 + rc]));
             self.gather_rows(h.ptr, &rows_d, dim, hc.ptr);
-            self.gemm(Gemm::row_major(hc.ptr, false, w.ptr, true, g.ptr, rc, vocab, dim, false));
+            self.lm_gemm(&hc, false, w, true, &mut g, rc, vocab, dim, false);
             self.launch(
                 "lm_head.cu", &[], "lm_head_grad", grid1(rc * vocab), BLOCK, 0,
                 &[Arg::Ptr(g.ptr), Arg::Ptr(tg_d.ptr), Arg::Ptr(lse.at(c0)), Arg::Ptr(dl_d.at(c0)), Arg::I32(rc as i32), Arg::I32(vocab as i32)],
             );
             // dw[vocab, dim] += g^T @ hc ; dhc[rc, dim] = g @ w
-            if let Some(dw) = &dw {
-                self.gemm(Gemm::row_major(g.ptr, true, hc.ptr, false, dw.ptr, vocab, dim, rc, true));
+            if let Some(dw) = dw.as_deref_mut() {
+                self.lm_gemm(&g, true, &hc, false, dw, vocab, dim, rc, true);
             }
-            self.gemm(Gemm::row_major(g.ptr, false, w.ptr, false, dhc.ptr, rc, dim, vocab, false));
+            self.lm_gemm(&g, false, w, false, &mut dhc, rc, dim, vocab, false);
             self.scatter_add_rows(dhc.ptr, &rows[c0..c0 + rc], dim, dh.ptr);
         }
     }

@@ -5,8 +5,8 @@
 //! GPU, exact f64 sums of the bf16 products on `Sim`); the attention forward runs on tensor
 //! cores (kernels/attention_mma.cu: Q/K/V tiles rounded to bf16 in shared memory, mma.sync
 //! bf16 -> fp32, online softmax in fp32, the same fp32 out and lse as attn_fwd). Everything
-//! else (norms, RoPE, SwiGLU, the lm-head GEMMs and log-softmax, the attention backward,
-//! AdamW) stays fp32. Selected by `CudaBackend::with_precision`, `set_precision`, or
+//! else (norms, RoPE, SwiGLU, the lm-head's log-softmax, the attention backward, AdamW) stays
+//! fp32; the fused lm-head's GEMMs run in bf16 like every matmul. Selected by `CudaBackend::with_precision`, `set_precision`, or
 //! `IPO_PRECISION=bf16|f32` read by `CudaBackend::new`.
 
 use super::gpu::{Arg, DevPtr, Gemm, GemmInput, Gpu, GpuError};
