@@ -182,3 +182,276 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const floa
         if (t4 == 0) lse[(long long)(sp.x + j) * n_heads + h] = m[r] + logf(l[r]);
     }
 }
+
+// ---- Backward on tensor cores (FA2's split: one kernel for dQ, one for dK and dV) ----------
+// Both recompute P = exp(scale S - lse) from the forward's lse and take D = rowsum(dO * O)
+// from attn_bwd_d (attention.cu); dS = P * (dP - D), dP = dO V^T. Every product is an
+// m16n8k16 bf16 mma with fp32 accumulation; Q, K, V, dO are rounded to bf16 as they are
+// staged, P and dS as they become A fragments (as P in the forward).
+
+// dq [tokens, n_heads, HEAD_DIM] (overwritten) = scale * dS K. grid (n_qtiles of BQ, n_heads),
+// block 32 * NWARP; warp w owns queries q0 + 16w .. +16. Dynamic smem (bytes):
+// (2 * BQ * LDQ + 2 * BK * LDQ + HDP * LDV) * 2: Q and dO of the tile, K and V of a key tile
+// (row-major, for S = Q K^T and dP = dO V^T) and K transposed (for dS K).
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const float* q, const float* k, const float* v,
+                                                                         const float* dout, const float* lse, const float* D,
+                                                                         float* dq, const int4* spans, const int2* qtiles,
+                                                                         int n_heads, int n_kv, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BQ][LDQ]
+    __nv_bfloat16* dos = qs + BQ * LDQ;                               // [BQ][LDQ]
+    __nv_bfloat16* ks = dos + BQ * LDQ;                               // [BK][LDQ]
+    __nv_bfloat16* vs = ks + BK * LDQ;                                // [BK][LDQ]
+    __nv_bfloat16* kt = vs + BK * LDQ;                                // [HDP][LDV]
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
+    const int2 tile = qtiles[blockIdx.x];
+    const int4 sp = spans[tile.x];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int qrow = n_heads * HEAD_DIM, kvrow = n_kv * HEAD_DIM;
+    const int q0 = tile.y;
+    const int nq = min(BQ, sp.y - q0);
+    const int nk = sp.w + q0 + nq;
+    for (int e = threadIdx.x; e < BQ * HDP; e += blockDim.x) {
+        const int r = e / HDP, d = e % HDP;
+        float x = 0.f, y = 0.f;
+        if (r < nq && d < HEAD_DIM) {
+            const long long o = (long long)(sp.x + q0 + r) * qrow + h * HEAD_DIM + d;
+            x = q[o];
+            y = dout[o];
+        }
+        qs[r * LDQ + d] = __float2bfloat16_rn(x);
+        dos[r * LDQ + d] = __float2bfloat16_rn(y);
+    }
+    const int wq = warp * 16;
+    const bool wactive = wq < nq;
+    const int wlast = sp.w + q0 + min(wq + 15, nq - 1);
+    const int ja = q0 + wq + g, jb = ja + 8;
+    float L[2], Dr[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = r ? jb : ja;
+        const bool in = j < sp.y;
+        L[r] = in ? lse[(long long)(sp.x + j) * n_heads + h] : 0.f;
+        Dr[r] = in ? D[(long long)(sp.x + j) * n_heads + h] : 0.f;
+    }
+    float acc[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+    for (int k0 = 0; k0 < nk; k0 += BK) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BK * HDP; e += blockDim.x) {
+            const int r = e / HDP, d = e % HDP;
+            float kx = 0.f, vx = 0.f;
+            if (k0 + r < nk && d < HEAD_DIM) {
+                const long long off = (long long)key_row(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
+                kx = k[off];
+                vx = v[off];
+            }
+            const __nv_bfloat16 kb = __float2bfloat16_rn(kx);
+            ks[r * LDQ + d] = kb;
+            kt[d * LDV + r] = kb;
+            vs[r * LDQ + d] = __float2bfloat16_rn(vx);
+        }
+        __syncthreads();
+        if (!wactive || k0 > wlast) continue;  // warp-uniform
+        // S = Q K^T and dP = dO V^T, [16, BK] each
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HDP / 16; kk++) {
+            const __nv_bfloat16* qa = qs + (wq + g) * LDQ + kk * 16 + 2 * t4;
+            const __nv_bfloat16* da = dos + (wq + g) * LDQ + kk * 16 + 2 * t4;
+            const unsigned a0 = ld_pair(qa), a1 = ld_pair(qa + 8 * LDQ), a2 = ld_pair(qa + 8), a3 = ld_pair(qa + 8 * LDQ + 8);
+            const unsigned c0 = ld_pair(da), c1 = ld_pair(da + 8 * LDQ), c2 = ld_pair(da + 8), c3 = ld_pair(da + 8 * LDQ + 8);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const __nv_bfloat16* kb = ks + (nt * 8 + g) * LDQ + kk * 16 + 2 * t4;
+                const __nv_bfloat16* vb = vs + (nt * 8 + g) * LDQ + kk * 16 + 2 * t4;
+                mma_bf16(s[nt], a0, a1, a2, a3, ld_pair(kb), ld_pair(kb + 8));
+                mma_bf16(dp[nt], c0, c1, c2, c3, ld_pair(vb), ld_pair(vb + 8));
+            }
+        }
+        // dS = P * (dP - D), P = exp(scale S - lse) (0 where masked), in place of s
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = k0 + nt * 8 + 2 * t4 + (i & 1);
+                const int r = i >> 1;
+                const bool vis = key < nk && key <= sp.w + (r ? jb : ja);
+                const float p = vis ? expf(s[nt][i] * scale - L[r]) : 0.f;
+                s[nt][i] = p * (dp[nt][i] - Dr[r]);
+            }
+        }
+        // dQ [16, HDP] += dS [16, BK] (bf16) K [BK, HDP]
+#pragma unroll
+        for (int kq = 0; kq < BK / 16; kq++) {
+            const unsigned a0 = pack_bf16(s[2 * kq][0], s[2 * kq][1]), a1 = pack_bf16(s[2 * kq][2], s[2 * kq][3]);
+            const unsigned a2 = pack_bf16(s[2 * kq + 1][0], s[2 * kq + 1][1]), a3 = pack_bf16(s[2 * kq + 1][2], s[2 * kq + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < ND; nd++) {
+                const __nv_bfloat16* kb = kt + (nd * 8 + g) * LDV + kq * 16 + 2 * t4;
+                mma_bf16(acc[nd], a0, a1, a2, a3, ld_pair(kb), ld_pair(kb + 8));
+            }
+        }
+    }
+    if (!wactive) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = r ? jb : ja;
+        if (j >= sp.y) continue;
+        const long long qo = (long long)(sp.x + j) * qrow + h * HEAD_DIM;
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) {
+            const int d = nd * 8 + 2 * t4;
+            if (d < HEAD_DIM) dq[qo + d] = acc[nd][2 * r] * scale;
+            if (d + 1 < HEAD_DIM) dq[qo + d + 1] = acc[nd][2 * r + 1] * scale;
+        }
+    }
+}
+
+#define BKV (16 * NWARP)   // keys per dkdv block
+#define BQ2 32             // queries per step of the dkdv loop
+#define NT2 (BQ2 / 8)      // n8 tiles of S^T per step
+#define LDQ2 (BQ2 + 8)     // row stride (bf16) of the transposed Q and dO tiles
+
+// dk, dv [tokens, n_kv, HEAD_DIM] += the gradients from one wave of spans whose key rows are
+// disjoint (host: as attn_bwd_dkdv). grid (n_ktiles of BKV keys, n_kv), block 32 * NWARP; warp
+// w owns keys k0 + 16w .. +16 (the mma M dimension) and loops over the query tiles that see
+// them and over the KV head's query heads (GQA sum): S^T = K Q^T, dP^T = V dO^T,
+// dV += P^T dO, dK += dS^T Q. Dynamic smem (bytes): (2 * BKV * LDQ + 2 * BQ2 * LDQ +
+// 2 * HDP * LDQ2) * 2 + 2 * BQ2 * 4.
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma(const float* q, const float* k, const float* v,
+                                                                           const float* dout, const float* lse, const float* D,
+                                                                           float* dk, float* dv, const int4* spans, const int2* ktiles,
+                                                                           int n_heads, int n_kv, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BKV][LDQ]
+    __nv_bfloat16* vs = ks + BKV * LDQ;                               // [BKV][LDQ]
+    __nv_bfloat16* qs = vs + BKV * LDQ;                               // [BQ2][LDQ]
+    __nv_bfloat16* dos = qs + BQ2 * LDQ;                              // [BQ2][LDQ]
+    __nv_bfloat16* qt = dos + BQ2 * LDQ;                              // [HDP][LDQ2]
+    __nv_bfloat16* dot = qt + HDP * LDQ2;                             // [HDP][LDQ2]
+    float* ls = reinterpret_cast<float*>(dot + HDP * LDQ2);           // [BQ2] lse
+    float* ds_ = ls + BQ2;                                            // [BQ2] D
+    const int kvh = blockIdx.y, group = n_heads / n_kv;
+    const int2 tile = ktiles[blockIdx.x];
+    const int4 sp = spans[tile.x];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int qrow = n_heads * HEAD_DIM, kvrow = n_kv * HEAD_DIM;
+    const int k0 = tile.y;
+    const int nk = sp.w + sp.y;          // visible keys of the span
+    const int nkt = min(BKV, nk - k0);   // keys of this tile
+    for (int e = threadIdx.x; e < BKV * HDP; e += blockDim.x) {
+        const int r = e / HDP, d = e % HDP;
+        float kx = 0.f, vx = 0.f;
+        if (r < nkt && d < HEAD_DIM) {
+            const long long off = (long long)key_row(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
+            kx = k[off];
+            vx = v[off];
+        }
+        ks[r * LDQ + d] = __float2bfloat16_rn(kx);
+        vs[r * LDQ + d] = __float2bfloat16_rn(vx);
+    }
+    const int wk = warp * 16;                  // first tile row (key) of this warp
+    const bool wactive = wk < nkt;
+    const int ka = k0 + wk + g, kb = ka + 8;   // visible-key index of rows g, g + 8
+    float dka[ND][4], dva[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) dka[nd][0] = dka[nd][1] = dka[nd][2] = dka[nd][3] = dva[nd][0] = dva[nd][1] = dva[nd][2] = dva[nd][3] = 0.f;
+    // Queries that see any key of the tile: j >= k0 - prefix_len.
+    const int jfirst = max(0, k0 - sp.w);
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int j0 = jfirst; j0 < sp.y; j0 += BQ2) {
+            const int nqt = min(BQ2, sp.y - j0);
+            __syncthreads();
+            for (int e = threadIdx.x; e < BQ2 * HDP; e += blockDim.x) {
+                const int r = e / HDP, d = e % HDP;
+                float x = 0.f, y = 0.f;
+                if (r < nqt && d < HEAD_DIM) {
+                    const long long o = (long long)(sp.x + j0 + r) * qrow + h * HEAD_DIM + d;
+                    x = q[o];
+                    y = dout[o];
+                }
+                const __nv_bfloat16 xb = __float2bfloat16_rn(x), yb = __float2bfloat16_rn(y);
+                qs[r * LDQ + d] = xb;
+                dos[r * LDQ + d] = yb;
+                qt[d * LDQ2 + r] = xb;
+                dot[d * LDQ2 + r] = yb;
+            }
+            for (int r = threadIdx.x; r < BQ2; r += blockDim.x) {
+                const bool in = r < nqt;
+                ls[r] = in ? lse[(long long)(sp.x + j0 + r) * n_heads + h] : 0.f;
+                ds_[r] = in ? D[(long long)(sp.x + j0 + r) * n_heads + h] : 0.f;
+            }
+            __syncthreads();
+            // A warp whose first key comes after every query of the step sees none of them.
+            if (!wactive || k0 + wk > sp.w + j0 + nqt - 1) continue;  // warp-uniform
+            float s[NT2][4], dp[NT2][4];
+#pragma unroll
+            for (int nt = 0; nt < NT2; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HDP / 16; kk++) {
+                const __nv_bfloat16* ka_ = ks + (wk + g) * LDQ + kk * 16 + 2 * t4;
+                const __nv_bfloat16* va_ = vs + (wk + g) * LDQ + kk * 16 + 2 * t4;
+                const unsigned a0 = ld_pair(ka_), a1 = ld_pair(ka_ + 8 * LDQ), a2 = ld_pair(ka_ + 8), a3 = ld_pair(ka_ + 8 * LDQ + 8);
+                const unsigned c0 = ld_pair(va_), c1 = ld_pair(va_ + 8 * LDQ), c2 = ld_pair(va_ + 8), c3 = ld_pair(va_ + 8 * LDQ + 8);
+#pragma unroll
+                for (int nt = 0; nt < NT2; nt++) {
+                    const __nv_bfloat16* qb = qs + (nt * 8 + g) * LDQ + kk * 16 + 2 * t4;
+                    const __nv_bfloat16* db = dos + (nt * 8 + g) * LDQ + kk * 16 + 2 * t4;
+                    mma_bf16(s[nt], a0, a1, a2, a3, ld_pair(qb), ld_pair(qb + 8));
+                    mma_bf16(dp[nt], c0, c1, c2, c3, ld_pair(db), ld_pair(db + 8));
+                }
+            }
+            // P^T and dS^T (rows = keys, cols = queries), in place of s and dp
+#pragma unroll
+            for (int nt = 0; nt < NT2; nt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int c = nt * 8 + 2 * t4 + (i & 1);  // query of the step
+                    const int key = i < 2 ? ka : kb;
+                    const bool vis = c < nqt && key < nk && key <= sp.w + j0 + c;
+                    const float p = vis ? expf(s[nt][i] * scale - ls[c]) : 0.f;
+                    s[nt][i] = p;
+                    dp[nt][i] = p * (dp[nt][i] - ds_[c]);
+                }
+            }
+            // dV [16, HDP] += P^T [16, BQ2] dO [BQ2, HDP]; dK += dS^T Q
+#pragma unroll
+            for (int kq = 0; kq < BQ2 / 16; kq++) {
+                const unsigned p0 = pack_bf16(s[2 * kq][0], s[2 * kq][1]), p1 = pack_bf16(s[2 * kq][2], s[2 * kq][3]);
+                const unsigned p2 = pack_bf16(s[2 * kq + 1][0], s[2 * kq + 1][1]), p3 = pack_bf16(s[2 * kq + 1][2], s[2 * kq + 1][3]);
+                const unsigned d0 = pack_bf16(dp[2 * kq][0], dp[2 * kq][1]), d1 = pack_bf16(dp[2 * kq][2], dp[2 * kq][3]);
+                const unsigned d2 = pack_bf16(dp[2 * kq + 1][0], dp[2 * kq + 1][1]), d3 = pack_bf16(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
+#pragma unroll
+                for (int nd = 0; nd < ND; nd++) {
+                    const __nv_bfloat16* ob = dot + (nd * 8 + g) * LDQ2 + kq * 16 + 2 * t4;
+                    const __nv_bfloat16* qb = qt + (nd * 8 + g) * LDQ2 + kq * 16 + 2 * t4;
+                    mma_bf16(dva[nd], p0, p1, p2, p3, ld_pair(ob), ld_pair(ob + 8));
+                    mma_bf16(dka[nd], d0, d1, d2, d3, ld_pair(qb), ld_pair(qb + 8));
+                }
+            }
+        }
+    }
+    if (!wactive) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int key = r ? kb : ka;
+        if (key >= nk) continue;
+        const long long ko = (long long)key_row(sp, key) * kvrow + kvh * HEAD_DIM;
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) {
+            const int d = nd * 8 + 2 * t4;
+            if (d < HEAD_DIM) {
+                dk[ko + d] += dka[nd][2 * r] * scale;
+                dv[ko + d] += dva[nd][2 * r];
+            }
+            if (d + 1 < HEAD_DIM) {
+                dk[ko + d + 1] += dka[nd][2 * r + 1] * scale;
+                dv[ko + d + 1] += dva[nd][2 * r + 1];
+            }
+        }
+    }
+}

@@ -363,7 +363,7 @@ impl<G: Gpu> CudaBackend<G> {
 
 /// Groups the non-empty spans into waves whose key rows (prefix and own rows) are disjoint,
 /// so attn_bwd_dkdv can add into dk/dv without atomics. Greedy, first fit, in span order.
-fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
+pub(super) fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
     let rows = |i: usize| {
         let s = &layout.spans[i];
         [(s.prefix_start, s.prefix_start + s.prefix_len), (s.start, s.start + s.len)]
@@ -624,6 +624,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         &self, dout: &CudaBuf<G>, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, out: &CudaBuf<G>, lse: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims,
         dq: &mut CudaBuf<G>, dk: &mut CudaBuf<G>, dv: &mut CudaBuf<G>,
     ) {
+        if self.precision() == Precision::Bf16 {
+            return self.attention_bwd_bf16(dout, q, k, v, out, lse, layout, dims, dq, dk, dv);
+        }
         let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
         let t = layout.num_tokens();
         assert!(dout.len >= t * nh * hd && out.len >= t * nh * hd && lse.len >= t * nh && dq.len >= t * nh * hd, "attention_bwd shapes");

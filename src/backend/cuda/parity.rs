@@ -79,6 +79,7 @@ impl<G: Gpu> Check<G> {
         Check { op: "matmul_bf16", tol: Tol::Derived, run: matmul_bf16::<G> },
         Check { op: "attention_bf16", tol: Tol::Max(1.0), run: attention_bf16::<G> },
         Check { op: "paged_attention_bf16kv", tol: Tol::Max(2e-6), run: paged_attention_bf16kv::<G> },
+        Check { op: "attention_bwd_bf16", tol: Tol::Max(1e-2), run: attention_bwd_bf16::<G> },
     ];
 }
 
@@ -905,6 +906,40 @@ fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
             let mut og = c.nan(nq);
             c.gpu.paged_attention(&c.gpu.upload(&q), &cg, &seqs, &table, geom, dims, &mut og);
             c.row("paged_attention_bf16kv", format!("{shape} seqs{}", seqs.len()), &og, &oc);
+        }
+    })
+}
+
+/// The attention backward on tensor cores (attn_bwd_dq_mma, attn_bwd_dkdv_mma) against the
+/// fp32 CPU backward of the same attention on q, k, v and dout rounded to bf16 (its out and lse
+/// from the CPU forward on them): left are P and dS rounded to bf16 (relative 2^-9 each) and
+/// fp32 sums. Error reported relative to the largest |gradient| of each output, tolerance
+/// 1e-2 (tests/cuda_sim_bf16.rs measured at most 5.1e-3 on its cases).
+fn attention_bwd_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
+    in_bf16(c, r, |c, r| {
+        let Tol::Max(tol) = c.tol else { unreachable!("attention_bwd_bf16 has one tolerance") };
+        let r16 = |x: &[f32]| CpuBuf::from(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<f32>>());
+        let mut lays = layouts();
+        lays.push(("seq [70]", AttnLayout::sequences(&[70])));
+        for (lname, layout) in lays {
+            for dims in [AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 64 }, AttnDims { n_heads: 2, n_kv_heads: 1, head_dim: 128 }] {
+                let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+                let t = layout.num_tokens();
+                let (q, k, v, dout) = (r.vec(t * nh * hd, 1.0), r.vec(t * nkv * hd, 1.0), r.vec(t * nkv * hd, 1.0), r.vec(t * nh * hd, 1.0));
+                let (qr, kr, vr, dr) = (r16(&q), r16(&k), r16(&v), r16(&dout));
+                let (mut o, mut l) = (CpuBuf::from(vec![0.0; t * nh * hd]), CpuBuf::from(vec![0.0; t * nh]));
+                c.cpu.attention(&qr, &kr, &vr, &layout, dims, &mut o, &mut l);
+                let (mut dqc, mut dkc, mut dvc) = (CpuBuf::from(vec![0.0; t * nh * hd]), CpuBuf::from(vec![0.0; t * nkv * hd]), CpuBuf::from(vec![0.0; t * nkv * hd]));
+                c.cpu.attention_bwd(&dr, &qr, &kr, &vr, &o, &l, &layout, dims, &mut dqc, &mut dkc, &mut dvc);
+                let (mut dqg, mut dkg, mut dvg) = (c.nan(t * nh * hd), c.nan(t * nkv * hd), c.nan(t * nkv * hd));
+                let up = |x: &CpuBuf<f32>| c.gpu.upload(x);
+                c.gpu.attention_bwd(&up(&dout), &up(&q), &up(&k), &up(&v), &up(&o), &up(&l), &layout, dims, &mut dqg, &mut dkg, &mut dvg);
+                for (name, g, want) in [("dq", &dqg, &dqc), ("dk", &dkg, &dkc), ("dv", &dvg, &dvc)] {
+                    let scale = want.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
+                    let err = max_err(&c.gpu.download(g), want) / scale;
+                    c.push("attention_bwd_bf16", format!("{lname} h{nh}/{nkv} d{hd} {name}"), err, tol);
+                }
+            }
         }
     })
 }

@@ -2,11 +2,13 @@
 //! `Precision::Bf16`, PyTorch-autocast style: buffers, master weights and optimizer state stay
 //! fp32; `matmul` rounds its operands to bf16 (kernels/convert.cu, RNE) into scratch buffers
 //! and runs a bf16 GEMM (bf16 A and B, fp32 C and accumulation: cublasGemmStridedBatchedEx on a
-//! GPU, exact f64 sums of the bf16 products on `Sim`); the attention forward runs on tensor
-//! cores (kernels/attention_mma.cu: Q/K/V tiles rounded to bf16 in shared memory, mma.sync
-//! bf16 -> fp32, online softmax in fp32, the same fp32 out and lse as attn_fwd). Everything
-//! else (norms, RoPE, SwiGLU, the lm-head's log-softmax, the attention backward, AdamW) stays
-//! fp32; the fused lm-head's GEMMs run in bf16 like every matmul. Selected by `CudaBackend::with_precision`, `set_precision`, or
+//! GPU, exact f64 sums of the bf16 products on `Sim`); the attention forward and backward run
+//! on tensor cores (kernels/attention_mma.cu: Q/K/V (and dO) tiles rounded to bf16 in shared
+//! memory, mma.sync bf16 -> fp32, softmax statistics in fp32, the same fp32 out and lse as
+//! attn_fwd; the backward FA2-style with P recomputed from lse). Everything else (norms, RoPE,
+//! SwiGLU, the lm-head's log-softmax, AdamW) stays fp32; the fused lm-head's GEMMs run in bf16
+//! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`) and the paged
+//! KV cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision`, `set_precision`, or
 //! `IPO_PRECISION=bf16|f32` read by `CudaBackend::new`.
 
 use super::gpu::{Arg, DevPtr, Gemm, GemmInput, Gpu, GpuError};
@@ -58,14 +60,27 @@ impl<G: Gpu> Bf16Operand<'_, G> {
     }
 }
 
-/// Query tile (BQ) of attn_fwd_mma, and the shared-memory geometry of kernels/attention_mma.cu
-/// (HDP, LDQ, LDV, BK there).
+/// Query tile (BQ) of attn_fwd_mma and attn_bwd_dq_mma, key tile (BKV) and query step (BQ2)
+/// of attn_bwd_dkdv_mma, and the shared-memory geometry of kernels/attention_mma.cu (HDP,
+/// LDQ, LDV, LDQ2, BK there).
 const MMA_BQ: usize = 64;
 const MMA_BK: usize = 32;
+const MMA_BKV: usize = 64;
+const MMA_BQ2: usize = 32;
 fn mma_smem_bytes(head_dim: usize) -> usize {
     let hdp = head_dim.div_ceil(16) * 16;
     let (ldq, ldv) = (hdp + 8, MMA_BK + 8);
     (MMA_BQ * ldq + MMA_BK * ldq + hdp * ldv) * 2
+}
+fn mma_dq_smem_bytes(head_dim: usize) -> usize {
+    let hdp = head_dim.div_ceil(16) * 16;
+    let (ldq, ldv) = (hdp + 8, MMA_BK + 8);
+    (2 * MMA_BQ * ldq + 2 * MMA_BK * ldq + hdp * ldv) * 2
+}
+fn mma_dkdv_smem_bytes(head_dim: usize) -> usize {
+    let hdp = head_dim.div_ceil(16) * 16;
+    let (ldq, ldq2) = (hdp + 8, MMA_BQ2 + 8);
+    (2 * MMA_BKV * ldq + 2 * MMA_BQ2 * ldq + 2 * hdp * ldq2) * 2 + 2 * MMA_BQ2 * 4
 }
 
 impl<G: Gpu> CudaBackend<G> {
@@ -140,8 +155,8 @@ impl<G: Gpu> CudaBackend<G> {
     }
 
     /// `Backend::attention` (forward) on tensor cores: attn_fwd_mma over query tiles of
-    /// `MMA_BQ` rows; same spans, outputs and lse as attn_fwd. (The backward stays on the fp32
-    /// kernels of attention.cu.)
+    /// `MMA_BQ` rows; same spans, outputs and lse as attn_fwd (the backward:
+    /// `attention_bwd_bf16`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_bf16(&self, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims, out: &mut CudaBuf<G>, lse: &mut CudaBuf<G>) {
         let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
@@ -167,6 +182,65 @@ impl<G: Gpu> CudaBackend<G> {
                 Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
             ],
         );
+    }
+}
+
+impl<G: Gpu> CudaBackend<G> {
+    /// `Backend::attention_bwd` on tensor cores (kernels/attention_mma.cu): D = rowsum(dO * O)
+    /// as in fp32, then attn_bwd_dq_mma over query tiles of `MMA_BQ` and attn_bwd_dkdv_mma over
+    /// key tiles of `MMA_BKV`, in waves of spans with disjoint key rows (as the fp32 path), so
+    /// dK and dV are summed without atomics, deterministically.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_bwd_bf16(
+        &self, dout: &CudaBuf<G>, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>, out: &CudaBuf<G>, lse: &CudaBuf<G>, layout: &AttnLayout, dims: AttnDims,
+        dq: &mut CudaBuf<G>, dk: &mut CudaBuf<G>, dv: &mut CudaBuf<G>,
+    ) {
+        let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+        let t = layout.num_tokens();
+        assert!(dout.len >= t * nh * hd && out.len >= t * nh * hd && lse.len >= t * nh && dq.len >= t * nh * hd, "attention_bwd shapes");
+        assert!(dk.len >= t * nkv * hd && dv.len >= t * nkv * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd, "attention_bwd shapes");
+        assert!(nkv > 0 && nh % nkv == 0, "attention_bwd: n_heads {nh} not a multiple of n_kv_heads {nkv}");
+        self.fill(dk, 0.0);
+        self.fill(dv, 0.0);
+        let (spans, _) = self.span_tables(layout);
+        let mut qt = Vec::new();
+        for (i, s) in layout.spans.iter().enumerate() {
+            for j in (0..s.len).step_by(MMA_BQ) {
+                qt.extend([i as i32, j as i32]);
+            }
+        }
+        if qt.is_empty() {
+            return;
+        }
+        let def = [("HEAD_DIM", hd)];
+        let scale = Arg::F32((1.0 / (hd as f64).sqrt()) as f32);
+        let d = self.alloc(t * nh); // D [tokens, n_heads]
+        self.launch("attention.cu", &def, "attn_bwd_d", ((t * nh).div_ceil(4) as u32, 1, 1), 128, 0, &[Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), Arg::Ptr(d.ptr), Arg::I32((t * nh) as i32)]);
+        let qt_d = self.upload_i32(&qt);
+        self.launch(
+            "attention_mma.cu", &def, "attn_bwd_dq_mma", ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_dq_smem_bytes(hd),
+            &[
+                Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dout.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(d.ptr), Arg::Ptr(dq.ptr),
+                Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
+            ],
+        );
+        for wave in super::dkdv_waves(layout) {
+            let mut kt = Vec::new();
+            for &i in &wave {
+                let s = &layout.spans[i];
+                for k0 in (0..s.prefix_len + s.len).step_by(MMA_BKV) {
+                    kt.extend([i as i32, k0 as i32]);
+                }
+            }
+            let kt_d = self.upload_i32(&kt);
+            self.launch(
+                "attention_mma.cu", &def, "attn_bwd_dkdv_mma", ((kt.len() / 2) as u32, nkv as u32, 1), 128, mma_dkdv_smem_bytes(hd),
+                &[
+                    Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dout.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(d.ptr), Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr),
+                    Arg::Ptr(spans.ptr), Arg::Ptr(kt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
+                ],
+            );
+        }
     }
 }
 

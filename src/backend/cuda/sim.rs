@@ -172,6 +172,9 @@ impl Gpu for Sim {
             e.1.bytes_loaded[i] += s.bytes_loaded[i];
             e.1.bytes_stored[i] += s.bytes_stored[i];
         }
+        for (x, y) in e.1.by_class.iter_mut().zip(s.by_class) {
+            *x += y;
+        }
         e.1.barriers += s.barriers;
         Ok(())
     }
