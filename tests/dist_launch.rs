@@ -227,9 +227,9 @@ fn bad_environment_is_named_and_other_commands_refuse_world_above_1() {
         assert!(!o.status.success() && err.contains(want), "{vars:?}: {err}");
     }
     assert!(!tmp.path().join("o").exists(), "nothing written on a bad environment");
-    let o = run(Command::new(IPO).args(["score", "--model", "m", "--input", "x", "--output", "y"]).envs([("WORLD_SIZE", "2"), ("RANK", "1")]));
+    let o = run(Command::new(IPO).args(["eval", "--model", "m", "--harmful", "x", "--benign", "x", "--output", "y"]).envs([("WORLD_SIZE", "2"), ("RANK", "1")]));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("ipo score does not run data parallel yet (WORLD_SIZE=2 from the environment)"), "{err}");
+    assert!(!o.status.success() && err.contains("ipo eval does not run data parallel yet (WORLD_SIZE=2 from the environment)"), "{err}");
 }
 
 #[test]
@@ -301,4 +301,35 @@ fn launch_nproc_2_generate_writes_the_single_process_lines() {
     assert!(err.contains("wrote 8 rollouts"), "6 samples were done: {err}");
     assert_eq!(sorted_lines(&three), want);
     assert!(!tmp.path().join("three.jsonl.rank1.part").exists());
+}
+
+/// `ipo score` under `ipo launch --nproc 3`: each rank scores every third line, rank 0 writes
+/// them all in input order, byte for byte the file of one process (pairs and segments; forwards
+/// of at most 24 tokens, so each rank runs several).
+#[test]
+fn launch_nproc_3_score_writes_the_single_process_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_fixture("qwen2");
+    let pairs = tmp.path().join("pairs.jsonl");
+    common::write_random_pairs(&pairs, 8, 31);
+    let segs = tmp.path().join("segs.jsonl");
+    let text: String = (0..5).map(|i| format!("{{\"id\": \"s{i}\", \"context_ids\": [{}], \"target_ids\": [{}, 7]}}\n", 3 + i, 40 + 9 * i)).collect();
+    std::fs::write(&segs, text).unwrap();
+    for (what, input) in [("--pairs", &pairs), ("--input", &segs)] {
+        let flags = |out: &Path| -> Vec<String> {
+            let mut f: Vec<String> = vec!["score".into(), "--model".into(), model.to_string_lossy().into(), what.into(), input.to_string_lossy().into()];
+            f.extend(["--output".into(), out.to_string_lossy().into(), "--batch-tokens".into(), "24".into(), "--device".into(), "cpu".into()]);
+            f
+        };
+        let one = tmp.path().join(format!("one{what}.jsonl"));
+        let o = run(Command::new(IPO).args(flags(&one)));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let three = tmp.path().join(format!("three{what}.jsonl"));
+        let port = free_port().to_string();
+        let o = run(Command::new(IPO).args(["launch", "--nproc", "3", "--master-port", &port, "--"]).args(flags(&three)));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (a, b) = (std::fs::read_to_string(&one).unwrap(), std::fs::read_to_string(&three).unwrap());
+        assert_eq!(a.lines().count(), if what == "--pairs" { 8 } else { 5 });
+        assert_eq!(a, b, "{what}: the 3-process file differs from the 1-process one");
+    }
 }

@@ -424,18 +424,13 @@ impl<B: Backend> Transformer<B> {
             }
         }
         let mut out = vec![Vec::new(); items.len()];
-        let mut i = 0;
-        while i < items.len() {
+        for forward in score_batches(items, batch_tokens) {
             let mut batch = Batch::default();
             let mut ranges = Vec::new();
-            while i < items.len() {
+            let mut i = forward.start;
+            while i < forward.end {
                 let it = &items[i];
-                let pair = shares_context(items, i);
-                let n = it.context.len() + it.target.len() + pair.map_or(0, |b| b.target.len());
-                if !ranges.is_empty() && batch.num_tokens() + n > batch_tokens {
-                    break;
-                }
-                match pair {
+                match shares_context(items, i).filter(|_| i + 1 < forward.end) {
                     Some(b) => {
                         let (rc, rr) = batch.push_pair(it.context, it.target, b.target);
                         ranges.push((i, rc));
@@ -476,6 +471,30 @@ fn norm_grad<'a, B: Backend>(
         GradsMut::Full(g) => f(g),
         GradsMut::Adapters(_) => frozen.insert(be.zeros(n)),
     }
+}
+
+/// The forwards of `score_with_progress`: consecutive ranges of `items`, each packed into one
+/// forward of at most `batch_tokens` tokens (an item longer than that alone; two items sharing
+/// a context as one pair, never split). A range scored on its own packs the same forward, so
+/// scoring is the same whichever process runs which range.
+pub(crate) fn score_batches(items: &[ScoreItem], batch_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let (start, mut tokens) = (i, 0);
+        while i < items.len() {
+            let it = &items[i];
+            let pair = shares_context(items, i);
+            let n = it.context.len() + it.target.len() + pair.map_or(0, |b| b.target.len());
+            if i > start && tokens + n > batch_tokens {
+                break;
+            }
+            tokens += n;
+            i += if pair.is_some() { 2 } else { 1 };
+        }
+        out.push(start..i);
+    }
+    out
 }
 
 /// Tokens the forwards of `score_with_progress` process for `items` (a shared context

@@ -54,7 +54,7 @@ use crate::workflow::intervene::{intervene, InterveneFiles, InterveneOptions};
 use crate::workflow::model::resolve_model;
 use crate::workflow::progress::{Progress, Silent};
 use crate::workflow::shard::{self, Shards};
-use crate::workflow::score::{score, ScoreFiles, ScoreOptions};
+use crate::workflow::score::{score_in, ScoreFiles, ScoreOptions};
 use crate::workflow::train::{train_in, TrainFiles, TrainOptions};
 
 /// The config file as written: top-level keys typed, stage tables still raw (they are typed by
@@ -316,9 +316,14 @@ fn gen(opts: &GenerateOptions, model: &Path, prompts: &Path, output: &Path, forc
     Ok(serde_json::to_value(s)?)
 }
 
-fn score_pairs(opts: &ScoreOptions, model: &Path, pairs: &Path, output: &Path, p: &dyn Progress) -> Result<Value> {
+fn score_pairs(opts: &ScoreOptions, model: &Path, pairs: &Path, output: &Path, p: &dyn Progress, shards: &Shards) -> Result<Value> {
     let files = ScoreFiles { model: model.into(), input: None, pairs: Some(pairs.into()), output: output.into() };
-    let s = score(&files, opts, p)?;
+    let mut opts = opts.clone();
+    shards.place(&mut opts.device);
+    let s = score_in(&files, &opts, p, shards)?;
+    if !shards.root() {
+        return Ok(Value::Null);
+    }
     eprintln!("score: {} pairs -> {}; {:.0} tokens/s", s.lines, output.display(), s.tokens_per_s());
     Ok(serde_json::to_value(s)?)
 }
@@ -480,7 +485,7 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
         );
     }
     st.run("score", &[&base, &opt(&cfg.score)], |p, _| {
-        Ok(shards.root_only(|| score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p))?.unwrap_or(Value::Null))
+        score_pairs(&cfg.score, model, &f("pairs.jsonl"), &f("pairs.ref.jsonl"), p, shards)
     })?;
     st.run("train1", &[&base, &opt(&cfg.train1)], |p, fresh| {
         train_stage(&cfg.train1, model, &f("pairs.ref.jsonl"), &f("stage1"), fresh, p, shards)

@@ -2,7 +2,10 @@
 //! or, for a pairs file, the reference log-probs of each pair (`ref_chosen_logp` /
 //! `ref_rejected_logp`) written into a new file. Reads and validates every line first
 //! (file:line errors, before the weights are loaded), then scores in forwards of at most
-//! `batch_tokens` tokens, then writes the output atomically.
+//! `batch_tokens` tokens, then writes the output atomically. Under a launcher (`ipo launch`,
+//! torchrun, srun) rank r runs the forwards r, r + world, ... of the single process's packing
+//! (`score_batches`), so every log-prob is the bits one process computes, and rank 0 writes
+//! every line in input order (`workflow::shard`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,11 +19,12 @@ use crate::io::jsonl::{self, AtomicWriter, JsonlError};
 use crate::io::records::{write_over, Pair, ScoreInput, Scored};
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::transformer::{packed_score_tokens, ScoreItem, Transformer};
+use crate::model::transformer::{packed_score_tokens, score_batches, ScoreItem, Transformer};
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::default_from_clap;
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
+use crate::workflow::shard::Shards;
 
 /// The files of one `score` call: `input` (segments to score) or `pairs` (fill reference
 /// log-probs), and where the result goes.
@@ -94,6 +98,15 @@ impl<B: Backend> Scorer for Transformer<B> {
 /// Scores `files.input` (or fills the reference log-probs of `files.pairs`) with the model of
 /// `files.model` on `opts.device`, writing `files.output`.
 pub fn score(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress) -> Result<ScoreSummary> {
+    let mut opts = opts.clone();
+    let shards = Shards::from_env(&mut opts.device)?;
+    score_in(files, &opts, progress, &shards)
+}
+
+/// `score` as one rank of `shards` (every rank calls it with the same files and options;
+/// `opts.device` already placed on this rank): this rank scores its lines, rank 0 writes the
+/// output, and every rank returns once it is written, with the whole job's summary.
+pub(crate) fn score_in(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress, shards: &Shards) -> Result<ScoreSummary> {
     let t0 = Instant::now();
     let dir = ModelDir::open(&files.model)?;
     // Validate the input before spending time on the weights.
@@ -101,7 +114,7 @@ pub fn score(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress) -
     let weights = dir.weights()?;
     with_backend!(opts.device, be => {
         let model = dir.upload_frozen(be, weights)?;
-        execute(files, opts, job, &model, progress, t0)
+        execute(files, opts, job, &model, progress, t0, shards)
     })
 }
 
@@ -110,7 +123,7 @@ pub fn score(files: &ScoreFiles, opts: &ScoreOptions, progress: &dyn Progress) -
 pub(crate) fn score_with(files: &ScoreFiles, opts: &ScoreOptions, cfg: &ModelConfig, scorer: &dyn Scorer, progress: &dyn Progress) -> Result<ScoreSummary> {
     let t0 = Instant::now();
     let job = prepare(files, opts, cfg)?;
-    execute(files, opts, job, scorer, progress, t0)
+    execute(files, opts, job, scorer, progress, t0, &Shards::single())
 }
 
 /// One sequence to score.
@@ -241,15 +254,84 @@ fn f32_json(x: f32) -> f64 {
     x.to_string().parse().expect("f32 Display parses as f64")
 }
 
-fn execute(files: &ScoreFiles, opts: &ScoreOptions, job: Job, scorer: &dyn Scorer, progress: &dyn Progress, t0: Instant) -> Result<ScoreSummary> {
+/// The forwards (ranges of sequences) that rank `rank` of `world` runs: forwards rank,
+/// rank + world, ... of the single process's packing.
+fn shard_forwards(forwards: &[std::ops::Range<usize>], rank: usize, world: usize) -> Vec<std::ops::Range<usize>> {
+    forwards.iter().skip(rank).step_by(world).cloned().collect()
+}
+
+/// Per-sequence log-probs as bytes: per sequence its length (u32 LE), then the f32s (LE).
+fn encode_logps(v: &[Vec<f32>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for x in v {
+        b.extend_from_slice(&(x.len() as u32).to_le_bytes());
+        for f in x {
+            b.extend_from_slice(&f.to_le_bytes());
+        }
+    }
+    b
+}
+
+fn decode_logps(b: &[u8], n: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(n);
+    let mut at = 0;
+    let mut take = |k: usize| -> Result<&[u8]> {
+        let s = b.get(at..at + k).context("a rank's log-probs end early")?;
+        at += k;
+        Ok(s)
+    };
+    for _ in 0..n {
+        let len = u32::from_le_bytes(take(4)?.try_into().unwrap()) as usize;
+        out.push(take(4 * len)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
+    }
+    Ok(out)
+}
+
+fn execute(files: &ScoreFiles, opts: &ScoreOptions, job: Job, scorer: &dyn Scorer, progress: &dyn Progress, t0: Instant, shards: &Shards) -> Result<ScoreSummary> {
     let Job { path, lines, records, seqs } = job;
+    let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
     let items: Vec<ScoreItem> = seqs.iter().map(|s| ScoreItem { context: &s.context, target: &s.target }).collect();
     let total = packed_score_tokens(&items) as u64;
-    progress.start("score", total, "tokens");
-    // [n_seqs][n_target] natural-log probabilities
-    let logps = scorer.score(&items, opts.batch_tokens, &mut |n| progress.advance(n as u64, n as u64));
+    let (rank, world) = (shards.rank(), shards.world());
+    let forwards = score_batches(&items, opts.batch_tokens);
+    let owned = shard_forwards(&forwards, rank, world);
+    progress.start("score", owned.iter().map(|r| packed_score_tokens(&items[r.clone()]) as u64).sum(), "tokens");
+    // [n_seqs][n_target] natural-log probabilities of this rank's sequences, forward by forward
+    let mut scored = Vec::new();
+    for r in &owned {
+        let got = scorer.score(&items[r.clone()], opts.batch_tokens, &mut |n| progress.advance(n as u64, n as u64));
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => {
+                progress.finish();
+                return Err(e);
+            }
+        };
+        if got.len() != r.len() {
+            bail!("scorer returned {} results for {} sequences", got.len(), r.len());
+        }
+        scored.extend(got);
+    }
     progress.finish();
-    let logps = logps?;
+    let logps = if world == 1 {
+        scored
+    } else {
+        // Every rank's results, placed at their sequences' indices.
+        let all = shards.comm().all_gather_after_work(encode_logps(&scored))?;
+        let mut logps = vec![Vec::new(); items.len()];
+        for (r, b) in all.iter().enumerate() {
+            let idx: Vec<usize> = shard_forwards(&forwards, r, world).into_iter().flatten().collect();
+            for (k, lp) in idx.iter().zip(decode_logps(b, idx.len()).with_context(|| format!("the log-probs of rank {r}"))?) {
+                logps[*k] = lp;
+            }
+        }
+        logps
+    };
+    if !shards.root() {
+        // Rank 0 writes the output; return once it has.
+        shards.comm().barrier()?;
+        return Ok(ScoreSummary { lines: lines.len(), sequences: logps.len(), tokens: total, seconds: t0.elapsed().as_secs_f64() });
+    }
     if logps.len() != items.len() {
         bail!("scorer returned {} results for {} sequences", logps.len(), items.len());
     }
@@ -284,5 +366,8 @@ fn execute(files: &ScoreFiles, opts: &ScoreOptions, job: Job, scorer: &dyn Score
     }
     let lines = n_lines;
     w.commit().with_context(|| format!("writing scores of {}", path.display()))?;
+    if world > 1 {
+        shards.comm().barrier()?;
+    }
     Ok(ScoreSummary { lines, sequences: logps.len(), tokens: total, seconds: t0.elapsed().as_secs_f64() })
 }

@@ -53,6 +53,11 @@ impl Shards {
         Shards { comm, local_rank: 0 }
     }
 
+    /// One process alone (a workflow called from inside another, e.g. the trainer's scoring).
+    pub(crate) fn single() -> Shards {
+        Shards { comm: dist::single(), local_rank: 0 }
+    }
+
     /// `device` on this rank: in a group of more than one, `cuda:N` is GPU N + LOCAL_RANK.
     pub(crate) fn place(&self, device: &mut DeviceOptions) {
         if let Device::Cuda(n) = device.device {
