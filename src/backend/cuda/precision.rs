@@ -72,6 +72,17 @@ fn mma_smem_bytes(head_dim: usize) -> usize {
     let (ldq, ldv) = (hdp + 8, MMA_BK + 8);
     (MMA_BQ * ldq + MMA_BK * ldq + hdp * ldv) * 2
 }
+/// Query tiles of attn_fwd_mma and attn_bwd_dq_mma: int2 [n_tiles] = (span, first query),
+/// `MMA_BQ` queries each.
+fn mma_qtiles(layout: &AttnLayout) -> Vec<i32> {
+    let mut qt = Vec::new();
+    for (i, s) in layout.spans.iter().enumerate() {
+        for j in (0..s.len).step_by(MMA_BQ) {
+            qt.extend([i as i32, j as i32]);
+        }
+    }
+    qt
+}
 fn mma_dq_smem_bytes(head_dim: usize) -> usize {
     let hdp = head_dim.div_ceil(16) * 16;
     let (ldq, ldv) = (hdp + 8, MMA_BK + 8);
@@ -164,13 +175,7 @@ impl<G: Gpu> CudaBackend<G> {
         assert!(q.len >= t * nh * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd && out.len >= t * nh * hd && lse.len >= t * nh, "attention shapes");
         assert!(nkv > 0 && nh % nkv == 0, "attention: n_heads {nh} not a multiple of n_kv_heads {nkv}");
         let (spans, _) = self.span_tables(layout);
-        // query tiles int2 [n_tiles] = (span, first query)
-        let mut qt = Vec::new();
-        for (i, s) in layout.spans.iter().enumerate() {
-            for j in (0..s.len).step_by(MMA_BQ) {
-                qt.extend([i as i32, j as i32]);
-            }
-        }
+        let qt = mma_qtiles(layout);
         if qt.is_empty() {
             return;
         }
@@ -203,12 +208,7 @@ impl<G: Gpu> CudaBackend<G> {
         self.fill(dk, 0.0);
         self.fill(dv, 0.0);
         let (spans, _) = self.span_tables(layout);
-        let mut qt = Vec::new();
-        for (i, s) in layout.spans.iter().enumerate() {
-            for j in (0..s.len).step_by(MMA_BQ) {
-                qt.extend([i as i32, j as i32]);
-            }
-        }
+        let qt = mma_qtiles(layout);
         if qt.is_empty() {
             return;
         }
