@@ -1,9 +1,11 @@
 // Paged KV cache kernels: kv_write (new K/V rows into their slots), kv_copy_block
-// (copy-on-write of one block) and paged_attn (new queries against the cached keys of each
-// sequence, online softmax), compiled once per HEAD_DIM and cache type. Cache layout per
-// layer: [num_blocks, 2 (k, v), n_kv, block_size, HEAD_DIM] of kv_t: fp32, or with KV_BF16=1
-// bf16 (Precision::Bf16: K/V rounded RNE when written, as f32_to_bf16 rounds; read back
-// exactly; every sum stays fp32). CPU reference: src/backend/cpu/kv.rs (fp32).
+// (copy-on-write of one block), paged_attn (new queries against the cached keys of each
+// sequence, online softmax) and, for sequences of one new query (a decode step),
+// paged_decode + paged_decode_combine (flash-decoding); compiled once per HEAD_DIM and cache
+// type. Cache layout per layer: [num_blocks, 2 (k, v), n_kv, block_size, HEAD_DIM] of kv_t:
+// fp32, or with KV_BF16=1 bf16 (Precision::Bf16: K/V rounded RNE when written, as
+// f32_to_bf16 rounds; read back exactly; every sum stays fp32). CPU reference:
+// src/backend/cpu/kv.rs (fp32).
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -103,5 +105,210 @@ extern "C" __global__ void paged_attn(const float* q, const kv_t* cache, float* 
     for (int i = 0; i < DPL; i++) {
         const int d = lane + 32 * i;
         if (d < HEAD_DIM) out[qo + d] = acc[i] / l;
+    }
+}
+
+// Decode (one new query per sequence). paged_attn would give each (sequence, query head) one
+// warp that walks the whole context alone, and every head of a GQA group would re-read its KV
+// head's rows: `group` times the bytes, and a near-empty GPU at small batch. paged_decode runs
+// one block per (split of `split` keys of a context, KV head, chunk of up to DEC_GMAX query
+// heads of its group): each K/V value is read once for all the group's heads, and a long
+// context spreads over many blocks. A context of one split writes its output; a longer one
+// writes per-split partials that paged_decode_combine merges in split order (no atomics).
+#define DEC_WARPS 4  // warps per paged_decode block
+#define DEC_GMAX 8   // query heads per paged_decode block at most (a larger group: gridDim.z chunks)
+
+#define QPAD ((HEAD_DIM + 3) / 4 * 4)  // a query row in shared memory, zero-padded to float4s
+
+struct __align__(16) DecodeSmem {
+    float q[DEC_GMAX][QPAD];                   // the block's query rows, times scale
+    float acc[DEC_WARPS][DEC_GMAX][HEAD_DIM];  // each warp's unnormalised output
+    float m[DEC_WARPS][DEC_GMAX], l[DEC_WARPS][DEC_GMAX];  // each warp's max and sum of exp
+    float w[DEC_WARPS][DEC_GMAX];              // exp(m_warp - m_block): a warp's weight in the merge
+    float mx[DEC_GMAX], lt[DEC_GMAX];          // the block's max and sum
+};
+
+// paged_decode's block for G query heads h0 .. h0 + G of KV head kvh, split sp of sequence ds.
+template <int G>
+__device__ __forceinline__ void decode_block(DecodeSmem& sm, const float* q, const kv_t* cache, float* out, float* part, int4 ds, int sp,
+                                             const unsigned* table, int n_heads, int n_kv, int kvh, int h0, int bs, int split, float scale) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long qo = ((long long)ds.x * n_heads + h0) * HEAD_DIM;  // the G query rows, contiguous
+    for (int e = threadIdx.x; e < G * QPAD; e += blockDim.x) {
+        const int g = e / QPAD, d = e % QPAD;
+        sm.q[g][d] = d < HEAD_DIM ? q[qo + g * HEAD_DIM + d] * scale : 0.f;
+    }
+    __syncthreads();
+    const int k_begin = sp * split, k_end = min(ds.y, k_begin + split);
+    const long long vo = (long long)n_kv * bs * HEAD_DIM;  // from a K row to its V row
+    float m[G], l[G], acc[G][DPL];  // l: this lane's part of the sum (summed over the warp at the end)
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[g][i] = 0.f;
+    }
+    for (int k0 = k_begin + 32 * warp; k0 < k_end; k0 += 32 * DEC_WARPS) {
+        const int kk = k0 + lane;
+        const bool vis = kk < k_end;
+        unsigned row = 0;  // this lane's K row: cache + row * HEAD_DIM (the host checks it fits)
+        float s[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) s[g] = -INFINITY;
+        if (vis) {
+            row = (table[ds.z + kk / bs] * 2 * n_kv + kvh) * bs + kk % bs;
+            const long long kp = (long long)row * HEAD_DIM;
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] = 0.f;
+#pragma unroll
+            for (int d = 0; d < QPAD; d += 4) {
+                float kd[4];
+#pragma unroll
+                for (int j = 0; j < 4; j++) kd[j] = d + j < HEAD_DIM ? kv_ld(cache + kp + d + j) : 0.f;
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    const float4 qv = *reinterpret_cast<const float4*>(&sm.q[g][d]);  // broadcast
+                    s[g] += qv.x * kd[0];
+                    s[g] += qv.y * kd[1];
+                    s[g] += qv.z * kd[2];
+                    s[g] += qv.w * kd[3];
+                }
+            }
+        }
+        float p[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float mn = fmaxf(m[g], warp_max(s[g]));
+            p[g] = vis ? expf(s[g] - mn) : 0.f;
+            const float corr = expf(m[g] - mn);
+            l[g] = l[g] * corr + p[g];
+#pragma unroll
+            for (int i = 0; i < DPL; i++) acc[g][i] *= corr;
+            m[g] = mn;
+        }
+        const int nt = min(32, k_end - k0);
+        for (int t = 0; t < nt; t++) {
+            const long long vt = (long long)__shfl_sync(FULL_MASK, row, t) * HEAD_DIM + vo;
+            float vd[DPL];
+#pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                const int d = lane + 32 * i;
+                vd[i] = d < HEAD_DIM ? kv_ld(cache + vt + d) : 0.f;
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float pt = __shfl_sync(FULL_MASK, p[g], t);
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[g][i] += pt * vd[i];
+            }
+        }
+    }
+    // Merge the warps that saw keys (in warp order), as paged_decode_combine merges splits.
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const float lw = warp_sum(l[g]);
+        if (lane == 0) {
+            sm.m[warp][g] = m[g];
+            sm.l[warp][g] = lw;
+        }
+#pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            const int d = lane + 32 * i;
+            if (d < HEAD_DIM) sm.acc[warp][g][d] = acc[g][i];
+        }
+    }
+    __syncthreads();
+    const int nw = min(DEC_WARPS, (k_end - k_begin + 31) / 32);
+    if (threadIdx.x < G) {
+        const int g = threadIdx.x;
+        float mx = sm.m[0][g], lt = 0.f;
+        for (int w = 1; w < nw; w++) mx = fmaxf(mx, sm.m[w][g]);
+        for (int w = 0; w < nw; w++) {
+            sm.w[w][g] = expf(sm.m[w][g] - mx);
+            lt += sm.l[w][g] * sm.w[w][g];
+        }
+        sm.mx[g] = mx;
+        sm.lt[g] = lt;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < G * HEAD_DIM; e += blockDim.x) {
+        const int g = e / HEAD_DIM, d = e % HEAD_DIM;
+        float a = 0.f;
+        for (int w = 0; w < nw; w++) a += sm.acc[w][g][d] * sm.w[w][g];
+        if (ds.w < 0) {
+            out[qo + e] = a / sm.lt[g];
+        } else {
+            float* pp = part + ((long long)(ds.w + sp) * n_heads + h0 + g) * (HEAD_DIM + 2);
+            pp[d] = a;
+            if (d == 0) {
+                pp[HEAD_DIM] = sm.mx[g];
+                pp[HEAD_DIM + 1] = sm.lt[g];
+            }
+        }
+    }
+}
+
+// dseqs int4 [n_dseqs] = (q row, ctx_len, table_start, first partial; -1 when the context is
+// one split), items int2 = (dseq, split). q, out [tokens, n_heads, HEAD_DIM]; part [n_parts,
+// n_heads, HEAD_DIM + 2] (per split and head: unnormalised accumulator, max m, sum l).
+// grid (n_items, n_kv, ceil(group / DEC_GMAX)), block 32*DEC_WARPS: warp w takes the split's
+// key tiles w, w + DEC_WARPS, ... with its own online softmax per head; lane = key for the
+// scores of all G heads (the K row read once), lane = dims for the output (the V row read
+// once). smem: DecodeSmem, static (20.6 KB at HEAD_DIM 128), where the warps' states merge.
+extern "C" __global__ void paged_decode(const float* q, const kv_t* cache, float* out, float* part, const int4* dseqs, const int2* items,
+                                        const unsigned* table, int n_heads, int n_kv, int bs, int split, float scale) {
+    __shared__ DecodeSmem sm;
+    const int2 it = items[blockIdx.x];
+    const int4 ds = dseqs[it.x];
+    const int group = n_heads / n_kv, kvh = blockIdx.y, c0 = blockIdx.z * DEC_GMAX;
+    const int h0 = kvh * group + c0;
+#define DECODE_CASE(G) \
+    case G: decode_block<G>(sm, q, cache, out, part, ds, it.y, table, n_heads, n_kv, kvh, h0, bs, split, scale); break;
+    switch (min(DEC_GMAX, group - c0)) {
+        DECODE_CASE(1) DECODE_CASE(2) DECODE_CASE(3) DECODE_CASE(4) DECODE_CASE(5) DECODE_CASE(6) DECODE_CASE(7) DECODE_CASE(8)
+    }
+#undef DECODE_CASE
+}
+
+// out[seq, h, :] from the partials of a context of several splits, in split order:
+// m = max_s m_s, l = sum_s l_s exp(m_s - m), out = sum_s acc_s exp(m_s - m) / l.
+// cseqs [n] indices into dseqs (see paged_decode). grid (n, n_heads), block 32: one warp per
+// (sequence, head); lane = split for the weights (broadcast by shuffles), lane = dims for the
+// output. No shared memory.
+extern "C" __global__ void paged_decode_combine(const float* part, float* out, const int4* dseqs, const int* cseqs, int n_heads, int split) {
+    const int4 ds = dseqs[cseqs[blockIdx.x]];
+    const int h = blockIdx.y, lane = threadIdx.x;
+    const int ns = (ds.y + split - 1) / split;
+    const long long stride = (long long)n_heads * (HEAD_DIM + 2);  // from one split's partial to the next
+    const float* pp = part + ((long long)ds.w * n_heads + h) * (HEAD_DIM + 2);
+    float m = -INFINITY;
+    for (int s = lane; s < ns; s += 32) m = fmaxf(m, pp[s * stride + HEAD_DIM]);
+    m = warp_max(m);
+    float l = 0.f, o[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++) o[i] = 0.f;
+    for (int s0 = 0; s0 < ns; s0 += 32) {
+        float w = 0.f;  // weight of split s0 + lane
+        if (s0 + lane < ns) {
+            w = expf(pp[(s0 + lane) * stride + HEAD_DIM] - m);
+            l += pp[(s0 + lane) * stride + HEAD_DIM + 1] * w;
+        }
+        const int nt = min(32, ns - s0);
+        for (int t = 0; t < nt; t++) {
+            const float wt = __shfl_sync(FULL_MASK, w, t);
+#pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                const int d = lane + 32 * i;
+                if (d < HEAD_DIM) o[i] += wt * pp[(s0 + t) * stride + d];
+            }
+        }
+    }
+    l = warp_sum(l);
+    const long long qo = ((long long)ds.x * n_heads + h) * HEAD_DIM;
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        const int d = lane + 32 * i;
+        if (d < HEAD_DIM) out[qo + d] = o[i] / l;
     }
 }

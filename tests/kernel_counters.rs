@@ -109,7 +109,8 @@ fn measure(shift_seeds: bool) -> Option<Vec<(String, Vec<KernelCount>)>> {
 
 /// (op, kernel, lane-instructions, global bytes loaded, global bytes stored) of TEST_SHAPE,
 /// measured with `cargo test --release --test kernel_counters -- --nocapture` (the table it
-/// prints) on 2026-11-22 with NVRTC 12.9 PTX for compute_80. The budget is each value + 10%.
+/// prints) on 2026-11-22 with NVRTC 12.9 PTX for compute_80 (paged_decode, which replaced
+/// paged_attn for the decode step: 2026-11-30). The budget is each value + 10%.
 /// After an intended change to a kernel or its launch, re-measure and update these rows.
 const MEASURED: &[(&str, &str, u64, u64, u64)] = &[
     ("add_assign", "add_assign", 160960, 25344, 12672),
@@ -135,7 +136,7 @@ const MEASURED: &[(&str, &str, u64, u64, u64)] = &[
     ("lm_head_bwd", "scatter_add_rows", 229152, 76032, 12672),
     ("kv_write", "kv_write", 400256, 50688, 33792),
     ("kv_copy_blocks", "kv_copy_block", 466944, 32768, 32768),
-    ("paged_attention", "paged_attn", 697956, 318576, 3072),
+    ("paged_attention", "paged_decode", 460926, 160824, 3072),
     ("sample", "sample_rows", 3779794, 268212, 7212),
     ("sum_squares", "sum_squares_partial", 764964, 36864, 288),
     ("adamw", "adamw_step", 783360, 147456, 110592),
@@ -178,4 +179,43 @@ fn kernel_counters_are_deterministic_and_within_budget() {
         assert!(a.iter().any(|(op, ks)| op == m.0 && ks.iter().any(|k| k.kernel == m.1)), "budget row {m:?} did not run");
     }
     assert!(over.is_empty(), "kernel counters over budget:\n{}", over.join("\n"));
+}
+
+/// Keys per paged_decode split (DECODE_SPLIT in src/backend/cuda/mod.rs).
+const DECODE_SPLIT: usize = 256;
+
+/// The decode step (`paged_attention` of one query per sequence) reads each K/V value of each
+/// KV head once, for all the query heads of its GQA group: its global bytes loaded are at most
+/// 1.3x the minimum (bytes; fp32 cache and queries, `splits = ceil(ctx / DECODE_SPLIT)`)
+///
+/// ```text
+///   seqs * n_kv * ctx * 2 * head_dim * 4               each visible K and V value
+/// + seqs * n_heads * head_dim * 4                      the queries
+/// + seqs * splits * n_heads * (head_dim + 2) * 4       the partials the combine reads back
+///                                                      (none for a context of one split)
+/// ```
+///
+/// at TEST_SHAPE (ctx 45: one split; paged_attn moved 318576 B there, 2.25x the minimum, as
+/// each of the 2 heads of a group re-read the rows) and at its ctx 600 (3 splits and the
+/// combine). The rest is the block table and each thread's (sequence, split) record.
+#[test]
+fn decode_reads_each_kv_value_once() {
+    let Some(be) = common::sim() else { return };
+    be.prepare(&[TEST_SHAPE.head_dim]).unwrap();
+    for s in [TEST_SHAPE, Shape { ctx: 600, kv_blocks: 80, ..TEST_SHAPE }] {
+        let mut inputs = prepare(&be, s, 0x5eed);
+        let ks = count_op(&be, &mut inputs, "paged_attention");
+        let names: Vec<&str> = ks.iter().map(|k| k.kernel.as_str()).collect();
+        let splits = s.ctx.div_ceil(DECODE_SPLIT);
+        assert_eq!(names, if splits > 1 { vec!["paged_decode", "paged_decode_combine"] } else { vec!["paged_decode"] }, "ctx {}", s.ctx);
+        let f = 4; // bytes per fp32 value
+        let kv = s.decode_seqs * s.n_kv_heads * s.ctx * 2 * s.head_dim * f;
+        let queries = s.decode_seqs * s.n_heads * s.head_dim * f;
+        let partials = if splits > 1 { s.decode_seqs * splits * s.n_heads * (s.head_dim + 2) * f } else { 0 };
+        let min = (kv + queries + partials) as u64;
+        let loaded: u64 = ks.iter().map(|k| k.bytes_loaded[0]).sum();
+        let ratio = loaded as f64 / min as f64;
+        println!("decode ctx {}: {loaded} B loaded, minimum {min} B (K/V {kv}, queries {queries}, partials {partials}): {ratio:.3}x", s.ctx);
+        assert!(ratio <= 1.3, "decode ctx {}: {loaded} B loaded > 1.3 x minimum {min} B ({ratio:.3}x)", s.ctx);
+    }
 }

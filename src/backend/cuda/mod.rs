@@ -761,32 +761,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn paged_attention(&self, q: &CudaBuf<G>, cache: &CudaBuf<G>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut CudaBuf<G>) {
-        let (hd, nh) = (dims.head_dim, dims.n_heads);
-        assert_eq!(hd, geom.head_dim, "paged_attention: head_dim vs cache geometry");
-        let mut sq = Vec::new();
-        let mut qt = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            assert!(s.q_len <= s.ctx_len, "paged_attention: more queries than keys");
-            assert!((s.q_start + s.q_len) * nh * hd <= q.len && out.len >= q.len, "paged_attention: q/out too short");
-            let nb = s.ctx_len.div_ceil(geom.block_size);
-            assert!(s.table_start + nb <= block_table.len(), "paged_attention: block table shorter than ctx_len");
-            assert!(block_table[s.table_start..s.table_start + nb].iter().all(|&b| (b as usize) < geom.num_blocks), "paged_attention: block outside the pool");
-            sq.extend([s.q_start as i32, s.q_len as i32, s.ctx_len as i32, s.table_start as i32]);
-            for j in (0..s.q_len).step_by(QW) {
-                qt.extend([i as i32, j as i32]);
-            }
-        }
-        if qt.is_empty() {
-            return;
-        }
-        let (sq_d, qt_d, tb_d) = (self.upload_i32(&sq), self.upload_i32(&qt), self.upload_u32(block_table));
-        self.launch(
-            "kv_cache.cu", &kv_defines(hd, cache), "paged_attn", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, 0,
-            &[
-                Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
-                Arg::I32(nh as i32), Arg::I32(dims.n_kv_heads as i32), Arg::I32(geom.block_size as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
-            ],
-        );
+        self.paged_attention_split(q, cache, seqs, block_table, geom, dims, out, DECODE_SPLIT)
     }
 
     fn sum_squares(&self, x: &CudaBuf<G>) -> f64 {
@@ -803,6 +778,93 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn sgd(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {
         self.sgd_dev(p, g, lr, weight_decay, grad_scale)
+    }
+}
+
+/// Keys per paged_decode block (a split of a decode context): an 8k context spreads over 32
+/// blocks per KV head, while the bytes a split adds besides its K/V (its queries, and its
+/// partials written and read back: `group * (3 * head_dim + 4)` floats) stay small beside its
+/// `2 * 256 * head_dim` K/V values: at a group of 8, under 5% of the K/V bytes of an fp32
+/// cache, under 10% of a bf16 one.
+const DECODE_SPLIT: usize = 256;
+/// Warps per paged_decode block and query heads per block at most (DEC_WARPS, DEC_GMAX in
+/// kernels/kv_cache.cu).
+const DEC_WARPS: usize = 4;
+const DEC_GMAX: usize = 8;
+
+impl<G: Gpu> CudaBackend<G> {
+    /// `Backend::paged_attention` with decode contexts cut into splits of `split` keys (tests
+    /// force small splits on short contexts). Sequences with one query (a decode step) go to
+    /// paged_decode (+ paged_decode_combine where a context has several splits), the others
+    /// (prefill chunks) to paged_attn; the two launches write disjoint rows of `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention_split(&self, q: &CudaBuf<G>, cache: &CudaBuf<G>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut CudaBuf<G>, split: usize) {
+        let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
+        assert_eq!(hd, geom.head_dim, "paged_attention: head_dim vs cache geometry");
+        assert!(nkv > 0 && nh.is_multiple_of(nkv) && nkv == geom.n_kv_heads && split > 0, "paged_attention: head geometry");
+        assert!(geom.layer_len() / hd <= u32::MAX as usize, "paged_attention: cache rows past u32 (paged_decode's row index)");
+        // paged_attn: sq int4 (q_start, q_len, ctx_len, table_start), qt int2 (seq, first query)
+        let (mut sq, mut qt) = (Vec::new(), Vec::new());
+        // paged_decode: ds int4 (q row, ctx_len, table_start, first partial or -1), items int2
+        // (ds, split); cs the ds of several splits (paged_decode_combine), n_parts partials.
+        let (mut ds, mut items, mut cs, mut n_parts) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for s in seqs {
+            assert!(s.q_len <= s.ctx_len, "paged_attention: more queries than keys");
+            assert!((s.q_start + s.q_len) * nh * hd <= q.len && out.len >= q.len, "paged_attention: q/out too short");
+            let nb = s.ctx_len.div_ceil(geom.block_size);
+            assert!(s.table_start + nb <= block_table.len(), "paged_attention: block table shorter than ctx_len");
+            assert!(block_table[s.table_start..s.table_start + nb].iter().all(|&b| (b as usize) < geom.num_blocks), "paged_attention: block outside the pool");
+            if s.q_len == 1 {
+                let (i, ns) = ((ds.len() / 4) as i32, s.ctx_len.div_ceil(split));
+                ds.extend([s.q_start as i32, s.ctx_len as i32, s.table_start as i32, if ns > 1 { n_parts as i32 } else { -1 }]);
+                items.extend((0..ns as i32).flat_map(|j| [i, j]));
+                if ns > 1 {
+                    cs.push(i);
+                    n_parts += ns;
+                }
+                continue;
+            }
+            sq.extend([s.q_start as i32, s.q_len as i32, s.ctx_len as i32, s.table_start as i32]);
+            for j in (0..s.q_len).step_by(QW) {
+                qt.extend([(sq.len() / 4 - 1) as i32, j as i32]);
+            }
+        }
+        if qt.is_empty() && items.is_empty() {
+            return;
+        }
+        let (defs, tb_d, scale) = (kv_defines(hd, cache), self.upload_u32(block_table), (1.0 / (hd as f64).sqrt()) as f32);
+        if !qt.is_empty() {
+            let (sq_d, qt_d) = (self.upload_i32(&sq), self.upload_i32(&qt));
+            self.launch(
+                "kv_cache.cu", &defs, "paged_attn", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, 0,
+                &[
+                    Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
+                    Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::I32(geom.block_size as i32), Arg::F32(scale),
+                ],
+            );
+        }
+        if items.is_empty() {
+            return;
+        }
+        // [n_parts, n_heads, hd + 2] partials: unnormalised accumulator, max, sum
+        let part = (n_parts > 0).then(|| self.alloc(n_parts * nh * (hd + 2)));
+        let part_ptr = part.as_ref().map_or(out.ptr, |p| p.ptr); // unused when there is no partial
+        let (ds_d, it_d) = (self.upload_i32(&ds), self.upload_i32(&items));
+        let chunks = (nh / nkv).div_ceil(DEC_GMAX) as u32;
+        self.launch(
+            "kv_cache.cu", &defs, "paged_decode", ((items.len() / 2) as u32, nkv as u32, chunks), (32 * DEC_WARPS) as u32, 0,
+            &[
+                Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(part_ptr), Arg::Ptr(ds_d.ptr), Arg::Ptr(it_d.ptr), Arg::Ptr(tb_d.ptr),
+                Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::I32(geom.block_size as i32), Arg::I32(split as i32), Arg::F32(scale),
+            ],
+        );
+        if !cs.is_empty() {
+            let cs_d = self.upload_i32(&cs);
+            self.launch(
+                "kv_cache.cu", &defs, "paged_decode_combine", (cs.len() as u32, nh as u32, 1), 32, 0,
+                &[Arg::Ptr(part_ptr), Arg::Ptr(out.ptr), Arg::Ptr(ds_d.ptr), Arg::Ptr(cs_d.ptr), Arg::I32(nh as i32), Arg::I32(split as i32)],
+            );
+        }
     }
 }
 

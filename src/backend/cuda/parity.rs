@@ -474,12 +474,33 @@ fn lm_head_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
-/// The two paged-cache geometries of the KV checks: a pool of 24 blocks of 4 with 2 KV heads
-/// (4 query heads), 7 blocks of 3 with 1 (3 query heads).
-const KV_GEOMS: [(KvGeom, AttnDims); 2] = [
+/// The paged-cache geometries of the KV checks: a pool of 24 blocks of 4 with 2 KV heads (4
+/// query heads), 7 blocks of 3 with 1 (3 query heads); for decode, GQA groups of 4 at
+/// head_dim 64 and of 2 at 128 with pools for contexts of several DECODE_SPLIT splits, and a
+/// group of 10 (two paged_decode head chunks, DEC_GMAX = 8).
+const KV_GEOMS: [(KvGeom, AttnDims); 5] = [
     (KvGeom { num_blocks: 24, block_size: 4, n_kv_heads: 2, head_dim: 8 }, AttnDims { n_heads: 4, n_kv_heads: 2, head_dim: 8 }),
     (KvGeom { num_blocks: 7, block_size: 3, n_kv_heads: 1, head_dim: 12 }, AttnDims { n_heads: 3, n_kv_heads: 1, head_dim: 12 }),
+    (KvGeom { num_blocks: 40, block_size: 16, n_kv_heads: 2, head_dim: 64 }, AttnDims { n_heads: 8, n_kv_heads: 2, head_dim: 64 }),
+    (KvGeom { num_blocks: 24, block_size: 16, n_kv_heads: 1, head_dim: 128 }, AttnDims { n_heads: 2, n_kv_heads: 1, head_dim: 128 }),
+    (KvGeom { num_blocks: 12, block_size: 5, n_kv_heads: 2, head_dim: 16 }, AttnDims { n_heads: 20, n_kv_heads: 2, head_dim: 16 }),
 ];
+
+/// The sequences `(q_len, ctx_len)` of the paged-attention checks on each of `KV_GEOMS`, in one
+/// call: decode steps (q_len 1: paged_decode; contexts of 3, 2 and 1 DECODE_SPLIT = 256 splits,
+/// a last split of one key, a context of exactly one split) beside prefill chunks (paged_attn).
+const PAGED_SEQS: [&[(usize, usize)]; 5] = [
+    &[(3, 7), (1, 1), (2, 37), (5, 5), (1, 90)],
+    &[(1, 10), (4, 6)],
+    &[(1, 600), (4, 40), (1, 257), (1, 3)],
+    &[(1, 300), (2, 20), (1, 256)],
+    &[(1, 50), (3, 9), (1, 33)],
+];
+
+/// Splits (keys) paged_attention's decode path is also run with, besides DECODE_SPLIT: so the
+/// short contexts split too, over more than 32 splits (paged_decode_combine's second pass of
+/// lanes), and with splits that are not whole 32-key tiles.
+const FORCED_SPLITS: [usize; 2] = [16, 40];
 
 /// A random cache `[layer_len]` of `geom`, and the geometry's name in the table.
 fn kv_cache(r: &mut Rng, geom: KvGeom) -> (CpuBuf<f32>, String) {
@@ -524,12 +545,11 @@ fn kv_copy_blocks<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
-/// Sequences of `(q_len, ctx_len)` (decode, prefill chunks, a single key) over random
-/// distinct blocks.
+/// The sequences of `PAGED_SEQS` (decode steps, prefill chunks, a single key) over random
+/// distinct blocks, all in one call; the decode steps at DECODE_SPLIT and at `FORCED_SPLITS`.
 fn paged_attention<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for (geom, dims) in KV_GEOMS {
+    for ((geom, dims), shapes) in KV_GEOMS.into_iter().zip(PAGED_SEQS) {
         let (cache, shape) = kv_cache(r, geom);
-        let shapes: &[(usize, usize)] = if geom.num_blocks >= 24 { &[(3, 7), (1, 1), (2, 37), (5, 5)] } else { &[(1, 10), (4, 6)] };
         let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
         for &(ql, ctx) in shapes {
             let blocks = shuffled(r, geom.num_blocks);
@@ -541,9 +561,16 @@ fn paged_attention<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
         let q = r.vec(nq, 1.0);
         let mut oc = CpuBuf::from(vec![0.0; nq]);
         c.cpu.paged_attention(&q, &cache, &seqs, &table, geom, dims, &mut oc);
+        let (qg, cg) = (c.gpu.upload(&q), c.gpu.upload(&cache));
         let mut og = c.nan(nq);
-        c.gpu.paged_attention(&c.gpu.upload(&q), &c.gpu.upload(&cache), &seqs, &table, geom, dims, &mut og);
-        c.row("paged_attention", format!("{shape} seqs{}", seqs.len()), &og, &oc);
+        c.gpu.paged_attention(&qg, &cg, &seqs, &table, geom, dims, &mut og);
+        let name = format!("{shape} h{} seqs{}", dims.n_heads, seqs.len());
+        c.row("paged_attention", name.clone(), &og, &oc);
+        for split in FORCED_SPLITS {
+            let mut og = c.nan(nq);
+            c.gpu.paged_attention_split(&qg, &cg, &seqs, &table, geom, dims, &mut og, split);
+            c.row("paged_attention", format!("{name} split{split}"), &og, &oc);
+        }
     }
 }
 
@@ -874,11 +901,12 @@ fn attention_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 /// fp32 K/V, blocks copied by `kv_copy_blocks`, then `paged_attention` with fp32 queries,
 /// against the fp32 CPU path on the same K/V rounded to bf16 (RNE, `half::bf16::from_f32`).
 /// Rows: the cache as downloaded (the rounding is exact, so its error is 0) and the attention
-/// output (the only difference left is fp32 summation order: the fp32 tolerance).
+/// output on the sequences of `PAGED_SEQS` (decode at DECODE_SPLIT and at the first of
+/// `FORCED_SPLITS`; the only difference left is fp32 summation order: the fp32 tolerance).
 fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     in_bf16(c, r, |c, r| {
         let r16 = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<f32>>();
-        for (geom, dims) in KV_GEOMS {
+        for ((geom, dims), shapes) in KV_GEOMS.into_iter().zip(PAGED_SEQS) {
             let shape = format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim);
             let (slots, row) = (shuffled(r, geom.num_blocks * geom.block_size), geom.n_kv_heads * geom.head_dim);
             let (k, v) = (r.vec(slots.len() * row, 1.0), r.vec(slots.len() * row, 1.0));
@@ -891,7 +919,6 @@ fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
             c.cpu.kv_copy_blocks(&mut cc, &pairs, geom);
             c.gpu.kv_copy_blocks(&mut cg, &pairs, geom);
             c.row("paged_attention_bf16kv.cache", shape.clone(), &cg, &cc);
-            let shapes: &[(usize, usize)] = if geom.num_blocks >= 24 { &[(3, 7), (1, 1), (2, 37), (5, 5)] } else { &[(1, 10), (4, 6)] };
             let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
             for &(ql, ctx) in shapes {
                 let blocks = shuffled(r, geom.num_blocks);
@@ -903,9 +930,14 @@ fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
             let q = r.vec(nq, 1.0);
             let mut oc = CpuBuf::from(vec![0.0; nq]);
             c.cpu.paged_attention(&q, &cc, &seqs, &table, geom, dims, &mut oc);
+            let qg = c.gpu.upload(&q);
             let mut og = c.nan(nq);
-            c.gpu.paged_attention(&c.gpu.upload(&q), &cg, &seqs, &table, geom, dims, &mut og);
-            c.row("paged_attention_bf16kv", format!("{shape} seqs{}", seqs.len()), &og, &oc);
+            c.gpu.paged_attention(&qg, &cg, &seqs, &table, geom, dims, &mut og);
+            let name = format!("{shape} h{} seqs{}", dims.n_heads, seqs.len());
+            c.row("paged_attention_bf16kv", name.clone(), &og, &oc);
+            let mut og = c.nan(nq);
+            c.gpu.paged_attention_split(&qg, &cg, &seqs, &table, geom, dims, &mut og, FORCED_SPLITS[0]);
+            c.row("paged_attention_bf16kv", format!("{name} split{}", FORCED_SPLITS[0]), &og, &oc);
         }
     })
 }
