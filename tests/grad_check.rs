@@ -250,7 +250,7 @@ fn lm_head_matches_full_softmax_and_backward() {
     }
     let dl: Vec<f32> = (0..70).map(|_| rng.normal() as f32).collect();
     let (mut dh, mut dw) = (CpuBuf::from(vec![0.0; tokens * dim]), CpuBuf::from(vec![0.0; vocab * dim]));
-    be.lm_head_bwd(&h, &w, dim, &rows, &targets, &lse, &dl, &mut dh, &mut dw);
+    be.lm_head_bwd(&h, &w, dim, &rows, &targets, &lse, &dl, &mut dh, Some(&mut dw));
     let dlf: Vec<f64> = dl.iter().map(|&x| x as f64).collect();
     let wc = w.clone();
     fd_check("lm_head dh", &mut h, &dh, &mut rng, 30, |h| dot(&be.lm_head_logprobs(&CpuBuf::from(h.to_vec()), &wc, dim, &rows, &targets).0, &dlf));
