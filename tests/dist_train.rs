@@ -10,38 +10,13 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use clap::Parser;
 use common::{f32_tensors as tensors, tiny_fixture, write_random_pairs};
-use ipo::dist::{Comm, Group};
-use ipo::workflow::progress::Silent;
-use ipo::workflow::train::train_in;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: ipo::cli::train::Args,
-}
 
 /// Runs `ipo train FLAGS` as `world` ranks, one thread each; returns rank 0's summary.
 fn train_world(world: usize, flags: &[String]) -> ipo::TrainSummary {
-    let hs: Vec<_> = Group::threads(world, Duration::from_secs(300))
-        .into_iter()
-        .map(|g| {
-            let mut argv = vec!["ipo-train".to_string()];
-            argv.extend_from_slice(flags);
-            std::thread::spawn(move || {
-                let a = Cli::try_parse_from(argv).unwrap().args;
-                let comm: Arc<dyn Comm> = Arc::new(g);
-                train_in(&a.files, &a.opts, &Silent, comm)
-            })
-        })
-        .collect();
-    let mut out: Vec<_> = hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
-    assert!(out.iter().enumerate().all(|(r, s)| s.rank == r && s.world == world));
-    out.swap_remove(0)
+    common::train_world(world, flags).swap_remove(0)
 }
 
 fn flags(model: &str, pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {

@@ -13,40 +13,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
 
-use clap::Parser;
-use common::{f32_tensors as tensors, tiny_fixture, write_random_pairs};
-use ipo::dist::{Comm, Group};
-use ipo::workflow::progress::Silent;
-use ipo::workflow::train::train_in;
+use common::{f32_tensors as tensors, tiny_fixture, train_world, write_random_pairs};
 use ipo::TrainSummary;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: ipo::cli::train::Args,
-}
-
-/// Runs `ipo train FLAGS` as `world` ranks, one thread each; every rank's summary, rank order.
-fn train_world(world: usize, flags: &[String]) -> Vec<TrainSummary> {
-    let hs: Vec<_> = Group::threads(world, Duration::from_secs(300))
-        .into_iter()
-        .map(|g| {
-            let mut argv = vec!["ipo-train".to_string()];
-            argv.extend_from_slice(flags);
-            std::thread::spawn(move || {
-                let a = Cli::try_parse_from(argv).unwrap().args;
-                let comm: Arc<dyn Comm> = Arc::new(g);
-                train_in(&a.files, &a.opts, &Silent, comm)
-            })
-        })
-        .collect();
-    let out: Vec<_> = hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
-    assert!(out.iter().enumerate().all(|(r, s)| s.rank == r && s.world == world));
-    out
-}
 
 fn flags(model: &str, pairs: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let paths = [

@@ -321,3 +321,29 @@ pub fn f32_tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// `ipo train FLAGS` as `world` ranks of one process, one thread each over the thread
+/// transport (`ipo::dist::Group::threads`); every rank's summary, in rank order.
+pub fn train_world(world: usize, flags: &[String]) -> Vec<ipo::TrainSummary> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ipo::cli::train::Args,
+    }
+    let hs: Vec<_> = ipo::dist::Group::threads(world, std::time::Duration::from_secs(300))
+        .into_iter()
+        .map(|g| {
+            let mut argv = vec!["ipo-train".to_string()];
+            argv.extend_from_slice(flags);
+            std::thread::spawn(move || {
+                let a = Cli::try_parse_from(argv).unwrap().args;
+                let comm: std::sync::Arc<dyn ipo::dist::Comm> = std::sync::Arc::new(g);
+                ipo::workflow::train::train_in(&a.files, &a.opts, &ipo::workflow::progress::Silent, comm)
+            })
+        })
+        .collect();
+    let out: Vec<_> = hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+    assert!(out.iter().enumerate().all(|(r, s)| s.rank == r && s.world == world));
+    out
+}
