@@ -66,7 +66,7 @@ impl<'de> serde::Deserialize<'de> for Device {
 }
 
 /// The help text of every `--precision` flag.
-pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16 and the tensor-core attention forward; weights, master copies and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). On cuda the default is IPO_PRECISION's value, else f32";
+pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights and the KV cache stored in bf16; trained weights, master copies and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). On cuda the default is IPO_PRECISION's value, else f32";
 
 /// Parses a `--precision` value; errors name the flag.
 pub fn parse_precision(s: &str) -> Result<Precision> {

@@ -70,7 +70,8 @@ impl SamplingOptions {
 }
 
 impl EngineOptions {
-    /// The engine's geometry for `model` (fp32 KV cache: 4 bytes per value).
+    /// The engine's geometry for `model` (the backend's KV cache: 4 bytes per value, 2 on CUDA
+    /// under bf16).
     pub fn config<B: Backend>(&self, model: &Transformer<B>) -> EngineConfig {
         EngineConfig::from_budget(model, self.kv_cache_mb, self.block_size, model.backend.kv_bytes_per_value(), self.prefill_chunk, self.max_batch)
     }
