@@ -349,6 +349,17 @@ impl<G: Gpu> CudaBackend<G> {
     }
 
     /// spans int4 `[n_spans, 4]` and query tiles int2 `[n_tiles, 2]` of a packed layout.
+    /// D `[rows]` (rows = tokens x heads) = rowsum(dout * out) over each head's `head_dim`:
+    /// the attention backward's per-row term, for the fp32 and the tensor-core kernels.
+    fn attn_bwd_d(&self, dout: &CudaBuf<G>, out: &CudaBuf<G>, rows: usize, head_dim: usize) -> CudaBuf<G> {
+        let d = self.alloc(rows);
+        self.launch(
+            "attention.cu", &[("HEAD_DIM", head_dim)], "attn_bwd_d", (rows.div_ceil(4) as u32, 1, 1), 128, 0,
+            &[Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), Arg::Ptr(d.ptr), Arg::I32(rows as i32)],
+        );
+        d
+    }
+
     fn span_tables(&self, layout: &AttnLayout) -> (CudaBuf<G>, Vec<i32>) {
         let sp: Vec<i32> = layout.spans.iter().flat_map(|s| [s.start as i32, s.len as i32, s.prefix_start as i32, s.prefix_len as i32]).collect();
         let mut qt = Vec::new();
@@ -363,7 +374,7 @@ impl<G: Gpu> CudaBackend<G> {
 
 /// Groups the non-empty spans into waves whose key rows (prefix and own rows) are disjoint,
 /// so attn_bwd_dkdv can add into dk/dv without atomics. Greedy, first fit, in span order.
-pub(super) fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
+fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
     let rows = |i: usize| {
         let s = &layout.spans[i];
         [(s.prefix_start, s.prefix_start + s.prefix_len), (s.start, s.start + s.len)]
@@ -377,6 +388,24 @@ pub(super) fn dkdv_waves(layout: &AttnLayout) -> Vec<Vec<usize>> {
         }
     }
     waves
+}
+
+/// The key tiles of each wave of `dkdv_waves`: int2 [n_tiles] = (span, first visible key),
+/// `tile` keys each.
+pub(super) fn dkdv_wave_tiles(layout: &AttnLayout, tile: usize) -> Vec<Vec<i32>> {
+    dkdv_waves(layout)
+        .into_iter()
+        .map(|wave| {
+            let mut kt = Vec::new();
+            for i in wave {
+                let s = &layout.spans[i];
+                for k0 in (0..s.prefix_len + s.len).step_by(tile) {
+                    kt.extend([i as i32, k0 as i32]);
+                }
+            }
+            kt
+        })
+        .collect()
 }
 
 impl<G: Gpu> Backend for CudaBackend<G> {
@@ -639,9 +668,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         }
         let def = [("HEAD_DIM", hd)];
         let scale = Arg::F32((1.0 / (hd as f64).sqrt()) as f32);
-        // D [tokens, n_heads] = rowsum(dout * out)
-        let d = self.alloc(t * nh);
-        self.launch("attention.cu", &def, "attn_bwd_d", ((t * nh).div_ceil(4) as u32, 1, 1), 128, 0, &[Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), Arg::Ptr(d.ptr), Arg::I32((t * nh) as i32)]);
+        let d = self.attn_bwd_d(dout, out, t * nh, hd);
         let qt_d = self.upload_i32(&qt);
         let smem = (2 * KT * (hd + 1) + 2 * QW * hd) * 4;
         self.launch(
@@ -651,14 +678,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
                 Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
             ],
         );
-        for wave in dkdv_waves(layout) {
-            let mut kt = Vec::new();
-            for &i in &wave {
-                let s = &layout.spans[i];
-                for k0 in (0..s.prefix_len + s.len).step_by(KT) {
-                    kt.extend([i as i32, k0 as i32]);
-                }
-            }
+        for kt in dkdv_wave_tiles(layout, KT) {
             let kt_d = self.upload_i32(&kt);
             self.launch(
                 "attention.cu", &def, "attn_bwd_dkdv", ((kt.len() / 2) as u32, nkv as u32, 1), 128, 0,

@@ -504,7 +504,12 @@ const FORCED_SPLITS: [usize; 2] = [16, 40];
 
 /// A random cache `[layer_len]` of `geom`, and the geometry's name in the table.
 fn kv_cache(r: &mut Rng, geom: KvGeom) -> (CpuBuf<f32>, String) {
-    (r.vec(geom.layer_len(), 1.0), format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim))
+    (r.vec(geom.layer_len(), 1.0), geom_name(geom))
+}
+
+/// A cache geometry's name in the table.
+fn geom_name(geom: KvGeom) -> String {
+    format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim)
 }
 
 /// `0..n` shuffled (Fisher-Yates).
@@ -545,18 +550,25 @@ fn kv_copy_blocks<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
+/// Sequences of `(q_len, ctx_len)` over random distinct blocks of `geom`: the sequences, their
+/// block table and the number of query rows.
+fn paged_seqs(r: &mut Rng, geom: KvGeom, shapes: &[(usize, usize)]) -> (Vec<PagedSeq>, Vec<u32>, usize) {
+    let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
+    for &(ql, ctx) in shapes {
+        let blocks = shuffled(r, geom.num_blocks);
+        seqs.push(PagedSeq { q_start: q0, q_len: ql, ctx_len: ctx, table_start: table.len() });
+        table.extend_from_slice(&blocks[..ctx.div_ceil(geom.block_size)]);
+        q0 += ql;
+    }
+    (seqs, table, q0)
+}
+
 /// The sequences of `PAGED_SEQS` (decode steps, prefill chunks, a single key) over random
 /// distinct blocks, all in one call; the decode steps at DECODE_SPLIT and at `FORCED_SPLITS`.
 fn paged_attention<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for ((geom, dims), shapes) in KV_GEOMS.into_iter().zip(PAGED_SEQS) {
         let (cache, shape) = kv_cache(r, geom);
-        let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
-        for &(ql, ctx) in shapes {
-            let blocks = shuffled(r, geom.num_blocks);
-            seqs.push(PagedSeq { q_start: q0, q_len: ql, ctx_len: ctx, table_start: table.len() });
-            table.extend_from_slice(&blocks[..ctx.div_ceil(geom.block_size)]);
-            q0 += ql;
-        }
+        let (seqs, table, q0) = paged_seqs(r, geom, shapes);
         let nq = q0 * dims.n_heads * dims.head_dim;
         let q = r.vec(nq, 1.0);
         let mut oc = CpuBuf::from(vec![0.0; nq]);
@@ -907,7 +919,7 @@ fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     in_bf16(c, r, |c, r| {
         let r16 = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<f32>>();
         for ((geom, dims), shapes) in KV_GEOMS.into_iter().zip(PAGED_SEQS) {
-            let shape = format!("blocks{} bs{} kv{} hd{}", geom.num_blocks, geom.block_size, geom.n_kv_heads, geom.head_dim);
+            let shape = geom_name(geom);
             let (slots, row) = (shuffled(r, geom.num_blocks * geom.block_size), geom.n_kv_heads * geom.head_dim);
             let (k, v) = (r.vec(slots.len() * row, 1.0), r.vec(slots.len() * row, 1.0));
             let mut cc = CpuBuf::from(vec![0.0; geom.layer_len()]);
@@ -919,13 +931,7 @@ fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
             c.cpu.kv_copy_blocks(&mut cc, &pairs, geom);
             c.gpu.kv_copy_blocks(&mut cg, &pairs, geom);
             c.row("paged_attention_bf16kv.cache", shape.clone(), &cg, &cc);
-            let (mut seqs, mut table, mut q0) = (Vec::new(), Vec::new(), 0);
-            for &(ql, ctx) in shapes {
-                let blocks = shuffled(r, geom.num_blocks);
-                seqs.push(PagedSeq { q_start: q0, q_len: ql, ctx_len: ctx, table_start: table.len() });
-                table.extend_from_slice(&blocks[..ctx.div_ceil(geom.block_size)]);
-                q0 += ql;
-            }
+            let (seqs, table, q0) = paged_seqs(r, geom, shapes);
             let nq = q0 * dims.n_heads * dims.head_dim;
             let q = r.vec(nq, 1.0);
             let mut oc = CpuBuf::from(vec![0.0; nq]);

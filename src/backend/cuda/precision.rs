@@ -214,8 +214,7 @@ impl<G: Gpu> CudaBackend<G> {
         }
         let def = [("HEAD_DIM", hd)];
         let scale = Arg::F32((1.0 / (hd as f64).sqrt()) as f32);
-        let d = self.alloc(t * nh); // D [tokens, n_heads]
-        self.launch("attention.cu", &def, "attn_bwd_d", ((t * nh).div_ceil(4) as u32, 1, 1), 128, 0, &[Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), Arg::Ptr(d.ptr), Arg::I32((t * nh) as i32)]);
+        let d = self.attn_bwd_d(dout, out, t * nh, hd); // D [tokens, n_heads]
         let qt_d = self.upload_i32(&qt);
         self.launch(
             "attention_mma.cu", &def, "attn_bwd_dq_mma", ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_dq_smem_bytes(hd),
@@ -224,14 +223,7 @@ impl<G: Gpu> CudaBackend<G> {
                 Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
             ],
         );
-        for wave in super::dkdv_waves(layout) {
-            let mut kt = Vec::new();
-            for &i in &wave {
-                let s = &layout.spans[i];
-                for k0 in (0..s.prefix_len + s.len).step_by(MMA_BKV) {
-                    kt.extend([i as i32, k0 as i32]);
-                }
-            }
+        for kt in super::dkdv_wave_tiles(layout, MMA_BKV) {
             let kt_d = self.upload_i32(&kt);
             self.launch(
                 "attention_mma.cu", &def, "attn_bwd_dkdv_mma", ((kt.len() / 2) as u32, nkv as u32, 1), 128, mma_dkdv_smem_bytes(hd),
