@@ -89,10 +89,8 @@ fn main() {
     let cli = Cli::parse();
     ipo::workflow::device::set_verbose(cli.verbose);
     let name = match &cli.command {
-        Command::Train(_) | Command::Generate(_) | Command::Score(_) | Command::Run(_) | Command::Launch(_) => None,
+        Command::Train(_) | Command::Generate(_) | Command::Intervene(_) | Command::Score(_) | Command::Eval(_) | Command::Run(_) | Command::Launch(_) => None,
         Command::Csr(_) => Some("csr"),
-        Command::Intervene(_) => Some("intervene"),
-        Command::Eval(_) => Some("eval"),
         Command::ImportGguf(_) => Some("import-gguf"),
         Command::Selftest(_) => Some("selftest"),
         Command::Bench(_) => Some("bench"),

@@ -18,7 +18,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let s = eval(&args.files, &args.opts, &Reporter::new())?;
+    // Under a launcher, rank 0 alone has the report to print.
+    let Some(s) = eval(&args.files, &args.opts, &Reporter::new())? else { return Ok(()) };
     println!("{}", s.markdown);
     let out = args.files.output.display();
     eprintln!(

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::detect::{DetectError, Detector, Item};
@@ -209,7 +209,7 @@ pub(crate) struct Settings {
 }
 
 /// Counters of a run (written to `pairs.stats.json`).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
     /// Rollouts read (or generated).
     pub prompts: u64,
@@ -252,6 +252,41 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Every counter (not the rates, `pairs_per_round`, `seconds`, `detector`).
+    fn counters(&mut self) -> [&mut u64; 15] {
+        [
+            &mut self.prompts,
+            &mut self.skipped_benign,
+            &mut self.input_errors,
+            &mut self.with_cue,
+            &mut self.skipped_no_cue,
+            &mut self.cut_at_answer_start,
+            &mut self.attempts,
+            &mut self.pairs,
+            &mut self.skipped_still_unsafe,
+            &mut self.skipped_unfinished,
+            &mut self.detector_errors,
+            &mut self.generation_errors,
+            &mut self.tokens_generated,
+            &mut self.round1_checked,
+            &mut self.round1_cue_free,
+        ]
+    }
+
+    /// Adds the counters of `o`, another rank's share of the same run (call `finalize` after).
+    pub(crate) fn add(&mut self, o: &Stats) {
+        let mut o = o.clone();
+        for (a, b) in self.counters().into_iter().zip(o.counters()) {
+            *a += *b;
+        }
+        if self.pairs_per_round.len() < o.pairs_per_round.len() {
+            self.pairs_per_round.resize(o.pairs_per_round.len(), 0);
+        }
+        for (a, b) in self.pairs_per_round.iter_mut().zip(&o.pairs_per_round) {
+            *a += b;
+        }
+    }
+
     /// Computes the rates from the counters.
     pub(crate) fn finalize(&mut self) {
         let rate = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
@@ -307,7 +342,10 @@ fn item(trace: &Trace, seg: &Segmented) -> Item {
     Item { prompt: trace.prompt.clone(), sentences: seg.sentences.iter().map(|s| s.text.clone()).collect() }
 }
 
-/// Runs Algorithm 1 on `traces`; pairs go to `emit`, per-item failures to `errors`.
+/// Runs Algorithm 1 on `traces`; pairs go to `emit`, per-item failures to `errors`, each with
+/// the index of its trace in `traces`. A trace's pairs (and errors) come in an order that
+/// depends on nothing but the trace (round, then trigger), so sorting the output by trace
+/// gives the same file whatever the batching.
 pub(crate) fn run_batch(
     traces: &[Trace],
     tok: &Tokenizer,
@@ -315,8 +353,8 @@ pub(crate) fn run_batch(
     splicer: &mut dyn Splicer,
     settings: &Settings,
     stats: &mut Stats,
-    emit: &mut dyn FnMut(Pair) -> anyhow::Result<()>,
-    errors: &mut dyn FnMut(ItemError) -> anyhow::Result<()>,
+    emit: &mut dyn FnMut(usize, Pair) -> anyhow::Result<()>,
+    errors: &mut dyn FnMut(usize, ItemError) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if stats.pairs_per_round.len() < settings.rounds as usize {
         stats.pairs_per_round.resize(settings.rounds as usize, 0);
@@ -331,12 +369,12 @@ pub(crate) fn run_batch(
     };
     // Step 2: segment and detect on the original rollouts.
     let mut segs: Vec<Option<Segmented>> = Vec::with_capacity(traces.len());
-    for t in traces {
+    for (i, t) in traces.iter().enumerate() {
         match segment_completion(tok, &t.completion_ids, &settings.eos_ids) {
             Ok(s) => segs.push(Some(s)),
             Err(e) => {
                 stats.input_errors += 1;
-                errors(err(t, "segment", None, None, e.to_string()))?;
+                errors(i, err(t, "segment", None, None, e.to_string()))?;
                 segs.push(None);
             }
         }
@@ -351,7 +389,7 @@ pub(crate) fn run_batch(
         match checked(v, seg) {
             Err(e) => {
                 stats.detector_errors += 1;
-                errors(err(t, "detect", None, None, e.to_string()))?;
+                errors(i, err(t, "detect", None, None, e.to_string()))?;
             }
             Ok(None) if !start_cut(settings, seg) => stats.skipped_no_cue += 1,
             Ok(cue) => {
@@ -375,7 +413,7 @@ pub(crate) fn run_batch(
                             completion: t.completion_ids.clone(),
                             cuts: vec![Cut { h: s.token, sentence: k, text: s.text.clone(), insert, round: 1 }],
                         }),
-                        Err(e) => errors(err(t, "tokenize", Some(trig), Some(1), e))?,
+                        Err(e) => errors(i, err(t, "tokenize", Some(trig), Some(1), e))?,
                     }
                 }
             }
@@ -412,7 +450,7 @@ pub(crate) fn run_batch(
             match c {
                 Err(e) => {
                     stats.generation_errors += 1;
-                    errors(err(t, "generate", Some(trig), Some(round), e))?;
+                    errors(a.trace, err(t, "generate", Some(trig), Some(round), e))?;
                 }
                 Ok(c) => {
                     stats.tokens_generated += c.generated.len() as u64;
@@ -425,7 +463,7 @@ pub(crate) fn run_batch(
                         Ok(seg) => next.push((a, seg, c.finish)),
                         Err(e) => {
                             stats.generation_errors += 1;
-                            errors(err(t, "segment", Some(trig), Some(round), e.to_string()))?;
+                            errors(a.trace, err(t, "segment", Some(trig), Some(round), e.to_string()))?;
                         }
                     }
                 }
@@ -442,7 +480,7 @@ pub(crate) fn run_batch(
             match checked(v, &seg) {
                 Err(e) => {
                     stats.detector_errors += 1;
-                    errors(err(t, "detect", Some(trig), Some(round), e.to_string()))?;
+                    errors(a.trace, err(t, "detect", Some(trig), Some(round), e.to_string()))?;
                 }
                 Ok(None) => {
                     if round == 1 {
@@ -456,9 +494,9 @@ pub(crate) fn run_batch(
                         Ok(p) => {
                             stats.pairs += 1;
                             stats.pairs_per_round[round as usize - 1] += 1;
-                            emit(p)?;
+                            emit(a.trace, p)?;
                         }
-                        Err(e) => errors(err(t, "pair", Some(trig), Some(round), e))?,
+                        Err(e) => errors(a.trace, err(t, "pair", Some(trig), Some(round), e))?,
                     }
                 }
                 Ok(Some(k)) if round < settings.rounds => {
@@ -468,7 +506,7 @@ pub(crate) fn run_batch(
                             a.cuts.push(Cut { h: s.token, sentence: k, text: s.text.clone(), insert, round: round + 1 });
                             attempts.push(a);
                         }
-                        Err(e) => errors(err(t, "tokenize", Some(trig), Some(round + 1), e))?,
+                        Err(e) => errors(a.trace, err(t, "tokenize", Some(trig), Some(round + 1), e))?,
                     }
                 }
                 Ok(Some(_)) => stats.skipped_still_unsafe += 1,
@@ -548,6 +586,18 @@ mod tests {
 
     fn trace(id: &str, sample: u32) -> Trace {
         Trace { id: id.into(), prompt: String::new(), kind: None, sample, prompt_ids: vec![1], completion_ids: vec![2], origin: String::new() }
+    }
+
+    #[test]
+    fn stats_of_ranks_add_up() {
+        let a = Stats { prompts: 3, pairs: 2, tokens_generated: 10, pairs_per_round: vec![2], detector: "rules".into(), ..Stats::default() };
+        let b = Stats { pairs: 5, attempts: 9, pairs_per_round: vec![4, 1], round1_checked: 7, ..Stats::default() };
+        let mut t = a.clone();
+        t.add(&b);
+        t.finalize();
+        assert_eq!((t.prompts, t.pairs, t.attempts, t.tokens_generated, t.round1_checked), (3, 7, 9, 10, 7));
+        assert_eq!((t.pairs_per_round.as_slice(), t.detector.as_str()), (&[6, 1][..], "rules"));
+        assert_eq!(t.cue_free_rate, 7.0 / 9.0);
     }
 
     #[test]

@@ -48,9 +48,9 @@ use crate::train::checkpoint;
 use crate::workflow::config::from_table;
 use crate::backend::Precision;
 use crate::workflow::device::Device;
-use crate::workflow::eval::{eval, EvalFiles, EvalOptions};
+use crate::workflow::eval::{eval_in, EvalFiles, EvalOptions};
 use crate::workflow::generate::{generate_in, GenerateFiles, GenerateOptions};
-use crate::workflow::intervene::{intervene, InterveneFiles, InterveneOptions};
+use crate::workflow::intervene::{intervene_in, InterveneFiles, InterveneOptions};
 use crate::workflow::model::resolve_model;
 use crate::workflow::progress::{Progress, Silent};
 use crate::workflow::shard::{self, Shards};
@@ -446,9 +446,10 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
             bail!("--config {}: prompt file {} does not exist", config_path.display(), p.display());
         }
     }
-    // Under a launcher (RANK, WORLD_SIZE, ...) every rank runs this: the generating stages
-    // shard their prompts, the training stages run data parallel, and the other stages run on
-    // rank 0 while the others wait; rank 0 alone writes markers, the config copy and the report.
+    // Under a launcher (RANK, WORLD_SIZE, ...) every rank runs this: the generate, intervene,
+    // score, benign and eval stages shard their inputs (`shard`), the training stages run data
+    // parallel, and the rest (benign pairs, the stage-2 mix) runs on rank 0 while the others
+    // wait; rank 0 alone writes markers, the config copy and the report.
     let shards = Shards::connect()?;
     let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
     shards.root_first(|| {
@@ -474,7 +475,10 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     })?;
     st.run("intervene", &[&base, &opt(iv), &iv_files.join(" ")], |p, _| {
         let files = InterveneFiles { model: model.clone(), rollouts: Some(f("rollouts.jsonl")), prompts: None, output: f("pairs.jsonl") };
-        Ok(shards.root_only(|| Ok(serde_json::to_value(intervene(&files, &cfg.intervene, p)?)?))?.unwrap_or(Value::Null))
+        let mut opts = cfg.intervene.clone();
+        shards.place(&mut opts.device);
+        let s = intervene_in(&files, &opts, p, shards)?;
+        Ok(if shards.root() { serde_json::to_value(s)? } else { Value::Null })
     })?;
     let n_pairs = count_lines(&f("pairs.jsonl"));
     if n_pairs == 0 {
@@ -512,9 +516,12 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
     let (eval_harmful, eval_benign) = (file_identity(&cfg.eval_harmful_prompts), file_identity(&cfg.eval_benign_prompts));
     let eval_stage = |p: &dyn Progress| -> Result<Value> {
         let out = f("eval");
-        if out.exists() {
-            std::fs::remove_dir_all(&out).with_context(|| format!("removing {} to start over", out.display()))?;
-        }
+        shards.root_first(|| {
+            if shards.root() && out.exists() {
+                std::fs::remove_dir_all(&out).with_context(|| format!("removing {} to start over", out.display()))?;
+            }
+            Ok(())
+        })?;
         let files = EvalFiles {
             model: final_model.clone(),
             base: Some(model.clone()),
@@ -523,15 +530,15 @@ pub fn run(config_path: &Path, cfg: &RunConfig, flags: &RunFlags, progress: &dyn
             prose: None,
             output: out,
         };
-        let s = eval(&files, &cfg.eval, p)?;
+        let mut opts = cfg.eval.clone();
+        shards.place(&mut opts.device);
+        let Some(s) = eval_in(&files, &opts, p, shards)? else { return Ok(Value::Null) };
         if let Some(e) = &s.chart_error {
             eprintln!("eval: warning: eval.png not drawn: {e}");
         }
         Ok(json!({"answers": s.answers, "errors": s.errors, "tokens_generated": s.tokens_generated, "seconds": s.seconds}))
     };
-    st.run("eval", &[&base, &eval_harmful, &eval_benign, &opt(&cfg.eval)], |p, _| {
-        Ok(shards.root_only(|| eval_stage(p))?.unwrap_or(Value::Null))
-    })?;
+    st.run("eval", &[&base, &eval_harmful, &eval_benign, &opt(&cfg.eval)], |p, _| eval_stage(p))?;
     if !shards.root() {
         return Ok(Value::Null);
     }

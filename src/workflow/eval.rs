@@ -9,6 +9,9 @@
 //! intervals), `OUT/answers.jsonl` (every completion with its labels) and
 //! `OUT/eval.errors.jsonl` (one line per item left out: a prompt that cannot run, a judge
 //! without a verdict, an answer that cannot be scored). Per-item failures never stop the run.
+//! Under a launcher each rank generates every world-th prompt and runs every world-th scoring
+//! forward (`workflow::shard`); every rank then holds the whole run, and rank 0 alone judges
+//! and writes, the single process's files byte for byte.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,14 +31,15 @@ use crate::eval::report::{
 use crate::intervene::detect::{RuleDetector, DEFAULT_PATTERNS};
 use crate::io::jsonl::AtomicWriter;
 use crate::model::chat::ChatTemplate;
-use crate::model::transformer::{packed_score_tokens, ScoreItem, Transformer};
+use crate::model::transformer::{packed_score_tokens, score_batches, ScoreItem, Transformer};
 use crate::pipeline::refusal::is_refusal;
 use crate::rollout::{key_of, Request, SamplingParams};
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::generate::{encode_prompt, new_engine, read_prompts, run_engine, Prompt};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::{default_from_clap, EngineOptions, JudgeEndpointOptions, SamplingOptions};
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
+use crate::workflow::shard::{decode_rows, encode_rows, Shards};
 
 /// The default prose file (`data/eval/prose.txt`, compiled in).
 const DEFAULT_PROSE: &str = include_str!("../../data/eval/prose.txt");
@@ -191,13 +195,14 @@ struct EvalPrompt {
     p: Prompt,
 }
 
-/// One finished (or failed) request.
+/// One finished (or failed) request (sent from the rank that ran it to every rank).
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Completion {
     prompt: usize, // index into the prompts
     sample: u32,
     sampled: bool,
     /// (completion ids, text, finish) or why it could not run.
-    result: Result<(Vec<u32>, String, &'static str), String>,
+    result: Result<(Vec<u32>, String, String), String>,
 }
 
 /// A reference answer to score: a benign prompt's ids and the greedy answer's ids.
@@ -333,7 +338,19 @@ fn builtin_ref(name: &str, text: &str) -> FileRef {
 }
 
 /// Generates, judges, scores and writes the report of `files.model` (beside `files.base`).
-pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> Result<EvalSummary> {
+/// Under a launcher (RANK, WORLD_SIZE, ...) each rank generates the completions of every
+/// world-th prompt and runs every world-th scoring forward; rank 0 gathers them, judges and
+/// writes the files, which are the single process's. `None` on the other ranks.
+pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> Result<Option<EvalSummary>> {
+    let mut opts = opts.clone();
+    let shards = Shards::from_env(&mut opts.device)?;
+    eval_in(files, &opts, progress, &shards)
+}
+
+/// `eval` as one rank of `shards` (every rank calls it with the same files and options;
+/// `opts.device` already placed on this rank).
+pub(crate) fn eval_in(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress, shards: &Shards) -> Result<Option<EvalSummary>> {
+    let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
     let t0 = Instant::now();
     check(files, opts)?;
     // Inputs first: every file error before a weight is read.
@@ -374,183 +391,186 @@ pub fn eval(files: &EvalFiles, opts: &EvalOptions, progress: &dyn Progress) -> R
         }
     }
 
-    let mut errors: Vec<Value> = Vec::new();
     let base_run = match &base_dir {
-        Some(b) => Some(run_model(b, "base", &prompts, None, &prose, opts, progress)?),
+        Some(b) => Some(run_model(b, "base", &prompts, None, &prose, opts, progress, shards)?),
         None => None,
     };
     let refs = base_run.as_ref().map(|r| r.own_answers.as_slice());
-    let model_run = run_model(&model_dir, "model", &prompts, refs, &prose, opts, progress)?;
+    let model_run = run_model(&model_dir, "model", &prompts, refs, &prose, opts, progress, shards)?;
 
-    // Judge every harmful-set segment once (identical texts of both models share a verdict).
-    let runs: Vec<(&str, &ModelRun)> = base_run.iter().map(|r| ("base", r)).chain(std::iter::once(("model", &model_run))).collect();
-    let mut keys: HashMap<(usize, &str, &str), usize> = HashMap::new();
-    let mut segments: Vec<Segment> = Vec::new();
-    for (_, run) in &runs {
-        for c in &run.completions {
-            let (Set::Harmful, Ok((_, text, _))) = (prompts[c.prompt].set, &c.result) else { continue };
-            for (part, seg) in parts(text) {
-                keys.entry((c.prompt, part, seg)).or_insert_with(|| {
-                    segments.push(Segment { prompt: &prompts[c.prompt].p.text, text: seg, part });
-                    segments.len() - 1
-                });
+    // The rest reads what every rank generated and scored: rank 0 alone judges and writes.
+    shards.root_only(|| {
+        let mut errors: Vec<Value> = Vec::new();
+        // Judge every harmful-set segment once (identical texts of both models share a verdict).
+        let runs: Vec<(&str, &ModelRun)> = base_run.iter().map(|r| ("base", r)).chain(std::iter::once(("model", &model_run))).collect();
+        let mut keys: HashMap<(usize, &str, &str), usize> = HashMap::new();
+        let mut segments: Vec<Segment> = Vec::new();
+        for (_, run) in &runs {
+            for c in &run.completions {
+                let (Set::Harmful, Ok((_, text, _))) = (prompts[c.prompt].set, &c.result) else { continue };
+                for (part, seg) in parts(text) {
+                    keys.entry((c.prompt, part, seg)).or_insert_with(|| {
+                        segments.push(Segment { prompt: &prompts[c.prompt].p.text, text: seg, part });
+                        segments.len() - 1
+                    });
+                }
             }
         }
-    }
-    progress.start("judge", segments.len() as u64, "segments");
-    let verdicts = judge.judge(&segments);
-    progress.advance(segments.len() as u64, 0);
-    progress.finish();
-    let verdict = |prompt: usize, part: &str, text: &str| -> &Result<bool, String> { &verdicts[keys[&(prompt, part, text)]] };
+        progress.start("judge", segments.len() as u64, "segments");
+        let verdicts = judge.judge(&segments);
+        progress.advance(segments.len() as u64, 0);
+        progress.finish();
+        let verdict = |prompt: usize, part: &str, text: &str| -> &Result<bool, String> { &verdicts[keys[&(prompt, part, text)]] };
 
-    // answers.jsonl, eval.errors.jsonl and the counts.
-    let mut answers = AtomicWriter::create(&files.output.join("answers.jsonl"))?;
-    let mut n_answers = 0;
-    let mut reports: HashMap<&str, (Decoding, Option<Decoding>)> = HashMap::new();
-    let mut counts = ErrorCounts::default();
-    for (who, run) in &runs {
-        let mut tallies = [Tally::default(), Tally::default()]; // greedy, sampled
-        for c in &run.completions {
-            let ep = &prompts[c.prompt];
-            let t = &mut tallies[c.sampled as usize];
-            let decoding = if c.sampled { "sampled" } else { "greedy" };
-            let mut line = json!({"model": who, "decoding": decoding, "set": ep.set.name(), "id": ep.p.id, "sample": c.sample, "prompt": ep.p.text});
-            match &c.result {
-                Err(why) => {
-                    t.failed[ep.set as usize] += 1;
-                    counts.generation += 1;
-                    line["finish"] = json!("error");
-                    line["error"] = json!(why);
-                    errors.push(error_line(who, "generate", Some(decoding), ep.set, &ep.p.id, Some(c.sample), None, why));
-                }
-                Ok((ids, text, finish)) => {
-                    let (reasoning, response) = split_segments(text);
-                    let refusal = is_refusal(response);
-                    let degenerate = is_degenerate(text);
-                    t.add(ep.set, refusal, degenerate);
-                    let mut labels = json!({"refusal": refusal, "degenerate": degenerate});
-                    if ep.set == Set::Harmful {
-                        for (part, seg) in parts(text) {
-                            let v = verdict(c.prompt, part, seg);
-                            for field in fields_of(part) {
-                                match v {
-                                    Ok(h) => {
-                                        labels[format!("{field}_harmful")] = json!(h);
-                                        t.judged(field, *h);
-                                    }
-                                    Err(e) => {
-                                        labels[format!("{field}_harmful")] = Value::Null;
-                                        t.judge_errors[(*field == "response") as usize] += 1;
-                                        counts.judge += 1;
-                                        errors.push(error_line(who, "judge", Some(decoding), ep.set, &ep.p.id, Some(c.sample), Some(field), e));
+        // answers.jsonl, eval.errors.jsonl and the counts.
+        let mut answers = AtomicWriter::create(&files.output.join("answers.jsonl"))?;
+        let mut n_answers = 0;
+        let mut reports: HashMap<&str, (Decoding, Option<Decoding>)> = HashMap::new();
+        let mut counts = ErrorCounts::default();
+        for (who, run) in &runs {
+            let mut tallies = [Tally::default(), Tally::default()]; // greedy, sampled
+            for c in &run.completions {
+                let ep = &prompts[c.prompt];
+                let t = &mut tallies[c.sampled as usize];
+                let decoding = if c.sampled { "sampled" } else { "greedy" };
+                let mut line = json!({"model": who, "decoding": decoding, "set": ep.set.name(), "id": ep.p.id, "sample": c.sample, "prompt": ep.p.text});
+                match &c.result {
+                    Err(why) => {
+                        t.failed[ep.set as usize] += 1;
+                        counts.generation += 1;
+                        line["finish"] = json!("error");
+                        line["error"] = json!(why);
+                        errors.push(error_line(who, "generate", Some(decoding), ep.set, &ep.p.id, Some(c.sample), None, why));
+                    }
+                    Ok((ids, text, finish)) => {
+                        let (reasoning, response) = split_segments(text);
+                        let refusal = is_refusal(response);
+                        let degenerate = is_degenerate(text);
+                        t.add(ep.set, refusal, degenerate);
+                        let mut labels = json!({"refusal": refusal, "degenerate": degenerate});
+                        if ep.set == Set::Harmful {
+                            for (part, seg) in parts(text) {
+                                let v = verdict(c.prompt, part, seg);
+                                for field in fields_of(part) {
+                                    match v {
+                                        Ok(h) => {
+                                            labels[format!("{field}_harmful")] = json!(h);
+                                            t.judged(field, *h);
+                                        }
+                                        Err(e) => {
+                                            labels[format!("{field}_harmful")] = Value::Null;
+                                            t.judge_errors[(*field == "response") as usize] += 1;
+                                            counts.judge += 1;
+                                            errors.push(error_line(who, "judge", Some(decoding), ep.set, &ep.p.id, Some(c.sample), Some(field), e));
+                                        }
                                     }
                                 }
                             }
                         }
+                        line["completion"] = json!(text);
+                        line["reasoning"] = json!(reasoning);
+                        line["response"] = json!(response);
+                        line["finish"] = json!(finish);
+                        line["tokens"] = json!(ids.len());
+                        line["labels"] = labels;
                     }
-                    line["completion"] = json!(text);
-                    line["reasoning"] = json!(reasoning);
-                    line["response"] = json!(response);
-                    line["finish"] = json!(finish);
-                    line["tokens"] = json!(ids.len());
-                    line["labels"] = labels;
+                }
+                answers.write(&line)?;
+                n_answers += 1;
+            }
+            let sampled = (opts.n > 0).then(|| tallies[1].decoding());
+            reports.insert(who, (tallies[0].decoding(), sampled));
+        }
+        answers.commit()?;
+
+        // Scoring: per-model NLLs over the reference answers and the prose; ratios over the units
+        // both models scored.
+        for (who, run) in &runs {
+            for (r, h) in refs_of(base_run.as_ref(), run).iter().zip(&run.helpful) {
+                if let Err(e) = h {
+                    counts.scoring += 1;
+                    errors.push(error_line(who, "score", None, Set::Benign, &prompts[r.prompt].p.id, None, None, e));
                 }
             }
-            answers.write(&line)?;
-            n_answers += 1;
         }
-        let sampled = (opts.n > 0).then(|| tallies[1].decoding());
-        reports.insert(who, (tallies[0].decoding(), sampled));
-    }
-    answers.commit()?;
-
-    // Scoring: per-model NLLs over the reference answers and the prose; ratios over the units
-    // both models scored.
-    for (who, run) in &runs {
-        for (r, h) in refs_of(base_run.as_ref(), run).iter().zip(&run.helpful) {
-            if let Err(e) = h {
-                counts.scoring += 1;
-                errors.push(error_line(who, "score", None, Set::Benign, &prompts[r.prompt].p.id, None, None, e));
+        let (b, s) = (opts.bootstrap, opts.seed);
+        let nll = |run: &ModelRun| {
+            let ok: Vec<(f64, usize)> = run.helpful.iter().filter_map(|h| h.as_ref().ok().copied()).collect();
+            let helpful = nll_estimate(&ok, run.helpful.len() - ok.len(), b, s);
+            (helpful, nll_estimate(&run.prose, 0, b, s))
+        };
+        let mut model_report = |who: &str, run: &ModelRun| {
+            let (greedy, sampled) = reports.remove(who).expect("tallied above");
+            let (helpful_answer_nll, prose_nll) = nll(run);
+            ModelReport { greedy, sampled, helpful_answer_nll, prose_nll }
+        };
+        let model = model_report("model", &model_run);
+        let base = base_run.as_ref().map(|r| model_report("base", r));
+        let (helpful_ratio, prose_ratio) = match &base_run {
+            None => (None, None),
+            Some(br) => {
+                let both: Vec<(f64, f64, usize)> =
+                    model_run.helpful.iter().zip(&br.helpful).filter_map(|(m, b)| Some((m.as_ref().ok()?.0, b.as_ref().ok()?.0, m.as_ref().ok()?.1))).collect();
+                let left = model_run.helpful.len() - both.len();
+                let h = ratio_estimate(&both, left, b, s);
+                let p: Vec<(f64, f64, usize)> = model_run.prose.iter().zip(&br.prose).map(|(m, b)| (m.0, b.0, m.1)).collect();
+                (Some(h), Some(ratio_estimate(&p, 0, b, s)))
             }
-        }
-    }
-    let (b, s) = (opts.bootstrap, opts.seed);
-    let nll = |run: &ModelRun| {
-        let ok: Vec<(f64, usize)> = run.helpful.iter().filter_map(|h| h.as_ref().ok().copied()).collect();
-        let helpful = nll_estimate(&ok, run.helpful.len() - ok.len(), b, s);
-        (helpful, nll_estimate(&run.prose, 0, b, s))
-    };
-    let mut model_report = |who: &str, run: &ModelRun| {
-        let (greedy, sampled) = reports.remove(who).expect("tallied above");
-        let (helpful_answer_nll, prose_nll) = nll(run);
-        ModelReport { greedy, sampled, helpful_answer_nll, prose_nll }
-    };
-    let model = model_report("model", &model_run);
-    let base = base_run.as_ref().map(|r| model_report("base", r));
-    let (helpful_ratio, prose_ratio) = match &base_run {
-        None => (None, None),
-        Some(br) => {
-            let both: Vec<(f64, f64, usize)> =
-                model_run.helpful.iter().zip(&br.helpful).filter_map(|(m, b)| Some((m.as_ref().ok()?.0, b.as_ref().ok()?.0, m.as_ref().ok()?.1))).collect();
-            let left = model_run.helpful.len() - both.len();
-            let h = ratio_estimate(&both, left, b, s);
-            let p: Vec<(f64, f64, usize)> = model_run.prose.iter().zip(&br.prose).map(|(m, b)| (m.0, b.0, m.1)).collect();
-            (Some(h), Some(ratio_estimate(&p, 0, b, s)))
-        }
-    };
+        };
 
-    let sampling_g = sampling(opts, opts.temperature);
-    let report = EvalReport {
-        method: method(opts),
-        settings: Settings {
-            judge: judge.reference(),
-            n: opts.n,
-            temperature: sampling_g.temperature,
-            top_p: sampling_g.top_p,
-            seed: opts.seed,
-            max_new_tokens: opts.max_new_tokens,
-            bootstrap_resamples: opts.bootstrap,
-            chat_template: !opts.no_chat_template,
-            system: opts.system.clone(),
-            device: opts.device.device.to_string(),
-            harmful: settings_files.0,
-            benign: settings_files.1,
-            prose: prose_ref,
-            model: ModelRef { path: files.model.display().to_string(), fingerprint: model_run.fingerprint.clone() },
-            base: files.base.as_ref().zip(base_run.as_ref()).map(|(p, r)| ModelRef { path: p.display().to_string(), fingerprint: r.fingerprint.clone() }),
-        },
-        model,
-        base,
-        helpful_answer_nll_ratio: helpful_ratio,
-        prose_nll_ratio: prose_ratio,
-        errors: counts,
-    };
+        let sampling_g = sampling(opts, opts.temperature);
+        let report = EvalReport {
+            method: method(opts),
+            settings: Settings {
+                judge: judge.reference(),
+                n: opts.n,
+                temperature: sampling_g.temperature,
+                top_p: sampling_g.top_p,
+                seed: opts.seed,
+                max_new_tokens: opts.max_new_tokens,
+                bootstrap_resamples: opts.bootstrap,
+                chat_template: !opts.no_chat_template,
+                system: opts.system.clone(),
+                device: opts.device.device.to_string(),
+                harmful: settings_files.0,
+                benign: settings_files.1,
+                prose: prose_ref,
+                model: ModelRef { path: files.model.display().to_string(), fingerprint: model_run.fingerprint.clone() },
+                base: files.base.as_ref().zip(base_run.as_ref()).map(|(p, r)| ModelRef { path: p.display().to_string(), fingerprint: r.fingerprint.clone() }),
+            },
+            model,
+            base,
+            helpful_answer_nll_ratio: helpful_ratio,
+            prose_nll_ratio: prose_ratio,
+            errors: counts,
+        };
 
-    let n_errors = errors.len();
-    let mut ew = AtomicWriter::create(&files.output.join("eval.errors.jsonl"))?;
-    for e in &errors {
-        ew.write(e)?;
-    }
-    ew.commit()?;
-    write_text(&files.output.join("eval.json"), &(serde_json::to_string_pretty(&report)? + "\n"))?;
-    let md = markdown(&report);
-    write_text(&files.output.join("eval.md"), &md)?;
-    let chart_error = chart(&files.output.join("eval.png"), &report).err().map(|e| e.to_string());
-    let (judge_calls, judge_cache_hits) = match &judge {
-        Judge::Llm(j, _) => (Some(j.calls()), Some(j.cache_hits())),
-        Judge::Rules(..) => (None, None),
-    };
-    let tokens_generated = runs.iter().map(|(_, r)| r.tokens_generated).sum();
-    Ok(EvalSummary {
-        report,
-        markdown: md,
-        answers: n_answers,
-        errors: n_errors,
-        judge_calls,
-        judge_cache_hits,
-        chart_error,
-        tokens_generated,
-        seconds: t0.elapsed().as_secs_f64(),
+        let n_errors = errors.len();
+        let mut ew = AtomicWriter::create(&files.output.join("eval.errors.jsonl"))?;
+        for e in &errors {
+            ew.write(e)?;
+        }
+        ew.commit()?;
+        write_text(&files.output.join("eval.json"), &(serde_json::to_string_pretty(&report)? + "\n"))?;
+        let md = markdown(&report);
+        write_text(&files.output.join("eval.md"), &md)?;
+        let chart_error = chart(&files.output.join("eval.png"), &report).err().map(|e| e.to_string());
+        let (judge_calls, judge_cache_hits) = match &judge {
+            Judge::Llm(j, _) => (Some(j.calls()), Some(j.cache_hits())),
+            Judge::Rules(..) => (None, None),
+        };
+        let tokens_generated = runs.iter().map(|(_, r)| r.tokens_generated).sum();
+        Ok(EvalSummary {
+            report,
+            markdown: md,
+            answers: n_answers,
+            errors: n_errors,
+            judge_calls,
+            judge_cache_hits,
+            chart_error,
+            tokens_generated,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
     })
 }
 
@@ -694,7 +714,9 @@ fn chart(path: &Path, r: &EvalReport) -> Result<(), crate::chart::ChartError> {
 
 /// Generates and scores with one model (loaded once): greedy and sampled completions of every
 /// prompt, then the NLL of the reference answers (`refs`, else its own greedy benign answers)
-/// and of the prose paragraphs.
+/// and of the prose paragraphs. Each rank of `shards` runs every world-th prompt and scoring
+/// forward; every rank returns the whole run.
+#[allow(clippy::too_many_arguments)]
 fn run_model(
     dir: &ModelDir,
     who: &str,
@@ -703,6 +725,7 @@ fn run_model(
     prose: &[String],
     opts: &EvalOptions,
     progress: &dyn Progress,
+    shards: &Shards,
 ) -> Result<ModelRun> {
     let tok = dir.tokenizer()?;
     let template: Option<ChatTemplate> = if opts.no_chat_template { None } else { Some(dir.chat_template()?) };
@@ -721,7 +744,7 @@ fn run_model(
     let weights = dir.weights()?;
     with_backend!(opts.device, be => {
         let model = dir.upload_frozen(be, weights)?;
-        generate_and_score(&model, who, fingerprint, prompts, encoded, refs, &prose_windows, &tok, opts, progress)
+        generate_and_score(&model, who, fingerprint, prompts, encoded, refs, &prose_windows, &tok, opts, progress, shards)
     })
 }
 
@@ -737,6 +760,7 @@ fn generate_and_score<B: Backend>(
     tok: &crate::model::tokenizer::Tokenizer,
     opts: &EvalOptions,
     progress: &dyn Progress,
+    shards: &Shards,
 ) -> Result<ModelRun> {
     let mut completions = Vec::new();
     let mut tokens_generated = 0u64;
@@ -750,7 +774,7 @@ fn generate_and_score<B: Backend>(
     for (sampled, n, params) in &decodings {
         let mut reqs = Vec::new();
         let mut meta = Vec::new(); // per request: (prompt, sample)
-        for (pi, (ep, ids)) in prompts.iter().zip(&encoded).enumerate() {
+        for (pi, (ep, ids)) in prompts.iter().zip(&encoded).enumerate().filter(|(pi, _)| shards.owns(*pi)) {
             for s in 0..*n {
                 match ids {
                     Ok(ids) => {
@@ -771,7 +795,7 @@ fn generate_and_score<B: Backend>(
             let (pi, s) = meta[o.index];
             let result = match &o.result {
                 Ok(finish) => match tok.decode(o.generated(), true) {
-                    Ok(text) => Ok((o.generated().to_vec(), text, finish.as_str())),
+                    Ok(text) => Ok((o.generated().to_vec(), text, finish.as_str().to_string())),
                     Err(e) => Err(format!("cannot decode the completion: {e}")),
                 },
                 Err(why) => Err(why.clone()),
@@ -781,6 +805,15 @@ fn generate_and_score<B: Backend>(
         let st = engine.stats();
         tokens_generated += st.decode_tokens;
         completions.extend(done.into_iter().flatten());
+    }
+    // Every rank's completions on every rank (each request's tokens depend on its key, sample
+    // and step alone, not on the batch it ran in).
+    let mine = serde_json::to_vec(&(tokens_generated, &completions))?;
+    (completions, tokens_generated) = (Vec::new(), 0);
+    for b in shards.gather_after_work(mine)? {
+        let (t, c): (u64, Vec<Completion>) = serde_json::from_slice(&b)?;
+        tokens_generated += t;
+        completions.extend(c);
     }
     completions.sort_by_key(|c| (c.sampled, c.prompt, c.sample));
 
@@ -819,11 +852,34 @@ fn generate_and_score<B: Backend>(
             window_of.push(pi);
         }
     }
-    let total = packed_score_tokens(&items) as u64;
+    // The single process's forwards, every world-th on this rank: each packs the same
+    // sequences wherever it runs, so the log-probs are the single process's bit for bit.
+    let forwards = score_batches(&items, opts.batch_tokens);
+    let (rank, world) = (shards.rank(), shards.world());
+    let owned = |r: usize| forwards.iter().skip(r).step_by(world).cloned();
+    let total = owned(rank).map(|f| packed_score_tokens(&items[f]) as u64).sum();
     progress.start(&format!("eval {who} score"), total, "tokens");
-    let logps = model.score_with_progress(&items, opts.batch_tokens, |n| progress.advance(n as u64, n as u64));
+    let mut mine = Vec::new();
+    for f in owned(rank) {
+        match model.score_with_progress(&items[f], opts.batch_tokens, |n| progress.advance(n as u64, n as u64)) {
+            Ok(lp) => mine.extend(lp),
+            Err(e) => {
+                progress.finish();
+                return Err(e.into());
+            }
+        }
+    }
     progress.finish();
-    let logps = logps?;
+    let mut logps = vec![Vec::new(); items.len()];
+    for (r, b) in shards.gather_after_work(encode_rows(&mine))?.iter().enumerate() {
+        let (idx, rows): (Vec<usize>, _) = (owned(r).flatten().collect(), decode_rows(b)?);
+        if idx.len() != rows.len() {
+            bail!("rank {r} scored {} sequences of its {}", rows.len(), idx.len());
+        }
+        for (k, lp) in idx.into_iter().zip(rows) {
+            logps[k] = lp;
+        }
+    }
     let nll = |lp: &[f32]| -lp.iter().map(|&x| x as f64).sum::<f64>();
     for (k, lp) in logps[..n_answers].iter().enumerate() {
         helpful[slot[k]] = Ok((nll(lp), lp.len()));

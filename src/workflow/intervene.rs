@@ -6,6 +6,10 @@
 //! itself is `crate::intervene::pipeline`. Beside the pairs (written atomically) it writes
 //! `<output stem>.stats.json` (the counters) and `<output stem>.errors.jsonl` (one line per item
 //! that failed: bad input, detector error, generation error), so nothing is lost silently.
+//! Pairs and errors come in input order (a rollout's own pairs by round, then trigger), so
+//! the files do not depend on `--chunk`, nor on the number of processes under a launcher
+//! (`workflow::shard`: each rank takes every world-th rollout, rank 0 merges; the random draws
+//! are keyed by seed, rollout id, sample, trigger and round, never by batch or rank).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,7 +31,8 @@ use crate::rollout::{key_of, Engine, Event, Request};
 use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::{default_from_clap, EngineOptions, JudgeEndpointOptions, SamplingOptions};
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
+use crate::workflow::shard::{self, Shards};
 
 /// The files of one `intervene` call: exactly one of `rollouts` and `prompts` is the input.
 #[derive(clap::Args, Debug, Clone)]
@@ -356,8 +361,77 @@ fn prompt_trace(l: &Line, chat: &ChatTemplate, tok: &Tokenizer, origin: String) 
 }
 
 /// Runs Algorithm 1 on the input of `files` and writes the pairs, stats and errors files.
+/// Under a launcher (RANK, WORLD_SIZE, ...) each rank takes every world-th rollout (of those not
+/// skipped as benign) and rank 0 merges the pairs and errors in input order (`shard`): the files
+/// are the single process's, and the summary is the whole job's.
 pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn Progress) -> Result<InterveneSummary> {
+    let mut opts = opts.clone();
+    let shards = Shards::from_env(&mut opts.device)?;
+    intervene_in(files, &opts, progress, &shards)
+}
+
+/// What one rank did, sent to every rank when all are done.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Share {
+    stats: Stats,
+    /// The input line of each pair in this rank's file, in file order.
+    pair_lines: Vec<u64>,
+    /// (input line, error record) in the order they happened.
+    errors: Vec<(u64, Value)>,
+    /// Judge requests and cache hits (`detector = "judge"`).
+    judge: Option<(u64, u64)>,
+}
+
+/// `intervene` as one rank of `shards` (every rank calls it with the same files and options;
+/// `opts.device` already placed on this rank).
+pub(crate) fn intervene_in(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn Progress, shards: &Shards) -> Result<InterveneSummary> {
     let t0 = Instant::now();
+    let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
+    let mine = share(files, opts, progress, shards)?;
+    let detector = mine.stats.detector.clone();
+    let all: Vec<Share> =
+        shards.gather_after_work(serde_json::to_vec(&mine)?)?.iter().map(|b| serde_json::from_slice(b)).collect::<Result<_, _>>()?;
+    let mut stats = Stats { detector, ..Stats::default() };
+    for s in &all {
+        stats.add(&s.stats);
+    }
+    stats.seconds = t0.elapsed().as_secs_f64();
+    stats.finalize();
+    // In input order; a rollout's own errors keep the order they happened in.
+    let mut errors: Vec<&(u64, Value)> = all.iter().flat_map(|s| &s.errors).collect();
+    errors.sort_by_key(|e| e.0);
+    let errors_path = sibling(&files.output, "errors.jsonl");
+    shards.root_only(|| {
+        if shards.world() > 1 {
+            let keys: Vec<Vec<u64>> = all.iter().map(|s| s.pair_lines.clone()).collect();
+            shard::merge_by_key(&files.output, &shards.parts(&files.output)?, &keys)?;
+        }
+        jsonl::write_atomic(&errors_path, errors.iter().map(|e| &e.1))?;
+        let mut w = AtomicWriter::create(&sibling(&files.output, "stats.json"))?;
+        w.write(&stats)?;
+        Ok(w.commit()?)
+    })?;
+    // Every rollout worked on failed (each has an error, none gave a pair or was left alone):
+    // the run did nothing, which must not pass for success.
+    let field = |e: &Value, k: &str| e.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let items = stats.prompts - stats.skipped_benign;
+    let failed: std::collections::HashSet<String> = errors.iter().map(|e| field(&e.1, "origin")).collect();
+    if items > 0 && stats.pairs == 0 && failed.len() as u64 == items {
+        let e = &errors[0].1;
+        bail!(
+            "every one of the {items} rollouts failed (first: {}: {}); all are listed in {}",
+            field(e, "origin"),
+            field(e, "error"),
+            errors_path.display()
+        );
+    }
+    let judge = all.iter().filter_map(|s| s.judge).reduce(|a, b| (a.0 + b.0, a.1 + b.1));
+    Ok(InterveneSummary { stats, item_errors: errors.len(), judge_calls: judge.map(|j| j.0), judge_cache_hits: judge.map(|j| j.1) })
+}
+
+/// This rank's share of `intervene`: Algorithm 1 on the rollouts it owns, their pairs written
+/// to `shards.target(output)` in input order (at once: a rerun starts over).
+fn share(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn Progress, shards: &Shards) -> Result<Share> {
     check(files, opts)?;
     let (input, is_rollouts) = source(files)?;
     let triggers = load_triggers(opts.triggers.as_deref()).context("--triggers")?;
@@ -366,30 +440,47 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     let tok = dir.tokenizer()?;
     let fingerprint = dir.fingerprint().context("--model")?;
     let params = opts.sampling.params(tok.eos_ids())?;
+    // The parts of a multi-process run killed before rank 0 merged them: this run starts over.
+    shards.root_first(|| {
+        for p in shard::leftover_parts(&files.output)?.iter().filter(|_| shards.root()) {
+            std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+        }
+        Ok(())
+    })?;
 
     // Read and check the input before loading the weights. Rollouts are ready to intervene on;
-    // prompts become traces whose completion is sampled first.
+    // prompts become traces whose completion is sampled first. Rank 0 counts every line; each
+    // rank reads every world-th line not skipped as benign.
     let mut stats = Stats { detector: detector.get().name(), ..Stats::default() };
-    let mut errors: Vec<ItemError> = Vec::new();
+    let mut errors: Vec<(u64, ItemError)> = Vec::new();
     let mut traces: Vec<Trace> = Vec::new();
-    let mut to_sample: Vec<Trace> = Vec::new();
+    let mut lines: Vec<u64> = Vec::new(); // per trace: its input line
+    let mut to_sample: Vec<(u64, Trace)> = Vec::new();
     let chat = if is_rollouts { None } else { Some(dir.chat_template()?) };
     let facts = ModelFacts { tok: &tok, vocab: dir.config.vocab_size, context: dir.config.max_position_embeddings, fingerprint: Some(&fingerprint) };
+    let mut eligible = 0;
     for l in jsonl::read_objects(input)? {
-        stats.prompts += 1;
-        let origin = format!("{}:{}", input.display(), l.line);
+        stats.prompts += shards.root() as u64;
         if !opts.all_kinds && l.obj.get("kind").and_then(Value::as_str) == Some("benign") {
-            stats.skipped_benign += 1;
+            stats.skipped_benign += shards.root() as u64;
             continue;
         }
+        eligible += 1;
+        if !shards.owns(eligible - 1) {
+            continue;
+        }
+        let (at, origin) = (l.line as u64, format!("{}:{}", input.display(), l.line));
         let parsed = match &chat {
-            None => read_rollout(&l, &facts).map(|r| traces.push(trace_of(r, origin.clone()))),
-            Some(chat) => prompt_trace(&l, chat, &tok, origin.clone()).map(|t| to_sample.push(t)),
+            None => read_rollout(&l, &facts).map(|r| {
+                traces.push(trace_of(r, origin.clone()));
+                lines.push(at);
+            }),
+            Some(chat) => prompt_trace(&l, chat, &tok, origin.clone()).map(|t| to_sample.push((at, t))),
         };
         if let Err(e) = parsed {
             stats.input_errors += 1;
             eprintln!("{origin}: {e}");
-            errors.push(ItemError { id: id_of(&l.obj).unwrap_or_default(), origin, stage: "input", trigger: None, round: None, error: e });
+            errors.push((at, ItemError { id: id_of(&l.obj).unwrap_or_default(), origin, stage: "input", trigger: None, round: None, error: e }));
         }
     }
 
@@ -400,7 +491,7 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
 
     // --prompts: sample one rollout per prompt first.
     if !to_sample.is_empty() {
-        let reqs: Vec<Request> = to_sample.iter().map(|t| Request::new(key_of(&t.id), 0, t.prompt_ids.clone())).collect();
+        let reqs: Vec<Request> = to_sample.iter().map(|(_, t)| Request::new(key_of(&t.id), 0, t.prompt_ids.clone())).collect();
         let mut outs = vec![None; reqs.len()];
         progress.start("sample", reqs.len() as u64, "rollouts");
         let sampled = engine.generate(reqs, &params, None, |e| match e {
@@ -413,17 +504,18 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
         });
         progress.finish();
         sampled?;
-        for (mut t, o) in to_sample.into_iter().zip(outs) {
+        for ((at, mut t), o) in to_sample.into_iter().zip(outs) {
             let o = o.with_context(|| format!("internal: the engine returned no output for {}", t.origin))?;
             match o.result {
                 Ok(_) => {
                     t.completion_ids = o.generated().to_vec();
                     stats.tokens_generated += t.completion_ids.len() as u64;
                     traces.push(t);
+                    lines.push(at);
                 }
                 Err(why) => {
                     stats.generation_errors += 1;
-                    errors.push(ItemError { id: t.id, origin: t.origin, stage: "generate", trigger: None, round: None, error: why });
+                    errors.push((at, ItemError { id: t.id, origin: t.origin, stage: "generate", trigger: None, round: None, error: why }));
                 }
             }
         }
@@ -445,12 +537,14 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
             complete_only: opts.complete_only,
             answer_start,
         };
-    let mut out = AtomicWriter::create(&files.output)?;
+    let target = shards.target(&files.output);
+    let mut out = AtomicWriter::create(&target)?;
+    let mut pair_lines = Vec::new();
     let mut splicer = EngineSplicer { engine: &mut engine, params: params.clone() };
     progress.start("intervene", traces.len() as u64, "rollouts");
     let mut chunks = || -> Result<()> {
-        for chunk in traces.chunks(opts.chunk) {
-            let tokens_before = stats.tokens_generated;
+        for (c, chunk) in traces.chunks(opts.chunk).enumerate() {
+            let (first, tokens_before) = (c * opts.chunk, stats.tokens_generated);
             let mut pairs = Vec::new();
             run_batch(
                 chunk,
@@ -459,17 +553,21 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
                 &mut splicer,
                 &settings,
                 &mut stats,
-                &mut |p| {
-                    pairs.push(p);
+                &mut |i, p| {
+                    pairs.push((lines[first + i], p));
                     Ok(())
                 },
-                &mut |e| {
-                    errors.push(e);
+                &mut |i, e| {
+                    errors.push((lines[first + i], e));
                     Ok(())
                 },
             )?;
-            for p in &pairs {
+            // In input order (a rollout's own pairs keep theirs: round, then trigger), so the
+            // file depends neither on --chunk nor on the ranks.
+            pairs.sort_by_key(|p| p.0);
+            for (at, p) in &pairs {
                 out.write(p)?;
+                pair_lines.push(*at);
             }
             progress.status(&format!("{} pairs, {} with cue", stats.pairs, stats.with_cue));
             progress.advance(chunk.len() as u64, stats.tokens_generated - tokens_before);
@@ -480,30 +578,12 @@ pub fn intervene(files: &InterveneFiles, opts: &InterveneOptions, progress: &dyn
     progress.finish();
     done?;
     out.commit()?;
-    stats.seconds = t0.elapsed().as_secs_f64();
-    stats.finalize();
-    jsonl::write_atomic(&sibling(&files.output, "errors.jsonl"), &errors)?;
-    let mut w = AtomicWriter::create(&sibling(&files.output, "stats.json"))?;
-    w.write(&stats)?;
-    w.commit()?;
-    // Every rollout worked on failed (each has an error, none gave a pair or was left alone):
-    // the run did nothing, which must not pass for success.
-    let items = stats.prompts - stats.skipped_benign;
-    let failed: std::collections::HashSet<&str> = errors.iter().map(|e| e.origin.as_str()).collect();
-    if items > 0 && stats.pairs == 0 && failed.len() as u64 == items {
-        let e = &errors[0];
-        bail!(
-            "every one of the {items} rollouts failed (first: {}: {}); all are listed in {}",
-            e.origin,
-            e.error,
-            sibling(&files.output, "errors.jsonl").display()
-        );
-    }
-    let (judge_calls, judge_cache_hits) = match &detector {
-        CueDetector::Judge(j) => (Some(j.calls()), Some(j.cache_hits())),
-        CueDetector::Rules(_) => (None, None),
+    let errors = errors.into_iter().map(|(at, e)| Ok((at, serde_json::to_value(e)?))).collect::<Result<_>>()?;
+    let judge = match &detector {
+        CueDetector::Judge(j) => Some((j.calls(), j.cache_hits())),
+        CueDetector::Rules(_) => None,
     };
-    Ok(InterveneSummary { stats, item_errors: errors.len(), judge_calls, judge_cache_hits })
+    Ok(Share { stats, pair_lines, errors, judge })
     })
 }
 

@@ -14,6 +14,11 @@
 //! parts stay. `--resume` first folds the parts of the earlier run, whatever its world size,
 //! into the output (lines already there are not written twice, so a fold that was itself
 //! killed is finished, not repeated), then resumes from the output as a single process would.
+//!
+//! `ipo intervene` writes its parts whole at the end (its output is atomic, a rerun starts
+//! over) and rank 0 merges them in input order (`merge_by_key`), so the file is byte for byte
+//! the single process's; `ipo eval` sends its completions and log-probs through the group
+//! (`gather_after_work`) and writes nothing but on rank 0.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -130,6 +135,29 @@ impl Shards {
         f()
     }
 
+    /// Every rank's `mine`, in rank order, on every rank, once the slowest rank has sent its
+    /// own (however long it takes; a rank that exits fails it at once, naming it).
+    pub(crate) fn gather_after_work(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        if self.world() == 1 {
+            return Ok(vec![mine]);
+        }
+        Ok(self.comm.all_gather_after_work(mine)?)
+    }
+
+    /// Every rank's part of `output` (rank 0, after the ranks finished), each checked to exist.
+    pub(crate) fn parts(&self, output: &Path) -> Result<Vec<PathBuf>> {
+        let parts: Vec<PathBuf> = (0..self.world()).map(|r| part_path(output, r)).collect();
+        for (r, p) in parts.iter().enumerate() {
+            if !p.exists() {
+                bail!(
+                    "{}: rank {r}'s part is missing after it finished: every rank must write to a folder that rank 0 sees (one machine, or a filesystem shared by the nodes)",
+                    p.display()
+                );
+            }
+        }
+        Ok(parts)
+    }
+
     /// Waits for every rank to finish its share (however long the slowest takes; a rank that
     /// exits fails it at once, naming it), then rank 0 folds the parts into `output`. Returns
     /// every rank's `mine`, in rank order, on every rank; every rank returns once the output is
@@ -140,20 +168,65 @@ impl Shards {
         }
         let all = self.comm.all_gather_after_work(mine)?;
         if self.root() {
-            let parts: Vec<PathBuf> = (0..self.world()).map(|r| part_path(output, r)).collect();
-            for (r, p) in parts.iter().enumerate() {
-                if !p.exists() {
-                    bail!(
-                        "{}: rank {r}'s part is missing after it finished: every rank must write to a folder that rank 0 sees (one machine, or a filesystem shared by the nodes)",
-                        p.display()
-                    );
-                }
-            }
-            fold(output, &parts)?;
+            fold(output, &self.parts(output)?)?;
         }
         self.comm.barrier()?;
         Ok(all)
     }
+}
+
+/// Writes `output` (atomically) from the lines of `parts`, line `i` of part `r` having key
+/// `keys[r][i]`: in key order, a key's lines in their part's order and parts in rank order;
+/// then deletes the parts. With each rank's lines sorted by an input index that one rank owns,
+/// the file is the single process's, byte for byte.
+pub(crate) fn merge_by_key(output: &Path, parts: &[PathBuf], keys: &[Vec<u64>]) -> Result<()> {
+    let texts: Vec<String> = parts.iter().map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))).collect::<Result<_>>()?;
+    let mut lines: Vec<(u64, &str)> = Vec::new();
+    for ((t, k), p) in texts.iter().zip(keys).zip(parts) {
+        let ls: Vec<&str> = t.split_terminator('\n').collect();
+        if ls.len() != k.len() {
+            bail!("{}: {} lines, but its rank wrote {}", p.display(), ls.len(), k.len());
+        }
+        lines.extend(k.iter().copied().zip(ls));
+    }
+    lines.sort_by_key(|l| l.0); // stable: parts in rank order, each in its own order
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = output.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let mut text = String::with_capacity(texts.iter().map(String::len).sum());
+    for (_, l) in &lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    for p in parts {
+        std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Rows of f32 as bytes (per row its length, u32 LE, then the values, LE): log-probs sent
+/// between ranks bit for bit.
+pub(crate) fn encode_rows(rows: &[Vec<f32>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for r in rows {
+        b.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        r.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+    }
+    b
+}
+
+/// The rows of `encode_rows`.
+pub(crate) fn decode_rows(mut b: &[u8]) -> Result<Vec<Vec<f32>>> {
+    let mut rows = Vec::new();
+    while !b.is_empty() {
+        let (len, rest) = b.split_at_checked(4).context("a rank's rows end early")?;
+        let n = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        let (vals, rest) = rest.split_at_checked(4 * n).context("a rank's rows end early")?;
+        rows.push(vals.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect());
+        b = rest;
+    }
+    Ok(rows)
 }
 
 /// `<output>.rank<R>.part`, beside the output.
@@ -244,6 +317,27 @@ mod tests {
         assert_eq!(text, "{\"id\":\"a\",\"sample\":0}\n{\"id\":\"b\",\"sample\":0}\n{\"id\":\"c\",\"sample\":0}\n");
         assert!(leftover_parts(&out).unwrap().is_empty());
         assert!(dir.path().join("q.jsonl.rank0.part").exists());
+    }
+
+    #[test]
+    fn parts_merge_in_key_order_and_rows_travel_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("p.jsonl");
+        let parts = [part_path(&out, 0), part_path(&out, 1)];
+        std::fs::write(&parts[0], "a1\na2\nc\n").unwrap();
+        std::fs::write(&parts[1], "b\nd1\nd2\n").unwrap();
+        merge_by_key(&out, &parts, &[vec![1, 1, 3], vec![2, 4, 4]]).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "a1\na2\nb\nc\nd1\nd2\n");
+        assert!(!parts[0].exists() && !parts[1].exists());
+        std::fs::write(&parts[0], "x\n").unwrap();
+        let e = merge_by_key(&out, &parts[..1], &[vec![1, 2]]).unwrap_err().to_string();
+        assert!(e.contains("1 lines, but its rank wrote 2"), "{e}");
+
+        let rows = vec![vec![-0.1f32, f32::MIN_POSITIVE, 3.0e-39], vec![], vec![-1.0e30]];
+        let back = decode_rows(&encode_rows(&rows)).unwrap();
+        assert_eq!(back.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>(), rows.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(back.iter().map(Vec::len).collect::<Vec<_>>(), [3, 0, 1]);
+        assert!(decode_rows(&encode_rows(&rows)[..9]).is_err());
     }
 
     #[test]
