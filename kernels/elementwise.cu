@@ -22,16 +22,27 @@ extern "C" __global__ void bias_add(float* y, const float* b, long long n, int d
 }
 
 // out[dim] += sum_r dy[r, c] * (x ? x[r, c] * rstd[r] : 1), rows summed in order from out[c]
-// (the CPU's order, so bias_bwd is bit-exact). One thread per column c.
+// (the CPU's order, so bias_bwd is bit-exact). One thread per column c; rstd staged in shared
+// memory 256 rows at a time (blockDim <= 256), so each block reads it once.
 extern "C" __global__ void col_sum(const float* dy, const float* x, const float* rstd, float* out, int rows, int dim) {
+    __shared__ float rs[256];
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= dim) return;
-    float acc = out[c];
-    for (int r = 0; r < rows; r++) {
-        const long long i = (long long)r * dim + c;
-        acc += x ? dy[i] * x[i] * rstd[r] : dy[i];
+    float acc = c < dim ? out[c] : 0.f;
+    for (int r0 = 0; r0 < rows; r0 += blockDim.x) {
+        const int n = min((int)blockDim.x, rows - r0);
+        if (x) {
+            __syncthreads();
+            if ((int)threadIdx.x < n) rs[threadIdx.x] = rstd[r0 + threadIdx.x];
+            __syncthreads();
+        }
+        if (c < dim) {
+            for (int j = 0; j < n; j++) {
+                const long long i = (long long)(r0 + j) * dim + c;
+                acc += x ? dy[i] * x[i] * rs[j] : dy[i];
+            }
+        }
     }
-    out[c] = acc;
+    if (c < dim) out[c] = acc;
 }
 
 // out[n] = silu(gate) * up
@@ -52,18 +63,21 @@ extern "C" __global__ void swiglu_bwd(const float* dout, const float* gate, cons
 }
 
 // In-place rotate-half RoPE on x[tokens, n_heads, head_dim]; cs[tokens, head_dim/2, 2] holds
-// (cos, sin) of the (signed) angle per token and pair, computed on the host in f64.
+// (cos, sin) of the (signed) angle per token and pair, computed on the host in f64. One thread
+// per (token, pair) rotates that pair in every head, so the table is read once.
 extern "C" __global__ void rope(float* x, const float* cs, int tokens, int n_heads, int head_dim) {
     const int half = head_dim / 2;
-    const long long n = (long long)tokens * n_heads * half;
+    const long long n = (long long)tokens * half;
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
         const int i = e % half;
-        const long long th = e / half;  // t * n_heads + h
-        const long long t = th / n_heads;
-        const float c = cs[(t * half + i) * 2], s = cs[(t * half + i) * 2 + 1];
-        float* p = x + th * head_dim;
-        const float x1 = p[i], x2 = p[i + half];
-        p[i] = x1 * c - x2 * s;
-        p[i + half] = x2 * c + x1 * s;
+        const long long t = e / half;
+        const float2 a = reinterpret_cast<const float2*>(cs)[e];
+        const float c = a.x, s = a.y;
+        float* p = x + t * n_heads * head_dim;
+        for (int h = 0; h < n_heads; h++, p += head_dim) {
+            const float x1 = p[i], x2 = p[i + half];
+            p[i] = x1 * c - x2 * s;
+            p[i + half] = x2 * c + x1 * s;
+        }
     }
 }

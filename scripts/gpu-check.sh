@@ -9,15 +9,20 @@ scripts/gpu-check.sh [OUTDIR]
 Checks and measures ipo on an NVIDIA GPU in a few minutes, with no network and no Rust:
   env          nvidia-smi, driver and CUDA versions, the libraries ipo finds
   selftest     ipo selftest --device cuda: every kernel against the CPU reference, per-op times
+               (bf16, cuda's default precision)
   ceiling      ipo bench ceiling: bf16/fp32 cuBLAS GEMM TFLOP/s and streaming GB/s (the roofline)
   anchor       the same ceilings and a Hugging Face Llama-1B training step in PyTorch (if present)
-  ops-smollm2  ipo bench ops: every op at a SmolLM2-135M layer (1024 tokens), share of the ceiling
+  ops-smollm2  ipo bench ops --precision f32: every op at a SmolLM2-135M layer (1024 tokens),
+               share of the ceiling
   ops-llama1b  the same at a Llama-3.2-1B layer (4096 tokens)
-  train-f32    ipo bench train: segment-DPO steps (fwd + bwd + AdamW) of a random-weight 1B Llama
-  train-bf16   the same with IPO_PRECISION=bf16
-  decode       ipo bench decode: batched greedy decode of the 1B Llama at batch 1, 32, 256
+  train-f32    ipo bench train --precision f32: segment-DPO steps (fwd + bwd + AdamW) of a
+               random-weight 1B Llama
+  train-bf16   the same with --precision bf16
+  decode       ipo bench decode --precision f32: batched greedy decode of the 1B Llama at batch 1,
+               32, 256
   run          ipo run of a shrunken demo on a random-weight 4-layer SmolLM2 (default tokenizer)
-               on cuda and on cpu; the CPU run's pairs re-scored on cuda must match
+               on cuda (bf16, the default) and on cpu; the CPU run's pairs re-scored on cuda at
+               --precision f32 must match
 Every part runs (a failure never stops the check) and reports pass / fail / timeout /
 skipped / no GPU with its message. Results: OUTDIR/gpu-check.json, gpu-check.md and
 gpu-check.log (all output). OUTDIR defaults to $OUT, else ./gpu-check-out. Exit status 0 only
@@ -153,7 +158,7 @@ part_run() {
     grep -v 'samples, [0-9]* tokens/s$' "$work/run-$name.log" | tail -n 30
   done
   echo "--- ipo score --device $first of the CPU run's pairs"
-  "$bin" score --model "$work/rand4" --pairs "$work/run-cpu/pairs.jsonl" --output "$work/score-cuda.jsonl" --device $first || rc=1
+  "$bin" score --model "$work/rand4" --pairs "$work/run-cpu/pairs.jsonl" --output "$work/score-cuda.jsonl" --device $first --precision f32 || rc=1
   python3 scripts/gpu-check/compare_runs.py "$work" "$work/run.json" || rc=1
   return $rc
 }
@@ -168,13 +173,13 @@ run_part selftest 180 "$bin" selftest --device "$dev"
 run_part ceiling 90 "$bin" bench ceiling --device "$dev" "${dry[@]}" --json "$work/ceiling.json"
 ceil=()
 [ -f "$work/ceiling.json" ] && ceil=(--ceiling "$work/ceiling.json")
-run_part ops-smollm2 90 "$bin" bench ops --device "$dev" --shape "$small" "${ceil[@]}" --json "$work/ops-smollm2.json"
-run_part train-f32 150 "$bin" bench train --device "$train_dev" --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-f32.json"
-run_part decode 150 "$bin" bench decode --device "$train_dev" --shape "$big" "${small_train[@]:4:4}" "${ceil[@]}" --json "$work/decode.json"
+run_part ops-smollm2 90 "$bin" bench ops --device "$dev" --precision f32 --shape "$small" "${ceil[@]}" --json "$work/ops-smollm2.json"
+run_part train-f32 150 "$bin" bench train --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-f32.json"
+run_part decode 150 "$bin" bench decode --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:4:4}" "${ceil[@]}" --json "$work/decode.json"
 run_part run 240 bash -c part_run
 run_part anchor 150 python3 scripts/gpu-check/anchor.py "$work/anchor.json"
-run_part ops-llama1b 120 "$bin" bench ops --device "$dev" --shape "$big" "${ceil[@]}" --json "$work/ops-llama1b.json"
-run_part train-bf16 150 env IPO_PRECISION=bf16 "$bin" bench train --device "$train_dev" --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-bf16.json"
+run_part ops-llama1b 120 "$bin" bench ops --device "$dev" --precision f32 --shape "$big" "${ceil[@]}" --json "$work/ops-llama1b.json"
+run_part train-bf16 150 "$bin" bench train --device "$train_dev" --precision bf16 --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-bf16.json"
 
 # Everything each part printed, in one file.
 for f in "$work"/logs/*.log; do

@@ -70,17 +70,17 @@ fn kernel_build_failure_is_an_error_with_the_log() {
     assert!(e.contains("cuda_bf16.h"), "the NVRTC log: {e}");
 }
 
-/// `IPO_PRECISION=bf16` does not turn the f32 parity rows into false failures (on an H200 it
-/// did: 52 of 70 rows "failed" on bf16 rounding against fp32 tolerances); the table runs at fp32
-/// and says so.
+/// `--precision bf16` (the default on a real GPU) does not turn the f32 parity rows into false
+/// failures (on an H200 it did: 52 of 70 rows "failed" on bf16 rounding against fp32
+/// tolerances); the table runs at fp32 and says so.
 #[test]
 fn selftest_under_bf16_precision_checks_f32_rows_at_fp32() {
     if common::required("NVRTC", ptxsim::nvrtc::Nvrtc::load()).is_none() {
         return;
     }
-    let o = ipo(&["selftest", "--device", "sim", "--ops", "matmul,attention"], &[("IPO_PRECISION", "bf16")]);
+    let o = ipo(&["selftest", "--device", "sim", "--precision", "bf16", "--ops", "matmul,attention"], &[]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", stderr(&o));
-    assert!(out.contains("note: IPO_PRECISION=bf16 applies to the timings"), "{out}");
+    assert!(out.contains("note: --precision bf16 applies to the timings"), "{out}");
     assert!(out.contains("checks pass") && !out.contains(" NO\n"), "{out}");
 }

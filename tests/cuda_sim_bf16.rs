@@ -341,40 +341,24 @@ fn qwen3_untied_bf16_matches_cpu() {
     check_model(Family::Qwen3, false, 13);
 }
 
-/// `IPO_PRECISION` as `CudaBackend::new` reads it, checked in a child process of this test
-/// binary (setting the variable here would race with the other tests' environment reads).
+/// `CudaBackend::new` is the fp32 reference whatever the environment says; the commands pick
+/// the precision (`--precision`, bf16 by default on a real GPU) and refuse the retired
+/// `IPO_PRECISION` variable, naming the flag that replaced it, instead of ignoring it.
 #[test]
-fn ipo_precision_env_selects_the_mode() {
-    if sim_with(Precision::F32).is_none() {
-        return;
-    }
-    let exe = std::env::current_exe().unwrap();
-    for (value, want) in [("bf16", "bf16"), ("F32", "f32"), ("", "f32"), ("fp16", "error")] {
-        let out = std::process::Command::new(&exe)
-            .args(["env_precision_child", "--exact", "--nocapture", "--test-threads", "1"])
-            .env("IPO_PRECISION", value)
-            .env("IPO_PRECISION_CHILD_WANT", want)
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && text.contains("1 passed"), "IPO_PRECISION={value:?}:\n{text}");
-    }
-}
-
-/// The child of `ipo_precision_env_selects_the_mode` (does nothing when run directly).
-#[test]
-fn env_precision_child() {
-    let Ok(want) = std::env::var("IPO_PRECISION_CHILD_WANT") else { return };
-    match CudaBackend::new(Sim::new()) {
-        Ok(be) => {
-            assert_eq!(be.precision().name(), want);
-            assert!(be.name().starts_with(&format!("cuda-{want} ")), "{}", be.name());
-        }
-        Err(e) => {
-            assert_eq!(want, "error", "{e}");
-            assert!(e.to_string().contains("IPO_PRECISION") && e.to_string().contains("expected f32, bf16 or q8"), "{e}");
-        }
-    }
+fn precision_comes_from_the_flag_and_ipo_precision_is_refused() {
+    let Some(be) = sim_with(Precision::F32) else { return };
+    drop(be);
+    assert_eq!(CudaBackend::new(Sim::new()).unwrap().precision(), Precision::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipo"))
+        .args(["selftest", "--device", "sim", "--ops", "add_assign"])
+        .env("IPO_PRECISION", "bf16")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("IPO_PRECISION=bf16 is no longer read") && err.contains("--precision bf16"), "{err}");
 }
 
 /// `Sim`'s bf16 GEMM with cuBLAS strided-batched semantics: batch 2, strides and leading

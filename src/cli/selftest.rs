@@ -13,6 +13,7 @@
 
 use crate::backend::cuda::{library_report, parity, resources, time_ms, CudaBackend, Gpu, Precision};
 use crate::backend::workload::{self, Shape};
+use crate::workflow::device::{resolve_precision, Device};
 use anyhow::{bail, Context};
 
 #[derive(clap::Args, Debug)]
@@ -32,6 +33,11 @@ pub struct Args {
     /// Also time every op of the workload (always on with a GPU).
     #[arg(long)]
     pub time: bool,
+    /// Precision of the timed ops: bf16 or f32 (default: bf16 on cuda, f32 on sim, as every
+    /// command). The table checks each kernel at its own precision whatever this is: the f32
+    /// rows at fp32 tolerances, the bf16 paths in their `*_bf16` rows.
+    #[arg(long, value_name = "PRECISION", value_parser = crate::workflow::device::parse_precision)]
+    pub precision: Option<Precision>,
     /// Timed calls per op (after one warm-up call); default 20 on a GPU, 1 on the simulator.
     #[arg(long, value_name = "N")]
     pub reps: Option<usize>,
@@ -70,12 +76,12 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
     // inside a check.
     be.prepare(resources::HEAD_DIMS)?;
     // The table checks each kernel at its own precision: the f32 rows at fp32 tolerances, the
-    // `*_bf16` rows on the bf16 paths. IPO_PRECISION=bf16 would route the f32 rows through bf16
-    // math and fail them on bf16 rounding (seen on an H200: errors ~1e-3 against 1e-6), so the
-    // table runs at fp32 and the precision comes back for the timings.
+    // `*_bf16` rows on the bf16 paths. bf16 would route the f32 rows through bf16 math and fail
+    // them on bf16 rounding (seen on an H200: errors ~1e-3 against 1e-6), so the table runs at
+    // fp32 and the precision comes back for the timings.
     let precision = be.precision();
     if precision != Precision::F32 {
-        println!("note: IPO_PRECISION={} applies to the timings; the table checks the f32 kernels at fp32 and the bf16 paths in their *_bf16 rows", precision.name());
+        println!("note: --precision {} applies to the timings; the table checks the f32 kernels at fp32 and the bf16 paths in their *_bf16 rows", precision.name());
         be.set_precision(Precision::F32);
     }
     let rows: Vec<_> = ops.iter().flat_map(|op| parity::check_op(be, op, a.seed)).collect();
@@ -116,9 +122,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.resources {
         return resource_table(&a.arch);
     }
+    let precision = |d: Device| -> anyhow::Result<Precision> {
+        match resolve_precision(d, a.precision)? {
+            Precision::Q8 => bail!("--precision q8: 8-bit weights exist on the CPU backend only; use bf16 or f32"),
+            p => Ok(p),
+        }
+    };
     match a.device.as_str() {
         "sim" => {
             let be = CudaBackend::sim().context("CUDA simulator backend")?;
+            be.set_precision(precision(Device::Sim)?);
             table(&be, &a)?;
             if a.time {
                 timings(&be, &a, workload::SMALL, a.reps.unwrap_or(1))?;
@@ -127,7 +140,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         d if d == "cuda" || d.starts_with("cuda:") => {
             let n = d.strip_prefix("cuda:").map_or(Ok(0), |s| s.parse::<usize>()).with_context(|| format!("--device {d}: expected cuda:N"))?;
+            let p = precision(Device::Cuda(n))?;
             let be = CudaBackend::cuda(n).context("CUDA device")?;
+            be.set_precision(p);
             table(&be, &a)?;
             // SmolLM2-135M layer dims, 1024 packed tokens, the full vocabulary, 32 sequences decoding.
             timings(&be, &a, crate::workflow::bench::ModelShape::Smollm2.workload(), a.reps.unwrap_or(20))

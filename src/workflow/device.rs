@@ -66,7 +66,20 @@ impl<'de> serde::Deserialize<'de> for Device {
 }
 
 /// The help text of every `--precision` flag.
-pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights and the KV cache stored in bf16; trained weights, master copies and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). On cuda the default is IPO_PRECISION's value, else f32";
+pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights and the KV cache stored in bf16; trained weights, master copies and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). Default: bf16 on cuda, f32 on cpu and sim (the simulator is the parity tool: pass --precision bf16 to run cuda's default path on it)";
+
+/// The precision a command runs at on `device`: `flag` when given, else bf16 on a real GPU and
+/// f32 on the CPU and the simulator. `IPO_PRECISION`, which chose the CUDA precision before
+/// `--precision` existed, is refused with the flag to use instead.
+pub(crate) fn resolve_precision(device: Device, flag: Option<Precision>) -> Result<Precision> {
+    if let Some(v) = std::env::var("IPO_PRECISION").ok().filter(|v| !v.trim().is_empty()) {
+        bail!("IPO_PRECISION={v} is no longer read: pass --precision {} (in ipo run's config: precision = \"{}\"), or unset it", v.trim(), v.trim());
+    }
+    Ok(flag.unwrap_or(match device {
+        Device::Cuda(_) => Precision::Bf16,
+        Device::Cpu | Device::Sim => Precision::F32,
+    }))
+}
 
 /// Parses a `--precision` value; errors name the flag.
 pub fn parse_precision(s: &str) -> Result<Precision> {
@@ -90,22 +103,21 @@ fn precision_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<P
 }
 
 pub(crate) fn cpu(precision: Option<Precision>) -> Result<CpuBackend<f32>> {
-    Ok(CpuBackend::with_precision(precision.unwrap_or_default()))
+    Ok(CpuBackend::with_precision(resolve_precision(Device::Cpu, precision)?))
 }
 
 pub(crate) fn sim(precision: Option<Precision>) -> Result<CudaBackend<Sim>> {
     eprintln!("note: --device sim runs every kernel in the PTX simulator: every instruction is interpreted on this CPU, so expect it to be far slower than --device cpu");
     let be = CudaBackend::sim().context("--device sim: the CUDA backend on the PTX simulator")?;
-    set_cuda_precision(&be, precision)?;
+    set_cuda_precision(&be, resolve_precision(Device::Sim, precision)?)?;
     Ok(be)
 }
 
-fn set_cuda_precision<G: crate::backend::cuda::Gpu>(be: &CudaBackend<G>, precision: Option<Precision>) -> Result<()> {
-    match precision {
-        Some(Precision::Q8) => bail!("--precision q8: 8-bit weights exist on --device cpu only; use bf16 or f32 on {}", if be.gpu().name().contains("sim") { "sim" } else { "cuda" }),
-        Some(p) => be.set_precision(p),
-        None => {}
+fn set_cuda_precision<G: crate::backend::cuda::Gpu>(be: &CudaBackend<G>, precision: Precision) -> Result<()> {
+    if precision == Precision::Q8 {
+        bail!("--precision q8: 8-bit weights exist on --device cpu only; use bf16 or f32 on {}", if be.gpu().name().contains("sim") { "sim" } else { "cuda" });
     }
+    be.set_precision(precision);
     Ok(())
 }
 
@@ -122,6 +134,7 @@ pub(crate) fn cuda(ordinal: usize, precision: Option<Precision>) -> Result<CudaB
             eprintln!("{line}");
         }
     }
+    let precision = resolve_precision(Device::Cuda(ordinal), precision)?;
     let be = CudaBackend::cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
     set_cuda_precision(&be, precision)?;
     Ok(be)
@@ -166,5 +179,15 @@ mod tests {
             assert!(e.starts_with(&format!("--device {bad}:")), "{e}");
         }
         assert_eq!(Device::parse("cuda:2").unwrap().to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn bf16_is_the_default_on_a_real_gpu_only() {
+        // Holds when the test runs without the retired IPO_PRECISION (which is refused).
+        assert_eq!(resolve_precision(Device::Cuda(1), None).unwrap(), Precision::Bf16);
+        assert_eq!(resolve_precision(Device::Sim, None).unwrap(), Precision::F32);
+        assert_eq!(resolve_precision(Device::Cpu, None).unwrap(), Precision::F32);
+        assert_eq!(resolve_precision(Device::Cuda(0), Some(Precision::F32)).unwrap(), Precision::F32);
+        assert_eq!(resolve_precision(Device::Cpu, Some(Precision::Q8)).unwrap(), Precision::Q8);
     }
 }

@@ -219,8 +219,8 @@ pub fn required<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> Option<T
     }
 }
 
-/// The CUDA backend on the PTX simulator (NVRTC needed) at `IPO_PRECISION`'s precision, as
-/// `CudaBackend::sim()` gives it.
+/// The CUDA backend on the PTX simulator (NVRTC needed) in fp32, as `CudaBackend::sim()` gives
+/// it.
 #[track_caller]
 pub fn sim() -> Option<CudaBackend<Sim>> {
     required("the CUDA simulator backend", CudaBackend::sim())

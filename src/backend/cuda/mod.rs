@@ -134,6 +134,18 @@ const BLOCK: u32 = 256;
 fn grid1(n: usize) -> (u32, u32, u32) {
     ((n.div_ceil(BLOCK as usize)).clamp(1, 4096) as u32, 1, 1)
 }
+
+/// The register-resident RMSNorm kernels (kernels/rmsnorm.cu) for `rows` x `dim`: the variant
+/// suffix `v<V>` (V columns per thread, the smallest power of two up to 16 with
+/// dim <= 256 V), the grid (about 4 rows per block, at most 512 blocks, so w is read once per
+/// block) and the block (dim / V rounded up to a warp, at most 256: rmsnorm_bwd_v16 takes 143
+/// registers at sm_90, so 512 threads would not fit an SM's 64K). `None` for rows wider than
+/// 16 x 256 (the one-row-per-block kernels).
+fn rmsnorm_launch(rows: usize, dim: usize) -> Option<(String, (u32, u32, u32), u32)> {
+    let v = dim.div_ceil(256).next_power_of_two().min(16);
+    let block = dim.div_ceil(v).next_multiple_of(32);
+    (block <= 256).then(|| (format!("v{v}"), (rows.div_ceil(4).clamp(1, 512) as u32, 1, 1), block as u32))
+}
 /// Query tile of attn_fwd / attn_bwd_dq / paged_attn (QW in the kernels) and key tile of
 /// attn_bwd_dkdv (KT).
 const QW: usize = 4;
@@ -181,17 +193,13 @@ impl CudaBackend<Cudarc> {
 }
 
 impl<G: Gpu> CudaBackend<G> {
-    /// The backend on `gpu`, in the precision `IPO_PRECISION` names (`f32` when unset).
+    /// The backend on `gpu` in fp32, the parity reference (`with_precision` for bf16; the
+    /// commands choose bf16 on a real GPU, `workflow::device`).
     pub fn new(gpu: G) -> Result<Self, GpuError> {
-        Self::new_with(gpu, None)
+        Self::new_with(gpu, Precision::F32)
     }
 
-    /// `new` with precision `p`, or `IPO_PRECISION`'s when `None`.
-    fn new_with(gpu: G, p: Option<Precision>) -> Result<Self, GpuError> {
-        let p = match p {
-            Some(p) => p,
-            None => Precision::from_env_value(std::env::var("IPO_PRECISION").ok().as_deref())?,
-        };
+    fn new_with(gpu: G, p: Precision) -> Result<Self, GpuError> {
         if p == Precision::Q8 {
             return Err(GpuError::Device("precision q8 (8-bit weights) exists on the CPU backend only; use bf16 or f32 on cuda".into()));
         }
@@ -538,12 +546,18 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     fn rmsnorm(&self, x: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, eps: f32, out: &mut CudaBuf<G>, rstd: &mut CudaBuf<G>) {
         let rows = x.len / dim;
         assert!(w.len == dim && out.len == x.len && rstd.len >= rows, "rmsnorm shapes");
-        if rows > 0 {
-            let block = (dim.next_multiple_of(32)).clamp(32, 256) as u32;
-            self.launch(
-                "rmsnorm.cu", &[], "rmsnorm_fwd", (rows as u32, 1, 1), block, 0,
+        if rows == 0 {
+            return;
+        }
+        match rmsnorm_launch(rows, dim) {
+            Some((name, grid, block)) => self.launch(
+                "rmsnorm.cu", &[], &format!("rmsnorm_fwd_{name}"), grid, block, 0,
+                &[Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(out.ptr), Arg::Ptr(rstd.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32), Arg::F32(eps)],
+            ),
+            None => self.launch(
+                "rmsnorm.cu", &[], "rmsnorm_fwd", (rows as u32, 1, 1), 256, 0,
                 &[Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(out.ptr), Arg::Ptr(rstd.ptr), Arg::I32(dim as i32), Arg::F32(eps)],
-            );
+            ),
         }
     }
 
@@ -553,11 +567,16 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if rows == 0 {
             return;
         }
-        let block = (dim.next_multiple_of(32)).clamp(32, 256) as u32;
-        self.launch(
-            "rmsnorm.cu", &[], "rmsnorm_bwd", (rows as u32, 1, 1), block, 0,
-            &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(dim as i32)],
-        );
+        match rmsnorm_launch(rows, dim) {
+            Some((name, grid, block)) => self.launch(
+                "rmsnorm.cu", &[], &format!("rmsnorm_bwd_{name}"), grid, block, 0,
+                &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32)],
+            ),
+            None => self.launch(
+                "rmsnorm.cu", &[], "rmsnorm_bwd", (rows as u32, 1, 1), 256, 0,
+                &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(dim as i32)],
+            ),
+        }
         self.launch(
             "elementwise.cu", &[], "col_sum", grid1(dim), BLOCK, 0,
             &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dw.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32)],
@@ -604,7 +623,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         }
         let cs_d = &cached.as_ref().expect("just filled").table;
         self.launch(
-            "elementwise.cu", &[], "rope", grid1(tokens * n_heads * half), BLOCK, 0,
+            "elementwise.cu", &[], "rope", grid1(tokens * half), BLOCK, 0,
             &[Arg::Ptr(x.ptr), Arg::Ptr(cs_d.ptr), Arg::I32(tokens as i32), Arg::I32(n_heads as i32), Arg::I32(head_dim as i32)],
         );
     }

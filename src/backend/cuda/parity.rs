@@ -275,7 +275,9 @@ fn embedding_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 }
 
 fn rmsnorm<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for (rows, dim) in [(3, 7), (5, 64), (2, 300)] {
+    // v1 (dim 7, 64), v2 (300), v8 (1100), v16 (4096) and the one-row-per-block kernels (9000);
+    // 260 rows: 4 rows per block, and col_sum stages rstd twice.
+    for (rows, dim) in [(3, 7), (5, 64), (2, 300), (260, 24), (9, 1100), (3, 4096), (2, 9000)] {
         // dy is drawn too, so that both rmsnorm checks see the same x and w.
         let (x, w, _dy) = (r.vec(rows * dim, 1.0), r.vec(dim, 1.0), r.vec(rows * dim, 1.0));
         let (mut oc, mut rc) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows]));
@@ -290,7 +292,9 @@ fn rmsnorm<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 
 /// dx and dw (accumulated onto random values) from the CPU's saved rstd.
 fn rmsnorm_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
-    for (rows, dim) in [(3, 7), (5, 64), (2, 300)] {
+    // v1 (dim 7, 64), v2 (300), v8 (1100), v16 (4096) and the one-row-per-block kernels (9000);
+    // 260 rows: 4 rows per block, and col_sum stages rstd twice.
+    for (rows, dim) in [(3, 7), (5, 64), (2, 300), (260, 24), (9, 1100), (3, 4096), (2, 9000)] {
         let (x, w, dy) = (r.vec(rows * dim, 1.0), r.vec(dim, 1.0), r.vec(rows * dim, 1.0));
         let (mut oc, mut rc) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows]));
         c.cpu.rmsnorm(&x, &w, dim, 1e-5, &mut oc, &mut rc);

@@ -8,8 +8,9 @@
 //! attn_fwd; the backward FA2-style with P recomputed from lse). Everything else (norms, RoPE,
 //! SwiGLU, the lm-head's log-softmax, AdamW) stays fp32; the fused lm-head's GEMMs run in bf16
 //! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`) and the paged
-//! KV cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision`, `set_precision`, or
-//! `IPO_PRECISION=bf16|f32` read by `CudaBackend::new`.
+//! KV cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision` or `set_precision`
+//! (`CudaBackend::new` is fp32); the commands' `--precision` flag picks it, bf16 by default on a
+//! real GPU (`workflow::device`).
 
 use super::gpu::{Arg, DevPtr, Gemm, GemmInput, Gpu, GpuError};
 use super::{grid1, CudaBackend, CudaBuf, BLOCK};
@@ -18,15 +19,6 @@ use crate::backend::{AttnDims, AttnLayout};
 pub use crate::backend::Precision;
 
 impl Precision {
-    /// The precision `IPO_PRECISION` asks for: F32 when unset or empty.
-    pub(crate) fn from_env_value(v: Option<&str>) -> Result<Precision, GpuError> {
-        match v {
-            None => Ok(Precision::F32),
-            Some(s) if s.trim().is_empty() => Ok(Precision::F32),
-            Some(s) => Precision::parse(s).map_err(|e| GpuError::Device(format!("IPO_PRECISION: {e}"))),
-        }
-    }
-
     pub(super) fn to_u8(self) -> u8 {
         self as u8
     }
@@ -95,10 +87,9 @@ fn mma_dkdv_smem_bytes(head_dim: usize) -> usize {
 }
 
 impl<G: Gpu> CudaBackend<G> {
-    /// The CUDA backend on `gpu` in precision `p` (ignores `IPO_PRECISION`).
+    /// The CUDA backend on `gpu` in precision `p`.
     pub fn with_precision(gpu: G, p: Precision) -> Result<Self, GpuError> {
-        let b = Self::new_with(gpu, Some(p))?;
-        Ok(b)
+        Self::new_with(gpu, p)
     }
 
     pub fn precision(&self) -> Precision {
@@ -247,10 +238,6 @@ mod tests {
         assert_eq!(Precision::parse("f32").unwrap(), Precision::F32);
         assert_eq!(Precision::parse("FP32").unwrap(), Precision::F32);
         assert!(Precision::parse("fp16").unwrap_err().to_string().contains("expected f32, bf16 or q8"));
-        assert_eq!(Precision::from_env_value(None).unwrap(), Precision::F32);
-        assert_eq!(Precision::from_env_value(Some("")).unwrap(), Precision::F32);
-        assert_eq!(Precision::from_env_value(Some("bf16")).unwrap(), Precision::Bf16);
-        assert!(Precision::from_env_value(Some("half")).unwrap_err().to_string().contains("IPO_PRECISION"));
         for p in [Precision::F32, Precision::Bf16] {
             assert_eq!(Precision::from_u8(p.to_u8()), p);
             assert_eq!(Precision::parse(p.name()).unwrap(), p);
