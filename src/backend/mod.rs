@@ -580,4 +580,44 @@ pub trait Backend: Send + Sync {
     ) {
         self.lm_head_bwd(h, w, dim, rows, targets, lse, &self.download(dlogp), dh, dw)
     }
+
+    // ---- data parallel: the group's collectives reach the backend as functions, because the
+    // ---- communicator (`crate::dist::Comm`) sits in the layer above.
+
+    /// Joins a data-parallel group of `world` ranks as rank `rank`, so that `all_reduce_sum`
+    /// can sum device buffers in place, with every wait bounded by `timeout`. Every rank calls
+    /// it together; `all_gather` is the group's host all-gather (every rank's bytes in rank
+    /// order). The default does nothing (sums go through the host). `CudaBackend` on a GPU sets
+    /// up NCCL (`cuda::nccl`): rank 0's unique id is handed out with one `all_gather`, and a
+    /// missing libnccl.so.2 on any rank is an error on every rank, naming it.
+    fn join_group(&self, rank: usize, world: usize, timeout: std::time::Duration, all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>) -> anyhow::Result<()> {
+        let _ = (rank, world, timeout, all_gather);
+        Ok(())
+    }
+
+    /// Sums `bufs` (f32 gradients) over the data-parallel group, in place: the trainer's
+    /// gradient all-reduce. `host_sum` is the group's all-reduce of a host vector. The default
+    /// is `host_all_reduce` (every buffer through one host vector), so the sum has the host
+    /// group's bits (rank order, fp32); `CudaBackend` on a GPU that joined a group
+    /// (`join_group`) sums the device buffers with NCCL instead.
+    fn all_reduce_sum(&self, bufs: &mut [&mut Self::Buf], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        host_all_reduce(self, bufs, host_sum)
+    }
+}
+
+/// `Backend::all_reduce_sum` through the host: `bufs` downloaded into one flat vector, summed
+/// by `host_sum` (one collective for all of them), and uploaded again in place of the old ones.
+pub fn host_all_reduce<B: Backend + ?Sized>(be: &B, bufs: &mut [&mut B::Buf], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let lens: Vec<usize> = bufs.iter().map(|b| be.len(b)).collect();
+    let mut flat: Vec<f32> = Vec::with_capacity(lens.iter().sum()); // [every element of bufs] f32
+    for b in bufs.iter() {
+        flat.extend_from_slice(&be.download(b));
+    }
+    host_sum(&mut flat)?;
+    let mut at = 0;
+    for (b, n) in bufs.iter_mut().zip(lens) {
+        **b = be.upload(&flat[at..at + n]);
+        at += n;
+    }
+    Ok(())
 }

@@ -5,13 +5,21 @@
 //! - `Group::single()`: world 1, no communication (the default of every command);
 //! - `Group::threads(world)`: one thread per rank in one process (`thread`), for tests;
 //! - `Group::tcp(&env)`: one process per rank over TCP (`tcp`), rank 0 listening on
-//!   MASTER_ADDR:MASTER_PORT; what `ipo launch` and torchrun/srun launches use today.
+//!   MASTER_ADDR:MASTER_PORT; what `ipo launch` and torchrun/srun launches use.
 //!
-//! These transports are for proving the orchestration on `--device cpu|sim` and for debugging:
-//! buffers go through host memory and a star around rank 0 (every rank sends its buffer to
-//! rank 0, which reduces and sends the result back), so the time of an all-reduce grows with
-//! the world size. They are not a production backend. The production one is NCCL (device
-//! buffers, ring/tree all-reduce over NVLink/InfiniBand), which is not implemented yet.
+//! These transports carry buffers through host memory and a star around rank 0 (every rank
+//! sends its buffer to rank 0, which reduces and sends the result back), so the time of an
+//! all-reduce grows with the world size. On `--device cpu|sim` they carry everything; they are
+//! not a production gradient transport.
+//!
+//! NCCL, on `--device cuda` at world > 1: the gradients are summed on the device by NCCL
+//! (`crate::backend::cuda::nccl`, through `Backend::join_group` / `Backend::all_reduce_sum`, the
+//! collectives of this layer passed down as functions). The TCP group stays the control plane:
+//! rank 0's NCCL unique id (128 bytes) reaches the other ranks in one `all_gather` over it, as
+//! do the metrics, the ZeRO-1 slices and checkpoints' moments. libnccl.so.2 is loaded at run
+//! time and needed only there; a rank without it fails the join on every rank before training.
+//! Unproven without a GPU: the NCCL calls themselves (CI has neither a GPU nor libnccl; the
+//! library locator and the join's error paths are what CI tests).
 //!
 //! Reduction order, fixed by design: rank 0 adds the ranks' buffers in rank order
 //! (`((x0 + x1) + x2) + ...`, in the buffer's precision) and every rank receives those same bits,
@@ -49,6 +57,9 @@ pub enum CommError {
     /// Rank 0 gave up on the collective (it names the rank that failed) and told this rank.
     #[error("rank 0 aborted the job: {0}")]
     Aborted(String),
+    /// The device's collectives (NCCL) failed: library missing, init, or an all-reduce.
+    #[error("{0}")]
+    Device(String),
 }
 
 /// The collectives data-parallel training needs. Every rank calls the same collectives in the
@@ -56,6 +67,10 @@ pub enum CommError {
 pub trait Comm: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
+    /// How long any wait may take (`IPO_DIST_TIMEOUT`); device collectives honour it too.
+    fn timeout(&self) -> Duration {
+        env::DEFAULT_TIMEOUT
+    }
     /// Sums `buf` over all ranks, in place (same length on every rank).
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
     /// Sums `buf` over all ranks, in place (host metrics).
@@ -157,7 +172,7 @@ impl Group {
         thread::group(world, timeout)
     }
 
-    /// Joins the TCP group of `env` (rank 0 listens, the others connect); a test/debug transport.
+    /// Joins the TCP group of `env` (rank 0 listens, the others connect).
     pub fn tcp(env: &DistEnv) -> Result<Group, CommError> {
         tcp::connect(env)
     }
@@ -290,6 +305,9 @@ impl Comm for Group {
     }
     fn world(&self) -> usize {
         self.world
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {

@@ -21,9 +21,11 @@
 //! over ranks of their accumulated gradients (all-reduced before the norm, the clipping and the
 //! update) is the world-1 gradient, and the loss values summed over ranks are the world-1
 //! metrics. Full fine-tuning all-reduces every weight gradient; LoRA only the adapters'
-//! gradients. Every rank then applies the same update to
-//! identical bits, so the weights never drift apart. A global batch gives the same training at
-//! any world size up to fp32 rounding of the differently associated gradient sums.
+//! gradients (`Backend::all_reduce_sum`: on a GPU NCCL sums the device buffers in place, in
+//! buckets; elsewhere one host vector goes through `Comm::all_reduce_sum`). Every rank then
+//! applies the same update to identical bits, so the weights never drift apart (NCCL, too,
+//! gives every rank the same sum). A global batch gives the same training at any world size up
+//! to fp32 rounding of the differently associated gradient sums.
 //!
 //! ZeRO-1 (`Trainer::data_parallel` with `zero1`, `ipo train --zero 1`; `super::zero`): each
 //! rank keeps AdamW moments for its 1/world slice of the flattened trainable tensors only
@@ -42,7 +44,7 @@ use super::optim::{apply, clip_factor, OptimConfig, OptimKind, Optimizer};
 use super::zero::Shard;
 use super::TrainError;
 use crate::backend::{Backend, SegmentDpo, SegmentPair};
-use crate::dist::Comm;
+use crate::dist::{Comm, CommError};
 use crate::model::adapter::Grads;
 use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
@@ -147,8 +149,14 @@ impl<B: Backend> Trainer<B> {
     /// As `new`, as one rank of `comm`'s group: every rank must hold the same model, pairs,
     /// config and step, and call `train_step` together. With `zero1` (and AdamW: SGD keeps no
     /// state) each rank keeps the moments of its 1/world slice of the trainable elements only
-    /// (ZeRO-1, `super::zero`).
+    /// (ZeRO-1, `super::zero`). At world > 1 the backend first joins the group
+    /// (`Backend::join_group`: NCCL on a GPU; a missing libnccl.so.2 fails here, on every rank,
+    /// before any step).
     pub fn data_parallel(model: Transformer<B>, pairs: Vec<TrainPair>, cfg: TrainConfig, comm: Arc<dyn Comm>, zero1: bool) -> Result<Self, TrainError> {
+        if comm.world() > 1 {
+            let c = &*comm;
+            model.backend.join_group(c.rank(), c.world(), c.timeout(), &mut |mine| Ok(c.all_gather(mine)?)).map_err(comm_error)?;
+        }
         let trainable = match &cfg.lora {
             None => Trainable::full(&model),
             Some(lc) => Trainable::Lora(Lora::init(lc.clone(), &model.cfg, cfg.seed)?),
@@ -491,38 +499,28 @@ impl<B: Backend> Trainer<B> {
         Ok((sum, tokens as usize))
     }
 
-    /// Sums every weight gradient over the group, in place (through host memory: the test
-    /// transports' way; NCCL would reduce the device buffers).
+    /// Sums every weight gradient over the group, in place (`all_reduce`).
     fn all_reduce_grads(&self, grads: &mut ModelWeights<B::Buf>) -> Result<(), TrainError> {
-        let be = &self.model.backend;
-        let (mut flat, mut lens) = (Vec::new(), Vec::new()); // [all gradient elements] f32
-        grads.for_each(|_, g| {
-            let h = be.download(g);
-            lens.push(h.len());
-            flat.extend_from_slice(&h);
-        });
-        self.comm.all_reduce_sum(&mut flat)?;
-        let (mut at, mut k) = (0, 0);
-        grads.for_each_mut(|_, g| {
-            *g = be.upload(&flat[at..at + lens[k]]);
-            at += lens[k];
-            k += 1;
-        });
-        Ok(())
+        let mut ptrs: Vec<*mut B::Buf> = Vec::new(); // ModelWeights::for_each order
+        grads.for_each_mut(|_, g| ptrs.push(g));
+        // SAFETY: pointers to distinct fields of `grads` (a tied lm_head is `None`, not an
+        // alias of `embed`), which stays mutably borrowed, and otherwise untouched, while the
+        // references live. (`for_each_mut` lends one field at a time, so it cannot collect them.)
+        let mut bufs: Vec<&mut B::Buf> = ptrs.into_iter().map(|p| unsafe { &mut *p }).collect();
+        self.all_reduce(&mut bufs)
     }
 
-    /// Sums gradient buffers over the group, in place.
+    /// Sums gradient buffers over the group, in place (`all_reduce`).
     fn all_reduce_bufs(&self, bufs: &mut [B::Buf]) -> Result<(), TrainError> {
-        let be = &self.model.backend;
-        let lens: Vec<usize> = bufs.iter().map(|b| be.len(b)).collect();
-        let mut flat: Vec<f32> = bufs.iter().flat_map(|b| be.download(b)).collect();
-        self.comm.all_reduce_sum(&mut flat)?;
-        let mut at = 0;
-        for (b, n) in bufs.iter_mut().zip(lens) {
-            *b = be.upload(&flat[at..at + n]);
-            at += n;
-        }
-        Ok(())
+        self.all_reduce(&mut bufs.iter_mut().collect::<Vec<_>>())
+    }
+
+    /// `Backend::all_reduce_sum` over this trainer's group: on the device where the backend
+    /// joined the group (`data_parallel`: NCCL on a GPU), else through the host collective
+    /// (`Comm::all_reduce_sum`, the sum in rank order, the same bits on every rank).
+    fn all_reduce(&self, bufs: &mut [&mut B::Buf]) -> Result<(), TrainError> {
+        let comm = &*self.comm;
+        self.model.backend.all_reduce_sum(bufs, &mut |x| Ok(comm.all_reduce_sum(x)?)).map_err(|e| comm_error(e).into())
     }
 
     /// Full fine-tuning update on the backend: global norm, clipping factor, then AdamW/SGD on
@@ -636,6 +634,12 @@ fn check_config(cfg: &TrainConfig, n_pairs: usize) -> Result<(), TrainError> {
         return bad("--max-grad-norm and --weight-decay must be >= 0");
     }
     Ok(())
+}
+
+/// A collective's error back from the backend: the group's own (`CommError`, passed through
+/// `Backend::all_reduce_sum`), or the device's (NCCL).
+fn comm_error(e: anyhow::Error) -> CommError {
+    e.downcast::<CommError>().unwrap_or_else(|e| CommError::Device(format!("{e:#}")))
 }
 
 /// The global L2 norm of gradient buffers: their sums of squares with one `sum_squares_many`

@@ -3,7 +3,8 @@
 //! (CUDA 13 changed explicit context creation; the primary context is the same in 12 and 13),
 //! kernels loaded as CUBIN for the device's `sm_XY` with cuModuleLoadData. Checks that libcuda
 //! is loadable before touching it, so "no GPU" is an error, not a panic. fp32 GEMMs go through
-//! cublasSgemmStridedBatched, bf16 ones through cublasGemmStridedBatchedEx.
+//! cublasSgemmStridedBatched, bf16 ones through cublasGemmStridedBatchedEx. In a data-parallel
+//! group (`Gpu::join_group`) it keeps an NCCL communicator for the gradient sums (nccl.rs).
 //!
 //! CUDA 13 drivers: every driver call here exists in libcuda.so.1 of a 13.x driver (cudarc is
 //! built against the 12.9 headers; a 13.x driver keeps every 12.x entry point, e.g.
@@ -11,6 +12,7 @@
 //! H200 with driver 580 (CUDA 13.0): the parity table and the timings ran.
 
 use super::cublas::{self, Cublas};
+use super::nccl;
 use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, StreamId};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
@@ -30,6 +32,8 @@ pub struct Cudarc {
     /// Created streams by id (0, the default stream, is the null stream) and the current one.
     streams: Mutex<(HashMap<StreamId, sys::CUstream>, StreamId)>,
     events: Mutex<(HashMap<EventId, sys::CUevent>, EventId)>,
+    /// The NCCL communicator of a data-parallel group, once joined (`Gpu::join_group`).
+    nccl: Mutex<Option<nccl::Comm>>,
 }
 
 // The context and handles are used under `set_current` on every call; the maps are locked.
@@ -96,6 +100,7 @@ impl Cudarc {
             funcs: Mutex::new(HashMap::new()),
             streams: Mutex::new((HashMap::new(), 0)),
             events: Mutex::new((HashMap::new(), 0)),
+            nccl: Mutex::new(None),
         })
     }
 
@@ -123,6 +128,7 @@ impl Cudarc {
 impl Drop for Cudarc {
     fn drop(&mut self) {
         if self.bind().is_ok() {
+            drop(self.nccl.lock().unwrap().take());
             self.blas.destroy(self.handle);
         }
     }
@@ -302,5 +308,18 @@ impl Gpu for Cudarc {
     fn memory_free(&self) -> Option<u64> {
         self.bind().ok()?;
         drv::mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+    fn join_group(&self, rank: usize, world: usize, timeout: std::time::Duration, all_gather: &mut dyn FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>, String>) -> Result<bool, GpuError> {
+        self.bind()?;
+        let comm = nccl::join(rank, world, timeout, all_gather).map_err(GpuError::Device)?;
+        *self.nccl.lock().unwrap() = Some(comm);
+        Ok(true)
+    }
+    fn group_all_reduce(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
+        let mut g = self.nccl.lock().unwrap();
+        let Some(comm) = g.as_mut() else { return Ok(false) };
+        self.bind()?;
+        comm.all_reduce_sum(bufs, self.current()?).map_err(GpuError::Device)?;
+        Ok(true)
     }
 }

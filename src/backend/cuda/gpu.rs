@@ -169,6 +169,24 @@ pub trait Gpu: Send + Sync + 'static {
     fn memory_free(&self) -> Option<u64> {
         None
     }
+
+    // ---- data-parallel groups (`Backend::join_group`, `Backend::all_reduce_sum`) ----
+
+    /// Joins a group of `world` ranks as rank `rank` whose `group_all_reduce` sums device
+    /// buffers (`Cudarc`: NCCL, nccl.rs), every wait bounded by `timeout`; `all_gather` is the
+    /// group's host all-gather. Returns false where the device has no such group (the default,
+    /// and `Sim`, which cannot run NCCL): sums then go through the host.
+    fn join_group(&self, rank: usize, world: usize, timeout: std::time::Duration, all_gather: &mut dyn FnMut(Vec<u8>) -> Result<Vec<Vec<u8>>, String>) -> Result<bool, GpuError> {
+        let _ = (rank, world, timeout, all_gather);
+        Ok(false)
+    }
+    /// Sums `bufs` (address, f32 count) over the joined group, in place, after the work
+    /// already issued on the current stream, and waits for the sums. Ok(false), doing nothing,
+    /// when no group was joined.
+    fn group_all_reduce(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
+        let _ = bufs;
+        Ok(false)
+    }
 }
 
 /// Device milliseconds of the work `f` issues on the current stream `s`, measured with a

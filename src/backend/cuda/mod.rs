@@ -8,6 +8,7 @@ mod cublas;
 mod dpo;
 mod driver;
 mod gpu;
+mod nccl;
 mod optim;
 pub mod parity;
 mod precision;
@@ -96,9 +97,9 @@ struct RopeTable<G: Gpu> {
 }
 
 /// How the CUDA libraries were found, one line each (printed by `ipo selftest`; for any command):
-/// NVRTC (path, rule, version), cuBLAS (path, rule), the driver (cuDriverGetVersion). A library
-/// that is missing gets a line saying how many places were tried (the error of the backend
-/// that needs it lists them).
+/// NVRTC (path, rule, version), cuBLAS (path, rule), NCCL (path, rule, version), the driver
+/// (cuDriverGetVersion). A library that is missing gets a line saying how many places were
+/// tried, or for NCCL what to install (the error of the backend that needs it lists them).
 pub(crate) fn library_report() -> Vec<String> {
     let missing = |name: &str, e: &ptxsim::cudalib::NotFound, var: &str| match e.tried.as_slice() {
         [one] => format!("{name}: not found: {one}"),
@@ -116,6 +117,13 @@ pub(crate) fn library_report() -> Vec<String> {
         Ok(l) => format!("cublas: {}", l.describe()),
         Err(e) => missing("cublas", &e, "IPO_CUBLAS"),
     };
+    let nccl = match nccl::Nccl::load() {
+        Ok(n) => match n.version() {
+            Ok((a, b, c)) => format!("nccl: {}, version {a}.{b}.{c}", n.describe()),
+            Err(e) => format!("nccl: {}: {e}", n.describe()),
+        },
+        Err(_) => "nccl: libnccl.so.2 not found (needed only by --device cuda with more than one rank; pip install nvidia-nccl-cu12, or set IPO_NCCL)".into(),
+    };
     let driver = match driver::driver_version() {
         Ok((a, b)) => format!("driver: CUDA {a}.{b} (cuDriverGetVersion)"),
         Err(e) => format!("driver: {e}"),
@@ -126,7 +134,7 @@ pub(crate) fn library_report() -> Vec<String> {
     } else {
         format!("cuda headers: {}", dirs.join(":"))
     };
-    vec![nvrtc, cublas, driver, headers]
+    vec![nvrtc, cublas, nccl, driver, headers]
 }
 
 /// Threads per block of the 1-D grid-stride kernels, and their grid for `n` elements.
@@ -429,6 +437,21 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn precision(&self) -> Precision {
         CudaBackend::precision(self)
+    }
+
+    /// On a GPU (`Cudarc`): NCCL (nccl.rs). On `Sim`: nothing, sums go through the host.
+    fn join_group(&self, rank: usize, world: usize, timeout: std::time::Duration, all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>) -> anyhow::Result<()> {
+        self.gpu.join_group(rank, world, timeout, &mut |mine| all_gather(mine).map_err(|e| format!("{e:#}")))?;
+        Ok(())
+    }
+
+    /// NCCL on the device buffers in place when the GPU joined a group, else through the host.
+    fn all_reduce_sum(&self, bufs: &mut [&mut CudaBuf<G>], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let ptrs: Vec<(DevPtr, usize)> = bufs.iter().map(|b| (b.at(0), b.len)).collect();
+        if self.gpu.group_all_reduce(&ptrs)? {
+            return Ok(());
+        }
+        super::host_all_reduce(self, bufs, host_sum)
     }
 
     fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[super::SampleRow]) -> Vec<u32> {
