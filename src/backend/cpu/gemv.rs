@@ -2,15 +2,13 @@
 //! the lm head): `c[i, j] (+)= a[i, :] . b[j, :]` for the handful of rows of a decode step.
 //! The `gemm` crate packs `b` on every call, which moves more memory than the product itself
 //! when `m` is small; here every weight row is read once, straight from the weights, and
-//! dotted with each row of `a` (which stays in L1). Rayon splits the weight rows.
+//! dotted with each row of `a` (which stays in L1). The decode team (team.rs) splits the weight
+//! rows.
 
-use super::Elem;
-use rayon::prelude::*;
+use super::{team, Elem, SendPtr};
 
 /// Rows of `a` up to which `matmul` (with `b` transposed) takes this path.
 pub(crate) const MAX_ROWS: usize = 8;
-/// Weight rows per rayon task.
-const ROWS_PER_TASK: usize = 64;
 
 /// `x . y` in 4 x 8 independent partial sums (vectorisable), combined pairwise, then the
 /// tail: the portable version (f64, and f32 without AVX2 + FMA).
@@ -71,54 +69,37 @@ pub(crate) unsafe fn dot_f32_avx2(x: &[f32], y: &[f32]) -> f32 {
     r
 }
 
-/// `out[jj, i] = a[i, :] . b[j0 + jj, :]` for the weight rows of one task (`out` `[rows, m]`).
-#[inline(always)]
-fn rows<F: Elem>(a: &[F], b: &[F], out: &mut [F], j0: usize, m: usize, k: usize) {
-    for (jj, o) in out.chunks_mut(m).enumerate() {
-        let w = &b[(j0 + jj) * k..(j0 + jj + 1) * k];
-        for (i, o) in o.iter_mut().enumerate() {
-            *o = F::dot(&a[i * k..(i + 1) * k], w);
-        }
-    }
-}
-
 /// `c[m, n] (+)= a[m, k] @ b[n, k]^T`, all row-major, `m <= MAX_ROWS`.
 pub(crate) fn matmul_bt<F: Elem>(a: &[F], b: &[F], c: &mut [F], m: usize, n: usize, k: usize, accumulate: bool) {
     debug_assert!(m <= MAX_ROWS);
-    // ct [n, m]: one contiguous slice per task, scattered into c afterwards.
-    let mut ct = vec![F::zero(); n * m];
-    ct.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, out)| {
-        let j0 = t * ROWS_PER_TASK;
-        rows(a, b, out, j0, m, k)
-    });
-    scatter(&ct, c, m, n, accumulate);
-}
-
-/// `c[i, j] (+)= ct[j, i]`: the per-weight-row results of a task back into row-major c.
-fn scatter<F: Elem>(ct: &[F], c: &mut [F], m: usize, n: usize, accumulate: bool) {
-    for i in 0..m {
-        let row = &mut c[i * n..(i + 1) * n];
-        if accumulate {
-            row.iter_mut().enumerate().for_each(|(j, x)| *x += ct[j * m + i]);
-        } else {
-            row.iter_mut().enumerate().for_each(|(j, x)| *x = ct[j * m + i]);
-        }
-    }
+    products(c, m, n, accumulate, |j, i| F::dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]));
 }
 
 /// `c[m, n] (+)= a[m, k] @ W^T` for `m <= MAX_ROWS` with `W` read as `row_dot(j, i)` =
 /// `W[j, :] . a[i, :]` (the bf16 and 8-bit decode paths; f32 `a` and `c`).
 pub(crate) fn matmul_bt_with(c: &mut [f32], m: usize, n: usize, accumulate: bool, row_dot: impl Fn(usize, usize) -> f32 + Sync) {
     debug_assert!(m <= MAX_ROWS);
-    let mut ct = vec![0f32; n * m];
-    ct.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, out)| {
-        for (jj, o) in out.chunks_mut(m).enumerate() {
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = row_dot(t * ROWS_PER_TASK + jj, i);
+    products(c, m, n, accumulate, row_dot);
+}
+
+/// `c[i, j] (+)= row_dot(j, i)` with the weight rows `j` split into tasks of the decode team
+/// (team.rs), about 16 per thread (a task reads 4-256 rows). Each entry is one `row_dot`,
+/// whichever thread computes it.
+fn products<F: Elem>(c: &mut [F], m: usize, n: usize, accumulate: bool, row_dot: impl Fn(usize, usize) -> F + Sync) {
+    let rows = (n / (16 * rayon::current_num_threads())).clamp(4, 256);
+    let cp = SendPtr(c.as_mut_ptr());
+    let task = |t: usize| {
+        for j in t * rows..((t + 1) * rows).min(n) {
+            for i in 0..m {
+                let v = row_dot(j, i);
+                // SAFETY: c holds [m, n] (asserted by the caller); entry (i, j) is this task's.
+                let o = unsafe { &mut *cp.get().add(i * n + j) };
+                *o = if accumulate { *o + v } else { v };
             }
         }
-    });
-    scatter(&ct, c, m, n, accumulate);
+    };
+    assert!(c.len() >= m * n);
+    team::for_each(n.div_ceil(rows), task);
 }
 
 /// Activation rows rounded to bf16 for `dot_bf16`: each row padded with zeros to a multiple of

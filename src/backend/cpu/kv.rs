@@ -50,6 +50,21 @@ pub(crate) fn copy_blocks<F: Elem>(cache: &mut [F], pairs: &[(u32, u32)], g: KvG
 
 /// Splits tasks by key chunks when there are fewer than this many tasks per thread.
 const MIN_TASKS_PER_THREAD: usize = 4;
+/// Query-key products (times head_dim) below which attention runs on the calling thread: a
+/// batch-1 decode step's attention takes microseconds, less than a rayon region from outside
+/// the pool.
+const SERIAL_WORK: usize = 1 << 17;
+
+/// How `attention_with` runs its tasks (the bits are the same every way).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Run {
+    /// One task per (sequence, KV head, block of queries), in turn on the calling thread.
+    Serial,
+    /// The same tasks on rayon.
+    Whole,
+    /// Each task split further by key chunks, on rayon.
+    Split,
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention<F: Elem>(
@@ -61,11 +76,15 @@ pub(crate) fn attention<F: Elem>(
     dims: AttnDims,
     out: &mut [F],
 ) {
+    let work: usize = seqs.iter().map(|s| s.q_len * s.ctx_len).sum::<usize>() * dims.n_heads * dims.head_dim;
+    if work < SERIAL_WORK {
+        return attention_with(q, cache, seqs, block_table, g, dims, out, Run::Serial);
+    }
     let split = seqs.iter().filter(|s| s.q_len > 0).count() * dims.n_kv_heads < MIN_TASKS_PER_THREAD * rayon::current_num_threads();
-    attention_with(q, cache, seqs, block_table, g, dims, out, split)
+    attention_with(q, cache, seqs, block_table, g, dims, out, if split { Run::Split } else { Run::Whole })
 }
 
-/// `attention`, choosing whether to split by key chunks (the bits are the same either way).
+/// `attention`, run as `run` says.
 #[allow(clippy::too_many_arguments)]
 fn attention_with<F: Elem>(
     q: &[F],
@@ -75,7 +94,7 @@ fn attention_with<F: Elem>(
     g: KvGeom,
     dims: AttnDims,
     out: &mut [F],
-    split: bool,
+    run: Run,
 ) {
     let (hd, nh) = (dims.head_dim, dims.n_heads);
     assert!(dims.n_kv_heads > 0 && nh.is_multiple_of(dims.n_kv_heads) && dims.n_kv_heads == g.n_kv_heads && hd == g.head_dim, "paged_attention: head geometry");
@@ -98,17 +117,19 @@ fn attention_with<F: Elem>(
     }
     let keys = |s: &PagedSeq, kvh: usize| Keys::Paged { cache, table: &block_table[s.table_start..s.table_start + s.ctx_len.div_ceil(g.block_size)], g, kvh };
     let outp = SendPtr(out.as_mut_ptr());
-    if !split {
-        blocks.into_par_iter().for_each_init(
-            || Fwd::new(group, hd, bq),
-            |ws, (s, kvh, qb)| {
-                fwd_block(ws, q, qrow, kvh, qb, &keys(&s, kvh), 0..usize::MAX);
-                // SAFETY: out holds every query row (checked above); each (query row, head
-                // group) belongs to one task.
-                unsafe { ws.write(qb, kvh, nh, outp, None) };
-            },
-        );
-        return;
+    let task = |ws: &mut Fwd<F>, (s, kvh, qb): (PagedSeq, usize, QBlock)| {
+        fwd_block(ws, q, qrow, kvh, qb, &keys(&s, kvh), 0..usize::MAX);
+        // SAFETY: out holds every query row (checked above); each (query row, head group)
+        // belongs to one task.
+        unsafe { ws.write(qb, kvh, nh, outp, None) };
+    };
+    match run {
+        Run::Serial => {
+            let mut ws = Fwd::new(group, hd, bq);
+            return blocks.into_iter().for_each(|b| task(&mut ws, b));
+        }
+        Run::Whole => return blocks.into_par_iter().for_each_init(|| Fwd::new(group, hd, bq), task),
+        Run::Split => {}
     }
     // One task per (block, key chunk); the partials of a block are folded in chunk order,
     // as `fwd_block` folds them when it runs all chunks itself.
@@ -203,18 +224,18 @@ mod tests {
         out
     }
 
-    fn run<F: Elem>(c: &Case, split: bool) -> Vec<F> {
+    fn run<F: Elem>(c: &Case, run: Run) -> Vec<F> {
         let mut out = vec![F::nan(); c.q.len()];
-        attention_with(&to::<F>(&c.q), &to::<F>(&c.cache), &c.seqs, &c.table, c.g, c.dims, &mut out, split);
+        attention_with(&to::<F>(&c.q), &to::<F>(&c.cache), &c.seqs, &c.table, c.g, c.dims, &mut out, run);
         out
     }
 
     const DIMS: [AttnDims; 2] = [AttnDims { n_heads: 6, n_kv_heads: 2, head_dim: 64 }, AttnDims { n_heads: 2, n_kv_heads: 2, head_dim: 24 }];
 
     /// Contexts crossing block and chunk boundaries, decode (q_len 1) and prefill chunks
-    /// (q_len > 1, also a whole prompt), block sizes 16 and 3; split by key chunks or not:
-    /// f64 within 1e-12 of the naive softmax, f32 within 1e-5 (relative to the largest
-    /// output; seen: 5e-7), and the split and unsplit bits equal.
+    /// (q_len > 1, also a whole prompt), block sizes 16 and 3; serial, or on rayon split by
+    /// key chunks or not: f64 within 1e-12 of the naive softmax, f32 within 1e-5 (relative to
+    /// the largest output; seen: 5e-7), and the bits equal every way.
     #[test]
     fn paged_attention_matches_naive() {
         let lens = [(1, 1), (17, 1), (300, 1), (600, 1), (45, 45), (70, 13), (531, 40)];
@@ -222,14 +243,16 @@ mod tests {
             for bs in [16, 3] {
                 let c = case(dims, bs, &lens, bs as u64);
                 let want = naive(&c);
-                for split in [false, true] {
-                    let e = rel(&run::<f64>(&c, split), &want);
-                    assert!(e < 1e-12, "f64 {dims:?} block {bs} split {split}: {e:e}");
-                    let e = rel(&run::<f32>(&c, split), &want);
-                    assert!(e < 1e-5, "f32 {dims:?} block {bs} split {split}: {e:e}");
+                for how in [Run::Serial, Run::Whole, Run::Split] {
+                    let e = rel(&run::<f64>(&c, how), &want);
+                    assert!(e < 1e-12, "f64 {dims:?} block {bs} {how:?}: {e:e}");
+                    let e = rel(&run::<f32>(&c, how), &want);
+                    assert!(e < 1e-5, "f32 {dims:?} block {bs} {how:?}: {e:e}");
                 }
                 let bits = |x: Vec<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert!(bits(run::<f32>(&c, false)) == bits(run::<f32>(&c, true)), "split vs unsplit bits, block {bs}");
+                let whole = bits(run::<f32>(&c, Run::Whole));
+                assert!(whole == bits(run::<f32>(&c, Run::Split)), "split vs unsplit bits, block {bs}");
+                assert!(whole == bits(run::<f32>(&c, Run::Serial)), "serial vs rayon bits, block {bs}");
             }
         }
     }
@@ -244,12 +267,12 @@ mod tests {
         let qrow = nh * hd;
         let whole = case(dims, 16, &[(n, n)], 5);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let prefill = bits(&run::<f32>(&whole, false));
+        let prefill = bits(&run::<f32>(&whole, Run::Whole));
         let mut steps: Vec<f32> = Vec::new();
         for ctx in 1..=n {
             let mut c = case(dims, 16, &[(ctx, 1)], 5);
             c.q = whole.q[(ctx - 1) * qrow..ctx * qrow].to_vec();
-            steps.extend(run::<f32>(&c, ctx % 2 == 0));
+            steps.extend(run::<f32>(&c, [Run::Serial, Run::Whole, Run::Split][ctx % 3]));
         }
         assert!(bits(&steps) == prefill, "decode steps vs prefill");
         let mut chunks: Vec<f32> = Vec::new();
@@ -257,7 +280,7 @@ mod tests {
             let c1 = (c0 + 37).min(n);
             let mut c = case(dims, 3, &[(c1, c1 - c0)], 5);
             c.q = whole.q[c0 * qrow..c1 * qrow].to_vec();
-            chunks.extend(run::<f32>(&c, false));
+            chunks.extend(run::<f32>(&c, Run::Whole));
         }
         assert!(bits(&chunks) == prefill, "prefill chunks vs whole prefill");
         let (k, v) = (to::<f32>(&whole.kv[0].0), to::<f32>(&whole.kv[0].1));

@@ -9,6 +9,7 @@ mod gemv;
 pub(crate) mod kv;
 pub(crate) mod matmul;
 mod q8;
+mod team;
 mod lm_head;
 pub(crate) mod optim;
 pub(crate) mod sample;
@@ -108,8 +109,8 @@ impl<F: Elem> CpuBackend<F> {
             match (self.precision, whole_weight) {
                 (Precision::F32, _) => return gemv::matmul_bt(&af[..m * k], &bf[..n * k], cf, m, n, k, accumulate),
                 (Precision::Q8, Some(cache)) => {
-                    let q = cache.q8_rows(bf, k);
-                    return gemv::matmul_bt_with(cf, m, n, accumulate, |j, i| q.dot(j, &af[i * k..(i + 1) * k]));
+                    let (q, x) = (cache.q8_rows(bf, k), q8::Q8Act::quantize(af, m, k));
+                    return gemv::matmul_bt_with(cf, m, n, accumulate, |j, i| q.dot(j, &x, i));
                 }
                 (_, cache) => {
                     let rows = match cache {
@@ -251,6 +252,11 @@ pub(crate) unsafe fn gemm_strided_f32(
 
 const ROW_CHUNK: usize = 16;
 
+/// Elements below which an element-wise op runs on the calling thread: a rayon region costs
+/// tens of microseconds when the caller is outside the pool, more than a decode step's
+/// per-token ops (RMSNorm of 576, SwiGLU of 1536). Per-element results do not depend on it.
+const PAR_MIN: usize = 1 << 14;
+
 /// Seeded values in [-1, 1) for the kernels' unit tests (an LCG: reproducible, never zeros).
 #[cfg(test)]
 pub(crate) fn test_vals(n: usize, seed: u64) -> Vec<f64> {
@@ -316,14 +322,21 @@ impl<F: Elem> Backend for CpuBackend<F> {
 
     fn add_assign(&self, x: &mut CpuBuf<F>, y: &CpuBuf<F>) {
         assert_eq!(x.len(), y.len());
+        if x.len() < PAR_MIN {
+            return x.iter_mut().zip(y.iter()).for_each(|(a, &b)| *a += b);
+        }
         x.par_iter_mut().zip(y.par_iter()).for_each(|(a, &b)| *a += b);
     }
 
     fn embedding(&self, table: &CpuBuf<F>, ids: &[u32], dim: usize, out: &mut CpuBuf<F>) {
-        out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(row, &id)| {
+        let row = |(row, &id): (&mut [F], &u32)| {
             let id = id as usize;
             row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
-        });
+        };
+        if ids.len() * dim < PAR_MIN {
+            return out.chunks_mut(dim).zip(ids.iter()).for_each(row);
+        }
+        out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(row);
     }
 
     fn embedding_bwd(&self, dout: &CpuBuf<F>, ids: &[u32], dim: usize, dtable: &mut CpuBuf<F>) {
@@ -336,20 +349,21 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn rmsnorm(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, eps: f32, out: &mut CpuBuf<F>, rstd: &mut CpuBuf<F>) {
-        out.par_chunks_mut(dim)
-            .zip(x.par_chunks(dim))
-            .zip(rstd.par_iter_mut())
-            .for_each(|((o, xr), r)| {
-                let ss: f64 = xr.iter().map(|&v| {
-                    let v = v.to_f64().unwrap();
-                    v * v
-                }).sum();
-                let rs: F = cast(1.0 / (ss / dim as f64 + eps as f64).sqrt());
-                *r = rs;
-                for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w.iter()) {
-                    *o = xv * rs * wv;
-                }
-            });
+        let row = |((o, xr), r): ((&mut [F], &[F]), &mut F)| {
+            let ss: f64 = xr.iter().map(|&v| {
+                let v = v.to_f64().unwrap();
+                v * v
+            }).sum();
+            let rs: F = cast(1.0 / (ss / dim as f64 + eps as f64).sqrt());
+            *r = rs;
+            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w.iter()) {
+                *o = xv * rs * wv;
+            }
+        };
+        if x.len() < PAR_MIN {
+            return out.chunks_mut(dim).zip(x.chunks(dim)).zip(rstd.iter_mut()).for_each(row);
+        }
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter_mut()).for_each(row);
     }
 
     fn rmsnorm_bwd(&self, dy: &CpuBuf<F>, x: &CpuBuf<F>, w: &CpuBuf<F>, rstd: &CpuBuf<F>, dim: usize, dx: &mut CpuBuf<F>, dw: &mut CpuBuf<F>) {
@@ -386,11 +400,15 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn bias_add(&self, y: &mut CpuBuf<F>, b: &CpuBuf<F>, dim: usize) {
-        y.par_chunks_mut(dim).for_each(|row| {
+        let row = |row: &mut [F]| {
             for (v, &bb) in row.iter_mut().zip(b.iter()) {
                 *v += bb;
             }
-        });
+        };
+        if y.len() < PAR_MIN {
+            return y.chunks_mut(dim).for_each(row);
+        }
+        y.par_chunks_mut(dim).for_each(row);
     }
 
     fn bias_bwd(&self, dy: &CpuBuf<F>, dim: usize, db: &mut CpuBuf<F>) {
@@ -404,7 +422,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
     fn rope(&self, x: &mut CpuBuf<F>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
         let half = head_dim / 2;
         let sign = if inverse { -1.0 } else { 1.0 };
-        x.par_chunks_mut(n_heads * head_dim).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        let row = |(row, &pos): (&mut [F], &u32)| {
             for (i, &f) in inv_freq.iter().enumerate().take(half) {
                 let angle = pos as f64 * f;
                 let (c, s): (F, F) = (cast(angle.cos()), cast(sign * angle.sin()));
@@ -415,14 +433,25 @@ impl<F: Elem> Backend for CpuBackend<F> {
                     row[base + i + half] = x2 * c + x1 * s;
                 }
             }
-        });
+        };
+        // A row costs head_dim / 2 sines and cosines (in f64) besides its n_heads * head_dim
+        // products.
+        if positions.len() * (n_heads + 16) * head_dim < PAR_MIN {
+            return x.chunks_mut(n_heads * head_dim).zip(positions.iter()).for_each(row);
+        }
+        x.par_chunks_mut(n_heads * head_dim).zip(positions.par_iter()).for_each(row);
     }
 
     fn swiglu(&self, gate: &CpuBuf<F>, up: &CpuBuf<F>, out: &mut CpuBuf<F>) {
-        out.par_iter_mut().zip(gate.par_iter().zip(up.par_iter())).for_each(|(o, (&g, &u))| {
+        let one = |(o, (&g, &u)): (&mut F, (&F, &F))| {
             let s = F::one() / (F::one() + (-g).exp());
             *o = g * s * u;
-        });
+        };
+        // An exp is worth about 8 additions.
+        if out.len() * 8 < PAR_MIN {
+            return out.iter_mut().zip(gate.iter().zip(up.iter())).for_each(one);
+        }
+        out.par_iter_mut().zip(gate.par_iter().zip(up.par_iter())).for_each(one);
     }
 
     fn swiglu_bwd(&self, dout: &CpuBuf<F>, gate: &CpuBuf<F>, up: &CpuBuf<F>, dgate: &mut CpuBuf<F>, dup: &mut CpuBuf<F>) {
