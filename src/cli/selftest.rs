@@ -95,6 +95,32 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On a GPU: a world-1 NCCL group (`Backend::join_group`) and an all-reduce of seeded buffers
+/// (one of them over the 25 MiB bucket size) on the device. The sum over one rank is the
+/// identity, so every bit must come back unchanged, and the host path must not be taken.
+/// Without libnccl.so.2 it says so and passes: NCCL is needed only with more than one rank.
+fn nccl_check(be: &CudaBackend<crate::backend::cuda::Cudarc>, seed: u64) -> anyhow::Result<()> {
+    use crate::backend::Backend;
+    if let Err(e) = be.join_group(0, 1, std::time::Duration::from_secs(120), &mut |mine| Ok(vec![mine])) {
+        if format!("{e:#}").contains("libnccl.so.2") {
+            println!("nccl: not checked: {e:#}");
+            return Ok(());
+        }
+        return Err(e.context("nccl: a world-1 NCCL group"));
+    }
+    let mut rng = workload::Rng(seed);
+    let host: Vec<Vec<f32>> = [1000, 7 << 20, 3].iter().map(|&n| rng.vec(n, 1.0)).collect();
+    let mut bufs: Vec<_> = host.iter().map(|h| be.upload(h)).collect();
+    let mut refs: Vec<_> = bufs.iter_mut().collect();
+    be.all_reduce_sum(&mut refs, &mut |_| bail!("the host path was taken after join_group")).context("nccl: all-reduce")?;
+    let changed = bufs.iter().zip(&host).map(|(b, h)| be.download(b).iter().zip(h).filter(|(x, y)| x.to_bits() != y.to_bits()).count()).sum::<usize>();
+    if changed > 0 {
+        bail!("nccl: a world-1 all-reduce changed {changed} of {} values", host.iter().map(Vec::len).sum::<usize>());
+    }
+    println!("nccl: a world-1 all-reduce of {} values on the device left every bit unchanged", host.iter().map(Vec::len).sum::<usize>());
+    Ok(())
+}
+
 /// Mean milliseconds per call of each workload op, from events on the default stream (so a
 /// call's host-side index uploads are inside its time, as they are in training).
 fn timings<G: Gpu>(be: &CudaBackend<G>, a: &Args, shape: Shape, reps: usize) -> anyhow::Result<()> {
@@ -144,6 +170,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let be = CudaBackend::cuda(n).context("CUDA device")?;
             be.set_precision(p);
             table(&be, &a)?;
+            nccl_check(&be, a.seed)?;
             // SmolLM2-135M layer dims, 1024 packed tokens, the full vocabulary, 32 sequences decoding.
             timings(&be, &a, crate::workflow::bench::ModelShape::Smollm2.workload(), a.reps.unwrap_or(20))
         }
