@@ -37,6 +37,9 @@ pub struct Spec {
     pub companions: &'static [&'static str],
     /// Lib folders of the pip wheels, relative to a site-packages folder (or a pip prefix).
     pub pip_dirs: &'static [&'static str],
+    /// Sonames' major versions tried in each folder, in order: `MAJORS` for the CUDA
+    /// libraries, whose major is CUDA's; NCCL has its own (`libnccl.so.2`).
+    pub majors: &'static [u32],
 }
 
 pub const NVRTC: Spec = Spec {
@@ -45,6 +48,7 @@ pub const NVRTC: Spec = Spec {
     env: "IPO_NVRTC",
     companions: &["libnvrtc-builtins.so.{N}."],
     pip_dirs: &["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"],
+    majors: &MAJORS,
 };
 
 /// Where to look: gathered from the process (`Env::from_process`) or given by a test.
@@ -191,9 +195,9 @@ pub fn candidates(spec: &Spec, env: &Env) -> Vec<Candidate> {
     }
     let mut v = Vec::new();
     for (dir, rule) in folders(spec, env) {
-        v.extend(MAJORS.iter().map(|&n| Candidate { path: dir.join(format!("{}.so.{n}", spec.stem)), rule: rule.clone(), major: Some(n) }));
+        v.extend(spec.majors.iter().map(|&n| Candidate { path: dir.join(format!("{}.so.{n}", spec.stem)), rule: rule.clone(), major: Some(n) }));
     }
-    v.extend(MAJORS.iter().map(|&n| Candidate { path: PathBuf::from(format!("{}.so.{n}", spec.stem)), rule: "dynamic loader path".into(), major: Some(n) }));
+    v.extend(spec.majors.iter().map(|&n| Candidate { path: PathBuf::from(format!("{}.so.{n}", spec.stem)), rule: "dynamic loader path".into(), major: Some(n) }));
     v
 }
 
@@ -239,7 +243,7 @@ fn open(spec: &Spec, c: &Candidate) -> Result<(libloading::Library, Vec<PathBuf>
         if !c.path.exists() {
             return Err("absent".into());
         }
-        let majors: Vec<u32> = c.major.map_or(MAJORS.to_vec(), |n| vec![n]);
+        let majors: Vec<u32> = c.major.map_or(spec.majors.to_vec(), |n| vec![n]);
         let files: Vec<PathBuf> = majors.iter().flat_map(|&n| companion_files(spec, dir, n)).collect();
         let mut libs = Vec::new();
         for f in &files {

@@ -27,6 +27,7 @@ pub(crate) const CUBLAS: Spec = Spec {
     env: "IPO_CUBLAS",
     companions: &["libcublasLt.so.{N}"],
     pip_dirs: &["nvidia/cu13/lib", "nvidia/cublas/lib"],
+    majors: &ptxsim::cudalib::MAJORS,
 };
 
 type SgemmStridedBatched = unsafe extern "C" fn(

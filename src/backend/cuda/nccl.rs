@@ -10,12 +10,13 @@
 //! 1. `$IPO_NCCL`, a file path: the only candidate when set;
 //! 2. the setup-cuda.sh prefixes (`$IPO_CUDA_DEPS`, `<workspace>/.deps/cuda`): the wheels'
 //!    lib folders `nvidia/nccl/lib`, `nvidia/cu13/lib`;
-//! 3. `$CUDA_HOME`, `$CUDA_PATH` (lib64, lib, targets/x86_64-linux/lib), /usr/local/cuda/lib64;
+//! 3. `$CUDA_HOME`, `$CUDA_PATH` (lib64, lib, targets/x86_64-linux/lib), /usr/local/cuda/lib64 and /usr/local/cuda-X.Y/lib64;
 //! 4. the wheels' lib folders under the site-packages of the machine's Pythons (where PyTorch's
 //!    nvidia-nccl-cu12 lives);
 //! 5. the bare soname, through the dynamic loader (libnccl2 in /usr/lib, LD_LIBRARY_PATH).
 //!
-//! The places are `ptxsim::cudalib::Env`'s (those of NVRTC and cuBLAS).
+//! This is `ptxsim::cudalib`'s search (that of NVRTC and cuBLAS) with NCCL's own soname major
+//! (`Spec::majors`: 2) and wheel folders; it also looks in /usr/local/cuda-X.Y/lib64.
 //!
 //! Rendezvous (`join`): every rank loads the library and rank 0 makes the unique id
 //! (ncclGetUniqueId, 128 bytes); one host all-gather (the TCP group) then gives every rank
@@ -38,7 +39,7 @@
 use super::gpu::DevPtr;
 use cudarc::driver::{result as drv, sys};
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId};
-use ptxsim::cudalib::{Env, Spec};
+use ptxsim::cudalib::{self, Env, Spec};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -47,30 +48,14 @@ use std::time::{Duration, Instant};
 const SONAME: &str = "libnccl.so.2";
 /// What `Env::from_process` reads: the env var; the wheels' lib folders, relative to a
 /// site-packages folder or a pip prefix.
-const SPEC: Spec = Spec { name: "NCCL", stem: "libnccl", env: "IPO_NCCL", companions: &[], pip_dirs: &["nvidia/nccl/lib", "nvidia/cu13/lib"] };
+const SPEC: Spec = Spec { name: "NCCL", stem: "libnccl", env: "IPO_NCCL", companions: &[], pip_dirs: &["nvidia/nccl/lib", "nvidia/cu13/lib"], majors: &[2] };
 /// Bytes of gradients per all-reduce group (PyTorch DDP's default bucket).
 const BUCKET_BYTES: usize = 25 << 20;
 
 /// Every place to try, in search order, with the rule that gave it (files that may not exist;
-/// the bare soname last).
+/// the bare soname last): `cudalib`'s search with NCCL's soname and wheel folders.
 pub(crate) fn candidates(env: &Env) -> Vec<(PathBuf, String)> {
-    if let Some(p) = &env.explicit {
-        return vec![(p.clone(), format!("${}", SPEC.env))];
-    }
-    let mut dirs: Vec<(PathBuf, String)> = Vec::new();
-    for d in &env.deps {
-        dirs.extend(SPEC.pip_dirs.iter().map(|p| (d.join(p), format!("setup-cuda.sh prefix {}", d.display()))));
-    }
-    for h in &env.cuda_homes {
-        dirs.extend(["lib64", "lib", "targets/x86_64-linux/lib"].iter().map(|l| (h.join(l), "CUDA_HOME/CUDA_PATH".to_string())));
-    }
-    dirs.push((env.usr_local.join("cuda/lib64"), "toolkit /usr/local/cuda".into()));
-    for s in &env.site_packages {
-        dirs.extend(SPEC.pip_dirs.iter().map(|p| (s.join(p), "pip site-packages".to_string())));
-    }
-    let mut v: Vec<(PathBuf, String)> = dirs.into_iter().map(|(d, rule)| (d.join(SONAME), rule)).collect();
-    v.push((PathBuf::from(SONAME), "dynamic loader path".into()));
-    v
+    cudalib::candidates(&SPEC, env).into_iter().map(|c| (c.path, c.rule)).collect()
 }
 
 /// The error when no candidate opened: what to install, and every place tried.
@@ -100,7 +85,7 @@ pub(crate) struct Nccl {
     pub(crate) path: PathBuf,
     pub(crate) rule: String,
     /// Kept open (last: the function pointers above point into it).
-    _lib: libloading::Library,
+    _lib: cudalib::Loaded,
 }
 
 impl Nccl {
@@ -110,25 +95,13 @@ impl Nccl {
     }
 
     pub(crate) fn load_in(env: &Env) -> Result<Nccl, String> {
-        let mut tried = Vec::new();
-        for (path, rule) in candidates(env) {
-            let bare = path.parent().is_none_or(|d| d.as_os_str().is_empty());
-            if !bare && !path.exists() {
-                tried.push(format!("{} [{rule}]: absent", path.display()));
-                continue;
-            }
-            match unsafe { libloading::Library::new(&path) } {
-                Ok(lib) => return Self::bind(lib, path, rule),
-                Err(e) => tried.push(format!("{} [{rule}]: {e}", path.display())),
-            }
-        }
-        Err(not_found(&tried))
+        Self::bind(cudalib::load_in(&SPEC, env).map_err(|e| not_found(&e.tried))?)
     }
 
-    fn bind(lib: libloading::Library, path: PathBuf, rule: String) -> Result<Nccl, String> {
+    fn bind(lib: cudalib::Loaded) -> Result<Nccl, String> {
         macro_rules! sym {
             ($n:literal) => {
-                unsafe { *lib.get($n).map_err(|e| format!("NCCL {} (found via {rule}): {e}", path.display()))? }
+                unsafe { *lib.lib.get($n).map_err(|e| format!("NCCL {}: {e}", lib.describe()))? }
             };
         }
         Ok(Nccl {
@@ -142,8 +115,8 @@ impl Nccl {
             comm_abort: sym!(b"ncclCommAbort\0"),
             comm_destroy: sym!(b"ncclCommDestroy\0"),
             error_string: sym!(b"ncclGetErrorString\0"),
-            path,
-            rule,
+            path: lib.path.clone(),
+            rule: lib.rule.clone(),
             _lib: lib,
         })
     }
