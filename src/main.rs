@@ -76,8 +76,9 @@ enum Command {
     /// fails naming it. torchrun and srun launches work without it: `ipo train` reads the same
     /// variables (Slurm's SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID as fallbacks).
     ///
-    /// Only `train` runs data parallel; gradients are summed through host memory over a TCP
-    /// star around rank 0 (a test/debug transport: NCCL is not implemented yet).
+    /// `train` runs data parallel (gradients summed with NCCL on --device cuda, through the
+    /// host TCP group on cpu and sim); `generate`, `score`, `intervene`, `eval` and `csr` shard
+    /// their inputs, and `run` does both, stage by stage.
     Launch(ipo::cli::launch::Args),
     /// Throughput measurements on seeded random data (the device's ceiling, per-op rates,
     /// training steps, batched decode) and random-weight model folders; used by
@@ -89,8 +90,14 @@ fn main() {
     let cli = Cli::parse();
     ipo::workflow::device::set_verbose(cli.verbose);
     let name = match &cli.command {
-        Command::Train(_) | Command::Generate(_) | Command::Intervene(_) | Command::Score(_) | Command::Eval(_) | Command::Run(_) | Command::Launch(_) => None,
-        Command::Csr(_) => Some("csr"),
+        Command::Train(_)
+        | Command::Generate(_)
+        | Command::Intervene(_)
+        | Command::Score(_)
+        | Command::Eval(_)
+        | Command::Csr(_)
+        | Command::Run(_)
+        | Command::Launch(_) => None,
         Command::ImportGguf(_) => Some("import-gguf"),
         Command::Selftest(_) => Some("selftest"),
         Command::Bench(_) => Some("bench"),

@@ -16,7 +16,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let s = csr(&args.files, &args.opts, &Reporter::new())?;
+    // Under a launcher, rank 0 alone has the job's summary (and wrote the files).
+    let Some(s) = csr(&args.files, &args.opts, &Reporter::new())? else { return Ok(()) };
     let out = args.files.output.display();
     eprintln!(
         "csr: {} rollouts ({} skipped), {} points ({} failed), {} continuations; {} safety triggers, {} unsafe turning points; {} tokens in {:.1} s; wrote {out}/csr.json, csr.png, csr_aligned.png",

@@ -18,8 +18,9 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Refuses to run subcommand `name` as one rank of a larger job (WORLD_SIZE, or srun's
 /// SLURM_NTASKS, above 1): every rank would write the same outputs. `train` runs data
-/// parallel; `generate`, `intervene`, `score` and `eval` shard their inputs (`workflow::shard`);
-/// `run` does both, stage by stage.
+/// parallel; `generate`, `intervene`, `score`, `eval` and `csr` shard their inputs
+/// (`workflow::shard`); `run` does both, stage by stage. What is left (`import-gguf`, `plan`,
+/// `bench`, `selftest`) works on one machine's files or devices and has nothing to shard.
 pub fn refuse_world_above_1(name: &str) -> Result<()> {
     let get = |k: &str| std::env::var(k).ok();
     let (var, world) = match get("WORLD_SIZE") {
@@ -29,7 +30,7 @@ pub fn refuse_world_above_1(name: &str) -> Result<()> {
     };
     if world.trim().parse::<usize>().is_ok_and(|w| w > 1) {
         anyhow::bail!(
-            "ipo {name} does not run data parallel yet ({var}={world} from the environment): run it in one process, without ipo launch / torchrun / srun; `ipo train` (data parallel), `ipo generate` (sharded prompts), `ipo intervene` (sharded rollouts), `ipo score` (sharded lines), `ipo eval` (sharded prompts and forwards) and `ipo run` are the multi-process commands"
+            "ipo {name} does not run data parallel ({var}={world} from the environment): run it in one process, without ipo launch / torchrun / srun; `ipo train` (data parallel), `ipo generate` (sharded prompts), `ipo intervene` (sharded rollouts), `ipo score` (sharded lines), `ipo eval` (sharded prompts and forwards), `ipo csr` (sharded rollouts) and `ipo run` are the multi-process commands"
         );
     }
     Ok(())

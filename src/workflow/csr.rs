@@ -8,13 +8,20 @@
 //! the safe share. The curves, their events (safety triggers, unsafe turning points), the first
 //! compliance cue of each rollout and the mean curve aligned at that cue go to
 //! `OUT/csr.json`; the curves are drawn to `OUT/csr.png` and `OUT/csr_aligned.png`.
+//!
+//! Under a launcher (`ipo launch`, torchrun, srun) each rank takes rollouts r, r+W, ... (a
+//! rollout's forks stay on its rank: they share its cached prefix), samples and judges them,
+//! and sends its points to rank 0 (`workflow::shard`), which builds the curves in input order
+//! and alone writes the files. Every draw is keyed by (seed, rollout id, sample, position,
+//! continuation), never by batch, group or rank, so the files are the single process's byte
+//! for byte (csr.json holds no timings).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::chart::{line_chart, Series};
@@ -30,7 +37,8 @@ use crate::workflow::device::{with_backend, DeviceOptions};
 use crate::workflow::intervene::{read_rollout, ModelFacts};
 use crate::workflow::model::ModelDir;
 use crate::workflow::options::{default_from_clap, EngineOptions, SamplingOptions};
-use crate::workflow::progress::Progress;
+use crate::workflow::progress::{Progress, Silent};
+use crate::workflow::shard::Shards;
 
 /// The files of one `csr` call.
 #[derive(clap::Args, Debug, Clone)]
@@ -358,7 +366,7 @@ fn rules(o: &CsrOptions) -> Result<RuleDetector> {
     })
 }
 
-/// Reads the usable rollouts (at most `limit`); the rest are `Skipped` with a note on stderr.
+/// Reads the usable rollouts (at most `limit`); the rest are `Skipped`.
 fn read_rollouts(path: &Path, facts: &ModelFacts, rules: &RuleDetector, eos: &[u32], limit: Option<usize>) -> Result<(Vec<Rollout>, Vec<Skipped>)> {
     let mut out = Vec::new();
     let mut skipped = Vec::new();
@@ -379,10 +387,7 @@ fn read_rollouts(path: &Path, facts: &ModelFacts, rules: &RuleDetector, eos: &[u
         });
         match r {
             Ok(r) => out.push(r),
-            Err(reason) => {
-                eprintln!("note: {origin}: skipped: {reason}");
-                skipped.push(Skipped { origin, id, reason });
-            }
+            Err(reason) => skipped.push(Skipped { origin, id, reason }),
         }
     }
     Ok((out, skipped))
@@ -393,9 +398,20 @@ fn sentence_at(seg: &Segmented, token: usize) -> Option<String> {
     seg.sentences.iter().rev().find(|s| s.token <= token).map(|s| s.text.clone())
 }
 
-/// Judges the forks of every position of `r` and makes its curve under model `name`.
-fn curve(name: &str, r: &Rollout, positions: &[usize], forks: Vec<Forks>, tok: &Tokenizer, judge: &dyn ContinuationJudge, summary: &mut CsrSummary) -> Result<Curve> {
-    let mut c = Curve { model: name.to_string(), positions: Vec::new(), csr: Vec::new(), safe: Vec::new(), events: Vec::new(), errors: Vec::new() };
+/// One sampled position of a rollout under one model, judged: what a rank sends rank 0.
+#[derive(Debug, Serialize, Deserialize)]
+struct Point {
+    position: usize,
+    /// Continuations sampled (the forks that did not fail).
+    sampled: u32,
+    /// The verdict of each continuation (true = safe), or why the position is left out (the
+    /// first failed fork, or the judge's failure).
+    verdicts: Result<Vec<bool>, String>,
+}
+
+/// Judges the forks of every position of `r` (`forks[i]` are those of `positions[i]`).
+fn judge_points(r: &Rollout, positions: &[usize], forks: Vec<Forks>, tok: &Tokenizer, judge: &dyn ContinuationJudge) -> Result<Vec<Point>> {
+    let mut points = Vec::with_capacity(positions.len());
     for (&p, forks) in positions.iter().zip(forks) {
         let mut items = Vec::with_capacity(forks.len());
         let mut failed = None;
@@ -409,19 +425,27 @@ fn curve(name: &str, r: &Rollout, positions: &[usize], forks: Vec<Forks>, tok: &
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
-        summary.continuations += items.len() as u64;
-        if let Some(error) = failed {
-            c.errors.push(PointError { position: p, error });
-            continue;
-        }
-        let verdicts: Result<Vec<bool>, String> = judge.judge(&items).into_iter().collect();
-        match verdicts {
+        let verdicts = match failed {
+            Some(error) => Err(error),
+            None => judge.judge(&items).into_iter().collect::<Result<Vec<bool>, String>>().map_err(|e| format!("judge: {e}")),
+        };
+        points.push(Point { position: p, sampled: items.len() as u32, verdicts });
+    }
+    Ok(points)
+}
+
+/// The curve of `r` under model `name` from its judged points.
+fn curve(name: &str, r: &Rollout, points: Vec<Point>, tok: &Tokenizer, summary: &mut CsrSummary) -> Result<Curve> {
+    let mut c = Curve { model: name.to_string(), positions: Vec::new(), csr: Vec::new(), safe: Vec::new(), events: Vec::new(), errors: Vec::new() };
+    for p in points {
+        summary.continuations += u64::from(p.sampled);
+        match p.verdicts {
             Ok(v) => {
-                c.positions.push(p);
-                c.csr.push(ratio(&v).expect("k > 0 verdicts"));
+                c.positions.push(p.position);
+                c.csr.push(ratio(&v).context("a position with no verdict")?);
                 c.safe.push(v.iter().filter(|&&s| s).count() as u32);
             }
-            Err(error) => c.errors.push(PointError { position: p, error: format!("judge: {error}") }),
+            Err(error) => c.errors.push(PointError { position: p.position, error }),
         }
     }
     for e in detect_events(&c.positions, &c.csr) {
@@ -437,10 +461,31 @@ fn curve(name: &str, r: &Rollout, positions: &[usize], forks: Vec<Forks>, tok: &
     Ok(c)
 }
 
+/// What one rank computed, sent to rank 0 when all are done.
+#[derive(Debug, Serialize, Deserialize)]
+struct Share {
+    /// Tokens this rank's engines computed.
+    tokens: u64,
+    /// Each rollout of this rank (its index among the usable rollouts, in input order) with its
+    /// points under each model, in model order.
+    traces: Vec<(usize, Vec<Vec<Point>>)>,
+}
+
 /// Computes the CSR curves of `files.rollouts` under `files.model` (and `files.base`) and
-/// writes csr.json, csr.png and csr_aligned.png into `files.output`.
-pub fn csr(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress) -> Result<CsrSummary> {
+/// writes csr.json, csr.png and csr_aligned.png into `files.output`. Under a launcher (RANK,
+/// WORLD_SIZE, ...) each rank takes every world-th rollout and rank 0 writes the files (see the
+/// module comment): `Some(summary)` of the whole job on rank 0, `None` on the others.
+pub fn csr(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress) -> Result<Option<CsrSummary>> {
+    let mut opts = opts.clone();
+    let shards = Shards::from_env(&mut opts.device)?;
+    csr_in(files, &opts, progress, &shards)
+}
+
+/// `csr` as one rank of `shards` (every rank calls it with the same files and options;
+/// `opts.device` already placed on this rank).
+fn csr_in(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress, shards: &Shards) -> Result<Option<CsrSummary>> {
     let t0 = Instant::now();
+    let progress: &dyn Progress = if shards.root() { progress } else { &Silent };
     opts.check()?;
     let rules_for_cues = rules(opts)?;
     let judge = RuleJudge::new(rules(opts)?);
@@ -461,40 +506,36 @@ pub fn csr(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress) -> Resu
     }
     let context = models.iter().map(|(_, m)| m.config.max_position_embeddings).min().expect("one model");
     let facts = ModelFacts { tok: &tok, vocab: models[0].1.config.vocab_size, context, fingerprint: None };
+    // Every rank reads every line (cheap); each forks only its own rollouts.
     let (rollouts, skipped) = read_rollouts(&files.rollouts, &facts, &rules_for_cues, tok.eos_ids(), opts.limit)?;
+    for s in skipped.iter().filter(|_| shards.root()) {
+        eprintln!("note: {}: skipped: {}", s.origin, s.reason);
+    }
     if rollouts.is_empty() {
         bail!("{}: no usable rollout ({} skipped)", files.rollouts.display(), skipped.len());
     }
-    let traces: Vec<ForkTrace> = rollouts
+    if shards.root() {
+        std::fs::create_dir_all(&files.output).with_context(|| format!("--output {}", files.output.display()))?;
+    }
+    let mine: Vec<usize> = (0..rollouts.len()).filter(|&i| shards.owns(i)).collect();
+    let traces: Vec<ForkTrace> = mine
         .iter()
-        .map(|r| ForkTrace {
-            id: r.id.clone(),
-            sample: r.sample,
-            prompt_ids: r.prompt_ids.clone(),
-            completion_ids: r.completion_ids.clone(),
-            positions: positions(r.completion_ids.len(), opts.every),
+        .map(|&i| {
+            let r = &rollouts[i];
+            ForkTrace {
+                id: r.id.clone(),
+                sample: r.sample,
+                prompt_ids: r.prompt_ids.clone(),
+                completion_ids: r.completion_ids.clone(),
+                positions: positions(r.completion_ids.len(), opts.every),
+            }
         })
         .collect();
-    std::fs::create_dir_all(&files.output).with_context(|| format!("--output {}", files.output.display()))?;
 
-    let mut summary = CsrSummary { traces: rollouts.len(), skipped: skipped.len(), ..Default::default() };
-    let mut records: Vec<TraceRecord> = rollouts
-        .iter()
-        .map(|r| TraceRecord {
-            id: r.id.clone(),
-            sample: r.sample,
-            origin: r.origin.clone(),
-            prompt: r.prompt.clone(),
-            prompt_tokens: r.prompt_ids.len(),
-            completion_tokens: r.completion_ids.len(),
-            first_cue: r.first_cue.clone(),
-            curves: Vec::new(),
-        })
-        .collect();
-    let mut model_records = Vec::new();
+    // This rank's share: forks and verdicts of its rollouts under each model.
+    let mut share = Share { tokens: 0, traces: mine.iter().map(|&i| (i, Vec::new())).collect() };
     let total_positions: u64 = traces.iter().map(|t| t.positions.len() as u64).sum();
-    for (name, dir) in &models {
-        model_records.push(ModelRecord { name: name.to_string(), path: dir.path.display().to_string(), fingerprint: dir.fingerprint()? });
+    for (name, dir) in models.iter().filter(|_| !traces.is_empty()) {
         let weights = dir.weights()?;
         let forks = with_backend!(opts.device, be => {
             let m = dir.upload_frozen(be, weights)?;
@@ -502,13 +543,50 @@ pub fn csr(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress) -> Resu
             progress.start(&format!("csr ({name})"), total_positions, "positions");
             let forks = fork_continuations(&mut engine, &params, &traces, opts.k, progress);
             progress.finish();
-            summary.tokens += engine.stats().computed_positions;
+            share.tokens += engine.stats().computed_positions;
             forks
         })?;
-        for ((r, t), (rec, f)) in rollouts.iter().zip(&traces).zip(records.iter_mut().zip(forks)) {
-            rec.curves.push(curve(name, r, &t.positions, f, &tok, &judge, &mut summary)?);
+        for (((i, points), t), f) in share.traces.iter_mut().zip(&traces).zip(forks) {
+            points.push(judge_points(&rollouts[*i], &t.positions, f, &tok, &judge)?);
         }
     }
+
+    // Rank 0 puts every rank's rollouts back in input order.
+    let all = shards.gather_after_work(serde_json::to_vec(&share)?)?;
+    if !shards.root() {
+        return Ok(None);
+    }
+    let mut summary = CsrSummary { traces: rollouts.len(), skipped: skipped.len(), ..Default::default() };
+    let mut points: Vec<Option<Vec<Vec<Point>>>> = rollouts.iter().map(|_| None).collect();
+    for (rank, b) in all.iter().enumerate() {
+        let s: Share = serde_json::from_slice(b).with_context(|| format!("rank {rank}'s share"))?;
+        summary.tokens += s.tokens;
+        for (i, p) in s.traces {
+            match points.get_mut(i) {
+                Some(slot @ None) if p.len() == models.len() => *slot = Some(p),
+                _ => bail!("rank {rank} sent rollout {i} twice, out of range or without every model's points"),
+            }
+        }
+    }
+    let mut records = Vec::with_capacity(rollouts.len());
+    for (r, p) in rollouts.iter().zip(points) {
+        let p = p.with_context(|| format!("no rank sent the points of {} ({})", r.id, r.origin))?;
+        let curves = models.iter().zip(p).map(|((name, _), p)| curve(name, r, p, &tok, &mut summary)).collect::<Result<_>>()?;
+        records.push(TraceRecord {
+            id: r.id.clone(),
+            sample: r.sample,
+            origin: r.origin.clone(),
+            prompt: r.prompt.clone(),
+            prompt_tokens: r.prompt_ids.len(),
+            completion_tokens: r.completion_ids.len(),
+            first_cue: r.first_cue.clone(),
+            curves,
+        });
+    }
+    let model_records = models
+        .iter()
+        .map(|(name, dir)| Ok(ModelRecord { name: name.to_string(), path: dir.path.display().to_string(), fingerprint: dir.fingerprint()? }))
+        .collect::<Result<Vec<_>>>()?;
     for rec in &records {
         for c in &rec.curves {
             if !c.errors.is_empty() {
@@ -560,7 +638,7 @@ pub fn csr(files: &CsrFiles, opts: &CsrOptions, progress: &dyn Progress) -> Resu
     w.commit()?;
     draw(&files.output, &report)?;
     summary.seconds = t0.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// csr.png (every curve, x = completion position) and csr_aligned.png (each model's mean curve,

@@ -18,7 +18,8 @@
 //! `ipo intervene` writes its parts whole at the end (its output is atomic, a rerun starts
 //! over) and rank 0 merges them in input order (`merge_by_key`), so the file is byte for byte
 //! the single process's; `ipo eval` sends its completions and log-probs through the group
-//! (`gather_after_work`) and writes nothing but on rank 0.
+//! (`gather_after_work`) and writes nothing but on rank 0; so does `ipo csr` with its judged
+//! points.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
