@@ -29,6 +29,10 @@ const TASK_M: usize = 8;
 const TASK_N: usize = 4;
 /// Products smaller than this (m * n * k) run on the calling thread.
 const PAR_MIN: usize = 1 << 18;
+/// Rows of A up to which the tasks run on the decode team (team.rs) rather than rayon: the
+/// products of a decode step, about 210 per step of the default model, each too short to
+/// pay for a rayon region. Larger ones (prefill, training) keep rayon.
+const TEAM_MAX_M: usize = 64;
 
 /// What a packed operand holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,7 +146,11 @@ unsafe fn pack(kind: Kind, width: usize, rows: usize, k: usize, src: *const f32,
             }
         }
     };
-    if par && rows * k >= PAR_MIN / 8 {
+    if par && rows * k >= PAR_MIN / 8 && rows <= TEAM_MAX_M {
+        let out = super::SendPtr(data.as_mut_ptr());
+        // SAFETY: panel p is data[p * plen..(p + 1) * plen], one task each.
+        super::team::for_each(panels, |p| fill(p, unsafe { std::slice::from_raw_parts_mut(out.get().add(p * plen), plen) }));
+    } else if par && rows * k >= PAR_MIN / 8 {
         data.par_chunks_mut(plen.max(1)).enumerate().for_each(|(p, out)| fill(p, out));
     } else {
         data.chunks_mut(plen.max(1)).enumerate().for_each(|(p, out)| fill(p, out));
@@ -186,7 +194,10 @@ unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: is
     }
     let depth = kind.depth(k);
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-    let (tm, tn) = (mp.div_ceil(TASK_M), np.div_ceil(TASK_N));
+    // Fewer B panels per task when there are few A panels, so that a decode-sized product
+    // still makes about 4 tasks per thread. A tile's sums are the same in any task.
+    let task_n = if mp <= TASK_M { (np / (4 * rayon::current_num_threads())).clamp(1, TASK_N) } else { TASK_N };
+    let (tm, tn) = (mp.div_ceil(TASK_M), np.div_ceil(task_n));
     let simd = simd && has_simd(kind);
     let dst = super::SendPtr(dst);
     let task = |t: usize| {
@@ -196,7 +207,7 @@ unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: is
         loop {
             let kc = KC.min(depth - d0);
             let first = d0 == 0 && !accumulate;
-            for jp in tj * TASK_N..np.min((tj + 1) * TASK_N) {
+            for jp in tj * task_n..np.min((tj + 1) * task_n) {
                 let bp = &b.panel(jp)[d0 * NR..];
                 for ip in ti * TASK_M..mp.min((ti + 1) * TASK_M) {
                     let ap = &a.panel(ip)[d0 * MR..];
@@ -223,7 +234,9 @@ unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: is
         }
         return;
     }
-    if par && m * n * k >= PAR_MIN && tm * tn > 1 {
+    if par && m * n * k >= PAR_MIN && tm * tn > 1 && m <= TEAM_MAX_M {
+        super::team::for_each(tm * tn, task);
+    } else if par && m * n * k >= PAR_MIN && tm * tn > 1 {
         (0..tm * tn).into_par_iter().for_each(task);
     } else {
         (0..tm * tn).for_each(task);
