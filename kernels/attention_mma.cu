@@ -1,6 +1,8 @@
 // Attention forward on tensor cores for the bf16 mixed-precision mode (Precision::Bf16, host
 // side in src/backend/cuda/precision.rs): fp32 q/k/v in global memory, rounded to bf16 (RNE)
-// as they are staged in shared memory; S = Q K^T and O += P V with
+// as they are staged in shared memory, or (the `_qkv_bf16` kernels) q/k/v already bf16
+// (`Backend::store_bf16`: the same RNE rounding made once by f32_to_bf16, so both variants
+// stage the same bits and give the same results); S = Q K^T and O += P V with
 // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 (bf16 inputs, fp32 accumulation); the online
 // softmax (scale, mask, running max and sum, rescaling) in fp32; P rounded to bf16 for the PV
 // product; fp32 out and the same lse as attn_fwd (attention.cu), so the fp32 backward kernels
@@ -44,17 +46,22 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
+// A q/k/v element as staged in shared memory: fp32 rounded RNE, or bf16 as it is.
+__device__ __forceinline__ __nv_bfloat16 as_bf16(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 as_bf16(__nv_bfloat16 x) { return x; }
+#define BF16_ZERO __ushort_as_bfloat16((unsigned short)0)
+
 __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// q, out [tokens, n_heads, HEAD_DIM] f32; k, v [tokens, n_kv, HEAD_DIM] f32;
-// lse [tokens, n_heads] f32. grid (n_qtiles, n_heads), block 32 * NWARP.
-extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const float* q, const float* k, const float* v, float* out,
-                                                                      float* lse, const int4* spans, const int2* qtiles,
-                                                                      int n_heads, int n_kv, float scale) {
+// q, out [tokens, n_heads, HEAD_DIM] (q: T = f32 or bf16, out f32); k, v [tokens, n_kv,
+// HEAD_DIM] T; lse [tokens, n_heads] f32. grid (n_qtiles, n_heads), block 32 * NWARP.
+template <typename T>
+__device__ __forceinline__ void attn_fwd_mma_body(const T* q, const T* k, const T* v, float* out, float* lse, const int4* spans,
+                                                  const int2* qtiles, int n_heads, int n_kv, float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BQ][LDQ]
     __nv_bfloat16* ks = qs + BQ * LDQ;                                // [BK][LDQ]
@@ -69,8 +76,7 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const floa
     const int nk = sp.w + q0 + nq;      // keys the tile's last query sees
     for (int e = threadIdx.x; e < BQ * HDP; e += blockDim.x) {
         const int r = e / HDP, d = e % HDP;
-        const float x = (r < nq && d < HEAD_DIM) ? q[(long long)(sp.x + q0 + r) * qrow + h * HEAD_DIM + d] : 0.f;
-        qs[r * LDQ + d] = __float2bfloat16_rn(x);
+        qs[r * LDQ + d] = (r < nq && d < HEAD_DIM) ? as_bf16(q[(long long)(sp.x + q0 + r) * qrow + h * HEAD_DIM + d]) : BF16_ZERO;
     }
     const int wq = warp * 16;                               // first tile row of this warp
     const bool wactive = wq < nq;
@@ -84,14 +90,14 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const floa
         __syncthreads();
         for (int e = threadIdx.x; e < BK * HDP; e += blockDim.x) {
             const int r = e / HDP, d = e % HDP;
-            float kx = 0.f, vx = 0.f;
+            __nv_bfloat16 kx = BF16_ZERO, vx = BF16_ZERO;
             if (k0 + r < nk && d < HEAD_DIM) {
                 const long long off = (long long)key_row(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
-                kx = k[off];
-                vx = v[off];
+                kx = as_bf16(k[off]);
+                vx = as_bf16(v[off]);
             }
-            ks[r * LDQ + d] = __float2bfloat16_rn(kx);
-            vt[d * LDV + r] = __float2bfloat16_rn(vx);
+            ks[r * LDQ + d] = kx;
+            vt[d * LDV + r] = vx;
         }
         __syncthreads();
         if (!wactive || k0 > wlast) continue;  // warp-uniform: the shuffles below see all lanes
@@ -183,20 +189,34 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const floa
     }
 }
 
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma(const float* q, const float* k, const float* v, float* out,
+                                                                      float* lse, const int4* spans, const int2* qtiles,
+                                                                      int n_heads, int n_kv, float scale) {
+    attn_fwd_mma_body(q, k, v, out, lse, spans, qtiles, n_heads, n_kv, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_fwd_mma_qkv_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                                               const __nv_bfloat16* v, float* out, float* lse,
+                                                                               const int4* spans, const int2* qtiles, int n_heads,
+                                                                               int n_kv, float scale) {
+    attn_fwd_mma_body(q, k, v, out, lse, spans, qtiles, n_heads, n_kv, scale);
+}
+
 // ---- Backward on tensor cores (FA2's split: one kernel for dQ, one for dK and dV) ----------
 // Both recompute P = exp(scale S - lse) from the forward's lse and take D = rowsum(dO * O)
 // from attn_bwd_d (attention.cu); dS = P * (dP - D), dP = dO V^T. Every product is an
-// m16n8k16 bf16 mma with fp32 accumulation; Q, K, V, dO are rounded to bf16 as they are
-// staged, P and dS as they become A fragments (as P in the forward).
+// m16n8k16 bf16 mma with fp32 accumulation; Q, K, V (unless already bf16: the `_qkv_bf16`
+// kernels) and dO are rounded to bf16 as they are staged, P and dS as they become A fragments
+// (as P in the forward). q, k, v are T = f32 or bf16 as in the forward.
 
 // dq [tokens, n_heads, HEAD_DIM] (overwritten) = scale * dS K. grid (n_qtiles of BQ, n_heads),
 // block 32 * NWARP; warp w owns queries q0 + 16w .. +16. Dynamic smem (bytes):
 // (2 * BQ * LDQ + 2 * BK * LDQ + HDP * LDV) * 2: Q and dO of the tile, K and V of a key tile
 // (row-major, for S = Q K^T and dP = dO V^T) and K transposed (for dS K).
-extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const float* q, const float* k, const float* v,
-                                                                         const float* dout, const float* lse, const float* D,
-                                                                         float* dq, const int4* spans, const int2* qtiles,
-                                                                         int n_heads, int n_kv, float scale) {
+template <typename T>
+__device__ __forceinline__ void attn_bwd_dq_mma_body(const T* q, const T* k, const T* v, const float* dout, const float* lse,
+                                                     const float* D, float* dq, const int4* spans, const int2* qtiles, int n_heads,
+                                                     int n_kv, float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BQ][LDQ]
     __nv_bfloat16* dos = qs + BQ * LDQ;                               // [BQ][LDQ]
@@ -213,13 +233,14 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const f
     const int nk = sp.w + q0 + nq;
     for (int e = threadIdx.x; e < BQ * HDP; e += blockDim.x) {
         const int r = e / HDP, d = e % HDP;
-        float x = 0.f, y = 0.f;
+        __nv_bfloat16 x = BF16_ZERO;
+        float y = 0.f;
         if (r < nq && d < HEAD_DIM) {
             const long long o = (long long)(sp.x + q0 + r) * qrow + h * HEAD_DIM + d;
-            x = q[o];
+            x = as_bf16(q[o]);
             y = dout[o];
         }
-        qs[r * LDQ + d] = __float2bfloat16_rn(x);
+        qs[r * LDQ + d] = x;
         dos[r * LDQ + d] = __float2bfloat16_rn(y);
     }
     const int wq = warp * 16;
@@ -241,16 +262,15 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const f
         __syncthreads();
         for (int e = threadIdx.x; e < BK * HDP; e += blockDim.x) {
             const int r = e / HDP, d = e % HDP;
-            float kx = 0.f, vx = 0.f;
+            __nv_bfloat16 kx = BF16_ZERO, vx = BF16_ZERO;
             if (k0 + r < nk && d < HEAD_DIM) {
                 const long long off = (long long)key_row(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
-                kx = k[off];
-                vx = v[off];
+                kx = as_bf16(k[off]);
+                vx = as_bf16(v[off]);
             }
-            const __nv_bfloat16 kb = __float2bfloat16_rn(kx);
-            ks[r * LDQ + d] = kb;
-            kt[d * LDV + r] = kb;
-            vs[r * LDQ + d] = __float2bfloat16_rn(vx);
+            ks[r * LDQ + d] = kx;
+            kt[d * LDV + r] = kx;
+            vs[r * LDQ + d] = vx;
         }
         __syncthreads();
         if (!wactive || k0 > wlast) continue;  // warp-uniform
@@ -311,6 +331,21 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const f
     }
 }
 
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const float* q, const float* k, const float* v,
+                                                                         const float* dout, const float* lse, const float* D,
+                                                                         float* dq, const int4* spans, const int2* qtiles,
+                                                                         int n_heads, int n_kv, float scale) {
+    attn_bwd_dq_mma_body(q, k, v, dout, lse, D, dq, spans, qtiles, n_heads, n_kv, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma_qkv_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                                                  const __nv_bfloat16* v, const float* dout,
+                                                                                  const float* lse, const float* D, float* dq,
+                                                                                  const int4* spans, const int2* qtiles,
+                                                                                  int n_heads, int n_kv, float scale) {
+    attn_bwd_dq_mma_body(q, k, v, dout, lse, D, dq, spans, qtiles, n_heads, n_kv, scale);
+}
+
 #define BKV (16 * NWARP)   // keys per dkdv block
 #define BQ2 32             // queries per step of the dkdv loop
 #define NT2 (BQ2 / 8)      // n8 tiles of S^T per step
@@ -322,10 +357,10 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dq_mma(const f
 // them and over the KV head's query heads (GQA sum): S^T = K Q^T, dP^T = V dO^T,
 // dV += P^T dO, dK += dS^T Q. Dynamic smem (bytes): (2 * BKV * LDQ + 2 * BQ2 * LDQ +
 // 2 * HDP * LDQ2) * 2 + 2 * BQ2 * 4.
-extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma(const float* q, const float* k, const float* v,
-                                                                           const float* dout, const float* lse, const float* D,
-                                                                           float* dk, float* dv, const int4* spans, const int2* ktiles,
-                                                                           int n_heads, int n_kv, float scale) {
+template <typename T>
+__device__ __forceinline__ void attn_bwd_dkdv_mma_body(const T* q, const T* k, const T* v, const float* dout, const float* lse,
+                                                       const float* D, float* dk, float* dv, const int4* spans, const int2* ktiles,
+                                                       int n_heads, int n_kv, float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BKV][LDQ]
     __nv_bfloat16* vs = ks + BKV * LDQ;                               // [BKV][LDQ]
@@ -345,14 +380,14 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma(const
     const int nkt = min(BKV, nk - k0);   // keys of this tile
     for (int e = threadIdx.x; e < BKV * HDP; e += blockDim.x) {
         const int r = e / HDP, d = e % HDP;
-        float kx = 0.f, vx = 0.f;
+        __nv_bfloat16 kx = BF16_ZERO, vx = BF16_ZERO;
         if (r < nkt && d < HEAD_DIM) {
             const long long off = (long long)key_row(sp, k0 + r) * kvrow + kvh * HEAD_DIM + d;
-            kx = k[off];
-            vx = v[off];
+            kx = as_bf16(k[off]);
+            vx = as_bf16(v[off]);
         }
-        ks[r * LDQ + d] = __float2bfloat16_rn(kx);
-        vs[r * LDQ + d] = __float2bfloat16_rn(vx);
+        ks[r * LDQ + d] = kx;
+        vs[r * LDQ + d] = vx;
     }
     const int wk = warp * 16;                  // first tile row (key) of this warp
     const bool wactive = wk < nkt;
@@ -368,13 +403,14 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma(const
             __syncthreads();
             for (int e = threadIdx.x; e < BQ2 * HDP; e += blockDim.x) {
                 const int r = e / HDP, d = e % HDP;
-                float x = 0.f, y = 0.f;
+                __nv_bfloat16 xb = BF16_ZERO;
+                float y = 0.f;
                 if (r < nqt && d < HEAD_DIM) {
                     const long long o = (long long)(sp.x + j0 + r) * qrow + h * HEAD_DIM + d;
-                    x = q[o];
+                    xb = as_bf16(q[o]);
                     y = dout[o];
                 }
-                const __nv_bfloat16 xb = __float2bfloat16_rn(x), yb = __float2bfloat16_rn(y);
+                const __nv_bfloat16 yb = __float2bfloat16_rn(y);
                 qs[r * LDQ + d] = xb;
                 dos[r * LDQ + d] = yb;
                 qt[d * LDQ2 + r] = xb;
@@ -454,4 +490,19 @@ extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma(const
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma(const float* q, const float* k, const float* v,
+                                                                           const float* dout, const float* lse, const float* D,
+                                                                           float* dk, float* dv, const int4* spans, const int2* ktiles,
+                                                                           int n_heads, int n_kv, float scale) {
+    attn_bwd_dkdv_mma_body(q, k, v, dout, lse, D, dk, dv, spans, ktiles, n_heads, n_kv, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * NWARP) attn_bwd_dkdv_mma_qkv_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                                                    const __nv_bfloat16* v, const float* dout,
+                                                                                    const float* lse, const float* D, float* dk,
+                                                                                    float* dv, const int4* spans, const int2* ktiles,
+                                                                                    int n_heads, int n_kv, float scale) {
+    attn_bwd_dkdv_mma_body(q, k, v, dout, lse, D, dk, dv, spans, ktiles, n_heads, n_kv, scale);
 }

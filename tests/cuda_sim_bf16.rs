@@ -649,3 +649,88 @@ fn attention_runs_its_matmuls_on_tensor_cores() {
     assert!(fwd >= 0.95 && bwd >= 0.95, "forward {fwd:.3}, backward {bwd:.3}");
     assert!(fwd <= 1.25 && bwd <= 1.8, "forward {fwd:.3}, backward {bwd:.3}: more tensor-core work than the tiles need");
 }
+
+/// `Backend::store_bf16` changes no bit: under bf16 the forward keeps xn1, q, k, v, xn2 and act
+/// in bf16 only (the rounding the bf16 matmuls and the tensor-core attention make of them
+/// anyway), and a training step (full fine-tuning and LoRA, with and without recompute, on
+/// Llama and on Qwen3 with its q/k norms) gives the same loss, gradients and updated tensors
+/// as with those activations kept fp32 (`set_store_bf16(false)`), at a lower high-water mark;
+/// a forward's tape shrinks by exactly those tensors' halves.
+#[test]
+fn saved_activations_in_bf16_change_no_bit() {
+    use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig, Trainer};
+    if sim_with(Precision::Bf16).is_none() {
+        return;
+    }
+    let tcfg = |lora: bool| TrainConfig {
+        beta: 0.5,
+        sft_coef: 0.2,
+        optim: OptimConfig {
+            kind: OptimKind::Adamw,
+            lr: 1e-2,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            schedule: ScheduleKind::Constant,
+            warmup_ratio: 0.0,
+        },
+        batch_size: 2,
+        micro_batch_size: 2,
+        epochs: 2,
+        seed: 5,
+        lora: lora.then(|| LoraConfig { rank: 2, alpha: 4.0, targets: LoraTarget::ALL.to_vec() }),
+        memory_budget: None,
+    };
+    for family in [Family::Llama, Family::Qwen3] {
+        let cfg = tiny_config(family, false);
+        let host = random_weights(&cfg, &mut Rng(41));
+        let pairs = common::random_train_pairs(&mut Rng(42), cfg.vocab_size);
+        for (lora, recompute) in [(false, false), (true, false), (false, true), (true, true)] {
+            // (loss bits, gradients, tensors after the first step, high-water mark)
+            let run = |store: bool| {
+                let mut m = Transformer::with_backend(sim_with(Precision::Bf16).unwrap(), cfg.clone(), host.clone()).unwrap();
+                m.set_recompute(recompute);
+                m.set_store_bf16(store);
+                let mut t = Trainer::new(m, pairs.clone(), tcfg(lora)).unwrap();
+                // One step first, so that LoRA's B (zero at the start) is not and dA is not zero.
+                t.train_step().unwrap();
+                let (loss, grads, _) = t.loss_and_grads(&t.batch_indices(t.step), t.step + 1).unwrap();
+                let g = t.trainable_grads(&grads);
+                let after: Vec<Vec<f32>> = t.trainable_tensors().into_iter().map(|x| x.2).collect();
+                ([loss.loss.to_bits(), loss.sft_nll.to_bits()], g, after, t.model.backend.memory_peak())
+            };
+            let (fp32, b16) = (run(false), run(true));
+            let what = format!("{family:?} lora={lora} recompute={recompute}");
+            assert_eq!(fp32.0, b16.0, "{what}: loss");
+            assert!(fp32.1.iter().any(|g| g.iter().any(|&x| x != 0.0)), "{what}: zero gradients");
+            assert_eq!(fp32.1.len(), b16.1.len());
+            for (i, (a, b)) in fp32.1.iter().zip(&b16.1).enumerate() {
+                assert!(a.len() == b.len() && common::same_bits(a, b), "{what}: gradient {i} differs");
+            }
+            for (i, (a, b)) in fp32.2.iter().zip(&b16.2).enumerate() {
+                assert!(common::same_bits(a, b), "{what}: tensor {i} after a step differs");
+            }
+            eprintln!("{what}: high-water mark {} -> {} bytes", fp32.3, b16.3);
+            assert!(b16.3 < fp32.3, "{what}: high-water mark {} not below {}", b16.3, fp32.3);
+        }
+        // The tape of one forward: each stored tensor loses half its bytes (bf16 rounds up to
+        // whole 4-byte elements).
+        let mut rng = Rng(43);
+        let batch = Batch::from_sequences(&[&rng.ids(9, cfg.vocab_size), &rng.ids(6, cfg.vocab_size)]);
+        let tape_bytes = |store: bool| {
+            let mut m = Transformer::with_backend(sim_with(Precision::Bf16).unwrap(), cfg.clone(), host.clone()).unwrap();
+            m.set_store_bf16(store);
+            let before = m.backend.memory_live();
+            let out = m.forward(&batch).unwrap();
+            let live = m.backend.memory_live() - before;
+            drop(out);
+            live
+        };
+        let t = batch.num_tokens();
+        let half = |n: usize| (4 * n - 4 * n.div_ceil(2)) as u64;
+        let per_layer = 2 * half(t * cfg.hidden_size) + half(t * cfg.q_dim()) + 2 * half(t * cfg.kv_dim()) + half(t * cfg.intermediate_size);
+        assert_eq!(tape_bytes(false) - tape_bytes(true), cfg.num_layers as u64 * per_layer, "{family:?}: tape bytes");
+    }
+}

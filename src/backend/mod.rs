@@ -309,6 +309,14 @@ pub trait Backend: Send + Sync {
     /// its compute precision only (the CUDA backend under `Precision::Bf16` keeps the bf16
     /// copy its matmuls read and frees the fp32 values; `download` returns the bf16 values).
     fn freeze_weight(&self, _w: &mut Self::Buf) {}
+    /// Marks an activation that from now on is read only as a `matmul`/`matmul_scaled`
+    /// operand, as q, k or v of `attention`/`attention_bwd`, or by `download`: a backend whose
+    /// compute precision rounds those operands anyway may keep only the rounded values (the
+    /// CUDA backend under `Precision::Bf16` keeps the bf16 rounding, RNE, the same bits its
+    /// matmuls and tensor-core attention would make, and frees the fp32 values: no result
+    /// changes, the buffer takes half the bytes). The transformer calls it on the activations
+    /// it saves for the backward (xn1, xn2, act; q, k, v).
+    fn store_bf16(&self, _buf: &mut Self::Buf) {}
     /// A zeroed KV cache of `len` values for `kv_write` / `kv_copy_blocks` /
     /// `paged_attention` (one layer, `KvGeom::layer_len`): fp32 by default; a backend may
     /// store it narrower (the CUDA backend under `Precision::Bf16`: bf16).

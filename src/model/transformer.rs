@@ -109,26 +109,28 @@ pub struct ScoreItem<'a> {
     pub target: &'a [u32],
 }
 
-/// Activations of one layer saved for the backward.
+/// Activations of one layer saved for the backward. `(store_bf16)`: read only by matmuls and
+/// (q, k, v) the attention, so handed to `Backend::store_bf16` (bf16 on CUDA under
+/// `Precision::Bf16`, the same bits those ops round to); the rest stays as the backend makes it.
 struct LayerActs<Buf> {
     x: Buf,             // [T, hidden] layer input
     rstd1: Buf,         // [T]
-    xn1: Buf,           // [T, hidden]
+    xn1: Buf,           // [T, hidden] (store_bf16)
     q_pre: Option<Buf>, // [T, n_heads * head_dim] before q_norm (Qwen3)
     k_pre: Option<Buf>, // [T, n_kv * head_dim]
     q_rstd: Option<Buf>, // [T * n_heads]
     k_rstd: Option<Buf>, // [T * n_kv]
-    q: Buf,             // [T, n_heads, head_dim] after norm + rope
-    k: Buf,             // [T, n_kv, head_dim]
-    v: Buf,             // [T, n_kv, head_dim]
+    q: Buf,             // [T, n_heads, head_dim] after norm + rope (store_bf16)
+    k: Buf,             // [T, n_kv, head_dim] (store_bf16)
+    v: Buf,             // [T, n_kv, head_dim] (store_bf16)
     attn: Buf,          // [T, n_heads, head_dim]
     lse: Buf,           // [T, n_heads]
     x_mid: Buf,         // [T, hidden]
     rstd2: Buf,         // [T]
-    xn2: Buf,           // [T, hidden]
+    xn2: Buf,           // [T, hidden] (store_bf16)
     gate: Buf,          // [T, ffn]
     up: Buf,            // [T, ffn]
-    act: Buf,           // [T, ffn]
+    act: Buf,           // [T, ffn] (store_bf16)
 }
 
 /// What a layer keeps for the backward: all its activations, or (activation recomputation,
@@ -154,6 +156,9 @@ pub struct Transformer<B: Backend = Reference> {
     pub weights: ModelWeights<B::Buf>,
     inv_freq: Vec<f64>, // [head_dim / 2]
     recompute: bool,
+    /// Hand the saved activations read only by matmuls and the attention to
+    /// `Backend::store_bf16` (`set_store_bf16`).
+    store_bf16: bool,
     /// LoRA adapters (`super::adapter`): added by the forward; with them the backward trains
     /// only them.
     pub(crate) adapters: Option<Adapters<B::Buf>>,
@@ -172,7 +177,7 @@ impl<B: Backend> Transformer<B> {
         backend.prepare(&[cfg.head_dim]).map_err(|error| ForwardError::Backend { backend: backend.name(), error })?;
         let weights = host.map(|t| backend.upload_weight(&t.data));
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, backend, weights, inv_freq, recompute: false, adapters: None })
+        Ok(Self { cfg, backend, weights, inv_freq, recompute: false, store_bf16: true, adapters: None })
     }
 
     /// Activation recomputation: `forward` keeps only each decoder layer's input, and `backward`
@@ -186,6 +191,16 @@ impl<B: Backend> Transformer<B> {
 
     pub fn recompute(&self) -> bool {
         self.recompute
+    }
+
+    /// On by default: the forward hands xn1, q, k, v, xn2 and act to `Backend::store_bf16`
+    /// as soon as it has made them (they are read only by matmuls and the attention, which
+    /// under bf16 round them anyway: the CUDA backend then stores their bf16 rounding, so the
+    /// saved activations shrink and nothing else changes). Off keeps them as made: for tests
+    /// that prove the two give the same bits (tests/cuda_sim_bf16.rs).
+    #[doc(hidden)]
+    pub fn set_store_bf16(&mut self, on: bool) {
+        self.store_bf16 = on;
     }
 
     /// Declares the layer matrices (q, k, v, o, gate, up, down of every layer) frozen: nothing
@@ -276,13 +291,22 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// One decoder layer up to (not including) the MLP down projection and its residual.
+    /// Also what the backward runs again under recompute, where the `store_bf16` calls do not
+    /// save memory but still save work: an operand stored in bf16 is not rounded again by each
+    /// of the matmuls that read it (xn1: three projections and the adapters).
     fn layer_forward(&self, l: usize, x: B::Buf, batch: &Batch) -> LayerActs<B::Buf> {
         let (be, c, w) = (&self.backend, &self.cfg, &self.weights.layers[l]);
         let t = batch.num_tokens();
         let (hidden, qd, kvd, hd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim, c.intermediate_size);
         let eps = c.rms_norm_eps as f32;
+        let store_bf16 = |b: &mut B::Buf| {
+            if self.store_bf16 {
+                be.store_bf16(b);
+            }
+        };
         let (mut xn1, mut rstd1) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x, &w.attn_norm, hidden, eps, &mut xn1, &mut rstd1);
+        store_bf16(&mut xn1);
         let proj = |p: LoraTarget, bias: &Option<B::Buf>, n: usize| {
             let mut y = be.zeros(t * n);
             self.project(l, p, &xn1, &mut y, t);
@@ -291,7 +315,7 @@ impl<B: Backend> Transformer<B> {
             }
             y
         };
-        let (mut q, mut k, v) = (proj(LoraTarget::Q, &w.bq, qd), proj(LoraTarget::K, &w.bk, kvd), proj(LoraTarget::V, &w.bv, kvd));
+        let (mut q, mut k, mut v) = (proj(LoraTarget::Q, &w.bq, qd), proj(LoraTarget::K, &w.bk, kvd), proj(LoraTarget::V, &w.bv, kvd));
         let (mut q_pre, mut k_pre, mut q_rstd, mut k_rstd) = (None, None, None, None);
         if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
             let head_norm = |x: B::Buf, wn: &B::Buf, rows: usize| {
@@ -306,6 +330,9 @@ impl<B: Backend> Transformer<B> {
         }
         be.rope(&mut q, &batch.positions, c.num_heads, hd, &self.inv_freq, false);
         be.rope(&mut k, &batch.positions, c.num_kv_heads, hd, &self.inv_freq, false);
+        for b in [&mut q, &mut k, &mut v] {
+            store_bf16(b);
+        }
         let (mut attn, mut lse) = (be.zeros(t * qd), be.zeros(t * c.num_heads));
         be.attention(&q, &k, &v, &batch.layout, self.dims(), &mut attn, &mut lse);
         let mut x_mid = be.zeros(t * hidden);
@@ -313,10 +340,12 @@ impl<B: Backend> Transformer<B> {
         be.add_assign(&mut x_mid, &x);
         let (mut xn2, mut rstd2) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x_mid, &w.mlp_norm, hidden, eps, &mut xn2, &mut rstd2);
+        store_bf16(&mut xn2);
         let (mut gate, mut up, mut act) = (be.zeros(t * ffn), be.zeros(t * ffn), be.zeros(t * ffn));
         self.project(l, LoraTarget::Gate, &xn2, &mut gate, t);
         self.project(l, LoraTarget::Up, &xn2, &mut up, t);
         be.swiglu(&gate, &up, &mut act);
+        store_bf16(&mut act);
         LayerActs { x, rstd1, xn1, q_pre, k_pre, q_rstd, k_rstd, q, k, v, attn, lse, x_mid, rstd2, xn2, gate, up, act }
     }
 

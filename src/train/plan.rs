@@ -7,7 +7,9 @@
 //!   the backend's allocation high-water mark on `Sim` within 5% by tests/plan.rs). Every buffer
 //!   is fp32; `Precision::Bf16` is autocast-style and adds a bf16 copy of each layer matrix
 //!   (made on first use) plus bf16 scratch of the matmul operands; frozen layer matrices (the
-//!   base under LoRA, every one in the rollout stages) keep the bf16 copy only. LoRA trains the adapters
+//!   base under LoRA, every one in the rollout stages) keep the bf16 copy only, and so do the
+//!   saved activations only bf16 matmuls and the tensor-core attention read (xn1, xn2, act; q,
+//!   k, v: `Backend::store_bf16`). LoRA trains the adapters
 //!   only (`crate::model::adapter`: no gradient of a frozen weight). `--recompute` is implemented
 //!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`): `gpus` divides
 //!   the AdamW moments here (the largest rank's slice, `ceil(trained / gpus)` elements each;
@@ -226,11 +228,15 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
 
     // Saved per layer and token: x, xn1, x_mid, xn2 [hidden]; q, attn [q_dim]; k, v [kv_dim];
     // gate, up, act [ffn]; Qwen3 also q, k before their norm. fp32: rstd1, rstd2, lse [heads]
-    // (+ the q/k norm rstd per head on Qwen3).
+    // (+ the q/k norm rstd per head on Qwen3). Under bf16 this build too stores xn1, xn2, q,
+    // k, v and act in bf16 (`Backend::store_bf16`: read only by bf16 matmuls and the
+    // tensor-core attention); the rest of them fp32.
     let qk = c.qk_norm as u64;
+    let e16: u64 = if bf16 { 2 } else { e };
+    let layer_bf16 = 2 * h + q + 2 * kv + f;
     let layer_big = 4 * h + 2 * q + 2 * kv + 3 * f + qk * (q + kv);
     let layer_stats = 2 + nh + qk * (nh + nkv);
-    let layer = t * (e * layer_big + 4 * layer_stats);
+    let layer = t * (e16 * layer_bf16 + e * (layer_big - layer_bf16) + 4 * layer_stats);
     // After the layers: x and h around the final norm [T, hidden], its rstd [T]; per lm-head
     // row the log-prob, lse and dL/dlogp.
     let tail = t * (2 * e * h + 4) + 12 * r;
@@ -249,8 +255,8 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     // (dout, dxn2, dx_mid, dxn1, dx [T, hidden]; dattn, dq [T, q_dim]; dk, dv [T, kv_dim]);
     // on Qwen3 the q/k norm backward (dout, dxn2, dx_mid; dattn, dq and dq before the norm;
     // dk, dv and dk before the norm). This build adds the RoPE cos/sin table [T, head_dim]
-    // and, with bf16, the matmul operands' bf16 scratch (largest: dgate and xn2 for dW_gate,
-    // while dout, dxn2, dgate and dup exist).
+    // and, with bf16, the matmul operands' bf16 scratch (largest: dgate for dW_gate, while
+    // dout, dxn2, dgate and dup exist; xn2 is stored in bf16 already).
     let chunk = (LM_CHUNK_ELEMS as u64 / vocab.max(1)).clamp(1, r.max(1));
     // This build under bf16 rounds the chunk's logit gradients and rows into bf16 scratch for
     // the tensor-core GEMMs.
@@ -259,7 +265,7 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     let swiglu = t * e * (h + 3 * f);
     let end = t * e * (5 * h + 2 * q + 2 * kv);
     let qk_moment = t * e * (3 * h + 3 * q + 3 * kv);
-    let bf16_moment = if this && bf16 { t * (e * (2 * h + 2 * f) + 2 * (f + h)) } else { 0 };
+    let bf16_moment = if this && bf16 { t * (e * (2 * h + 2 * f) + 2 * f) } else { 0 };
     let layer_bwd = end.max(swiglu).max(bf16_moment).max(qk * qk_moment);
     let rope = if this { 4 * t * hd } else { 0 };
     m.workspace = lm_head.max(layer_bwd) + rope;
@@ -337,11 +343,12 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestio
         all.lora = q.lora.clone();
         try_change(q, "--lora-rank 16".into(), &mut out);
     }
-    // This build stores fp32 either way; bf16 only adds copies there.
+    // The other precision where it needs less: bf16 in the design; in this build it halves
+    // some saved activations but adds bf16 copies of the trained weights, so either way.
     let other = if p.precision == Precision::F32 { Precision::Bf16 } else { Precision::F32 };
-    if (p.layout == Layout::Target) == (p.precision == Precision::F32) {
-        let mut q = p.clone();
-        q.precision = other;
+    let mut q = p.clone();
+    q.precision = other;
+    if memory(c, &q).total() < memory(c, p).total() {
         all.precision = other;
         try_change(q, format!("--precision {}", if other == Precision::Bf16 { "bf16" } else { "fp32" }), &mut out);
     }

@@ -41,8 +41,10 @@ pub struct CudaBuf<G: Gpu> {
     bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
     /// `ptr` holds `len` bf16 values (in `len.div_ceil(2)` 4-byte elements) and no fp32
     /// ones: a frozen weight (`Backend::freeze_weight` under `Precision::Bf16`; read by the
-    /// bf16 matmuls and `download`, written by nothing) or a bf16 KV cache (`Backend::kv_alloc`
-    /// under bf16; the kv_cache.cu kernels' KV_BF16 variant).
+    /// bf16 matmuls and `download`, written by nothing), a saved activation
+    /// (`Backend::store_bf16`; read by the bf16 matmuls, the tensor-core attention's
+    /// `_qkv_bf16` kernels and `download`) or a bf16 KV cache (`Backend::kv_alloc` under bf16;
+    /// the kv_cache.cu kernels' KV_BF16 variant).
     bf16_only: bool,
 }
 
@@ -505,6 +507,13 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         *w = h;
     }
 
+    /// Under `Precision::Bf16`: replaces the activation by its bf16 rounding (f32_to_bf16, the
+    /// rounding `matmul_bf16` and the attention_mma.cu kernels make of their operands) and
+    /// frees the fp32 values, as `freeze_weight` does. Under fp32 nothing changes.
+    fn store_bf16(&self, buf: &mut CudaBuf<G>) {
+        self.freeze_weight(buf)
+    }
+
     fn upload(&self, host: &[f32]) -> CudaBuf<G> {
         let bytes: Vec<u8> = host.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.upload_bytes(host.len(), &bytes)
@@ -676,6 +685,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
         let t = layout.num_tokens();
         assert!(q.len >= t * nh * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd && out.len >= t * nh * hd && lse.len >= t * nh, "attention shapes");
+        assert!(!q.bf16_only && !k.bf16_only && !v.bf16_only, "fp32 attention of q, k, v stored in bf16 (the precision changed after store_bf16)");
         let (spans, qt) = self.span_tables(layout);
         if qt.is_empty() {
             return;
@@ -702,6 +712,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         let t = layout.num_tokens();
         assert!(dout.len >= t * nh * hd && out.len >= t * nh * hd && lse.len >= t * nh && dq.len >= t * nh * hd, "attention_bwd shapes");
         assert!(dk.len >= t * nkv * hd && dv.len >= t * nkv * hd && k.len >= t * nkv * hd && v.len >= t * nkv * hd, "attention_bwd shapes");
+        assert!(!q.bf16_only && !k.bf16_only && !v.bf16_only, "fp32 attention_bwd of q, k, v stored in bf16 (the precision changed after store_bf16)");
         self.fill(dk, 0.0);
         self.fill(dv, 0.0);
         let (spans, qt) = self.span_tables(layout);

@@ -7,8 +7,10 @@
 //! memory, mma.sync bf16 -> fp32, softmax statistics in fp32, the same fp32 out and lse as
 //! attn_fwd; the backward FA2-style with P recomputed from lse). Everything else (norms, RoPE,
 //! SwiGLU, the lm-head's log-softmax, AdamW) stays fp32; the fused lm-head's GEMMs run in bf16
-//! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`) and the paged
-//! KV cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision` or `set_precision`
+//! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`), so do the
+//! saved activations that only bf16 matmuls and the tensor-core attention read (`store_bf16`:
+//! xn1, xn2, act, q, k, v; the same bits those ops would round to, so no result changes), and
+//! the paged KV cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision` or `set_precision`
 //! (`CudaBackend::new` is fp32); the commands' `--precision` flag picks it, bf16 by default on a
 //! real GPU (`workflow::device`).
 
@@ -84,6 +86,17 @@ fn mma_dkdv_smem_bytes(head_dim: usize) -> usize {
     let hdp = head_dim.div_ceil(16) * 16;
     let (ldq, ldq2) = (hdp + 8, MMA_BQ2 + 8);
     (2 * MMA_BKV * ldq + 2 * MMA_BQ2 * ldq + 2 * hdp * ldq2) * 2 + 2 * MMA_BQ2 * 4
+}
+
+/// The attention_mma.cu kernel `name` for q, k, v in fp32, or its `_qkv_bf16` variant for
+/// q, k, v stored in bf16 (`Backend::store_bf16`: the same bits the fp32 variant stages).
+fn qkv_kernel<G: Gpu>(name: &str, q: &CudaBuf<G>, k: &CudaBuf<G>, v: &CudaBuf<G>) -> String {
+    assert!(q.bf16_only == k.bf16_only && k.bf16_only == v.bf16_only, "{name}: q, k and v stored in different precisions");
+    if q.bf16_only {
+        format!("{name}_qkv_bf16")
+    } else {
+        name.to_string()
+    }
 }
 
 impl<G: Gpu> CudaBackend<G> {
@@ -172,7 +185,7 @@ impl<G: Gpu> CudaBackend<G> {
         }
         let qt_d = self.upload_i32(&qt);
         self.launch(
-            "attention_mma.cu", &[("HEAD_DIM", hd)], "attn_fwd_mma", ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_smem_bytes(hd),
+            "attention_mma.cu", &[("HEAD_DIM", hd)], &qkv_kernel("attn_fwd_mma", q, k, v), ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_smem_bytes(hd),
             &[
                 Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(out.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr),
                 Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::F32((1.0 / (hd as f64).sqrt()) as f32),
@@ -208,16 +221,17 @@ impl<G: Gpu> CudaBackend<G> {
         let d = self.attn_bwd_d(dout, out, t * nh, hd); // D [tokens, n_heads]
         let qt_d = self.upload_i32(&qt);
         self.launch(
-            "attention_mma.cu", &def, "attn_bwd_dq_mma", ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_dq_smem_bytes(hd),
+            "attention_mma.cu", &def, &qkv_kernel("attn_bwd_dq_mma", q, k, v), ((qt.len() / 2) as u32, nh as u32, 1), 128, mma_dq_smem_bytes(hd),
             &[
                 Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dout.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(d.ptr), Arg::Ptr(dq.ptr),
                 Arg::Ptr(spans.ptr), Arg::Ptr(qt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
             ],
         );
+        let dkdv = qkv_kernel("attn_bwd_dkdv_mma", q, k, v);
         for kt in super::dkdv_wave_tiles(layout, MMA_BKV) {
             let kt_d = self.upload_i32(&kt);
             self.launch(
-                "attention_mma.cu", &def, "attn_bwd_dkdv_mma", ((kt.len() / 2) as u32, nkv as u32, 1), 128, mma_dkdv_smem_bytes(hd),
+                "attention_mma.cu", &def, &dkdv, ((kt.len() / 2) as u32, nkv as u32, 1), 128, mma_dkdv_smem_bytes(hd),
                 &[
                     Arg::Ptr(q.ptr), Arg::Ptr(k.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dout.ptr), Arg::Ptr(lse.ptr), Arg::Ptr(d.ptr), Arg::Ptr(dk.ptr), Arg::Ptr(dv.ptr),
                     Arg::Ptr(spans.ptr), Arg::Ptr(kt_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), scale,
