@@ -54,7 +54,8 @@ const BUCKET_BYTES: usize = 25 << 20;
 
 /// Every place to try, in search order, with the rule that gave it (files that may not exist;
 /// the bare soname last): `cudalib`'s search with NCCL's soname and wheel folders.
-pub(crate) fn candidates(env: &Env) -> Vec<(PathBuf, String)> {
+#[cfg(test)]
+fn candidates(env: &Env) -> Vec<(PathBuf, String)> {
     cudalib::candidates(&SPEC, env).into_iter().map(|c| (c.path, c.rule)).collect()
 }
 
