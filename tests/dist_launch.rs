@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -415,6 +415,19 @@ fn launch_nproc_2_intervene_writes_the_single_process_files() {
     }
 }
 
+/// The tiny Llama with the byte tokenizer, and the tiny Qwen2 as a base with the same
+/// tokenizer (a model and a base of other families), in `dir`.
+fn model_and_base(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = common::tiny_llama_with_tokenizer(dir, &common::byte_tokenizer_json());
+    let base = dir.join("qwen2-tok");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(tiny_fixture("qwen2").join(f), base.join(f)).unwrap();
+    }
+    std::fs::copy(model.join("tokenizer.json"), base.join("tokenizer.json")).unwrap();
+    (model, base)
+}
+
 /// `ipo launch --nproc 2 -- eval`: each rank generates every other prompt (greedy and 2
 /// samples, under the model and under another base) and runs every other scoring forward;
 /// rank 0 writes eval.json, eval.md, answers.jsonl and eval.errors.jsonl byte for byte the
@@ -423,13 +436,7 @@ fn launch_nproc_2_intervene_writes_the_single_process_files() {
 fn launch_nproc_2_eval_writes_the_single_process_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let model = common::tiny_llama_with_tokenizer(dir, &common::byte_tokenizer_json());
-    let base = dir.join("qwen2-tok");
-    std::fs::create_dir_all(&base).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(tiny_fixture("qwen2").join(f), base.join(f)).unwrap();
-    }
-    std::fs::copy(model.join("tokenizer.json"), base.join("tokenizer.json")).unwrap();
+    let (model, base) = model_and_base(dir);
     let (harmful, benign) = (dir.join("harmful.jsonl"), dir.join("benign.jsonl"));
     let write = |p: &Path, rows: &[(&str, &str)]| {
         std::fs::write(p, rows.iter().map(|(id, t)| format!("{}\n", serde_json::json!({"id": id, "prompt": t}))).collect::<String>()).unwrap()
@@ -478,13 +485,7 @@ fn launch_nproc_2_eval_writes_the_single_process_files() {
 fn launch_nproc_2_csr_writes_the_single_process_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let model = common::tiny_llama_with_tokenizer(dir, &common::byte_tokenizer_json());
-    let base = dir.join("qwen2-tok");
-    std::fs::create_dir_all(&base).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(tiny_fixture("qwen2").join(f), base.join(f)).unwrap();
-    }
-    std::fs::copy(model.join("tokenizer.json"), base.join("tokenizer.json")).unwrap();
+    let (model, base) = model_and_base(dir);
     let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
     let texts = [
         "Okay. The user wants to open a lock. I'll start by listing the tools you need. 1. A wrench.",
