@@ -431,8 +431,8 @@ pub struct DecodeRow {
     pub decode_seconds: f64,
     pub tokens_per_s: f64,
     pub prefill_tokens_per_s: f64,
-    /// Bytes one decode step must read: every weight once (f32) plus the batch's KV cache at
-    /// the mean context.
+    /// Bytes one decode step must read: every weight once (4, 2 or 36/32 bytes per matmul
+    /// weight at f32, bf16 or q8; norms in f32) plus the batch's KV cache at the mean context.
     pub gbytes_per_step: f64,
     pub gbs: f64,
     pub of_bandwidth: Option<f64>,
@@ -460,10 +460,15 @@ pub fn decode<B: Backend>(
     seed: u64,
 ) -> Result<DecodeReport> {
     let device = backend.name();
+    let per_weight = match backend.precision() {
+        crate::backend::Precision::F32 => 4.0,
+        crate::backend::Precision::Bf16 => 2.0,
+        crate::backend::Precision::Q8 => 36.0 / 32.0,
+    };
     let model = random_model(backend, shape, layers, seed)?;
     let cfg = model.cfg.clone();
     let mut r = workload::Rng(seed ^ 0xDEC0);
-    let weight_bytes = 4.0 * (matmul_params(&cfg) as f64 + (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64);
+    let weight_bytes = per_weight * matmul_params(&cfg) as f64 + 4.0 * (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
     let mut rows = Vec::new();
     for (i, &batch) in std::iter::once(&1usize).chain(batches).enumerate() {
         let (p, new) = if i == 0 { (8, 2) } else { (prompt, new_tokens) }; // first: warm-up
