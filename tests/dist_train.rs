@@ -6,6 +6,14 @@
 //! simulator). Per-step metrics and final weights agree within fp32
 //! rounding (the gradient sums are associated differently at each world size; the bounds are
 //! below), the weights moved far more than that, and only rank 0 wrote OUT/.
+//!
+//! The gradient all-reduce overlapped with the backward (`Trainer::train_step` starts each
+//! decoder layer's gradients as the last micro-batch's backward finishes that layer): at world
+//! 2 and 3, full fine-tuning and LoRA with gradient accumulation, bit for bit what one
+//! all-reduce after the backward gives (`Trainer::set_all_reduce_after_backward`; the host
+//! group's sum is elementwise, so how buffers are grouped into all-reduces cannot change a
+//! bit, and a layer touched after its start would); `Transformer::backward_buf`'s callback
+//! runs once per layer, last to first, during the backward, and the layer stays untouched.
 
 mod common;
 
@@ -174,4 +182,111 @@ fn sim_world_2_matches_world_1() {
     let moved = max_diff(&tiny_fixture("qwen3").join("model.safetensors"), &one.join("final/model.safetensors"));
     eprintln!("sim world 2: max |w1 - w2| = {d:e}, moved {moved:e}");
     assert!(d <= FULL_TOL && moved > 1000.0 * FULL_TOL, "diff {d}, moved {moved}");
+}
+
+// ---- the gradient all-reduce overlapped with the backward (each decoder layer's gradients
+// ---- started as the last micro-batch's backward finishes that layer) against one all-reduce
+// ---- of everything after the backward.
+
+use common::{overlap_config, pairs8, random_weights, same_bits, three_layers, train_ranks, RankRun, Rng};
+use ipo::backend::cpu::{CpuBackend, CpuBuf};
+use ipo::backend::Backend;
+use ipo::model::adapter::GradsMut;
+use ipo::model::config::{Family, ModelConfig};
+use ipo::model::transformer::{Batch, Transformer};
+use ipo::train::Trainer;
+
+/// Both ways give every rank the same loss and trained tensors, bit for bit; the overlapped
+/// way sends, per step, one all-reduce per decoder layer, last to first, each holding the
+/// rank's whole local gradient of that layer (what the one all-reduce after the backward holds
+/// for it: the start came after the last micro-batch's contribution), then (full fine-tuning)
+/// one of the embeddings, final norm and lm-head.
+fn assert_overlap_same(mcfg: &ModelConfig, lora: bool, over: &[RankRun], after: &[RankRun], what: &str) {
+    let (l, e) = (mcfg.num_layers, mcfg.vocab_size * mcfg.hidden_size);
+    for (r, (o, a)) in over.iter().zip(after).enumerate() {
+        assert_eq!(o.losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), a.losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{what}: rank {r} losses");
+        assert_eq!(o.tensors.len(), a.tensors.len());
+        for (x, y) in o.tensors.iter().zip(&a.tensors) {
+            assert!(x.0 == y.0 && same_bits(&x.2, &y.2) && x.2.len() == y.2.len(), "{what}: rank {r}: {} differs", x.0);
+        }
+        assert!(o.tensors.iter().zip(&over[0].tensors).all(|(x, y)| same_bits(&x.2, &y.2)), "{what}: rank {r} differs from rank 0");
+        for (s, (os, as_)) in o.sent.iter().zip(&a.sent).enumerate() {
+            assert_eq!(as_.len(), 1, "{what}: rank {r} step {}: one all-reduce after the backward", s + 1);
+            assert_eq!(os.len(), l + usize::from(!lora), "{what}: rank {r} step {}: all-reduces", s + 1);
+            let layers: Vec<f32> = os[..l].iter().rev().flatten().copied().collect(); // layers 0..l
+            let want: Vec<f32> = if lora { layers } else { [&os[l][..e], &layers[..], &os[l][e..]].concat() };
+            assert!(want.len() == as_[0].len() && same_bits(&want, &as_[0]), "{what}: rank {r} step {}: the layers' gradients sent differ", s + 1);
+            let n = os[0].len();
+            assert!(os[..l].iter().all(|x| x.len() == n && n > 0), "{what}: equal layers, equal sizes");
+        }
+    }
+}
+
+fn overlap_case(family: Family, tied: bool, lora: bool, world: usize) {
+    let mcfg = three_layers(family, tied);
+    let (tcfg, pairs) = (overlap_config(lora), pairs8(21, mcfg.vocab_size));
+    let run = |after| train_ranks(CpuBackend::<f32>::new, &mcfg, 3, &tcfg, &pairs, world, false, after, 4);
+    let (over, after) = (run(false), run(true));
+    let what = format!("{family:?} {} world {world}", if lora { "LoRA" } else { "full" });
+    assert_overlap_same(&mcfg, lora, &over, &after, &what);
+    let l = &over[0].losses;
+    assert!(l.iter().all(|x| x.is_finite()) && l[0] != l[2], "{what}: {l:?}");
+}
+
+#[test]
+fn overlapped_all_reduce_is_bit_identical_full_finetune_world_2_and_3() {
+    for world in [2, 3] {
+        overlap_case(Family::Llama, false, false, world);
+        overlap_case(Family::Qwen3, true, false, world);
+    }
+}
+
+#[test]
+fn overlapped_all_reduce_is_bit_identical_lora_world_2_and_3() {
+    for world in [2, 3] {
+        overlap_case(Family::Qwen2, false, true, world);
+    }
+}
+
+/// `Transformer::backward_buf`'s callback: once per decoder layer, last to first, while the
+/// earlier layers' gradients are still untouched (zero: it runs during the backward), and
+/// nothing changes a layer's gradients after its call (full fine-tuning and adapters).
+#[test]
+fn layer_callback_runs_once_per_layer_in_backward_order_and_the_layer_stays_untouched() {
+    for lora in [false, true] {
+        let mcfg = three_layers(Family::Llama, false);
+        let pairs = pairs8(22, mcfg.vocab_size);
+        let model = Transformer::with_backend(CpuBackend::<f32>::new(), mcfg.clone(), random_weights(&mcfg, &mut Rng(4))).unwrap();
+        let t = Trainer::new(model, pairs.clone(), overlap_config(lora)).unwrap();
+        let (m, be) = (&t.model, &t.model.backend);
+        let layer = |g: &GradsMut<'_, CpuBuf<f32>>, l: usize| -> Vec<f32> {
+            let mut v = Vec::new();
+            match g {
+                GradsMut::Full(w) => w.layers[l].for_each(|_, b| v.extend(be.download(b))),
+                GradsMut::Adapters(a) => a[l].iter().flatten().for_each(|d| v.extend(be.download(&d.a).into_iter().chain(be.download(&d.b)))),
+            }
+            v
+        };
+        let mut grads = m.zero_grads_for_training();
+        for (k, p) in pairs[..2].iter().enumerate() {
+            let mut batch = Batch::default();
+            batch.push_pair(&p.context, &p.chosen, &p.rejected);
+            let (_, tape) = m.forward(&batch).unwrap();
+            let dlogp: Vec<f32> = Rng(9 + k as u64).vec(batch.rows.len(), 1.0);
+            let mut calls: Vec<(usize, Vec<f32>)> = Vec::new();
+            let mut done = |l: usize, g: &mut GradsMut<'_, CpuBuf<f32>>| {
+                if k == 0 {
+                    assert!((0..l).all(|e| layer(g, e).iter().all(|&x| x == 0.0)), "lora {lora}: layer {l}'s call after an earlier layer's backward");
+                }
+                calls.push((l, layer(g, l)));
+            };
+            m.backward_buf(&batch, tape, &be.upload(&dlogp), grads.as_mut(), Some(&mut done));
+            assert_eq!(calls.iter().map(|c| c.0).collect::<Vec<_>>(), [2, 1, 0], "lora {lora}: once per layer, last to first");
+            let g = grads.as_mut();
+            for (l, at_call) in &calls {
+                let now = layer(&g, *l);
+                assert!(now.iter().any(|&x| x != 0.0) && same_bits(&now, at_call) && now.len() == at_call.len(), "lora {lora}: layer {l} changed after its call");
+            }
+        }
+    }
 }

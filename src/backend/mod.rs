@@ -603,17 +603,34 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Sums `bufs` (f32 gradients) over the data-parallel group, in place: the trainer's
-    /// gradient all-reduce. `host_sum` is the group's all-reduce of a host vector. The default
-    /// is `host_all_reduce` (every buffer through one host vector), so the sum has the host
-    /// group's bits (rank order, fp32); `CudaBackend` on a GPU that joined a group
-    /// (`join_group`) sums the device buffers with NCCL instead.
-    fn all_reduce_sum(&self, bufs: &mut [&mut Self::Buf], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    /// Starts summing `bufs` (f32 gradients) over the data-parallel group, in place: the
+    /// trainer's gradient all-reduce, one call per decoder layer as the backward finishes it.
+    /// `host_sum` is the group's all-reduce of a host vector. Until `all_reduce_wait` returns,
+    /// nothing may read, write or free `bufs`; every rank starts the same buffers in the same
+    /// order. The default sums at once through the host (`host_all_reduce`: the buffers of
+    /// one call through one host vector), so the sum has the host group's bits (rank order,
+    /// fp32), elementwise, whatever buffers a call groups. `CudaBackend` on a GPU that joined a
+    /// group (`join_group`) enqueues NCCL on its own stream, after the work issued so far, and
+    /// returns.
+    fn all_reduce_start(&self, bufs: &mut [&mut Self::Buf], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
         host_all_reduce(self, bufs, host_sum)
+    }
+
+    /// Waits until every `all_reduce_start` since the last wait has summed its buffers (on a
+    /// GPU within the group's timeout, aborting the group on a failure). The default has
+    /// nothing to wait for.
+    fn all_reduce_wait(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// `all_reduce_start` then `all_reduce_wait`.
+    fn all_reduce_sum(&self, bufs: &mut [&mut Self::Buf], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        self.all_reduce_start(bufs, host_sum)?;
+        self.all_reduce_wait()
     }
 }
 
-/// `Backend::all_reduce_sum` through the host: `bufs` downloaded into one flat vector, summed
+/// `Backend::all_reduce_start` through the host: `bufs` downloaded into one flat vector, summed
 /// by `host_sum` (one collective for all of them), and uploaded again in place of the old ones.
 pub fn host_all_reduce<B: Backend + ?Sized>(be: &B, bufs: &mut [&mut B::Buf], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let lens: Vec<usize> = bufs.iter().map(|b| be.len(b)).collect();

@@ -13,13 +13,19 @@
 //! not a production gradient transport.
 //!
 //! NCCL, on `--device cuda` at world > 1: the gradients are summed on the device by NCCL
-//! (`crate::backend::cuda::nccl`, through `Backend::join_group` / `Backend::all_reduce_sum`, the
-//! collectives of this layer passed down as functions). The TCP group stays the control plane:
+//! (`crate::backend::cuda::nccl`, through `Backend::join_group` / `Backend::all_reduce_start` /
+//! `Backend::all_reduce_wait`, the collectives of this layer passed down as functions),
+//! overlapped with the backward: the trainer starts each decoder layer's gradients as soon as
+//! the last micro-batch's backward has finished that layer, the embeddings', final norm's and
+//! lm-head's after it, and waits before the norm and the update. On `cpu` and `sim` each start
+//! is one host all-reduce here, at once; its sum is elementwise, so the bits are those of one
+//! all-reduce of every gradient after the backward. The TCP group stays the control plane:
 //! rank 0's NCCL unique id (128 bytes) reaches the other ranks in one `all_gather` over it, as
 //! do the metrics, the ZeRO-1 slices and checkpoints' moments. libnccl.so.2 is loaded at run
 //! time and needed only there; a rank without it fails the join on every rank before training.
-//! Unproven without a GPU: the NCCL calls themselves (CI has neither a GPU nor libnccl; the
-//! library locator and the join's error paths are what CI tests).
+//! Unproven without a GPU: the NCCL calls themselves and their overlap with the backward (CI
+//! has neither a GPU nor libnccl; the library locator, the join's error paths and which
+//! buffers the trainer starts when are what CI tests).
 //!
 //! Reduction order, fixed by design: rank 0 adds the ranks' buffers in rank order
 //! (`((x0 + x1) + x2) + ...`, in the buffer's precision) and every rank receives those same bits,

@@ -353,12 +353,17 @@ impl<B: Backend> Transformer<B> {
     /// parameter's gradient into `grads` (tied embeddings receive both contributions).
     pub fn backward(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &[f32], grads: &mut ModelWeights<B::Buf>) {
         assert_eq!(dlogp.len(), batch.rows.len(), "backward: one dlogp per scored row");
-        self.backward_buf(batch, tape, &self.backend.upload(dlogp), GradsMut::Full(grads))
+        self.backward_buf(batch, tape, &self.backend.upload(dlogp), GradsMut::Full(grads), None)
     }
 
     /// `backward` with `dlogp` `[rows]` already on the backend (from `Backend::segment_dpo`),
-    /// into every weight's gradient or (adapters attached) the adapters' only.
-    pub(crate) fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, mut grads: GradsMut<'_, B::Buf>) {
+    /// into every weight's gradient or (adapters attached) the adapters' only. `layer_done(l,
+    /// grads)` is called as soon as decoder layer `l`'s gradients (its weights' or its
+    /// adapters') are final, layers last to first, each once; nothing touches them afterwards
+    /// (the trainer starts their all-reduce there, while the earlier layers' backward runs).
+    /// The embedding, final norm and lm-head gradients are final only when this returns.
+    #[doc(hidden)]
+    pub fn backward_buf(&self, batch: &Batch, tape: Tape<B::Buf>, dlogp: &B::Buf, mut grads: GradsMut<'_, B::Buf>, mut layer_done: Option<&mut dyn FnMut(usize, &mut GradsMut<'_, B::Buf>)>) {
         let (be, c) = (&self.backend, &self.cfg);
         let t = batch.num_tokens();
         let hidden = c.hidden_size;
@@ -381,6 +386,9 @@ impl<B: Backend> Transformer<B> {
                 Saved::Input(x) => self.layer_forward(l, x, batch),
             };
             dx = self.layer_backward(l, acts, dx, batch, &mut grads);
+            if let Some(f) = layer_done.as_mut() {
+                f(l, &mut grads);
+            }
         }
         if let GradsMut::Full(g) = &mut grads {
             be.embedding_bwd(&dx, &batch.ids, hidden, &mut g.embed);

@@ -21,8 +21,13 @@
 //! over ranks of their accumulated gradients (all-reduced before the norm, the clipping and the
 //! update) is the world-1 gradient, and the loss values summed over ranks are the world-1
 //! metrics. Full fine-tuning all-reduces every weight gradient; LoRA only the adapters'
-//! gradients (`Backend::all_reduce_sum`: on a GPU NCCL sums the device buffers in place, in
-//! buckets; elsewhere one host vector goes through `Comm::all_reduce_sum`). Every rank then
+//! gradients, overlapped with the backward of the step's last micro-batch: each decoder
+//! layer's as soon as that backward has finished the layer (`Transformer::backward_buf`'s
+//! callback, layers last to first), the embeddings', final norm's and lm-head's after it
+//! (`Backend::all_reduce_start`: on a GPU NCCL enqueues the device buffers' sums on its own
+//! stream; elsewhere each start's buffers go through one host vector and
+//! `Comm::all_reduce_sum`, at once), and `Backend::all_reduce_wait` before the loss check, the
+//! norm and the update. Every rank then
 //! applies the same update to identical bits, so the weights never drift apart (NCCL, too,
 //! gives every rank the same sum). A global batch gives the same training at any world size up
 //! to fp32 rounding of the differently associated gradient sums.
@@ -45,7 +50,7 @@ use super::zero::Shard;
 use super::TrainError;
 use crate::backend::{Backend, SegmentDpo, SegmentPair};
 use crate::dist::{Comm, CommError};
-use crate::model::adapter::Grads;
+use crate::model::adapter::{Grads, GradsMut};
 use crate::model::transformer::{expected_shapes, Batch, Transformer};
 use crate::model::weights::{HostTensor, ModelWeights};
 
@@ -138,6 +143,10 @@ pub struct Trainer<B: Backend> {
     /// The elements of each trainable tensor whose optimizer state this rank keeps and
     /// updates: all of them, or under ZeRO-1 this rank's slice.
     pub(crate) shard: Shard,
+    /// At world > 1, all-reduce every gradient after the last micro-batch's backward, in one
+    /// call, instead of each decoder layer's as soon as that backward has finished it
+    /// (`set_all_reduce_after_backward`; for tests).
+    all_reduce_after_backward: bool,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -183,7 +192,7 @@ impl<B: Backend> Trainer<B> {
         check_config(&cfg, pairs.len())?;
         // Every moment lives on the backend.
         let optim = Optimizer::new(cfg.optim, &[]);
-        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0, comm, shard };
+        let mut t = Self { model, cfg, pairs, trainable, optim, step: 0, comm, shard, all_reduce_after_backward: false };
         t.check_memory()?;
         let kind = t.cfg.optim.kind;
         match &mut t.trainable {
@@ -344,18 +353,38 @@ impl<B: Backend> Trainer<B> {
         self.loss_and_grads_shard(idx, step, 0, 1)
     }
 
+    /// All-reduces every gradient in one call after the last micro-batch's backward (the way
+    /// before the overlapped all-reduce) instead of layer by layer during it: the same sums,
+    /// bit for bit on the host path; tests compare the two.
+    #[doc(hidden)]
+    pub fn set_all_reduce_after_backward(&mut self, on: bool) {
+        self.all_reduce_after_backward = on;
+    }
+
     /// As `loss_and_grads`, for the micro-batches `j` of the batch `idx` with
     /// `j % world == rank` only: this rank's share of the loss values and of the gradient (both
     /// scaled for the whole batch, so the shares of all ranks add up to the batch's). A
     /// non-finite loss stops at once at world 1; in a group the step goes on, so that every
     /// rank sees it in the summed loss and fails the same way.
+    ///
+    /// At world > 1 it also starts the all-reduce of the gradients over the group
+    /// (`Backend::all_reduce_start`; the caller waits with `all_reduce_wait`): each decoder
+    /// layer's as soon as the backward of this rank's last micro-batch has finished it (layers
+    /// last to first), then those of the embeddings, final norm and lm-head after it. A rank
+    /// with no micro-batch in this step starts the same buffers in the same order after
+    /// nothing. On the host path every start is one rank-order sum of the call's buffers,
+    /// elementwise, so the bits are those of one all-reduce of everything after the backward.
     fn loss_and_grads_shard(&self, idx: &[usize], step: usize, rank: usize, world: usize) -> Result<(BatchLoss, Grads<B::Buf>, usize), TrainError> {
         let be = &self.model.backend;
         let mut grads = self.model.zero_grads_for_training();
         let batch_tokens: usize = idx.iter().map(|&i| self.pairs[i].chosen.len()).sum();
         let mut total = BatchLoss::default();
         let mut tokens = 0;
-        for mb in idx.chunks(self.cfg.micro_batch_size.max(1)).skip(rank).step_by(world) {
+        let mbs: Vec<&[usize]> = idx.chunks(self.cfg.micro_batch_size.max(1)).skip(rank).step_by(world).collect();
+        let overlap = world > 1 && !self.all_reduce_after_backward;
+        // Layers `unreduced..` have been started, and the first error of a start.
+        let (mut unreduced, mut failed) = (self.model.cfg.num_layers, None);
+        for (j, mb) in mbs.iter().enumerate() {
             let mut batch = Batch::default();
             let ranges: Vec<_> = mb
                 .iter()
@@ -397,8 +426,29 @@ impl<B: Backend> Trainer<B> {
             if !part.loss.is_finite() && world == 1 {
                 return Err(self.non_finite(step, "loss", part.loss, idx));
             }
-            self.model.backward_buf(&batch, tape, &dlogp, grads.as_mut());
+            let mut layer_done = |l: usize, g: &mut GradsMut<'_, B::Buf>| {
+                unreduced = l;
+                self.all_reduce_start(layer_grads(g, l), &mut failed);
+            };
+            let done: Option<&mut dyn FnMut(usize, &mut GradsMut<'_, B::Buf>)> = if overlap && j + 1 == mbs.len() { Some(&mut layer_done) } else { None };
+            self.model.backward_buf(&batch, tape, &dlogp, grads.as_mut(), done);
             total.accumulate(&part);
+        }
+        if world > 1 {
+            let mut g = grads.as_mut();
+            if overlap {
+                for l in (0..unreduced).rev() {
+                    self.all_reduce_start(layer_grads(&mut g, l), &mut failed);
+                }
+                self.all_reduce_start(rest_grads(&mut g), &mut failed);
+            } else {
+                self.all_reduce_start(all_grads(&mut g), &mut failed);
+            }
+            if let Some(e) = failed {
+                // Nothing may free the buffers before the started sums have stopped.
+                let _ = be.all_reduce_wait();
+                return Err(e);
+            }
         }
         Ok((total, grads, tokens))
     }
@@ -436,6 +486,8 @@ impl<B: Backend> Trainer<B> {
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let (mut loss, grads, mut tokens) = self.loss_and_grads_shard(&idx, step + 1, rank, world)?;
         if world > 1 {
+            // The gradients are summed now, before the norm, the clipping and the update.
+            self.model.backend.all_reduce_wait().map_err(comm_error)?;
             (loss, tokens) = self.reduce_loss(loss, tokens)?;
             if !loss.loss.is_finite() {
                 return Err(self.non_finite(step + 1, "loss", loss.loss, &idx));
@@ -447,17 +499,9 @@ impl<B: Backend> Trainer<B> {
         // collective there, but the star transports of `crate::dist` have none (it would cost
         // them what this all-reduce costs), so the norm and clipping stay exactly as without it.
         let norm = match (&self.trainable, grads) {
-            (Trainable::Full { .. }, Grads::Full(mut g)) => {
-                if world > 1 {
-                    self.all_reduce_grads(&mut g)?;
-                }
-                self.update_full(&g, lr, &idx)?
-            }
+            (Trainable::Full { .. }, Grads::Full(g)) => self.update_full(&g, lr, &idx)?,
             (Trainable::Lora(l), grads) => {
-                let mut g = l.ordered_grads(grads); // [2 * adapters]: dA, dB per adapter
-                if world > 1 {
-                    self.all_reduce_bufs(&mut g)?;
-                }
+                let g = l.ordered_grads(grads); // [2 * adapters]: dA, dB per adapter
                 self.update_lora(g, lr, &idx)?
             }
             (Trainable::Full { .. }, Grads::Adapters(_)) => unreachable!("full fine-tuning of a model with adapters"),
@@ -499,28 +543,18 @@ impl<B: Backend> Trainer<B> {
         Ok((sum, tokens as usize))
     }
 
-    /// Sums every weight gradient over the group, in place (`all_reduce`).
-    fn all_reduce_grads(&self, grads: &mut ModelWeights<B::Buf>) -> Result<(), TrainError> {
-        let mut ptrs: Vec<*mut B::Buf> = Vec::new(); // ModelWeights::for_each order
-        grads.for_each_mut(|_, g| ptrs.push(g));
-        // SAFETY: pointers to distinct fields of `grads` (a tied lm_head is `None`, not an
-        // alias of `embed`), which stays mutably borrowed, and otherwise untouched, while the
-        // references live. (`for_each_mut` lends one field at a time, so it cannot collect them.)
-        let mut bufs: Vec<&mut B::Buf> = ptrs.into_iter().map(|p| unsafe { &mut *p }).collect();
-        self.all_reduce(&mut bufs)
-    }
-
-    /// Sums gradient buffers over the group, in place (`all_reduce`).
-    fn all_reduce_bufs(&self, bufs: &mut [B::Buf]) -> Result<(), TrainError> {
-        self.all_reduce(&mut bufs.iter_mut().collect::<Vec<_>>())
-    }
-
-    /// `Backend::all_reduce_sum` over this trainer's group: on the device where the backend
-    /// joined the group (`data_parallel`: NCCL on a GPU), else through the host collective
-    /// (`Comm::all_reduce_sum`, the sum in rank order, the same bits on every rank).
-    fn all_reduce(&self, bufs: &mut [&mut B::Buf]) -> Result<(), TrainError> {
+    /// `Backend::all_reduce_start` of `bufs` over this trainer's group: on the device where the
+    /// backend joined the group (`data_parallel`: NCCL on a GPU), else at once through the host
+    /// collective (`Comm::all_reduce_sum`, the sum in rank order, the same bits on every rank).
+    /// Nothing after a failure (kept in `failed`), and nothing for no buffers (the same on every
+    /// rank).
+    fn all_reduce_start(&self, mut bufs: Vec<&mut B::Buf>, failed: &mut Option<TrainError>) {
+        if failed.is_some() || bufs.is_empty() {
+            return;
+        }
         let comm = &*self.comm;
-        self.model.backend.all_reduce_sum(bufs, &mut |x| Ok(comm.all_reduce_sum(x)?)).map_err(|e| comm_error(e).into())
+        let r = self.model.backend.all_reduce_start(&mut bufs, &mut |x| Ok(comm.all_reduce_sum(x)?));
+        *failed = r.err().map(|e| comm_error(e).into());
     }
 
     /// Full fine-tuning update on the backend: global norm, clipping factor, then AdamW/SGD on
@@ -637,9 +671,55 @@ fn check_config(cfg: &TrainConfig, n_pairs: usize) -> Result<(), TrainError> {
 }
 
 /// A collective's error back from the backend: the group's own (`CommError`, passed through
-/// `Backend::all_reduce_sum`), or the device's (NCCL).
+/// `Backend::all_reduce_start`), or the device's (NCCL).
 fn comm_error(e: anyhow::Error) -> CommError {
     e.downcast::<CommError>().unwrap_or_else(|e| CommError::Device(format!("{e:#}")))
+}
+
+/// Collects `n` distinct buffers that a `for_each_mut` lends one at a time.
+///
+/// SAFETY (of the caller): the pointers are to distinct buffers inside one value that stays
+/// mutably borrowed, and otherwise untouched, for `'g` (a tied lm_head is `None`, not an alias
+/// of `embed`).
+unsafe fn lent<'g, Buf>(ptrs: Vec<*mut Buf>) -> Vec<&'g mut Buf> {
+    ptrs.into_iter().map(|p| unsafe { &mut *p }).collect()
+}
+
+/// The gradient buffers of decoder layer `l`: its weights' (`LayerWeights::for_each_mut`
+/// order) or its adapters' (dA, dB by target).
+fn layer_grads<'g, Buf>(g: &'g mut GradsMut<'_, Buf>, l: usize) -> Vec<&'g mut Buf> {
+    match g {
+        GradsMut::Full(w) => {
+            let mut ptrs = Vec::new();
+            w.layers[l].for_each_mut(|_, b| ptrs.push(b as *mut Buf));
+            unsafe { lent(ptrs) } // SAFETY: distinct fields of `w.layers[l]`, borrowed for 'g
+        }
+        GradsMut::Adapters(a) => a[l].iter_mut().flatten().flat_map(|d| [&mut d.a, &mut d.b]).collect(),
+    }
+}
+
+/// The gradient buffers that are final only after the whole backward: the embeddings', the
+/// final norm's and an untied lm-head's (none for adapters).
+fn rest_grads<'g, Buf>(g: &'g mut GradsMut<'_, Buf>) -> Vec<&'g mut Buf> {
+    match g {
+        GradsMut::Full(w) => {
+            let ModelWeights { embed, final_norm, lm_head, .. } = &mut **w;
+            [Some(embed), Some(final_norm), lm_head.as_mut()].into_iter().flatten().collect()
+        }
+        GradsMut::Adapters(_) => Vec::new(),
+    }
+}
+
+/// Every gradient buffer (`ModelWeights::for_each_mut` order, or the adapters' by layer).
+fn all_grads<'g, Buf>(g: &'g mut GradsMut<'_, Buf>) -> Vec<&'g mut Buf> {
+    match g {
+        GradsMut::Full(w) => {
+            let mut ptrs = Vec::new();
+            w.for_each_mut(|_, b| ptrs.push(b as *mut Buf));
+            unsafe { lent(ptrs) } // SAFETY: distinct fields of `w`, borrowed for 'g
+        }
+        GradsMut::Adapters(a) => a.iter_mut().flatten().flatten().flat_map(|d| [&mut d.a, &mut d.b]).collect(),
+    }
 }
 
 /// The global L2 norm of gradient buffers: their sums of squares with one `sum_squares_many`

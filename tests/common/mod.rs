@@ -347,3 +347,116 @@ pub fn train_world(world: usize, flags: &[String]) -> Vec<ipo::TrainSummary> {
     assert!(out.iter().enumerate().all(|(r, s)| s.rank == r && s.world == world));
     out
 }
+
+/// A thread-group rank (`ipo::dist::Group::threads`) that also keeps every f32 all-reduce
+/// this rank sent (its own values, before the sum), in call order: the trainer's gradient
+/// all-reduces on the host path.
+pub struct RecordingComm {
+    pub group: ipo::dist::Group,
+    pub sent: std::sync::Mutex<Vec<Vec<f32>>>,
+}
+
+impl ipo::dist::Comm for RecordingComm {
+    fn rank(&self) -> usize {
+        self.group.rank()
+    }
+    fn world(&self) -> usize {
+        self.group.world()
+    }
+    fn timeout(&self) -> std::time::Duration {
+        self.group.timeout()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), ipo::dist::CommError> {
+        self.sent.lock().unwrap().push(buf.to_vec());
+        self.group.all_reduce_sum(buf)
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), ipo::dist::CommError> {
+        self.group.all_reduce_sum_f64(buf)
+    }
+    fn all_gather(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>, ipo::dist::CommError> {
+        self.group.all_gather(mine)
+    }
+    fn broadcast(&self, buf: &mut Vec<u8>) -> Result<(), ipo::dist::CommError> {
+        self.group.broadcast(buf)
+    }
+}
+
+/// One rank's data-parallel run (`train_ranks`): the loss of each step, the trained tensors
+/// at the end, and the f32 all-reduces it sent, per step.
+pub struct RankRun {
+    pub losses: Vec<f64>,
+    pub tensors: Tensors,
+    pub sent: Vec<Vec<Vec<f32>>>,
+}
+
+/// `steps` optimizer steps of `Trainer::data_parallel` (tiny model `mcfg`, weights from
+/// `Rng(seed)`) as `world` ranks, one thread each, on the backend `make` gives each rank;
+/// `after`: the all-reduce of all gradients in one call after the backward
+/// (`Trainer::set_all_reduce_after_backward`) instead of layer by layer during it.
+pub fn train_ranks<B: ipo::backend::Backend + 'static>(
+    make: impl Fn() -> B + Send + Sync + 'static,
+    mcfg: &ModelConfig,
+    seed: u64,
+    tcfg: &ipo::train::TrainConfig,
+    pairs: &[ipo::train::TrainPair],
+    world: usize,
+    zero1: bool,
+    after: bool,
+    steps: usize,
+) -> Vec<RankRun> {
+    use ipo::dist::Comm;
+    let make = std::sync::Arc::new(make);
+    let hs: Vec<_> = ipo::dist::Group::threads(world, std::time::Duration::from_secs(120))
+        .into_iter()
+        .map(|group| {
+            let (make, mcfg, tcfg, pairs) = (make.clone(), mcfg.clone(), tcfg.clone(), pairs.to_vec());
+            std::thread::spawn(move || {
+                let rec = std::sync::Arc::new(RecordingComm { group, sent: Default::default() });
+                let model = ipo::model::transformer::Transformer::with_backend(make(), mcfg.clone(), random_weights(&mcfg, &mut Rng(seed))).unwrap();
+                let comm: std::sync::Arc<dyn Comm> = rec.clone();
+                let mut t = ipo::train::trainer::Trainer::data_parallel(model, pairs, tcfg, comm, zero1).unwrap();
+                t.set_all_reduce_after_backward(after);
+                let (mut losses, mut sent) = (Vec::new(), Vec::new());
+                for _ in 0..steps {
+                    losses.push(t.train_step().unwrap().loss);
+                    sent.push(std::mem::take(&mut *rec.sent.lock().unwrap()));
+                }
+                RankRun { losses, tensors: t.trainable_tensors(), sent }
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// 8 pairs (two draws of `random_train_pairs`), ids made unique.
+pub fn pairs8(seed: u64, vocab: usize) -> Vec<ipo::train::TrainPair> {
+    let mut rng = Rng(seed);
+    let mut p = random_train_pairs(&mut rng, vocab);
+    p.extend(random_train_pairs(&mut rng, vocab));
+    for (i, x) in p.iter_mut().enumerate() {
+        x.id = format!("p{i}");
+    }
+    p
+}
+
+/// Batch 5 of micro-batches of 2 over 8 pairs: steps of 5 pairs (micro-batches of 2, 2, 1) and
+/// 3 (2, 1), so a rank accumulates two micro-batches, or one, or (world 3) none.
+pub fn overlap_config(lora: bool) -> ipo::train::TrainConfig {
+    use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig};
+    TrainConfig {
+        beta: 0.3,
+        sft_coef: 0.1,
+        optim: OptimConfig { kind: OptimKind::Adamw, lr: 3e-3, weight_decay: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, max_grad_norm: 0.5, schedule: ScheduleKind::Constant, warmup_ratio: 0.0 },
+        batch_size: 5,
+        micro_batch_size: 2,
+        epochs: 2,
+        seed: 5,
+        lora: lora.then(|| LoraConfig { rank: 2, alpha: 4.0, targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down] }),
+        memory_budget: None,
+    }
+}
+
+/// A tiny model of 3 decoder layers.
+pub fn three_layers(family: Family, tied: bool) -> ModelConfig {
+    ModelConfig { num_layers: 3, ..tiny_config(family, tied) }
+}

@@ -315,11 +315,17 @@ impl Gpu for Cudarc {
         *self.nccl.lock().unwrap() = Some(comm);
         Ok(true)
     }
-    fn group_all_reduce(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
+    fn group_all_reduce_start(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
         let mut g = self.nccl.lock().unwrap();
         let Some(comm) = g.as_mut() else { return Ok(false) };
         self.bind()?;
-        comm.all_reduce_sum(bufs, self.current()?).map_err(GpuError::Device)?;
+        comm.all_reduce_start(bufs, self.current()?).map_err(GpuError::Device)?;
         Ok(true)
+    }
+    fn group_all_reduce_wait(&self) -> Result<(), GpuError> {
+        let mut g = self.nccl.lock().unwrap();
+        let Some(comm) = g.as_mut() else { return Ok(()) };
+        self.bind()?;
+        comm.all_reduce_wait(self.current()?).map_err(GpuError::Device)
     }
 }

@@ -170,7 +170,7 @@ pub trait Gpu: Send + Sync + 'static {
         None
     }
 
-    // ---- data-parallel groups (`Backend::join_group`, `Backend::all_reduce_sum`) ----
+    // ---- data-parallel groups (`Backend::join_group`, `Backend::all_reduce_start` / `_wait`) ----
 
     /// Joins a group of `world` ranks as rank `rank` whose `group_all_reduce` sums device
     /// buffers (`Cudarc`: NCCL, nccl.rs), every wait bounded by `timeout`; `all_gather` is the
@@ -180,12 +180,16 @@ pub trait Gpu: Send + Sync + 'static {
         let _ = (rank, world, timeout, all_gather);
         Ok(false)
     }
-    /// Sums `bufs` (address, f32 count) over the joined group, in place, after the work
-    /// already issued on the current stream, and waits for the sums. Ok(false), doing nothing,
-    /// when no group was joined.
-    fn group_all_reduce(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
+    /// Starts summing `bufs` (address, f32 count) over the joined group, in place, after the
+    /// work already issued on the current stream, and returns without waiting. Ok(false),
+    /// doing nothing, when no group was joined.
+    fn group_all_reduce_start(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
         let _ = bufs;
         Ok(false)
+    }
+    /// Waits for the sums of every `group_all_reduce_start` so far (nothing without a group).
+    fn group_all_reduce_wait(&self) -> Result<(), GpuError> {
+        Ok(())
     }
 }
 

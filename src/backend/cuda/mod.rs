@@ -447,13 +447,18 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         Ok(())
     }
 
-    /// NCCL on the device buffers in place when the GPU joined a group, else through the host.
-    fn all_reduce_sum(&self, bufs: &mut [&mut CudaBuf<G>], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    /// NCCL on the device buffers in place, enqueued on its own stream, when the GPU joined a
+    /// group; else through the host, at once.
+    fn all_reduce_start(&self, bufs: &mut [&mut CudaBuf<G>], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let ptrs: Vec<(DevPtr, usize)> = bufs.iter().map(|b| (b.at(0), b.len)).collect();
-        if self.gpu.group_all_reduce(&ptrs)? {
+        if self.gpu.group_all_reduce_start(&ptrs)? {
             return Ok(());
         }
         super::host_all_reduce(self, bufs, host_sum)
+    }
+
+    fn all_reduce_wait(&self) -> anyhow::Result<()> {
+        Ok(self.gpu.group_all_reduce_wait()?)
     }
 
     fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[super::SampleRow]) -> Vec<u32> {

@@ -1,6 +1,6 @@
 //! NCCL for data-parallel training on several GPUs (DESIGN.md section 5): `libnccl.so.2`,
 //! loaded at run time and only when a `--device cuda` run has more than one rank, and the
-//! device communicator (`Comm`) that `Cudarc` keeps for `Gpu::group_all_reduce`.
+//! device communicator (`Comm`) that `Cudarc` keeps for `Gpu::group_all_reduce_start` / `_wait`.
 //!
 //! Types and constants come from cudarc's `nccl` feature (`cudarc::nccl::sys`, nccl.h); the
 //! library is opened by our own search, as cuBLAS is (cublas.rs): cudarc's loader tries
@@ -23,18 +23,26 @@
 //! every rank's status and rank 0's id, so a rank without libnccl fails the join on every rank,
 //! named; then ncclCommInitRank on the current device.
 //!
-//! All-reduce (`Comm::all_reduce_sum`): in place, f32 sum, on the communicator's own stream
-//! after an event on the compute stream, in buckets of at most 25 MiB (each bucket one
-//! ncclGroupStart/End around one ncclAllReduce per buffer, which NCCL launches together; a
-//! larger buffer is a bucket of its own). The host then waits for that stream, polling
-//! ncclCommGetAsyncError, for at most the group's timeout (IPO_DIST_TIMEOUT): a rank that dies
-//! or stalls makes the others abort the communicator and fail, not hang. It is not overlapped
-//! with the backward: it starts after the last micro-batch's backward.
+//! All-reduce (`Comm::all_reduce_start`, `Comm::all_reduce_wait`): in place, f32 sum, on the
+//! communicator's own non-blocking stream. The trainer starts each decoder layer's gradients
+//! as soon as the last micro-batch's backward has finished that layer (layers last to first),
+//! then the rest (embeddings, final norm, lm-head) after the backward, and waits before the
+//! norm and the update. Started buffers collect until they fill a bucket of 25 MiB (PyTorch
+//! DDP's size; a larger buffer alone), which is then enqueued after an event recorded on the
+//! compute stream at that call (each bucket one ncclGroupStart/End around one ncclAllReduce per
+//! buffer, which NCCL launches together); the wait enqueues what is left. So the all-reduce is
+//! overlapped with the backward of the earlier layers: the compute stream does not wait for
+//! the NCCL stream, and the backward never touches a layer's gradients again once it is
+//! started. The host then waits for that stream, polling ncclCommGetAsyncError, for at most the
+//! group's timeout (IPO_DIST_TIMEOUT) counted from the wait: a rank that dies or stalls makes
+//! the others abort the communicator and fail, not hang.
 //!
 //! Proven without a GPU: the search and its errors, the rendezvous's error paths, and (with a
 //! libnccl present, e.g. `IPO_NCCL`) ncclGetVersion and ncclGetUniqueId, which need no GPU.
-//! Unproven here: ncclCommInitRank and the all-reduce (they need GPUs). ncclCommInitRank blocks
-//! until every rank has joined, without our timeout: a rank that dies inside it is not covered.
+//! Unproven here: ncclCommInitRank and the all-reduce, its overlap with the backward included
+//! (they need GPUs; which buffers are started when is tested on cpu/sim, through the host
+//! path). ncclCommInitRank blocks until every rank has joined, without our timeout: a rank
+//! that dies inside it is not covered.
 
 use super::gpu::DevPtr;
 use cudarc::driver::{result as drv, sys};
@@ -186,12 +194,14 @@ pub(crate) fn join(rank: usize, world: usize, timeout: Duration, all_gather: &mu
         Ok((n, id))
     });
     let (nccl, id) = handshake(rank, world, loaded, all_gather)?;
-    // A blocking stream: it also waits for the legacy default stream (uploads, frees).
-    let stream = drv::stream::create(drv::stream::StreamKind::Default).map_err(|e| format!("NCCL stream: {e:?}"))?;
+    // A non-blocking stream: the compute stream (the legacy default stream unless the backend
+    // set another) does not wait for it, so the backward runs on while it sums; it waits only
+    // for the event that each enqueue records on the compute stream.
+    let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("NCCL stream: {e:?}"))?;
     let mut comm: ncclComm_t = std::ptr::null_mut();
     let id = ncclUniqueId { internal: id.map(|b| b as c_char) };
     let r = unsafe { (nccl.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) };
-    let c = Comm { nccl, comm, stream, timeout, failed: None };
+    let c = Comm { nccl, comm, stream, timeout, pending: Vec::new(), failed: None };
     c.nccl.check("ncclCommInitRank", r).map_err(|e| format!("{e} (rank {rank} of {world}, NCCL at {})", c.nccl.describe()))?;
     Ok(c)
 }
@@ -221,6 +231,8 @@ pub(crate) struct Comm {
     comm: ncclComm_t,
     stream: sys::CUstream,
     timeout: Duration,
+    /// Buffers started (`all_reduce_start`) but not yet enqueued: less than a bucket so far.
+    pending: Vec<(DevPtr, usize)>,
     /// Set when an all-reduce failed (the communicator is then aborted): later ones fail too.
     failed: Option<String>,
 }
@@ -229,21 +241,51 @@ pub(crate) struct Comm {
 unsafe impl Send for Comm {}
 
 impl Comm {
-    /// Sums `bufs` (address, f32 count) over the group in place, after the work issued so far
-    /// on stream `after`, and waits for the sums (see the module docs).
-    pub(crate) fn all_reduce_sum(&mut self, bufs: &[(DevPtr, usize)], after: sys::CUstream) -> Result<(), String> {
+    /// Starts summing `bufs` (address, f32 count) over the group in place, after the work
+    /// issued so far on stream `after`: they join the pending buffers, which are enqueued on
+    /// the communicator's stream once they fill a bucket (see the module docs). Returns
+    /// without waiting.
+    pub(crate) fn all_reduce_start(&mut self, bufs: &[(DevPtr, usize)], after: sys::CUstream) -> Result<(), String> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let r = self.enqueue(bufs, after).and_then(|()| self.wait());
+        self.pending.extend(bufs.iter().filter(|b| b.1 > 0));
+        if self.pending.iter().map(|b| b.1).sum::<usize>() < BUCKET_BYTES / 4 {
+            return Ok(());
+        }
+        let r = self.flush(after);
+        self.abort_on(r)
+    }
+
+    /// Enqueues the pending buffers (after the work issued so far on `after`) and waits for
+    /// every sum started, at most the timeout (see the module docs).
+    pub(crate) fn all_reduce_wait(&mut self, after: sys::CUstream) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let r = self.flush(after).and_then(|()| self.wait());
+        self.abort_on(r)
+    }
+
+    /// On an error, aborts the communicator: every later call fails.
+    fn abort_on(&mut self, r: Result<(), String>) -> Result<(), String> {
         if let Err(e) = &r {
             if !self.comm.is_null() {
                 unsafe { (self.nccl.comm_abort)(self.comm) };
                 self.comm = std::ptr::null_mut();
             }
+            self.pending.clear();
             self.failed = Some(format!("the NCCL communicator was aborted after: {e}"));
         }
         r
+    }
+
+    fn flush(&mut self, after: sys::CUstream) -> Result<(), String> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bufs = std::mem::take(&mut self.pending);
+        self.enqueue(&bufs, after)
     }
 
     fn enqueue(&self, bufs: &[(DevPtr, usize)], after: sys::CUstream) -> Result<(), String> {
