@@ -97,14 +97,26 @@ extern "C" __global__ void attn_fwd(const float* q, const float* k, const float*
     }
 }
 
-// D[tokens * n_heads] = rowsum(dout * out) over HEAD_DIM; one warp per row.
-extern "C" __global__ void attn_bwd_d(const float* dout, const float* out, float* D, int rows) {
+// An element of out: fp32, or bf16 bits (unsigned short: `Backend::store_bf16` under bf16,
+// exact in fp32; attn_bwd_d_out_bf16).
+__device__ __forceinline__ float ld_f32(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld_f32(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
+
+// D[tokens * n_heads] = rowsum(dout * out) over HEAD_DIM (fp32 sums); one warp per row.
+template <typename T>
+__device__ __forceinline__ void attn_bwd_d_body(const float* dout, const T* out, float* D, int rows) {
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (r >= rows) return;
     float s = 0.f;
-    for (int d = lane; d < HEAD_DIM; d += 32) s += dout[(long long)r * HEAD_DIM + d] * out[(long long)r * HEAD_DIM + d];
+    for (int d = lane; d < HEAD_DIM; d += 32) s += dout[(long long)r * HEAD_DIM + d] * ld_f32(out, (long long)r * HEAD_DIM + d);
     s = warp_sum(s);
     if (lane == 0) D[r] = s;
+}
+
+extern "C" __global__ void attn_bwd_d(const float* dout, const float* out, float* D, int rows) { attn_bwd_d_body(dout, out, D, rows); }
+
+extern "C" __global__ void attn_bwd_d_out_bf16(const float* dout, const unsigned short* out, float* D, int rows) {
+    attn_bwd_d_body(dout, out, D, rows);
 }
 
 // dq [tokens, n_heads, HEAD_DIM] (overwritten) = scale * sum_kk dS[j, kk] K[kk],

@@ -54,12 +54,26 @@ extern "C" __global__ void swiglu_fwd(const float* gate, const float* up, float*
 }
 
 // dgate[n], dup[n] from dout[n], gate[n], up[n]
-extern "C" __global__ void swiglu_bwd(const float* dout, const float* gate, const float* up, float* dgate, float* dup, long long n) {
+// gate, up: T = float, or bf16 bits (unsigned short: `Backend::store_bf16` under bf16, exact
+// in fp32; swiglu_bwd_bf16); the math is fp32 either way.
+__device__ __forceinline__ float ld_f32(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld_f32(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
+
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd_body(const float* dout, const T* gate, const T* up, float* dgate, float* dup, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float g = gate[i], u = up[i], d = dout[i], s = 1.f / (1.f + expf(-g));
+        const float g = ld_f32(gate, i), u = ld_f32(up, i), d = dout[i], s = 1.f / (1.f + expf(-g));
         dup[i] = d * g * s;
         dgate[i] = d * u * (s + g * s * (1.f - s));
     }
+}
+
+extern "C" __global__ void swiglu_bwd(const float* dout, const float* gate, const float* up, float* dgate, float* dup, long long n) {
+    swiglu_bwd_body(dout, gate, up, dgate, dup, n);
+}
+
+extern "C" __global__ void swiglu_bwd_bf16(const float* dout, const unsigned short* gate, const unsigned short* up, float* dgate, float* dup, long long n) {
+    swiglu_bwd_body(dout, gate, up, dgate, dup, n);
 }
 
 // In-place rotate-half RoPE on x[tokens, n_heads, head_dim]; cs[tokens, head_dim/2, 2] holds

@@ -82,7 +82,7 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
         s.flops.rollout_token,
         o.rollout_len / 2
     );
-    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; the KV cache in bf16 under bf16), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
+    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; under bf16 the saved activations but x, x_mid and Qwen3's q/k before their norm, and the KV cache, in bf16), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
     out += &format!("this build: {}\n", verdict(&s.this_build, s, o.gpu_memory_gb));
     out += &format!("{}\n", verdict(&s.plan, s, o.gpu_memory_gb));
     out

@@ -111,7 +111,10 @@ pub struct ScoreItem<'a> {
 
 /// Activations of one layer saved for the backward. `(store_bf16)`: read only by matmuls and
 /// (q, k, v) the attention, so handed to `Backend::store_bf16` (bf16 on CUDA under
-/// `Precision::Bf16`, the same bits those ops round to); the rest stays as the backend makes it.
+/// `Precision::Bf16`, the same bits those ops round to: `StoreBf16::Exact`); `(store_bf16
+/// All)`: read also by fp32 math (SwiGLU's backward, the attention backward's D = rowsum(dO
+/// O)), which then reads their bf16 rounding (`StoreBf16::All`); the rest stays as the
+/// backend makes it.
 struct LayerActs<Buf> {
     x: Buf,             // [T, hidden] layer input
     rstd1: Buf,         // [T]
@@ -123,14 +126,29 @@ struct LayerActs<Buf> {
     q: Buf,             // [T, n_heads, head_dim] after norm + rope (store_bf16)
     k: Buf,             // [T, n_kv, head_dim] (store_bf16)
     v: Buf,             // [T, n_kv, head_dim] (store_bf16)
-    attn: Buf,          // [T, n_heads, head_dim]
+    attn: Buf,          // [T, n_heads, head_dim] (store_bf16 All)
     lse: Buf,           // [T, n_heads]
     x_mid: Buf,         // [T, hidden]
     rstd2: Buf,         // [T]
     xn2: Buf,           // [T, hidden] (store_bf16)
-    gate: Buf,          // [T, ffn]
-    up: Buf,            // [T, ffn]
+    gate: Buf,          // [T, ffn] (store_bf16 All)
+    up: Buf,            // [T, ffn] (store_bf16 All)
     act: Buf,           // [T, ffn] (store_bf16)
+}
+
+/// Which saved activations the forward hands to `Backend::store_bf16` (`Transformer::
+/// set_store_bf16`; `LayerActs` marks them).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreBf16 {
+    /// None: every saved activation as the backend makes it.
+    Off,
+    /// xn1, q, k, v, xn2, act: read only by matmuls and the attention, which under bf16 round
+    /// them anyway, so no result changes.
+    Exact,
+    /// Those and gate, up, attn: SwiGLU's backward and the attention backward's D read their
+    /// bf16 rounding (fp32 math on rounded inputs: a small numeric change).
+    All,
 }
 
 /// What a layer keeps for the backward: all its activations, or (activation recomputation,
@@ -156,9 +174,8 @@ pub struct Transformer<B: Backend = Reference> {
     pub weights: ModelWeights<B::Buf>,
     inv_freq: Vec<f64>, // [head_dim / 2]
     recompute: bool,
-    /// Hand the saved activations read only by matmuls and the attention to
-    /// `Backend::store_bf16` (`set_store_bf16`).
-    store_bf16: bool,
+    /// Which saved activations go to `Backend::store_bf16` (`set_store_bf16`).
+    store_bf16: StoreBf16,
     /// LoRA adapters (`super::adapter`): added by the forward; with them the backward trains
     /// only them.
     pub(crate) adapters: Option<Adapters<B::Buf>>,
@@ -177,7 +194,7 @@ impl<B: Backend> Transformer<B> {
         backend.prepare(&[cfg.head_dim]).map_err(|error| ForwardError::Backend { backend: backend.name(), error })?;
         let weights = host.map(|t| backend.upload_weight(&t.data));
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, backend, weights, inv_freq, recompute: false, store_bf16: true, adapters: None })
+        Ok(Self { cfg, backend, weights, inv_freq, recompute: false, store_bf16: StoreBf16::All, adapters: None })
     }
 
     /// Activation recomputation: `forward` keeps only each decoder layer's input, and `backward`
@@ -193,14 +210,16 @@ impl<B: Backend> Transformer<B> {
         self.recompute
     }
 
-    /// On by default: the forward hands xn1, q, k, v, xn2 and act to `Backend::store_bf16`
-    /// as soon as it has made them (they are read only by matmuls and the attention, which
-    /// under bf16 round them anyway: the CUDA backend then stores their bf16 rounding, so the
-    /// saved activations shrink and nothing else changes). Off keeps them as made: for tests
-    /// that prove the two give the same bits (tests/cuda_sim_bf16.rs).
+    /// `StoreBf16::All` by default: the forward hands xn1, q, k, v, xn2 and act to
+    /// `Backend::store_bf16` as soon as it has made them (read only by matmuls and the
+    /// attention, which under bf16 round them anyway: the CUDA backend then stores their bf16
+    /// rounding, so the saved activations shrink and nothing else changes), and gate, up and
+    /// attn once the forward is done with them (their backward readers then do fp32 math on
+    /// the bf16 rounding). `Exact` stores only the first six, `Off` none: for tests that prove
+    /// Exact gives Off's bits and measure All against them (tests/cuda_sim_bf16.rs).
     #[doc(hidden)]
-    pub fn set_store_bf16(&mut self, on: bool) {
-        self.store_bf16 = on;
+    pub fn set_store_bf16(&mut self, which: StoreBf16) {
+        self.store_bf16 = which;
     }
 
     /// Declares the layer matrices (q, k, v, o, gate, up, down of every layer) frozen: nothing
@@ -299,14 +318,14 @@ impl<B: Backend> Transformer<B> {
         let t = batch.num_tokens();
         let (hidden, qd, kvd, hd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim, c.intermediate_size);
         let eps = c.rms_norm_eps as f32;
-        let store_bf16 = |b: &mut B::Buf| {
-            if self.store_bf16 {
+        let store_bf16 = |b: &mut B::Buf, all_only: bool| {
+            if self.store_bf16 == StoreBf16::All || (self.store_bf16 == StoreBf16::Exact && !all_only) {
                 be.store_bf16(b);
             }
         };
         let (mut xn1, mut rstd1) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x, &w.attn_norm, hidden, eps, &mut xn1, &mut rstd1);
-        store_bf16(&mut xn1);
+        store_bf16(&mut xn1, false);
         let proj = |p: LoraTarget, bias: &Option<B::Buf>, n: usize| {
             let mut y = be.zeros(t * n);
             self.project(l, p, &xn1, &mut y, t);
@@ -331,21 +350,24 @@ impl<B: Backend> Transformer<B> {
         be.rope(&mut q, &batch.positions, c.num_heads, hd, &self.inv_freq, false);
         be.rope(&mut k, &batch.positions, c.num_kv_heads, hd, &self.inv_freq, false);
         for b in [&mut q, &mut k, &mut v] {
-            store_bf16(b);
+            store_bf16(b, false);
         }
         let (mut attn, mut lse) = (be.zeros(t * qd), be.zeros(t * c.num_heads));
         be.attention(&q, &k, &v, &batch.layout, self.dims(), &mut attn, &mut lse);
         let mut x_mid = be.zeros(t * hidden);
         self.project(l, LoraTarget::O, &attn, &mut x_mid, t);
+        store_bf16(&mut attn, true);
         be.add_assign(&mut x_mid, &x);
         let (mut xn2, mut rstd2) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x_mid, &w.mlp_norm, hidden, eps, &mut xn2, &mut rstd2);
-        store_bf16(&mut xn2);
+        store_bf16(&mut xn2, false);
         let (mut gate, mut up, mut act) = (be.zeros(t * ffn), be.zeros(t * ffn), be.zeros(t * ffn));
         self.project(l, LoraTarget::Gate, &xn2, &mut gate, t);
         self.project(l, LoraTarget::Up, &xn2, &mut up, t);
         be.swiglu(&gate, &up, &mut act);
-        store_bf16(&mut act);
+        store_bf16(&mut act, false);
+        store_bf16(&mut gate, true);
+        store_bf16(&mut up, true);
         LayerActs { x, rstd1, xn1, q_pre, k_pre, q_rstd, k_rstd, q, k, v, attn, lse, x_mid, rstd2, xn2, gate, up, act }
     }
 

@@ -8,8 +8,9 @@
 //!   is fp32; `Precision::Bf16` is autocast-style and adds a bf16 copy of each layer matrix
 //!   (made on first use) plus bf16 scratch of the matmul operands; frozen layer matrices (the
 //!   base under LoRA, every one in the rollout stages) keep the bf16 copy only, and so do the
-//!   saved activations only bf16 matmuls and the tensor-core attention read (xn1, xn2, act; q,
-//!   k, v: `Backend::store_bf16`). LoRA trains the adapters
+//!   saved activations but x, x_mid and Qwen3's q, k before their norm (xn1, xn2, act, q, k,
+//!   v, read only by bf16 matmuls and the tensor-core attention; gate, up and attn, whose fp32
+//!   readers then see their bf16 rounding: `Backend::store_bf16`). LoRA trains the adapters
 //!   only (`crate::model::adapter`: no gradient of a frozen weight). `--recompute` is implemented
 //!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`): `gpus` divides
 //!   the AdamW moments here (the largest rank's slice, `ceil(trained / gpus)` elements each;
@@ -229,11 +230,13 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     // Saved per layer and token: x, xn1, x_mid, xn2 [hidden]; q, attn [q_dim]; k, v [kv_dim];
     // gate, up, act [ffn]; Qwen3 also q, k before their norm. fp32: rstd1, rstd2, lse [heads]
     // (+ the q/k norm rstd per head on Qwen3). Under bf16 this build too stores xn1, xn2, q,
-    // k, v and act in bf16 (`Backend::store_bf16`: read only by bf16 matmuls and the
-    // tensor-core attention); the rest of them fp32.
+    // k, v and act (read only by bf16 matmuls and the tensor-core attention) and gate, up and
+    // attn (read also by SwiGLU's backward and the attention backward's D, in fp32 math on
+    // the rounded values) in bf16 (`Backend::store_bf16`); x, x_mid and Qwen3's q, k before
+    // their norm stay fp32.
     let qk = c.qk_norm as u64;
     let e16: u64 = if bf16 { 2 } else { e };
-    let layer_bf16 = 2 * h + q + 2 * kv + f;
+    let layer_bf16 = 2 * h + 2 * q + 2 * kv + 3 * f;
     let layer_big = 4 * h + 2 * q + 2 * kv + 3 * f + qk * (q + kv);
     let layer_stats = 2 + nh + qk * (nh + nkv);
     let layer = t * (e16 * layer_bf16 + e * (layer_big - layer_bf16) + 4 * layer_stats);

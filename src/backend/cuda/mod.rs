@@ -43,8 +43,8 @@ pub struct CudaBuf<G: Gpu> {
     /// ones: a frozen weight (`Backend::freeze_weight` under `Precision::Bf16`; read by the
     /// bf16 matmuls and `download`, written by nothing), a saved activation
     /// (`Backend::store_bf16`; read by the bf16 matmuls, the tensor-core attention's
-    /// `_qkv_bf16` kernels and `download`) or a bf16 KV cache (`Backend::kv_alloc` under bf16;
-    /// the kv_cache.cu kernels' KV_BF16 variant).
+    /// `_qkv_bf16` kernels, swiglu_bwd_bf16, attn_bwd_d_out_bf16 and `download`) or a bf16 KV
+    /// cache (`Backend::kv_alloc` under bf16; the kv_cache.cu kernels' KV_BF16 variant).
     bf16_only: bool,
 }
 
@@ -368,11 +368,12 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// spans int4 `[n_spans, 4]` and query tiles int2 `[n_tiles, 2]` of a packed layout.
     /// D `[rows]` (rows = tokens x heads) = rowsum(dout * out) over each head's `head_dim`:
-    /// the attention backward's per-row term, for the fp32 and the tensor-core kernels.
+    /// the attention backward's per-row term, for the fp32 and the tensor-core kernels; out
+    /// fp32, or stored in bf16 (`Backend::store_bf16`: attn_bwd_d_out_bf16, fp32 math).
     fn attn_bwd_d(&self, dout: &CudaBuf<G>, out: &CudaBuf<G>, rows: usize, head_dim: usize) -> CudaBuf<G> {
         let d = self.alloc(rows);
         self.launch(
-            "attention.cu", &[("HEAD_DIM", head_dim)], "attn_bwd_d", (rows.div_ceil(4) as u32, 1, 1), 128, 0,
+            "attention.cu", &[("HEAD_DIM", head_dim)], if out.bf16_only { "attn_bwd_d_out_bf16" } else { "attn_bwd_d" }, (rows.div_ceil(4) as u32, 1, 1), 128, 0,
             &[Arg::Ptr(dout.ptr), Arg::Ptr(out.ptr), Arg::Ptr(d.ptr), Arg::I32(rows as i32)],
         );
         d
@@ -667,6 +668,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn swiglu(&self, gate: &CudaBuf<G>, up: &CudaBuf<G>, out: &mut CudaBuf<G>) {
         assert!(gate.len == up.len && out.len == up.len, "swiglu shapes");
+        assert!(!gate.bf16_only && !up.bf16_only, "swiglu of gate, up stored in bf16 (store_bf16 comes after the forward's swiglu)");
         if out.len > 0 {
             self.launch("elementwise.cu", &[], "swiglu_fwd", grid1(out.len), BLOCK, 0, &[Arg::Ptr(gate.ptr), Arg::Ptr(up.ptr), Arg::Ptr(out.ptr), Arg::I64(out.len as i64)]);
         }
@@ -675,9 +677,11 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     fn swiglu_bwd(&self, dout: &CudaBuf<G>, gate: &CudaBuf<G>, up: &CudaBuf<G>, dgate: &mut CudaBuf<G>, dup: &mut CudaBuf<G>) {
         let n = gate.len;
         assert!(dout.len == n && up.len == n && dgate.len == n && dup.len == n, "swiglu_bwd shapes");
+        assert!(gate.bf16_only == up.bf16_only, "swiglu_bwd: gate and up stored in different precisions");
         if n > 0 {
+            // gate and up fp32, or stored in bf16 (`Backend::store_bf16`): swiglu_bwd_bf16, fp32 math.
             self.launch(
-                "elementwise.cu", &[], "swiglu_bwd", grid1(n), BLOCK, 0,
+                "elementwise.cu", &[], if gate.bf16_only { "swiglu_bwd_bf16" } else { "swiglu_bwd" }, grid1(n), BLOCK, 0,
                 &[Arg::Ptr(dout.ptr), Arg::Ptr(gate.ptr), Arg::Ptr(up.ptr), Arg::Ptr(dgate.ptr), Arg::Ptr(dup.ptr), Arg::I64(n as i64)],
             );
         }

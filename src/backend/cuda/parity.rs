@@ -364,16 +364,42 @@ fn swiglu<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
+/// Also with gate and up stored in bf16 (`Backend::store_bf16` under bf16: swiglu_bwd_bf16)
+/// against the CPU on the same rounded values (fp32 math on both sides: the fp32 tolerance).
 fn swiglu_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     for n in [7, 257] {
         let (g, u, d) = swiglu_inputs(r, n);
-        let (mut dgc, mut duc) = (CpuBuf::from(vec![0.0; n]), CpuBuf::from(vec![0.0; n]));
-        c.cpu.swiglu_bwd(&d, &g, &u, &mut dgc, &mut duc);
-        let (mut dgg, mut dug) = (c.nan(n), c.nan(n));
-        c.gpu.swiglu_bwd(&c.gpu.upload(&d), &c.gpu.upload(&g), &c.gpu.upload(&u), &mut dgg, &mut dug);
-        c.row("swiglu_bwd.dgate", format!("n{n}"), &dgg, &dgc);
-        c.row("swiglu_bwd.dup", format!("n{n}"), &dug, &duc);
+        for stored in [false, true] {
+            let (gc, uc) = if stored { (round_bf16(&g), round_bf16(&u)) } else { (g.clone(), u.clone()) };
+            let (mut dgc, mut duc) = (CpuBuf::from(vec![0.0; n]), CpuBuf::from(vec![0.0; n]));
+            c.cpu.swiglu_bwd(&d, &gc, &uc, &mut dgc, &mut duc);
+            let (mut gg, mut ug) = (c.gpu.upload(&g), c.gpu.upload(&u));
+            if stored {
+                store_bf16(c.gpu, &mut gg);
+                store_bf16(c.gpu, &mut ug);
+            }
+            let (mut dgg, mut dug) = (c.nan(n), c.nan(n));
+            c.gpu.swiglu_bwd(&c.gpu.upload(&d), &gg, &ug, &mut dgg, &mut dug);
+            let shape = format!("n{n}{}", if stored { " gate/up bf16" } else { "" });
+            c.row("swiglu_bwd.dgate", shape.clone(), &dgg, &dgc);
+            c.row("swiglu_bwd.dup", shape, &dug, &duc);
+        }
     }
+}
+
+/// `x` rounded to bf16 (RNE, as `Backend::store_bf16` rounds) and back.
+fn round_bf16(x: &[f32]) -> CpuBuf<f32> {
+    CpuBuf::from(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<f32>>())
+}
+
+/// `Backend::store_bf16` of `buf` under `Precision::Bf16` (the backend's precision restored
+/// afterwards; the buffer stays bf16, and the ops that read it pick their bf16 variant).
+fn store_bf16<G: Gpu>(gpu: &CudaBackend<G>, buf: &mut Buf<G>) {
+    let before = gpu.precision();
+    gpu.set_precision(super::Precision::Bf16);
+    gpu.store_bf16(buf);
+    gpu.set_precision(before);
+    assert!(buf.bf16_only, "store_bf16 under bf16 keeps the bf16 values only");
 }
 
 /// One attention case: layout, head geometry, inputs q, k, v, dout, and the CPU forward's
@@ -427,7 +453,20 @@ fn attention_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
         c.gpu.attention_bwd(&up(&a.dout), &up(&a.q), &up(&a.k), &up(&a.v), &up(&a.out), &up(&a.lse), &a.layout, a.dims, &mut dqg, &mut dkg, &mut dvg);
         c.row("attention_bwd.dq", a.shape.clone(), &dqg, &dqc);
         c.row("attention_bwd.dk", a.shape.clone(), &dkg, &dkc);
-        c.row("attention_bwd.dv", a.shape, &dvg, &dvc);
+        c.row("attention_bwd.dv", a.shape.clone(), &dvg, &dvc);
+        // D = rowsum(dout * out) (attn_bwd_d), out fp32 or stored in bf16 (attn_bwd_d_out_bf16,
+        // `Backend::store_bf16`), against f64 sums of the same f32 products.
+        let (hd, rows) = (a.dims.head_dim, a.lse.len());
+        for stored in [false, true] {
+            let o = if stored { round_bf16(&a.out) } else { a.out.clone() };
+            let want: Vec<f32> = (0..rows).map(|i| (0..hd).map(|d| (a.dout[i * hd + d] * o[i * hd + d]) as f64).sum::<f64>() as f32).collect();
+            let mut og = c.gpu.upload(&a.out);
+            if stored {
+                store_bf16(c.gpu, &mut og);
+            }
+            let dg = c.gpu.attn_bwd_d(&c.gpu.upload(&a.dout), &og, rows, hd);
+            c.row("attention_bwd.D", format!("{}{}", a.shape, if stored { " out bf16" } else { "" }), &dg, &want);
+        }
     }
 }
 
@@ -980,6 +1019,23 @@ fn attention_bwd_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
                     let scale = want.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
                     let err = max_err(&c.gpu.download(g), want) / scale;
                     c.push("attention_bwd_bf16", format!("{lname} h{nh}/{nkv} d{hd} {name}"), err, tol);
+                }
+                // With q, k, v and out stored in bf16 (`Backend::store_bf16`: the _qkv_bf16
+                // kernels, attn_bwd_d_out_bf16) against the CPU backward on out rounded too.
+                let up = |x: &CpuBuf<f32>| c.gpu.upload(x);
+                let (mut qg, mut kg, mut vg, mut og) = (up(&q), up(&k), up(&v), up(&o));
+                for b in [&mut qg, &mut kg, &mut vg, &mut og] {
+                    c.gpu.store_bf16(b);
+                    assert!(b.bf16_only, "store_bf16 under bf16 keeps the bf16 values only");
+                }
+                let (mut dqc, mut dkc, mut dvc) = (CpuBuf::from(vec![0.0; t * nh * hd]), CpuBuf::from(vec![0.0; t * nkv * hd]), CpuBuf::from(vec![0.0; t * nkv * hd]));
+                c.cpu.attention_bwd(&dr, &qr, &kr, &vr, &r16(&o), &l, &layout, dims, &mut dqc, &mut dkc, &mut dvc);
+                let (mut dqg, mut dkg, mut dvg) = (c.nan(t * nh * hd), c.nan(t * nkv * hd), c.nan(t * nkv * hd));
+                c.gpu.attention_bwd(&c.gpu.upload(&dout), &qg, &kg, &vg, &og, &c.gpu.upload(&l), &layout, dims, &mut dqg, &mut dkg, &mut dvg);
+                for (name, g, want) in [("dq", &dqg, &dqc), ("dk", &dkg, &dkc), ("dv", &dvg, &dvc)] {
+                    let scale = want.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(f64::MIN_POSITIVE);
+                    let err = max_err(&c.gpu.download(g), want) / scale;
+                    c.push("attention_bwd_bf16", format!("{lname} h{nh}/{nkv} d{hd} q/k/v/out bf16 {name}"), err, tol);
                 }
             }
         }
