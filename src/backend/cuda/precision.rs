@@ -8,9 +8,11 @@
 //! attn_fwd; the backward FA2-style with P recomputed from lse). Everything else (norms, RoPE,
 //! SwiGLU, the lm-head's log-softmax, AdamW) stays fp32; the fused lm-head's GEMMs run in bf16
 //! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`), so do the
-//! saved activations that only bf16 matmuls and the tensor-core attention read (`store_bf16`:
-//! xn1, xn2, act, q, k, v; the same bits those ops would round to, so no result changes), and
-//! the paged KV cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision` or `set_precision`
+//! saved activations the transformer hands to `store_bf16`: those only bf16 matmuls and the
+//! tensor-core attention read (xn1, xn2, act, q, k, v; the same bits those ops would round to,
+//! so no result changes) and gate, up and the attention output, whose fp32 readers
+//! (swiglu_bwd_bf16, attn_bwd_d_out_bf16) then compute on their bf16 rounding; and the paged KV
+//! cache is bf16 (`kv_alloc`). Selected by `CudaBackend::with_precision` or `set_precision`
 //! (`CudaBackend::new` is fp32); the commands' `--precision` flag picks it, bf16 by default on a
 //! real GPU (`workflow::device`).
 
