@@ -309,13 +309,15 @@ pub trait Backend: Send + Sync {
     /// its compute precision only (the CUDA backend under `Precision::Bf16` keeps the bf16
     /// copy its matmuls read and frees the fp32 values; `download` returns the bf16 values).
     fn freeze_weight(&self, _w: &mut Self::Buf) {}
-    /// Marks an activation that from now on is read only as a `matmul`/`matmul_scaled`
-    /// operand, as q, k or v of `attention`/`attention_bwd`, or by `download`: a backend whose
-    /// compute precision rounds those operands anyway may keep only the rounded values (the
-    /// CUDA backend under `Precision::Bf16` keeps the bf16 rounding, RNE, the same bits its
-    /// matmuls and tensor-core attention would make, and frees the fp32 values: no result
-    /// changes, the buffer takes half the bytes). The transformer calls it on the activations
-    /// it saves for the backward (xn1, xn2, act; q, k, v).
+    /// Marks an activation saved for the backward that from now on is read only as a
+    /// `matmul`/`matmul_scaled` operand, as q, k, v or the output of `attention_bwd`, as gate
+    /// or up of `swiglu_bwd`, or by `download`: a backend may keep it in its compute precision
+    /// only (the CUDA backend under `Precision::Bf16` keeps the bf16 rounding, RNE, and frees
+    /// the fp32 values: half the bytes). For xn1, xn2, act, q, k and v no result changes (the
+    /// bf16 matmuls and tensor-core attention round them to the same bits); gate, up and the
+    /// attention output are read by fp32 math, so their rounding changes the gradients within
+    /// bf16's bounds (tests/cuda_sim_bf16.rs). The transformer calls it on each of these
+    /// (`StoreBf16` selects which, for tests); the CPU backend keeps everything.
     fn store_bf16(&self, _buf: &mut Self::Buf) {}
     /// A zeroed KV cache of `len` values for `kv_write` / `kv_copy_blocks` /
     /// `paged_attention` (one layer, `KvGeom::layer_len`): fp32 by default; a backend may

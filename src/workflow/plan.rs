@@ -6,8 +6,9 @@
 //! (bf16 weights, activations and KV cache; fp32 master weights and AdamW moments sharded over
 //! the GPUs; optional per-layer recomputation), which the verdict is about; and this build's,
 //! what `ipo train` and the rollout stages allocate today (fp32 buffers; under bf16 the
-//! matmuls' bf16 weight copies, frozen weights, the saved activations that only bf16 ops read
-//! and the KV cache in bf16 only; ZeRO-1's moments and recomputation as asked) and what `ipo train` checks before it starts.
+//! matmuls' bf16 weight copies, frozen weights, the saved activations but the residual stream
+//! (and Qwen3's q/k before their norm), and the KV cache in bf16 only; ZeRO-1's moments and
+//! recomputation as asked) and what `ipo train` checks before it starts.
 
 use std::path::{Path, PathBuf};
 
