@@ -66,7 +66,7 @@ impl<'de> serde::Deserialize<'de> for Device {
 }
 
 /// The help text of every `--precision` flag.
-pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights and the KV cache stored in bf16; trained weights, master copies and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). Default: bf16 on cuda, f32 on cpu and sim (the simulator is the parity tool: pass --precision bf16 to run cuda's default path on it)";
+pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights, the KV cache and the saved activations but the residual stream stored in bf16; trained weights, master copies, gradients and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). Default: bf16 on cuda, f32 on cpu and sim (the simulator is the parity tool: pass --precision bf16 to run cuda's default path on it)";
 
 /// The precision a command runs at on `device`: `flag` when given, else bf16 on a real GPU and
 /// f32 on the CPU and the simulator. `IPO_PRECISION`, which chose the CUDA precision before
