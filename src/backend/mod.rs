@@ -560,6 +560,85 @@ pub trait Backend: Send + Sync {
         *p = self.upload(&ph);
     }
 
+    // ---- ZeRO-1 (src/train/zero.rs): under `--zero 1` each rank keeps the fp32 master values
+    // ---- of its slice of the trained weights; the weights hold what the products read.
+
+    /// A new fp32 buffer `[n]` holding elements `at..at + n` of the weight `w` (from
+    /// `upload_weight`): a rank's master slice. The default goes through the host.
+    fn weight_slice(&self, w: &Self::Buf, at: usize, n: usize) -> Self::Buf {
+        self.upload(&self.download(w)[at..at + n])
+    }
+
+    /// Marks a layer matrix (read only by `matmul`/`matmul_scaled` and `download`) whose fp32
+    /// values now live in ZeRO-1 master slices: a backend may store it in its compute precision
+    /// only, as `freeze_weight` does, while `set_weight_slice` and `all_gather_slices` still
+    /// write it. The CUDA backend under `Precision::Bf16` keeps the bf16 values only (half the
+    /// bytes; its matmuls read that rounding anyway, so no result changes). The default keeps it.
+    fn shard_weight(&self, _w: &mut Self::Buf) {}
+
+    /// Writes the fp32 `src` `[n]` into elements `at..at + n` of the weight `w`, in w's storage
+    /// (rounded to bf16, RNE, where `shard_weight` left bf16 only), and drops w's derived
+    /// copies. The default goes through the host.
+    fn set_weight_slice(&self, w: &mut Self::Buf, at: usize, src: &Self::Buf) {
+        let (mut h, s) = (self.download(w), self.download(src));
+        h[at..at + s.len()].copy_from_slice(&s);
+        *w = self.upload_weight(&h);
+    }
+
+    /// `adamw` of a master slice `p` `[n]` with the gradient elements `g[at..at + n]` and the
+    /// moments `m`, `v` `[n]` (ZeRO-1's update of a rank's slice). The default goes through the
+    /// host: backends override it.
+    fn adamw_slice(&self, p: &mut Self::Buf, g: &Self::Buf, at: usize, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamwStep) {
+        let n = self.len(p);
+        assert!(self.len(m) == n && self.len(v) == n && at + n <= self.len(g), "adamw_slice: p, m, v [{n}] at {at} of g [{}]", self.len(g));
+        let (mut ph, mut mh, mut vh) = (self.download(p), self.download(m), self.download(v));
+        cpu::optim::adamw(&mut ph, &self.download(g)[at..at + n], &mut mh, &mut vh, h);
+        (*p, *m, *v) = (self.upload(&ph), self.upload(&mh), self.upload(&vh));
+    }
+
+    /// `sum_squares` of the elements `range` of each buffer (ZeRO-1: the squares of a rank's
+    /// slice of every gradient; the ranks' sums add up to the global norm's square). A GPU
+    /// backend waits for the device once. The default goes through the host.
+    fn sum_squares_slices(&self, xs: &[(&Self::Buf, std::ops::Range<usize>)]) -> Vec<f64> {
+        xs.iter().map(|(x, r)| cpu::optim::sum_squares(&self.download_f64(x)[r.clone()])).collect()
+    }
+
+    /// Starts ZeRO-1's gradient reduction: `bufs` summed over the group where each element's
+    /// sum is needed by one rank only, its owner: `owners[i]` cuts `bufs[i]` into `(range,
+    /// owner rank)` pieces, ascending and covering it. After `all_reduce_wait` every rank's
+    /// owned elements hold the sums (the rest may hold anything). Every rank starts the same
+    /// buffers with the same pieces in the same order. The default is `all_reduce_start` (every
+    /// element summed on every rank: the owners get the same bits). `CudaBackend` with NCCL
+    /// enqueues one ncclReduce per piece to its owner, a reduce-scatter: each rank receives
+    /// its slice only, half the bytes of an all-reduce.
+    fn reduce_scatter_start(
+        &self,
+        bufs: &mut [&mut Self::Buf],
+        owners: &[Vec<(std::ops::Range<usize>, usize)>],
+        host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        assert_eq!(bufs.len(), owners.len(), "reduce_scatter_start: one owner list per buffer");
+        self.all_reduce_start(bufs, host_sum)
+    }
+
+    /// ZeRO-1's all-gather of the updated weights: `pieces` are `(index into bufs, range,
+    /// owner rank)`; afterwards every rank's `bufs[i][range]` equal the owner's, in the
+    /// weights' storage (bf16 where `shard_weight` left bf16 only: half the bytes). Every rank
+    /// passes the same pieces in the same order; `rank` is this rank and `host_all_gather` the
+    /// group's host all-gather (every rank's bytes, rank order). The default: this rank's pieces
+    /// downloaded into one byte vector (f32, little-endian), one host all-gather, the other
+    /// ranks' pieces written with `set_weight_slice`. `CudaBackend` with NCCL: one
+    /// ncclBroadcast per piece from its owner, in one group, waited for before it returns.
+    fn all_gather_slices(
+        &self,
+        rank: usize,
+        bufs: &mut [&mut Self::Buf],
+        pieces: &[(usize, std::ops::Range<usize>, usize)],
+        host_all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>,
+    ) -> anyhow::Result<()> {
+        host_all_gather_slices(self, rank, bufs, pieces, host_all_gather)
+    }
+
     // ---- the masked-segment DPO loss (src/train/loss.rs) ----
 
     /// Fused loss step of a micro-batch: per pair, the f64 sums of `logp` `[rows]` over its
@@ -630,6 +709,41 @@ pub trait Backend: Send + Sync {
         self.all_reduce_start(bufs, host_sum)?;
         self.all_reduce_wait()
     }
+}
+
+/// `Backend::all_gather_slices` through the host (its default; also what `CudaBackend` does
+/// where it has not joined an NCCL group).
+pub fn host_all_gather_slices<B: Backend + ?Sized>(
+    be: &B,
+    rank: usize,
+    bufs: &mut [&mut B::Buf],
+    pieces: &[(usize, std::ops::Range<usize>, usize)],
+    host_all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>,
+) -> anyhow::Result<()> {
+    let mut mine = Vec::new(); // this rank's pieces, f32 LE, in piece order
+    let mut host: Vec<Option<Vec<f32>>> = vec![None; bufs.len()]; // downloads, once per buffer
+    for (i, r, owner) in pieces {
+        if *owner == rank && !r.is_empty() {
+            let h = host[*i].get_or_insert_with(|| be.download(bufs[*i]));
+            mine.extend(h[r.clone()].iter().flat_map(|x| x.to_le_bytes()));
+        }
+    }
+    let all = host_all_gather(mine)?;
+    for (owner, bytes) in all.iter().enumerate() {
+        let want: usize = pieces.iter().filter(|p| p.2 == owner).map(|p| 4 * p.1.len()).sum();
+        anyhow::ensure!(bytes.len() == want, "all_gather_slices: rank {owner} sent {} bytes of its weight slices, expected {want}", bytes.len());
+        if owner == rank {
+            continue;
+        }
+        let mut at = 0;
+        for (i, r, _) in pieces.iter().filter(|p| p.2 == owner && !p.1.is_empty()) {
+            let vals: Vec<f32> = bytes[at..at + 4 * r.len()].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            at += 4 * r.len();
+            let src = be.upload(&vals);
+            be.set_weight_slice(bufs[*i], r.start, &src);
+        }
+    }
+    Ok(())
 }
 
 /// `Backend::all_reduce_start` through the host: `bufs` downloaded into one flat vector, summed

@@ -501,6 +501,24 @@ impl<F: Elem> Backend for CpuBackend<F> {
         optim::adamw(&mut p[at..at + n], &g[at..at + n], m, v, h)
     }
 
+    fn weight_slice(&self, w: &CpuBuf<F>, at: usize, n: usize) -> CpuBuf<F> {
+        CpuBuf::new(w[at..at + n].to_vec())
+    }
+
+    fn set_weight_slice(&self, w: &mut CpuBuf<F>, at: usize, src: &CpuBuf<F>) {
+        w[at..at + src.len()].copy_from_slice(src);
+    }
+
+    fn adamw_slice(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, at: usize, m: &mut CpuBuf<F>, v: &mut CpuBuf<F>, h: &crate::backend::AdamwStep) {
+        let n = p.len();
+        assert!(m.len() == n && v.len() == n && at + n <= g.len(), "adamw_slice: p, m, v [{n}] at {at} of g [{}]", g.len());
+        optim::adamw(p, &g[at..at + n], m, v, h)
+    }
+
+    fn sum_squares_slices(&self, xs: &[(&CpuBuf<F>, std::ops::Range<usize>)]) -> Vec<f64> {
+        xs.iter().map(|(x, r)| optim::sum_squares(&x[r.clone()])).collect()
+    }
+
     fn sgd(&self, p: &mut CpuBuf<F>, g: &CpuBuf<F>, lr: f64, weight_decay: f64, grad_scale: f64) {
         optim::sgd(p, g, lr, weight_decay, grad_scale)
     }
