@@ -273,3 +273,35 @@ fn overlapped_all_reduce_under_zero1_is_bit_identical() {
         }
     }
 }
+
+/// ZeRO-1's fp32 master slices on the CUDA backend's host side under `--precision bf16`: each
+/// rank keeps its slice of every weight in fp32 and the layer matrices in bf16 only
+/// (`Backend::shard_weight`), writes its updated slice into them and all-gathers the others'.
+/// The matmuls read the same bf16 rounding of the same fp32 values as without sharding, so
+/// world 2 with --zero 1 gives the bits of world 2 without it: the checkpoint (the fp32
+/// masters, gathered) after 3 steps and the final weights.
+#[test]
+fn sim_bf16_zero1_master_slices_give_the_bits_of_the_unsharded_run() {
+    if common::sim().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_random_pairs(&pairs, 5, 95);
+    let extra = ["--batch-size", "4", "--micro-batch-size", "1", "--device", "sim", "--precision", "bf16", "--save-every", "3"];
+    let (plain, zero) = (tmp.path().join("plain"), tmp.path().join("zero"));
+    train_world(2, &flags("llama", &pairs, &plain, &extra));
+    let s = train_world(2, &with(&flags("llama", &pairs, &zero, &extra), &["--zero", "1"]));
+    let n: usize = tensors(&plain.join("final/model.safetensors")).iter().map(|t| t.1.len()).sum();
+    assert_sharded_state(&s, n, "sim bf16 world 2 --zero 1");
+    assert_eq!(losses(&plain), losses(&zero), "sim bf16 world 2: losses with and without --zero 1");
+    for f in ["step-3/model.safetensors", "step-3/optimizer.safetensors", "final/model.safetensors"] {
+        assert!(tensors(&plain.join(f)) == tensors(&zero.join(f)), "{f}: --zero 1 differs from the plain run");
+    }
+    // The final weights are the fp32 masters, not their bf16 rounding.
+    let w = tensors(&zero.join("final/model.safetensors"));
+    let q = w.iter().find(|t| t.0.ends_with("layers.0.self_attn.q_proj.weight")).unwrap();
+    assert!(q.1.iter().any(|x| x.to_bits() & 0xffff != 0), "q_proj saved in bf16");
+    let moved = max_diff(&tiny_fixture("llama").join("model.safetensors"), &zero.join("final/model.safetensors"));
+    assert!(moved > 1e-4, "weights moved by {moved}");
+}

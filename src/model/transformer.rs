@@ -236,6 +236,19 @@ impl<B: Backend> Transformer<B> {
         }
     }
 
+    /// Declares that the layer matrices' fp32 values now live in ZeRO-1 master slices
+    /// (`train::zero`): the backend may store them in its compute precision only
+    /// (`Backend::shard_weight`; bf16 on CUDA under bf16, where the matmuls read the bf16
+    /// copy anyway), still written by the optimizer's slice updates and all-gather.
+    pub fn shard_layer_matrices(&mut self) {
+        let be = &self.backend;
+        for l in &mut self.weights.layers {
+            for w in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                be.shard_weight(w);
+            }
+        }
+    }
+
     /// Copies the weights back to the host (for saving, or moving to another backend).
     pub fn host_weights(&self) -> ModelWeights<HostTensor> {
         let mut shapes = Vec::new();

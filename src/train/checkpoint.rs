@@ -110,11 +110,11 @@ fn weights_file<B: Backend>(t: &Trainer<B>) -> &'static str {
 }
 
 /// Writes the checkpoint files of `t` into `dir` (an existing, empty directory), with the
-/// whole moments `(m, v)` (`Trainer::full_moments`). `base_model` goes into
-/// adapter_config.json.
-fn write_files<B: Backend>(t: &Trainer<B>, (m, v): &Moments, dir: &Path, base_model: &str) -> Result<(), TrainError> {
+/// whole moments `(m, v)` (`Trainer::full_moments`) and, for full fine-tuning, the whole fp32
+/// weights `full` (`Trainer::full_trainable`). `base_model` goes into adapter_config.json.
+fn write_files<B: Backend>(t: &Trainer<B>, (m, v): &Moments, full: Option<&[(String, Vec<usize>, Vec<f32>)]>, dir: &Path, base_model: &str) -> Result<(), TrainError> {
     match &t.trainable {
-        Trainable::Full { .. } => write_f32_safetensors(&dir.join("model.safetensors"), &t.trainable_tensors())?,
+        Trainable::Full { .. } => write_f32_safetensors(&dir.join("model.safetensors"), full.expect("the weights of full fine-tuning"))?,
         Trainable::Lora(l) => l.save_peft(dir, base_model)?,
     }
     let names: Vec<String> = t.trainable_sizes().into_iter().map(|x| x.0).collect();
@@ -143,8 +143,8 @@ fn write_files<B: Backend>(t: &Trainer<B>, (m, v): &Moments, dir: &Path, base_mo
 }
 
 /// Saves `t` atomically as `dir`; `extra` may add files (e.g. config.json) before the rename.
-/// In a data-parallel group every rank calls it (ZeRO-1 gathers the moments) and rank 0 alone
-/// writes.
+/// In a data-parallel group every rank calls it (ZeRO-1 gathers the moments and the fp32
+/// master slices) and rank 0 alone writes.
 pub fn save<B: Backend>(
     t: &Trainer<B>,
     dir: &Path,
@@ -156,11 +156,15 @@ pub fn save<B: Backend>(
         return Ok(());
     }
     let moments = t.full_moments()?;
+    let full = match t.trainable {
+        Trainable::Full { .. } => Some(t.full_trainable()?),
+        Trainable::Lora(_) => None,
+    };
     if !root {
         return Ok(());
     }
     write_dir_atomic(dir, |tmp| {
-        write_files(t, &moments, tmp, base_model)?;
+        write_files(t, &moments, full.as_deref(), tmp, base_model)?;
         extra(tmp)
     })
 }

@@ -34,9 +34,16 @@
 //!
 //! ZeRO-1 (`Trainer::data_parallel` with `zero1`, `ipo train --zero 1`; `super::zero`): each
 //! rank keeps AdamW moments for its 1/world slice of the flattened trainable tensors only
-//! (`Trainer::shard`), applies the update (after the same all-reduce, norm and clipping) to that
-//! slice, and all-gathers the updated slices so every rank holds the full weights again. The
-//! update is elementwise, so each element gets the bits it would get without sharding.
+//! (`Trainer::shard`) and updates only that slice. In full fine-tuning it also keeps the fp32
+//! master values of that slice only (`Trainable::Full::master`), while the weights hold what
+//! the products read (on CUDA under bf16 the layer matrices in bf16 only); the gradients are
+//! reduce-scattered (`Backend::reduce_scatter_start`: each element's sum for its owner; NCCL
+//! reduces, the host transports all-reduce), the global norm is the sum of the ranks' squares
+//! of their slices, and after the update of its master slice each rank writes it into its
+//! weights and all-gathers the others' (`Backend::all_gather_slices`: bf16 on a GPU under
+//! bf16). LoRA keeps its adapters whole (they are small) and shards their moments. The update
+//! is elementwise, so each element gets the bits it would get without sharding (up to the
+//! clipping factor, whose norm adds the same squares in another order).
 
 use std::sync::Arc;
 
@@ -101,12 +108,14 @@ pub(crate) type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 /// The tensors the optimizer updates.
 pub enum Trainable<B: Backend> {
-    /// All weights, in `ModelWeights::for_each` order, with their HF names and shapes. The
-    /// fp32 master weights are the model's own weight buffers (every backend stores f32 or
-    /// wider today; bf16 weight storage would add an fp32 master copy here, to be sharded as
-    /// the moments are), and `m`, `v` are the AdamW moments as backend buffers, one per weight
-    /// covering the elements `Trainer::shard` gives it (empty for SGD; made by the trainer).
-    Full { names: Vec<String>, shapes: Vec<Vec<usize>>, m: Vec<B::Buf>, v: Vec<B::Buf> },
+    /// All weights, in `ModelWeights::for_each` order, with their HF names and shapes; `m`,
+    /// `v` are the AdamW moments as backend buffers, one per weight covering the elements
+    /// `Trainer::shard` gives it (empty for SGD; made by the trainer). The fp32 master weights
+    /// are the model's own weight buffers, except under ZeRO-1 (a split `shard`): there
+    /// `master` holds this rank's slice of each weight in fp32 (`Backend::weight_slice`), the
+    /// only fp32 copy of those elements, and the weights hold what the products read (the
+    /// layer matrices in bf16 only on CUDA under bf16: `Transformer::shard_layer_matrices`).
+    Full { names: Vec<String>, shapes: Vec<Vec<usize>>, m: Vec<B::Buf>, v: Vec<B::Buf>, master: Vec<B::Buf> },
     /// LoRA adapters, on the backend once the trainer is built (see the module docs).
     Lora(Lora<B>),
 }
@@ -118,7 +127,7 @@ impl<B: Backend> Trainable<B> {
         expected_shapes(&model.cfg, model.weights.lm_head.is_some(), |_, s| shapes.push(s));
         model.weights.for_each(|n, _| names.push(n.to_string()));
         assert_eq!(names.len(), shapes.len(), "weights vs expected shapes of the model config");
-        Trainable::Full { names, shapes, m: Vec::new(), v: Vec::new() }
+        Trainable::Full { names, shapes, m: Vec::new(), v: Vec::new(), master: Vec::new() }
     }
 
     /// Element counts of the trained tensors, optimizer order.
@@ -196,10 +205,14 @@ impl<B: Backend> Trainer<B> {
         t.check_memory()?;
         let kind = t.cfg.optim.kind;
         match &mut t.trainable {
-            Trainable::Full { m, v, .. } if kind == OptimKind::Adamw => {
+            Trainable::Full { m, v, master, .. } if kind == OptimKind::Adamw => {
                 let be = &t.model.backend;
                 *m = t.shard.ranges.iter().map(|r| be.zeros(r.len())).collect();
                 *v = t.shard.ranges.iter().map(|r| be.zeros(r.len())).collect();
+                if t.shard.is_split() {
+                    *master = master_slices(be, &t.model.weights, &t.shard);
+                    t.model.shard_layer_matrices();
+                }
             }
             Trainable::Full { .. } => {}
             Trainable::Lora(l) => l.attach(&mut t.model, kind, &t.shard)?,
@@ -253,6 +266,31 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
+    /// `trainable_tensors` with the fp32 master values: under ZeRO-1 every rank's master slices
+    /// all-gathered (so every rank must call it together: checkpoints, the final weights),
+    /// otherwise `trainable_tensors`.
+    pub(crate) fn full_trainable(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TrainError> {
+        match &self.trainable {
+            Trainable::Full { names, shapes, master, .. } if !master.is_empty() => {
+                let be = &self.model.backend;
+                let mine: Vec<f32> = master.iter().flat_map(|b| be.download(b)).collect();
+                let whole = self.shard.all_gather(&*self.comm, &mine)?;
+                Ok(names.iter().cloned().zip(shapes.iter().cloned()).zip(whole).map(|((n, s), x)| (n, s, x)).collect())
+            }
+            _ => Ok(self.trainable_tensors()),
+        }
+    }
+
+    /// The fully fine-tuned weights to save (`full_trainable` in the model's structure): a
+    /// collective under ZeRO-1, as `full_trainable`.
+    pub(crate) fn export_full_weights(&self) -> Result<ModelWeights<HostTensor>, TrainError> {
+        let mut it = self.full_trainable()?.into_iter();
+        Ok(self.model.weights.map(|_| {
+            let (_, shape, x) = it.next().expect("one tensor per weight");
+            HostTensor::new(shape, x)
+        }))
+    }
+
     /// Names and element counts of the trainable tensors, in optimizer order (no transfers).
     pub(crate) fn trainable_sizes(&self) -> Vec<(String, usize)> {
         let names: Vec<String> = match &self.trainable {
@@ -278,10 +316,14 @@ impl<B: Backend> Trainer<B> {
             assert_eq!(x.len(), *len, "set_trainable: {n} has {} values, expected {len}", x.len());
         }
         match &mut self.trainable {
-            Trainable::Full { .. } => {
+            Trainable::Full { master, .. } => {
                 let be = &self.model.backend;
                 let mut it = values.into_iter();
                 self.model.weights.for_each_mut(|_, w| *w = be.upload_weight(&it.next().unwrap()));
+                if !master.is_empty() {
+                    *master = master_slices(be, &self.model.weights, &self.shard);
+                    self.model.shard_layer_matrices();
+                }
             }
             Trainable::Lora(l) => l.set_params(&mut self.model, values),
         }
@@ -428,7 +470,7 @@ impl<B: Backend> Trainer<B> {
             }
             let mut layer_done = |l: usize, g: &mut GradsMut<'_, B::Buf>| {
                 unreduced = l;
-                self.all_reduce_start(layer_grads(g, l), &mut failed);
+                self.all_reduce_start(layer_grads(g, l), &self.layer_tensors(l), &mut failed);
             };
             let done: Option<&mut dyn FnMut(usize, &mut GradsMut<'_, B::Buf>)> = if overlap && j + 1 == mbs.len() { Some(&mut layer_done) } else { None };
             self.model.backward_buf(&batch, tape, &dlogp, grads.as_mut(), done);
@@ -438,11 +480,12 @@ impl<B: Backend> Trainer<B> {
             let mut g = grads.as_mut();
             if overlap {
                 for l in (0..unreduced).rev() {
-                    self.all_reduce_start(layer_grads(&mut g, l), &mut failed);
+                    self.all_reduce_start(layer_grads(&mut g, l), &self.layer_tensors(l), &mut failed);
                 }
-                self.all_reduce_start(rest_grads(&mut g), &mut failed);
+                self.all_reduce_start(rest_grads(&mut g), &self.rest_tensors(), &mut failed);
             } else {
-                self.all_reduce_start(all_grads(&mut g), &mut failed);
+                let n = self.shard.ranges.len();
+                self.all_reduce_start(all_grads(&mut g), &(0..n).collect::<Vec<_>>(), &mut failed);
             }
             if let Some(e) = failed {
                 // Nothing may free the buffers before the started sums have stopped.
@@ -494,10 +537,6 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let lr = self.cfg.optim.lr_at(step, total_steps);
-        // The gradients are summed over the group whole, also under ZeRO-1, where a rank needs
-        // only its slice's sum (plus the global norm): a reduce-scatter would be the optimal
-        // collective there, but the star transports of `crate::dist` have none (it would cost
-        // them what this all-reduce costs), so the norm and clipping stay exactly as without it.
         let norm = match (&self.trainable, grads) {
             (Trainable::Full { .. }, Grads::Full(g)) => self.update_full(&g, lr, &idx)?,
             (Trainable::Lora(l), grads) => {
@@ -543,33 +582,83 @@ impl<B: Backend> Trainer<B> {
         Ok((sum, tokens as usize))
     }
 
-    /// `Backend::all_reduce_start` of `bufs` over this trainer's group: on the device where the
-    /// backend joined the group (`data_parallel`: NCCL on a GPU), else at once through the host
-    /// collective (`Comm::all_reduce_sum`, the sum in rank order, the same bits on every rank).
-    /// Nothing after a failure (kept in `failed`), and nothing for no buffers (the same on every
-    /// rank).
-    fn all_reduce_start(&self, mut bufs: Vec<&mut B::Buf>, failed: &mut Option<TrainError>) {
+    /// `Backend::all_reduce_start` of `bufs` over this trainer's group, or under ZeRO-1 of full
+    /// fine-tuning `Backend::reduce_scatter_start` (each element summed for the rank that
+    /// owns it; `tensors` are the buffers' optimizer indices, which say who owns what): on the
+    /// device where the backend joined the group (`data_parallel`: NCCL on a GPU), else at
+    /// once through the host collective (`Comm::all_reduce_sum`, the sum in rank order, the
+    /// same bits on every rank). Nothing after a failure (kept in `failed`), and nothing for no
+    /// buffers (the same on every rank).
+    fn all_reduce_start(&self, mut bufs: Vec<&mut B::Buf>, tensors: &[usize], failed: &mut Option<TrainError>) {
         if failed.is_some() || bufs.is_empty() {
             return;
         }
         let comm = &*self.comm;
-        let r = self.model.backend.all_reduce_start(&mut bufs, &mut |x| Ok(comm.all_reduce_sum(x)?));
+        let host_sum = &mut |x: &mut [f32]| Ok(comm.all_reduce_sum(x)?);
+        let r = if self.masters_split() {
+            assert_eq!(tensors.len(), bufs.len(), "one optimizer index per gradient buffer");
+            let owners: Vec<_> = tensors.iter().map(|&i| self.shard.owners(i)).collect();
+            self.model.backend.reduce_scatter_start(&mut bufs, &owners, host_sum)
+        } else {
+            self.model.backend.all_reduce_start(&mut bufs, host_sum)
+        };
         *failed = r.err().map(|e| comm_error(e).into());
     }
 
+    /// Whether this is full fine-tuning under ZeRO-1: fp32 master slices, gradients summed
+    /// for their owners only, updated slices all-gathered into the weights.
+    fn masters_split(&self) -> bool {
+        matches!(&self.trainable, Trainable::Full { master, .. } if !master.is_empty())
+    }
+
+    /// Optimizer indices of decoder layer `l`'s weights (`ModelWeights::for_each` order: the
+    /// embeddings, every layer's weights, the final norm, an untied lm-head).
+    fn layer_tensors(&self, l: usize) -> Vec<usize> {
+        let per = self.layer_len();
+        (1 + l * per..1 + (l + 1) * per).collect()
+    }
+
+    /// Optimizer indices of `rest_grads`: the embeddings, the final norm, an untied lm-head.
+    fn rest_tensors(&self) -> Vec<usize> {
+        let end = 1 + self.model.cfg.num_layers * self.layer_len();
+        let head = self.model.weights.lm_head.is_some() as usize;
+        [0].into_iter().chain(end..end + 1 + head).collect()
+    }
+
+    /// Weights per decoder layer.
+    fn layer_len(&self) -> usize {
+        let mut n = 0;
+        self.model.weights.layers[0].for_each(|_, _| n += 1);
+        n
+    }
+
     /// Full fine-tuning update on the backend: global norm, clipping factor, then AdamW/SGD on
-    /// every weight buffer in place (under ZeRO-1: on this rank's slice, then the other ranks'
-    /// updated slices all-gathered). Returns the norm before clipping; a non-finite norm
-    /// updates nothing.
+    /// every weight buffer in place (under ZeRO-1: `update_master_slices`). Returns the norm
+    /// before clipping; a non-finite norm updates nothing.
     fn update_full(&mut self, grads: &ModelWeights<B::Buf>, lr: f64, idx: &[usize]) -> Result<f64, TrainError> {
         let be = &self.model.backend;
         let mut g: Vec<&B::Buf> = Vec::new(); // in ModelWeights::for_each order
         grads.for_each(|_, x| g.push(x));
-        let norm = grad_norm(be, &g);
+        let split = self.masters_split();
+        let norm = if split {
+            // Each rank holds the sums of its slice only: the squares of the slices, added
+            // over the group.
+            let parts: Vec<(&B::Buf, std::ops::Range<usize>)> = g.iter().zip(&self.shard.ranges).map(|(x, r)| (*x, r.clone())).collect();
+            let mut s = [be.sum_squares_slices(&parts).iter().sum::<f64>()];
+            self.comm.all_reduce_sum_f64(&mut s)?;
+            s[0].sqrt()
+        } else {
+            grad_norm(be, &g)
+        };
         if !norm.is_finite() {
             return Err(self.non_finite(self.step + 1, "gradient norm", norm, idx));
         }
         let h = self.optim.hparams(lr, clip_factor(norm, self.cfg.optim.max_grad_norm));
+        if split {
+            self.update_master_slices(&g, &h)?;
+            self.optim.steps += 1;
+            return Ok(norm);
+        }
         let kind = self.cfg.optim.kind;
         let Trainable::Full { shapes, m, v, .. } = &mut self.trainable else { unreachable!("update_full on LoRA") };
         let mut moments = m.iter_mut().zip(v.iter_mut());
@@ -583,26 +672,34 @@ impl<B: Backend> Trainer<B> {
             i += 1;
         });
         assert_eq!(i, g.len(), "one gradient per weight");
-        if shard.is_split() {
-            let (mut mine, mut i) = (Vec::with_capacity(shard.len()), 0); // this rank's updated elements
-            self.model.weights.for_each(|_, w| {
-                let r = &shard.ranges[i];
-                if !r.is_empty() {
-                    mine.extend_from_slice(&be.download(w)[r.clone()]);
-                }
-                i += 1;
-            });
-            let whole = shard.all_gather(&*self.comm, &mine)?;
-            let mut i = 0;
-            self.model.weights.for_each_mut(|_, w| {
-                if !shard.owns_whole(i) {
-                    *w = be.upload_weight(&whole[i]);
-                }
-                i += 1;
-            });
-        }
         self.optim.steps += 1;
         Ok(norm)
+    }
+
+    /// ZeRO-1's update of full fine-tuning: AdamW on this rank's fp32 master slices with the
+    /// summed gradients of their elements, the results written into the weights' own storage
+    /// (`Backend::set_weight_slice`), then every rank's updated slices all-gathered
+    /// (`Backend::all_gather_slices`: NCCL broadcasts of bf16 values on a GPU under bf16).
+    /// Every element gets the AdamW update it gets without sharding, bit for bit.
+    fn update_master_slices(&mut self, g: &[&B::Buf], h: &crate::backend::AdamwStep) -> Result<(), TrainError> {
+        let be = &self.model.backend;
+        let Trainable::Full { shapes, m, v, master, .. } = &mut self.trainable else { unreachable!("ZeRO-1 masters of LoRA") };
+        let mut ws = all_weights(&mut self.model.weights);
+        assert!(ws.len() == g.len() && master.len() == g.len(), "one master slice and gradient per weight");
+        let shard = &self.shard;
+        for (i, r) in shard.ranges.iter().enumerate() {
+            if r.is_empty() {
+                continue;
+            }
+            // Weight decay on matrices, not on norms and biases.
+            let wd = if shapes[i].len() >= 2 { h.weight_decay } else { 0.0 };
+            be.adamw_slice(&mut master[i], g[i], r.start, &mut m[i], &mut v[i], &crate::backend::AdamwStep { weight_decay: wd, ..*h });
+            be.set_weight_slice(ws[i], r.start, &master[i]);
+        }
+        let pieces: Vec<(usize, std::ops::Range<usize>, usize)> = (0..ws.len()).flat_map(|i| shard.owners(i).into_iter().map(move |(r, o)| (i, r, o))).collect();
+        let comm = &*self.comm;
+        be.all_gather_slices(comm.rank(), &mut ws, &pieces, &mut |b| Ok(comm.all_gather(b)?)).map_err(comm_error)?;
+        Ok(())
     }
 
     /// LoRA update on the backend from the adapters' gradients `g` (optimizer order): their
@@ -708,6 +805,23 @@ fn rest_grads<'g, Buf>(g: &'g mut GradsMut<'_, Buf>) -> Vec<&'g mut Buf> {
         }
         GradsMut::Adapters(_) => Vec::new(),
     }
+}
+
+/// Every weight buffer, `ModelWeights::for_each_mut` order.
+fn all_weights<Buf>(w: &mut ModelWeights<Buf>) -> Vec<&mut Buf> {
+    let mut ptrs = Vec::new();
+    w.for_each_mut(|_, b| ptrs.push(b as *mut Buf));
+    unsafe { lent(ptrs) } // SAFETY: distinct fields of `w`, borrowed for the result's life
+}
+
+/// This rank's fp32 master slice of each weight (`shard.ranges`, optimizer order).
+fn master_slices<B: Backend>(be: &B, w: &ModelWeights<B::Buf>, shard: &Shard) -> Vec<B::Buf> {
+    let mut out = Vec::new();
+    w.for_each(|_, x| {
+        let r = &shard.ranges[out.len()];
+        out.push(be.weight_slice(x, r.start, r.len()));
+    });
+    out
 }
 
 /// Every gradient buffer (`ModelWeights::for_each_mut` order, or the adapters' by layer).

@@ -77,6 +77,20 @@ impl Shard {
         self.ranges[i] == (0..self.sizes[i])
     }
 
+    /// Every rank's piece of tensor `i`: `(range, owner)`, non-empty, ascending, covering it.
+    pub(crate) fn owners(&self, i: usize) -> Vec<(Range<usize>, usize)> {
+        let total: usize = self.sizes.iter().sum();
+        let at: usize = self.sizes[..i].iter().sum();
+        let n = self.sizes[i];
+        (0..self.world)
+            .filter_map(|r| {
+                let (lo, hi) = slice_of(total, r, self.world);
+                let (a, b) = (lo.clamp(at, at + n) - at, hi.clamp(at, at + n) - at);
+                (a < b).then_some((a..b, r))
+            })
+            .collect()
+    }
+
     /// This rank's pieces of whole tensors `whole` (optimizer order).
     pub(crate) fn pieces(&self, whole: &[Vec<f32>]) -> Vec<Vec<f32>> {
         assert_eq!(whole.len(), self.sizes.len(), "one value vector per trainable tensor");
@@ -155,6 +169,19 @@ mod tests {
         let s = Shard::zero1(&sizes, 1, 3); // elements [8, 16): tensor 3's first 8
         assert_eq!(s.ranges, vec![7..7, 1..1, 0..0, 0..8, 0..0]);
         assert!(!s.owns_whole(3) && s.owns_whole(2));
+        assert_eq!(s.owners(3), vec![(0..8, 1), (8..12, 2)]);
+        assert_eq!(s.owners(0), vec![(0..7, 0)]);
+        assert!(s.owners(2).is_empty());
+        for world in 1..=6 {
+            for (i, &n) in sizes.iter().enumerate() {
+                let o = Shard::zero1(&sizes, 0, world).owners(i);
+                assert_eq!(o.iter().map(|p| p.0.len()).sum::<usize>(), n, "{world}: tensor {i}");
+                for (p, r) in o {
+                    assert_eq!(Shard::zero1(&sizes, r, world).ranges[i], p, "{world}: tensor {i} rank {r}");
+                }
+            }
+        }
+
         assert_eq!(
             s.pieces(&sizes.iter().map(|&n| (0..n).map(|x| x as f32).collect()).collect::<Vec<_>>())[3],
             (0..8).map(|x| x as f32).collect::<Vec<_>>()

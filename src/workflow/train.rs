@@ -491,11 +491,14 @@ fn run_steps<B: Backend>(
     if trainer.step >= total {
         let dir = out.join("final");
         match &trainer.trainable {
-            _ if !root => {}
             Trainable::Full { .. } => {
-                let w = trainer.export_weights();
-                checkpoint::write_dir_atomic(&dir, |d| write_hf_folder(d, &files.model, &w))?;
+                // Every rank: ZeRO-1 gathers the fp32 master slices.
+                let w = trainer.export_full_weights()?;
+                if root {
+                    checkpoint::write_dir_atomic(&dir, |d| write_hf_folder(d, &files.model, &w))?;
+                }
             }
+            _ if !root => {}
             Trainable::Lora(l) => {
                 checkpoint::write_dir_atomic(&dir, |d| l.save_peft(d, &base_name))?;
                 if opts.merge {
