@@ -14,8 +14,9 @@
 //! a checkpoint to resume, at any world size. Missing reference log-probs are computed by
 //! every rank (the same values; only rank 0's go to OUT/ref_pairs.jsonl), so no rank idles
 //! past the collective timeout while rank 0 scores. With `--zero 1` (ZeRO-1, `train::zero`)
-//! each rank keeps the AdamW moments of its 1/world slice of the trained parameters only;
-//! checkpoints gather them to rank 0 into the same files as without it.
+//! each rank keeps the AdamW moments of its 1/world slice of the trained parameters only, and
+//! in full fine-tuning that slice's fp32 master values too; checkpoints and the final weights
+//! gather them to rank 0 into the same files as without it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,9 +145,11 @@ pub struct TrainOptions {
     #[arg(long, value_name = "GIB")]
     pub memory_budget_gb: Option<f64>,
     /// ZeRO stage under data parallel: 0 = every rank keeps the whole optimizer state; 1 =
-    /// each rank keeps the AdamW moments of its 1/world slice of the trained parameters only,
-    /// updates that slice and all-gathers the updated weights (the same weights as stage 0 up
-    /// to fp32 rounding; checkpoints hold the whole state and resume either way).
+    /// each rank keeps the AdamW moments of its 1/world slice of the trained parameters only
+    /// (full fine-tuning: that slice's fp32 master weights too, the weights themselves in the
+    /// compute precision, bf16 on CUDA), gets the gradient sums of that slice
+    /// (reduce-scatter), updates it and all-gathers the updated weights (the same weights as
+    /// stage 0; checkpoints hold the whole fp32 state and resume either way).
     #[arg(long, value_name = "STAGE", default_value_t = 0)]
     pub zero: u8,
     /// Most tokens per forward when computing missing reference log-probs.
