@@ -8,7 +8,10 @@
 //! 3. the estimate of this build against the allocation high-water mark of the CUDA backend on
 //!    `Sim` over a whole training step (full and LoRA, fp32 and bf16), within 5%;
 //! 4. `ipo train --device sim` refusing to start when the estimate exceeds the (simulated)
-//!    device memory, saying what to change.
+//!    device memory, saying what to change;
+//! 5. `ipo plan --gpus 8 --zero 0|1`: full fine-tuning of R1-Distill-Llama-8B with the optimizer
+//!    side replicated or sharded (this build's ZeRO-1: fp32 master slice, bf16-only layer
+//!    matrices).
 //!
 //! Tests 3 and 4 need NVRTC (the simulator compiles the kernels): they print a skip notice
 //! without it, or fail under CI=true.
@@ -165,6 +168,77 @@ fn more_gpus_shard_full_fine_tuning_and_errors_name_the_flag() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(bad.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn zero_flag_shards_or_replicates_the_optimizer_side() {
+    // Full fine-tuning of R1-Distill-Llama-8B, bf16, 8 x 80 GB, 8k tokens, --recompute.
+    let full = ["--context", "4096", "--segment", "4096", "--recompute", "--gpus", "8"];
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = ipo_plan(&[&full[..], extra, &["--json"]].concat());
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let (z0, z1, default) = (json(&["--zero", "0"]), json(&["--zero", "1"]), json(&[]));
+    assert_eq!((z0["zero"].as_u64(), z1["zero"].as_u64(), default["zero"].as_u64()), (Some(0), Some(1), Some(1)));
+    assert_eq!(z1["this_build"], default["this_build"], "--gpus 8 defaults to --zero 1");
+    let mem = |j: &serde_json::Value, layout: &str, k: &str| j[layout]["memory"][k].as_u64().unwrap();
+    // The design: master and moments divided by the 8 GPUs, the rest the same.
+    for k in ["master", "optimizer"] {
+        assert_eq!(mem(&z0, "plan", k), 8 * mem(&z1, "plan", k), "plan {k}");
+    }
+    for k in ["weights", "gradients", "activations", "workspace", "kv_cache"] {
+        assert_eq!(mem(&z0, "plan", k), mem(&z1, "plan", k), "plan {k}");
+    }
+    // This build: 8,030,261,248 parameters, 6,979,321,856 of them in layer matrices, a
+    // 128256 x 4096 lm-head. --zero 0: every weight fp32 (its own master) beside a bf16 copy of
+    // each layer matrix and of the lm-head, whole moments. --zero 1: the layer matrices in bf16
+    // only (the rollout stages' storage), the fp32 master and moments of a 1/8 slice.
+    let (n, mats, head16) = (8_030_261_248u64, 6_979_321_856u64, 2 * 128256 * 4096u64);
+    let slice = n.div_ceil(8);
+    assert_eq!(
+        (mem(&z0, "this_build", "weights"), mem(&z0, "this_build", "master"), mem(&z0, "this_build", "optimizer")),
+        (4 * n + 2 * mats + head16, 0, 8 * n)
+    );
+    assert_eq!(
+        (mem(&z1, "this_build", "weights"), mem(&z1, "this_build", "master"), mem(&z1, "this_build", "optimizer")),
+        (4 * (n - mats) + 2 * mats + head16, 4 * slice, 8 * slice)
+    );
+    assert_eq!(mem(&z1, "this_build", "weights"), mem(&z1, "this_build", "rollout_weights"));
+    assert_eq!(mem(&z0, "this_build", "optimizer"), 8 * mem(&z1, "this_build", "optimizer"));
+    for k in ["gradients", "activations", "workspace"] {
+        assert_eq!(mem(&z0, "this_build", k), mem(&z1, "this_build", k), "this build {k}");
+    }
+    // With ZeRO-1 this build fits 8 x 80 GB (about 69.2 GiB of 74.5), replicated it does not.
+    assert_eq!((z0["this_build"]["fits"].as_bool(), z1["this_build"]["fits"].as_bool()), (Some(false), Some(true)));
+    let gib = |j: &serde_json::Value| j["this_build"]["total_bytes"].as_u64().unwrap() as f64 / (1u64 << 30) as f64;
+    assert!((gib(&z1) - 69.16).abs() < 0.01 && (gib(&z0) - 143.77).abs() < 0.01, "{} {}", gib(&z1), gib(&z0));
+
+    // The table says which is in effect, and --zero 0 is told what would fit.
+    let (ok, t0, err) = ipo_plan(&[&full[..], &["--zero", "0"]].concat());
+    assert!(ok, "{err}");
+    let (ok, t1, err) = ipo_plan(&full);
+    assert!(ok, "{err}");
+    println!("{t1}\n{t0}");
+    assert!(t1.lines().next().unwrap().ends_with("8 GPU(s) of 80 GB, ZeRO-1, recompute"), "{t1}");
+    assert!(t0.lines().next().unwrap().ends_with("8 GPU(s) of 80 GB, --zero 0, recompute"), "{t0}");
+    assert!(t1.contains("| optimizer state (AdamW m, v; / 8 GPUs) | 7.48 | 7.48 |"), "{t1}");
+    assert!(t1.contains("| master weights (fp32, trained; / 8 GPUs) | 3.74 | 3.74 |"), "{t1}");
+    assert!(t0.contains("| optimizer state (AdamW m, v; replicated) | 59.83 | 59.83 |"), "{t0}");
+    assert!(t1.contains("this build: fits on 8 x 80 GB") && t1.contains("`ipo train --zero 1`"), "{t1}");
+    assert!(t0.contains("this build: does not fit") && t0.contains("or --zero 1 (69.2 GiB)"), "{t0}");
+
+    // On one GPU --zero 1 changes nothing; --zero takes 0 or 1.
+    let one = |extra: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = ipo_plan(&[&full[..5], extra, &["--json"]].concat());
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let (a, b) = (one(&[]), one(&["--zero", "1"]));
+    assert_eq!((a["plan"]["memory"].clone(), a["this_build"]["memory"].clone()), (b["plan"]["memory"].clone(), b["this_build"]["memory"].clone()));
+    assert_eq!(a["zero"].as_u64(), Some(0));
+    let (ok, _, err) = ipo_plan(&["--gpus", "8", "--zero", "2"]);
+    assert!(!ok && err.contains("--zero"), "{err}");
 }
 
 /// A small Llama whose activations are a fair share of the step's memory: hidden 64, ffn

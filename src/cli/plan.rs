@@ -52,17 +52,25 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
     } else {
         "full fine-tuning".into()
     };
+    // The optimizer side on more than one GPU: sharded (ZeRO-1) or replicated (--zero 0).
+    let sharded = s.gpus > 1 && s.zero == 1;
+    let (zero, side) = match (s.gpus > 1, sharded) {
+        (false, _) => ("", String::new()),
+        (true, true) => (", ZeRO-1", format!("; / {} GPUs", s.gpus)),
+        (true, false) => (", --zero 0", "; replicated".into()),
+    };
     let mut out = format!(
-        "{}: {:.2}B parameters; {mode}, {}, AdamW; micro-batch {} pair(s) = {} tokens ({} context + 2 x {} segment each), {} scored rows; {} GPU(s) of {} GB{}\n\n",
+        "{}: {:.2}B parameters; {mode}, {}, AdamW; micro-batch {} pair(s) = {} tokens ({} context + 2 x {} segment each), {} scored rows; {} GPU(s) of {} GB{zero}{}\n\n",
         s.config.display(), s.params as f64 / 1e9, o.precision, o.micro_batch_size, s.micro_tokens, o.context, o.segment, s.micro_rows, s.gpus, o.gpu_memory_gb,
         if o.recompute { ", recompute" } else { "" }
     );
+    let (master, moments) = (format!("master weights (fp32, trained{side})"), format!("optimizer state (AdamW m, v{side})"));
     out += "| component | plan GiB/GPU | this build GiB/GPU |\n|---|---:|---:|\n";
     let rows: [(&str, u64, u64); 12] = [
         ("weights (frozen/base)", p.weights, b.weights),
-        ("master weights (fp32, trained)", p.master, b.master),
+        (&master, p.master, b.master),
         ("gradients", p.gradients, b.gradients),
-        ("optimizer state (AdamW m, v)", p.optimizer, b.optimizer),
+        (&moments, p.optimizer, b.optimizer),
         ("activations (saved for backward)", p.activations, b.activations),
         ("workspace (backward, lm-head chunk)", p.workspace, b.workspace),
         ("= training step", p.training(), b.training()),
@@ -82,7 +90,19 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
         s.flops.rollout_token,
         o.rollout_len / 2
     );
-    out += "plan: bf16/fp32 storage as designed, ZeRO-1 (master + moments / GPUs), recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; under bf16 the saved activations but x, x_mid and Qwen3's q/k before their norm, and the KV cache, in bf16), LoRA trains the adapters only, recompute as asked, AdamW moments / GPUs (`ipo train --zero 1`).\n";
+    let (plan_side, this_side) = if sharded {
+        (
+            "ZeRO-1 (master + moments / GPUs)".to_string(),
+            "ZeRO-1 as `ipo train --zero 1` (full fine-tuning: each GPU keeps the fp32 master and AdamW moments of its 1/N slice, and under bf16 the layer matrices in bf16 only; LoRA: the adapters' moments / GPUs)".to_string(),
+        )
+    } else {
+        let whole = if s.gpus > 1 { "whole on each GPU (--zero 0)" } else { "whole (one GPU)" };
+        (
+            format!("master + moments {whole}"),
+            format!("full fine-tuning's trained weights their own fp32 master, AdamW moments {whole}"),
+        )
+    };
+    out += &format!("plan: bf16/fp32 storage as designed, {plan_side}, recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; under bf16 the saved activations but x, x_mid and Qwen3's q/k before their norm, and the KV cache, in bf16), LoRA trains the adapters only, recompute as asked, {this_side}.\n");
     out += &format!("this build: {}\n", verdict(&s.this_build, s, o.gpu_memory_gb));
     out += &format!("{}\n", verdict(&s.plan, s, o.gpu_memory_gb));
     out

@@ -12,14 +12,19 @@
 //!   v, read only by bf16 matmuls and the tensor-core attention; gate, up and attn, whose fp32
 //!   readers then see their bf16 rounding: `Backend::store_bf16`). LoRA trains the adapters
 //!   only (`crate::model::adapter`: no gradient of a frozen weight). `--recompute` is implemented
-//!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`): `gpus` divides
-//!   the AdamW moments here (the largest rank's slice, `ceil(trained / gpus)` elements each;
-//!   `train_input` callers pass 1 without --zero 1). The weights, and LoRA's adapters, stay
-//!   whole on every rank.
+//!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`, `zero1` over
+//!   `gpus` ranks here; `train_input` callers pass 1 rank without --zero 1). Under ZeRO-1 full
+//!   fine-tuning with AdamW keeps on each rank the fp32 master values of its slice of the
+//!   flattened trained tensors (the largest rank's: `ceil(trained / gpus)` elements, a buffer
+//!   of its own, fp32 backends too) and their AdamW moments; the weights stay whole on every
+//!   rank in the storage the products read: under bf16 the layer matrices in bf16 only (as if
+//!   frozen), the embeddings, norms, biases and lm-head in fp32 (plus the lm-head's bf16
+//!   copy); under fp32 all in fp32. Gradients stay whole fp32. LoRA under ZeRO-1 shards the
+//!   adapters' moments only; the adapters stay whole on every rank.
 //! - `Layout::Target`: the design. Weights, saved activations, gradients and KV cache in the
 //!   compute precision (bf16: 2 bytes); the trained parameters' fp32 master copy and the AdamW
-//!   moments (fp32) sharded over the GPUs (ZeRO-1: master + m + v / gpus; weights and gradients
-//!   replicated); LoRA trains only the adapters (no gradient of a frozen weight); with
+//!   moments (fp32) sharded over the GPUs under ZeRO-1 (`zero1`: master + m + v / gpus; weights
+//!   and gradients replicated; without it all replicated); LoRA trains only the adapters (no gradient of a frozen weight); with
 //!   `recompute`, each decoder layer keeps only its input and is run again in the backward, so
 //!   one layer's activations exist at a time.
 //!
@@ -75,7 +80,11 @@ pub struct PlanInput {
     pub rollout_batch: usize,
     pub rollout_len: usize,
     pub recompute: bool,
+    /// GPUs training data parallel, and whether ZeRO-1 shards the optimizer side (fp32 master
+    /// and AdamW moments of the trained parameters) over them; without it (or on one GPU)
+    /// every GPU holds all of it.
     pub gpus: usize,
+    pub zero1: bool,
     pub layout: Layout,
 }
 
@@ -105,6 +114,7 @@ impl PlanInput {
             rollout_len: 0,
             recompute: false,
             gpus: 1,
+            zero1: false,
             layout,
         }
     }
@@ -114,9 +124,11 @@ impl PlanInput {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Memory {
     /// Weights the forward reads: frozen base (LoRA) or all weights, in their storage dtype
-    /// (this build with bf16: plus the bf16 copies of the layer matrices).
+    /// (this build with bf16: plus the bf16 copies of the layer matrices, or, full fine-tuning
+    /// under ZeRO-1, the layer matrices in bf16 only).
     pub weights: u64,
-    /// fp32 master copy of the trained parameters, where it is not the weights themselves.
+    /// fp32 master copy of the trained parameters, where it is not the weights themselves
+    /// (this build: LoRA's adapters, or the rank's slice under ZeRO-1).
     pub master: u64,
     pub gradients: u64,
     /// AdamW m and v (fp32).
@@ -196,8 +208,10 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     let bf16 = p.precision == Precision::Bf16;
     // Bytes of a weight, an activation and a KV value; the fp32 statistics are 4.
     let e: u64 = if this || !bf16 { 4 } else { 2 };
-    let gpus = u(p.gpus.max(1));
-    let moments = if p.optimizer == OptimKind::Adamw { 8 } else { 0 };
+    // Ranks the optimizer side is split over.
+    let shards = if p.zero1 { u(p.gpus.max(1)) } else { 1 };
+    let adamw = p.optimizer == OptimKind::Adamw;
+    let moments = if adamw { 8 } else { 0 };
     let lora = p.lora.is_some();
     let trained = if lora { n.adapters } else { n.params };
 
@@ -210,21 +224,31 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
         // Under bf16 the lm-head's GEMMs read a bf16 copy of its weight too.
         let head16 = if bf16 { 2 * vocab * h } else { 0 };
         let frozen = if bf16 { 4 * (n.params - n.layer_mats) + 2 * n.layer_mats + head16 } else { 4 * n.params };
+        // ZeRO-1 of full fine-tuning (AdamW, more than one rank): the fp32 master values of
+        // the rank's slice in a buffer of their own; the whole weights stored as the products
+        // read them, the layer matrices as if frozen.
+        let master_slice = !lora && adamw && shards > 1;
         m.weights = match (bf16, lora) {
-            (true, false) => 4 * n.params + 2 * n.layer_mats + head16,
+            (true, false) if !master_slice => 4 * n.params + 2 * n.layer_mats + head16,
             _ => frozen,
         };
         m.rollout_weights = frozen;
-        m.master = if lora { 4 * n.adapters } else { 0 };
+        m.master = if lora {
+            4 * n.adapters
+        } else if master_slice {
+            4 * trained.div_ceil(shards)
+        } else {
+            0
+        };
         // dW of every weight, or LoRA's dA and dB.
         m.gradients = 4 * trained;
-        m.optimizer = moments * trained.div_ceil(gpus);
+        m.optimizer = moments * trained.div_ceil(shards);
     } else {
         m.weights = e * n.params;
         m.rollout_weights = m.weights;
-        m.master = if lora || bf16 { 4 * trained / gpus } else { 0 };
+        m.master = if lora || bf16 { 4 * trained / shards } else { 0 };
         m.gradients = if lora { 4 * n.adapters } else { e * n.params };
-        m.optimizer = moments * trained / gpus;
+        m.optimizer = moments * trained / shards;
     }
 
     // Saved per layer and token: x, xn1, x_mid, xn2 [hidden]; q, attn [q_dim]; k, v [kv_dim];
@@ -320,11 +344,11 @@ pub struct Suggestion {
     pub bytes: u64,
 }
 
-/// The single changes (LoRA, bf16, recompute, more GPUs, a smaller micro-batch) that bring
-/// the total under `budget` bytes, each computed by re-running `memory`; when none does alone,
-/// all of them together (if that fits). `flag` names how each change is asked for, so that
-/// `ipo plan` and `ipo train` can word it for their own flags. Recompute and GPUs are offered
-/// for `Layout::Target` only (this build implements neither).
+/// The single changes (LoRA, bf16, recompute, ZeRO-1 over the GPUs given, more GPUs, a
+/// smaller micro-batch) that bring the total under `budget` bytes, each computed by re-running
+/// `memory`; when none does alone, all of them together (if that fits). `change` names the
+/// flags of `ipo plan`, which `ipo train` shares but --gpus (its ranks are the launcher's):
+/// more GPUs are offered for `Layout::Target` only.
 pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestion> {
     let fits = |q: &PlanInput| memory(c, q).total() <= budget;
     let mut all = p.clone();
@@ -361,14 +385,14 @@ pub fn suggestions(c: &ModelConfig, p: &PlanInput, budget: u64) -> Vec<Suggestio
         all.recompute = true;
         try_change(q, "--recompute".into(), &mut out);
     }
-    if p.layout == Layout::Target {
-        if let Some(g) = [2, 4, 8, 16, 32, 64]
-            .into_iter()
-            .filter(|&g| g > p.gpus)
-            .find(|&g| fits(&PlanInput { gpus: g, ..p.clone() }))
-        {
-            let q = PlanInput { gpus: g, ..p.clone() };
-            try_change(q, format!("--gpus {g}"), &mut out);
+    if !p.zero1 && p.gpus > 1 {
+        try_change(PlanInput { zero1: true, ..p.clone() }, "--zero 1".into(), &mut out);
+    }
+    // More GPUs under ZeRO-1 (`ipo plan`'s default there), unless --zero 0 was asked on many.
+    if p.layout == Layout::Target && (p.zero1 || p.gpus == 1) {
+        let more = |g: usize| PlanInput { gpus: g, zero1: true, ..p.clone() };
+        if let Some(g) = [2, 4, 8, 16, 32, 64].into_iter().filter(|&g| g > p.gpus).find(|&g| fits(&more(g))) {
+            try_change(more(g), format!("--gpus {g}"), &mut out);
         }
     }
     if p.micro_pairs > 1 {
@@ -433,12 +457,13 @@ pub fn train_input(tc: &super::TrainConfig, precision: Precision, recompute: boo
         rollout_len: 0,
         recompute,
         gpus: 1,
+        zero1: false,
         layout: Layout::ThisBuild,
     }
 }
 
-/// Refuses a training run whose estimated peak (`train_input`, this build, the optimizer
-/// state split over `shards` ranks: the world size under --zero 1, else 1) exceeds `budget`
+/// Refuses a training run whose estimated peak (`train_input`, this build, under ZeRO-1 over
+/// `shards` ranks: the world size under --zero 1, else 1) exceeds `budget`
 /// bytes, saying which change of the flags would fit (each computed by the estimator).
 /// `longest` is the id of the longest pair (named in the message).
 #[allow(clippy::too_many_arguments)]
@@ -452,7 +477,7 @@ pub(crate) fn check_train_memory(
     longest: &str,
     budget: u64,
 ) -> Result<(), super::TrainError> {
-    let p = PlanInput { gpus: shards, ..train_input(tc, precision, recompute, pairs) };
+    let p = PlanInput { gpus: shards, zero1: shards > 1, ..train_input(tc, precision, recompute, pairs) };
     let m = memory(c, &p);
     if m.total() <= budget {
         return Ok(());
@@ -503,23 +528,51 @@ mod tests {
     }
 
     #[test]
-    fn zero1_shards_only_the_optimizer_side() {
+    fn zero1_shards_the_master_and_moments_and_this_build_stores_bf16_matrices() {
         let c = llama8b();
-        let one = PlanInput::pairs(Precision::Bf16, None, 8, 1, 1024, 1024, Layout::Target);
+        let one = PlanInput { zero1: true, ..PlanInput::pairs(Precision::Bf16, None, 8, 1, 1024, 1024, Layout::Target) };
         let eight = PlanInput { gpus: 8, ..one.clone() };
         let (a, b) = (memory(&c, &one), memory(&c, &eight));
         assert_eq!((a.weights, a.gradients, a.activations), (b.weights, b.gradients, b.activations));
         assert_eq!(a.optimizer, 8 * b.optimizer);
         assert_eq!(a.master, 8 * b.master);
-        // This build shards the moments only (--zero 1), by whole elements: 8 bytes per
-        // element of the largest slice.
-        let t1 = PlanInput {
-            layout: Layout::ThisBuild,
-            ..one
-        };
-        let (x, y) = (memory(&c, &t1), memory(&c, &PlanInput { gpus: 3, ..t1.clone() }));
-        assert_eq!(Memory { optimizer: 0, ..x }, Memory { optimizer: 0, ..y });
-        assert_eq!((x.optimizer, y.optimizer), (8 * 8_030_261_248, 8 * 8_030_261_248u64.div_ceil(3)));
+        // Without ZeRO-1 the 8 GPUs hold what one does.
+        assert_eq!(memory(&c, &PlanInput { zero1: false, ..eight.clone() }), a);
+
+        // This build (--zero 1), by whole elements of the largest slice: an fp32 master value
+        // (4 bytes) and AdamW m, v (8) per element; the weights whole, the layer matrices
+        // (6,979,321,856 values) in bf16 only, the rest fp32, plus the lm-head's bf16 copy
+        // (2 x 128256 x 4096 bytes). One GPU keeps today's storage: every weight fp32 (its own
+        // master) and a bf16 copy of each layer matrix.
+        let (n, mats, head16) = (8_030_261_248u64, 6_979_321_856u64, 2 * 128256 * 4096u64);
+        let t1 = PlanInput { layout: Layout::ThisBuild, ..one };
+        let at = |p: &PlanInput, g: usize| memory(&c, &PlanInput { gpus: g, ..p.clone() });
+        let x = at(&t1, 1);
+        assert_eq!((x.weights, x.master, x.optimizer), (4 * n + 2 * mats + head16, 0, 8 * n));
+        assert_eq!(x.weights, 47_130_361_856);
+        for g in [3, 8] {
+            let y = at(&t1, g);
+            let slice = n.div_ceil(g as u64);
+            assert_eq!((y.weights, y.master, y.optimizer), (4 * (n - mats) + 2 * mats + head16, 4 * slice, 8 * slice), "{g} GPUs");
+            assert_eq!(y.weights, 19_213_074_432);
+            assert_eq!(y.weights, y.rollout_weights, "{g} GPUs: the rollout stages' storage");
+            assert_eq!(Memory { weights: 0, master: 0, optimizer: 0, ..x }, Memory { weights: 0, master: 0, optimizer: 0, ..y });
+        }
+        assert_eq!((at(&t1, 3).master, at(&t1, 8).master), (4 * 2_676_753_750, 4 * 1_003_782_656));
+        // fp32: every weight stays fp32 beside the master slice.
+        let f = at(&PlanInput { precision: Precision::F32, ..t1.clone() }, 8);
+        assert_eq!((f.weights, f.master, f.optimizer), (4 * n, 4 * 1_003_782_656, 8 * 1_003_782_656));
+        // Without ZeRO-1, with SGD (nothing to shard) or under LoRA (the adapters' moments
+        // only) the weights are those of one GPU.
+        for p in [
+            PlanInput { zero1: false, ..t1.clone() },
+            PlanInput { optimizer: OptimKind::Sgd, ..t1.clone() },
+            PlanInput { lora: Some((16, LoraTarget::ALL.to_vec())), ..t1.clone() },
+        ] {
+            let (one, eight) = (at(&p, 1), at(&p, 8));
+            assert_eq!(Memory { optimizer: 0, ..one }, Memory { optimizer: 0, ..eight }, "{p:?}");
+            assert_eq!(eight.optimizer, if p.zero1 { one.optimizer.div_ceil(8) } else { one.optimizer }, "{p:?}");
+        }
     }
 
     #[test]

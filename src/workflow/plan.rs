@@ -4,11 +4,13 @@
 //!
 //! Two estimates come out (`train::plan::Layout`): the plan, for the storage of the design
 //! (bf16 weights, activations and KV cache; fp32 master weights and AdamW moments sharded over
-//! the GPUs; optional per-layer recomputation), which the verdict is about; and this build's,
-//! what `ipo train` and the rollout stages allocate today (fp32 buffers; under bf16 the
-//! matmuls' bf16 weight copies, frozen weights, the saved activations but the residual stream
-//! (and Qwen3's q/k before their norm), and the KV cache in bf16 only; ZeRO-1's moments and
-//! recomputation as asked) and what `ipo train` checks before it starts.
+//! the GPUs under ZeRO-1; optional per-layer recomputation), which the verdict is about; and
+//! this build's, what `ipo train` and the rollout stages allocate today (fp32 buffers; under
+//! bf16 the matmuls' bf16 weight copies, frozen weights, the saved activations but the residual
+//! stream (and Qwen3's q/k before their norm), and the KV cache in bf16 only; under ZeRO-1 the
+//! fp32 master slice and moments, and the layer matrices in bf16 only; recomputation as asked)
+//! and what `ipo train` checks before it starts. `--zero` (default: 1 on more than one GPU)
+//! applies to both.
 
 use std::path::{Path, PathBuf};
 
@@ -57,18 +59,31 @@ pub struct PlanOptions {
     #[arg(long, value_name = "TOKENS", default_value_t = 8192)]
     pub rollout_len: usize,
     /// Per-decoder-layer activation recomputation: keep only each layer's input and run the
-    /// layer's forward again in the backward (one more forward per step). Not implemented by
-    /// `ipo train` yet: the plan assumes it, this build's estimate ignores it.
+    /// layer's forward again in the backward (one more forward per step), as `ipo train
+    /// --recompute` does.
     #[arg(long)]
     pub recompute: bool,
     /// Memory of each GPU, in GB (10^9 bytes, as GPUs are sold: 80 for an H100 80GB).
     #[arg(long, value_name = "GB", default_value_t = 80.0)]
     pub gpu_memory_gb: f64,
-    /// GPUs training data parallel (ZeRO-1: the fp32 master weights and AdamW moments are
-    /// sharded over them; weights, gradients and activations are replicated on each). This
-    /// build's column divides the AdamW moments, as `ipo train --zero 1` does.
+    /// GPUs training data parallel; weights, gradients and activations are replicated on each,
+    /// the optimizer side as --zero says.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub gpus: usize,
+    /// ZeRO stage over the --gpus, as `ipo train --zero`: 1 = the fp32 master weights and AdamW
+    /// moments of the trained parameters are sharded over the GPUs (this build, full
+    /// fine-tuning: each GPU keeps the fp32 master and moments of its 1/N slice, and under bf16
+    /// the layer matrices in bf16 only; LoRA: the adapters' moments); 0 = every GPU holds all
+    /// of it. Default: 1 with --gpus > 1, else 0 (on one GPU both are the same).
+    #[arg(long, value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub zero: Option<u8>,
+}
+
+impl PlanOptions {
+    /// Whether ZeRO-1 is in effect: --zero, or its default (1 with more than one GPU).
+    pub fn zero1(&self) -> bool {
+        self.zero.map_or(self.gpus > 1, |z| z == 1)
+    }
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -101,11 +116,12 @@ pub struct PlanSummary {
     pub micro_tokens: usize,
     pub micro_rows: usize,
     pub gpus: usize,
+    /// The ZeRO stage of both estimates (--zero or its default).
+    pub zero: u8,
     pub gpu_memory_bytes: u64,
     /// The design's storage: the verdict.
     pub plan: Estimate,
-    /// What `ipo train` allocates today (with --zero 1 when --gpus > 1; it checks this
-    /// before it starts).
+    /// What `ipo train` allocates today at the same --zero (it checks this before it starts).
     pub this_build: Estimate,
     pub flops: Flops,
 }
@@ -158,6 +174,7 @@ pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
     input.rollout_len = o.rollout_len;
     input.recompute = o.recompute;
     input.gpus = o.gpus;
+    input.zero1 = o.zero1();
     let budget = (o.gpu_memory_gb * 1e9) as u64;
     let estimate = |layout: Layout| {
         let p = PlanInput { layout, ..input.clone() };
@@ -180,6 +197,7 @@ pub fn plan(o: &PlanOptions) -> Result<PlanSummary> {
         micro_tokens: input.micro_tokens,
         micro_rows: input.micro_rows,
         gpus: o.gpus,
+        zero: o.zero1() as u8,
         gpu_memory_bytes: budget,
         plan: estimate(Layout::Target),
         this_build: estimate(Layout::ThisBuild),
