@@ -23,6 +23,9 @@ Checks and measures ipo on an NVIDIA GPU in a few minutes, with no network and n
   run          ipo run of a shrunken demo on a random-weight 4-layer SmolLM2 (default tokenizer)
                on cuda (bf16, the default) and on cpu; the CPU run's pairs re-scored on cuda at
                --precision f32 must match
+  multi-gpu    with 2 or more GPUs: ipo launch --nproc 2 -- train --zero 1 (NCCL reduce-scatter,
+               all-gather, all-reduce) against one process on the run part's pairs: final weights
+               and wall times (scaling); skipped on one GPU
 Every part runs (a failure never stops the check) and reports pass / fail / timeout /
 skipped / no GPU with its message. Results: OUTDIR/gpu-check.json, gpu-check.md and
 gpu-check.log (all output). OUTDIR defaults to $OUT, else ./gpu-check-out. Exit status 0 only
@@ -67,7 +70,7 @@ rm -rf "$work"
 mkdir -p "$work/logs"
 export IPO_KERNEL_CACHE="$work/kernels"
 budget="${GPU_CHECK_BUDGET:-450}"
-parts="${GPU_CHECK_PARTS:-env selftest ceiling ops-smollm2 train-f32 decode run anchor ops-llama1b train-bf16}"
+parts="${GPU_CHECK_PARTS:-env selftest ceiling ops-smollm2 train-f32 decode run multi-gpu anchor ops-llama1b train-bf16}"
 start=$SECONDS
 : >"$work/parts.tsv"
 
@@ -163,8 +166,45 @@ part_run() {
   return $rc
 }
 
-export -f part_env part_run
-export bin tok work dev
+# Data parallel on 2 GPUs: one process against `ipo launch --nproc 2 -- train --zero 1` with the
+# same global batch, on the run part's pairs and model.
+part_multi_gpu() {
+  local pairs="$work/run-cpu/pairs.jsonl"
+  [ -f "$pairs" ] || { echo "error: no pairs at $pairs (the run part writes them)"; return 1; }
+  local flags=(--model "$work/rand4" --pairs "$pairs" --device "$train_dev" --batch-size 8 --micro-batch-size 2 --epochs 2 --lr 1e-4 --seed 7)
+  local t0=$SECONDS
+  "$bin" train "${flags[@]}" --output "$work/dp1" || return 1
+  local t1=$SECONDS
+  "$bin" launch --nproc 2 -- train "${flags[@]}" --output "$work/dp2" --zero 1 || return 1
+  local t2=$SECONDS
+  python3 - "$work/rand4/model.safetensors" "$work/dp1/final/model.safetensors" "$work/dp2/final/model.safetensors" "$((t1 - t0))" "$((t2 - t1))" <<'PY'
+import json, struct, sys
+def load(p):
+    b = open(p, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    out = {}
+    for k, v in h.items():
+        if k == "__metadata__":
+            continue
+        s, e = v["data_offsets"]
+        raw = b[8 + n + s:8 + n + e]
+        if v["dtype"] == "F32":
+            out[k] = struct.unpack(f"<{len(raw) // 4}f", raw)
+        elif v["dtype"] == "BF16":
+            out[k] = [struct.unpack("<f", b"\0\0" + raw[i:i + 2])[0] for i in range(0, len(raw), 2)]
+    return out
+w0, w1, w2 = (load(p) for p in sys.argv[1:4])
+moved = max(abs(a - b) for k in w1 for a, b in zip(w0[k], w1[k]))
+diff = max(abs(a - b) for k in w1 for a, b in zip(w1[k], w2[k]))
+t1, t2 = int(sys.argv[4]), int(sys.argv[5])
+print(f"1 GPU {t1} s, 2 GPUs --zero 1 {t2} s (wall, start-up included); final weights max |diff| {diff:.3e}, moved {moved:.3e}")
+sys.exit(0 if diff <= 0.05 * moved else 1)
+PY
+}
+
+export -f part_env part_run part_multi_gpu
+export bin tok work dev train_dev
 
 small_train=()
 [ "$big" = tiny ] && small_train=(--context 16 --segment 8 --prompt 8 --new-tokens 4)
@@ -177,6 +217,12 @@ run_part ops-smollm2 90 "$bin" bench ops --device "$dev" --precision f32 --shape
 run_part train-f32 150 "$bin" bench train --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-f32.json"
 run_part decode 150 "$bin" bench decode --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:4:4}" "${ceil[@]}" --json "$work/decode.json"
 run_part run 240 bash -c part_run
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "$gpu" = 0 ] || [ "${GPU_CHECK_DRY:-0}" = 1 ] || [ "${ngpu:-0}" -ge 2 ]; then
+  run_part multi-gpu 240 bash -c part_multi_gpu
+else
+  case " $parts " in *" multi-gpu "*) record multi-gpu skipped 0 "${ngpu:-0} GPU(s): the data-parallel check needs 2" ;; esac
+fi
 run_part anchor 150 python3 scripts/gpu-check/anchor.py "$work/anchor.json"
 run_part ops-llama1b 120 "$bin" bench ops --device "$dev" --precision f32 --shape "$big" "${ceil[@]}" --json "$work/ops-llama1b.json"
 run_part train-bf16 150 "$bin" bench train --device "$train_dev" --precision bf16 --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-bf16.json"
