@@ -349,6 +349,55 @@ fn estimate_matches_the_sim_high_water_mark() {
     }
 }
 
+/// ZeRO-1 at world 2 (full fine-tuning, fp32 and bf16): each rank's allocation high-water mark
+/// on `Sim` over a whole step (reduce-scatter, master-slice update, all-gather) against this
+/// build's estimate for 2 GPUs with `zero1`, within 5%; and under bf16 each rank holds less
+/// than the world-1 run: its fp32 master slice and moments are half, and the layer matrices
+/// are bf16 only.
+#[test]
+fn zero1_estimate_matches_the_sim_high_water_mark_of_each_rank() {
+    let c = small_config();
+    let mut rng = Rng(8);
+    let w = random_weights(&c, &mut rng);
+    let ps = pairs(&mut rng, c.vocab_size);
+    let lens: Vec<_> = ps.iter().map(|p| (p.context.len(), p.chosen.len(), p.rejected.len())).collect();
+    for precision in [Precision::F32, Precision::Bf16] {
+        if required("the CUDA simulator backend", CudaBackend::with_precision(Sim::new(), precision)).is_none() {
+            return;
+        }
+        let one = {
+            let be = CudaBackend::with_precision(Sim::new(), precision).unwrap();
+            let mut t = Trainer::new(Transformer::with_backend(be, c.clone(), w.clone()).unwrap(), ps.clone(), train_config(false)).unwrap();
+            t.train_step().unwrap();
+            t.model.backend.memory_peak()
+        };
+        let hs: Vec<_> = ipo::dist::Group::threads(2, std::time::Duration::from_secs(120))
+            .into_iter()
+            .map(|g| {
+                let (c, w, ps) = (c.clone(), w.clone(), ps.clone());
+                std::thread::spawn(move || {
+                    let be = CudaBackend::with_precision(Sim::new(), precision).unwrap();
+                    let model = Transformer::with_backend(be, c, w).unwrap();
+                    let comm: std::sync::Arc<dyn ipo::dist::Comm> = std::sync::Arc::new(g);
+                    let mut t = Trainer::data_parallel(model, ps, train_config(false), comm, true).unwrap();
+                    t.train_step().unwrap();
+                    (t.model.backend.memory_peak(), t.cfg.clone())
+                })
+            })
+            .collect();
+        for (rank, h) in hs.into_iter().enumerate() {
+            let (peak, cfg) = h.join().unwrap();
+            let est = memory(&c, &ipo::train::plan::PlanInput { gpus: 2, zero1: true, ..train_input(&cfg, precision, false, &lens) });
+            let ratio = est.total() as f64 / peak as f64;
+            println!("{precision} world 2 --zero 1 rank {rank}: estimate {} bytes ({est:?}), sim high-water mark {peak} bytes (world 1: {one}), ratio {ratio:.4}", est.total());
+            assert!((ratio - 1.0).abs() <= 0.05, "{precision} rank {rank}: estimate {} vs high-water mark {peak} ({ratio:.4})", est.total());
+            if precision == Precision::Bf16 {
+                assert!(peak < one, "bf16 rank {rank}: ZeRO-1 peak {peak} not below world 1's {one}");
+            }
+        }
+    }
+}
+
 #[test]
 fn train_on_sim_refuses_to_start_above_the_device_memory() {
     // NVRTC first: without it the error would be about the backend, not the memory.
