@@ -96,8 +96,10 @@ fn table<G: Gpu>(be: &CudaBackend<G>, a: &Args) -> anyhow::Result<()> {
 }
 
 /// On a GPU: a world-1 NCCL group (`Backend::join_group`) and an all-reduce of seeded buffers
-/// (one of them over the 25 MiB bucket size) on the device. The sum over one rank is the
-/// identity, so every bit must come back unchanged, and the host path must not be taken.
+/// (one of them over the 25 MiB bucket size) on the device, then ZeRO-1's reduce-scatter
+/// (ncclReduce per piece) of the same buffers and all-gather (ncclBroadcast per piece) of an
+/// fp32 weight and a sharded one (bf16 only under bf16). Over one rank each is the identity,
+/// so every bit must come back unchanged, and the host path must not be taken.
 /// Without libnccl.so.2 it says so and passes: NCCL is needed only with more than one rank.
 fn nccl_check(be: &CudaBackend<crate::backend::cuda::Cudarc>, seed: u64) -> anyhow::Result<()> {
     use crate::backend::Backend;
@@ -118,6 +120,23 @@ fn nccl_check(be: &CudaBackend<crate::backend::cuda::Cudarc>, seed: u64) -> anyh
         bail!("nccl: a world-1 all-reduce changed {changed} of {} values", host.iter().map(Vec::len).sum::<usize>());
     }
     println!("nccl: a world-1 all-reduce of {} values on the device left every bit unchanged", host.iter().map(Vec::len).sum::<usize>());
+    let halves = |n: usize| vec![(0..n / 2 + 1, 0), (n / 2 + 1..n, 0)]; // odd starts
+    let owners: Vec<_> = host.iter().map(|h| halves(h.len())).collect();
+    be.reduce_scatter_start(&mut bufs.iter_mut().collect::<Vec<_>>(), &owners, &mut |_| bail!("the host path was taken after join_group"))
+        .and_then(|()| be.all_reduce_wait())
+        .context("nccl: reduce-scatter")?;
+    if bufs.iter().zip(&host).any(|(b, h)| !be.download(b).iter().zip(h).all(|(x, y)| x.to_bits() == y.to_bits())) {
+        bail!("nccl: a world-1 reduce-scatter changed values");
+    }
+    let mut ws = [be.upload_weight(&host[0]), be.upload_weight(&host[2])];
+    be.shard_weight(&mut ws[0]);
+    let before: Vec<Vec<f32>> = ws.iter().map(|w| be.download(w)).collect();
+    let pieces: Vec<_> = before.iter().enumerate().flat_map(|(i, w)| halves(w.len()).into_iter().map(move |(r, o)| (i, r, o))).collect();
+    be.all_gather_slices(0, &mut ws.iter_mut().collect::<Vec<_>>(), &pieces, &mut |_| bail!("the host path was taken after join_group")).context("nccl: all-gather")?;
+    if ws.iter().zip(&before).any(|(w, b)| !be.download(w).iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())) {
+        bail!("nccl: a world-1 all-gather changed values");
+    }
+    println!("nccl: a world-1 reduce-scatter and all-gather ({} weight kept in bf16) left every bit unchanged", if be.precision() == crate::backend::Precision::Bf16 { "a" } else { "no" });
     Ok(())
 }
 

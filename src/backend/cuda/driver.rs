@@ -4,7 +4,8 @@
 //! kernels loaded as CUBIN for the device's `sm_XY` with cuModuleLoadData. Checks that libcuda
 //! is loadable before touching it, so "no GPU" is an error, not a panic. fp32 GEMMs go through
 //! cublasSgemmStridedBatched, bf16 ones through cublasGemmStridedBatchedEx. In a data-parallel
-//! group (`Gpu::join_group`) it keeps an NCCL communicator for the gradient sums (nccl.rs).
+//! group (`Gpu::join_group`) it keeps an NCCL communicator for the gradient sums and ZeRO-1's
+//! reduce-scatter and all-gather (nccl.rs).
 //!
 //! CUDA 13 drivers: every driver call here exists in libcuda.so.1 of a 13.x driver (cudarc is
 //! built against the 12.9 headers; a 13.x driver keeps every 12.x entry point, e.g.
@@ -13,7 +14,7 @@
 
 use super::cublas::{self, Cublas};
 use super::nccl;
-use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, StreamId};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, Piece, StreamId};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -166,6 +167,11 @@ impl Gpu for Cudarc {
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<(), GpuError> {
         self.bind()?;
         unsafe { drv::memcpy_dtoh_sync(dst, src) }.map_err(err)
+    }
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
+        self.bind()?;
+        // On the legacy default stream, as `htod`: after all work issued so far on any stream.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, drv::stream::null()) }.map_err(err)
     }
     fn load(&self, module: &str, image: &Image) -> Result<(), GpuError> {
         self.bind()?;
@@ -320,6 +326,20 @@ impl Gpu for Cudarc {
         let Some(comm) = g.as_mut() else { return Ok(false) };
         self.bind()?;
         comm.all_reduce_start(bufs, self.current()?).map_err(GpuError::Device)?;
+        Ok(true)
+    }
+    fn group_reduce_start(&self, pieces: &[Piece]) -> Result<bool, GpuError> {
+        let mut g = self.nccl.lock().unwrap();
+        let Some(comm) = g.as_mut() else { return Ok(false) };
+        self.bind()?;
+        comm.reduce_start(pieces, self.current()?).map_err(GpuError::Device)?;
+        Ok(true)
+    }
+    fn group_broadcast(&self, pieces: &[Piece]) -> Result<bool, GpuError> {
+        let mut g = self.nccl.lock().unwrap();
+        let Some(comm) = g.as_mut() else { return Ok(false) };
+        self.bind()?;
+        comm.broadcast(pieces, self.current()?).map_err(GpuError::Device)?;
         Ok(true)
     }
     fn group_all_reduce_wait(&self) -> Result<(), GpuError> {

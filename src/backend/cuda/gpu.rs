@@ -129,6 +129,8 @@ pub trait Gpu: Send + Sync + 'static {
     fn free(&self, ptr: DevPtr);
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), GpuError>;
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<(), GpuError>;
+    /// Copies `bytes` bytes from `src` to `dst` on the device (ranges that do not overlap).
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError>;
     /// Makes the kernels of `image` launchable under the module name `module` (idempotent).
     fn load(&self, module: &str, image: &Image) -> Result<(), GpuError>;
     fn has_module(&self, module: &str) -> bool;
@@ -187,10 +189,36 @@ pub trait Gpu: Send + Sync + 'static {
         let _ = bufs;
         Ok(false)
     }
-    /// Waits for the sums of every `group_all_reduce_start` so far (nothing without a group).
+    /// Starts summing each piece (f32) over the joined group into its root rank's copy, in
+    /// place (ZeRO-1's reduce-scatter), like `group_all_reduce_start` and completed by
+    /// `group_all_reduce_wait`. Ok(false), doing nothing, when no group was joined.
+    fn group_reduce_start(&self, pieces: &[Piece]) -> Result<bool, GpuError> {
+        let _ = pieces;
+        Ok(false)
+    }
+    /// Copies each piece from its root rank to every rank, in place (ZeRO-1's all-gather of
+    /// the updated weights), after the work already issued on the current stream, and waits
+    /// for it. Ok(false), doing nothing, when no group was joined.
+    fn group_broadcast(&self, pieces: &[Piece]) -> Result<bool, GpuError> {
+        let _ = pieces;
+        Ok(false)
+    }
+    /// Waits for the sums of every `group_all_reduce_start` and `group_reduce_start` so far
+    /// (nothing without a group).
     fn group_all_reduce_wait(&self) -> Result<(), GpuError> {
         Ok(())
     }
+}
+
+/// A range of a device buffer in a group collective: `count` values at `ptr`, bf16 (2 bytes
+/// each) or f32, and the rank that receives their sum (`Gpu::group_reduce_start`) or sends
+/// them (`Gpu::group_broadcast`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub ptr: DevPtr,
+    pub count: usize,
+    pub bf16: bool,
+    pub root: usize,
 }
 
 /// Device milliseconds of the work `f` issues on the current stream `s`, measured with a

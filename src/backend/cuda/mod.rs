@@ -41,7 +41,9 @@ pub struct CudaBuf<G: Gpu> {
     bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
     /// `ptr` holds `len` bf16 values (in `len.div_ceil(2)` 4-byte elements) and no fp32
     /// ones: a frozen weight (`Backend::freeze_weight` under `Precision::Bf16`; read by the
-    /// bf16 matmuls and `download`, written by nothing), a saved activation
+    /// bf16 matmuls and `download`, written by nothing), a ZeRO-1 sharded weight
+    /// (`Backend::shard_weight`: a frozen weight that `set_weight_slice` and
+    /// `all_gather_slices` still write, in bf16), a saved activation
     /// (`Backend::store_bf16`; read by the bf16 matmuls, the tensor-core attention's
     /// `_qkv_bf16` kernels, swiglu_bwd_bf16, attn_bwd_d_out_bf16 and `download`) or a bf16 KV
     /// cache (`Backend::kv_alloc` under bf16; the kv_cache.cu kernels' KV_BF16 variant).
@@ -462,6 +464,60 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         Ok(self.gpu.group_all_reduce_wait()?)
     }
 
+    /// With a joined group: one in-place NCCL reduce per non-empty piece to its owner, queued
+    /// like `all_reduce_start`'s buffers and completed by `all_reduce_wait`; else every element
+    /// summed through the host, at once (the default's bits).
+    fn reduce_scatter_start(
+        &self,
+        bufs: &mut [&mut CudaBuf<G>],
+        owners: &[Vec<(std::ops::Range<usize>, usize)>],
+        host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        assert_eq!(bufs.len(), owners.len(), "reduce_scatter_start: one owner list per buffer");
+        let mut pieces = Vec::new();
+        for (b, o) in bufs.iter().zip(owners) {
+            for (r, owner) in o.iter().filter(|(r, _)| !r.is_empty()) {
+                assert!(r.end <= b.len, "reduce_scatter_start: piece {r:?} of a buffer of {}", b.len);
+                pieces.push(gpu::Piece { ptr: b.at(r.start), count: r.len(), bf16: false, root: *owner });
+            }
+        }
+        if self.gpu.group_reduce_start(&pieces)? {
+            return Ok(());
+        }
+        super::host_all_reduce(self, bufs, host_sum)
+    }
+
+    /// With a joined group: one in-place NCCL broadcast per non-empty piece from its owner (in
+    /// the weight's storage: bf16 where `shard_weight` left bf16 only), in one group, waited
+    /// for; the fp32 weights written drop their cached bf16 copies. Else through the host.
+    fn all_gather_slices(
+        &self,
+        rank: usize,
+        bufs: &mut [&mut CudaBuf<G>],
+        pieces: &[(usize, std::ops::Range<usize>, usize)],
+        host_all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>,
+    ) -> anyhow::Result<()> {
+        let dev: Vec<gpu::Piece> = pieces
+            .iter()
+            .filter(|p| !p.1.is_empty())
+            .map(|(i, r, owner)| {
+                let b = &bufs[*i];
+                assert!(r.end <= b.len, "all_gather_slices: piece {r:?} of a buffer of {}", b.len);
+                let ptr = if b.bf16_only { b.ptr + 2 * r.start as u64 } else { b.at(r.start) };
+                gpu::Piece { ptr, count: r.len(), bf16: b.bf16_only, root: *owner }
+            })
+            .collect();
+        if !self.gpu.group_broadcast(&dev)? {
+            return super::host_all_gather_slices(self, rank, bufs, pieces, host_all_gather);
+        }
+        for (i, _, _) in pieces.iter().filter(|p| p.2 != rank && !p.1.is_empty()) {
+            if !bufs[*i].bf16_only {
+                self.weights_changed(bufs[*i]);
+            }
+        }
+        Ok(())
+    }
+
     fn sample(&self, logits: &CudaBuf<G>, vocab: usize, rows: &[super::SampleRow]) -> Vec<u32> {
         self.sample_tokens(logits, vocab, rows)
     }
@@ -511,6 +567,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         h.len = w.len;
         h.bf16_only = true;
         *w = h;
+    }
+
+    /// Under `Precision::Bf16`: `freeze_weight` (the bf16 values only, half the bytes), which
+    /// `set_weight_slice` and `all_gather_slices` still write. Under fp32 nothing changes.
+    fn shard_weight(&self, w: &mut CudaBuf<G>) {
+        self.freeze_weight(w)
     }
 
     /// Under `Precision::Bf16`: replaces the activation by its bf16 rounding (f32_to_bf16, the
@@ -856,6 +918,22 @@ impl<G: Gpu> Backend for CudaBackend<G> {
 
     fn adamw_at(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, at: usize, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &super::AdamwStep) {
         self.adamw_dev(p, g, at, m, v, h)
+    }
+
+    fn weight_slice(&self, w: &CudaBuf<G>, at: usize, n: usize) -> CudaBuf<G> {
+        self.weight_slice_dev(w, at, n)
+    }
+
+    fn set_weight_slice(&self, w: &mut CudaBuf<G>, at: usize, src: &CudaBuf<G>) {
+        self.set_weight_slice_dev(w, at, src)
+    }
+
+    fn adamw_slice(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, at: usize, m: &mut CudaBuf<G>, v: &mut CudaBuf<G>, h: &super::AdamwStep) {
+        self.adamw_slice_dev(p, g, at, m, v, h)
+    }
+
+    fn sum_squares_slices(&self, xs: &[(&CudaBuf<G>, std::ops::Range<usize>)]) -> Vec<f64> {
+        self.sum_squares_slices_dev(xs)
     }
 
     fn sgd(&self, p: &mut CudaBuf<G>, g: &CudaBuf<G>, lr: f64, weight_decay: f64, grad_scale: f64) {

@@ -7,8 +7,10 @@
 //! memory, mma.sync bf16 -> fp32, softmax statistics in fp32, the same fp32 out and lse as
 //! attn_fwd; the backward FA2-style with P recomputed from lse). Everything else (norms, RoPE,
 //! SwiGLU, the lm-head's log-softmax, AdamW) stays fp32; the fused lm-head's GEMMs run in bf16
-//! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`), so do the
-//! saved activations the transformer hands to `store_bf16`: those only bf16 matmuls and the
+//! like every matmul. Frozen weights keep only their bf16 copy (`freeze_weight`), so do ZeRO-1's
+//! sharded layer matrices (`shard_weight`: their fp32 values live in the master slices, and
+//! `set_weight_slice` rounds the updated slices into them), and so do the saved activations
+//! the transformer hands to `store_bf16`: those only bf16 matmuls and the
 //! tensor-core attention read (xn1, xn2, act, q, k, v; the same bits those ops would round to,
 //! so no result changes) and gate, up and the attention output, whose fp32 readers
 //! (swiglu_bwd_bf16, attn_bwd_d_out_bf16) then compute on their bf16 rounding; and the paged KV
@@ -151,6 +153,35 @@ impl<G: Gpu> CudaBackend<G> {
         assert!(!x.bf16_only, "a frozen bf16 weight changed in place");
         if let Some(cell) = &x.bf16 {
             *cell.lock().unwrap() = None;
+        }
+    }
+
+    /// `Backend::weight_slice`: a new fp32 buffer `[n]` copied on the device from elements
+    /// `at..at + n` of the fp32 weight `w`.
+    pub(super) fn weight_slice_dev(&self, w: &CudaBuf<G>, at: usize, n: usize) -> CudaBuf<G> {
+        assert!(!w.bf16_only, "weight_slice of a weight kept in bf16 only (master slices are taken before shard_weight)");
+        assert!(at + n <= w.len, "weight_slice: [{n}] at {at} of a weight of {}", w.len);
+        let s = self.alloc(n);
+        if n > 0 {
+            self.gpu.dtod(s.ptr, w.at(at), 4 * n).unwrap_or_else(|e| panic!("weight_slice: copy of {n} values: {e}"));
+        }
+        s
+    }
+
+    /// `Backend::set_weight_slice`: the f32 `src` `[n]` into elements `at..at + n` of the
+    /// weight `w`, rounded to bf16 (f32_to_bf16, RNE: one 2-byte store per value, so any `at`)
+    /// where `shard_weight` left bf16 only, else copied and w's cached bf16 copy dropped.
+    pub(super) fn set_weight_slice_dev(&self, w: &mut CudaBuf<G>, at: usize, src: &CudaBuf<G>) {
+        let n = src.len;
+        assert!(at + n <= w.len, "set_weight_slice: [{n}] at {at} of a weight of {}", w.len);
+        if n == 0 {
+            return;
+        }
+        if w.bf16_only {
+            self.launch("convert.cu", &[], "f32_to_bf16", grid1(n), BLOCK, 0, &[Arg::Ptr(src.at(0)), Arg::Ptr(w.ptr + 2 * at as u64), Arg::I64(n as i64)]);
+        } else {
+            self.weights_changed(w);
+            self.gpu.dtod(w.at(at), src.at(0), 4 * n).unwrap_or_else(|e| panic!("set_weight_slice: copy of {n} values: {e}"));
         }
     }
 

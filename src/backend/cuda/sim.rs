@@ -132,6 +132,11 @@ impl Gpu for Sim {
         dst.copy_from_slice(&v);
         Ok(())
     }
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
+        let mut st = self.state.lock().unwrap();
+        let v = st.dev.read(src, bytes).map_err(err)?;
+        st.dev.write(dst, &v).map_err(err)
+    }
     fn load(&self, module: &str, image: &Image) -> Result<(), GpuError> {
         let Image::Ptx(ptx) = image else {
             return Err(GpuError::Build(format!("{module}: the simulator runs PTX, not a CUBIN")));
