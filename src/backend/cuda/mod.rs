@@ -147,16 +147,23 @@ fn grid1(n: usize) -> (u32, u32, u32) {
     ((n.div_ceil(BLOCK as usize)).clamp(1, 4096) as u32, 1, 1)
 }
 
-/// The register-resident RMSNorm kernels (kernels/rmsnorm.cu) for `rows` x `dim`: the variant
-/// suffix `v<V>` (V columns per thread, the smallest power of two up to 16 with
+/// The register-resident RMSNorm kernels (kernels/rmsnorm.cu) for `rows` x `dim`: the forward
+/// and backward kernels `rmsnorm_{fwd,bwd}_v<V>` (V columns per thread, the smallest power of two up to 16 with
 /// dim <= 256 V), the grid (about 4 rows per block, at most 512 blocks, so w is read once per
 /// block) and the block (dim / V rounded up to a warp, at most 256: rmsnorm_bwd_v16 takes 143
 /// registers at sm_90, so 512 threads would not fit an SM's 64K). `None` for rows wider than
 /// 16 x 256 (the one-row-per-block kernels).
-fn rmsnorm_launch(rows: usize, dim: usize) -> Option<(String, (u32, u32, u32), u32)> {
+fn rmsnorm_launch(rows: usize, dim: usize) -> Option<([&'static str; 2], (u32, u32, u32), u32)> {
+    const NAMES: [[&str; 2]; 5] = [
+        ["rmsnorm_fwd_v1", "rmsnorm_bwd_v1"],
+        ["rmsnorm_fwd_v2", "rmsnorm_bwd_v2"],
+        ["rmsnorm_fwd_v4", "rmsnorm_bwd_v4"],
+        ["rmsnorm_fwd_v8", "rmsnorm_bwd_v8"],
+        ["rmsnorm_fwd_v16", "rmsnorm_bwd_v16"],
+    ];
     let v = dim.div_ceil(256).next_power_of_two().min(16);
     let block = dim.div_ceil(v).next_multiple_of(32);
-    (block <= 256).then(|| (format!("v{v}"), (rows.div_ceil(4).clamp(1, 512) as u32, 1, 1), block as u32))
+    (block <= 256).then(|| (NAMES[v.trailing_zeros() as usize], (rows.div_ceil(4).clamp(1, 512) as u32, 1, 1), block as u32))
 }
 /// Query tile of attn_fwd / attn_bwd_dq / paged_attn (QW in the kernels) and key tile of
 /// attn_bwd_dkdv (KT).
@@ -650,8 +657,8 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             return;
         }
         match rmsnorm_launch(rows, dim) {
-            Some((name, grid, block)) => self.launch(
-                "rmsnorm.cu", &[], &format!("rmsnorm_fwd_{name}"), grid, block, 0,
+            Some(([name, _], grid, block)) => self.launch(
+                "rmsnorm.cu", &[], name, grid, block, 0,
                 &[Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(out.ptr), Arg::Ptr(rstd.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32), Arg::F32(eps)],
             ),
             None => self.launch(
@@ -668,8 +675,8 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             return;
         }
         match rmsnorm_launch(rows, dim) {
-            Some((name, grid, block)) => self.launch(
-                "rmsnorm.cu", &[], &format!("rmsnorm_bwd_{name}"), grid, block, 0,
+            Some(([_, name], grid, block)) => self.launch(
+                "rmsnorm.cu", &[], name, grid, block, 0,
                 &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32)],
             ),
             None => self.launch(
