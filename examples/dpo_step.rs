@@ -7,7 +7,7 @@
 //!     cargo run --release --example dpo_step [MODEL_DIR]
 
 use anyhow::{ensure, Result};
-use ipo::{CpuBackend, ModelDir, OptimConfig, OptimKind, ScheduleKind, ScoreItem, TrainConfig, TrainPair, Trainer};
+use ipo::{CpuBackend, ModelDir, OptimConfig, ScoreItem, TrainConfig, TrainPair, Trainer};
 
 fn main() -> Result<()> {
     let dir = std::env::args().nth(1).unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/llama").into());
@@ -31,17 +31,7 @@ fn main() -> Result<()> {
     let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
     let pair = TrainPair { id: "demo".into(), context, chosen, rejected, ref_chosen: sum(&refs[0]), ref_rejected: sum(&refs[1]) };
 
-    let optim = OptimConfig {
-        kind: OptimKind::Adamw,
-        lr: 1e-3,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: 1.0,
-        schedule: ScheduleKind::Constant,
-        warmup_ratio: 0.0,
-    };
+    let optim = OptimConfig::adamw(1e-3);
     let cfg = TrainConfig { beta: 0.1, sft_coef: 0.0, optim, batch_size: 1, micro_batch_size: 1, epochs: 2, seed: 0, lora: None, memory_budget: None };
     let mut trainer = Trainer::new(model, vec![pair], cfg)?;
     let first = trainer.train_step()?;

@@ -672,24 +672,14 @@ fn attention_runs_its_matmuls_on_tensor_cores() {
 /// drops further and the tape by exactly those three tensors' halves more.
 #[test]
 fn saved_activations_in_bf16_change_no_bit() {
-    use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig, Trainer};
+    use ipo::train::{LoraConfig, LoraTarget, OptimConfig, TrainConfig, Trainer};
     if sim_with(Precision::Bf16).is_none() {
         return;
     }
     let tcfg = |lora: bool| TrainConfig {
         beta: 0.5,
         sft_coef: 0.2,
-        optim: OptimConfig {
-            kind: OptimKind::Adamw,
-            lr: 1e-2,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            max_grad_norm: 1.0,
-            schedule: ScheduleKind::Constant,
-            warmup_ratio: 0.0,
-        },
+        optim: OptimConfig::adamw(1e-2),
         batch_size: 2,
         micro_batch_size: 2,
         epochs: 2,

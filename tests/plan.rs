@@ -27,7 +27,7 @@ use ipo::model::config::{Family, ModelConfig};
 use ipo::model::load::load_config;
 use ipo::model::transformer::{expected_shapes, Transformer};
 use ipo::train::plan::{memory, train_input};
-use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig, TrainPair, Trainer};
+use ipo::train::{LoraConfig, LoraTarget, OptimConfig, TrainConfig, TrainPair, Trainer};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan").join(name)
@@ -271,17 +271,7 @@ fn train_config(lora: bool) -> TrainConfig {
     TrainConfig {
         beta: 0.1,
         sft_coef: 0.0,
-        optim: OptimConfig {
-            kind: OptimKind::Adamw,
-            lr: 1e-3,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            max_grad_norm: 1.0,
-            schedule: ScheduleKind::Constant,
-            warmup_ratio: 0.0,
-        },
+        optim: OptimConfig::adamw(1e-3),
         batch_size: 4,
         micro_batch_size: 2,
         epochs: 1,

@@ -43,6 +43,22 @@ pub struct OptimConfig {
 }
 
 impl OptimConfig {
+    /// AdamW at learning rate `lr` with PyTorch's defaults (betas 0.9 and 0.999, eps 1e-8), no
+    /// weight decay, clipping at a global norm of 1, and a constant schedule without warm-up.
+    pub fn adamw(lr: f64) -> Self {
+        OptimConfig {
+            kind: OptimKind::Adamw,
+            lr,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            schedule: ScheduleKind::Constant,
+            warmup_ratio: 0.0,
+        }
+    }
+
     /// Learning rate of optimizer step `step` (0-based) out of `total`. As transformers: the
     /// warm-up ramps `lr * step / warmup` (so step 0 has lr 0 when warm-up is on), then
     /// `lr * 0.5 * (1 + cos(pi * progress))`.

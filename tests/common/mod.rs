@@ -442,11 +442,11 @@ pub fn pairs8(seed: u64, vocab: usize) -> Vec<ipo::train::TrainPair> {
 /// Batch 5 of micro-batches of 2 over 8 pairs: steps of 5 pairs (micro-batches of 2, 2, 1) and
 /// 3 (2, 1), so a rank accumulates two micro-batches, or one, or (world 3) none.
 pub fn overlap_config(lora: bool) -> ipo::train::TrainConfig {
-    use ipo::train::{LoraConfig, LoraTarget, OptimConfig, OptimKind, ScheduleKind, TrainConfig};
+    use ipo::train::{LoraConfig, LoraTarget, OptimConfig, TrainConfig};
     TrainConfig {
         beta: 0.3,
         sft_coef: 0.1,
-        optim: OptimConfig { kind: OptimKind::Adamw, lr: 3e-3, weight_decay: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, max_grad_norm: 0.5, schedule: ScheduleKind::Constant, warmup_ratio: 0.0 },
+        optim: OptimConfig { weight_decay: 0.05, max_grad_norm: 0.5, ..OptimConfig::adamw(3e-3) },
         batch_size: 5,
         micro_batch_size: 2,
         epochs: 2,
