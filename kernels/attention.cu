@@ -97,12 +97,9 @@ extern "C" __global__ void attn_fwd(const float* q, const float* k, const float*
     }
 }
 
-// An element of out: fp32, or bf16 bits (unsigned short: `Backend::store_bf16` under bf16,
-// exact in fp32; attn_bwd_d_out_bf16).
-__device__ __forceinline__ float ld_f32(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float ld_f32(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
-
-// D[tokens * n_heads] = rowsum(dout * out) over HEAD_DIM (fp32 sums); one warp per row.
+// D[tokens * n_heads] = rowsum(dout * out) over HEAD_DIM (fp32 sums); one warp per row. out:
+// fp32, or bf16 bits (`Backend::store_bf16` under bf16, read by common.cuh's ld_f32;
+// attn_bwd_d_out_bf16).
 template <typename T>
 __device__ __forceinline__ void attn_bwd_d_body(const float* dout, const T* out, float* D, int rows) {
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;

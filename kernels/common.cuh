@@ -7,6 +7,11 @@
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// Element i of an fp32 array, or of bf16 bits (unsigned short: what `Backend::store_bf16` keeps
+// under bf16), as fp32 (exact).
+__device__ __forceinline__ float ld_f32(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld_f32(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
+
 // Sum over the warp (float, double, unsigned, ...); every lane gets the result.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

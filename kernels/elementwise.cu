@@ -23,8 +23,10 @@ extern "C" __global__ void bias_add(float* y, const float* b, long long n, int d
 
 // out[dim] += sum_r dy[r, c] * (x ? x[r, c] * rstd[r] : 1), rows summed in order from out[c]
 // (the CPU's order, so bias_bwd is bit-exact). One thread per column c; rstd staged in shared
-// memory 256 rows at a time (blockDim <= 256), so each block reads it once.
-extern "C" __global__ void col_sum(const float* dy, const float* x, const float* rstd, float* out, int rows, int dim) {
+// memory 256 rows at a time (blockDim <= 256), so each block reads it once. x: T = float, or
+// bf16 bits (col_sum_xbf16: a residual-stream input saved by `Backend::store_bf16`).
+template <typename T>
+__device__ __forceinline__ void col_sum_body(const float* dy, const T* x, const float* rstd, float* out, int rows, int dim) {
     __shared__ float rs[256];
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     float acc = c < dim ? out[c] : 0.f;
@@ -38,11 +40,19 @@ extern "C" __global__ void col_sum(const float* dy, const float* x, const float*
         if (c < dim) {
             for (int j = 0; j < n; j++) {
                 const long long i = (long long)(r0 + j) * dim + c;
-                acc += x ? dy[i] * x[i] * rs[j] : dy[i];
+                acc += x ? dy[i] * ld_f32(x, i) * rs[j] : dy[i];
             }
         }
     }
     if (c < dim) out[c] = acc;
+}
+
+extern "C" __global__ void col_sum(const float* dy, const float* x, const float* rstd, float* out, int rows, int dim) {
+    col_sum_body(dy, x, rstd, out, rows, dim);
+}
+
+extern "C" __global__ void col_sum_xbf16(const float* dy, const unsigned short* x, const float* rstd, float* out, int rows, int dim) {
+    col_sum_body(dy, x, rstd, out, rows, dim);
 }
 
 // out[n] = silu(gate) * up
@@ -56,8 +66,6 @@ extern "C" __global__ void swiglu_fwd(const float* gate, const float* up, float*
 // dgate[n], dup[n] from dout[n], gate[n], up[n]
 // gate, up: T = float, or bf16 bits (unsigned short: `Backend::store_bf16` under bf16, exact
 // in fp32; swiglu_bwd_bf16); the math is fp32 either way.
-__device__ __forceinline__ float ld_f32(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float ld_f32(const unsigned short* p, long long i) { return __uint_as_float((unsigned)p[i] << 16); }
 
 template <typename T>
 __device__ __forceinline__ void swiglu_bwd_body(const float* dout, const T* gate, const T* up, float* dgate, float* dup, long long n) {

@@ -46,9 +46,10 @@ __device__ __forceinline__ void rmsnorm_fwd_rows(const float* x, const float* w,
     }
 }
 
-// dx[rows, dim] = r w dy - (r^3 / dim) x sum_j(w_j dy_j x_j)
-template <int V>
-__device__ __forceinline__ void rmsnorm_bwd_rows(const float* dy, const float* x, const float* w, const float* rstd, float* dx, int rows, int dim) {
+// dx[rows, dim] = r w dy - (r^3 / dim) x sum_j(w_j dy_j x_j); x: TX = float, or bf16 bits
+// (the _xbf16 kernels: a residual-stream input saved by `Backend::store_bf16`, fp32 math).
+template <int V, typename TX>
+__device__ __forceinline__ void rmsnorm_bwd_rows(const float* dy, const TX* x, const float* w, const float* rstd, float* dx, int rows, int dim) {
     __shared__ float sh[32];
     float wr[V], xv[V], dv[V];
 #pragma unroll
@@ -57,12 +58,13 @@ __device__ __forceinline__ void rmsnorm_bwd_rows(const float* dy, const float* x
         wr[k] = c < dim ? w[c] : 0.f;
     }
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-        const float *xr = x + row * dim, *dyr = dy + row * dim;
+        const TX* xr = x + row * dim;
+        const float* dyr = dy + row * dim;
         float dot = 0.f;
 #pragma unroll
         for (int k = 0; k < V; k++) {
             const int c = threadIdx.x + k * blockDim.x;
-            xv[k] = c < dim ? xr[c] : 0.f;
+            xv[k] = c < dim ? ld_f32(xr, c) : 0.f;
             dv[k] = c < dim ? dyr[c] : 0.f;
             dot += dv[k] * xv[k] * wr[k];
         }
@@ -81,6 +83,9 @@ __device__ __forceinline__ void rmsnorm_bwd_rows(const float* dy, const float* x
         rmsnorm_fwd_rows<V>(x, w, out, rstd, rows, dim, eps);                                                                         \
     }                                                                                                                                 \
     extern "C" __global__ void rmsnorm_bwd_v##V(const float* dy, const float* x, const float* w, const float* rstd, float* dx, int rows, int dim) { \
+        rmsnorm_bwd_rows<V>(dy, x, w, rstd, dx, rows, dim);                                                                           \
+    }                                                                                                                                 \
+    extern "C" __global__ void rmsnorm_bwd_v##V##_xbf16(const float* dy, const unsigned short* x, const float* w, const float* rstd, float* dx, int rows, int dim) { \
         rmsnorm_bwd_rows<V>(dy, x, w, rstd, dx, rows, dim);                                                                           \
     }
 RMSNORM_VARIANT(1)
@@ -102,13 +107,23 @@ extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, float* ou
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[row * dim + i] = xr[i] * r * w[i];
 }
 
-extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* rstd, float* dx, int dim) {
+template <typename TX>
+__device__ __forceinline__ void rmsnorm_bwd_row(const float* dy, const TX* x, const float* w, const float* rstd, float* dx, int dim) {
     __shared__ float sh[32];
     const long long row = blockIdx.x;
-    const float *xr = x + row * dim, *dyr = dy + row * dim;
+    const TX* xr = x + row * dim;
+    const float* dyr = dy + row * dim;
     float dot = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) dot += dyr[i] * xr[i] * w[i];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) dot += dyr[i] * ld_f32(xr, i) * w[i];
     dot = block_sum(dot, sh);
     const float r = rstd[row], c = r * r * r * dot / dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) dx[row * dim + i] = r * w[i] * dyr[i] - c * xr[i];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) dx[row * dim + i] = r * w[i] * dyr[i] - c * ld_f32(xr, i);
+}
+
+extern "C" __global__ void rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* rstd, float* dx, int dim) {
+    rmsnorm_bwd_row(dy, x, w, rstd, dx, dim);
+}
+
+extern "C" __global__ void rmsnorm_bwd_xbf16(const float* dy, const unsigned short* x, const float* w, const float* rstd, float* dx, int dim) {
+    rmsnorm_bwd_row(dy, x, w, rstd, dx, dim);
 }

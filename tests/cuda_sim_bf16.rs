@@ -665,11 +665,12 @@ fn attention_runs_its_matmuls_on_tensor_cores() {
 /// without recompute, on Llama and on Qwen3 with its q/k norms) gives the same loss, gradients
 /// and updated tensors as with those activations kept fp32 (`StoreBf16::Off`), at a lower
 /// high-water mark; a forward's tape shrinks by exactly those tensors' halves. `StoreBf16::All`
-/// (the default) also keeps gate, up and attn in bf16, whose backward readers (SwiGLU's, the
-/// attention's D) then do fp32 math on their rounding: the step moves a little (printed: loss
-/// and gradients relative to Exact's; bounded here by `ALL_VS_EXACT`, and against the fp32
-/// CPU reference by the bf16 bounds of `check_model`, which runs All), the high-water mark
-/// drops further and the tape by exactly those three tensors' halves more.
+/// (the default) also keeps gate, up and attn in bf16, and without recompute the residual
+/// stream's x and x_mid, whose backward readers (SwiGLU's, the attention's D, RMSNorm's) then
+/// do fp32 math on their rounding: the step moves a little (printed: loss and gradients
+/// relative to Exact's; bounded here by `ALL_VS_EXACT`, and against the fp32 CPU reference by
+/// the bf16 bounds of `check_model`, which runs All), the high-water mark drops further and
+/// the tape by exactly those five tensors' halves more.
 #[test]
 fn saved_activations_in_bf16_change_no_bit() {
     use ipo::train::{LoraConfig, LoraTarget, OptimConfig, TrainConfig, Trainer};
@@ -761,7 +762,8 @@ fn saved_activations_in_bf16_change_no_bit() {
         let per_layer = 2 * half(t * cfg.hidden_size) + half(t * cfg.q_dim()) + 2 * half(t * cfg.kv_dim()) + half(t * cfg.intermediate_size);
         let (off, exact, all) = (tape_bytes(StoreBf16::Off), tape_bytes(StoreBf16::Exact), tape_bytes(StoreBf16::All));
         assert_eq!(off - exact, cfg.num_layers as u64 * per_layer, "{family:?}: tape bytes");
-        let per_layer_all = 2 * half(t * cfg.intermediate_size) + half(t * cfg.q_dim());
+        // All adds gate, up, attn and (no recompute here) the residual stream's x and x_mid.
+        let per_layer_all = 2 * half(t * cfg.intermediate_size) + half(t * cfg.q_dim()) + 2 * half(t * cfg.hidden_size);
         assert_eq!(exact - all, cfg.num_layers as u64 * per_layer_all, "{family:?}: tape bytes of All");
     }
 }

@@ -102,7 +102,7 @@ fn table(s: &PlanSummary, o: &PlanOptions) -> String {
             format!("full fine-tuning's trained weights their own fp32 master, AdamW moments {whole}"),
         )
     };
-    out += &format!("plan: bf16/fp32 storage as designed, {plan_side}, recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; under bf16 the saved activations but x, x_mid and Qwen3's q/k before their norm, and the KV cache, in bf16), LoRA trains the adapters only, recompute as asked, {this_side}.\n");
+    out += &format!("plan: bf16/fp32 storage as designed, {plan_side}, recompute as asked; this build: fp32 buffers (bf16 adds a bf16 copy of each layer matrix, which frozen ones keep alone; under bf16 the saved activations but Qwen3's q/k before their norm (and under recompute x, x_mid), and the KV cache, in bf16), LoRA trains the adapters only, recompute as asked, {this_side}.\n");
     out += &format!("this build: {}\n", verdict(&s.this_build, s, o.gpu_memory_gb));
     out += &format!("{}\n", verdict(&s.plan, s, o.gpu_memory_gb));
     out

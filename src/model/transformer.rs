@@ -113,10 +113,11 @@ pub struct ScoreItem<'a> {
 /// (q, k, v) the attention, so handed to `Backend::store_bf16` (bf16 on CUDA under
 /// `Precision::Bf16`, the same bits those ops round to: `StoreBf16::Exact`); `(store_bf16
 /// All)`: read also by fp32 math (SwiGLU's backward, the attention backward's D = rowsum(dO
-/// O)), which then reads their bf16 rounding (`StoreBf16::All`); the rest stays as the
-/// backend makes it.
+/// O), RMSNorm's backward), which then reads their bf16 rounding (`StoreBf16::All`; x and
+/// x_mid once the layer's output is made, and only without recomputation, where x is the
+/// input the layer runs from again); the rest stays as the backend makes it.
 struct LayerActs<Buf> {
-    x: Buf,             // [T, hidden] layer input
+    x: Buf,             // [T, hidden] layer input (store_bf16 All)
     rstd1: Buf,         // [T]
     xn1: Buf,           // [T, hidden] (store_bf16)
     q_pre: Option<Buf>, // [T, n_heads * head_dim] before q_norm (Qwen3)
@@ -128,7 +129,7 @@ struct LayerActs<Buf> {
     v: Buf,             // [T, n_kv, head_dim] (store_bf16)
     attn: Buf,          // [T, n_heads, head_dim] (store_bf16 All)
     lse: Buf,           // [T, n_heads]
-    x_mid: Buf,         // [T, hidden]
+    x_mid: Buf,         // [T, hidden] (store_bf16 All)
     rstd2: Buf,         // [T]
     xn2: Buf,           // [T, hidden] (store_bf16)
     gate: Buf,          // [T, ffn] (store_bf16 All)
@@ -146,7 +147,8 @@ pub enum StoreBf16 {
     /// xn1, q, k, v, xn2, act: read only by matmuls and the attention, which under bf16 round
     /// them anyway, so no result changes.
     Exact,
-    /// Those and gate, up, attn: SwiGLU's backward and the attention backward's D read their
+    /// Those and gate, up, attn, and without recomputation the residual stream's x and
+    /// x_mid: SwiGLU's backward, the attention backward's D and RMSNorm's backward read their
     /// bf16 rounding (fp32 math on rounded inputs: a small numeric change).
     All,
 }
@@ -214,8 +216,8 @@ impl<B: Backend> Transformer<B> {
     /// `Backend::store_bf16` as soon as it has made them (read only by matmuls and the
     /// attention, which under bf16 round them anyway: the CUDA backend then stores their bf16
     /// rounding, so the saved activations shrink and nothing else changes), and gate, up and
-    /// attn once the forward is done with them (their backward readers then do fp32 math on
-    /// the bf16 rounding). `Exact` stores only the first six, `Off` none: for tests that prove
+    /// attn once the forward is done with them, and without recomputation x and x_mid once the
+    /// layer's output is made (their backward readers then do fp32 math on the bf16 rounding). `Exact` stores only the first six, `Off` none: for tests that prove
     /// Exact gives Off's bits and measure All against them (tests/cuda_sim_bf16.rs).
     #[doc(hidden)]
     pub fn set_store_bf16(&mut self, which: StoreBf16) {
@@ -309,12 +311,22 @@ impl<B: Backend> Transformer<B> {
         be.embedding(&self.weights.embed, &batch.ids, hidden, &mut x);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
-            let acts = self.layer_forward(l, x, batch);
+            let mut acts = self.layer_forward(l, x, batch);
             let mut out = be.zeros(t * hidden);
             self.project(l, LoraTarget::Down, &acts.act, &mut out, t);
             be.add_assign(&mut out, &acts.x_mid);
             x = out;
-            layers.push(if self.recompute { Saved::Input(acts.x) } else { Saved::All(acts) });
+            if self.recompute {
+                layers.push(Saved::Input(acts.x));
+            } else {
+                // The residual stream goes on in fp32 (`x`); what the backward's RMSNorms read of
+                // it may be its bf16 rounding.
+                if self.store_bf16 == StoreBf16::All {
+                    be.store_bf16(&mut acts.x);
+                    be.store_bf16(&mut acts.x_mid);
+                }
+                layers.push(Saved::All(acts));
+            }
         }
         let (mut h, mut rstd) = (be.zeros(t * hidden), be.zeros(t));
         be.rmsnorm(&x, &self.weights.final_norm, hidden, c.rms_norm_eps as f32, &mut h, &mut rstd);

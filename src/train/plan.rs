@@ -8,9 +8,10 @@
 //!   is fp32; `Precision::Bf16` is autocast-style and adds a bf16 copy of each layer matrix
 //!   (made on first use) plus bf16 scratch of the matmul operands; frozen layer matrices (the
 //!   base under LoRA, every one in the rollout stages) keep the bf16 copy only, and so do the
-//!   saved activations but x, x_mid and Qwen3's q, k before their norm (xn1, xn2, act, q, k,
-//!   v, read only by bf16 matmuls and the tensor-core attention; gate, up and attn, whose fp32
-//!   readers then see their bf16 rounding: `Backend::store_bf16`). LoRA trains the adapters
+//!   saved activations but Qwen3's q, k before their norm (xn1, xn2, act, q, k, v, read only by
+//!   bf16 matmuls and the tensor-core attention; gate, up, attn, and without recompute the
+//!   residual stream's x and x_mid, whose fp32 readers then see their bf16 rounding:
+//!   `Backend::store_bf16`). LoRA trains the adapters
 //!   only (`crate::model::adapter`: no gradient of a frozen weight). `--recompute` is implemented
 //!   (`Transformer::set_recompute`), and so is ZeRO-1 (`ipo train --zero 1`, `zero1` over
 //!   `gpus` ranks here; `train_input` callers pass 1 rank without --zero 1). Under ZeRO-1 full
@@ -256,11 +257,13 @@ pub fn memory(c: &ModelConfig, p: &PlanInput) -> Memory {
     // (+ the q/k norm rstd per head on Qwen3). Under bf16 this build too stores xn1, xn2, q,
     // k, v and act (read only by bf16 matmuls and the tensor-core attention) and gate, up and
     // attn (read also by SwiGLU's backward and the attention backward's D, in fp32 math on
-    // the rounded values) in bf16 (`Backend::store_bf16`); x, x_mid and Qwen3's q, k before
-    // their norm stay fp32.
+    // the rounded values) in bf16 (`Backend::store_bf16`), and without recompute x and x_mid
+    // too (read by RMSNorm's backward; under recompute x is what the layer runs from again, and
+    // the rebuilt layer keeps them fp32); Qwen3's q, k before their norm stay fp32.
     let qk = c.qk_norm as u64;
     let e16: u64 = if bf16 { 2 } else { e };
-    let layer_bf16 = 2 * h + 2 * q + 2 * kv + 3 * f;
+    let residual16 = if p.recompute { 0 } else { 2 * h };
+    let layer_bf16 = 2 * h + 2 * q + 2 * kv + 3 * f + residual16;
     let layer_big = 4 * h + 2 * q + 2 * kv + 3 * f + qk * (q + kv);
     let layer_stats = 2 + nh + qk * (nh + nkv);
     let layer = t * (e16 * layer_bf16 + e * (layer_big - layer_bf16) + 4 * layer_stats);

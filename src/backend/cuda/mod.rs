@@ -153,13 +153,14 @@ fn grid1(n: usize) -> (u32, u32, u32) {
 /// block) and the block (dim / V rounded up to a warp, at most 256: rmsnorm_bwd_v16 takes 143
 /// registers at sm_90, so 512 threads would not fit an SM's 64K). `None` for rows wider than
 /// 16 x 256 (the one-row-per-block kernels).
-fn rmsnorm_launch(rows: usize, dim: usize) -> Option<([&'static str; 2], (u32, u32, u32), u32)> {
-    const NAMES: [[&str; 2]; 5] = [
-        ["rmsnorm_fwd_v1", "rmsnorm_bwd_v1"],
-        ["rmsnorm_fwd_v2", "rmsnorm_bwd_v2"],
-        ["rmsnorm_fwd_v4", "rmsnorm_bwd_v4"],
-        ["rmsnorm_fwd_v8", "rmsnorm_bwd_v8"],
-        ["rmsnorm_fwd_v16", "rmsnorm_bwd_v16"],
+fn rmsnorm_launch(rows: usize, dim: usize) -> Option<([&'static str; 3], (u32, u32, u32), u32)> {
+    // forward, backward, backward of an x stored in bf16 (`Backend::store_bf16`)
+    const NAMES: [[&str; 3]; 5] = [
+        ["rmsnorm_fwd_v1", "rmsnorm_bwd_v1", "rmsnorm_bwd_v1_xbf16"],
+        ["rmsnorm_fwd_v2", "rmsnorm_bwd_v2", "rmsnorm_bwd_v2_xbf16"],
+        ["rmsnorm_fwd_v4", "rmsnorm_bwd_v4", "rmsnorm_bwd_v4_xbf16"],
+        ["rmsnorm_fwd_v8", "rmsnorm_bwd_v8", "rmsnorm_bwd_v8_xbf16"],
+        ["rmsnorm_fwd_v16", "rmsnorm_bwd_v16", "rmsnorm_bwd_v16_xbf16"],
     ];
     let v = dim.div_ceil(256).next_power_of_two().min(16);
     let block = dim.div_ceil(v).next_multiple_of(32);
@@ -653,11 +654,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     fn rmsnorm(&self, x: &CudaBuf<G>, w: &CudaBuf<G>, dim: usize, eps: f32, out: &mut CudaBuf<G>, rstd: &mut CudaBuf<G>) {
         let rows = x.len / dim;
         assert!(w.len == dim && out.len == x.len && rstd.len >= rows, "rmsnorm shapes");
+        assert!(!x.bf16_only, "rmsnorm of an input stored in bf16 (only rmsnorm_bwd reads one)");
         if rows == 0 {
             return;
         }
         match rmsnorm_launch(rows, dim) {
-            Some(([name, _], grid, block)) => self.launch(
+            Some(([name, ..], grid, block)) => self.launch(
                 "rmsnorm.cu", &[], name, grid, block, 0,
                 &[Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(out.ptr), Arg::Ptr(rstd.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32), Arg::F32(eps)],
             ),
@@ -674,18 +676,21 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if rows == 0 {
             return;
         }
+        // x fp32, or stored in bf16 (`Backend::store_bf16`: the residual stream under bf16);
+        // fp32 math either way.
+        let x16 = x.bf16_only;
         match rmsnorm_launch(rows, dim) {
-            Some(([_, name], grid, block)) => self.launch(
-                "rmsnorm.cu", &[], name, grid, block, 0,
+            Some(([_, name, name16], grid, block)) => self.launch(
+                "rmsnorm.cu", &[], if x16 { name16 } else { name }, grid, block, 0,
                 &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32)],
             ),
             None => self.launch(
-                "rmsnorm.cu", &[], "rmsnorm_bwd", (rows as u32, 1, 1), 256, 0,
+                "rmsnorm.cu", &[], if x16 { "rmsnorm_bwd_xbf16" } else { "rmsnorm_bwd" }, (rows as u32, 1, 1), 256, 0,
                 &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dx.ptr), Arg::I32(dim as i32)],
             ),
         }
         self.launch(
-            "elementwise.cu", &[], "col_sum", grid1(dim), BLOCK, 0,
+            "elementwise.cu", &[], if x16 { "col_sum_xbf16" } else { "col_sum" }, grid1(dim), BLOCK, 0,
             &[Arg::Ptr(dy.ptr), Arg::Ptr(x.ptr), Arg::Ptr(rstd.ptr), Arg::Ptr(dw.ptr), Arg::I32(rows as i32), Arg::I32(dim as i32)],
         );
     }

@@ -290,7 +290,10 @@ fn rmsnorm<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     }
 }
 
-/// dx and dw (accumulated onto random values) from the CPU's saved rstd.
+/// dx and dw (accumulated onto random values) from the CPU's saved rstd; also with x stored in
+/// bf16 (`Backend::store_bf16` under bf16, the residual stream as the backward reads it:
+/// rmsnorm_bwd_v<V>_xbf16, rmsnorm_bwd_xbf16, col_sum_xbf16) against the CPU on the same
+/// rounded x (fp32 math on both sides: the fp32 tolerance).
 fn rmsnorm_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     // v1 (dim 7, 64), v2 (300), v8 (1100), v16 (4096) and the one-row-per-block kernels (9000);
     // 260 rows: 4 rows per block, and col_sum stages rstd twice.
@@ -299,13 +302,20 @@ fn rmsnorm_bwd<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
         let (mut oc, mut rc) = (CpuBuf::from(vec![0.0; rows * dim]), CpuBuf::from(vec![0.0; rows]));
         c.cpu.rmsnorm(&x, &w, dim, 1e-5, &mut oc, &mut rc);
         let dw0 = r.vec(dim, 1.0);
-        let (mut dxc, mut dwc) = (CpuBuf::from(vec![0.0; rows * dim]), dw0.clone());
-        c.cpu.rmsnorm_bwd(&dy, &x, &w, &rc, dim, &mut dxc, &mut dwc);
-        let (mut dxg, mut dwg) = (c.nan(rows * dim), c.gpu.upload(&dw0));
-        c.gpu.rmsnorm_bwd(&c.gpu.upload(&dy), &c.gpu.upload(&x), &c.gpu.upload(&w), &c.gpu.upload(&rc), dim, &mut dxg, &mut dwg);
-        let shape = format!("rows{rows} dim{dim}");
-        c.row("rmsnorm_bwd.dx", shape.clone(), &dxg, &dxc);
-        c.row("rmsnorm_bwd.dw", shape, &dwg, &dwc);
+        for stored in [false, true] {
+            let xc = if stored { round_bf16(&x) } else { CpuBuf::from(x.to_vec()) };
+            let (mut dxc, mut dwc) = (CpuBuf::from(vec![0.0; rows * dim]), dw0.clone());
+            c.cpu.rmsnorm_bwd(&dy, &xc, &w, &rc, dim, &mut dxc, &mut dwc);
+            let mut xg = c.gpu.upload(&x);
+            if stored {
+                store_bf16(c.gpu, &mut xg);
+            }
+            let (mut dxg, mut dwg) = (c.nan(rows * dim), c.gpu.upload(&dw0));
+            c.gpu.rmsnorm_bwd(&c.gpu.upload(&dy), &xg, &c.gpu.upload(&w), &c.gpu.upload(&rc), dim, &mut dxg, &mut dwg);
+            let shape = format!("rows{rows} dim{dim}{}", if stored { " x bf16" } else { "" });
+            c.row("rmsnorm_bwd.dx", shape.clone(), &dxg, &dxc);
+            c.row("rmsnorm_bwd.dw", shape, &dwg, &dwc);
+        }
     }
 }
 
