@@ -322,30 +322,27 @@ impl Gpu for Cudarc {
         Ok(true)
     }
     fn group_all_reduce_start(&self, bufs: &[(DevPtr, usize)]) -> Result<bool, GpuError> {
-        let mut g = self.nccl.lock().unwrap();
-        let Some(comm) = g.as_mut() else { return Ok(false) };
-        self.bind()?;
-        comm.all_reduce_start(bufs, self.current()?).map_err(GpuError::Device)?;
-        Ok(true)
+        self.with_comm(|c, s| c.all_reduce_start(bufs, s))
     }
     fn group_reduce_start(&self, pieces: &[Piece]) -> Result<bool, GpuError> {
-        let mut g = self.nccl.lock().unwrap();
-        let Some(comm) = g.as_mut() else { return Ok(false) };
-        self.bind()?;
-        comm.reduce_start(pieces, self.current()?).map_err(GpuError::Device)?;
-        Ok(true)
+        self.with_comm(|c, s| c.reduce_start(pieces, s))
     }
     fn group_broadcast(&self, pieces: &[Piece]) -> Result<bool, GpuError> {
+        self.with_comm(|c, s| c.broadcast(pieces, s))
+    }
+    fn group_all_reduce_wait(&self) -> Result<(), GpuError> {
+        self.with_comm(|c, s| c.all_reduce_wait(s)).map(|_| ())
+    }
+}
+
+impl Cudarc {
+    /// `f` on the NCCL communicator with the current stream; `Ok(false)` where no group was
+    /// joined (the caller takes the host path).
+    fn with_comm(&self, f: impl FnOnce(&mut nccl::Comm, sys::CUstream) -> Result<(), String>) -> Result<bool, GpuError> {
         let mut g = self.nccl.lock().unwrap();
         let Some(comm) = g.as_mut() else { return Ok(false) };
         self.bind()?;
-        comm.broadcast(pieces, self.current()?).map_err(GpuError::Device)?;
+        f(comm, self.current()?).map_err(GpuError::Device)?;
         Ok(true)
-    }
-    fn group_all_reduce_wait(&self) -> Result<(), GpuError> {
-        let mut g = self.nccl.lock().unwrap();
-        let Some(comm) = g.as_mut() else { return Ok(()) };
-        self.bind()?;
-        comm.all_reduce_wait(self.current()?).map_err(GpuError::Device)
     }
 }
