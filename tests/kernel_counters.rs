@@ -87,6 +87,8 @@ pub mod workload {
 #[allow(unused_imports)] // format_counts is used by the test only (this file is also a module of benches/kernels.rs)
 use workload::{count_op, format_counts, prepare, KernelCount, Shape, OPS};
 
+type SimBackend = ipo::backend::cuda::CudaBackend<ipo::backend::cuda::Sim>;
+
 /// The shape of this test: `workload::SMALL` (small enough for CI on the simulator, a few
 /// seconds, with head_dim 64 and odd sizes so tails are exercised).
 pub const TEST_SHAPE: Shape = ipo::backend::workload::SMALL;
@@ -245,25 +247,61 @@ fn memory_bound_kernels_move_at_most_1_3x_their_minimum_bytes() {
     let Some(be) = common::sim() else { return };
     be.prepare(&[TEST_SHAPE.head_dim]).unwrap();
     let s = TEST_SHAPE;
-    let (t, d, f, n, h) = (s.tokens(), s.dim, s.ffn, s.dim * s.dim, s.n_heads * s.head_dim);
-    let cases: [(&str, &str, usize); 8] = [
-        ("rmsnorm", "rmsnorm_fwd_v1", 2 * t * d + d + t),
-        ("rmsnorm_bwd", "rmsnorm_bwd_v1", 3 * t * d + d + t),
-        ("rmsnorm_bwd", "col_sum", 2 * t * d + t + 2 * d),
-        ("rope", "rope", 2 * t * h + t * s.head_dim),
-        ("swiglu", "swiglu_fwd", 3 * t * f),
-        ("swiglu_bwd", "swiglu_bwd", 5 * t * f),
-        ("adamw", "adamw_step", 7 * n),
-        ("sgd", "sgd_step", 3 * n),
+    let (t, d, ffn, n, h) = (s.tokens(), s.dim, s.ffn, s.dim * s.dim, s.n_heads * s.head_dim);
+    let f = 4; // bytes per fp32 value
+    let cases = [
+        ("rmsnorm", "rmsnorm_fwd_v1", (2 * t * d + d + t) * f),
+        ("rmsnorm_bwd", "rmsnorm_bwd_v1", (3 * t * d + d + t) * f),
+        ("rmsnorm_bwd", "col_sum", (2 * t * d + t + 2 * d) * f),
+        ("rope", "rope", (2 * t * h + t * s.head_dim) * f),
+        ("swiglu", "swiglu_fwd", 3 * t * ffn * f),
+        ("swiglu_bwd", "swiglu_bwd", 5 * t * ffn * f),
+        ("adamw", "adamw_step", 7 * n * f),
+        ("sgd", "sgd_step", 3 * n * f),
     ];
     let mut inputs = prepare(&be, s, 0x5eed);
+    assert_moves_at_most_1_3x(&be, &mut inputs, &cases);
+}
+
+/// `memory_bound_kernels_move_at_most_1_3x_their_minimum_bytes` for the kernels that read
+/// activations stored in bf16 (`Backend::store_bf16` under `Precision::Bf16`, 2 bytes a value):
+/// the RMSNorm backward of a residual stream stored in bf16, SwiGLU's backward of gate and up
+/// stored in bf16, and the attention backward's D of an output stored in bf16:
+///
+/// ```text
+/// rmsnorm_bwd_v1_xbf16   dy, w, rstd in (fp32), x in (bf16); dx out     (2 t d + d + t) x 4 + t d x 2
+/// col_sum_xbf16          dy, rstd, dw in, dw out (fp32); x in (bf16)    (t d + t + 2 d) x 4 + t d x 2
+/// swiglu_bwd_bf16        dout in, dgate, dup out (fp32); gate, up in     3 t f x 4 + 2 t f x 2
+/// attn_bwd_d_out_bf16    dout in, D out (fp32); o in (bf16)              (t h + t n_heads) x 4 + t h x 2
+/// ```
+#[test]
+fn bf16_storage_kernels_move_at_most_1_3x_their_minimum_bytes() {
+    let Some(be) = common::sim_with(ipo::backend::cuda::Precision::Bf16) else { return };
+    be.prepare(&[TEST_SHAPE.head_dim]).unwrap();
+    let s = TEST_SHAPE;
+    let (t, d, ffn, h) = (s.tokens(), s.dim, s.ffn, s.n_heads * s.head_dim);
+    let (f, b) = (4, 2); // bytes per fp32 and per bf16 value
+    let cases = [
+        ("rmsnorm_bwd", "rmsnorm_bwd_v1_xbf16", (2 * t * d + d + t) * f + t * d * b),
+        ("rmsnorm_bwd", "col_sum_xbf16", (t * d + t + 2 * d) * f + t * d * b),
+        ("swiglu_bwd", "swiglu_bwd_bf16", 3 * t * ffn * f + 2 * t * ffn * b),
+        ("attention_bwd", "attn_bwd_d_out_bf16", (t * h + t * s.n_heads) * f + t * h * b),
+    ];
+    let mut inputs = prepare(&be, s, 0x5eed);
+    ipo::backend::workload::store_bf16_inputs(&be, &mut inputs);
+    assert_moves_at_most_1_3x(&be, &mut inputs, &cases);
+}
+
+/// Runs each case's op and checks that its kernel's global bytes (loaded + stored) are at
+/// most 1.3x the case's minimum bytes; prints every ratio.
+fn assert_moves_at_most_1_3x(be: &SimBackend, inputs: &mut workload::Inputs<SimBackend>, cases: &[(&str, &str, usize)]) {
     let mut report = Vec::new();
-    for (op, kernel, values) in cases {
-        let ks = count_op(&be, &mut inputs, op);
+    for &(op, kernel, min) in cases {
+        let ks = count_op(be, inputs, op);
         let k = ks.iter().find(|k| k.kernel == kernel).unwrap_or_else(|| panic!("{op}: no {kernel} among {:?}", ks.iter().map(|k| &k.kernel).collect::<Vec<_>>()));
-        let (moved, min) = (k.bytes_loaded[0] + k.bytes_stored[0], 4 * values as u64);
+        let (moved, min) = (k.bytes_loaded[0] + k.bytes_stored[0], min as u64);
         let ratio = moved as f64 / min as f64;
-        println!("{op:<12} {kernel:<16} {moved:>8} B moved, minimum {min:>8} B: {ratio:.3}x");
+        println!("{op:<13} {kernel:<22} {moved:>8} B moved, minimum {min:>8} B: {ratio:.3}x");
         report.push((op, kernel, ratio));
     }
     let over: Vec<_> = report.iter().filter(|r| r.2 > 1.3).collect();

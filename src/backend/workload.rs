@@ -270,6 +270,18 @@ pub fn prepare<B: Backend>(be: &B, s: Shape, seed: u64) -> Inputs<B> {
     }
 }
 
+/// Hands the inputs that a training step under bf16 storage keeps as their bf16 rounding to
+/// `Backend::store_bf16`: x (the residual stream as RMSNorm's backward reads it), gate and up
+/// (SwiGLU's backward) and the attention output o (the attention backward's D). After this,
+/// only `rmsnorm_bwd`, `swiglu_bwd` and `attention_bwd` are meant to run on these inputs (on
+/// CUDA under `Precision::Bf16` they launch the kernels that read bf16 storage); a no-op on
+/// backends that keep everything.
+pub fn store_bf16_inputs<B: Backend>(be: &B, i: &mut Inputs<B>) {
+    for b in [&mut i.x, &mut i.gate, &mut i.up, &mut i.o] {
+        be.store_bf16(b);
+    }
+}
+
 /// Runs `op` once on the prepared inputs (outputs overwritten or accumulated as the op
 /// does; accumulation only grows values, never to inf/NaN within a benchmark's runs).
 pub fn run_op<B: Backend>(be: &B, i: &mut Inputs<B>, op: &str) {
