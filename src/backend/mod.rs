@@ -297,6 +297,23 @@ pub struct StepStats {
     pub graphs: u64,
 }
 
+impl StepStats {
+    /// The counts since `before` (graphs: held now).
+    pub fn since(&self, before: &StepStats) -> StepStats {
+        StepStats {
+            steps: self.steps - before.steps,
+            replayed: self.replayed - before.replayed,
+            captured: self.captured - before.captured,
+            first_seen: self.first_seen - before.first_seen,
+            ungraphed: self.ungraphed - before.ungraphed,
+            synced: self.synced - before.synced,
+            outputs_alive: self.outputs_alive - before.outputs_alive,
+            capture_failures: self.capture_failures - before.capture_failures,
+            graphs: self.graphs,
+        }
+    }
+}
+
 /// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
 pub trait Backend: Send + Sync {
     /// A device buffer of scalars (f32 on the CPU reference, bf16/f32 on CUDA).
