@@ -15,7 +15,7 @@
 mod common;
 
 use common::{random_weights, tiny_config, Rng};
-use ipo::backend::cuda::{CudaBackend, Sim};
+use ipo::backend::cuda::{CudaBackend, Precision, Sim};
 use ipo::backend::{Backend, PagedSeq, SampleRow, StepStats};
 use ipo::model::config::Family;
 use ipo::model::decode::DecodeStep;
@@ -98,14 +98,24 @@ fn decode(m: &Transformer<CudaBackend<Sim>>, mut seqs: Vec<Seq>) -> Trace {
     }
 }
 
-/// The tiny model on a fresh Sim backend with graphs on or off and `SPLIT`-key decode splits.
-fn model(family: Family, graphs: bool) -> Option<Transformer<CudaBackend<Sim>>> {
-    let be = common::sim()?;
+/// The tiny model on a fresh Sim backend with graphs on or off and `SPLIT`-key decode splits,
+/// at precision `p` (under bf16: its layer matrices frozen in bf16, or not, when their bf16
+/// copies are made inside the first decode step).
+fn model_at(family: Family, graphs: bool, p: Precision, freeze: bool) -> Option<Transformer<CudaBackend<Sim>>> {
+    let be = common::sim_with(p)?;
     be.set_graphs(graphs);
     be.set_decode_split(SPLIT);
     let cfg = tiny_config(family, false);
     let w = random_weights(&cfg, &mut Rng(61));
-    Some(Transformer::with_backend(be, cfg, w).unwrap())
+    let mut m = Transformer::with_backend(be, cfg, w).unwrap();
+    if freeze {
+        m.freeze();
+    }
+    Some(m)
+}
+
+fn model(family: Family, graphs: bool) -> Option<Transformer<CudaBackend<Sim>>> {
+    model_at(family, graphs, Precision::F32, false)
 }
 
 fn prompts(vocab: usize) -> Vec<Vec<u32>> {
@@ -115,9 +125,10 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
 
 #[test]
 fn graphs_decode_bit_for_bit_as_launches_and_replay_as_one_launch() {
-    for family in [Family::Llama, Family::Qwen3] {
-        let Some(off) = model(family, false) else { return };
-        let on = model(family, true).unwrap();
+    let cases = [(Family::Llama, Precision::F32, false), (Family::Qwen3, Precision::F32, false), (Family::Qwen2, Precision::Bf16, true), (Family::Llama, Precision::Bf16, false)];
+    for (family, p, freeze) in cases {
+        let Some(off) = model_at(family, false, p, freeze) else { return };
+        let on = model_at(family, true, p, freeze).unwrap();
         let vocab = off.cfg.vocab_size;
         // Ends (prompt + new tokens) 35, 15 and 28: the batch goes 3 -> 2 -> 1. Greedy and
         // sampled rows.
@@ -131,19 +142,19 @@ fn graphs_decode_bit_for_bit_as_launches_and_replay_as_one_launch() {
         let (a, b) = (decode(&off, seqs()), decode(&on, seqs()));
         assert_eq!(a.logits.len(), b.logits.len());
         for (s, (x, y)) in a.logits.iter().zip(&b.logits).enumerate() {
-            assert!(x == y, "{family:?}: step {s} logits differ with graphs on");
+            assert!(x == y, "{family:?} {p:?} frozen={freeze}: step {s} logits differ with graphs on");
         }
-        assert_eq!(a.tokens, b.tokens, "{family:?}: sampled tokens");
+        assert_eq!(a.tokens, b.tokens, "{family:?} {p:?} frozen={freeze}: sampled tokens");
         // Sampled rows left the greedy path somewhere (the draws were used).
         assert!(a.tokens.iter().flatten().collect::<std::collections::HashSet<_>>().len() > 5);
 
         let last = *b.stats.last().unwrap();
         let batches: Vec<usize> = b.ctx.iter().map(Vec::len).collect();
-        eprintln!("{family:?}: {} steps, batch {batches:?}, stats on {last:?}", b.stats.len());
+        eprintln!("{family:?} {p:?} frozen={freeze}: {} steps, batch {batches:?}, stats on {last:?}", b.stats.len());
         assert_eq!(a.stats.last().unwrap().replayed + a.stats.last().unwrap().captured, 0, "graphs off ran graphs");
-        assert!(last.replayed > 10, "{family:?}: few replays: {last:?}");
+        assert!(last.replayed > 10, "{family:?} {p:?} frozen={freeze}: few replays: {last:?}");
         // A capture per batch at least (3, 2, 1), and more: the split count crossing powers of two.
-        assert!(last.captured >= 5, "{family:?}: {last:?}");
+        assert!(last.captured >= 5, "{family:?} {p:?} frozen={freeze}: {last:?}");
         assert!(batches.contains(&3) && batches.contains(&2) && batches.contains(&1));
         assert_eq!(last.ungraphed + last.capture_failures + last.outputs_alive + last.synced, 0, "{last:?}");
         // Per step: a graph step is one launch issued by the host; any other step issued what
@@ -151,10 +162,10 @@ fn graphs_decode_bit_for_bit_as_launches_and_replay_as_one_launch() {
         let mut prev = StepStats::default();
         for (s, st) in b.stats.iter().enumerate() {
             if st.replayed + st.captured > prev.replayed + prev.captured {
-                assert_eq!((b.issued[s], b.graph_launches[s]), (1, 1), "{family:?}: step {s}");
+                assert_eq!((b.issued[s], b.graph_launches[s]), (1, 1), "{family:?} {p:?} frozen={freeze}: step {s}");
             } else {
-                assert_eq!((b.issued[s], b.graph_launches[s]), (a.issued[s], 0), "{family:?}: step {s}");
-                assert!(a.issued[s] > 20, "{family:?}: step {s} issued {} ops", a.issued[s]);
+                assert_eq!((b.issued[s], b.graph_launches[s]), (a.issued[s], 0), "{family:?} {p:?} frozen={freeze}: step {s}");
+                assert!(a.issued[s] > 20, "{family:?} {p:?} frozen={freeze}: step {s} issued {} ops", a.issued[s]);
             }
             prev = *st;
         }
@@ -238,4 +249,25 @@ fn graphs_never_overwrite_live_outputs_and_sync_mid_step() {
     assert_eq!(end, want.iter().zip(&x).map(|(w, a)| w + a).collect::<Vec<f32>>());
     let s2 = be.step_stats();
     assert_eq!((s2.synced, s2.ungraphed), (s1.synced + 1, s1.ungraphed + 1), "{s2:?}");
+}
+
+/// A device that cannot capture: the step it fails on runs launch by launch, graphs go off
+/// for the backend, and decoding goes on equal to a run without graphs.
+#[test]
+fn graphs_go_off_when_a_capture_fails() {
+    let Some(off) = model(Family::Llama, false) else { return };
+    let on = model(Family::Llama, true).unwrap();
+    on.backend.gpu().refuse_captures(true);
+    let vocab = off.cfg.vocab_size;
+    let seqs = || prompts(vocab).into_iter().take(2).map(|ids| Seq { end: ids.len() + 6, ids, cached: 0, temperature: 0.0 }).collect::<Vec<_>>();
+    let (a, b) = (decode(&off, seqs()), decode(&on, seqs()));
+    assert!(a.logits == b.logits && a.tokens == b.tokens);
+    let last = *b.stats.last().unwrap();
+    // Steps of new shapes are first sightings until one repeats: its capture fails, and it and
+    // every later step run ungraphed (at least one more here).
+    assert_eq!((last.capture_failures, last.captured + last.replayed), (1, 0), "{last:?}");
+    assert_eq!(last.first_seen + last.ungraphed, last.steps, "{last:?}");
+    assert!(last.ungraphed >= 2, "{last:?}");
+    assert!(!on.backend.graphs());
+    assert_eq!(b.issued, a.issued);
 }

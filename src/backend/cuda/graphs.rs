@@ -28,7 +28,7 @@
 //! collective) issues its tape so far and runs the rest op by op; a step of more than
 //! `GRAPH_MAX_TOKENS` tokens (prefill chunks) runs ungraphed with ordinary allocations, as does
 //! one that begins while a buffer of the previous step's arena is still alive (its data would
-//! be overwritten); a capture that fails leaves that tape ungraphed. The returned logits live in
+//! be overwritten); a capture that fails turns graphs off (with a warning). The returned logits live in
 //! the arena: valid until the next step begins, which checks that none is left (see above).
 //!
 //! Off with `IPO_CUDA_GRAPHS=0` (on with `=1`); by default on where `Gpu::graphs_by_default`
@@ -44,7 +44,7 @@ use std::sync::Mutex;
 const ARENA_CHUNK: u64 = 64 << 20;
 /// Alignment of arena buffers (cuMemAlloc's).
 const ARENA_ALIGN: u64 = 256;
-/// Graphs kept; tapes remembered after one sighting.
+/// Graphs kept (each a few hundred nodes); tapes remembered after one sighting.
 const GRAPHS_KEPT: usize = 16;
 const TAPES_SEEN: usize = 8;
 /// Steps of more tokens than this run ungraphed (prefill chunks: their activations would make
@@ -79,8 +79,6 @@ struct State {
     graphs: Vec<Graph>,
     /// Tapes issued op by op once (hash, tape), most recent last.
     seen: Vec<(u64, Vec<Op>)>,
-    /// Tapes whose capture failed: never tried again.
-    refused: Vec<(u64, Vec<Op>)>,
     tick: u64,
     stats: StepStats,
 }
@@ -121,7 +119,6 @@ impl Steps {
                 at: (0, 0),
                 graphs: Vec::new(),
                 seen: Vec::new(),
-                refused: Vec::new(),
                 tick: 0,
                 stats: StepStats::default(),
             }),
@@ -263,12 +260,7 @@ impl Steps {
             st.stats.replayed += 1;
             return;
         }
-        let known = |v: &[(u64, Vec<Op>)]| v.iter().position(|(h, t)| *h == hash && *t == tape);
-        if known(&st.refused).is_some() {
-            st.stats.ungraphed += 1;
-            return issue_all(gpu, &tape);
-        }
-        let Some(i) = known(&st.seen) else {
+        let Some(i) = st.seen.iter().position(|(h, t)| *h == hash && *t == tape) else {
             // First sighting: op by op, remembered.
             issue_all(gpu, &tape);
             st.stats.first_seen += 1;
@@ -290,15 +282,13 @@ impl Steps {
                 st.stats.captured += 1;
             }
             Err(e) => {
-                // Nothing of the tape ran: issue it, and do not try this tape again.
-                eprintln!("warning: capturing a decode step as a graph failed ({e}); that step shape runs op by op");
+                // Nothing of the tape ran: issue it. What failed once (a driver or library
+                // that cannot capture this work) would fail again: graphs go off, once.
+                eprintln!("warning: capturing a decode step as a CUDA graph failed ({e}); decode steps run launch by launch from now on");
                 issue_all(gpu, &tape);
                 st.stats.capture_failures += 1;
                 st.stats.ungraphed += 1;
-                if st.refused.len() == TAPES_SEEN {
-                    st.refused.remove(0);
-                }
-                st.refused.push((hash, tape));
+                self.set_on(false);
             }
         }
     }

@@ -54,6 +54,9 @@ impl Issued {
 #[derive(Default)]
 pub struct Sim {
     state: Mutex<State>,
+    /// Refuse every `graph_capture`, as a driver that cannot capture some work would (tests
+    /// of the backend's fallback: `Sim::refuse_captures`).
+    refuse_captures: std::sync::atomic::AtomicBool,
     /// The memory the simulated device pretends to have (`IPO_SIM_MEMORY_GB`, GiB), so that
     /// what a GPU's size decides (`ipo train`'s memory check) can be tried on a CPU; None: the
     /// buffers are host memory and `memory_free` reports nothing, as before.
@@ -78,6 +81,11 @@ impl Sim {
         v
     }
 
+
+    /// Makes every later `graph_capture` fail (or work again).
+    pub fn refuse_captures(&self, refuse: bool) {
+        self.refuse_captures.store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
 
     /// The operations the host has issued so far (see `Issued`).
     pub fn issued(&self) -> Issued {
@@ -184,6 +192,9 @@ impl Gpu for Sim {
         Self::launch_in(&mut st, module, kernel, grid, block, smem, args)
     }
     fn graph_capture(&self, ops: &[Op]) -> Result<GraphId, GpuError> {
+        if self.refuse_captures.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(err("capture refused (Sim::refuse_captures)"));
+        }
         let mut st = self.state.lock().unwrap();
         // What a GPU's capture would refuse: a kernel of a module that was never loaded.
         for op in ops {
