@@ -3,13 +3,14 @@
 //! them. Between `Backend::step_begin` and `step_end` (`Transformer::forward_cached`) the CUDA
 //! backend records the step instead of issuing it:
 //!
-//! - allocations come from the step arena, a bump allocator over chunks of device memory kept
-//!   from step to step, so the same sequence of allocations gets the same addresses (index
-//!   uploads, whose lengths grow with the context, get a power-of-two capacity so their
-//!   addresses move only when it doubles);
+//! - allocations come from the step arena, chunks of device memory kept from step to step, so
+//!   the same sequence of allocations and frees gets the same addresses: a buffer freed in the
+//!   step is reused by a later one of the same size (the device runs the step in order), and
+//!   the rest comes from a bump pointer (index uploads, whose lengths grow with the context,
+//!   get a power-of-two capacity so their addresses move only when it doubles);
 //! - uploads (the step's inputs: ids, positions, slots, block tables, RoPE tables) are written
-//!   at once, into buffers no earlier operation of the step uses (nothing in the arena is
-//!   reused within a step, and frees of other buffers wait until the step's work is issued);
+//!   at once, so they always get memory no earlier operation of the step used (bump only,
+//!   never reused; frees of buffers outside the arena wait until the step's work is issued);
 //! - kernel launches, GEMMs and device copies go to the tape (`Op`: kernel, grid, block,
 //!   shared memory, exact argument bytes).
 //!
@@ -36,6 +37,7 @@
 
 use super::gpu::{DevPtr, Gpu, GraphId, Op};
 use crate::backend::StepStats;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -47,9 +49,10 @@ const ARENA_ALIGN: u64 = 256;
 /// Graphs kept (each a few hundred nodes); tapes remembered after one sighting.
 const GRAPHS_KEPT: usize = 16;
 const TAPES_SEEN: usize = 8;
-/// Steps of more tokens than this run ungraphed (prefill chunks: their activations would make
-/// the arena as big as the chunk's, and their launches are not what dominates them).
-pub(super) const GRAPH_MAX_TOKENS: usize = 512;
+/// Steps of more tokens than this run ungraphed, with ordinary allocations: long prefill
+/// chunks, whose launches are not what limits them (and whose activations would grow the
+/// arena besides the memory pool). Decode batches up to this many sequences are graphed.
+const GRAPH_MAX_TOKENS: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -73,9 +76,13 @@ struct State {
     tape: Vec<Op>,
     /// Frees of non-arena buffers while recording: done once the tape is issued.
     deferred: Vec<DevPtr>,
-    /// Arena chunks (address, bytes), and where the next allocation goes (chunk, offset).
+    /// Arena chunks (address, bytes), and where the next bump allocation goes (chunk, offset).
     chunks: Vec<(DevPtr, u64)>,
     at: (usize, u64),
+    /// This step's arena buffers alive (address -> bytes) and those freed, by size (reused
+    /// last freed first).
+    sizes: HashMap<DevPtr, u64>,
+    free: HashMap<u64, Vec<DevPtr>>,
     graphs: Vec<Graph>,
     /// Tapes issued op by op once (hash, tape), most recent last.
     seen: Vec<(u64, Vec<Op>)>,
@@ -117,6 +124,8 @@ impl Steps {
                 deferred: Vec::new(),
                 chunks: Vec::new(),
                 at: (0, 0),
+                sizes: HashMap::new(),
+                free: HashMap::new(),
                 graphs: Vec::new(),
                 seen: Vec::new(),
                 tick: 0,
@@ -155,6 +164,8 @@ impl Steps {
             Mode::Direct { arena: false }
         } else {
             st.at = (0, 0);
+            st.sizes.clear();
+            st.free.clear();
             Mode::Recording
         };
         if st.mode != Mode::Recording {
@@ -162,19 +173,28 @@ impl Steps {
         }
     }
 
-    /// `bytes` from the arena when the step allocates there (None: allocate normally). A chunk
-    /// that cannot be had ends the recording: the step goes on op by op, outside the arena.
-    pub(super) fn alloc<G: Gpu + ?Sized>(&self, gpu: &G, bytes: u64) -> Option<DevPtr> {
+    /// `bytes` from the arena when the step allocates there (None: allocate normally): memory
+    /// freed earlier in the step unless `fresh` (an upload, written before the step's earlier
+    /// work runs). A chunk that cannot be had ends the recording: the step goes on op by op,
+    /// outside the arena.
+    pub(super) fn alloc<G: Gpu + ?Sized>(&self, gpu: &G, bytes: u64, fresh: bool) -> Option<DevPtr> {
         let mut st = self.state.lock().unwrap();
         if !matches!(st.mode, Mode::Recording | Mode::Direct { arena: true }) {
             return None;
         }
         let need = bytes.max(4).next_multiple_of(ARENA_ALIGN);
+        let reused = if fresh { None } else { st.free.get_mut(&need).and_then(Vec::pop) };
+        if let Some(p) = reused {
+            st.sizes.insert(p, need);
+            self.arena_live.fetch_add(1, Ordering::Relaxed);
+            return Some(p);
+        }
         loop {
             let (c, off) = st.at;
             match st.chunks.get(c) {
                 Some(&(base, size)) if off + need <= size => {
                     st.at = (c, off + need);
+                    st.sizes.insert(base + off, need);
                     self.arena_live.fetch_add(1, Ordering::Relaxed);
                     return Some(base + off);
                 }
@@ -203,13 +223,20 @@ impl Steps {
         true
     }
 
-    /// A buffer's drop: nothing for an arena buffer, a deferred free while recording.
+    /// A buffer's drop: an arena buffer's memory is reusable for the rest of its step (after
+    /// it, until the next step begins, nothing is allocated there); a free outside the arena
+    /// waits while recording.
     pub(super) fn release<G: Gpu + ?Sized>(&self, gpu: &G, ptr: DevPtr, arena: bool) {
+        let mut st = self.state.lock().unwrap();
         if arena {
             self.arena_live.fetch_sub(1, Ordering::Relaxed);
+            if matches!(st.mode, Mode::Recording | Mode::Direct { arena: true }) {
+                if let Some(n) = st.sizes.remove(&ptr) {
+                    st.free.entry(n).or_default().push(ptr);
+                }
+            }
             return;
         }
-        let mut st = self.state.lock().unwrap();
         if st.mode == Mode::Recording {
             st.deferred.push(ptr);
         } else {

@@ -367,18 +367,19 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// `[len]` 4-byte elements: in a step, from its arena (graphs.rs), else a buffer of its own.
     fn alloc(&self, len: usize) -> CudaBuf<G> {
-        self.alloc_with(len, 4 * len as u64, true)
+        self.alloc_with(len, 4 * len as u64, Some(false))
     }
 
     /// `[len]` outside any step arena: a buffer that outlives the step making it (a weight's
     /// cached bf16 copy).
     fn alloc_persistent(&self, len: usize) -> CudaBuf<G> {
-        self.alloc_with(len, 4 * len as u64, false)
+        self.alloc_with(len, 4 * len as u64, None)
     }
 
-    /// `[len]` with `cap >= 4 len` bytes of room where it comes from a step arena.
-    fn alloc_with(&self, len: usize, cap: u64, arena: bool) -> CudaBuf<G> {
-        let from_arena = if arena { self.steps.alloc(&*self.gpu, cap) } else { None };
+    /// `[len]` with `cap >= 4 len` bytes of room where it comes from a step arena: never
+    /// (None), or memory fresh in the step (`Some(true)`: an upload) or any (`Some(false)`).
+    fn alloc_with(&self, len: usize, cap: u64, arena: Option<bool>) -> CudaBuf<G> {
+        let from_arena = arena.and_then(|fresh| self.steps.alloc(&*self.gpu, cap, fresh));
         let ptr = match from_arena {
             Some(p) => p,
             None => self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}")),
@@ -420,7 +421,7 @@ impl<G: Gpu> CudaBackend<G> {
     fn upload_bytes(&self, len: usize, bytes: &[u8]) -> CudaBuf<G> {
         // In a step arena, room for a power of two of bytes: index arrays that grow with the
         // context (block tables) then keep their address, and the step's graph, until it doubles.
-        let b = self.alloc_with(len, (4 * len as u64).next_power_of_two(), true);
+        let b = self.alloc_with(len, (4 * len as u64).next_power_of_two(), Some(true));
         if !bytes.is_empty() {
             self.gpu.htod(b.ptr, bytes).unwrap_or_else(|e| panic!("upload: {e}"));
         }
