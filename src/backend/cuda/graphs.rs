@@ -1,6 +1,6 @@
-//! Decode steps replayed as graphs: at batch 1 a small model's step is some 450 kernel
-//! launches and GEMMs of a few microseconds each, so issuing them costs more than running
-//! them. Between `Backend::step_begin` and `step_end` (`Transformer::forward_cached`) the CUDA
+//! Decode steps replayed as graphs: at batch 1 a small model's step is hundreds of kernel
+//! launches and GEMMs (about 24 per layer) of a few microseconds each, so issuing them costs
+//! more than running them. Between `Backend::step_begin` and `step_end` (`Transformer::forward_cached`) the CUDA
 //! backend records the step instead of issuing it:
 //!
 //! - allocations come from the step arena, chunks of device memory kept from step to step, so
@@ -29,8 +29,9 @@
 //! collective) issues its tape so far and runs the rest op by op; a step of more than
 //! `GRAPH_MAX_TOKENS` tokens (prefill chunks) runs ungraphed with ordinary allocations, as does
 //! one that begins while a buffer of the previous step's arena is still alive (its data would
-//! be overwritten); a capture that fails turns graphs off (with a warning). The returned logits live in
-//! the arena: valid until the next step begins, which checks that none is left (see above).
+//! be overwritten); a capture that fails turns graphs off (with a warning). The returned
+//! logits live in the arena: valid until the next step begins, which checks that none is left
+//! (see above).
 //!
 //! Off with `IPO_CUDA_GRAPHS=0` (on with `=1`); by default on where `Gpu::graphs_by_default`
 //! (a GPU), off on the simulator, where tests turn it on (`CudaBackend::set_graphs`).
