@@ -250,7 +250,7 @@ __device__ __forceinline__ void decode_block(DecodeSmem& sm, const float* q, con
 }
 
 // dseqs int4 [n_dseqs] = (q row, ctx_len, table_start, first partial; -1 when the context is
-// one split), items int2 = (dseq, split). q, out [tokens, n_heads, HEAD_DIM]; part [n_parts,
+// one split), items int2 = (dseq, split), or (-1, 0): padding, skipped. q, out [tokens, n_heads, HEAD_DIM]; part [n_parts,
 // n_heads, HEAD_DIM + 2] (per split and head: unnormalised accumulator, max m, sum l).
 // grid (n_items, n_kv, ceil(group / DEC_GMAX)), block 32*DEC_WARPS: warp w takes the split's
 // key tiles w, w + DEC_WARPS, ... with its own online softmax per head; lane = key for the
@@ -260,6 +260,7 @@ extern "C" __global__ void paged_decode(const float* q, const kv_t* cache, float
                                         const unsigned* table, int n_heads, int n_kv, int bs, int split, float scale) {
     __shared__ DecodeSmem sm;
     const int2 it = items[blockIdx.x];
+    if (it.x < 0) return;  // padding (the host pads items to a power of two)
     const int4 ds = dseqs[it.x];
     const int group = n_heads / n_kv, kvh = blockIdx.y, c0 = blockIdx.z * DEC_GMAX;
     const int h0 = kvh * group + c0;
@@ -273,10 +274,11 @@ extern "C" __global__ void paged_decode(const float* q, const kv_t* cache, float
 
 // out[seq, h, :] from the partials of a context of several splits, in split order:
 // m = max_s m_s, l = sum_s l_s exp(m_s - m), out = sum_s acc_s exp(m_s - m) / l.
-// cseqs [n] indices into dseqs (see paged_decode). grid (n, n_heads), block 32: one warp per
+// cseqs [n] indices into dseqs (see paged_decode), or -1: padding, skipped. grid (n, n_heads), block 32: one warp per
 // (sequence, head); lane = split for the weights (broadcast by shuffles), lane = dims for the
 // output. No shared memory.
 extern "C" __global__ void paged_decode_combine(const float* part, float* out, const int4* dseqs, const int* cseqs, int n_heads, int split) {
+    if (cseqs[blockIdx.x] < 0) return;  // padding (to a power of two)
     const int4 ds = dseqs[cseqs[blockIdx.x]];
     const int h = blockIdx.y, lane = threadIdx.x;
     const int ns = (ds.y + split - 1) / split;

@@ -19,7 +19,7 @@ Checks and measures ipo on an NVIDIA GPU in a few minutes, with no network and n
                random-weight 1B Llama
   train-bf16   the same with --precision bf16
   decode       ipo bench decode --precision f32: batched greedy decode of the 1B Llama at batch 1,
-               32, 256
+               32, 256, each with decode steps as CUDA graphs and without (IPO_CUDA_GRAPHS)
   run          ipo run of a shrunken demo on a random-weight 4-layer SmolLM2 (default tokenizer)
                on cuda (bf16, the default) and on cpu; the CPU run's pairs re-scored on cuda at
                --precision f32 must match
@@ -215,7 +215,7 @@ ceil=()
 [ -f "$work/ceiling.json" ] && ceil=(--ceiling "$work/ceiling.json")
 run_part ops-smollm2 90 "$bin" bench ops --device "$dev" --precision f32 --shape "$small" "${ceil[@]}" --json "$work/ops-smollm2.json"
 run_part train-f32 150 "$bin" bench train --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:0:4}" "${ceil[@]}" --json "$work/train-f32.json"
-run_part decode 150 "$bin" bench decode --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:4:4}" "${ceil[@]}" --json "$work/decode.json"
+run_part decode 240 "$bin" bench decode --device "$train_dev" --precision f32 --shape "$big" "${small_train[@]:4:4}" "${ceil[@]}" --json "$work/decode.json"
 run_part run 240 bash -c part_run
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$gpu" = 0 ] || [ "${GPU_CHECK_DRY:-0}" = 1 ] || [ "${ngpu:-0}" -ge 2 ]; then

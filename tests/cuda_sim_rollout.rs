@@ -8,7 +8,9 @@
 //! sampler draws from the same counters on both; the logits differ by f32 summation order,
 //! about 1e-6, which changes a token only if it falls on a near-tie, and these seeded runs
 //! have none), and the per-token log-probs of every final sequence under both backends'
-//! uncached forward within 2e-5 (the tolerance of tests/cuda_sim_model.rs).
+//! uncached forward within 2e-5 (the tolerance of tests/cuda_sim_model.rs). Once more with the
+//! CUDA backend's decode steps replayed as graphs (src/backend/cuda/graphs.rs): the same
+//! trace, and steps were replayed.
 //! Without NVRTC the tests print a skip notice, or fail under CI=true.
 
 mod common;
@@ -92,8 +94,9 @@ fn logprobs<B: Backend>(m: &Transformer<B>, seqs: &[Vec<u32>]) -> Vec<f32> {
     m.backend.download(&lp)
 }
 
-fn check(family: Family, tied: bool, seed: u64) {
+fn check(family: Family, tied: bool, seed: u64, graphs: bool) {
     let Some(gpu) = common::sim() else { return };
+    gpu.set_graphs(graphs);
     let cfg = tiny_config(family, tied);
     let vocab = cfg.vocab_size;
     let cpu = Transformer::with_backend(CpuBackend::<f32>::new(), cfg.clone(), random_weights(&cfg, &mut Rng(seed))).unwrap();
@@ -110,6 +113,11 @@ fn check(family: Family, tied: bool, seed: u64) {
     let (tg, fg) = rollout(&cuda, &prompts, &inserts, &greedy, &sampled);
     let tokens: usize = tc.phases.iter().flatten().map(|(ids, _)| ids.len()).sum();
     eprintln!("{family:?} tied={tied}: {tokens} ids over {} sequences, stats {:?}", tc.phases.iter().map(Vec::len).sum::<usize>(), tg.stats);
+    if graphs {
+        let s = cuda.backend.step_stats();
+        eprintln!("{family:?}: step graphs {s:?}");
+        assert!(s.replayed > 10 && s.captured > 2 && s.ungraphed == 0, "{s:?}");
+    }
     for (i, (pc, pg)) in tc.phases.iter().zip(&tg.phases).enumerate() {
         assert_eq!(pc, pg, "{family:?}: phase {i} differs between the CPU and CUDA (Sim) engines");
     }
@@ -132,10 +140,15 @@ fn check(family: Family, tied: bool, seed: u64) {
 
 #[test]
 fn llama_splice_rollout_matches_cpu() {
-    check(Family::Llama, false, 41);
+    check(Family::Llama, false, 41, false);
 }
 
 #[test]
 fn qwen3_splice_rollout_matches_cpu() {
-    check(Family::Qwen3, true, 42);
+    check(Family::Qwen3, true, 42, false);
+}
+
+#[test]
+fn llama_splice_rollout_with_step_graphs_matches_cpu() {
+    check(Family::Llama, false, 41, true);
 }

@@ -274,6 +274,46 @@ impl SampleRow {
     }
 }
 
+/// Counters of the steps bracketed by `Backend::step_begin` / `step_end` on a backend that
+/// replays them as graphs (the CUDA backend, cuda/graphs.rs); all zero elsewhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepStats {
+    /// Steps begun.
+    pub steps: u64,
+    /// Steps that ran as one launch of a graph captured before.
+    pub replayed: u64,
+    /// Steps captured into a new graph (then launched as one).
+    pub captured: u64,
+    /// Steps recorded and then issued op by op: the first sighting of their work.
+    pub first_seen: u64,
+    /// Steps that ran op by op for another reason: graphs off, too many tokens, a host sync
+    /// mid-step (`synced`), a buffer of the previous step still alive (`outputs_alive`), a
+    /// capture that failed (`capture_failures`).
+    pub ungraphed: u64,
+    pub synced: u64,
+    pub outputs_alive: u64,
+    pub capture_failures: u64,
+    /// Graphs held now.
+    pub graphs: u64,
+}
+
+impl StepStats {
+    /// The counts since `before` (graphs: held now).
+    pub fn since(&self, before: &StepStats) -> StepStats {
+        StepStats {
+            steps: self.steps - before.steps,
+            replayed: self.replayed - before.replayed,
+            captured: self.captured - before.captured,
+            first_seen: self.first_seen - before.first_seen,
+            ungraphed: self.ungraphed - before.ungraphed,
+            synced: self.synced - before.synced,
+            outputs_alive: self.outputs_alive - before.outputs_alive,
+            capture_failures: self.capture_failures - before.capture_failures,
+            graphs: self.graphs,
+        }
+    }
+}
+
 /// The fused ops of a decoder-only transformer. Shapes are given in the docs of each op.
 pub trait Backend: Send + Sync {
     /// A device buffer of scalars (f32 on the CPU reference, bf16/f32 on CUDA).
@@ -295,6 +335,26 @@ pub trait Backend: Send + Sync {
     /// The precision of the products (what `train::plan` estimates memory for).
     fn precision(&self) -> Precision {
         Precision::F32
+    }
+    /// Brackets one step of the KV-cached forward (`Transformer::forward_cached`) of `tokens`
+    /// new tokens, with `step_end`: a backend may hold back the step's device work and run it
+    /// as one graph (the CUDA backend, cuda/graphs.rs). Buffers made in the step and returned
+    /// out of it (the logits) are valid until the next `step_begin`; dropping them before then
+    /// is what lets the next step reuse their memory. Nothing on the CPU.
+    fn step_begin(&self, tokens: usize) {
+        let _ = tokens;
+    }
+    fn step_end(&self) {}
+    /// Whether steps run as graphs (None: this backend has no graphs).
+    fn step_graphs(&self) -> Option<bool> {
+        None
+    }
+    /// Turns step graphs on or off (nothing where there are none).
+    fn set_step_graphs(&self, on: bool) {
+        let _ = on;
+    }
+    fn step_stats(&self) -> StepStats {
+        StepStats::default()
     }
     fn zeros(&self, n: usize) -> Self::Buf;
     fn upload(&self, host: &[f32]) -> Self::Buf;

@@ -68,7 +68,9 @@ enum What {
         steps: usize,
     },
     /// Greedy batched decode of a random-weight model at each batch size: tokens/s and the
-    /// share of memory bandwidth (with --ceiling).
+    /// share of memory bandwidth (with --ceiling). On cuda (and sim) each batch size runs
+    /// twice: decode steps replayed as CUDA graphs, then issued launch by launch (the graphs
+    /// column; `IPO_CUDA_GRAPHS=0` turns graphs off everywhere else, e.g. `ipo generate`).
     Decode {
         #[command(flatten)]
         common: Common,
@@ -202,11 +204,17 @@ pub fn run(a: Args) -> Result<()> {
                 bench::decode(be, shape, layers, &batch, prompt, new_tokens, ceil.as_ref(), common.seed)?
             });
             println!("{} | {:?} x {} layers", r.device, r.shape, r.layers);
-            println!("| batch | prompt | new | decode tokens/s | prefill tokens/s | GB/step | GB/s | of bandwidth |");
-            println!("|---|---|---|---|---|---|---|---|");
+            println!("| batch | graphs | prompt | new | decode tokens/s | prefill tokens/s | GB/step | GB/s | of bandwidth |");
+            println!("|---|---|---|---|---|---|---|---|---|");
             for d in &r.rows {
+                // on: (steps replayed + captured) of all steps; the rest ran launch by launch
+                let graphs = match d.graphs {
+                    Some(true) => format!("on ({}/{} steps)", d.steps.replayed + d.steps.captured, d.steps.steps),
+                    Some(false) => "off".into(),
+                    None => "-".into(),
+                };
                 println!(
-                    "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {} |",
+                    "| {} | {graphs} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {} |",
                     d.batch, d.prompt, d.new_tokens, d.tokens_per_s, d.prefill_tokens_per_s, d.gbytes_per_step, d.gbs, pct(d.of_bandwidth)
                 );
             }

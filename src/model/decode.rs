@@ -39,8 +39,17 @@ impl<B: Backend> Transformer<B> {
 
     /// Runs the new tokens of `step`, writing their K/V into `kv` (one buffer per layer), and
     /// returns the logits `[logit_rows, vocab]` of the requested rows.
+    /// The step's device work is bracketed by `Backend::step_begin` / `step_end` (the CUDA
+    /// backend may run it as one graph), so the logits are valid until the next step begins.
     pub fn forward_cached(&self, kv: &mut [B::Buf], geom: KvGeom, step: &DecodeStep) -> Result<B::Buf, ForwardError> {
         self.validate_step(kv.len(), geom, step)?;
+        self.backend.step_begin(step.ids.len());
+        let logits = self.forward_cached_step(kv, geom, step);
+        self.backend.step_end();
+        Ok(logits)
+    }
+
+    fn forward_cached_step(&self, kv: &mut [B::Buf], geom: KvGeom, step: &DecodeStep) -> B::Buf {
         let (be, c) = (&self.backend, &self.cfg);
         let t = step.ids.len();
         let (hidden, qd, kvd, hd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim, c.intermediate_size);
@@ -96,7 +105,7 @@ impl<B: Backend> Transformer<B> {
         let vocab = c.vocab_size;
         let mut logits = be.zeros(r * vocab); // [R, vocab]
         be.matmul(&h, false, self.lm_head_w(), true, &mut logits, r, vocab, hidden, false);
-        Ok(logits)
+        logits
     }
 
     fn validate_step(&self, layers: usize, geom: KvGeom, s: &DecodeStep) -> Result<(), ForwardError> {

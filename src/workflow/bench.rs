@@ -425,6 +425,11 @@ pub fn train<B: Backend>(
 #[derive(Serialize, Debug, Clone)]
 pub struct DecodeRow {
     pub batch: usize,
+    /// Decode steps replayed as graphs (`Backend::step_begin`): on or off for this row, or
+    /// None where the backend has no graphs (the CPU).
+    pub graphs: Option<bool>,
+    /// The step counters of this row's generation (all zero without graphs).
+    pub steps: crate::backend::StepStats,
     pub prompt: usize,
     pub new_tokens: usize,
     pub decode_tokens: u64,
@@ -447,7 +452,9 @@ pub struct DecodeReport {
 }
 
 /// Greedy batched decode of a random-weight `shape` model at each batch size: `prompt`
-/// random tokens per sequence, then exactly `new_tokens` decoded (no EOS).
+/// random tokens per sequence, then exactly `new_tokens` decoded (no EOS). On a backend with
+/// step graphs (CUDA) each batch size runs twice, graphs on then off (the same prompts), and
+/// the backend's setting is restored at the end.
 #[allow(clippy::too_many_arguments)]
 pub fn decode<B: Backend>(
     backend: B,
@@ -467,11 +474,19 @@ pub fn decode<B: Backend>(
     };
     let model = random_model(backend, shape, layers, seed)?;
     let cfg = model.cfg.clone();
-    let mut r = workload::Rng(seed ^ 0xDEC0);
     let weight_bytes = per_weight * matmul_params(&cfg) as f64 + 4.0 * (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
     let mut rows = Vec::new();
-    for (i, &batch) in std::iter::once(&1usize).chain(batches).enumerate() {
+    let setting = model.backend.step_graphs();
+    let modes: Vec<Option<bool>> = if setting.is_some() { vec![Some(true), Some(false)] } else { vec![None] };
+    let runs = std::iter::once((1usize, setting)).chain(batches.iter().flat_map(|&b| modes.iter().map(move |&g| (b, g))));
+    for (i, (batch, graphs)) in runs.enumerate() {
         let (p, new) = if i == 0 { (8, 2) } else { (prompt, new_tokens) }; // first: warm-up
+        if let Some(on) = graphs {
+            model.backend.set_step_graphs(on);
+        }
+        let before = model.backend.step_stats();
+        // The same prompts for both modes of a batch size.
+        let mut r = workload::Rng(seed ^ 0xDEC0 ^ batch as u64);
         let block_size = 16;
         let blocks = batch * (p + new).div_ceil(block_size) + 1;
         let ecfg = EngineConfig { num_blocks: blocks, block_size, prefill_chunk: (batch * p).clamp(1, 16384), max_batch: batch };
@@ -494,13 +509,16 @@ pub fn decode<B: Backend>(
         if i == 0 {
             continue;
         }
-        let st = e.stats();
+        let (now, st) = (model.backend.step_stats(), e.stats());
+        let step_stats = now.since(&before);
         let steps = (new.saturating_sub(1)).max(1) as f64;
         let kv_bytes = batch as f64 * (p as f64 + new as f64 / 2.0) * (cfg.num_layers * 2 * cfg.kv_dim()) as f64 * 4.0;
         let per_step = weight_bytes + kv_bytes;
         let gbs = per_step * steps / t_decode / 1e9;
         rows.push(DecodeRow {
             batch,
+            graphs,
+            steps: step_stats,
             prompt: p,
             new_tokens: new,
             decode_tokens: st.decode_tokens,
@@ -511,6 +529,9 @@ pub fn decode<B: Backend>(
             gbs,
             of_bandwidth: ceiling.map(|c| gbs / c.stream_gbs),
         });
+    }
+    if let Some(on) = setting {
+        model.backend.set_step_graphs(on);
     }
     Ok(DecodeReport { device, shape, layers: cfg.num_layers, rows })
 }

@@ -43,6 +43,7 @@ pub(crate) struct Cublas {
     create: unsafe extern "C" fn(*mut Handle) -> Status,
     destroy: unsafe extern "C" fn(Handle) -> Status,
     set_stream: unsafe extern "C" fn(Handle, *mut c_void) -> Status,
+    set_workspace: unsafe extern "C" fn(Handle, *mut c_void, usize) -> Status,
     sgemm: SgemmStridedBatched,
     gemm_ex: GemmStridedBatchedEx,
     /// The library, kept open (last: the function pointers above point into it).
@@ -88,6 +89,7 @@ impl Cublas {
             create: sym!(b"cublasCreate_v2\0"),
             destroy: sym!(b"cublasDestroy_v2\0"),
             set_stream: sym!(b"cublasSetStream_v2\0"),
+            set_workspace: sym!(b"cublasSetWorkspace_v2\0"),
             sgemm: sym!(b"cublasSgemmStridedBatched\0"),
             gemm_ex: sym!(b"cublasGemmStridedBatchedEx\0"),
             _lib: lib,
@@ -107,6 +109,13 @@ impl Cublas {
 
     pub(crate) fn set_stream(&self, h: Handle, stream: *mut c_void) -> Result<(), String> {
         check("cublasSetStream_v2", unsafe { (self.set_stream)(h, stream) })
+    }
+
+    /// cublasSetWorkspace_v2: the handle's scratch from now on (until the next
+    /// `set_stream`, which resets it to the library's own pool): `bytes` at `ws`, so that a
+    /// GEMM under stream capture allocates nothing.
+    pub(crate) fn set_workspace(&self, h: Handle, ws: *mut c_void, bytes: usize) -> Result<(), String> {
+        check("cublasSetWorkspace_v2", unsafe { (self.set_workspace)(h, ws, bytes) })
     }
 
     /// cublasSgemmStridedBatched: fp32 A, B, C.

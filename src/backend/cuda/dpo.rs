@@ -32,6 +32,7 @@ impl<G: Gpu> CudaBackend<G> {
             ],
         );
         let mut raw = vec![0u8; 16 * pairs.len()];
+        self.sync_point();
         self.gpu.dtoh(sums_d.ptr, &mut raw).unwrap_or_else(|e| panic!("segment_dpo: download of the sums: {e}"));
         let f = |b: &[u8]| f64::from_le_bytes(b.try_into().unwrap());
         let sums = raw.chunks_exact(16).map(|c| (f(&c[..8]), f(&c[8..]))).collect();

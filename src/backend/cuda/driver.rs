@@ -14,7 +14,7 @@
 
 use super::cublas::{self, Cublas};
 use super::nccl;
-use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, Piece, StreamId};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, GraphId, Image, Op, Piece, StreamId};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -35,7 +35,19 @@ pub struct Cudarc {
     events: Mutex<(HashMap<EventId, sys::CUevent>, EventId)>,
     /// The NCCL communicator of a data-parallel group, once joined (`Gpu::join_group`).
     nccl: Mutex<Option<nccl::Comm>>,
+    /// cuBLAS workspace of each stream GEMMs ran on (`CUBLAS_WORKSPACE` bytes, made on first
+    /// use): every GEMM runs with one, captured or not, so that cuBLAS chooses the same
+    /// algorithms in a graph as out of one, and allocates nothing under capture.
+    workspaces: Mutex<HashMap<usize, DevPtr>>,
+    /// The stream decode steps are captured on (`graph_capture`; made on first use) and the
+    /// captured graphs by id: (graph, its executable).
+    capture: Mutex<Option<sys::CUstream>>,
+    graphs: Mutex<(HashMap<GraphId, (sys::CUgraph, sys::CUgraphExec)>, GraphId)>,
 }
+
+/// Bytes of a cuBLAS workspace: what the cuBLAS docs recommend for Hopper (32 MiB; 4 MiB
+/// before it).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 // The context and handles are used under `set_current` on every call; the maps are locked.
 unsafe impl Send for Cudarc {}
@@ -102,7 +114,113 @@ impl Cudarc {
             streams: Mutex::new((HashMap::new(), 0)),
             events: Mutex::new((HashMap::new(), 0)),
             nccl: Mutex::new(None),
+            workspaces: Mutex::new(HashMap::new()),
+            capture: Mutex::new(None),
+            graphs: Mutex::new((HashMap::new(), 0)),
         })
+    }
+
+    /// The cuBLAS workspace of `stream` (allocated on first use, synchronously: for the
+    /// capture stream, before its capture begins).
+    fn workspace(&self, stream: sys::CUstream) -> Result<DevPtr, GpuError> {
+        let mut ws = self.workspaces.lock().unwrap();
+        if let Some(&p) = ws.get(&(stream as usize)) {
+            return Ok(p);
+        }
+        let p = unsafe { drv::malloc_sync(CUBLAS_WORKSPACE) }.map_err(err)?;
+        ws.insert(stream as usize, p);
+        Ok(p)
+    }
+
+    /// The capture stream: non-blocking, so that nothing on the legacy default stream (the
+    /// uploads) joins a capture; captured work is launched on the current stream.
+    fn capture_stream(&self) -> Result<sys::CUstream, GpuError> {
+        let mut c = self.capture.lock().unwrap();
+        if let Some(s) = *c {
+            return Ok(s);
+        }
+        let s = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(err)?;
+        *c = Some(s);
+        Ok(s)
+    }
+
+    /// `Gpu::launch` on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_on(&self, stream: sys::CUstream, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError> {
+        let key = (module.to_string(), kernel.to_string());
+        let f = {
+            let mut funcs = self.funcs.lock().unwrap();
+            match funcs.get(&key) {
+                Some(&f) => f,
+                None => {
+                    let m = *self.modules.lock().unwrap().get(module).ok_or_else(|| err(format!("module {module} not loaded")))?;
+                    let f = unsafe { drv::module::get_function(m, CString::new(kernel).unwrap()) }.map_err(err)?;
+                    funcs.insert(key, f);
+                    f
+                }
+            }
+        };
+        if smem > 48 * 1024 {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            unsafe { drv::function::set_function_attribute(f, attr, smem as i32) }.map_err(err)?;
+        }
+        // Each argument in its own 8-byte slot; the driver reads the kernel's declared size
+        // from the slot's start (little-endian, so 4-byte values sit in the low bytes). Under
+        // capture the driver copies the values into the graph's node.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) => p,
+                Arg::I32(v) => v as u32 as u64,
+                Arg::U32(v) => v as u64,
+                Arg::I64(v) => v as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        unsafe { drv::launch_kernel(f, grid, block, smem, stream, &mut ptrs) }.map_err(|e| err(format!("{kernel}: {e:?}")))
+    }
+
+    /// `Gpu::gemm_ex` on `stream`, with that stream's workspace.
+    fn gemm_on(&self, stream: sys::CUstream, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
+        let ws = self.workspace(stream)?;
+        self.blas.set_stream(self.handle, stream as *mut c_void).map_err(GpuError::Device)?;
+        self.blas.set_workspace(self.handle, ws as *mut c_void, CUBLAS_WORKSPACE).map_err(GpuError::Device)?;
+        let op = |t: bool| if t { cublas::OP_T } else { cublas::OP_N };
+        let call = cublas::Call {
+            ta: op(g.trans_a),
+            tb: op(g.trans_b),
+            m: g.m as i32,
+            n: g.n as i32,
+            k: g.k as i32,
+            a: g.a as *const c_void,
+            lda: g.lda.max(1) as i32,
+            stride_a: g.stride_a as i64,
+            b: g.b as *const c_void,
+            ldb: g.ldb.max(1) as i32,
+            stride_b: g.stride_b as i64,
+            c: g.c as *mut c_void,
+            ldc: g.ldc.max(1) as i32,
+            stride_c: g.stride_c as i64,
+            batch: g.batch as i32,
+        };
+        match input {
+            GemmInput::F32 => self.blas.sgemm(self.handle, &call, g.alpha, g.beta),
+            GemmInput::Bf16 => self.blas.gemm_ex(self.handle, &call, cublas::R_16BF, g.alpha, g.beta),
+        }
+        .map_err(GpuError::Device)
+    }
+
+    /// Issues `ops` on the capture stream `s`, which is capturing.
+    fn issue_captured(&self, s: sys::CUstream, ops: &[Op]) -> Result<(), GpuError> {
+        for op in ops {
+            match op {
+                Op::Launch { module, kernel, grid, block, smem, args } => self.launch_on(s, module, kernel, *grid, *block, *smem, args)?,
+                Op::Gemm { g, input } => self.gemm_on(s, g, *input)?,
+                Op::Dtod { dst, src, bytes } => unsafe { drv::memcpy_dtod_async(*dst, *src, *bytes, s) }.map_err(err)?,
+            }
+        }
+        Ok(())
     }
 
     fn stream(&self, s: StreamId) -> Result<sys::CUstream, GpuError> {
@@ -130,7 +248,18 @@ impl Drop for Cudarc {
     fn drop(&mut self) {
         if self.bind().is_ok() {
             drop(self.nccl.lock().unwrap().take());
+            for (_, (g, exec)) in self.graphs.lock().unwrap().0.drain() {
+                let _ = unsafe { drv::graph::exec_destroy(exec) };
+                let _ = unsafe { drv::graph::destroy(g) };
+            }
+            if let Some(s) = self.capture.lock().unwrap().take() {
+                let _ = unsafe { drv::stream::destroy(s) };
+            }
             self.blas.destroy(self.handle);
+            // After the handle, which may still hold one.
+            for (_, p) in self.workspaces.lock().unwrap().drain() {
+                let _ = unsafe { drv::free_sync(p) };
+            }
         }
     }
 }
@@ -196,38 +325,8 @@ impl Gpu for Cudarc {
     }
     fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError> {
         self.bind()?;
-        let key = (module.to_string(), kernel.to_string());
-        let f = {
-            let mut funcs = self.funcs.lock().unwrap();
-            match funcs.get(&key) {
-                Some(&f) => f,
-                None => {
-                    let m = *self.modules.lock().unwrap().get(module).ok_or_else(|| err(format!("module {module} not loaded")))?;
-                    let f = unsafe { drv::module::get_function(m, CString::new(kernel).unwrap()) }.map_err(err)?;
-                    funcs.insert(key, f);
-                    f
-                }
-            }
-        };
-        if smem > 48 * 1024 {
-            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            unsafe { drv::function::set_function_attribute(f, attr, smem as i32) }.map_err(err)?;
-        }
-        // Each argument in its own 8-byte slot; the driver reads the kernel's declared size
-        // from the slot's start (little-endian, so 4-byte values sit in the low bytes).
-        let mut slots: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::Ptr(p) => p,
-                Arg::I32(v) => v as u32 as u64,
-                Arg::U32(v) => v as u64,
-                Arg::I64(v) => v as u64,
-                Arg::F32(v) => v.to_bits() as u64,
-            })
-            .collect();
-        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         let stream = self.current()?;
-        unsafe { drv::launch_kernel(f, grid, block, smem, stream, &mut ptrs) }.map_err(|e| err(format!("{kernel}: {e:?}")))
+        self.launch_on(stream, module, kernel, grid, block, smem, args)
     }
     fn gemm(&self, g: &Gemm) -> Result<(), GpuError> {
         self.gemm_ex(g, GemmInput::F32)
@@ -235,30 +334,60 @@ impl Gpu for Cudarc {
     fn gemm_ex(&self, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
         self.bind()?;
         let stream = self.current()?;
-        self.blas.set_stream(self.handle, stream as *mut c_void).map_err(GpuError::Device)?;
-        let op = |t: bool| if t { cublas::OP_T } else { cublas::OP_N };
-        let call = cublas::Call {
-            ta: op(g.trans_a),
-            tb: op(g.trans_b),
-            m: g.m as i32,
-            n: g.n as i32,
-            k: g.k as i32,
-            a: g.a as *const c_void,
-            lda: g.lda.max(1) as i32,
-            stride_a: g.stride_a as i64,
-            b: g.b as *const c_void,
-            ldb: g.ldb.max(1) as i32,
-            stride_b: g.stride_b as i64,
-            c: g.c as *mut c_void,
-            ldc: g.ldc.max(1) as i32,
-            stride_c: g.stride_c as i64,
-            batch: g.batch as i32,
+        self.gemm_on(stream, g, input)
+    }
+    fn graphs_by_default(&self) -> bool {
+        true
+    }
+    fn graph_capture(&self, ops: &[Op]) -> Result<GraphId, GpuError> {
+        self.bind()?;
+        let s = self.capture_stream()?;
+        // Its cuBLAS workspace now: cuMemAlloc is not allowed under capture.
+        self.workspace(s)?;
+        // Thread-local mode: a call of this thread that is unsafe under capture fails (and the
+        // step then runs op by op) instead of silently escaping the graph.
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        unsafe { drv::stream::begin_capture(s, mode) }.map_err(err)?;
+        let issued = self.issue_captured(s, ops);
+        // End the capture whatever happened, so the stream can be used again.
+        let graph = unsafe { drv::stream::end_capture(s) };
+        let graph = match (issued, graph) {
+            (Ok(()), Ok(g)) if !g.is_null() => g,
+            (Ok(()), Ok(_)) => return Err(err("cuStreamEndCapture returned no graph")),
+            (Err(e), Ok(g)) => {
+                if !g.is_null() {
+                    let _ = unsafe { drv::graph::destroy(g) };
+                }
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+            (Ok(()), Err(e)) => return Err(err(e)),
         };
-        match input {
-            GemmInput::F32 => self.blas.sgemm(self.handle, &call, g.alpha, g.beta),
-            GemmInput::Bf16 => self.blas.gemm_ex(self.handle, &call, cublas::R_16BF, g.alpha, g.beta),
+        let exec = match unsafe { drv::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = unsafe { drv::graph::destroy(graph) };
+                return Err(err(e));
+            }
+        };
+        let mut g = self.graphs.lock().unwrap();
+        g.1 += 1;
+        let id = g.1;
+        g.0.insert(id, (graph, exec));
+        Ok(id)
+    }
+    fn graph_launch(&self, id: GraphId) -> Result<(), GpuError> {
+        self.bind()?;
+        let exec = self.graphs.lock().unwrap().0.get(&id).map(|g| g.1).ok_or_else(|| err(format!("graph {id} was never captured or was destroyed")))?;
+        let stream = self.current()?;
+        unsafe { drv::graph::launch(exec, stream) }.map_err(err)
+    }
+    fn graph_destroy(&self, id: GraphId) {
+        let Some((g, exec)) = self.graphs.lock().unwrap().0.remove(&id) else { return };
+        if self.bind().is_ok() {
+            let _ = unsafe { drv::graph::exec_destroy(exec) };
+            let _ = unsafe { drv::graph::destroy(g) };
         }
-        .map_err(GpuError::Device)
     }
     fn stream_create(&self) -> Result<StreamId, GpuError> {
         self.bind()?;

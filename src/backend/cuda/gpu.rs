@@ -25,7 +25,8 @@ pub enum GpuError {
     Device(String),
 }
 
-/// One kernel argument, passed by value as the kernel declares it.
+/// One kernel argument, passed by value as the kernel declares it. Equal and hashed by its
+/// exact bits (an f32 by `to_bits`), as a graph's recorded arguments are compared.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
     Ptr(DevPtr),
@@ -35,8 +36,33 @@ pub enum Arg {
     F32(f32),
 }
 
+impl Arg {
+    /// (kind, bits): what the launch passes.
+    fn bits(self) -> (u8, u64) {
+        match self {
+            Arg::Ptr(p) => (0, p),
+            Arg::I32(v) => (1, v as u32 as u64),
+            Arg::U32(v) => (2, v as u64),
+            Arg::I64(v) => (3, v as u64),
+            Arg::F32(v) => (4, v.to_bits() as u64),
+        }
+    }
+}
+
+impl PartialEq for Arg {
+    fn eq(&self, o: &Arg) -> bool {
+        self.bits() == o.bits()
+    }
+}
+impl Eq for Arg {}
+impl std::hash::Hash for Arg {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.bits().hash(h)
+    }
+}
+
 /// Element type of the A and B operands of a GEMM (C and the accumulation are fp32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum GemmInput {
     /// fp32 A and B (`cublasSgemmStridedBatched`); strides and leading dims in f32 elements.
     #[default]
@@ -60,7 +86,8 @@ impl GemmInput {
 /// `C = alpha * op(A) @ op(B) + beta * C` for `batch` matrices, column-major as in
 /// `cublasSgemmStridedBatched`: op(A) is `[m, k]`, op(B) `[k, n]`, C `[m, n]`; element (i, j)
 /// of a matrix X lives at `x + i + j * ldx` (+ `b * stride_x` for batch b). With
-/// `beta == 0` C is not read (so it may hold NaN). All matrices fp32.
+/// `beta == 0` C is not read (so it may hold NaN). All matrices fp32. Equal and hashed by
+/// exact bits (alpha and beta by `to_bits`).
 #[derive(Clone, Copy, Debug)]
 pub struct Gemm {
     pub trans_a: bool,
@@ -80,6 +107,28 @@ pub struct Gemm {
     pub ldc: usize,
     pub stride_c: usize,
     pub batch: usize,
+}
+
+impl Gemm {
+    fn bits(&self) -> [u64; 17] {
+        let u = |x: usize| x as u64;
+        [
+            self.trans_a as u64, self.trans_b as u64, u(self.m), u(self.n), u(self.k), self.alpha.to_bits() as u64, self.a, u(self.lda), u(self.stride_a), self.b,
+            u(self.ldb), u(self.stride_b), self.beta.to_bits() as u64, self.c, u(self.ldc), u(self.stride_c), u(self.batch),
+        ]
+    }
+}
+
+impl PartialEq for Gemm {
+    fn eq(&self, o: &Gemm) -> bool {
+        self.bits() == o.bits()
+    }
+}
+impl Eq for Gemm {}
+impl std::hash::Hash for Gemm {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.bits().hash(h)
+    }
 }
 
 impl Gemm {
@@ -110,6 +159,29 @@ impl Gemm {
         }
     }
 }
+
+/// One device operation as `Gpu::launch`, `Gpu::gemm_ex` and `Gpu::dtod` issue it: an entry
+/// of a step's tape (graphs.rs), which `Gpu::graph_capture` turns into one graph.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Launch { module: String, kernel: String, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: Vec<Arg> },
+    Gemm { g: Gemm, input: GemmInput },
+    Dtod { dst: DevPtr, src: DevPtr, bytes: usize },
+}
+
+impl Op {
+    /// Issues the operation on `gpu` now (on the current stream).
+    pub(crate) fn issue<G: Gpu + ?Sized>(&self, gpu: &G) -> Result<(), GpuError> {
+        match self {
+            Op::Launch { module, kernel, grid, block, smem, args } => gpu.launch(module, kernel, *grid, *block, *smem, args),
+            Op::Gemm { g, input } => gpu.gemm_ex(g, *input),
+            Op::Dtod { dst, src, bytes } => gpu.dtod(*dst, *src, *bytes),
+        }
+    }
+}
+
+/// A captured graph (`Gpu::graph_capture`).
+pub(crate) type GraphId = u64;
 
 /// A stream: 0 is the default stream, others come from `stream_create`. Work on one stream
 /// runs in issue order; work on different streams is ordered only through events.
@@ -170,6 +242,29 @@ pub trait Gpu: Send + Sync + 'static {
     /// buffers are host memory).
     fn memory_free(&self) -> Option<u64> {
         None
+    }
+
+    // ---- graphs (the CUDA backend's decode steps, graphs.rs) ----
+
+    /// Whether the CUDA backend replays its decode steps as graphs unless told otherwise
+    /// (`IPO_CUDA_GRAPHS`, `CudaBackend::set_graphs`): on a GPU, where they save the launch
+    /// overhead; not on the simulator, where they only change the order of nothing.
+    fn graphs_by_default(&self) -> bool {
+        false
+    }
+    /// Makes one graph of `ops` (what issuing them in order, on one stream, would do) without
+    /// running them. The graph reads and writes the addresses in `ops`, whatever they hold
+    /// when it is launched. Err where the device has no graphs (the default).
+    fn graph_capture(&self, ops: &[Op]) -> Result<GraphId, GpuError> {
+        let _ = ops;
+        Err(GpuError::Device(format!("{}: no graphs", self.name())))
+    }
+    /// Runs graph `g` on the current stream, after the work issued before it, as one launch.
+    fn graph_launch(&self, g: GraphId) -> Result<(), GpuError> {
+        Err(GpuError::Device(format!("{}: no graph {g}", self.name())))
+    }
+    fn graph_destroy(&self, g: GraphId) {
+        let _ = g;
     }
 
     // ---- data-parallel groups (`Backend::join_group`, `Backend::all_reduce_start` / `_wait`) ----

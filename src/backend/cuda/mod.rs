@@ -8,6 +8,7 @@ mod cublas;
 mod dpo;
 mod driver;
 mod gpu;
+mod graphs;
 mod nccl;
 mod optim;
 pub mod parity;
@@ -21,12 +22,12 @@ pub use gpu::{time_ms, Gemm, Gpu};
 pub(crate) use gpu::{Arg, DevPtr, GpuError};
 pub use gpu::GemmInput;
 pub use precision::Precision;
-pub use sim::Sim;
+pub use sim::{Issued, Sim};
 
 use super::{AttnDims, AttnLayout, Backend, KvGeom, PagedSeq};
 use ptxsim::nvrtc::Nvrtc;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A device buffer of `len` 4-byte elements (f32 for `Backend::Buf`; u32/i32 for the index
@@ -36,6 +37,10 @@ pub struct CudaBuf<G: Gpu> {
     len: usize,
     gpu: Arc<G>,
     mem: Arc<MemCounter>,
+    /// The backend's step recorder (graphs.rs), which sees every free, and whether `ptr` is
+    /// in its step arena (freed with the arena, never on its own).
+    steps: Arc<graphs::Steps>,
+    arena: bool,
     /// Weights only (`Backend::upload_weight`): the bf16 copy `Precision::Bf16` matmuls read,
     /// made on first use and dropped when the weights change in place (optimizer steps).
     bf16: Option<Box<Mutex<Option<CudaBuf<G>>>>>,
@@ -65,7 +70,7 @@ impl<G: Gpu> CudaBuf<G> {
 
 impl<G: Gpu> Drop for CudaBuf<G> {
     fn drop(&mut self) {
-        self.gpu.free(self.ptr);
+        self.steps.release(&*self.gpu, self.ptr, self.arena);
         self.mem.live.fetch_sub(self.bytes(), Ordering::Relaxed);
     }
 }
@@ -90,6 +95,17 @@ pub struct CudaBackend<G: Gpu> {
     /// and backward, rotate the same positions, so one table serves a whole step.
     rope_table: Mutex<Option<RopeTable<G>>>,
     mem: Arc<MemCounter>,
+    /// Decode steps recorded and replayed as graphs (graphs.rs).
+    steps: Arc<graphs::Steps>,
+    /// Keys per split of a decode context (`DECODE_SPLIT`; tests set fewer).
+    decode_split: AtomicUsize,
+}
+
+impl<G: Gpu> Drop for CudaBackend<G> {
+    fn drop(&mut self) {
+        self.rope_table.lock().unwrap().take();
+        self.steps.clear(&*self.gpu);
+    }
 }
 
 /// A device `[tokens, half, 2]` (cos, sin) table for `positions`, `inv_freq` and the sign.
@@ -225,6 +241,7 @@ impl<G: Gpu> CudaBackend<G> {
         }
         let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
         let arch = build::target_arch(&nvrtc, &gpu.arch())?;
+        let steps = Arc::new(graphs::Steps::new(gpu.graphs_by_default()));
         Ok(Self {
             gpu: Arc::new(gpu),
             nvrtc,
@@ -233,11 +250,41 @@ impl<G: Gpu> CudaBackend<G> {
             precision: std::sync::atomic::AtomicU8::new(p.to_u8()),
             rope_table: Mutex::new(None),
             mem: Arc::default(),
+            steps,
+            decode_split: AtomicUsize::new(DECODE_SPLIT),
         })
     }
 
     pub fn gpu(&self) -> &G {
         &self.gpu
+    }
+
+    /// Turns decode-step graphs on or off (graphs.rs; default: `IPO_CUDA_GRAPHS`, else on a GPU
+    /// and off on the simulator).
+    pub fn set_graphs(&self, on: bool) {
+        self.steps.set_on(on)
+    }
+
+    pub fn graphs(&self) -> bool {
+        self.steps.on()
+    }
+
+    /// Counters of the decode steps (graphs.rs).
+    pub fn step_stats(&self) -> crate::backend::StepStats {
+        self.steps.stats()
+    }
+
+    /// Keys per split of a decode context in `paged_attention` (default `DECODE_SPLIT`, 256):
+    /// tests set a few, so that short contexts cross split boundaries.
+    pub fn set_decode_split(&self, keys: usize) {
+        assert!(keys > 0, "a decode split of 0 keys");
+        self.decode_split.store(keys, Ordering::Relaxed);
+    }
+
+    /// The host is about to read device results or to hand the device to work outside a
+    /// step's tape: a step being recorded issues what it has (graphs.rs).
+    fn sync_point(&self) {
+        self.steps.sync(&*self.gpu);
     }
 
     /// Compiles (or finds in the cache) and loads every kernel file for `head_dims`, so that
@@ -273,6 +320,17 @@ impl<G: Gpu> CudaBackend<G> {
     #[allow(clippy::too_many_arguments)]
     fn launch(&self, file: &str, defines: &[(&str, usize)], kernel: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) {
         let m = self.module(file, defines).unwrap_or_else(|e| panic!("{e}"));
+        let recorded = self.steps.record(|| gpu::Op::Launch {
+            module: m.clone(),
+            kernel: kernel.to_string(),
+            grid,
+            block: (block, 1, 1),
+            smem: smem as u32,
+            args: args.to_vec(),
+        });
+        if recorded {
+            return;
+        }
         self.gpu
             .launch(&m, kernel, grid, (block, 1, 1), smem as u32, args)
             .unwrap_or_else(|e| panic!("kernel {kernel} ({file}): {e}"));
@@ -288,14 +346,47 @@ impl<G: Gpu> CudaBackend<G> {
     }
 
     fn gemm(&self, g: Gemm) {
-        self.gpu.gemm(&g).unwrap_or_else(|e| panic!("gemm {g:?}: {e}"));
+        self.gemm_ex(g, GemmInput::F32)
     }
 
+    /// A GEMM with A and B of type `input`, recorded in a step or issued.
+    fn gemm_ex(&self, g: Gemm, input: GemmInput) {
+        if self.steps.record(|| gpu::Op::Gemm { g, input }) {
+            return;
+        }
+        self.gpu.gemm_ex(&g, input).unwrap_or_else(|e| panic!("gemm {g:?} ({input:?}): {e}"));
+    }
+
+    /// A device copy, recorded in a step or issued.
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) {
+        if self.steps.record(|| gpu::Op::Dtod { dst, src, bytes }) {
+            return;
+        }
+        self.gpu.dtod(dst, src, bytes).unwrap_or_else(|e| panic!("copy of {bytes} bytes: {e}"));
+    }
+
+    /// `[len]` 4-byte elements: in a step, from its arena (graphs.rs), else a buffer of its own.
     fn alloc(&self, len: usize) -> CudaBuf<G> {
-        let ptr = self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}"));
+        self.alloc_with(len, 4 * len as u64, Some(false))
+    }
+
+    /// `[len]` outside any step arena: a buffer that outlives the step making it (a weight's
+    /// cached bf16 copy).
+    fn alloc_persistent(&self, len: usize) -> CudaBuf<G> {
+        self.alloc_with(len, 4 * len as u64, None)
+    }
+
+    /// `[len]` with `cap >= 4 len` bytes of room where it comes from a step arena: never
+    /// (None), or memory fresh in the step (`Some(true)`: an upload) or any (`Some(false)`).
+    fn alloc_with(&self, len: usize, cap: u64, arena: Option<bool>) -> CudaBuf<G> {
+        let from_arena = arena.and_then(|fresh| self.steps.alloc(&*self.gpu, cap, fresh));
+        let ptr = match from_arena {
+            Some(p) => p,
+            None => self.gpu.alloc(4 * len).unwrap_or_else(|e| panic!("alloc of {len} x 4 bytes: {e}")),
+        };
         let live = self.mem.live.fetch_add(4 * len as u64, Ordering::Relaxed) + 4 * len as u64;
         self.mem.peak.fetch_max(live, Ordering::Relaxed);
-        CudaBuf { ptr, len, gpu: self.gpu.clone(), mem: self.mem.clone(), bf16: None, bf16_only: false }
+        CudaBuf { ptr, len, gpu: self.gpu.clone(), mem: self.mem.clone(), steps: self.steps.clone(), arena: from_arena.is_some(), bf16: None, bf16_only: false }
     }
 
     /// A GEMM of the fused lm-head on the first rows of its chunk buffers: fp32 (cuBLAS
@@ -328,7 +419,9 @@ impl<G: Gpu> CudaBackend<G> {
     }
 
     fn upload_bytes(&self, len: usize, bytes: &[u8]) -> CudaBuf<G> {
-        let b = self.alloc(len);
+        // In a step arena, room for a power of two of bytes: index arrays that grow with the
+        // context (block tables) then keep their address, and the step's graph, until it doubles.
+        let b = self.alloc_with(len, (4 * len as u64).next_power_of_two(), Some(true));
         if !bytes.is_empty() {
             self.gpu.htod(b.ptr, bytes).unwrap_or_else(|e| panic!("upload: {e}"));
         }
@@ -452,8 +545,34 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         CudaBackend::precision(self)
     }
 
+    /// Records the step's work and runs it as a graph where it can (graphs.rs). The RoPE
+    /// table cached from before is dropped at both ends: one made in the step lives in its
+    /// arena.
+    fn step_begin(&self, tokens: usize) {
+        drop(self.rope_table.lock().unwrap().take());
+        self.steps.begin(&*self.gpu, tokens);
+    }
+
+    fn step_end(&self) {
+        drop(self.rope_table.lock().unwrap().take());
+        self.steps.end(&*self.gpu);
+    }
+
+    fn step_graphs(&self) -> Option<bool> {
+        Some(self.graphs())
+    }
+
+    fn set_step_graphs(&self, on: bool) {
+        self.set_graphs(on)
+    }
+
+    fn step_stats(&self) -> crate::backend::StepStats {
+        self.steps.stats()
+    }
+
     /// On a GPU (`Cudarc`): NCCL (nccl.rs). On `Sim`: nothing, sums go through the host.
     fn join_group(&self, rank: usize, world: usize, timeout: std::time::Duration, all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>) -> anyhow::Result<()> {
+        self.sync_point();
         self.gpu.join_group(rank, world, timeout, &mut |mine| all_gather(mine).map_err(|e| format!("{e:#}")))?;
         Ok(())
     }
@@ -461,6 +580,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     /// NCCL on the device buffers in place, enqueued on its own stream, when the GPU joined a
     /// group; else through the host, at once.
     fn all_reduce_start(&self, bufs: &mut [&mut CudaBuf<G>], host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        self.sync_point();
         let ptrs: Vec<(DevPtr, usize)> = bufs.iter().map(|b| (b.at(0), b.len)).collect();
         if self.gpu.group_all_reduce_start(&ptrs)? {
             return Ok(());
@@ -469,6 +589,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn all_reduce_wait(&self) -> anyhow::Result<()> {
+        self.sync_point();
         Ok(self.gpu.group_all_reduce_wait()?)
     }
 
@@ -482,6 +603,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         host_sum: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         assert_eq!(bufs.len(), owners.len(), "reduce_scatter_start: one owner list per buffer");
+        self.sync_point();
         let mut pieces = Vec::new();
         for (b, o) in bufs.iter().zip(owners) {
             for (r, owner) in o.iter().filter(|(r, _)| !r.is_empty()) {
@@ -505,6 +627,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         pieces: &[(usize, std::ops::Range<usize>, usize)],
         host_all_gather: &mut dyn FnMut(Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>>,
     ) -> anyhow::Result<()> {
+        self.sync_point();
         let dev: Vec<gpu::Piece> = pieces
             .iter()
             .filter(|p| !p.1.is_empty())
@@ -595,6 +718,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.upload_bytes(host.len(), &bytes)
     }
     fn download(&self, buf: &CudaBuf<G>) -> Vec<f32> {
+        self.sync_point();
         if buf.bf16_only {
             let mut bytes = vec![0u8; 2 * buf.len];
             if buf.len > 0 {
@@ -917,7 +1041,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn paged_attention(&self, q: &CudaBuf<G>, cache: &CudaBuf<G>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut CudaBuf<G>) {
-        self.paged_attention_split(q, cache, seqs, block_table, geom, dims, out, DECODE_SPLIT)
+        self.paged_attention_split(q, cache, seqs, block_table, geom, dims, out, self.decode_split.load(Ordering::Relaxed))
     }
 
     fn sum_squares(&self, x: &CudaBuf<G>) -> f64 {
@@ -1018,8 +1142,19 @@ impl<G: Gpu> CudaBackend<G> {
         if items.is_empty() {
             return;
         }
+        // Items and combined sequences padded to a power of two with (-1, 0) and -1, which the
+        // kernels skip, and the partials' room likewise: the grids and sizes then change only
+        // when a count doubles, not each time a context crosses into a new split, so a decode
+        // step keeps its graph (graphs.rs) over many steps at any batch.
+        let n_items = (items.len() / 2).next_power_of_two();
+        while items.len() < 2 * n_items {
+            items.extend([-1, 0]);
+        }
+        if !cs.is_empty() {
+            cs.resize(cs.len().next_power_of_two(), -1);
+        }
         // [n_parts, n_heads, hd + 2] partials: unnormalised accumulator, max, sum
-        let part = (n_parts > 0).then(|| self.alloc(n_parts * nh * (hd + 2)));
+        let part = (n_parts > 0).then(|| self.alloc(n_parts.next_power_of_two() * nh * (hd + 2)));
         let part_ptr = part.as_ref().map_or(out.ptr, |p| p.ptr); // unused when there is no partial
         let (ds_d, it_d) = (self.upload_i32(&ds), self.upload_i32(&items));
         let chunks = (nh / nkv).div_ceil(DEC_GMAX) as u32;

@@ -21,6 +21,7 @@ impl<G: Gpu> CudaBackend<G> {
         let partial = self.alloc(2 * blocks); // [blocks] f64 as 2 x 4-byte elements each
         self.launch("optim.cu", &[], "sum_squares_partial", grid, BLOCK, 0, &[Arg::Ptr(x.ptr), Arg::Ptr(partial.ptr), Arg::I64(x.len as i64)]);
         let mut bytes = vec![0u8; 8 * blocks];
+        self.sync_point();
         self.gpu.dtoh(partial.ptr, &mut bytes).unwrap_or_else(|e| panic!("sum_squares: download of {blocks} partial sums: {e}"));
         bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).sum()
     }
@@ -62,6 +63,7 @@ impl<G: Gpu> CudaBackend<G> {
             off += nb;
         }
         let mut bytes = vec![0u8; 8 * total];
+        self.sync_point();
         self.gpu.dtoh(partial.ptr, &mut bytes).unwrap_or_else(|e| panic!("sum_squares_many: download of {total} partial sums: {e}"));
         let parts: Vec<f64> = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
         let mut off = 0;

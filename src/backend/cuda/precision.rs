@@ -121,7 +121,11 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// `[n]` bf16 scratch (2 bytes each, in 4-byte elements) holding `src[n]` rounded RNE.
     pub(super) fn to_bf16(&self, src: DevPtr, n: usize) -> CudaBuf<G> {
-        let dst = self.alloc(n.div_ceil(2).max(1));
+        self.to_bf16_in(src, n, self.alloc(n.div_ceil(2).max(1)))
+    }
+
+    /// `to_bf16` into `dst` (`[n.div_ceil(2)]` 4-byte elements at least).
+    fn to_bf16_in(&self, src: DevPtr, n: usize, dst: CudaBuf<G>) -> CudaBuf<G> {
         if n > 0 {
             self.launch("convert.cu", &[], "f32_to_bf16", grid1(n), BLOCK, 0, &[Arg::Ptr(src), Arg::Ptr(dst.ptr), Arg::I64(n as i64)]);
         }
@@ -140,7 +144,8 @@ impl<G: Gpu> CudaBackend<G> {
             Some(cell) if n == x.len => {
                 let mut guard = cell.lock().unwrap();
                 if guard.is_none() {
-                    *guard = Some(self.to_bf16(x.ptr, x.len));
+                    // Kept past the step that may be making it: not in a step arena.
+                    *guard = Some(self.to_bf16_in(x.ptr, x.len, self.alloc_persistent(x.len.div_ceil(2).max(1))));
                 }
                 Bf16Operand::Cached(guard)
             }
@@ -163,7 +168,7 @@ impl<G: Gpu> CudaBackend<G> {
         assert!(at + n <= w.len, "weight_slice: [{n}] at {at} of a weight of {}", w.len);
         let s = self.alloc(n);
         if n > 0 {
-            self.gpu.dtod(s.ptr, w.at(at), 4 * n).unwrap_or_else(|e| panic!("weight_slice: copy of {n} values: {e}"));
+            self.dtod(s.ptr, w.at(at), 4 * n);
         }
         s
     }
@@ -181,7 +186,7 @@ impl<G: Gpu> CudaBackend<G> {
             self.launch("convert.cu", &[], "f32_to_bf16", grid1(n), BLOCK, 0, &[Arg::Ptr(src.at(0)), Arg::Ptr(w.ptr + 2 * at as u64), Arg::I64(n as i64)]);
         } else {
             self.weights_changed(w);
-            self.gpu.dtod(w.at(at), src.at(0), 4 * n).unwrap_or_else(|e| panic!("set_weight_slice: copy of {n} values: {e}"));
+            self.dtod(w.at(at), src.at(0), 4 * n);
         }
     }
 
@@ -199,7 +204,7 @@ impl<G: Gpu> CudaBackend<G> {
         let b16 = if std::ptr::eq(a, b) && m * k == k * n { None } else { Some(self.bf16_of(b, k * n)) };
         let b_ptr = b16.as_ref().map_or_else(|| a16.ptr(), |b| b.ptr());
         let g = Gemm { alpha, ..Gemm::row_major(a16.ptr(), ta, b_ptr, tb, c.ptr, m, n, k, accumulate) };
-        self.gpu.gemm_ex(&g, GemmInput::Bf16).unwrap_or_else(|e| panic!("bf16 gemm {g:?}: {e}"));
+        self.gemm_ex(g, GemmInput::Bf16);
     }
 
     /// `Backend::attention` (forward) on tensor cores: attn_fwd_mma over query tiles of

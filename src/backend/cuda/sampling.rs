@@ -62,6 +62,7 @@ impl<G: Gpu> CudaBackend<G> {
             );
         }
         let mut bytes = vec![0u8; 4 * rows.len()];
+        self.sync_point();
         self.gpu.dtoh(out.ptr, &mut bytes).unwrap_or_else(|e| panic!("sample: download: {e}"));
         bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
     }

@@ -4,7 +4,7 @@
 //! fp32 or bf16 A and B (bf16 products are exact in f64, so a bf16 GEMM is computed exactly
 //! from the bf16 values and rounded once to f32).
 
-use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, Image, StreamId};
+use super::gpu::{Arg, DevPtr, EventId, Gemm, GemmInput, Gpu, GpuError, GraphId, Image, Op, StreamId};
 use ptxsim::{Device, LaunchOptions, LaunchStats, Module, ParamValue};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,12 +26,37 @@ struct State {
     /// Bytes of each live allocation, and their sum (for `memory_free`).
     sizes: HashMap<DevPtr, u64>,
     live: u64,
+    /// Captured graphs: their operations, run in order by `graph_launch`.
+    graphs: HashMap<GraphId, Vec<Op>>,
+    next_graph: GraphId,
+    issued: Issued,
+}
+
+/// What the host has issued to the simulated device since it was made: kernel launches,
+/// GEMMs and device copies issued one by one, and graph launches (each of which runs its
+/// captured operations without the host issuing them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Issued {
+    pub launches: u64,
+    pub gemms: u64,
+    pub copies: u64,
+    pub graph_launches: u64,
+}
+
+impl Issued {
+    /// Operations the host issued, graph launches included (each is one).
+    pub fn total(&self) -> u64 {
+        self.launches + self.gemms + self.copies + self.graph_launches
+    }
 }
 
 /// The simulated device (one, behind a mutex: launches are serial, like one stream).
 #[derive(Default)]
 pub struct Sim {
     state: Mutex<State>,
+    /// Refuse every `graph_capture`, as a driver that cannot capture some work would (tests
+    /// of the backend's fallback: `Sim::refuse_captures`).
+    refuse_captures: std::sync::atomic::AtomicBool,
     /// The memory the simulated device pretends to have (`IPO_SIM_MEMORY_GB`, GiB), so that
     /// what a GPU's size decides (`ipo train`'s memory check) can be tried on a CPU; None: the
     /// buffers are host memory and `memory_free` reports nothing, as before.
@@ -56,6 +81,16 @@ impl Sim {
         v
     }
 
+
+    /// Makes every later `graph_capture` fail (or work again).
+    pub fn refuse_captures(&self, refuse: bool) {
+        self.refuse_captures.store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The operations the host has issued so far (see `Issued`).
+    pub fn issued(&self) -> Issued {
+        self.state.lock().unwrap().issued
+    }
 
     fn check_stream(st: &State, s: StreamId) -> Result<(), GpuError> {
         if s > st.streams {
@@ -134,8 +169,8 @@ impl Gpu for Sim {
     }
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
         let mut st = self.state.lock().unwrap();
-        let v = st.dev.read(src, bytes).map_err(err)?;
-        st.dev.write(dst, &v).map_err(err)
+        st.issued.copies += 1;
+        Self::dtod_in(&mut st, dst, src, bytes)
     }
     fn load(&self, module: &str, image: &Image) -> Result<(), GpuError> {
         let Image::Ptx(ptx) = image else {
@@ -152,36 +187,43 @@ impl Gpu for Sim {
         self.state.lock().unwrap().modules.contains_key(module)
     }
     fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError> {
-        let mut guard = self.state.lock().unwrap();
-        let st = &mut *guard;
-        st.launches += 1;
-        let params: Vec<ParamValue> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::Ptr(p) => ParamValue::Ptr(p),
-                Arg::I32(v) => ParamValue::I32(v),
-                Arg::U32(v) => ParamValue::U32(v),
-                Arg::I64(v) => ParamValue::I64(v),
-                Arg::F32(v) => ParamValue::F32(v),
-            })
-            .collect();
-        let m = st.modules.get(module).ok_or_else(|| err(format!("module {module} not loaded")))?;
-        let opts = LaunchOptions { seed: st.launches, ..Default::default() };
-        let s = st.dev.launch(m, kernel, grid, block, smem, &params, &opts).map_err(err)?;
-        let e = st.stats.entry(kernel.to_string()).or_default();
-        e.0 += 1;
-        e.1.ctas += s.ctas;
-        e.1.warp_instructions += s.warp_instructions;
-        e.1.lane_instructions += s.lane_instructions;
-        for i in 0..5 {
-            e.1.bytes_loaded[i] += s.bytes_loaded[i];
-            e.1.bytes_stored[i] += s.bytes_stored[i];
+        let mut st = self.state.lock().unwrap();
+        st.issued.launches += 1;
+        Self::launch_in(&mut st, module, kernel, grid, block, smem, args)
+    }
+    fn graph_capture(&self, ops: &[Op]) -> Result<GraphId, GpuError> {
+        if self.refuse_captures.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(err("capture refused (Sim::refuse_captures)"));
         }
-        for (x, y) in e.1.by_class.iter_mut().zip(s.by_class) {
-            *x += y;
+        let mut st = self.state.lock().unwrap();
+        // What a GPU's capture would refuse: a kernel of a module that was never loaded.
+        for op in ops {
+            if let Op::Launch { module, .. } = op {
+                if !st.modules.contains_key(module) {
+                    return Err(err(format!("capture: module {module} not loaded")));
+                }
+            }
         }
-        e.1.barriers += s.barriers;
+        st.next_graph += 1;
+        let id = st.next_graph;
+        st.graphs.insert(id, ops.to_vec());
+        Ok(id)
+    }
+    fn graph_launch(&self, g: GraphId) -> Result<(), GpuError> {
+        let mut st = self.state.lock().unwrap();
+        st.issued.graph_launches += 1;
+        let ops = st.graphs.get(&g).cloned().ok_or_else(|| err(format!("graph {g} was never captured or was destroyed")))?;
+        for op in &ops {
+            match op {
+                Op::Launch { module, kernel, grid, block, smem, args } => Self::launch_in(&mut st, module, kernel, *grid, *block, *smem, args)?,
+                Op::Gemm { g, input } => Self::gemm_in(&mut st, g, *input)?,
+                Op::Dtod { dst, src, bytes } => Self::dtod_in(&mut st, *dst, *src, *bytes)?,
+            }
+        }
         Ok(())
+    }
+    fn graph_destroy(&self, g: GraphId) {
+        self.state.lock().unwrap().graphs.remove(&g);
     }
     fn stream_create(&self) -> Result<StreamId, GpuError> {
         let mut st = self.state.lock().unwrap();
@@ -225,8 +267,52 @@ impl Gpu for Sim {
         self.gemm_ex(g, GemmInput::F32)
     }
     fn gemm_ex(&self, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
-        let es = input.size();
         let mut st = self.state.lock().unwrap();
+        st.issued.gemms += 1;
+        Self::gemm_in(&mut st, g, input)
+    }
+}
+
+impl Sim {
+    #[allow(clippy::too_many_arguments)]
+    fn launch_in(st: &mut State, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<(), GpuError> {
+        st.launches += 1;
+        let params: Vec<ParamValue> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) => ParamValue::Ptr(p),
+                Arg::I32(v) => ParamValue::I32(v),
+                Arg::U32(v) => ParamValue::U32(v),
+                Arg::I64(v) => ParamValue::I64(v),
+                Arg::F32(v) => ParamValue::F32(v),
+            })
+            .collect();
+        let m = st.modules.get(module).ok_or_else(|| err(format!("module {module} not loaded")))?;
+        let opts = LaunchOptions { seed: st.launches, ..Default::default() };
+        let s = st.dev.launch(m, kernel, grid, block, smem, &params, &opts).map_err(err)?;
+        let e = st.stats.entry(kernel.to_string()).or_default();
+        e.0 += 1;
+        e.1.ctas += s.ctas;
+        e.1.warp_instructions += s.warp_instructions;
+        e.1.lane_instructions += s.lane_instructions;
+        for i in 0..5 {
+            e.1.bytes_loaded[i] += s.bytes_loaded[i];
+            e.1.bytes_stored[i] += s.bytes_stored[i];
+        }
+        for (x, y) in e.1.by_class.iter_mut().zip(s.by_class) {
+            *x += y;
+        }
+        e.1.barriers += s.barriers;
+        Ok(())
+    }
+
+    fn dtod_in(st: &mut State, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), GpuError> {
+        let v = st.dev.read(src, bytes).map_err(err)?;
+        st.dev.write(dst, &v).map_err(err)
+    }
+
+    fn gemm_in(st: &mut State, g: &Gemm, input: GemmInput) -> Result<(), GpuError> {
+        let es = input.size();
         let dev = &mut st.dev;
         let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
         let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
