@@ -68,6 +68,42 @@ impl Packed {
         let len = self.kind.depth(self.k) * self.width;
         &self.data[p * len..(p + 1) * len]
     }
+
+    /// The whole operand as a `View`.
+    pub(crate) fn all(&self) -> View<'_> {
+        View { p: self, panel0: 0, rows: self.rows, d0: 0, k: self.k }
+    }
+
+    /// Rows `rows` over k `ks` of the operand: a product can read a block of a packed weight
+    /// (the lm-head's vocabulary tiles) without packing it again. `rows` starts at a panel
+    /// boundary; for bf16, `ks` starts at an even k and ends at an even k or at the end (a pair
+    /// must not straddle the range).
+    pub(crate) fn view(&self, rows: std::ops::Range<usize>, ks: std::ops::Range<usize>) -> View<'_> {
+        assert!(rows.start.is_multiple_of(self.width) && rows.start <= rows.end && rows.end <= self.rows, "packed view rows {rows:?} of {}", self.rows);
+        assert!(ks.start <= ks.end && ks.end <= self.k, "packed view k {ks:?} of {}", self.k);
+        if self.kind == Kind::Bf16 {
+            assert!(ks.start.is_multiple_of(2) && (ks.end.is_multiple_of(2) || ks.end == self.k), "bf16 view k {ks:?} splits a pair");
+        }
+        View { p: self, panel0: rows.start / self.width, rows: rows.len(), d0: self.kind.depth(ks.start), k: ks.len() }
+    }
+}
+
+/// Some panels of a `Packed` over a range of its k (see `Packed::view`).
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    p: &'a Packed,
+    /// First panel, rows, first depth entry and k of the view.
+    panel0: usize,
+    rows: usize,
+    d0: usize,
+    k: usize,
+}
+
+impl View<'_> {
+    fn panel(&self, p: usize) -> &[u32] {
+        let w = self.p.width;
+        &self.p.panel(self.panel0 + p)[self.d0 * w..(self.d0 + self.p.kind.depth(self.k)) * w]
+    }
 }
 
 /// bf16 bits of `x`, rounded to nearest even (NaN stays NaN).
@@ -181,14 +217,23 @@ pub(crate) unsafe fn pack_b(kind: Kind, k: usize, n: usize, b: *const f32, rs: i
 /// `dst` must be valid for the `m x n` strided matrix and not overlap the operands.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn multiply(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool) {
-    multiply_with(a, b, dst, rs, cs, accumulate, alpha, par, has_simd(a.kind))
+    multiply_with(a.all(), b.all(), dst, rs, cs, accumulate, alpha, par, has_simd(a.kind))
+}
+
+/// `multiply` on views of packed operands (same kind, same k).
+///
+/// # Safety
+/// As `multiply`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn multiply_views(a: View, b: View, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool) {
+    multiply_with(a, b, dst, rs, cs, accumulate, alpha, par, has_simd(a.p.kind))
 }
 
 /// `multiply` on the SIMD (`simd`, where `has_simd`) or the portable kernel.
 #[allow(clippy::too_many_arguments)]
-unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool, simd: bool) {
-    assert!(a.kind == b.kind && a.k == b.k && a.width == MR && b.width == NR, "matmul: mismatched packed operands");
-    let (m, n, k, kind) = (a.rows, b.rows, a.k, a.kind);
+unsafe fn multiply_with(a: View, b: View, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool, simd: bool) {
+    assert!(a.p.kind == b.p.kind && a.k == b.k && a.p.width == MR && b.p.width == NR, "matmul: mismatched packed operands");
+    let (m, n, k, kind) = (a.rows, b.rows, a.k, a.p.kind);
     if m == 0 || n == 0 {
         return;
     }
@@ -211,9 +256,21 @@ unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: is
                 let bp = &b.panel(jp)[d0 * NR..];
                 for ip in ti * TASK_M..mp.min((ti + 1) * TASK_M) {
                     let ap = &a.panel(ip)[d0 * MR..];
-                    kernel(kind, simd, kc, ap, bp, &mut tile);
                     let (mr, nr) = (MR.min(m - ip * MR), NR.min(n - jp * NR));
-                    store(&tile, dst.get().offset((ip * MR) as isize * rs + (jp * NR) as isize * cs), rs, cs, mr, nr, first, alpha);
+                    let d = dst.get().offset((ip * MR) as isize * rs + (jp * NR) as isize * cs);
+                    #[cfg(target_arch = "x86_64")]
+                    if simd && cs == 1 {
+                        // SAFETY: `has_simd` checked the CPU features; the panels hold kc
+                        // entries; d's mr x nr corner is inside dst.
+                        assert!(ap.len() >= kc * MR && bp.len() >= kc * NR);
+                        match kind {
+                            Kind::F32 => x86::kernel_f32(kc, ap.as_ptr(), bp.as_ptr(), x86::Out { d, rs, mr, nr, first, alpha }),
+                            Kind::Bf16 => x86::kernel_bf16(kc, ap.as_ptr(), bp.as_ptr(), x86::Out { d, rs, mr, nr, first, alpha }),
+                        }
+                        continue;
+                    }
+                    kernel(kind, simd, kc, ap, bp, &mut tile);
+                    store(&tile, d, rs, cs, mr, nr, first, alpha);
                 }
             }
             d0 += kc;
@@ -275,9 +332,10 @@ fn kernel(kind: Kind, simd: bool, kc: usize, a: &[u32], b: &[u32], tile: &mut [f
     if simd {
         // SAFETY: `has_simd` checked the CPU features; the slices hold kc entries.
         unsafe {
+            let out = x86::Out { d: tile.as_mut_ptr(), rs: NR as isize, mr: MR, nr: NR, first: true, alpha: 1.0 };
             match kind {
-                Kind::F32 => x86::kernel_f32(kc, a.as_ptr(), b.as_ptr(), tile),
-                Kind::Bf16 => x86::kernel_bf16(kc, a.as_ptr(), b.as_ptr(), tile),
+                Kind::F32 => x86::kernel_f32(kc, a.as_ptr(), b.as_ptr(), out),
+                Kind::Bf16 => x86::kernel_bf16(kc, a.as_ptr(), b.as_ptr(), out),
             }
         }
         return;
@@ -404,10 +462,40 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// AVX-512F; `a` holds `kc * MR`, `b` `kc * NR` entries.
+    /// Where a kernel puts its `MR x NR` tile: the `mr x nr` corner of a row-major C at `d`
+    /// (row stride `rs`), written (`first`) or added to, times `alpha`: `super::store`'s
+    /// operations, in registers.
+    pub(super) struct Out {
+        pub d: *mut f32,
+        pub rs: isize,
+        pub mr: usize,
+        pub nr: usize,
+        pub first: bool,
+        pub alpha: f32,
+    }
+
+    /// Stores the accumulators as `out` says.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_f32(kc: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+    unsafe fn put(c: &[[__m512; 2]; MR], out: Out) {
+        let m0: __mmask16 = if out.nr >= 16 { !0 } else { (1u16 << out.nr) - 1 };
+        let m1: __mmask16 = if out.nr >= 32 { !0 } else if out.nr > 16 { (1u16 << (out.nr - 16)) - 1 } else { 0 };
+        let alpha = _mm512_set1_ps(out.alpha);
+        for (i, ci) in c.iter().enumerate().take(out.mr) {
+            let row = out.d.offset(i as isize * out.rs);
+            for (h, (&v, m)) in ci.iter().zip([m0, m1]).enumerate() {
+                let p = row.add(16 * h);
+                let v = if out.alpha == 1.0 { v } else { _mm512_mul_ps(alpha, v) };
+                let v = if out.first { v } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v) };
+                _mm512_mask_storeu_ps(p, m, v);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `a` holds `kc * MR`, `b` `kc * NR` entries; `out` names valid memory.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel_f32(kc: usize, a: *const u32, b: *const u32, out: Out) {
         let (a, b) = (a as *const f32, b as *const f32);
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
         for d in 0..kc {
@@ -419,16 +507,14 @@ mod x86 {
                 ci[1] = _mm512_fmadd_ps(x, b1, ci[1]);
             }
         }
-        for (i, ci) in c.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), ci[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), ci[1]);
-        }
+        put(&c, out);
     }
 
     /// # Safety
-    /// AVX-512F and AVX512_BF16; `a` holds `kc * MR`, `b` `kc * NR` entries.
+    /// AVX-512F and AVX512_BF16; `a` holds `kc * MR`, `b` `kc * NR` entries; `out` names
+    /// valid memory.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn kernel_bf16(kc: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+    pub(super) unsafe fn kernel_bf16(kc: usize, a: *const u32, b: *const u32, out: Out) {
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
         for d in 0..kc {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(d * NR) as *const _));
@@ -439,10 +525,7 @@ mod x86 {
                 ci[1] = _mm512_dpbf16_ps(ci[1], x, b1);
             }
         }
-        for (i, ci) in c.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), ci[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), ci[1]);
-        }
+        put(&c, out);
     }
 }
 
@@ -481,7 +564,7 @@ mod tests {
                                 // The portable run packs with the scalar loops too.
                                 let pa = pack(kind, MR, m, k, a.as_ptr(), a_rs, a_cs, true, simd);
                                 let pb = pack(kind, NR, n, k, b.as_ptr(), b_cs, b_rs, true, simd);
-                                multiply_with(&pa, &pb, c.as_mut_ptr(), c_rs, c_cs, accumulate, alpha, true, simd);
+                                multiply_with(pa.all(), pb.all(), c.as_mut_ptr(), c_rs, c_cs, accumulate, alpha, true, simd);
                             }
                             for i in 0..m {
                                 for j in 0..n {
@@ -496,6 +579,39 @@ mod tests {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A view of a packed operand (a block of its panels over a range of k) multiplies to the
+    /// bits of packing that block on its own, in both kinds and both kernels, with tails.
+    #[test]
+    fn views_give_the_bits_of_packing_the_block() {
+        let (m, n, k) = (13, 100, 301);
+        let b = vals(k * n, 7); // [k, n]
+        for kind in [Kind::F32, Kind::Bf16] {
+            for simd in [true, false] {
+                if simd && !has_simd(kind) {
+                    continue;
+                }
+                for (cols, ks) in [(32..96, 4..260), (64..100, 0..301), (0..100, 40..301), (96..100, 2..3)] {
+                    if kind == Kind::Bf16 && ks == (2..3) {
+                        continue; // would split a pair
+                    }
+                    let kv = ks.len();
+                    let a = vals(m * kv, 8 + kv as u64);
+                    unsafe {
+                        let pb = pack(kind, NR, n, k, b.as_ptr(), 1, n as isize, true, simd);
+                        let sub = pack(kind, NR, cols.len(), kv, b.as_ptr().add(ks.start * n + cols.start), 1, n as isize, true, simd);
+                        let pa = pack(kind, MR, m, kv, a.as_ptr(), kv as isize, 1, true, simd);
+                        let (mut c1, mut c2) = (vals(m * cols.len(), 9), vals(m * cols.len(), 9));
+                        let rs = cols.len() as isize;
+                        multiply_with(pa.all(), pb.view(cols.clone(), ks.clone()), c1.as_mut_ptr(), rs, 1, true, 1.0, true, simd);
+                        multiply_with(pa.all(), sub.all(), c2.as_mut_ptr(), rs, 1, true, 1.0, true, simd);
+                        let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{kind:?} simd {simd} cols {cols:?} k {ks:?}");
                     }
                 }
             }
