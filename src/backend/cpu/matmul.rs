@@ -408,12 +408,65 @@ mod x86 {
                 }
             }
         } else {
-            for r in 0..valid {
-                let row = src.offset(r as isize * rs);
-                for kk in 0..k {
-                    *out.add(kk * width + r) = (*row.add(kk)).to_bits();
+            // k contiguous within a row: blocks of 16 rows x 16 k, transposed in registers.
+            for r0 in (0..valid).step_by(16) {
+                let (rows, sm) = (16.min(valid - r0), lanes(width - r0));
+                for c in (0..k).step_by(16) {
+                    let (kl, mut v) = ((k - c).min(16), [_mm512_setzero_si512(); 16]);
+                    for (j, vj) in v.iter_mut().enumerate().take(rows) {
+                        *vj = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(kl), src.offset((r0 + j) as isize * rs).add(c)));
+                    }
+                    transpose16(&mut v);
+                    for (t, vt) in v.iter().enumerate().take(kl) {
+                        _mm512_mask_storeu_epi32(out.add((c + t) * width + r0) as *mut i32, sm, *vt);
+                    }
                 }
             }
+        }
+    }
+
+    /// The mask of the first `n.min(16)` lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// Transposes the 16 x 16 matrix of 32-bit words whose rows are `r` (unpacks of 32 and 64
+    /// bits within 128-bit lanes, then two rounds of lane shuffles).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(r: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            // Rows 2i, 2i + 1: lane l holds words (a_4l, b_4l, a_4l+1, b_4l+1) and (.. + 2, + 3).
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for q in 0..4 {
+            // Rows 4q..4q + 4: r[4q + j] lane l holds column 4l + j of those four rows.
+            let b = 4 * q;
+            r[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+            r[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+            r[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+            r[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+        }
+        for h in 0..2 {
+            // Rows 8h..8h + 8: t[8h + j] (j < 4) holds columns j, 8 + j; t[8h + 4 + j] columns
+            // 4 + j, 12 + j (each: four rows, then the next four).
+            let b = 8 * h;
+            for j in 0..4 {
+                t[b + j] = _mm512_shuffle_i32x4::<0x88>(r[b + j], r[b + 4 + j]);
+                t[b + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(r[b + j], r[b + 4 + j]);
+            }
+        }
+        for j in 0..8 {
+            // Column j from t[j] and t[8 + j]; column 8 + j from their other halves.
+            r[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[8 + j]);
+            r[8 + j] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[8 + j]);
         }
     }
 
@@ -440,23 +493,24 @@ mod x86 {
                 }
             }
         } else {
-            // Row r: 32 floats of k at a time become 16 pairs, stored down the panel.
-            let mut tmp = [0u32; 16];
-            for r in 0..valid {
-                let row = src.offset(r as isize * rs);
-                let mut c = 0;
-                while c < k {
+            // k contiguous within a row: blocks of 16 rows x 32 k become 16 rows x 16 pairs,
+            // transposed in registers.
+            for r0 in (0..valid).step_by(16) {
+                let (rows, sm) = (16.min(valid - r0), lanes(width - r0));
+                for c in (0..k).step_by(32) {
                     let left = k - c;
-                    let m0: __mmask16 = if left >= 16 { !0 } else { (1u16 << left) - 1 };
-                    let m1: __mmask16 = if left >= 32 { !0 } else if left > 16 { (1u16 << (left - 16)) - 1 } else { 0 };
-                    let lo = _mm512_maskz_loadu_ps(m0, row.add(c));
-                    let hi = _mm512_maskz_loadu_ps(m1, row.add(c + 16.min(left)));
-                    _mm512_storeu_si512(tmp.as_mut_ptr() as *mut _, std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-                    let d0 = c / 2;
-                    for (t, &w) in tmp.iter().enumerate().take(left.div_ceil(2).min(16)) {
-                        *out.add((d0 + t) * width + r) = w;
+                    let (m0, m1) = (lanes(left), lanes(left.saturating_sub(16)));
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (j, vj) in v.iter_mut().enumerate().take(rows) {
+                        let row = src.offset((r0 + j) as isize * rs);
+                        let lo = _mm512_maskz_loadu_ps(m0, row.add(c));
+                        let hi = _mm512_maskz_loadu_ps(m1, row.add(c + 16.min(left)));
+                        *vj = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
                     }
-                    c += 32;
+                    transpose16(&mut v);
+                    for (t, vt) in v.iter().enumerate().take(left.div_ceil(2).min(16)) {
+                        _mm512_mask_storeu_epi32(out.add((c / 2 + t) * width + r0) as *mut i32, sm, *vt);
+                    }
                 }
             }
         }
