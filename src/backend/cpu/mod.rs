@@ -63,6 +63,7 @@ pub struct CpuBackend<F = f32> {
 impl<F> CpuBackend<F> {
     /// The reference: every product in `F`.
     pub fn new() -> Self {
+        keep_freed_memory();
         Self { precision: Precision::F32, _scalar: PhantomData }
     }
     pub fn precision(&self) -> Precision {
@@ -73,6 +74,7 @@ impl<F> CpuBackend<F> {
 impl CpuBackend<f32> {
     /// The backend with products in precision `p` (`Precision` says what each means here).
     pub fn with_precision(p: Precision) -> Self {
+        keep_freed_memory();
         Self { precision: p, _scalar: PhantomData }
     }
 }
@@ -150,6 +152,33 @@ impl<F> CpuBackend<F> {
     /// are bf16 of the f32 weights.
     fn head_cache<'a>(&self, w: &'a CpuBuf<F>, dim: usize) -> Option<&'a buf::WeightCache> {
         w.cache().filter(|_| self.precision != Precision::Q8 && dim > 0 && w.len().is_multiple_of(dim))
+    }
+}
+
+/// Keeps freed memory in the process for reuse (glibc only, once per process). By default glibc
+/// hands blocks above its mmap threshold back to the OS on free, and trims the heap's top above
+/// its trim threshold, so the activations of a training step (hundreds per step, 0.1-3 MiB each)
+/// kept arriving as fresh pages: the kernel's page faults and zeroing took 6-8% of a step of the
+/// default model (87k minor faults per forward + backward; 20k after). A fixed 32 MiB mmap
+/// threshold (glibc's largest dynamic value, which it otherwise reaches only after such a free)
+/// and no trimming keep them in the heap. The step's peak RSS is unchanged (2.14 vs 2.15 GB);
+/// the process no longer gives memory back below its peak.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            extern "C" {
+                fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+            }
+            const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+            const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+            // SAFETY: mallopt only sets allocator parameters; both values are in range.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
+                mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX);
+            }
+        });
     }
 }
 
@@ -353,6 +382,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
     fn zeros(&self, n: usize) -> CpuBuf<F> {
+        keep_freed_memory();
         CpuBuf::new(vec![F::zero(); n])
     }
     fn upload(&self, host: &[f32]) -> CpuBuf<F> {
