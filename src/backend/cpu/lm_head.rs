@@ -15,9 +15,10 @@ use super::{gemm_strided, gemm_strided_f32, is_f32, simd, Elem};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Rows per chunk and vocabulary entries per tile. A tile's weights are packed for each chunk
-/// that uses them, so ROWS sets what packing costs relative to the product (1 / (2 ROWS) per
-/// flop); ROWS x TILE f32 is the logits working set of each thread (1 MiB).
+/// Rows per chunk and vocabulary entries per tile. On the generic path a tile's weights are
+/// packed for each chunk that uses them, so ROWS sets what packing costs relative to the
+/// product (1 / (2 ROWS) per flop); ROWS x TILE f32 is the logits working set of each thread
+/// (1 MiB).
 pub(crate) const ROWS: usize = 128;
 pub(crate) const TILE: usize = 2048;
 
