@@ -2,14 +2,23 @@
 //! tiles (in parallel), with an online log-sum-exp, so the `[rows, vocab]` logits are never
 //! materialised; peak extra memory is O(ROWS x TILE x threads). The backward recomputes each
 //! logits tile from the saved log-sum-exp. Reference for the fused CUDA lm-head/DPO kernel.
+//!
+//! In f32 on the packed kernels (matmul.rs), the weight's packed copies are kept beside it
+//! (`WeightCache`: packed once per weight version) and each tile reads its block of them
+//! (`Packed::view`), where otherwise every chunk of rows packs the whole vocabulary again for
+//! each of its products; a chunk's own rows are packed once for all tiles. The packed operands
+//! are the ones the per-call packing makes, so the bits are the same.
 
-use super::matmul::Kind;
-use super::{gemm_strided, gemm_strided_f32, is_f32, Elem};
+use super::buf::{Derived, WeightCache};
+use super::matmul::{self, Kind, Packed};
+use super::{gemm_strided, gemm_strided_f32, is_f32, simd, Elem};
 use rayon::prelude::*;
+use std::sync::Arc;
 
-/// Rows per chunk and vocabulary entries per tile. A tile's weights are packed for each chunk
-/// that uses them, so ROWS sets what packing costs relative to the product (1 / (2 ROWS) per
-/// flop); ROWS x TILE f32 is the logits working set of each thread (1 MiB).
+/// Rows per chunk and vocabulary entries per tile. On the generic path a tile's weights are
+/// packed for each chunk that uses them, so ROWS sets what packing costs relative to the
+/// product (1 / (2 ROWS) per flop); ROWS x TILE f32 is the logits working set of each thread
+/// (1 MiB).
 pub(crate) const ROWS: usize = 128;
 pub(crate) const TILE: usize = 2048;
 
@@ -35,9 +44,46 @@ unsafe fn gemm<F: Elem>(bf16: bool, m: usize, n: usize, k: usize, dst: *mut F, d
     }
 }
 
-/// logits tile `[rc, vt]` = hc `[rc, dim]` @ w[v0..v0+vt]^T.
-fn logits_tile<F: Elem>(bf16: bool, hc: &[F], w: &[F], dim: usize, rc: usize, v0: usize, vt: usize) -> Vec<F> {
+/// The packed operands of the f32 path (see the module docs).
+struct Packs {
+    kind: Kind,
+    /// B = W^T `[dim, vocab]` (the logits) and, for the backward, B = W `[vocab, dim]` (dh).
+    wt: Arc<Packed>,
+    w: Option<Arc<Packed>>,
+}
+
+impl Packs {
+    /// The packs of `w` `[vocab, dim]`, when the products are f32 on the packed kernels and `w`
+    /// is a weight with a cache (`None`: the generic path).
+    fn of<F: Elem>(bf16: bool, w: &[F], dim: usize, cache: Option<&WeightCache>, backward: bool) -> Option<Packs> {
+        let kind = if bf16 { Kind::Bf16 } else { Kind::F32 };
+        let cache = cache.filter(|_| is_f32::<F>() && (bf16 || matmul::has_simd(Kind::F32)))?;
+        // SAFETY: F is f32 (checked above).
+        let wf = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
+        let vocab = w.len() / dim;
+        // The layouts `CpuBackend::product` packs for `x @ W^T` and `dy @ W` (the same copies).
+        // SAFETY (both): w is [vocab, dim].
+        let wt = cache.packed(Derived::PackedT(kind), || unsafe { matmul::pack_b(kind, dim, vocab, wf.as_ptr(), 1, dim as isize, true) });
+        let w = backward.then(|| cache.packed(Derived::Packed(kind), || unsafe { matmul::pack_b(kind, vocab, dim, wf.as_ptr(), dim as isize, 1, true) }));
+        Some(Packs { kind, wt, w })
+    }
+
+    /// hc `[rc, dim]` packed as the left operand.
+    fn rows_a<F>(&self, hc: &[F], rc: usize, dim: usize) -> Packed {
+        // SAFETY: hc is [rc, dim] of f32 (`of` checked F).
+        unsafe { matmul::pack_a(self.kind, rc, dim, hc.as_ptr() as *const f32, dim as isize, 1, false) }
+    }
+}
+
+/// logits tile `[rc, vt]` = hc `[rc, dim]` @ w[v0..v0+vt]^T; `packed`: the packs and hc packed.
+#[allow(clippy::too_many_arguments)]
+fn logits_tile<F: Elem>(bf16: bool, hc: &[F], w: &[F], dim: usize, rc: usize, v0: usize, vt: usize, packed: Option<(&Packs, &Packed)>) -> Vec<F> {
     let mut t = vec![F::zero(); rc * vt];
+    if let Some((p, ha)) = packed {
+        // SAFETY: t is [rc, vt] of f32 (`Packs::of` checked F); the view is W^T's tile.
+        unsafe { matmul::multiply_views(ha.all(), p.wt.view(v0..v0 + vt, 0..dim), t.as_mut_ptr() as *mut f32, vt as isize, 1, false, 1.0, false) };
+        return t;
+    }
     // SAFETY: hc is [rc, dim], w's rows v0..v0+vt exist (vocab tiles), t is [rc, vt].
     unsafe { gemm(bf16, rc, vt, dim, t.as_mut_ptr(), vt as isize, false, hc.as_ptr(), dim as isize, 1, w.as_ptr().add(v0 * dim), 1, dim as isize) };
     t
@@ -45,13 +91,18 @@ fn logits_tile<F: Elem>(bf16: bool, hc: &[F], w: &[F], dim: usize, rc: usize, v0
 
 /// Log-probs of `targets` at `rows` of h and their log-sum-exps; `bf16`: the logits products in
 /// bf16 (see `Precision`).
-pub(super) fn logprobs<F: Elem>(bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32]) -> (Vec<F>, Vec<F>) {
+/// `cache`: w's derived copies, when it is a weight whose packs may be shared (see
+/// `Packs`).
+pub(super) fn logprobs<F: Elem>(bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], cache: Option<&WeightCache>) -> (Vec<F>, Vec<F>) {
     let vocab = w.len() / dim;
     let n = rows.len();
     let (mut logp, mut lse) = (vec![F::zero(); n], vec![F::zero(); n]);
+    let packs = Packs::of(bf16, w, dim, cache, false);
     for c0 in (0..n).step_by(ROWS) {
         let rc = ROWS.min(n - c0);
         let hc = gather_rows(h, &rows[c0..c0 + rc], dim);
+        let ha = packs.as_ref().map(|p| p.rows_a(&hc, rc, dim));
+        let packed = packs.as_ref().zip(ha.as_ref());
         let tg = &targets[c0..c0 + rc];
         // Per tile and row: (max, sum of exp(x - max), target logit if in this tile).
         let tiles: Vec<Vec<(F, F, Option<F>)>> = (0..vocab)
@@ -60,12 +111,21 @@ pub(super) fn logprobs<F: Elem>(bf16: bool, h: &[F], w: &[F], dim: usize, rows: 
             .into_par_iter()
             .map(|v0| {
                 let vt = TILE.min(vocab - v0);
-                let t = logits_tile(bf16, &hc, w, dim, rc, v0, vt);
+                let t = logits_tile(bf16, &hc, w, dim, rc, v0, vt, packed);
+                let tf = simd::f32s(&t);
                 (0..rc)
                     .map(|r| {
                         let row = &t[r * vt..(r + 1) * vt];
-                        let m = row.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
-                        let s = row.iter().map(|&x| (x - m).exp()).sum();
+                        let (m, s) = match tf {
+                            Some(tf) => {
+                                let (m, s) = simd::max_sumexp(&tf[r * vt..(r + 1) * vt]);
+                                (F::from_f32(m).unwrap(), F::from_f32(s).unwrap())
+                            }
+                            None => {
+                                let m = row.iter().fold(F::neg_infinity(), |a, &b| a.max(b));
+                                (m, row.iter().map(|&x| (x - m).exp()).sum())
+                            }
+                        };
                         let tgt = tg[r] as usize;
                         let hit = (v0..v0 + vt).contains(&tgt).then(|| row[tgt - v0]);
                         (m, s, hit)
@@ -87,19 +147,28 @@ pub(super) fn logprobs<F: Elem>(bf16: bool, h: &[F], w: &[F], dim: usize, rows: 
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<F: Elem>(
-    bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], lse: &[F], dlogp: &[f32], dh: &mut [F], mut dw: Option<&mut [F]>,
+    bf16: bool, h: &[F], w: &[F], dim: usize, rows: &[u32], targets: &[u32], lse: &[F], dlogp: &[f32], dh: &mut [F], mut dw: Option<&mut [F]>, cache: Option<&WeightCache>,
 ) {
     let vocab = w.len() / dim;
     let n = rows.len();
+    let packs = Packs::of(bf16, w, dim, cache, true);
     for c0 in (0..n).step_by(ROWS) {
         let rc = ROWS.min(n - c0);
         let hc = gather_rows(h, &rows[c0..c0 + rc], dim);
+        // hc packed as the left operand (logits) and as the right one (dw = g^T hc).
+        // SAFETY: hc is [rc, dim] of f32 (`Packs::of` checked F).
+        let hp = packs.as_ref().map(|p| (p.rows_a(&hc, rc, dim), unsafe { matmul::pack_b(p.kind, rc, dim, hc.as_ptr() as *const f32, dim as isize, 1, false) }));
         let (tg, l, dl) = (&targets[c0..c0 + rc], &lse[c0..c0 + rc], &dlogp[c0..c0 + rc]);
         // One vocab tile: its logits' gradient g, its rows of dw (when trained) and its part of
         // dh.
         let tile = |v0: usize, vt: usize, dwt: Option<&mut [F]>| {
-            let mut g = logits_tile(bf16, &hc, w, dim, rc, v0, vt);
+            let mut g = logits_tile(bf16, &hc, w, dim, rc, v0, vt, packs.as_ref().zip(hp.as_ref().map(|h| &h.0)));
             for r in 0..rc {
+                if let Some(gr) = simd::f32s_mut(&mut g[r * vt..(r + 1) * vt]) {
+                    let hit = (v0..v0 + vt).contains(&(tg[r] as usize)).then(|| tg[r] as usize - v0);
+                    simd::softmax_grad(gr, l[r].to_f32().unwrap(), dl[r], hit);
+                    continue;
+                }
                 let d = F::from_f32(dl[r]).unwrap();
                 for (j, x) in g[r * vt..(r + 1) * vt].iter_mut().enumerate() {
                     let p = (*x - l[r]).exp();
@@ -108,6 +177,20 @@ pub(super) fn backward<F: Elem>(
                 }
             }
             let mut dhp = vec![F::zero(); rc * dim];
+            if let (Some(p), Some((_, hb))) = (&packs, &hp) {
+                let gp = g.as_ptr() as *const f32;
+                // SAFETY: as below, all f32 (`Packs::of` checked F); the view is W's tile.
+                unsafe {
+                    if let Some(dwt) = dwt {
+                        let gt = matmul::pack_a(p.kind, vt, rc, gp, 1, vt as isize, false);
+                        matmul::multiply(&gt, hb, dwt.as_mut_ptr() as *mut f32, dim as isize, 1, true, 1.0, false);
+                    }
+                    let ga = matmul::pack_a(p.kind, rc, vt, gp, vt as isize, 1, false);
+                    let wv = p.w.as_ref().expect("backward packs").view(0..dim, v0..v0 + vt);
+                    matmul::multiply_views(ga.all(), wv, dhp.as_mut_ptr() as *mut f32, dim as isize, 1, false, 1.0, false);
+                }
+                return dhp;
+            }
             // SAFETY: g is [rc, vt], hc [rc, dim], dwt and w's tile [vt, dim], dhp [rc, dim].
             unsafe {
                 // dw_tile += g^T @ hc ; dh_part = g @ w_tile

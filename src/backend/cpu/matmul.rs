@@ -68,6 +68,42 @@ impl Packed {
         let len = self.kind.depth(self.k) * self.width;
         &self.data[p * len..(p + 1) * len]
     }
+
+    /// The whole operand as a `View`.
+    pub(crate) fn all(&self) -> View<'_> {
+        View { p: self, panel0: 0, rows: self.rows, d0: 0, k: self.k }
+    }
+
+    /// Rows `rows` over k `ks` of the operand: a product can read a block of a packed weight
+    /// (the lm-head's vocabulary tiles) without packing it again. `rows` starts at a panel
+    /// boundary; for bf16, `ks` starts at an even k and ends at an even k or at the end (a pair
+    /// must not straddle the range).
+    pub(crate) fn view(&self, rows: std::ops::Range<usize>, ks: std::ops::Range<usize>) -> View<'_> {
+        assert!(rows.start.is_multiple_of(self.width) && rows.start <= rows.end && rows.end <= self.rows, "packed view rows {rows:?} of {}", self.rows);
+        assert!(ks.start <= ks.end && ks.end <= self.k, "packed view k {ks:?} of {}", self.k);
+        if self.kind == Kind::Bf16 {
+            assert!(ks.start.is_multiple_of(2) && (ks.end.is_multiple_of(2) || ks.end == self.k), "bf16 view k {ks:?} splits a pair");
+        }
+        View { p: self, panel0: rows.start / self.width, rows: rows.len(), d0: self.kind.depth(ks.start), k: ks.len() }
+    }
+}
+
+/// Some panels of a `Packed` over a range of its k (see `Packed::view`).
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    p: &'a Packed,
+    /// First panel, rows, first depth entry and k of the view.
+    panel0: usize,
+    rows: usize,
+    d0: usize,
+    k: usize,
+}
+
+impl View<'_> {
+    fn panel(&self, p: usize) -> &[u32] {
+        let w = self.p.width;
+        &self.p.panel(self.panel0 + p)[self.d0 * w..(self.d0 + self.p.kind.depth(self.k)) * w]
+    }
 }
 
 /// bf16 bits of `x`, rounded to nearest even (NaN stays NaN).
@@ -181,14 +217,23 @@ pub(crate) unsafe fn pack_b(kind: Kind, k: usize, n: usize, b: *const f32, rs: i
 /// `dst` must be valid for the `m x n` strided matrix and not overlap the operands.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn multiply(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool) {
-    multiply_with(a, b, dst, rs, cs, accumulate, alpha, par, has_simd(a.kind))
+    multiply_with(a.all(), b.all(), dst, rs, cs, accumulate, alpha, par, has_simd(a.kind))
+}
+
+/// `multiply` on views of packed operands (same kind, same k).
+///
+/// # Safety
+/// As `multiply`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn multiply_views(a: View, b: View, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool) {
+    multiply_with(a, b, dst, rs, cs, accumulate, alpha, par, has_simd(a.p.kind))
 }
 
 /// `multiply` on the SIMD (`simd`, where `has_simd`) or the portable kernel.
 #[allow(clippy::too_many_arguments)]
-unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool, simd: bool) {
-    assert!(a.kind == b.kind && a.k == b.k && a.width == MR && b.width == NR, "matmul: mismatched packed operands");
-    let (m, n, k, kind) = (a.rows, b.rows, a.k, a.kind);
+unsafe fn multiply_with(a: View, b: View, dst: *mut f32, rs: isize, cs: isize, accumulate: bool, alpha: f32, par: bool, simd: bool) {
+    assert!(a.p.kind == b.p.kind && a.k == b.k && a.p.width == MR && b.p.width == NR, "matmul: mismatched packed operands");
+    let (m, n, k, kind) = (a.rows, b.rows, a.k, a.p.kind);
     if m == 0 || n == 0 {
         return;
     }
@@ -211,9 +256,21 @@ unsafe fn multiply_with(a: &Packed, b: &Packed, dst: *mut f32, rs: isize, cs: is
                 let bp = &b.panel(jp)[d0 * NR..];
                 for ip in ti * TASK_M..mp.min((ti + 1) * TASK_M) {
                     let ap = &a.panel(ip)[d0 * MR..];
-                    kernel(kind, simd, kc, ap, bp, &mut tile);
                     let (mr, nr) = (MR.min(m - ip * MR), NR.min(n - jp * NR));
-                    store(&tile, dst.get().offset((ip * MR) as isize * rs + (jp * NR) as isize * cs), rs, cs, mr, nr, first, alpha);
+                    let d = dst.get().offset((ip * MR) as isize * rs + (jp * NR) as isize * cs);
+                    #[cfg(target_arch = "x86_64")]
+                    if simd && cs == 1 {
+                        // SAFETY: `has_simd` checked the CPU features; the panels hold kc
+                        // entries; d's mr x nr corner is inside dst.
+                        assert!(ap.len() >= kc * MR && bp.len() >= kc * NR);
+                        match kind {
+                            Kind::F32 => x86::kernel_f32(kc, ap.as_ptr(), bp.as_ptr(), x86::Out { d, rs, mr, nr, first, alpha }),
+                            Kind::Bf16 => x86::kernel_bf16(kc, ap.as_ptr(), bp.as_ptr(), x86::Out { d, rs, mr, nr, first, alpha }),
+                        }
+                        continue;
+                    }
+                    kernel(kind, simd, kc, ap, bp, &mut tile);
+                    store(&tile, d, rs, cs, mr, nr, first, alpha);
                 }
             }
             d0 += kc;
@@ -275,9 +332,10 @@ fn kernel(kind: Kind, simd: bool, kc: usize, a: &[u32], b: &[u32], tile: &mut [f
     if simd {
         // SAFETY: `has_simd` checked the CPU features; the slices hold kc entries.
         unsafe {
+            let out = x86::Out { d: tile.as_mut_ptr(), rs: NR as isize, mr: MR, nr: NR, first: true, alpha: 1.0 };
             match kind {
-                Kind::F32 => x86::kernel_f32(kc, a.as_ptr(), b.as_ptr(), tile),
-                Kind::Bf16 => x86::kernel_bf16(kc, a.as_ptr(), b.as_ptr(), tile),
+                Kind::F32 => x86::kernel_f32(kc, a.as_ptr(), b.as_ptr(), out),
+                Kind::Bf16 => x86::kernel_bf16(kc, a.as_ptr(), b.as_ptr(), out),
             }
         }
         return;
@@ -350,12 +408,65 @@ mod x86 {
                 }
             }
         } else {
-            for r in 0..valid {
-                let row = src.offset(r as isize * rs);
-                for kk in 0..k {
-                    *out.add(kk * width + r) = (*row.add(kk)).to_bits();
+            // k contiguous within a row: blocks of 16 rows x 16 k, transposed in registers.
+            for r0 in (0..valid).step_by(16) {
+                let (rows, sm) = (16.min(valid - r0), lanes(width - r0));
+                for c in (0..k).step_by(16) {
+                    let (kl, mut v) = ((k - c).min(16), [_mm512_setzero_si512(); 16]);
+                    for (j, vj) in v.iter_mut().enumerate().take(rows) {
+                        *vj = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(kl), src.offset((r0 + j) as isize * rs).add(c)));
+                    }
+                    transpose16(&mut v);
+                    for (t, vt) in v.iter().enumerate().take(kl) {
+                        _mm512_mask_storeu_epi32(out.add((c + t) * width + r0) as *mut i32, sm, *vt);
+                    }
                 }
             }
+        }
+    }
+
+    /// The mask of the first `n.min(16)` lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// Transposes the 16 x 16 matrix of 32-bit words whose rows are `r` (unpacks of 32 and 64
+    /// bits within 128-bit lanes, then two rounds of lane shuffles).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(r: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            // Rows 2i, 2i + 1: lane l holds words (a_4l, b_4l, a_4l+1, b_4l+1) and (.. + 2, + 3).
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for q in 0..4 {
+            // Rows 4q..4q + 4: r[4q + j] lane l holds column 4l + j of those four rows.
+            let b = 4 * q;
+            r[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+            r[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+            r[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+            r[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+        }
+        for h in 0..2 {
+            // Rows 8h..8h + 8: t[8h + j] (j < 4) holds columns j, 8 + j; t[8h + 4 + j] columns
+            // 4 + j, 12 + j (each: four rows, then the next four).
+            let b = 8 * h;
+            for j in 0..4 {
+                t[b + j] = _mm512_shuffle_i32x4::<0x88>(r[b + j], r[b + 4 + j]);
+                t[b + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(r[b + j], r[b + 4 + j]);
+            }
+        }
+        for j in 0..8 {
+            // Column j from t[j] and t[8 + j]; column 8 + j from their other halves.
+            r[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[8 + j]);
+            r[8 + j] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[8 + j]);
         }
     }
 
@@ -382,32 +493,63 @@ mod x86 {
                 }
             }
         } else {
-            // Row r: 32 floats of k at a time become 16 pairs, stored down the panel.
-            let mut tmp = [0u32; 16];
-            for r in 0..valid {
-                let row = src.offset(r as isize * rs);
-                let mut c = 0;
-                while c < k {
+            // k contiguous within a row: blocks of 16 rows x 32 k become 16 rows x 16 pairs,
+            // transposed in registers.
+            for r0 in (0..valid).step_by(16) {
+                let (rows, sm) = (16.min(valid - r0), lanes(width - r0));
+                for c in (0..k).step_by(32) {
                     let left = k - c;
-                    let m0: __mmask16 = if left >= 16 { !0 } else { (1u16 << left) - 1 };
-                    let m1: __mmask16 = if left >= 32 { !0 } else if left > 16 { (1u16 << (left - 16)) - 1 } else { 0 };
-                    let lo = _mm512_maskz_loadu_ps(m0, row.add(c));
-                    let hi = _mm512_maskz_loadu_ps(m1, row.add(c + 16.min(left)));
-                    _mm512_storeu_si512(tmp.as_mut_ptr() as *mut _, std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-                    let d0 = c / 2;
-                    for (t, &w) in tmp.iter().enumerate().take(left.div_ceil(2).min(16)) {
-                        *out.add((d0 + t) * width + r) = w;
+                    let (m0, m1) = (lanes(left), lanes(left.saturating_sub(16)));
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (j, vj) in v.iter_mut().enumerate().take(rows) {
+                        let row = src.offset((r0 + j) as isize * rs);
+                        let lo = _mm512_maskz_loadu_ps(m0, row.add(c));
+                        let hi = _mm512_maskz_loadu_ps(m1, row.add(c + 16.min(left)));
+                        *vj = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
                     }
-                    c += 32;
+                    transpose16(&mut v);
+                    for (t, vt) in v.iter().enumerate().take(left.div_ceil(2).min(16)) {
+                        _mm512_mask_storeu_epi32(out.add((c / 2 + t) * width + r0) as *mut i32, sm, *vt);
+                    }
                 }
             }
         }
     }
 
-    /// # Safety
-    /// AVX-512F; `a` holds `kc * MR`, `b` `kc * NR` entries.
+    /// Where a kernel puts its `MR x NR` tile: the `mr x nr` corner of a row-major C at `d`
+    /// (row stride `rs`), written (`first`) or added to, times `alpha`: `super::store`'s
+    /// operations, in registers.
+    pub(super) struct Out {
+        pub d: *mut f32,
+        pub rs: isize,
+        pub mr: usize,
+        pub nr: usize,
+        pub first: bool,
+        pub alpha: f32,
+    }
+
+    /// Stores the accumulators as `out` says.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_f32(kc: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+    unsafe fn put(c: &[[__m512; 2]; MR], out: Out) {
+        let m0: __mmask16 = if out.nr >= 16 { !0 } else { (1u16 << out.nr) - 1 };
+        let m1: __mmask16 = if out.nr >= 32 { !0 } else if out.nr > 16 { (1u16 << (out.nr - 16)) - 1 } else { 0 };
+        let alpha = _mm512_set1_ps(out.alpha);
+        for (i, ci) in c.iter().enumerate().take(out.mr) {
+            let row = out.d.offset(i as isize * out.rs);
+            for (h, (&v, m)) in ci.iter().zip([m0, m1]).enumerate() {
+                let p = row.add(16 * h);
+                let v = if out.alpha == 1.0 { v } else { _mm512_mul_ps(alpha, v) };
+                let v = if out.first { v } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v) };
+                _mm512_mask_storeu_ps(p, m, v);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `a` holds `kc * MR`, `b` `kc * NR` entries; `out` names valid memory.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel_f32(kc: usize, a: *const u32, b: *const u32, out: Out) {
         let (a, b) = (a as *const f32, b as *const f32);
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
         for d in 0..kc {
@@ -419,16 +561,14 @@ mod x86 {
                 ci[1] = _mm512_fmadd_ps(x, b1, ci[1]);
             }
         }
-        for (i, ci) in c.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), ci[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), ci[1]);
-        }
+        put(&c, out);
     }
 
     /// # Safety
-    /// AVX-512F and AVX512_BF16; `a` holds `kc * MR`, `b` `kc * NR` entries.
+    /// AVX-512F and AVX512_BF16; `a` holds `kc * MR`, `b` `kc * NR` entries; `out` names
+    /// valid memory.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn kernel_bf16(kc: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+    pub(super) unsafe fn kernel_bf16(kc: usize, a: *const u32, b: *const u32, out: Out) {
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
         for d in 0..kc {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(d * NR) as *const _));
@@ -439,10 +579,7 @@ mod x86 {
                 ci[1] = _mm512_dpbf16_ps(ci[1], x, b1);
             }
         }
-        for (i, ci) in c.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), ci[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), ci[1]);
-        }
+        put(&c, out);
     }
 }
 
@@ -481,7 +618,7 @@ mod tests {
                                 // The portable run packs with the scalar loops too.
                                 let pa = pack(kind, MR, m, k, a.as_ptr(), a_rs, a_cs, true, simd);
                                 let pb = pack(kind, NR, n, k, b.as_ptr(), b_cs, b_rs, true, simd);
-                                multiply_with(&pa, &pb, c.as_mut_ptr(), c_rs, c_cs, accumulate, alpha, true, simd);
+                                multiply_with(pa.all(), pb.all(), c.as_mut_ptr(), c_rs, c_cs, accumulate, alpha, true, simd);
                             }
                             for i in 0..m {
                                 for j in 0..n {
@@ -496,6 +633,39 @@ mod tests {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A view of a packed operand (a block of its panels over a range of k) multiplies to the
+    /// bits of packing that block on its own, in both kinds and both kernels, with tails.
+    #[test]
+    fn views_give_the_bits_of_packing_the_block() {
+        let (m, n, k) = (13, 100, 301);
+        let b = vals(k * n, 7); // [k, n]
+        for kind in [Kind::F32, Kind::Bf16] {
+            for simd in [true, false] {
+                if simd && !has_simd(kind) {
+                    continue;
+                }
+                for (cols, ks) in [(32..96, 4..260), (64..100, 0..301), (0..100, 40..301), (96..100, 2..3)] {
+                    if kind == Kind::Bf16 && ks == (2..3) {
+                        continue; // would split a pair
+                    }
+                    let kv = ks.len();
+                    let a = vals(m * kv, 8 + kv as u64);
+                    unsafe {
+                        let pb = pack(kind, NR, n, k, b.as_ptr(), 1, n as isize, true, simd);
+                        let sub = pack(kind, NR, cols.len(), kv, b.as_ptr().add(ks.start * n + cols.start), 1, n as isize, true, simd);
+                        let pa = pack(kind, MR, m, kv, a.as_ptr(), kv as isize, 1, true, simd);
+                        let (mut c1, mut c2) = (vals(m * cols.len(), 9), vals(m * cols.len(), 9));
+                        let rs = cols.len() as isize;
+                        multiply_with(pa.all(), pb.view(cols.clone(), ks.clone()), c1.as_mut_ptr(), rs, 1, true, 1.0, true, simd);
+                        multiply_with(pa.all(), sub.all(), c2.as_mut_ptr(), rs, 1, true, 1.0, true, simd);
+                        let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{kind:?} simd {simd} cols {cols:?} k {ks:?}");
                     }
                 }
             }

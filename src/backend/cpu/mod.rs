@@ -9,6 +9,7 @@ mod gemv;
 pub(crate) mod kv;
 pub(crate) mod matmul;
 mod q8;
+mod simd;
 mod team;
 mod lm_head;
 pub(crate) mod optim;
@@ -62,6 +63,7 @@ pub struct CpuBackend<F = f32> {
 impl<F> CpuBackend<F> {
     /// The reference: every product in `F`.
     pub fn new() -> Self {
+        keep_freed_memory();
         Self { precision: Precision::F32, _scalar: PhantomData }
     }
     pub fn precision(&self) -> Precision {
@@ -72,6 +74,7 @@ impl<F> CpuBackend<F> {
 impl CpuBackend<f32> {
     /// The backend with products in precision `p` (`Precision` says what each means here).
     pub fn with_precision(p: Precision) -> Self {
+        keep_freed_memory();
         Self { precision: p, _scalar: PhantomData }
     }
 }
@@ -140,6 +143,42 @@ impl<F: Elem> CpuBackend<F> {
         let pa = unsafe { matmul::pack_a(kind, m, k, af.as_ptr(), a_rs, a_cs, true) };
         // SAFETY: cf is c's [m, n], disjoint from the packed copies.
         unsafe { matmul::multiply(&pa, &pb, cf.as_mut_ptr(), n as isize, 1, accumulate, alpha as f32, true) };
+    }
+}
+
+impl<F> CpuBackend<F> {
+    /// The lm-head weight's derived copies, for the lm-head to read its packs from: not at q8,
+    /// whose packs of a weight hold its 8-bit values (`product`), where the lm-head's products
+    /// are bf16 of the f32 weights.
+    fn head_cache<'a>(&self, w: &'a CpuBuf<F>, dim: usize) -> Option<&'a buf::WeightCache> {
+        w.cache().filter(|_| self.precision != Precision::Q8 && dim > 0 && w.len().is_multiple_of(dim))
+    }
+}
+
+/// Keeps freed memory in the process for reuse (glibc only, once per process). By default glibc
+/// hands blocks above its mmap threshold back to the OS on free, and trims the heap's top above
+/// its trim threshold, so the activations of a training step (hundreds per step, 0.1-3 MiB each)
+/// kept arriving as fresh pages: the kernel's page faults and zeroing took 6-8% of a step of the
+/// default model (87k minor faults per forward + backward; 20k after). A fixed 32 MiB mmap
+/// threshold (glibc's largest dynamic value, which it otherwise reaches only after such a free)
+/// and no trimming keep them in the heap. The step's peak RSS is unchanged (2.14 vs 2.15 GB);
+/// the process no longer gives memory back below its peak.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            extern "C" {
+                fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+            }
+            const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+            const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+            // SAFETY: mallopt only sets allocator parameters; both values are in range.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
+                mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX);
+            }
+        });
     }
 }
 
@@ -252,10 +291,71 @@ pub(crate) unsafe fn gemm_strided_f32(
 
 const ROW_CHUNK: usize = 16;
 
+/// Elements per task of the vectorised element-wise ops (simd.rs): 64 KiB of f32 per operand.
+const SIMD_CHUNK: usize = 1 << 14;
+
+/// RoPE's `(cos, signed sin)` `[tokens, head_dim / 2]` for `positions`, kept for reuse: every
+/// layer's q and k (forward) and dq and dk (backward) rotate by the same angles, and a sine and
+/// cosine in f64 cost more than the rotation. The values are the reference's `cast(cos)`,
+/// `cast(sign * sin)` of `pos * inv_freq[i]` (f64), so the bits do not change.
+fn rope_table(positions: &[u32], inv_freq: &[f64], half: usize, inverse: bool) -> std::sync::Arc<(Vec<f32>, Vec<f32>)> {
+    type Entry = (Vec<u32>, Vec<f64>, bool, std::sync::Arc<(Vec<f32>, Vec<f32>)>);
+    static CACHE: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
+    let inv_freq = &inv_freq[..half];
+    if let Some(e) = CACHE.lock().unwrap().iter().find(|e| e.2 == inverse && e.0 == positions && e.1 == inv_freq) {
+        return e.3.clone();
+    }
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let (mut c, mut s) = (vec![0f32; positions.len() * half], vec![0f32; positions.len() * half]);
+    let row = |((cr, sr), &pos): ((&mut [f32], &mut [f32]), &u32)| {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = pos as f64 * f;
+            (cr[i], sr[i]) = (angle.cos() as f32, (sign * angle.sin()) as f32);
+        }
+    };
+    if positions.len() * 16 * half < PAR_MIN {
+        c.chunks_mut(half).zip(s.chunks_mut(half)).zip(positions).for_each(row);
+    } else {
+        c.par_chunks_mut(half).zip(s.par_chunks_mut(half)).zip(positions.par_iter()).for_each(row);
+    }
+    let t = std::sync::Arc::new((c, s));
+    let mut cache = CACHE.lock().unwrap();
+    // A few entries: forward and inverse of the batch in flight (and of a decode step's).
+    if cache.len() >= 4 {
+        cache.remove(0);
+    }
+    cache.push((positions.to_vec(), inv_freq.to_vec(), inverse, t.clone()));
+    t
+}
+
 /// Elements below which an element-wise op runs on the calling thread: a rayon region costs
 /// tens of microseconds when the caller is outside the pool, more than a decode step's
 /// per-token ops (RMSNorm of 576, SwiGLU of 1536). Per-element results do not depend on it.
 const PAR_MIN: usize = 1 << 14;
+
+/// `rmsnorm_bwd` in f32 on the vectorised rows (simd.rs): rows in chunks of `ROW_CHUNK`, each
+/// chunk's dw partial summed in chunk order (the same bits whatever the threads did).
+fn rmsnorm_bwd_f32(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dim: usize, dx: &mut [f32], dw: &mut [f32]) {
+    let rows = rstd.len().min(dx.len() / dim);
+    let chunk = |((dxc, dyc), xc): ((&mut [f32], &[f32]), &[f32]), rc: &[f32]| {
+        let mut dwp = vec![0f32; dim];
+        for (((dxr, dyr), xr), &r) in dxc.chunks_mut(dim).zip(dyc.chunks(dim)).zip(xc.chunks(dim)).zip(rc) {
+            simd::rmsnorm_bwd_row(dyr, xr, w, r, dxr, &mut dwp);
+        }
+        dwp
+    };
+    let (dx, dy, x) = (&mut dx[..rows * dim], &dy[..rows * dim], &x[..rows * dim]);
+    let partial: Vec<Vec<f32>> = if rows * dim < PAR_MIN {
+        dx.chunks_mut(dim * ROW_CHUNK).zip(dy.chunks(dim * ROW_CHUNK)).zip(x.chunks(dim * ROW_CHUNK)).zip(rstd.chunks(ROW_CHUNK)).map(|(a, rc)| chunk(a, rc)).collect()
+    } else {
+        dx.par_chunks_mut(dim * ROW_CHUNK).zip(dy.par_chunks(dim * ROW_CHUNK)).zip(x.par_chunks(dim * ROW_CHUNK)).zip(rstd.par_chunks(ROW_CHUNK)).map(|(a, rc)| chunk(a, rc)).collect()
+    };
+    let mut sum = vec![0f32; dim];
+    for p in partial {
+        simd::add_assign(&mut sum, &p);
+    }
+    simd::add_assign(&mut dw[..dim], &sum);
+}
 
 /// Seeded values in [-1, 1) for the kernels' unit tests (an LCG: reproducible, never zeros).
 #[cfg(test)]
@@ -282,6 +382,7 @@ impl<F: Elem> Backend for CpuBackend<F> {
         }
     }
     fn zeros(&self, n: usize) -> CpuBuf<F> {
+        keep_freed_memory();
         CpuBuf::new(vec![F::zero(); n])
     }
     fn upload(&self, host: &[f32]) -> CpuBuf<F> {
@@ -322,6 +423,12 @@ impl<F: Elem> Backend for CpuBackend<F> {
 
     fn add_assign(&self, x: &mut CpuBuf<F>, y: &CpuBuf<F>) {
         assert_eq!(x.len(), y.len());
+        if let (Some(xf), Some(yf)) = (simd::f32s_mut(&mut x[..]), simd::f32s(y)) {
+            if xf.len() < PAR_MIN {
+                return simd::add_assign(xf, yf);
+            }
+            return xf.par_chunks_mut(SIMD_CHUNK).zip(yf.par_chunks(SIMD_CHUNK)).for_each(|(a, b)| simd::add_assign(a, b));
+        }
         if x.len() < PAR_MIN {
             return x.iter_mut().zip(y.iter()).for_each(|(a, &b)| *a += b);
         }
@@ -349,6 +456,13 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn rmsnorm(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, eps: f32, out: &mut CpuBuf<F>, rstd: &mut CpuBuf<F>) {
+        if let (Some(xf), Some(wf), Some(of), Some(rf)) = (simd::f32s(x), simd::f32s(w), simd::f32s_mut(&mut out[..]), simd::f32s_mut(&mut rstd[..])) {
+            let row = |((o, xr), r): ((&mut [f32], &[f32]), &mut f32)| *r = simd::rmsnorm_row(xr, wf, eps, o);
+            if xf.len() < PAR_MIN {
+                return of.chunks_mut(dim).zip(xf.chunks(dim)).zip(rf.iter_mut()).for_each(row);
+            }
+            return of.par_chunks_mut(dim).zip(xf.par_chunks(dim)).zip(rf.par_iter_mut()).for_each(row);
+        }
         let row = |((o, xr), r): ((&mut [F], &[F]), &mut F)| {
             let ss: f64 = xr.iter().map(|&v| {
                 let v = v.to_f64().unwrap();
@@ -369,6 +483,9 @@ impl<F: Elem> Backend for CpuBackend<F> {
     fn rmsnorm_bwd(&self, dy: &CpuBuf<F>, x: &CpuBuf<F>, w: &CpuBuf<F>, rstd: &CpuBuf<F>, dim: usize, dx: &mut CpuBuf<F>, dw: &mut CpuBuf<F>) {
         // y = w * x * r, r = (mean(x^2) + eps)^-1/2
         // dx_i = r * w_i dy_i - (r^3 / dim) * x_i * sum_j w_j dy_j x_j ;  dw_i = sum_rows dy_i x_i r
+        if let (Some(dyf), Some(xf), Some(wf), Some(rf), Some(dxf), Some(dwf)) = (simd::f32s(dy), simd::f32s(x), simd::f32s(w), simd::f32s(rstd), simd::f32s_mut(&mut dx[..]), simd::f32s_mut(&mut dw[..])) {
+            return rmsnorm_bwd_f32(dyf, xf, wf, rf, dim, dxf, dwf);
+        }
         let partial: Vec<F> = dx
             .par_chunks_mut(dim * ROW_CHUNK)
             .zip(dy.par_chunks(dim * ROW_CHUNK))
@@ -421,6 +538,16 @@ impl<F: Elem> Backend for CpuBackend<F> {
 
     fn rope(&self, x: &mut CpuBuf<F>, positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f64], inverse: bool) {
         let half = head_dim / 2;
+        if let Some(xf) = simd::f32s_mut(&mut x[..]) {
+            let table = rope_table(positions, inv_freq, half, inverse);
+            let (cs, sn) = (&table.0, &table.1);
+            let width = n_heads * head_dim;
+            let row = |(t, row): (usize, &mut [f32])| simd::rope_row(row, head_dim, &cs[t * half..(t + 1) * half], &sn[t * half..(t + 1) * half]);
+            if positions.len() * width < PAR_MIN {
+                return xf[..positions.len() * width].chunks_mut(width).enumerate().for_each(row);
+            }
+            return xf[..positions.len() * width].par_chunks_mut(width).enumerate().for_each(row);
+        }
         let sign = if inverse { -1.0 } else { 1.0 };
         let row = |(row, &pos): (&mut [F], &u32)| {
             for (i, &f) in inv_freq.iter().enumerate().take(half) {
@@ -443,6 +570,12 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn swiglu(&self, gate: &CpuBuf<F>, up: &CpuBuf<F>, out: &mut CpuBuf<F>) {
+        if let (Some(g), Some(u), Some(o)) = (simd::f32s(gate), simd::f32s(up), simd::f32s_mut(&mut out[..])) {
+            if o.len() < PAR_MIN {
+                return simd::swiglu(g, u, o);
+            }
+            return o.par_chunks_mut(SIMD_CHUNK).zip(g.par_chunks(SIMD_CHUNK).zip(u.par_chunks(SIMD_CHUNK))).for_each(|(o, (g, u))| simd::swiglu(g, u, o));
+        }
         let one = |(o, (&g, &u)): (&mut F, (&F, &F))| {
             let s = F::one() / (F::one() + (-g).exp());
             *o = g * s * u;
@@ -455,6 +588,15 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn swiglu_bwd(&self, dout: &CpuBuf<F>, gate: &CpuBuf<F>, up: &CpuBuf<F>, dgate: &mut CpuBuf<F>, dup: &mut CpuBuf<F>) {
+        if let (Some(d), Some(g), Some(u), Some(dg), Some(du)) = (simd::f32s(dout), simd::f32s(gate), simd::f32s(up), simd::f32s_mut(&mut dgate[..]), simd::f32s_mut(&mut dup[..])) {
+            let n = d.len();
+            let (g, u, dg, du) = (&g[..n], &u[..n], &mut dg[..n], &mut du[..n]);
+            if n < PAR_MIN {
+                return simd::swiglu_bwd(d, g, u, dg, du);
+            }
+            let chunks = d.par_chunks(SIMD_CHUNK).zip(g.par_chunks(SIMD_CHUNK)).zip(u.par_chunks(SIMD_CHUNK));
+            return chunks.zip(dg.par_chunks_mut(SIMD_CHUNK).zip(du.par_chunks_mut(SIMD_CHUNK))).for_each(|(((d, g), u), (dg, du))| simd::swiglu_bwd(d, g, u, dg, du));
+        }
         dgate.par_iter_mut().zip(dup.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
             let (g, u, d) = (gate[i], up[i], dout[i]);
             let s = F::one() / (F::one() + (-g).exp());
@@ -472,12 +614,12 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn lm_head_logprobs(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32]) -> (CpuBuf<F>, CpuBuf<F>) {
-        let (logp, lse) = lm_head::logprobs(self.precision != Precision::F32, h, w, dim, rows, targets);
+        let (logp, lse) = lm_head::logprobs(self.precision != Precision::F32, h, w, dim, rows, targets, self.head_cache(w, dim));
         (CpuBuf::new(logp), CpuBuf::new(lse))
     }
 
     fn lm_head_bwd(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<F>, dlogp: &[f32], dh: &mut CpuBuf<F>, dw: Option<&mut CpuBuf<F>>) {
-        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw.map(|d| &mut d[..]))
+        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw.map(|d| &mut d[..]), self.head_cache(w, dim))
     }
 
     fn kv_write(&self, cache: &mut CpuBuf<F>, k: &CpuBuf<F>, v: &CpuBuf<F>, slots: &[u32], geom: KvGeom) {

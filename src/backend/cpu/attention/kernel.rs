@@ -301,7 +301,7 @@ pub(super) fn exp_sub<F: Elem>(x: &mut [F], mu: &[F]) {
 /// so its bits are the same whatever it was compiled for. Exactly 1 at 0, 0 below -87.3
 /// (where 2^n would leave the normal range) and at -inf.
 #[inline(always)]
-pub(super) fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LO: f32 = -87.336_55; // ln(2^-126)
     const HI: f32 = 88.0;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
