@@ -5,9 +5,11 @@
 //! access to the data (`DerefMut`: optimizer steps, `add_assign`, a reload), so a copy always
 //! describes the current weights: packing happens once per weight version, not per call.
 
+use super::lm_head::Kept;
 use super::matmul::{self, Kind, Packed};
 use super::q8::Q8Rows;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A host buffer of the CPU backend (see the module docs). Reads and writes go through
@@ -16,16 +18,23 @@ use std::sync::{Arc, Mutex};
 pub struct CpuBuf<F> {
     data: Vec<F>,
     cache: Option<Box<WeightCache>>,
+    /// On the lse buffer an lm-head forward returned: the logits it computed, for its backward
+    /// (`lm_head::Kept`). Taken by that backward; dropped by a write or a clone.
+    kept: Mutex<Option<Box<Kept<F>>>>,
 }
 
 impl<F> CpuBuf<F> {
     /// A plain buffer (no derived copies).
     pub fn new(data: Vec<F>) -> Self {
-        Self { data, cache: None }
+        Self { data, cache: None, kept: Mutex::new(None) }
     }
     /// A weight buffer: products that read it keep their packed copies beside it.
     pub(crate) fn weight(data: Vec<F>) -> Self {
-        Self { data, cache: Some(Box::default()) }
+        Self { data, cache: Some(Box::default()), kept: Mutex::new(None) }
+    }
+    /// A plain buffer that carries `kept` for the backward of the forward that made it.
+    pub(crate) fn with_kept(data: Vec<F>, kept: Option<Kept<F>>) -> Self {
+        Self { data, cache: None, kept: Mutex::new(kept.map(Box::new)) }
     }
     pub fn into_vec(self) -> Vec<F> {
         self.data
@@ -33,12 +42,16 @@ impl<F> CpuBuf<F> {
     pub(crate) fn cache(&self) -> Option<&WeightCache> {
         self.cache.as_deref()
     }
+    /// What a forward kept on this buffer, taken (a second call gets `None`).
+    pub(crate) fn take_kept(&self) -> Option<Box<Kept<F>>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl<F: Clone> Clone for CpuBuf<F> {
-    /// Clones the data; a clone of a weight is a weight with an empty cache.
+    /// Clones the data; a clone of a weight is a weight with an empty cache, and nothing kept.
     fn clone(&self) -> Self {
-        Self { data: self.data.clone(), cache: self.cache.as_ref().map(|_| Box::default()) }
+        Self { data: self.data.clone(), cache: self.cache.as_ref().map(|_| Box::default()), kept: Mutex::new(None) }
     }
 }
 
@@ -81,6 +94,7 @@ impl<F> DerefMut for CpuBuf<F> {
         if let Some(c) = &mut self.cache {
             c.clear();
         }
+        *self.kept.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         &mut self.data
     }
 }
@@ -95,11 +109,21 @@ pub(crate) enum Derived {
 }
 
 /// The derived copies of one weight. Interior mutability: products take `&` buffers.
-#[derive(Default)]
 pub(crate) struct WeightCache {
     packed: Mutex<Vec<(Derived, Arc<Packed>)>>,
     bf16_rows: Mutex<Option<Arc<Vec<u16>>>>,
     q8_rows: Mutex<Option<Arc<Q8Rows>>>,
+    /// Which version of the weight this is: unique in the process, renewed by every write.
+    generation: u64,
+}
+
+/// The source of `WeightCache::generation`.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+impl Default for WeightCache {
+    fn default() -> Self {
+        Self { packed: Mutex::default(), bf16_rows: Mutex::default(), q8_rows: Mutex::default(), generation: GENERATIONS.fetch_add(1, Ordering::Relaxed) }
+    }
 }
 
 impl std::fmt::Debug for WeightCache {
@@ -110,9 +134,15 @@ impl std::fmt::Debug for WeightCache {
 
 impl WeightCache {
     fn clear(&mut self) {
+        self.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         self.packed.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
         *self.bf16_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         *self.q8_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// This version of the weight: two reads see the same number only if no write came between.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The packed copy `which`, made by `make` on first use.

@@ -614,12 +614,13 @@ impl<F: Elem> Backend for CpuBackend<F> {
     }
 
     fn lm_head_logprobs(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32]) -> (CpuBuf<F>, CpuBuf<F>) {
-        let (logp, lse) = lm_head::logprobs(self.precision != Precision::F32, h, w, dim, rows, targets, self.head_cache(w, dim));
-        (CpuBuf::new(logp), CpuBuf::new(lse))
+        let (logp, lse, kept) = lm_head::logprobs(self.precision != Precision::F32, h, w, dim, rows, targets, self.head_cache(w, dim));
+        (CpuBuf::new(logp), CpuBuf::with_kept(lse, kept))
     }
 
     fn lm_head_bwd(&self, h: &CpuBuf<F>, w: &CpuBuf<F>, dim: usize, rows: &[u32], targets: &[u32], lse: &CpuBuf<F>, dlogp: &[f32], dh: &mut CpuBuf<F>, dw: Option<&mut CpuBuf<F>>) {
-        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw.map(|d| &mut d[..]), self.head_cache(w, dim))
+        let kept = lse.take_kept();
+        lm_head::backward(self.precision != Precision::F32, h, w, dim, rows, targets, lse, dlogp, dh, dw.map(|d| &mut d[..]), self.head_cache(w, dim), kept)
     }
 
     fn kv_write(&self, cache: &mut CpuBuf<F>, k: &CpuBuf<F>, v: &CpuBuf<F>, slots: &[u32], geom: KvGeom) {
