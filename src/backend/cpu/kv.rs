@@ -115,6 +115,10 @@ fn attention_with<F: Elem>(
             }
         }
     }
+    // Scratch for the largest block of this call: a decode step's blocks hold one query each,
+    // and a scratch sized for `bq` queries (zeroed by every rayon task's init) cost more than
+    // the attention of a short context.
+    let bq = blocks.iter().map(|b| b.2.nq).max().unwrap_or(1);
     let keys = |s: &PagedSeq, kvh: usize| Keys::Paged { cache, table: &block_table[s.table_start..s.table_start + s.ctx_len.div_ceil(g.block_size)], g, kvh };
     let outp = SendPtr(out.as_mut_ptr());
     let task = |ws: &mut Fwd<F>, (s, kvh, qb): (PagedSeq, usize, QBlock)| {
