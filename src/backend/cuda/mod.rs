@@ -1138,7 +1138,10 @@ impl<G: Gpu> CudaBackend<G> {
         let (defs, tb_d, scale) = (kv_defines(hd, cache), self.upload_u32(block_table), (1.0 / (hd as f64).sqrt()) as f32);
         if !qt.is_empty() {
             let (sq_d, qt_d) = (self.upload_i32(&sq), self.upload_i32(&qt));
-            let common = [Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr), Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::I32(geom.block_size as i32)];
+            let common = [
+                Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
+                Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::I32(geom.block_size as i32),
+            ];
             let n_tiles = (qt.len() / 2) as u32;
             if mma {
                 let args: Vec<Arg> = common.iter().copied().chain([Arg::I32(hb as i32), Arg::F32(scale)]).collect();
