@@ -1,11 +1,13 @@
 // Paged KV cache kernels: kv_write (new K/V rows into their slots), kv_copy_block
 // (copy-on-write of one block), paged_attn (new queries against the cached keys of each
 // sequence, online softmax) and, for sequences of one new query (a decode step),
-// paged_decode + paged_decode_combine (flash-decoding); compiled once per HEAD_DIM and cache
+// paged_decode + paged_decode_combine (flash-decoding), and under Precision::Bf16
+// paged_attn_mma (the prefill chunks on tensor cores); compiled once per HEAD_DIM and cache
 // type. Cache layout per layer: [num_blocks, 2 (k, v), n_kv, block_size, HEAD_DIM] of kv_t:
 // fp32, or with KV_BF16=1 bf16 (Precision::Bf16: K/V rounded RNE when written, as
 // f32_to_bf16 rounds; read back exactly; every sum stays fp32). CPU reference:
 // src/backend/cpu/kv.rs (fp32).
+#include <cuda_bf16.h>
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -15,7 +17,6 @@
 #define KV_BF16 0
 #endif
 #if KV_BF16
-#include <cuda_bf16.h>
 typedef unsigned short kv_t;  // bf16 bits
 __device__ __forceinline__ float kv_ld(const kv_t* p) { return __uint_as_float((unsigned)*p << 16); }
 __device__ __forceinline__ kv_t kv_st(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
@@ -105,6 +106,195 @@ extern "C" __global__ void paged_attn(const float* q, const kv_t* cache, float* 
     for (int i = 0; i < DPL; i++) {
         const int d = lane + 32 * i;
         if (d < HEAD_DIM) out[qo + d] = acc[i] / l;
+    }
+}
+
+// ---- Prefill chunks on tensor cores (Precision::Bf16; host: paged_attention_split) --------
+// paged_attn_mma: paged_attn's sequences, causality and output, computed as attn_fwd_mma
+// (kernels/attention_mma.cu) computes the training forward: S = Q K^T and O += P V with
+// mma.sync.m16n8k16 bf16 -> fp32, the online softmax (scale, mask, running max and sum) in
+// fp32, P rounded to bf16 (RNE) for PV. Queries are fp32, rounded RNE as they are staged; the
+// K/V rows come through the block table: a bf16 cache is staged as it is (exact), an fp32
+// one (a cache made before the precision changed) rounded RNE. HEAD_DIM is zero-padded to a
+// multiple of 16 (PA_HDP).
+// GQA: a block covers `hb` query heads of one KV group (hb divides the group; the host picks
+// the largest divisor <= 8) for PA_BQ / hb queries: tile row r = (query q0 + r / hb, head
+// h0 + r % hb), so the mma M dimension holds queries x heads and each K/V tile is read from
+// the cache and staged once for the hb heads instead of hb times. The block count stays
+// that of one head per block (hb heads x PA_BQ / hb queries), and a warp's 16 rows span
+// 16 / hb queries, so its causal cut-off (wlast) is tighter. Rows past rows = nq * hb (the
+// PA_BQ % hb leftover, a short tile) are zero and never written.
+// Fragments as in attention_mma.cu (g = lane / 4, t4 = lane % 4): A (rows g | g + 8, cols 2t4,
+// 2t4 + 1 | + 8), B (k rows 2t4, 2t4 + 1 | + 8, col g), C (row g | g + 8, cols 2t4, 2t4 + 1).
+#define PA_HDP ((HEAD_DIM + 15) / 16 * 16)  // head dim padded to the mma k-step
+#define PA_NWARP 4
+#define PA_BQ (16 * PA_NWARP)  // tile rows (queries x heads) per block
+#define PA_BK 32               // keys per tile
+#define PA_LDQ (PA_HDP + 8)    // row stride (bf16) of the Q and K tiles: even, rows 4-byte aligned
+#define PA_LDV (PA_BK + 8)     // row stride (bf16) of the transposed V tile
+#define PA_NT (PA_BK / 8)      // n8 score tiles per key tile
+#define PA_ND (PA_HDP / 8)     // n8 output tiles
+#define PA_ZERO __ushort_as_bfloat16((unsigned short)0)
+
+// Two consecutive bf16 of shared memory as one 32-bit fragment register.
+__device__ __forceinline__ unsigned pa_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// (lo, hi) rounded to bf16 (RNE) in one 32-bit register, lo in the low half.
+__device__ __forceinline__ unsigned pa_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ void pa_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A cached K/V value as staged: bf16 bits as they are, fp32 rounded RNE.
+#if KV_BF16
+__device__ __forceinline__ __nv_bfloat16 kv_bf16(const kv_t* p) { return __ushort_as_bfloat16(*p); }
+#else
+__device__ __forceinline__ __nv_bfloat16 kv_bf16(const kv_t* p) { return __float2bfloat16_rn(*p); }
+#endif
+
+// seqs int4 [n_seqs] = (q_start, q_len, ctx_len, table_start) as paged_attn; qtiles int2 =
+// (seq, first query j), PA_BQ / hb queries each. q, out [tokens, n_heads, HEAD_DIM] fp32;
+// table [..] block ids. grid (n_qtiles, n_heads / hb), block 32 * PA_NWARP; warp w owns tile
+// rows 16w .. +16. Dynamic smem (bytes): (PA_BQ * PA_LDQ + PA_BK * PA_LDQ + PA_HDP * PA_LDV) * 2
+// (host: precision.rs, paged_mma_smem_bytes): Q [PA_BQ][PA_LDQ], K [PA_BK][PA_LDQ], V
+// transposed [PA_HDP][PA_LDV] (a B fragment's key pair is one 32-bit word).
+extern "C" __global__ void __launch_bounds__(32 * PA_NWARP) paged_attn_mma(const float* q, const kv_t* cache, float* out, const int4* seqs,
+                                                                          const int2* qtiles, const unsigned* table, int n_heads, int n_kv,
+                                                                          int bs, int hb, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [PA_BQ][PA_LDQ]
+    __nv_bfloat16* ks = qs + PA_BQ * PA_LDQ;                          // [PA_BK][PA_LDQ]
+    __nv_bfloat16* vt = ks + PA_BK * PA_LDQ;                          // [PA_HDP][PA_LDV]
+    const int h0 = blockIdx.y * hb, kvh = h0 / (n_heads / n_kv);
+    const int2 tile = qtiles[blockIdx.x];
+    const int4 sq = seqs[tile.x];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int qrow = n_heads * HEAD_DIM;
+    const int q0 = tile.y;
+    const int nq = min(PA_BQ / hb, sq.y - q0);  // queries of this tile
+    const int rows = nq * hb;                   // tile rows in use
+    const int off = sq.z - sq.y;                // cached keys before the first new query
+    const int nk = off + q0 + nq;               // keys the tile's last query sees
+    for (int e = threadIdx.x; e < PA_BQ * PA_HDP; e += blockDim.x) {
+        const int r = e / PA_HDP, d = e % PA_HDP;
+        qs[r * PA_LDQ + d] =
+            (r < rows && d < HEAD_DIM) ? __float2bfloat16_rn(q[(long long)(sq.x + q0 + r / hb) * qrow + (h0 + r % hb) * HEAD_DIM + d]) : PA_ZERO;
+    }
+    const int wq = warp * 16;                                // first tile row of this warp
+    const bool wactive = wq < rows;
+    const int wlast = off + q0 + min(wq + 15, rows - 1) / hb;  // last key any row of the warp sees
+    const int ra = wq + g, rb = ra + 8;                      // tile rows of this thread
+    const int ja = q0 + ra / hb, jb = q0 + rb / hb;          // their sequence query index
+    const long long kvo = (long long)n_kv * bs * HEAD_DIM;   // from a K row to its V row
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float o[PA_ND][4];
+#pragma unroll
+    for (int nd = 0; nd < PA_ND; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+    for (int k0 = 0; k0 < nk; k0 += PA_BK) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < PA_BK * PA_HDP; e += blockDim.x) {
+            const int r = e / PA_HDP, d = e % PA_HDP, kk = k0 + r;
+            __nv_bfloat16 kx = PA_ZERO, vx = PA_ZERO;
+            if (kk < nk && d < HEAD_DIM) {
+                const long long kp = ((long long)table[sq.w + kk / bs] * 2 * n_kv + kvh) * bs * HEAD_DIM + (long long)(kk % bs) * HEAD_DIM + d;
+                kx = kv_bf16(cache + kp);
+                vx = kv_bf16(cache + kp + kvo);
+            }
+            ks[r * PA_LDQ + d] = kx;
+            vt[d * PA_LDV + r] = vx;
+        }
+        __syncthreads();
+        if (!wactive || k0 > wlast) continue;  // warp-uniform: the shuffles below see all lanes
+        // S [16, PA_BK] = Q K^T
+        float s[PA_NT][4];
+#pragma unroll
+        for (int nt = 0; nt < PA_NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < PA_HDP / 16; kk++) {
+            const __nv_bfloat16* qa = qs + ra * PA_LDQ + kk * 16 + 2 * t4;
+            const unsigned a0 = pa_pair(qa), a1 = pa_pair(qa + 8 * PA_LDQ), a2 = pa_pair(qa + 8), a3 = pa_pair(qa + 8 * PA_LDQ + 8);
+#pragma unroll
+            for (int nt = 0; nt < PA_NT; nt++) {
+                const __nv_bfloat16* kb = ks + (nt * 8 + g) * PA_LDQ + kk * 16 + 2 * t4;
+                pa_mma(s[nt], a0, a1, a2, a3, pa_pair(kb), pa_pair(kb + 8));
+            }
+        }
+        // Scale and mask in fp32 (query j sees keys 0 .. off + j); running max over the row.
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < PA_NT; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = k0 + nt * 8 + 2 * t4 + (i & 1);
+                const int j = i < 2 ? ja : jb;
+                const bool vis = key < nk && key <= off + j;
+                s[nt][i] = vis ? s[nt][i] * scale : -INFINITY;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[nt][i]);
+            }
+        }
+        float base[2], corr[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);
+            base[r] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet stays at 0
+            corr[r] = expf(m[r] - base[r]);
+            m[r] = mn;
+        }
+#pragma unroll
+        for (int nt = 0; nt < PA_NT; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float p = expf(s[nt][i] - base[i >> 1]);
+                s[nt][i] = p;
+                rs[i >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 1);
+            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 2);
+            l[r] = l[r] * corr[r] + rs[r];
+        }
+#pragma unroll
+        for (int nd = 0; nd < PA_ND; nd++) {
+            o[nd][0] *= corr[0];
+            o[nd][1] *= corr[0];
+            o[nd][2] *= corr[1];
+            o[nd][3] *= corr[1];
+        }
+        // O [16, PA_HDP] += P [16, PA_BK] (bf16) V [PA_BK, PA_HDP]
+#pragma unroll
+        for (int kt = 0; kt < PA_BK / 16; kt++) {
+            const unsigned a0 = pa_pack(s[2 * kt][0], s[2 * kt][1]), a1 = pa_pack(s[2 * kt][2], s[2 * kt][3]);
+            const unsigned a2 = pa_pack(s[2 * kt + 1][0], s[2 * kt + 1][1]), a3 = pa_pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < PA_ND; nd++) {
+                const __nv_bfloat16* vb = vt + (nd * 8 + g) * PA_LDV + kt * 16 + 2 * t4;
+                pa_mma(o[nd], a0, a1, a2, a3, pa_pair(vb), pa_pair(vb + 8));
+            }
+        }
+    }
+    if (!wactive) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = r ? rb : ra;
+        if (row >= rows) continue;
+        const float inv = 1.f / l[r];
+        const long long qo = (long long)(sq.x + q0 + row / hb) * qrow + (h0 + row % hb) * HEAD_DIM;
+#pragma unroll
+        for (int nd = 0; nd < PA_ND; nd++) {
+            const int d = nd * 8 + 2 * t4;
+            if (d < HEAD_DIM) out[qo + d] = o[nd][2 * r] * inv;
+            if (d + 1 < HEAD_DIM) out[qo + d + 1] = o[nd][2 * r + 1] * inv;
+        }
     }
 }
 

@@ -1092,15 +1092,22 @@ impl<G: Gpu> CudaBackend<G> {
     /// `Backend::paged_attention` with decode contexts cut into splits of `split` keys (tests
     /// force small splits on short contexts). Sequences with one query (a decode step) go to
     /// paged_decode (+ paged_decode_combine where a context has several splits), the others
-    /// (prefill chunks) to paged_attn; the two launches write disjoint rows of `out`.
+    /// (prefill chunks) to paged_attn, or under `Precision::Bf16` to paged_attn_mma (tensor
+    /// cores, `paged_mma_heads` query heads of a GQA group per block); the launches write
+    /// disjoint rows of `out`.
     #[allow(clippy::too_many_arguments)]
     fn paged_attention_split(&self, q: &CudaBuf<G>, cache: &CudaBuf<G>, seqs: &[PagedSeq], block_table: &[u32], geom: KvGeom, dims: AttnDims, out: &mut CudaBuf<G>, split: usize) {
         let (hd, nh, nkv) = (dims.head_dim, dims.n_heads, dims.n_kv_heads);
         assert_eq!(hd, geom.head_dim, "paged_attention: head_dim vs cache geometry");
         assert!(nkv > 0 && nh.is_multiple_of(nkv) && nkv == geom.n_kv_heads && split > 0, "paged_attention: head geometry");
         assert!(geom.layer_len() / hd <= u32::MAX as usize, "paged_attention: cache rows past u32 (paged_decode's row index)");
-        // paged_attn: sq int4 (q_start, q_len, ctx_len, table_start), qt int2 (seq, first query)
+        // paged_attn(_mma): sq int4 (q_start, q_len, ctx_len, table_start), qt int2 (seq, first
+        // query) of tile_q queries: QW per paged_attn block, or for paged_attn_mma hb heads x
+        // tile_q queries per block
         let (mut sq, mut qt) = (Vec::new(), Vec::new());
+        let mma = self.precision() == Precision::Bf16;
+        let hb = precision::paged_mma_heads(nh / nkv);
+        let tile_q = if mma { precision::paged_mma_queries(hb) } else { QW };
         // paged_decode: ds int4 (q row, ctx_len, table_start, first partial or -1), items int2
         // (ds, split); cs the ds of several splits (paged_decode_combine), n_parts partials.
         let (mut ds, mut items, mut cs, mut n_parts) = (Vec::new(), Vec::new(), Vec::new(), 0);
@@ -1121,7 +1128,7 @@ impl<G: Gpu> CudaBackend<G> {
                 continue;
             }
             sq.extend([s.q_start as i32, s.q_len as i32, s.ctx_len as i32, s.table_start as i32]);
-            for j in (0..s.q_len).step_by(QW) {
+            for j in (0..s.q_len).step_by(tile_q) {
                 qt.extend([(sq.len() / 4 - 1) as i32, j as i32]);
             }
         }
@@ -1131,13 +1138,18 @@ impl<G: Gpu> CudaBackend<G> {
         let (defs, tb_d, scale) = (kv_defines(hd, cache), self.upload_u32(block_table), (1.0 / (hd as f64).sqrt()) as f32);
         if !qt.is_empty() {
             let (sq_d, qt_d) = (self.upload_i32(&sq), self.upload_i32(&qt));
-            self.launch(
-                "kv_cache.cu", &defs, "paged_attn", ((qt.len() / 2) as u32, nh as u32, 1), (32 * QW) as u32, 0,
-                &[
-                    Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
-                    Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::I32(geom.block_size as i32), Arg::F32(scale),
-                ],
-            );
+            let common = [
+                Arg::Ptr(q.ptr), Arg::Ptr(cache.ptr), Arg::Ptr(out.ptr), Arg::Ptr(sq_d.ptr), Arg::Ptr(qt_d.ptr), Arg::Ptr(tb_d.ptr),
+                Arg::I32(nh as i32), Arg::I32(nkv as i32), Arg::I32(geom.block_size as i32),
+            ];
+            let n_tiles = (qt.len() / 2) as u32;
+            if mma {
+                let args: Vec<Arg> = common.iter().copied().chain([Arg::I32(hb as i32), Arg::F32(scale)]).collect();
+                self.launch("kv_cache.cu", &defs, "paged_attn_mma", (n_tiles, (nh / hb) as u32, 1), 128, precision::paged_mma_smem_bytes(hd), &args);
+            } else {
+                let args: Vec<Arg> = common.iter().copied().chain([Arg::F32(scale)]).collect();
+                self.launch("kv_cache.cu", &defs, "paged_attn", (n_tiles, nh as u32, 1), (32 * QW) as u32, 0, &args);
+            }
         }
         if items.is_empty() {
             return;

@@ -78,7 +78,7 @@ impl<G: Gpu> Check<G> {
         Check { op: "segment_dpo", tol: Tol::Derived, run: segment_dpo::<G> },
         Check { op: "matmul_bf16", tol: Tol::Derived, run: matmul_bf16::<G> },
         Check { op: "attention_bf16", tol: Tol::Max(1.0), run: attention_bf16::<G> },
-        Check { op: "paged_attention_bf16kv", tol: Tol::Max(2e-6), run: paged_attention_bf16kv::<G> },
+        Check { op: "paged_attention_bf16kv", tol: Tol::Derived, run: paged_attention_bf16kv::<G> },
         Check { op: "attention_bwd_bf16", tol: Tol::Max(1e-2), run: attention_bwd_bf16::<G> },
     ];
 }
@@ -965,9 +965,16 @@ fn attention_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
 /// The bf16 KV cache (`Backend::kv_alloc` under bf16): every slot written by `kv_write` from
 /// fp32 K/V, blocks copied by `kv_copy_blocks`, then `paged_attention` with fp32 queries,
 /// against the fp32 CPU path on the same K/V rounded to bf16 (RNE, `half::bf16::from_f32`).
-/// Rows: the cache as downloaded (the rounding is exact, so its error is 0) and the attention
-/// output on the sequences of `PAGED_SEQS` (decode at DECODE_SPLIT and at the first of
-/// `FORCED_SPLITS`; the only difference left is fp32 summation order: the fp32 tolerance).
+/// Rows: the cache as downloaded (the rounding is exact: tolerance 0); the decode rows (q_len
+/// 1, paged_decode: fp32 math, so the only difference left is fp32 summation order: the fp32
+/// tolerance 2e-6, error relative as `max_err`) on the sequences of `PAGED_SEQS` at
+/// DECODE_SPLIT and at the first of `FORCED_SPLITS`; and the prefill rows (paged_attn_mma on
+/// tensor cores), against the CPU on the queries rounded to bf16 as the kernel stages them:
+/// left are the scores' fp32 sums of exact bf16 products, which move each score by at most
+/// E = scale (hd + 8) 2^-24 hd max|q| max|k|, and P rounded to bf16 for PV (factor 1 +- u),
+/// so |gpu - cpu| <= max|v| (e^{2E} (1 + u) - 1 + 2^-16) + 2^-20 + 2e-6 max(1, max|cpu|)
+/// (the last term the CPU's own fp32 error, as the fp32 tolerance); error absolute, tolerance
+/// that bound (tests/cuda_sim_paged_mma.rs checks a per-element bound against f64).
 fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
     in_bf16(c, r, |c, r| {
         let r16 = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<f32>>();
@@ -983,20 +990,41 @@ fn paged_attention_bf16kv<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
             let pairs = [(1u32, 3u32), (3, 5), (0, 2)];
             c.cpu.kv_copy_blocks(&mut cc, &pairs, geom);
             c.gpu.kv_copy_blocks(&mut cg, &pairs, geom);
-            c.row("paged_attention_bf16kv.cache", shape.clone(), &cg, &cc);
+            let cache_err = max_err(&c.gpu.download(&cg), &cc);
+            c.push("paged_attention_bf16kv.cache", shape.clone(), cache_err, 0.0);
             let (seqs, table, q0) = paged_seqs(r, geom, shapes);
-            let nq = q0 * dims.n_heads * dims.head_dim;
+            let (hd, row) = (dims.head_dim, dims.n_heads * dims.head_dim);
+            let nq = q0 * row;
             let q = r.vec(nq, 1.0);
             let mut oc = CpuBuf::from(vec![0.0; nq]);
             c.cpu.paged_attention(&q, &cc, &seqs, &table, geom, dims, &mut oc);
+            let mut oc16 = CpuBuf::from(vec![0.0; nq]);
+            c.cpu.paged_attention(&CpuBuf::from(r16(&q)), &cc, &seqs, &table, geom, dims, &mut oc16);
+            // The prefill rows' bound (doc above), from the largest |q|, |k| and |v|.
+            let amax = |x: &[f32]| x.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+            let kb = geom.n_kv_heads * geom.block_size * hd; // K of a block, then V
+            let (kmax, vmax) = cc.chunks(2 * kb).fold((0f64, 0f64), |(k, v), b| (k.max(amax(&b[..kb])), v.max(amax(&b[kb..]))));
+            let e = (hd + 8) as f64 * 2f64.powi(-24) * hd as f64 * amax(&r16(&q)) * kmax / (hd as f64).sqrt();
+            let bound = vmax * ((2.0 * e).exp() * (1.0 + BF16_U) - 1.0 + 2f64.powi(-16)) + 2f64.powi(-20) + 2e-6 * amax(&oc16).max(1.0);
             let qg = c.gpu.upload(&q);
-            let mut og = c.nan(nq);
-            c.gpu.paged_attention(&qg, &cg, &seqs, &table, geom, dims, &mut og);
             let name = format!("{shape} h{} seqs{}", dims.n_heads, seqs.len());
-            c.row("paged_attention_bf16kv", name.clone(), &og, &oc);
-            let mut og = c.nan(nq);
-            c.gpu.paged_attention_split(&qg, &cg, &seqs, &table, geom, dims, &mut og, FORCED_SPLITS[0]);
-            c.row("paged_attention_bf16kv", format!("{name} split{}", FORCED_SPLITS[0]), &og, &oc);
+            for split in [None, Some(FORCED_SPLITS[0])] {
+                let mut og = c.nan(nq);
+                match split {
+                    None => c.gpu.paged_attention(&qg, &cg, &seqs, &table, geom, dims, &mut og),
+                    Some(s) => c.gpu.paged_attention_split(&qg, &cg, &seqs, &table, geom, dims, &mut og, s),
+                }
+                let g = c.gpu.download(&og);
+                let sfx = split.map_or(String::new(), |s| format!(" split{s}"));
+                let rows_of = |decode: bool| seqs.iter().filter(move |s| (s.q_len == 1) == decode).flat_map(|s| s.q_start * row..(s.q_start + s.q_len) * row);
+                let pick = |x: &[f32], decode: bool| rows_of(decode).map(|i| x[i]).collect::<Vec<f32>>();
+                c.push("paged_attention_bf16kv.decode", format!("{name}{sfx}"), max_err(&pick(&g, true), &pick(&oc, true)), 2e-6);
+                let d = rows_of(false).fold(0f64, |m, i| {
+                    let d = (g[i] as f64 - oc16[i] as f64).abs();
+                    if d.is_nan() { f64::INFINITY } else { m.max(d) }
+                });
+                c.push("paged_attention_bf16kv.prefill", format!("{name}{sfx}"), d, bound);
+            }
         }
     })
 }

@@ -70,6 +70,23 @@ fn mma_smem_bytes(head_dim: usize) -> usize {
     let (ldq, ldv) = (hdp + 8, MMA_BK + 8);
     (MMA_BQ * ldq + MMA_BK * ldq + hdp * ldv) * 2
 }
+/// Dynamic shared memory of paged_attn_mma (kernels/kv_cache.cu): the same tiles as
+/// attn_fwd_mma (PA_BQ = 64 rows of queries x heads, PA_BK = 32 keys, PA_HDP, PA_LDQ, PA_LDV
+/// there), so the same bytes: 36352 at head_dim 128, under the 48 KiB needing no opt-in.
+pub(super) fn paged_mma_smem_bytes(head_dim: usize) -> usize {
+    mma_smem_bytes(head_dim)
+}
+/// Query heads of one KV group that one paged_attn_mma block covers (`hb` there): the largest
+/// divisor of `group` up to 8, so a block reads each K/V tile once for that many heads, and
+/// still covers `MMA_BQ / hb` >= 8 queries (a 16-row warp spans at least 2 queries; the mma M
+/// dimension is queries x heads).
+pub(super) fn paged_mma_heads(group: usize) -> usize {
+    (1..=group.min(8)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
+}
+/// Queries per paged_attn_mma tile when a block covers `hb` heads.
+pub(super) fn paged_mma_queries(hb: usize) -> usize {
+    MMA_BQ / hb
+}
 /// Query tiles of attn_fwd_mma and attn_bwd_dq_mma: int2 [n_tiles] = (span, first query),
 /// `MMA_BQ` queries each.
 fn mma_qtiles(layout: &AttnLayout) -> Vec<i32> {
@@ -302,5 +319,14 @@ mod tests {
         assert_eq!(mma_smem_bytes(128), 36352);
         assert_eq!(mma_smem_bytes(64), (64 * 72 + 32 * 72 + 64 * 40) * 2);
         assert_eq!(mma_smem_bytes(5), mma_smem_bytes(16));
+        assert_eq!(paged_mma_smem_bytes(80), (64 * 88 + 32 * 88 + 80 * 40) * 2);
+    }
+
+    #[test]
+    fn paged_mma_heads_divide_the_group() {
+        for (group, hb) in [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (10, 5), (12, 6), (16, 8), (7 * 11, 7), (13, 1)] {
+            assert_eq!(paged_mma_heads(group), hb, "group {group}");
+            assert!(paged_mma_queries(hb) * hb <= MMA_BQ && paged_mma_queries(hb) >= 8);
+        }
     }
 }
