@@ -10,6 +10,8 @@ Checks and measures ipo on an NVIDIA GPU in a few minutes, with no network and n
   env          nvidia-smi, driver and CUDA versions, the libraries ipo finds
   selftest     ipo selftest --device cuda: every kernel against the CPU reference, per-op times
                (bf16, cuda's default precision)
+  lm-head      the bf16 lm-head forward at the SmolLM2 shape with IPO_LM_HEAD=cublas (cuBLAS
+               GEMM + lse_rows) and =mma (kernels/lm_head_mma.cu): parity row and ms per call
   ceiling      ipo bench ceiling: bf16/fp32 cuBLAS GEMM TFLOP/s and streaming GB/s (the roofline)
   anchor       the same ceilings and a Hugging Face Llama-1B training step in PyTorch (if present)
   ops-smollm2  ipo bench ops --precision f32: every op at a SmolLM2-135M layer (1024 tokens),
@@ -70,7 +72,7 @@ rm -rf "$work"
 mkdir -p "$work/logs"
 export IPO_KERNEL_CACHE="$work/kernels"
 budget="${GPU_CHECK_BUDGET:-450}"
-parts="${GPU_CHECK_PARTS:-env selftest ceiling ops-smollm2 train-f32 decode run multi-gpu anchor ops-llama1b train-bf16}"
+parts="${GPU_CHECK_PARTS:-env selftest lm-head ceiling ops-smollm2 train-f32 decode run multi-gpu anchor ops-llama1b train-bf16}"
 start=$SECONDS
 : >"$work/parts.tsv"
 
@@ -146,6 +148,19 @@ part_env() {
   "$bin" selftest --device "$dev" --ops add_assign --reps 1
 }
 
+# The bf16 lm-head forward on both implementations (IPO_LM_HEAD): the lm_head_bf16 parity
+# row and the lm_head_logprobs time of each; the last line compares the times.
+part_lm_head() {
+  local impl ms=()
+  for impl in cublas mma; do
+    echo "## IPO_LM_HEAD=$impl"
+    IPO_LM_HEAD=$impl "$bin" selftest --device "$dev" --precision bf16 --time --ops lm_head_logprobs,lm_head_bf16 >"$work/lm-head-$impl.txt" 2>&1 || { cat "$work/lm-head-$impl.txt"; return 1; }
+    cat "$work/lm-head-$impl.txt"
+    ms+=("$(awk '$1 == "lm_head_logprobs" && NF == 2 { print $2 }' "$work/lm-head-$impl.txt")")
+  done
+  echo "lm_head_logprobs bf16 ms/call: cublas ${ms[0]:-?}, mma ${ms[1]:-?}"
+}
+
 part_run() {
   [ -n "$tok" ] || { echo "error: no tokenizer folder (IPO_TOKENIZER_DIR, .gpu/tokenizer)"; return 1; }
   "$bin" bench init-model --from "$tok" --out "$work/rand4" --layers 4 || return 1
@@ -203,13 +218,14 @@ sys.exit(0 if diff <= 0.05 * moved else 1)
 PY
 }
 
-export -f part_env part_run part_multi_gpu
+export -f part_env part_lm_head part_run part_multi_gpu
 export bin tok work dev train_dev
 
 small_train=()
 [ "$big" = tiny ] && small_train=(--context 16 --segment 8 --prompt 8 --new-tokens 4)
 run_part env 60 bash -c part_env
 run_part selftest 180 "$bin" selftest --device "$dev"
+run_part lm-head 60 bash -c part_lm_head
 run_part ceiling 90 "$bin" bench ceiling --device "$dev" "${dry[@]}" --json "$work/ceiling.json"
 ceil=()
 [ -f "$work/ceiling.json" ] && ceil=(--ceiling "$work/ceiling.json")

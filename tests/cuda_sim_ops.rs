@@ -44,7 +44,7 @@ op_tests!(
 // bf16 mixed precision (src/backend/cuda/precision.rs) vs the fp32 CPU reference, bounds
 // derived from bf16's 8-bit significand (parity.rs); more in tests/cuda_sim_bf16.rs.
 op_tests!(
-    matmul_bf16, attention_bf16, paged_attention_bf16kv, attention_bwd_bf16
+    matmul_bf16, attention_bf16, paged_attention_bf16kv, attention_bwd_bf16, lm_head_bf16
 );
 
 #[test]

@@ -21,6 +21,7 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
     ("rmsnorm.cu", include_str!("../../../kernels/rmsnorm.cu")),
     ("embedding.cu", include_str!("../../../kernels/embedding.cu")),
     ("lm_head.cu", include_str!("../../../kernels/lm_head.cu")),
+    ("lm_head_mma.cu", include_str!("../../../kernels/lm_head_mma.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
     ("attention_mma.cu", include_str!("../../../kernels/attention_mma.cu")),
     ("convert.cu", include_str!("../../../kernels/convert.cu")),

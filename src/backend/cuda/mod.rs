@@ -9,6 +9,7 @@ mod dpo;
 mod driver;
 mod gpu;
 mod graphs;
+mod lm_head_mma;
 mod nccl;
 mod optim;
 pub mod parity;
@@ -99,6 +100,12 @@ pub struct CudaBackend<G: Gpu> {
     steps: Arc<graphs::Steps>,
     /// Keys per split of a decode context (`DECODE_SPLIT`; tests set fewer).
     decode_split: AtomicUsize,
+    /// Under `Precision::Bf16`, whether the lm-head forward runs on kernels/lm_head_mma.cu
+    /// (true: `IPO_LM_HEAD` unset or `mma`) or on the cuBLAS GEMM + lse_rows (`cublas`);
+    /// lm_head_mma.rs.
+    lm_head_mma: std::sync::atomic::AtomicBool,
+    /// Whether `alloc` fills what it hands out with NaN (`set_poison_allocs`; tests).
+    poison_allocs: std::sync::atomic::AtomicBool,
 }
 
 impl<G: Gpu> Drop for CudaBackend<G> {
@@ -252,6 +259,8 @@ impl<G: Gpu> CudaBackend<G> {
             mem: Arc::default(),
             steps,
             decode_split: AtomicUsize::new(DECODE_SPLIT),
+            lm_head_mma: std::sync::atomic::AtomicBool::new(lm_head_mma::from_env()?),
+            poison_allocs: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -367,7 +376,18 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// `[len]` 4-byte elements: in a step, from its arena (graphs.rs), else a buffer of its own.
     fn alloc(&self, len: usize) -> CudaBuf<G> {
-        self.alloc_with(len, 4 * len as u64, Some(false))
+        let b = self.alloc_with(len, 4 * len as u64, Some(false));
+        if self.poison_allocs.load(Ordering::Relaxed) {
+            self.fill(&b, f32::NAN);
+        }
+        b
+    }
+
+    /// From now on `alloc` (outputs and scratch of the ops; not uploads) fills its buffers with
+    /// NaN, so a test sees any element an op forgets to write (the simulator's fresh memory is
+    /// zero). Off by default.
+    pub fn set_poison_allocs(&self, on: bool) {
+        self.poison_allocs.store(on, Ordering::Relaxed);
     }
 
     /// `[len]` outside any step arena: a buffer that outlives the step making it (a weight's
@@ -955,6 +975,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         let n = rows.len();
         assert!(targets.len() == n && targets.iter().all(|&t| (t as usize) < vocab), "lm_head: targets");
         assert!(rows.iter().all(|&r| (r as usize + 1) * dim <= h.len), "lm_head: rows outside h");
+        if self.precision() == Precision::Bf16 && self.lm_head_mma() {
+            return self.lm_head_logprobs_mma(h, w, dim, rows, targets);
+        }
         let (logp, lse) = (self.alloc(n), self.alloc(n));
         let chunk = self.lm_chunk(vocab, n);
         let (hc, mut logits) = (self.alloc(chunk * dim), self.alloc(chunk * vocab)); // [chunk, dim], [chunk, vocab]

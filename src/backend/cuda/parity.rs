@@ -80,6 +80,7 @@ impl<G: Gpu> Check<G> {
         Check { op: "attention_bf16", tol: Tol::Max(1.0), run: attention_bf16::<G> },
         Check { op: "paged_attention_bf16kv", tol: Tol::Derived, run: paged_attention_bf16kv::<G> },
         Check { op: "attention_bwd_bf16", tol: Tol::Max(1e-2), run: attention_bwd_bf16::<G> },
+        Check { op: "lm_head_bf16", tol: Tol::Max(1.0), run: lm_head_bf16::<G> },
     ];
 }
 
@@ -958,6 +959,58 @@ fn attention_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
                 c.push("attention_bf16.out", shape.clone(), eo, tol);
                 c.push("attention_bf16.lse", shape, el, tol);
             }
+        }
+    })
+}
+
+/// The lm-head forward under bf16 (kernels/lm_head_mma.cu, or cuBLAS + lse_rows under
+/// `IPO_LM_HEAD=cublas`) against f64 on the bf16-rounded h and w, at shapes with row, vocab
+/// (128-column tiles) and dim tails, repeated rows and targets in the first and last tile.
+/// Errors are reported as fractions of per-row bounds: the logits' fp32 dot products are off
+/// by at most gamma_dim = dim u / (1 - dim u) times sum_k |h_k w_k| (u = 2^-24); lse adds the
+/// fp32 exp, log and merge sums (2 (vocab / 128 + 64) u + 2 u |lse|); logp is the difference.
+fn lm_head_bf16<G: Gpu>(c: &mut Ctx<'_, G>, r: &mut Rng) {
+    in_bf16(c, r, |c, r| {
+        let Tol::Max(tol) = c.tol else { unreachable!("lm_head_bf16 reports fractions of its bounds") };
+        let u = 2f64.powi(-24);
+        let r16 = |x: f32| half::bf16::from_f32(x).to_f64();
+        for (dim, vocab, t, n) in [(24, 301, 29, 37), (64, 383, 80, 97), (41, 129, 11, 19)] {
+            let (h, w) = (r.vec(t * dim, 1.0), r.vec(vocab * dim, 0.5));
+            let (mut rows, mut targets) = (r.ids(n, t), r.ids(n, vocab));
+            rows[1] = rows[0];
+            targets[0] = 0;
+            targets[n - 1] = vocab as u32 - 1;
+            let (lpg, lsg) = c.gpu.lm_head_logprobs(&c.gpu.upload(&h), &c.gpu.upload_weight(&w), dim, &rows, &targets);
+            let (lpg, lsg) = (c.gpu.download(&lpg), c.gpu.download(&lsg));
+            let gamma = dim as f64 * u / (1.0 - dim as f64 * u);
+            let (mut ep, mut es) = (0f64, 0f64);
+            for i in 0..n {
+                let hr = &h[rows[i] as usize * dim..][..dim];
+                let (mut logits, mut mag) = (Vec::with_capacity(vocab), 0f64);
+                for v in 0..vocab {
+                    let prods: Vec<f64> = hr.iter().zip(&w[v * dim..][..dim]).map(|(&a, &b)| r16(a) * r16(b)).collect();
+                    logits.push(prods.iter().sum::<f64>());
+                    mag = mag.max(prods.iter().map(|p| p.abs()).sum::<f64>());
+                }
+                let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + logits.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                let logp = logits[targets[i] as usize] - lse;
+                let b_logit = gamma * mag;
+                let b_lse = b_logit + 2.0 * (vocab.div_ceil(128) as f64 + 64.0) * u + 2.0 * u * lse.abs();
+                let frac = |got: f32, want: f64, b: f64| {
+                    let d = (got as f64 - want).abs();
+                    if d.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        d / b
+                    }
+                };
+                ep = ep.max(frac(lpg[i], logp, b_logit + b_lse));
+                es = es.max(frac(lsg[i], lse, b_lse));
+            }
+            let shape = format!("dim{dim} vocab{vocab} tokens{t} rows{n}");
+            c.push("lm_head_bf16.logp", shape.clone(), ep, tol);
+            c.push("lm_head_bf16.lse", shape, es, tol);
         }
     })
 }

@@ -42,14 +42,14 @@ impl Precision {
 
 /// A bf16 matmul operand: a weight's cached copy (its lock held for the GEMM), a frozen
 /// weight itself, or scratch.
-enum Bf16Operand<'a, G: Gpu> {
+pub(super) enum Bf16Operand<'a, G: Gpu> {
     Cached(std::sync::MutexGuard<'a, Option<CudaBuf<G>>>),
     Frozen(DevPtr),
     Fresh(CudaBuf<G>),
 }
 
 impl<G: Gpu> Bf16Operand<'_, G> {
-    fn ptr(&self) -> DevPtr {
+    pub(super) fn ptr(&self) -> DevPtr {
         match self {
             Bf16Operand::Cached(g) => g.as_ref().expect("filled by bf16_of").ptr,
             Bf16Operand::Frozen(p) => *p,
@@ -151,7 +151,7 @@ impl<G: Gpu> CudaBackend<G> {
 
     /// The bf16 rounding of `x[..n]`: for a weight used whole, its cached copy (made on first
     /// use); otherwise a fresh scratch.
-    fn bf16_of<'a>(&self, x: &'a CudaBuf<G>, n: usize) -> Bf16Operand<'a, G> {
+    pub(super) fn bf16_of<'a>(&self, x: &'a CudaBuf<G>, n: usize) -> Bf16Operand<'a, G> {
         if x.bf16_only {
             // Its first n values: every row-major operand view starts at the buffer's start.
             assert!(n <= x.len, "bf16 operand of {n} values from a frozen weight of {}", x.len);
