@@ -128,38 +128,7 @@ __device__ __forceinline__ void attn_fwd_mma_body(const T* q, const T* k, const 
                 mx[i >> 1] = fmaxf(mx[i >> 1], s[nt][i]);
             }
         }
-        float base[2], corr[2], rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            const float mn = fmaxf(m[r], mx[r]);
-            base[r] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet stays at 0
-            corr[r] = expf(m[r] - base[r]);
-            m[r] = mn;
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float p = expf(s[nt][i] - base[i >> 1]);
-                s[nt][i] = p;
-                rs[i >> 1] += p;
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 1);
-            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 2);
-            l[r] = l[r] * corr[r] + rs[r];
-        }
-#pragma unroll
-        for (int nd = 0; nd < ND; nd++) {
-            o[nd][0] *= corr[0];
-            o[nd][1] *= corr[0];
-            o[nd][2] *= corr[1];
-            o[nd][3] *= corr[1];
-        }
+        mma_softmax_tile(s, mx, m, l, o);
         // O [16, HDP] += P [16, BK] (bf16) V [BK, HDP]
 #pragma unroll
         for (int kt = 0; kt < BK / 16; kt++) {

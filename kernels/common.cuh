@@ -56,3 +56,45 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     s = s * expf(m - mn) + s2 * expf(m2 - mn);
     m = mn;
 }
+
+// The online-softmax step of one key tile in an mma.sync m16n8k16 warp (FlashAttention-2), for
+// the thread's two rows (g and g + 8 of the warp's 16): s [NTILES][4] holds the tile's scores,
+// already scaled and masked (-inf where not visible), mx the thread's max of each row over s;
+// m and l are the rows' running max and sum of exp, o [NDIMS][4] the unnormalised output. On
+// return mx is the row max over the quad, s holds P = exp(s - max) in fp32, m and l include
+// the tile, and o is rescaled to the new max. A row with nothing visible yet keeps max 0.
+template <int NTILES, int NDIMS>
+__device__ __forceinline__ void mma_softmax_tile(float (&s)[NTILES][4], float (&mx)[2], float (&m)[2], float (&l)[2], float (&o)[NDIMS][4]) {
+    float base[2], corr[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+        const float mn = fmaxf(m[r], mx[r]);
+        base[r] = mn == -INFINITY ? 0.f : mn;
+        corr[r] = expf(m[r] - base[r]);
+        m[r] = mn;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NTILES; nt++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float p = expf(s[nt][i] - base[i >> 1]);
+            s[nt][i] = p;
+            rs[i >> 1] += p;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 1);
+        rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 2);
+        l[r] = l[r] * corr[r] + rs[r];
+    }
+#pragma unroll
+    for (int nd = 0; nd < NDIMS; nd++) {
+        o[nd][0] *= corr[0];
+        o[nd][1] *= corr[0];
+        o[nd][2] *= corr[1];
+        o[nd][3] *= corr[1];
+    }
+}

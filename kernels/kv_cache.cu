@@ -238,38 +238,7 @@ extern "C" __global__ void __launch_bounds__(32 * PA_NWARP) paged_attn_mma(const
                 mx[i >> 1] = fmaxf(mx[i >> 1], s[nt][i]);
             }
         }
-        float base[2], corr[2], rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            const float mn = fmaxf(m[r], mx[r]);
-            base[r] = mn == -INFINITY ? 0.f : mn;  // a row with nothing visible yet stays at 0
-            corr[r] = expf(m[r] - base[r]);
-            m[r] = mn;
-        }
-#pragma unroll
-        for (int nt = 0; nt < PA_NT; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float p = expf(s[nt][i] - base[i >> 1]);
-                s[nt][i] = p;
-                rs[i >> 1] += p;
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 1);
-            rs[r] += __shfl_xor_sync(FULL_MASK, rs[r], 2);
-            l[r] = l[r] * corr[r] + rs[r];
-        }
-#pragma unroll
-        for (int nd = 0; nd < PA_ND; nd++) {
-            o[nd][0] *= corr[0];
-            o[nd][1] *= corr[0];
-            o[nd][2] *= corr[1];
-            o[nd][3] *= corr[1];
-        }
+        mma_softmax_tile(s, mx, m, l, o);
         // O [16, PA_HDP] += P [16, PA_BK] (bf16) V [PA_BK, PA_HDP]
 #pragma unroll
         for (int kt = 0; kt < PA_BK / 16; kt++) {
