@@ -26,23 +26,27 @@ pub type Reference = cpu::CpuBackend<f32>;
 /// - `Q8`: CPU only, for rollouts: weights in blocks of 32 signed bytes with an f32 scale (like
 ///   llama.cpp's Q8_0), read by the decode products; larger products run as `Bf16` on the
 ///   same 8-bit weights.
+/// - `Q4`: CPU only, for rollouts, as `Q8` with 4-bit weights: blocks of 32 with an f16 scale
+///   and an f16 minimum (llama.cpp's Q4_1 blocks, 0.625 bytes per weight).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
     F32,
     Bf16,
     Q8,
+    Q4,
 }
 
 impl Precision {
-    /// `f32` / `fp32` / `float32`, `bf16` / `bfloat16`, or `q8` / `q8_0` / `int8`
-    /// (case-insensitive).
+    /// `f32` / `fp32` / `float32`, `bf16` / `bfloat16`, `q8` / `q8_0` / `int8`, or `q4` /
+    /// `q4_1` / `int4` (case-insensitive).
     pub fn parse(s: &str) -> Result<Precision, PrecisionError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
             "q8" | "q8_0" | "int8" => Ok(Precision::Q8),
-            other => Err(PrecisionError(format!("precision {other:?}: expected f32, bf16 or q8"))),
+            "q4" | "q4_1" | "int4" => Ok(Precision::Q4),
+            other => Err(PrecisionError(format!("precision {other:?}: expected f32, bf16, q8 or q4"))),
         }
     }
 
@@ -51,6 +55,7 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
             Precision::Q8 => "q8",
+            Precision::Q4 => "q4",
         }
     }
 }

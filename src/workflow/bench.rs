@@ -436,8 +436,8 @@ pub struct DecodeRow {
     pub decode_seconds: f64,
     pub tokens_per_s: f64,
     pub prefill_tokens_per_s: f64,
-    /// Bytes one decode step must read: every weight once (4, 2 or 36/32 bytes per matmul
-    /// weight at f32, bf16 or q8; norms in f32) plus the batch's KV cache at the mean context.
+    /// Bytes one decode step must read: every weight once (4, 2, 36/32 or 20/32 bytes per
+    /// matmul weight at f32, bf16, q8 or q4; norms in f32) plus the batch's KV cache at the mean context.
     pub gbytes_per_step: f64,
     pub gbs: f64,
     pub of_bandwidth: Option<f64>,
@@ -471,6 +471,7 @@ pub fn decode<B: Backend>(
         crate::backend::Precision::F32 => 4.0,
         crate::backend::Precision::Bf16 => 2.0,
         crate::backend::Precision::Q8 => 36.0 / 32.0,
+        crate::backend::Precision::Q4 => 20.0 / 32.0,
     };
     let model = random_model(backend, shape, layers, seed)?;
     let cfg = model.cfg.clone();

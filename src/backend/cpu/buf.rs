@@ -1,11 +1,12 @@
 //! `CpuBuf`: the CPU backend's buffer, a `Vec` that a weight (`Backend::upload_weight`) pairs
 //! with the derived copies its products read: packed GEMM panels (f32 or bf16, for the weight
-//! used as `W^T` in a forward and as `W` in a backward), bf16 rows and 8-bit blocks for the
+//! used as `W^T` in a forward and as `W` in a backward), bf16 rows and 8-bit or 4-bit blocks for the
 //! small-batch decode products. Each copy is made on first use and dropped by any mutable
 //! access to the data (`DerefMut`: optimizer steps, `add_assign`, a reload), so a copy always
 //! describes the current weights: packing happens once per weight version, not per call.
 
 use super::matmul::{self, Kind, Packed};
+use super::q4::Q4Rows;
 use super::q8::Q8Rows;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,7 @@ pub(crate) struct WeightCache {
     packed: Mutex<Vec<(Derived, Arc<Packed>)>>,
     bf16_rows: Mutex<Option<Arc<Vec<u16>>>>,
     q8_rows: Mutex<Option<Arc<Q8Rows>>>,
+    q4_rows: Mutex<Option<Arc<Q4Rows>>>,
 }
 
 impl std::fmt::Debug for WeightCache {
@@ -113,6 +115,7 @@ impl WeightCache {
         self.packed.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
         *self.bf16_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         *self.q8_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.q4_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The packed copy `which`, made by `make` on first use.
@@ -139,6 +142,19 @@ impl WeightCache {
             Some(q) if q.k() == k => q.clone(),
             _ => {
                 let q = Arc::new(Q8Rows::quantize(w, k));
+                *g = Some(q.clone());
+                q
+            }
+        }
+    }
+
+    /// The weight's rows of `k` in 4-bit blocks, made on first use.
+    pub(crate) fn q4_rows(&self, w: &[f32], k: usize) -> Arc<Q4Rows> {
+        let mut g = self.q4_rows.lock().unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Some(q) if q.k() == k => q.clone(),
+            _ => {
+                let q = Arc::new(Q4Rows::quantize(w, k));
                 *g = Some(q.clone());
                 q
             }
