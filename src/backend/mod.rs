@@ -27,7 +27,8 @@ pub type Reference = cpu::CpuBackend<f32>;
 ///   llama.cpp's Q8_0), read by the decode products; larger products run as `Bf16` on the
 ///   same 8-bit weights.
 /// - `Q4`: CPU only, for rollouts, as `Q8` with 4-bit weights: blocks of 32 with an f16 scale
-///   and an f16 minimum (llama.cpp's Q4_1 blocks, 0.625 bytes per weight).
+///   and an f16 minimum (llama.cpp's Q4_1 blocks, 0.625 bytes per weight); the decode lm head
+///   stays 8-bit (`Backend::lm_head_logits`), as llama.cpp's Q4_1 files keep it in Q8_0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
@@ -415,6 +416,14 @@ pub trait Backend: Send + Sync {
         k: usize,
         accumulate: bool,
     );
+
+    /// `logits[r, vocab] = h[r, hidden] @ w^T` of a decode step's lm head (`w` `[vocab, hidden]`):
+    /// `matmul`, except where a precision keeps the lm head apart (CPU q4 reads it in 8 bits,
+    /// as llama.cpp's Q4_1 files keep their output matrix in Q8_0).
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_logits(&self, h: &Self::Buf, w: &Self::Buf, logits: &mut Self::Buf, r: usize, vocab: usize, hidden: usize) {
+        self.matmul(h, false, w, true, logits, r, vocab, hidden, false)
+    }
 
     /// `c[m, n] = alpha * (op(a) @ op(b)) (+ c if accumulate)`: `matmul` with the product
     /// scaled (LoRA's `s B @ A` and `s dW @ A^T`). The CPU reference rounds the product, then

@@ -8,7 +8,8 @@
 //! `q` is rounded against the stored (f16) `d` and `m`, so the weights of a Q4_1 GGUF (which
 //! are `q * d + m` of f16 `d` and `m`, with a `q = 0` and a `q = 15` in every block that
 //! llama.cpp's quantizer wrote) quantize back to the same `d`, `m` and `q`: the default model,
-//! a Q4_1 GGUF, runs on its own weights bit for bit (tested below).
+//! a Q4_1 GGUF, runs on its own weights bit for bit (tested below). Its lm head (the tied
+//! embedding, Q8_0 in the GGUF) is read at 8 bits (`CpuBackend::lm_head_logits`).
 //!
 //! The activations are quantized to 8-bit blocks once per product (`Q8Act`, as for q8), and a
 //! row's dot is llama.cpp's Q4_1 x Q8_1: per block `d_w * d_a * sum(q_w * q_a)` (the byte dot
