@@ -437,7 +437,8 @@ pub struct DecodeRow {
     pub tokens_per_s: f64,
     pub prefill_tokens_per_s: f64,
     /// Bytes one decode step must read: every weight once (4, 2, 36/32 or 20/32 bytes per
-    /// matmul weight at f32, bf16, q8 or q4, whose lm head is read at q8; norms in f32) plus the batch's KV cache at the mean context.
+    /// matmul weight at f32, bf16, q8 or q4, whose lm head is read at q8; norms in f32) plus
+    /// the batch's KV cache at the mean context.
     pub gbytes_per_step: f64,
     pub gbs: f64,
     pub of_bandwidth: Option<f64>,
