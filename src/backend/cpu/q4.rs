@@ -85,8 +85,10 @@ impl Q4Rows {
         self.k
     }
 
-    /// Weight `(r, c)` as the products see it: `q * d + m` in f32 (as ggml dequantizes Q4_1).
-    pub(crate) fn value(&self, r: usize, c: usize) -> f32 {
+    /// Weight `(r, c)` as the products see it: `q * d + m` in f32 (as ggml dequantizes Q4_1;
+    /// the tests' reference for `dequantize` and the dots).
+    #[cfg(test)]
+    fn value(&self, r: usize, c: usize) -> f32 {
         let b = r * self.blocks_per_row + c / BLOCK;
         let q = (self.nib[b / 2 * BLOCK + c % BLOCK] >> (4 * (b % 2))) & 0x0F;
         q as f32 * h(self.d[b]) + h(self.m[b])
