@@ -16,9 +16,10 @@
 #               vs PyTorch eager on the TRL layout (scripts/bench_cpu/torch_train_step.py: each
 #               pair as two padded sequences, full logits). Whole-system: packing counts.
 #  decode    4. greedy decode tokens/s at batch 1, 8, 32 (64-token prompt, 32 new tokens, no EOS
-#               stop on any side): ipo bench decode f32 / bf16 / q8 (--precision; n/a when the
-#               binary rejects it) vs HF generate (fp32 and bf16, random weights, same shape) vs
-#               llama.cpp (llama-cpp-python, the default model's Q4_1 GGUF and a Q8_0 of it).
+#               stop on any side): ipo bench decode f32 / bf16 / q8 / q4 (--precision; n/a when
+#               the binary rejects it) vs HF generate (fp32 and bf16, random weights, same shape)
+#               vs llama.cpp (llama-cpp-python, the default model's Q4_1 GGUF and a Q8_0 of it;
+#               ipo q4 is set beside Q4_1, q8 beside Q8_0 and Q4_1).
 #  prefill   5. prefill tokens/s of 8 prompts x 128 tokens in one forward, the same sides.
 #            6. every row's peak RSS (its process's maximum resident set size).
 #

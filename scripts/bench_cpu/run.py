@@ -208,7 +208,7 @@ def ipo_decode_like(b, a, mode, batches, prompt, new):
     """ipo bench decode at each precision: decode rows, or the prefill of the first batch size
     (ipo bench decode --batch 8,8,8 --prompt 128 --new-tokens 2 times three prefills)."""
     has_flag = ipo_supports_precision(a, "decode")
-    for prec in ["f32", "bf16", "q8"]:
+    for prec in ["f32", "bf16", "q8", "q4"]:
         key, label = f"ipo.{mode}.{prec}", f"ipo {prec} {mode}"
         json_path = os.path.join(b.logs, key + ".json")
         cmd = [a.ipo, "bench", "decode", "--device", "cpu", "--shape", "smollm2", "--batch", batches,
@@ -337,7 +337,7 @@ def comparisons(b, a):
 
     batches = [int(x) for x in a.batches.split(",")]
     for ik, ak in [("f32", "hf.decode.fp32"), ("bf16", "hf.decode.bf16"), ("q8", "llama.decode.q8_0"),
-                   ("q8", "llama.decode.q4_1"), ("f32", "llama.decode.q8_0")]:
+                   ("q4", "llama.decode.q4_1"), ("q8", "llama.decode.q4_1"), ("f32", "llama.decode.q8_0")]:
         i, an = m(f"ipo.decode.{ik}"), m(ak)
         if i is None and an is None:
             continue
@@ -347,7 +347,7 @@ def comparisons(b, a):
                     cell(i, seq(ir) if ir else None), cell(an, seq(ar) if ar else None),
                     " / ".join(ratio(ir.get(x), ar.get(x)) for x in batches), f"{fmt_rss(i)} / {fmt_rss(an)}"))
     for ik, ak in [("f32", "hf.prefill.fp32"), ("bf16", "hf.prefill.bf16"), ("q8", "llama.prefill.q8_0"),
-                   ("q8", "llama.prefill.q4_1"), ("f32", "llama.prefill.q8_0")]:
+                   ("q4", "llama.prefill.q4_1"), ("q8", "llama.prefill.q4_1"), ("f32", "llama.prefill.q8_0")]:
         i, an = m(f"ipo.prefill.{ik}"), m(ak)
         if i is None and an is None:
             continue
@@ -429,7 +429,9 @@ def report(b, a, mach, load_before, load_after, started, versions):
         L.append(f"- The PyTorch / HF sides' peak RSS includes {fmt_rss(imp)} of interpreter + torch + transformers before "
                  "any model (measurement python.import; torch's PyPI wheel is the CUDA build, whose libraries load on CPU "
                  "too). The llama.cpp helper imports neither.")
-    L.append("- ipo q8 is 8-bit per-block weights (compare with Q8_0); Q4_1 is shown as llama.cpp's shipped format.")
+    L.append("- ipo q8 is 8-bit per-block weights (compare with Q8_0); ipo q4 is 4-bit blocks of 32 with an f16 scale "
+             "and minimum, llama.cpp's Q4_1 blocks (compare with Q4_1: 0.625 bytes per weight on both sides; ipo q4 "
+             "also quantizes the tied embedding / lm head to 4 bits, where the shipped GGUF keeps it in Q8_0).")
     nas = [r for r in b.m.values() if r["status"] == "n/a"]
     if nas:
         L.append("- n/a: " + "; ".join(f"{r['label']} ({r['reason']})" for r in nas) + ".")

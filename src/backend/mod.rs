@@ -26,23 +26,28 @@ pub type Reference = cpu::CpuBackend<f32>;
 /// - `Q8`: CPU only, for rollouts: weights in blocks of 32 signed bytes with an f32 scale (like
 ///   llama.cpp's Q8_0), read by the decode products; larger products run as `Bf16` on the
 ///   same 8-bit weights.
+/// - `Q4`: CPU only, for rollouts, as `Q8` with 4-bit weights: blocks of 32 with an f16 scale
+///   and an f16 minimum (llama.cpp's Q4_1 blocks, 0.625 bytes per weight); the decode lm head
+///   stays 8-bit (`Backend::lm_head_logits`), as llama.cpp's Q4_1 files keep it in Q8_0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
     F32,
     Bf16,
     Q8,
+    Q4,
 }
 
 impl Precision {
-    /// `f32` / `fp32` / `float32`, `bf16` / `bfloat16`, or `q8` / `q8_0` / `int8`
-    /// (case-insensitive).
+    /// `f32` / `fp32` / `float32`, `bf16` / `bfloat16`, `q8` / `q8_0` / `int8`, or `q4` /
+    /// `q4_1` / `int4` (case-insensitive).
     pub fn parse(s: &str) -> Result<Precision, PrecisionError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
             "q8" | "q8_0" | "int8" => Ok(Precision::Q8),
-            other => Err(PrecisionError(format!("precision {other:?}: expected f32, bf16 or q8"))),
+            "q4" | "q4_1" | "int4" => Ok(Precision::Q4),
+            other => Err(PrecisionError(format!("precision {other:?}: expected f32, bf16, q8 or q4"))),
         }
     }
 
@@ -51,6 +56,7 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
             Precision::Q8 => "q8",
+            Precision::Q4 => "q4",
         }
     }
 }
@@ -410,6 +416,14 @@ pub trait Backend: Send + Sync {
         k: usize,
         accumulate: bool,
     );
+
+    /// `logits[r, vocab] = h[r, hidden] @ w^T` of a decode step's lm head (`w` `[vocab, hidden]`):
+    /// `matmul`, except where a precision keeps the lm head apart (CPU q4 reads it in 8 bits,
+    /// as llama.cpp's Q4_1 files keep their output matrix in Q8_0).
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_logits(&self, h: &Self::Buf, w: &Self::Buf, logits: &mut Self::Buf, r: usize, vocab: usize, hidden: usize) {
+        self.matmul(h, false, w, true, logits, r, vocab, hidden, false)
+    }
 
     /// `c[m, n] = alpha * (op(a) @ op(b)) (+ c if accumulate)`: `matmul` with the product
     /// scaled (LoRA's `s B @ A` and `s dW @ A^T`). The CPU reference rounds the product, then

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, value_name = "DEVICE", value_parser = Device::parse)]
     pub device: Option<Device>,
     /// The precision of every stage (overrides the config's top-level `precision`; a stage
-    /// table's own key still wins): f32, bf16 or q8, as in each subcommand.
+    /// table's own key still wins): f32, bf16, q8 or q4, as in each subcommand.
     #[arg(long, value_name = "PRECISION", value_parser = crate::workflow::device::parse_precision)]
     pub precision: Option<crate::backend::Precision>,
 

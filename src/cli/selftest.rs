@@ -170,6 +170,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let precision = |d: Device| -> anyhow::Result<Precision> {
         match resolve_precision(d, a.precision)? {
             Precision::Q8 => bail!("--precision q8: 8-bit weights exist on the CPU backend only; use bf16 or f32"),
+            Precision::Q4 => bail!("--precision q4: 4-bit weights exist on the CPU backend only; use bf16 or f32"),
             p => Ok(p),
         }
     };

@@ -104,7 +104,7 @@ impl<B: Backend> Transformer<B> {
         be.rmsnorm(&xr, &self.weights.final_norm, hidden, eps, &mut h, &mut rstd_r);
         let vocab = c.vocab_size;
         let mut logits = be.zeros(r * vocab); // [R, vocab]
-        be.matmul(&h, false, self.lm_head_w(), true, &mut logits, r, vocab, hidden, false);
+        be.lm_head_logits(&h, self.lm_head_w(), &mut logits, r, vocab, hidden);
         logits
     }
 

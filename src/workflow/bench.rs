@@ -436,8 +436,9 @@ pub struct DecodeRow {
     pub decode_seconds: f64,
     pub tokens_per_s: f64,
     pub prefill_tokens_per_s: f64,
-    /// Bytes one decode step must read: every weight once (4, 2 or 36/32 bytes per matmul
-    /// weight at f32, bf16 or q8; norms in f32) plus the batch's KV cache at the mean context.
+    /// Bytes one decode step must read: every weight once (4, 2, 36/32 or 20/32 bytes per
+    /// matmul weight at f32, bf16, q8 or q4, whose lm head is read at q8; norms in f32) plus
+    /// the batch's KV cache at the mean context.
     pub gbytes_per_step: f64,
     pub gbs: f64,
     pub of_bandwidth: Option<f64>,
@@ -467,14 +468,17 @@ pub fn decode<B: Backend>(
     seed: u64,
 ) -> Result<DecodeReport> {
     let device = backend.name();
+    // Bytes per matmul weight: (the layers', the lm head's).
     let per_weight = match backend.precision() {
-        crate::backend::Precision::F32 => 4.0,
-        crate::backend::Precision::Bf16 => 2.0,
-        crate::backend::Precision::Q8 => 36.0 / 32.0,
+        crate::backend::Precision::F32 => (4.0, 4.0),
+        crate::backend::Precision::Bf16 => (2.0, 2.0),
+        crate::backend::Precision::Q8 => (36.0 / 32.0, 36.0 / 32.0),
+        crate::backend::Precision::Q4 => (20.0 / 32.0, 36.0 / 32.0),
     };
     let model = random_model(backend, shape, layers, seed)?;
     let cfg = model.cfg.clone();
-    let weight_bytes = per_weight * matmul_params(&cfg) as f64 + 4.0 * (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
+    let head = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let weight_bytes = per_weight.0 * (matmul_params(&cfg) as f64 - head) + per_weight.1 * head + 4.0 * (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
     let mut rows = Vec::new();
     let setting = model.backend.step_graphs();
     let modes: Vec<Option<bool>> = if setting.is_some() { vec![Some(true), Some(false)] } else { vec![None] };

@@ -66,7 +66,7 @@ impl<'de> serde::Deserialize<'de> for Device {
 }
 
 /// The help text of every `--precision` flag.
-pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights, the KV cache and the saved activations but the residual stream stored in bf16; trained weights, master copies, gradients and optimizer state stay f32) or q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0). Default: bf16 on cuda, f32 on cpu and sim (the simulator is the parity tool: pass --precision bf16 to run cuda's default path on it)";
+pub(crate) const PRECISION_HELP: &str = "Arithmetic of the products: f32 (the reference; the default on cpu), bf16 (operands rounded to bf16, sums in f32: cpu AVX512_BF16 GEMMs on weights packed once, cuda cuBLAS bf16, the tensor-core attention forward and backward and lm-head, with frozen weights, the KV cache and the saved activations but the residual stream stored in bf16; trained weights, master copies, gradients and optimizer state stay f32), q8 (cpu only, for rollouts: 8-bit weights in blocks of 32, like llama.cpp's Q8_0) or q4 (cpu only, for rollouts: 4-bit weights in blocks of 32 with a scale and a minimum, llama.cpp's Q4_1 blocks). Default: bf16 on cuda, f32 on cpu and sim (the simulator is the parity tool: pass --precision bf16 to run cuda's default path on it)";
 
 /// The precision a command runs at on `device`: `flag` when given, else bf16 on a real GPU and
 /// f32 on the CPU and the simulator. `IPO_PRECISION`, which chose the CUDA precision before
@@ -114,8 +114,9 @@ pub(crate) fn sim(precision: Option<Precision>) -> Result<CudaBackend<Sim>> {
 }
 
 fn set_cuda_precision<G: crate::backend::cuda::Gpu>(be: &CudaBackend<G>, precision: Precision) -> Result<()> {
-    if precision == Precision::Q8 {
-        bail!("--precision q8: 8-bit weights exist on --device cpu only; use bf16 or f32 on {}", if be.gpu().name().contains("sim") { "sim" } else { "cuda" });
+    if let Precision::Q8 | Precision::Q4 = precision {
+        let bits = if precision == Precision::Q8 { 8 } else { 4 };
+        bail!("--precision {precision}: {bits}-bit weights exist on --device cpu only; use bf16 or f32 on {}", if be.gpu().name().contains("sim") { "sim" } else { "cuda" });
     }
     be.set_precision(precision);
     Ok(())
@@ -189,5 +190,6 @@ mod tests {
         assert_eq!(resolve_precision(Device::Cpu, None).unwrap(), Precision::F32);
         assert_eq!(resolve_precision(Device::Cuda(0), Some(Precision::F32)).unwrap(), Precision::F32);
         assert_eq!(resolve_precision(Device::Cpu, Some(Precision::Q8)).unwrap(), Precision::Q8);
+        assert_eq!(resolve_precision(Device::Cpu, Some(Precision::Q4)).unwrap(), Precision::Q4);
     }
 }

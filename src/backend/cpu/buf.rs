@@ -1,12 +1,13 @@
 //! `CpuBuf`: the CPU backend's buffer, a `Vec` that a weight (`Backend::upload_weight`) pairs
 //! with the derived copies its products read: packed GEMM panels (f32 or bf16, for the weight
-//! used as `W^T` in a forward and as `W` in a backward), bf16 rows and 8-bit blocks for the
+//! used as `W^T` in a forward and as `W` in a backward), bf16 rows and 8-bit or 4-bit blocks for the
 //! small-batch decode products. Each copy is made on first use and dropped by any mutable
 //! access to the data (`DerefMut`: optimizer steps, `add_assign`, a reload), so a copy always
 //! describes the current weights: packing happens once per weight version, not per call.
 
 use super::lm_head::Kept;
 use super::matmul::{self, Kind, Packed};
+use super::q4::Q4Rows;
 use super::q8::Q8Rows;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,6 +114,7 @@ pub(crate) struct WeightCache {
     packed: Mutex<Vec<(Derived, Arc<Packed>)>>,
     bf16_rows: Mutex<Option<Arc<Vec<u16>>>>,
     q8_rows: Mutex<Option<Arc<Q8Rows>>>,
+    q4_rows: Mutex<Option<Arc<Q4Rows>>>,
     /// Which version of the weight this is: unique in the process, renewed by every write.
     generation: u64,
 }
@@ -122,7 +124,13 @@ static GENERATIONS: AtomicU64 = AtomicU64::new(0);
 
 impl Default for WeightCache {
     fn default() -> Self {
-        Self { packed: Mutex::default(), bf16_rows: Mutex::default(), q8_rows: Mutex::default(), generation: GENERATIONS.fetch_add(1, Ordering::Relaxed) }
+        Self {
+            packed: Mutex::default(),
+            bf16_rows: Mutex::default(),
+            q8_rows: Mutex::default(),
+            q4_rows: Mutex::default(),
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+        }
     }
 }
 
@@ -138,6 +146,7 @@ impl WeightCache {
         self.packed.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
         *self.bf16_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         *self.q8_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.q4_rows.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// This version of the weight: two reads see the same number only if no write came between.
@@ -169,6 +178,19 @@ impl WeightCache {
             Some(q) if q.k() == k => q.clone(),
             _ => {
                 let q = Arc::new(Q8Rows::quantize(w, k));
+                *g = Some(q.clone());
+                q
+            }
+        }
+    }
+
+    /// The weight's rows of `k` in 4-bit blocks, made on first use.
+    pub(crate) fn q4_rows(&self, w: &[f32], k: usize) -> Arc<Q4Rows> {
+        let mut g = self.q4_rows.lock().unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Some(q) if q.k() == k => q.clone(),
+            _ => {
+                let q = Arc::new(Q4Rows::quantize(w, k));
                 *g = Some(q.clone());
                 q
             }

@@ -32,7 +32,7 @@ pub(crate) struct Q8Rows {
 }
 
 /// Blocks a row of `k` is stored in (even).
-fn blocks(k: usize) -> usize {
+pub(super) fn blocks(k: usize) -> usize {
     k.div_ceil(BLOCK).next_multiple_of(2)
 }
 
@@ -109,11 +109,14 @@ impl Q8Rows {
 /// are), with what the VNNI kernel needs per pair of blocks.
 pub(crate) struct Q8Act {
     /// Blocks per row, even (as `Q8Rows`).
-    blocks: usize,
+    pub(super) blocks: usize,
     /// `[m, blocks * BLOCK]`, zero-padded.
-    q: Vec<i8>,
+    pub(super) q: Vec<i8>,
     /// `[m, blocks]`.
-    scale: Vec<f32>,
+    pub(super) scale: Vec<f32>,
+    /// `[m, blocks]`: each block's `scale * sum(q)`, the sum of its values as quantized (the
+    /// 4-bit dot's min term, q4.rs).
+    pub(super) sum: Vec<f32>,
     /// `[m, blocks * 8]`: per pair of blocks, 16 lanes (the i32 sums of `vpdpbusd`), the first
     /// 8 of the first block: each block's scale on its lanes.
     lane_scale: Vec<f32>,
@@ -126,7 +129,7 @@ impl Q8Act {
     pub(crate) fn quantize(a: &[f32], m: usize, k: usize) -> Self {
         assert!(a.len() >= m * k);
         let nb = blocks(k);
-        let mut x = Self { blocks: nb, q: vec![0; m * nb * BLOCK], scale: vec![0.0; m * nb], lane_scale: vec![0.0; m * nb * 8], lane_corr: vec![0; m * nb * 8] };
+        let mut x = Self { blocks: nb, q: vec![0; m * nb * BLOCK], scale: vec![0.0; m * nb], sum: vec![0.0; m * nb], lane_scale: vec![0.0; m * nb * 8], lane_corr: vec![0; m * nb * 8] };
         for i in 0..m {
             for b in 0..k.div_ceil(BLOCK) {
                 let src = &a[i * k + b * BLOCK..i * k + (b * BLOCK + BLOCK).min(k)];
@@ -134,6 +137,7 @@ impl Q8Act {
                 let s = quantize_block(src, dst);
                 let sum: i32 = dst.iter().map(|&v| v as i32).sum();
                 x.scale[i * nb + b] = s;
+                x.sum[i * nb + b] = s * sum as f32;
                 let lanes = (i * nb + b) * 8;
                 x.lane_scale[lanes..lanes + 8].fill(s);
                 x.lane_corr[lanes] = -128 * sum;
@@ -153,7 +157,7 @@ fn dot_portable(q: &[u8], sw: &[f32], x: &[i8], sx: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
+pub(super) fn has_vnni() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {

@@ -243,8 +243,9 @@ impl<G: Gpu> CudaBackend<G> {
     }
 
     fn new_with(gpu: G, p: Precision) -> Result<Self, GpuError> {
-        if p == Precision::Q8 {
-            return Err(GpuError::Device("precision q8 (8-bit weights) exists on the CPU backend only; use bf16 or f32 on cuda".into()));
+        if let Precision::Q8 | Precision::Q4 = p {
+            let bits = if p == Precision::Q8 { 8 } else { 4 };
+            return Err(GpuError::Device(format!("precision {p} ({bits}-bit weights) exists on the CPU backend only; use bf16 or f32 on cuda")));
         }
         let nvrtc = Nvrtc::load().map_err(|e| GpuError::Build(format!("{e} (set IPO_NVRTC, or run scripts/setup-cuda.sh)")))?;
         let arch = build::target_arch(&nvrtc, &gpu.arch())?;

@@ -34,6 +34,8 @@ impl Precision {
             Precision::Bf16
         } else if v == Precision::Q8 as u8 {
             Precision::Q8
+        } else if v == Precision::Q4 as u8 {
+            Precision::Q4
         } else {
             Precision::F32
         }
@@ -306,7 +308,7 @@ mod tests {
         assert_eq!(Precision::parse(" BFloat16 ").unwrap(), Precision::Bf16);
         assert_eq!(Precision::parse("f32").unwrap(), Precision::F32);
         assert_eq!(Precision::parse("FP32").unwrap(), Precision::F32);
-        assert!(Precision::parse("fp16").unwrap_err().to_string().contains("expected f32, bf16 or q8"));
+        assert!(Precision::parse("fp16").unwrap_err().to_string().contains("expected f32, bf16, q8 or q4"));
         for p in [Precision::F32, Precision::Bf16] {
             assert_eq!(Precision::from_u8(p.to_u8()), p);
             assert_eq!(Precision::parse(p.name()).unwrap(), p);
