@@ -430,8 +430,8 @@ def report(b, a, mach, load_before, load_after, started, versions):
                  "any model (measurement python.import; torch's PyPI wheel is the CUDA build, whose libraries load on CPU "
                  "too). The llama.cpp helper imports neither.")
     L.append("- ipo q8 is 8-bit per-block weights (compare with Q8_0); ipo q4 is 4-bit blocks of 32 with an f16 scale "
-             "and minimum, llama.cpp's Q4_1 blocks (compare with Q4_1: 0.625 bytes per weight on both sides; ipo q4 "
-             "also quantizes the tied embedding / lm head to 4 bits, where the shipped GGUF keeps it in Q8_0).")
+             "and minimum, llama.cpp's Q4_1 blocks (compare with Q4_1: 0.625 bytes per weight on both sides; ipo q4's "
+             "decode lm head, the tied embedding, stays 8-bit, as the shipped GGUF keeps it in Q8_0).")
     nas = [r for r in b.m.values() if r["status"] == "n/a"]
     if nas:
         L.append("- n/a: " + "; ".join(f"{r['label']} ({r['reason']})" for r in nas) + ".")
