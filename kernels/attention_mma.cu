@@ -23,6 +23,7 @@
 // the 4 threads of a quad with shuffles (no __syncwarp needed).
 #include <cuda_bf16.h>
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
@@ -37,25 +38,9 @@
 #define ND (HDP / 8)     // n8 output tiles
 // dynamic smem bytes: (BQ * LDQ + BK * LDQ + HDP * LDV) * 2 (host: precision.rs)
 
-// Two consecutive bf16 of shared memory as one 32-bit fragment register.
-__device__ __forceinline__ unsigned ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-// (lo, hi) rounded to bf16 (RNE) in one 32-bit register, lo in the low half.
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
 // A q/k/v element as staged in shared memory: fp32 rounded RNE, or bf16 as it is.
 __device__ __forceinline__ __nv_bfloat16 as_bf16(float x) { return __float2bfloat16_rn(x); }
 __device__ __forceinline__ __nv_bfloat16 as_bf16(__nv_bfloat16 x) { return x; }
-#define BF16_ZERO __ushort_as_bfloat16((unsigned short)0)
-
-__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // q, out [tokens, n_heads, HEAD_DIM] (q: T = f32 or bf16, out f32); k, v [tokens, n_kv,
 // HEAD_DIM] T; lse [tokens, n_heads] f32. grid (n_qtiles, n_heads), block 32 * NWARP.

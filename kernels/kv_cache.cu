@@ -9,6 +9,7 @@
 // src/backend/cpu/kv.rs (fp32).
 #include <cuda_bf16.h>
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
@@ -134,22 +135,6 @@ extern "C" __global__ void paged_attn(const float* q, const kv_t* cache, float* 
 #define PA_LDV (PA_BK + 8)     // row stride (bf16) of the transposed V tile
 #define PA_NT (PA_BK / 8)      // n8 score tiles per key tile
 #define PA_ND (PA_HDP / 8)     // n8 output tiles
-#define PA_ZERO __ushort_as_bfloat16((unsigned short)0)
-
-// Two consecutive bf16 of shared memory as one 32-bit fragment register.
-__device__ __forceinline__ unsigned pa_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-// (lo, hi) rounded to bf16 (RNE) in one 32-bit register, lo in the low half.
-__device__ __forceinline__ unsigned pa_pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-__device__ __forceinline__ void pa_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // A cached K/V value as staged: bf16 bits as they are, fp32 rounded RNE.
 #if KV_BF16
@@ -184,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(32 * PA_NWARP) paged_attn_mma(const
     for (int e = threadIdx.x; e < PA_BQ * PA_HDP; e += blockDim.x) {
         const int r = e / PA_HDP, d = e % PA_HDP;
         qs[r * PA_LDQ + d] =
-            (r < rows && d < HEAD_DIM) ? __float2bfloat16_rn(q[(long long)(sq.x + q0 + r / hb) * qrow + (h0 + r % hb) * HEAD_DIM + d]) : PA_ZERO;
+            (r < rows && d < HEAD_DIM) ? __float2bfloat16_rn(q[(long long)(sq.x + q0 + r / hb) * qrow + (h0 + r % hb) * HEAD_DIM + d]) : BF16_ZERO;
     }
     const int wq = warp * 16;                                // first tile row of this warp
     const bool wactive = wq < rows;
@@ -200,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(32 * PA_NWARP) paged_attn_mma(const
         __syncthreads();
         for (int e = threadIdx.x; e < PA_BK * PA_HDP; e += blockDim.x) {
             const int r = e / PA_HDP, d = e % PA_HDP, kk = k0 + r;
-            __nv_bfloat16 kx = PA_ZERO, vx = PA_ZERO;
+            __nv_bfloat16 kx = BF16_ZERO, vx = BF16_ZERO;
             if (kk < nk && d < HEAD_DIM) {
                 const long long kp = ((long long)table[sq.w + kk / bs] * 2 * n_kv + kvh) * bs * HEAD_DIM + (long long)(kk % bs) * HEAD_DIM + d;
                 kx = kv_bf16(cache + kp);
@@ -218,11 +203,11 @@ extern "C" __global__ void __launch_bounds__(32 * PA_NWARP) paged_attn_mma(const
 #pragma unroll
         for (int kk = 0; kk < PA_HDP / 16; kk++) {
             const __nv_bfloat16* qa = qs + ra * PA_LDQ + kk * 16 + 2 * t4;
-            const unsigned a0 = pa_pair(qa), a1 = pa_pair(qa + 8 * PA_LDQ), a2 = pa_pair(qa + 8), a3 = pa_pair(qa + 8 * PA_LDQ + 8);
+            const unsigned a0 = ld_pair(qa), a1 = ld_pair(qa + 8 * PA_LDQ), a2 = ld_pair(qa + 8), a3 = ld_pair(qa + 8 * PA_LDQ + 8);
 #pragma unroll
             for (int nt = 0; nt < PA_NT; nt++) {
                 const __nv_bfloat16* kb = ks + (nt * 8 + g) * PA_LDQ + kk * 16 + 2 * t4;
-                pa_mma(s[nt], a0, a1, a2, a3, pa_pair(kb), pa_pair(kb + 8));
+                mma_bf16(s[nt], a0, a1, a2, a3, ld_pair(kb), ld_pair(kb + 8));
             }
         }
         // Scale and mask in fp32 (query j sees keys 0 .. off + j); running max over the row.
@@ -242,12 +227,12 @@ extern "C" __global__ void __launch_bounds__(32 * PA_NWARP) paged_attn_mma(const
         // O [16, PA_HDP] += P [16, PA_BK] (bf16) V [PA_BK, PA_HDP]
 #pragma unroll
         for (int kt = 0; kt < PA_BK / 16; kt++) {
-            const unsigned a0 = pa_pack(s[2 * kt][0], s[2 * kt][1]), a1 = pa_pack(s[2 * kt][2], s[2 * kt][3]);
-            const unsigned a2 = pa_pack(s[2 * kt + 1][0], s[2 * kt + 1][1]), a3 = pa_pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+            const unsigned a0 = pack_bf16(s[2 * kt][0], s[2 * kt][1]), a1 = pack_bf16(s[2 * kt][2], s[2 * kt][3]);
+            const unsigned a2 = pack_bf16(s[2 * kt + 1][0], s[2 * kt + 1][1]), a3 = pack_bf16(s[2 * kt + 1][2], s[2 * kt + 1][3]);
 #pragma unroll
             for (int nd = 0; nd < PA_ND; nd++) {
                 const __nv_bfloat16* vb = vt + (nd * 8 + g) * PA_LDV + kt * 16 + 2 * t4;
-                pa_mma(o[nd], a0, a1, a2, a3, pa_pair(vb), pa_pair(vb + 8));
+                mma_bf16(o[nd], a0, a1, a2, a3, ld_pair(vb), ld_pair(vb + 8));
             }
         }
     }

@@ -19,6 +19,7 @@
 // and a group's rows of h stay in L2 while it sweeps the vocabulary.
 #include <cuda_bf16.h>
 #include "common.cuh"
+#include "mma.cuh"
 
 #define BM 64
 #define BN 128
@@ -26,21 +27,6 @@
 #define LDK (BK + 8)  // row stride (bf16) of the staged tiles: 80 bytes, 16-byte aligned rows,
                       // fragment loads of the 8 rows g hit 8 distinct bank groups
 #define GROUP_M 16
-
-__device__ __forceinline__ unsigned ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-#define BF16_ZERO __ushort_as_bfloat16((unsigned short)0)
-
-__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // grid (n_mtiles * n_vtiles), block 128, no dynamic smem.
 extern "C" __global__ void __launch_bounds__(128) lm_logits_lse_mma(const float* h, const __nv_bfloat16* w, const unsigned* rows,

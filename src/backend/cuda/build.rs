@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// The tensor-core kernels' fragment helpers and online-softmax step.
+const MMA: &str = include_str!("../../../kernels/mma.cuh");
 
 /// (file name, source) of every kernel file.
 pub(crate) const SOURCES: &[(&str, &str)] = &[
@@ -31,11 +33,11 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
     ("optim.cu", include_str!("../../../kernels/optim.cu")),
 ];
 
-/// The full source of a kernel file: `#include "common.cuh"` replaced by the header text
-/// (NVRTC is given no include path for our own headers).
+/// The full source of a kernel file: `#include "common.cuh"` and `#include "mma.cuh"` replaced
+/// by the headers' text (NVRTC is given no include path for our own headers).
 pub(crate) fn source(file: &str) -> Result<String, GpuError> {
     let src = SOURCES.iter().find(|(f, _)| *f == file).map(|(_, s)| *s).ok_or_else(|| GpuError::Build(format!("no kernel file {file}")))?;
-    Ok(src.replace("#include \"common.cuh\"", COMMON))
+    Ok(src.replace("#include \"common.cuh\"", COMMON).replace("#include \"mma.cuh\"", MMA))
 }
 
 fn cache_dir() -> Option<PathBuf> {
