@@ -173,27 +173,24 @@ impl WeightCache {
 
     /// The weight's rows of `k` in 8-bit blocks, made on first use.
     pub(crate) fn q8_rows(&self, w: &[f32], k: usize) -> Arc<Q8Rows> {
-        let mut g = self.q8_rows.lock().unwrap_or_else(|e| e.into_inner());
-        match &*g {
-            Some(q) if q.k() == k => q.clone(),
-            _ => {
-                let q = Arc::new(Q8Rows::quantize(w, k));
-                *g = Some(q.clone());
-                q
-            }
-        }
+        rows_of(&self.q8_rows, k, Q8Rows::k, || Q8Rows::quantize(w, k))
     }
 
     /// The weight's rows of `k` in 4-bit blocks, made on first use.
     pub(crate) fn q4_rows(&self, w: &[f32], k: usize) -> Arc<Q4Rows> {
-        let mut g = self.q4_rows.lock().unwrap_or_else(|e| e.into_inner());
-        match &*g {
-            Some(q) if q.k() == k => q.clone(),
-            _ => {
-                let q = Arc::new(Q4Rows::quantize(w, k));
-                *g = Some(q.clone());
-                q
-            }
+        rows_of(&self.q4_rows, k, Q4Rows::k, || Q4Rows::quantize(w, k))
+    }
+}
+
+/// The copy in `slot` if it has rows of `k` (`k_of`), else a new one from `make`, kept there.
+fn rows_of<T>(slot: &Mutex<Option<Arc<T>>>, k: usize, k_of: impl Fn(&T) -> usize, make: impl FnOnce() -> T) -> Arc<T> {
+    let mut g = slot.lock().unwrap_or_else(|e| e.into_inner());
+    match &*g {
+        Some(q) if k_of(q) == k => q.clone(),
+        _ => {
+            let q = Arc::new(make());
+            *g = Some(q.clone());
+            q
         }
     }
 }
